@@ -36,7 +36,7 @@ pub fn inspect(mut input: impl Read) -> std::io::Result<Report> {
     loop {
         match decoder.decode(&mut buf) {
             Ok(Some(frame)) => {
-                let size = frame.bytes().len() as u64 + 4;
+                let size = frame.bytes().len() as u64;
                 report
                     .frames
                     .push(format!("@{offset} {size} bytes: {:?}", frame.frame()));

@@ -11,7 +11,7 @@
 //! `nested_flatbuffer` fields by itself, see ARCHITECTURE.md); batch counts, message sizes and
 //! name lengths are checked against `WireLimits`. Every failure is a `ProtocolError`; none panics.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use flatbuffers::{InvalidFlatbuffer, Vector};
 
 use crate::limits::{WireLimits, FRAME_PREFIX_BYTES};
@@ -21,17 +21,19 @@ use crate::ProtocolError;
 /// A frame that passed verification. Cheap to clone (one reference count).
 #[derive(Clone)]
 pub struct InFrame {
-    /// The flatbuffer, without its length prefix.
+    /// The whole frame: length prefix and flatbuffer. The prefix stays because the encoder
+    /// aligns the buffer counting it: without it, 8-byte fields sit 4 bytes off their alignment
+    /// and the verifier (which checks alignment relative to the slice) refuses them.
     bytes: Bytes,
 }
 
 impl InFrame {
     /// The frame, read in place.
     pub fn frame(&self) -> wire::Frame<'_> {
-        // SAFETY: `bytes` passed `flatbuffers::root_with_opts::<Frame>` in `FrameDecoder::decode`
-        // (or was produced by our own encoder and verified in `InFrame::verify`), and `Bytes`
-        // is immutable, so the unchecked read sees exactly the verified buffer.
-        unsafe { flatbuffers::root_unchecked::<wire::Frame>(&self.bytes) }
+        // SAFETY: `bytes` passed `size_prefixed_root_with_opts::<Frame>` in `FrameDecoder::decode`
+        // (`InFrame::verify` goes through it too), and `Bytes` is immutable, so the unchecked
+        // read sees exactly the verified buffer.
+        unsafe { flatbuffers::size_prefixed_root_unchecked::<wire::Frame>(&self.bytes) }
     }
 
     pub fn request_id(&self) -> u64 {
@@ -42,7 +44,7 @@ impl InFrame {
         self.frame().body_type()
     }
 
-    /// The frame's bytes (without the length prefix).
+    /// The frame's bytes, length prefix included: forwardable as they are.
     pub fn bytes(&self) -> &Bytes {
         &self.bytes
     }
@@ -72,19 +74,18 @@ impl InFrame {
         })
     }
 
-    /// Verifies bytes that did not come through a decoder (for example a frame read back from a
-    /// file), under the same rules as `FrameDecoder::decode`.
+    /// Verifies one whole frame (length prefix included) that did not come through a decoder,
+    /// under the same rules as `FrameDecoder::decode`.
     pub fn verify(bytes: Bytes, limits: &WireLimits) -> Result<InFrame, ProtocolError> {
-        if bytes.len() > limits.frame_size_max as usize {
-            return Err(ProtocolError::FrameTooLarge {
-                len: bytes.len() as u64,
-                max: limits.frame_size_max,
-            });
+        let mut buf = BytesMut::from(bytes);
+        let whole = buf.len();
+        match FrameDecoder::new(*limits).decode(&mut buf)? {
+            Some(frame) if buf.is_empty() => Ok(frame),
+            _ => Err(ProtocolError::Invalid(format!(
+                "{whole} bytes are not exactly one frame ({} left over)",
+                buf.len()
+            ))),
         }
-        let frame = flatbuffers::root_with_opts::<wire::Frame>(&limits.frame_verifier(), &bytes)
-            .map_err(ProtocolError::Malformed)?;
-        check_body(frame, limits)?;
-        Ok(InFrame { bytes })
     }
 }
 
@@ -135,13 +136,12 @@ impl FrameDecoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        let mut frame = buf.split_to(total);
-        frame.advance(FRAME_PREFIX_BYTES);
-        let bytes = frame.freeze();
-
-        let root =
-            flatbuffers::root_with_opts::<wire::Frame>(&self.limits.frame_verifier(), &bytes)
-                .map_err(ProtocolError::Malformed)?;
+        let bytes = buf.split_to(total).freeze();
+        let root = flatbuffers::size_prefixed_root_with_opts::<wire::Frame>(
+            &self.limits.frame_verifier(),
+            &bytes,
+        )
+        .map_err(ProtocolError::Malformed)?;
         check_body(root, &self.limits)?;
         Ok(Some(InFrame { bytes }))
     }

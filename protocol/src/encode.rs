@@ -104,6 +104,10 @@ impl Encoder {
 
     /// Appends any frame, built from the object API.
     pub fn encode(&mut self, frame: &FrameT, out: &mut BytesMut) -> Result<usize, ProtocolError> {
+        // `body` is required: flatbuffers' builder panics when finishing a frame without it.
+        if frame.body.body_type() == Body::NONE {
+            return Err(ProtocolError::Invalid("frame has no body".into()));
+        }
         self.fbb.reset();
         let root = frame.pack(&mut self.fbb);
         self.fbb.finish_size_prefixed(root, None);

@@ -129,12 +129,13 @@ impl WireLimits {
         }
     }
 
-    /// Verifier options for one nested message: a message is small in tables (itself and its
-    /// headers) however large its body.
+    /// Verifier options for one nested message: a message is small in tables (itself and one
+    /// per header) however large its body, so the table budget is exactly `headers_max`: more
+    /// headers than that fail verification (`TooManyTables`).
     pub(crate) fn message_verifier(&self) -> flatbuffers::VerifierOptions {
         flatbuffers::VerifierOptions {
             max_depth: 4,
-            max_tables: self.headers_max as usize + 2,
+            max_tables: self.headers_max as usize + 1,
             max_apparent_size: self.message_size_max as usize,
             ignore_missing_null_terminator: false,
         }
