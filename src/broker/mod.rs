@@ -1,0 +1,10 @@
+//! The broker's state machines, free of I/O.
+//!
+//! Contract: plain data owned by one shard; no sockets, files, executors or clocks (time comes in
+//! as an argument). The I/O shells (connections, the journal, the shard loop) feed them events and
+//! carry out what they return, so every rule here is tested without a runtime.
+//!
+//! - `queue`: one queue's ready messages, consumers (round robin with prefetch credit),
+//!   outstanding deliveries, acks, nacks, redelivery, overflow, TTL and poison messages.
+
+pub mod queue;

@@ -1,0 +1,823 @@
+//! The queue state machine: one queue's ready messages, consumers and outstanding deliveries.
+//!
+//! Contract: plain data without I/O, owned by the shard that owns the queue (one thread, no
+//! locks). The shard's I/O shell feeds it events (publish, consume, dispatch, ack, nack, a
+//! consumer gone) with the time passed in, and acts on what it returns: deliveries to send and
+//! settlements to journal. It never touches message bytes: `M` is the shard's handle on them (a
+//! journal position, or an in-memory buffer for transient messages), copied around as-is.
+//!
+//! Every message the queue accepted is, at every moment, in exactly one of three places: ready
+//! (waiting, in sequence order), outstanding (delivered to one owner, not yet settled), or settled
+//! (handed back to the caller in a `Settled`, after which the queue forgets it). The property test
+//! at the bottom checks that against a model after every event.
+//!
+//! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
+//! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages
+//! go back to ready, to be redelivered with their delivery count), poison messages (past
+//! `max_deliveries` they are dead-lettered or dropped instead of requeued).
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::storage::SettleReason;
+
+/// A message's sequence number in its queue: assigned at publish, never reused (settle records in
+/// the journal name ranges of them, so a reused number would settle the wrong message).
+pub type Seq = u64;
+
+/// Who holds outstanding deliveries: a consumer, or a connection's `Get`s. Chosen by the shard.
+pub type OwnerId = u64;
+
+/// What the queue does when a publish would take it past a length limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest ready messages to make room.
+    #[default]
+    DropHead,
+    /// Refuse the new message.
+    RejectPublish,
+}
+
+/// The queue's declared behaviour.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// Most ready messages. Enforced on publish: a requeued message (nack, a consumer gone) was
+    /// accepted already and comes back even past the limit; the next publish under `DropHead`
+    /// trims the queue back to it.
+    pub max_length: Option<u64>,
+    /// Most bytes of ready messages.
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    /// Time to live of every message, ms from when the queue accepts it.
+    pub message_ttl_ms: Option<u64>,
+    /// Deliveries after which a message is dead-lettered (or dropped) instead of requeued.
+    pub max_deliveries: Option<u32>,
+    /// Whether the queue has a dead-letter exchange: decides `DeadLettered` versus `Dropped`.
+    pub dead_letter: bool,
+}
+
+/// A message handed to a consumer (or a `Get`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery<M> {
+    pub owner: OwnerId,
+    pub seq: Seq,
+    pub msg: M,
+    /// Deliveries so far, this one included. Above 1 means redelivered.
+    pub delivery_count: u32,
+    /// Settled at once (auto-ack): no ack expected.
+    pub auto_ack: bool,
+}
+
+/// A message the queue is done with. The shard journals it (settle record) and, for
+/// `DeadLettered`, republishes it to the dead-letter exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled<M> {
+    pub seq: Seq,
+    pub msg: M,
+    pub bytes: u32,
+    pub reason: SettleReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue is full ({0})")]
+    Full(&'static str),
+    #[error("consumer {0} already exists on this queue")]
+    DuplicateConsumer(OwnerId),
+    #[error("no consumer {0} on this queue")]
+    UnknownConsumer(OwnerId),
+    #[error("message {seq} is not outstanding for {owner}")]
+    NotOutstanding { owner: OwnerId, seq: Seq },
+    #[error("prefetch must be at least 1")]
+    ZeroPrefetch,
+}
+
+/// One message's entry: a handful of words, no heap allocation of its own.
+#[derive(Clone, Debug)]
+struct Entry<M> {
+    seq: Seq,
+    msg: M,
+    bytes: u32,
+    delivery_count: u32,
+    enqueued_ms: u64,
+    /// When it expires; `u64::MAX` for never.
+    deadline_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Outstanding<M> {
+    entry: Entry<M>,
+    owner: OwnerId,
+}
+
+#[derive(Clone, Debug)]
+struct Consumer {
+    id: OwnerId,
+    prefetch: u32,
+    in_flight: u32,
+    auto_ack: bool,
+}
+
+/// Counters a `QueueInfo` reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub ready: u64,
+    pub ready_bytes: u64,
+    pub outstanding: u64,
+    pub consumers: u32,
+    /// When the oldest ready message was accepted, if there is one.
+    pub oldest_ready_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Queue<M> {
+    policy: QueuePolicy,
+    ready: VecDeque<Entry<M>>,
+    ready_bytes: u64,
+    outstanding: HashMap<Seq, Outstanding<M>>,
+    consumers: Vec<Consumer>,
+    /// Index into `consumers` of the next consumer to offer a message to (round robin).
+    cursor: usize,
+    next_seq: Seq,
+}
+
+impl<M: Clone> Queue<M> {
+    /// An empty queue whose first message gets sequence number `next_seq` (0 for a new queue;
+    /// after recovery, one past every number the journal mentions).
+    pub fn new(policy: QueuePolicy, next_seq: Seq) -> Queue<M> {
+        Queue {
+            policy,
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            outstanding: HashMap::new(),
+            consumers: Vec::new(),
+            cursor: 0,
+            next_seq,
+        }
+    }
+
+    pub fn policy(&self) -> &QueuePolicy {
+        &self.policy
+    }
+
+    /// The sequence number the next publish will get.
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        QueueStats {
+            ready: self.ready.len() as u64,
+            ready_bytes: self.ready_bytes,
+            outstanding: self.outstanding.len() as u64,
+            consumers: self.consumers.len() as u32,
+            oldest_ready_ms: self.ready.iter().map(|e| e.enqueued_ms).min(),
+        }
+    }
+
+    /// Accepts a message, or refuses it (`Full`) under `Overflow::RejectPublish`. Under
+    /// `DropHead`, the oldest ready messages that no longer fit are pushed to `settled` (the new
+    /// message itself, if even an empty queue cannot hold it).
+    pub fn publish(
+        &mut self,
+        msg: M,
+        bytes: u32,
+        now_ms: u64,
+        expiration_ms: Option<u64>,
+        settled: &mut Vec<Settled<M>>,
+    ) -> Result<Seq, QueueError> {
+        let fits = |len: u64, total: u64, p: &QueuePolicy| {
+            p.max_length.is_none_or(|max| len < max)
+                && p.max_length_bytes
+                    .is_none_or(|max| total + u64::from(bytes) <= max)
+        };
+        if !fits(self.ready.len() as u64, self.ready_bytes, &self.policy) {
+            match self.policy.overflow {
+                Overflow::RejectPublish => {
+                    let which = if self
+                        .policy
+                        .max_length
+                        .is_some_and(|m| self.ready.len() as u64 >= m)
+                    {
+                        "max_length"
+                    } else {
+                        "max_length_bytes"
+                    };
+                    return Err(QueueError::Full(which));
+                }
+                Overflow::DropHead => {
+                    while !self.ready.is_empty()
+                        && !fits(self.ready.len() as u64, self.ready_bytes, &self.policy)
+                    {
+                        let head = self.pop_ready().expect("not empty");
+                        settled.push(self.dead_letter_or_drop(head));
+                    }
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let ttl = [self.policy.message_ttl_ms, expiration_ms]
+            .into_iter()
+            .flatten()
+            .min();
+        let entry = Entry {
+            seq,
+            msg,
+            bytes,
+            delivery_count: 0,
+            enqueued_ms: now_ms,
+            deadline_ms: ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t)),
+        };
+        if fits(self.ready.len() as u64, self.ready_bytes, &self.policy) {
+            self.push_ready(entry);
+        } else {
+            // Even an empty queue cannot hold it (max_length 0, or one message over the bytes).
+            settled.push(self.dead_letter_or_drop(entry));
+        }
+        Ok(seq)
+    }
+
+    /// Puts back a message recovered from the journal. Messages must come in ascending sequence
+    /// order; `next_seq` moves past them.
+    pub fn restore(
+        &mut self,
+        seq: Seq,
+        msg: M,
+        bytes: u32,
+        enqueued_ms: u64,
+        deadline_ms: u64,
+        delivery_count: u32,
+    ) {
+        assert!(
+            self.ready.back().is_none_or(|last| last.seq < seq),
+            "restore out of order at seq {seq}"
+        );
+        self.push_ready(Entry {
+            seq,
+            msg,
+            bytes,
+            delivery_count,
+            enqueued_ms,
+            deadline_ms,
+        });
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    pub fn add_consumer(
+        &mut self,
+        id: OwnerId,
+        prefetch: u32,
+        auto_ack: bool,
+    ) -> Result<(), QueueError> {
+        if prefetch == 0 {
+            return Err(QueueError::ZeroPrefetch);
+        }
+        if self.consumers.iter().any(|c| c.id == id) {
+            return Err(QueueError::DuplicateConsumer(id));
+        }
+        self.consumers.push(Consumer {
+            id,
+            prefetch,
+            in_flight: 0,
+            auto_ack,
+        });
+        Ok(())
+    }
+
+    pub fn set_prefetch(&mut self, id: OwnerId, prefetch: u32) -> Result<(), QueueError> {
+        if prefetch == 0 {
+            return Err(QueueError::ZeroPrefetch);
+        }
+        let c = self
+            .consumers
+            .iter_mut()
+            .find(|c| c.id == id)
+            .ok_or(QueueError::UnknownConsumer(id))?;
+        c.prefetch = prefetch;
+        Ok(())
+    }
+
+    /// Removes consumer `id` (if it is one) and returns every message outstanding for `id`
+    /// (consumer or `Get` owner) to ready, to be redelivered; those past `max_deliveries` go to
+    /// `settled` instead. Returns how many went back to ready.
+    pub fn release(&mut self, id: OwnerId, settled: &mut Vec<Settled<M>>) -> usize {
+        if let Some(i) = self.consumers.iter().position(|c| c.id == id) {
+            self.consumers.remove(i);
+            if self.cursor > i {
+                self.cursor -= 1;
+            }
+            if self.cursor >= self.consumers.len() {
+                self.cursor = 0;
+            }
+        }
+        let mut seqs: Vec<Seq> = self
+            .outstanding
+            .iter()
+            .filter(|(_, o)| o.owner == id)
+            .map(|(s, _)| *s)
+            .collect();
+        seqs.sort_unstable();
+        let mut requeued = 0;
+        for seq in seqs {
+            let o = self.outstanding.remove(&seq).expect("listed above");
+            if self.requeue(o.entry, settled) {
+                requeued += 1;
+            }
+        }
+        requeued
+    }
+
+    /// Hands ready messages to consumers with credit, round robin, at most `max` of them.
+    /// Expired messages met at the head are settled as `Expired` on the way.
+    pub fn dispatch(
+        &mut self,
+        now_ms: u64,
+        max: usize,
+        out: &mut Vec<Delivery<M>>,
+        settled: &mut Vec<Settled<M>>,
+    ) {
+        let mut sent = 0;
+        while sent < max {
+            self.expire_head(now_ms, settled);
+            if self.ready.is_empty() {
+                return;
+            }
+            let n = self.consumers.len();
+            let Some(offset) = (0..n).find(|k| {
+                let c = &self.consumers[(self.cursor + k) % n];
+                c.in_flight < c.prefetch
+            }) else {
+                return;
+            };
+            let i = (self.cursor + offset) % n;
+            self.cursor = (i + 1) % n;
+            let (id, auto_ack) = (self.consumers[i].id, self.consumers[i].auto_ack);
+            let mut entry = self.pop_ready().expect("not empty");
+            entry.delivery_count += 1;
+            out.push(Delivery {
+                owner: id,
+                seq: entry.seq,
+                msg: entry.msg.clone(),
+                delivery_count: entry.delivery_count,
+                auto_ack,
+            });
+            if auto_ack {
+                settled.push(Settled {
+                    seq: entry.seq,
+                    msg: entry.msg,
+                    bytes: entry.bytes,
+                    reason: SettleReason::Acked,
+                });
+            } else {
+                self.consumers[i].in_flight += 1;
+                self.outstanding
+                    .insert(entry.seq, Outstanding { entry, owner: id });
+            }
+            sent += 1;
+        }
+    }
+
+    /// Takes one ready message for `owner` without a consumer (the `Get` request).
+    pub fn get(
+        &mut self,
+        owner: OwnerId,
+        auto_ack: bool,
+        now_ms: u64,
+        settled: &mut Vec<Settled<M>>,
+    ) -> Option<Delivery<M>> {
+        self.expire_head(now_ms, settled);
+        let mut entry = self.pop_ready()?;
+        entry.delivery_count += 1;
+        let delivery = Delivery {
+            owner,
+            seq: entry.seq,
+            msg: entry.msg.clone(),
+            delivery_count: entry.delivery_count,
+            auto_ack,
+        };
+        if auto_ack {
+            settled.push(Settled {
+                seq: entry.seq,
+                msg: entry.msg,
+                bytes: entry.bytes,
+                reason: SettleReason::Acked,
+            });
+        } else {
+            self.outstanding
+                .insert(entry.seq, Outstanding { entry, owner });
+        }
+        Some(delivery)
+    }
+
+    /// Settles an outstanding delivery as acked.
+    pub fn ack(&mut self, owner: OwnerId, seq: Seq) -> Result<Settled<M>, QueueError> {
+        let o = self.take_outstanding(owner, seq)?;
+        Ok(Settled {
+            seq,
+            msg: o.entry.msg,
+            bytes: o.entry.bytes,
+            reason: SettleReason::Acked,
+        })
+    }
+
+    /// A failed delivery: back to ready with `requeue` (unless past `max_deliveries`), otherwise
+    /// dead-lettered or dropped.
+    pub fn nack(
+        &mut self,
+        owner: OwnerId,
+        seq: Seq,
+        requeue: bool,
+        settled: &mut Vec<Settled<M>>,
+    ) -> Result<(), QueueError> {
+        let o = self.take_outstanding(owner, seq)?;
+        if requeue {
+            self.requeue(o.entry, settled);
+        } else {
+            settled.push(self.dead_letter_or_drop(o.entry));
+        }
+        Ok(())
+    }
+
+    /// Settles every ready message as purged; outstanding deliveries are untouched. Returns how
+    /// many were purged.
+    pub fn purge(&mut self, settled: &mut Vec<Settled<M>>) -> usize {
+        let n = self.ready.len();
+        while let Some(e) = self.pop_ready() {
+            settled.push(Settled {
+                seq: e.seq,
+                msg: e.msg,
+                bytes: e.bytes,
+                reason: SettleReason::Purged,
+            });
+        }
+        n
+    }
+
+    fn take_outstanding(&mut self, owner: OwnerId, seq: Seq) -> Result<Outstanding<M>, QueueError> {
+        match self.outstanding.get(&seq) {
+            Some(o) if o.owner == owner => {}
+            _ => return Err(QueueError::NotOutstanding { owner, seq }),
+        }
+        let o = self.outstanding.remove(&seq).expect("checked above");
+        if let Some(c) = self.consumers.iter_mut().find(|c| c.id == owner) {
+            assert!(
+                c.in_flight > 0,
+                "consumer {owner} had no delivery in flight"
+            );
+            c.in_flight -= 1;
+        }
+        Ok(o)
+    }
+
+    /// Back to ready in sequence order, so redeliveries keep publish order among themselves;
+    /// past `max_deliveries` it is dead-lettered or dropped instead. True if it went to ready.
+    fn requeue(&mut self, entry: Entry<M>, settled: &mut Vec<Settled<M>>) -> bool {
+        if self
+            .policy
+            .max_deliveries
+            .is_some_and(|max| entry.delivery_count >= max)
+        {
+            settled.push(self.dead_letter_or_drop(entry));
+            return false;
+        }
+        let at = self.ready.partition_point(|e| e.seq < entry.seq);
+        self.ready_bytes += u64::from(entry.bytes);
+        self.ready.insert(at, entry);
+        true
+    }
+
+    fn expire_head(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
+        while self.ready.front().is_some_and(|e| e.deadline_ms <= now_ms) {
+            let e = self.pop_ready().expect("not empty");
+            let reason = if self.policy.dead_letter {
+                SettleReason::DeadLettered
+            } else {
+                SettleReason::Expired
+            };
+            settled.push(Settled {
+                seq: e.seq,
+                msg: e.msg,
+                bytes: e.bytes,
+                reason,
+            });
+        }
+    }
+
+    fn dead_letter_or_drop(&self, e: Entry<M>) -> Settled<M> {
+        let reason = if self.policy.dead_letter {
+            SettleReason::DeadLettered
+        } else {
+            SettleReason::Dropped
+        };
+        Settled {
+            seq: e.seq,
+            msg: e.msg,
+            bytes: e.bytes,
+            reason,
+        }
+    }
+
+    fn push_ready(&mut self, entry: Entry<M>) {
+        self.ready_bytes += u64::from(entry.bytes);
+        self.ready.push_back(entry);
+    }
+
+    fn pop_ready(&mut self) -> Option<Entry<M>> {
+        let e = self.ready.pop_front()?;
+        self.ready_bytes -= u64::from(e.bytes);
+        Some(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn publish_n(q: &mut Queue<u64>, n: u64, now: u64) -> Vec<Settled<u64>> {
+        let mut settled = Vec::new();
+        for i in 0..n {
+            q.publish(i, 10, now, None, &mut settled).unwrap();
+        }
+        settled
+    }
+
+    #[test]
+    fn competing_consumers_get_a_fair_share_in_publish_order() {
+        let mut q = Queue::new(QueuePolicy::default(), 0);
+        publish_n(&mut q, 9, 0);
+        for id in 1..=3 {
+            q.add_consumer(id, 100, false).unwrap();
+        }
+        let (mut out, mut settled) = (Vec::new(), Vec::new());
+        q.dispatch(0, usize::MAX, &mut out, &mut settled);
+        let owners: Vec<_> = out.iter().map(|d| d.owner).collect();
+        assert_eq!(owners, vec![1, 2, 3, 1, 2, 3, 1, 2, 3]);
+        let seqs: Vec<_> = out.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, (0..9).collect::<Vec<_>>());
+        assert!(settled.is_empty());
+    }
+
+    #[test]
+    fn prefetch_bounds_what_a_consumer_holds_and_acks_restore_credit() {
+        let mut q = Queue::new(QueuePolicy::default(), 0);
+        publish_n(&mut q, 10, 0);
+        q.add_consumer(7, 3, false).unwrap();
+        let (mut out, mut settled) = (Vec::new(), Vec::new());
+        q.dispatch(0, usize::MAX, &mut out, &mut settled);
+        assert_eq!(out.len(), 3);
+        q.dispatch(0, usize::MAX, &mut out, &mut settled);
+        assert_eq!(out.len(), 3, "delivered past prefetch");
+        assert_eq!(q.ack(7, 1).unwrap().reason, SettleReason::Acked);
+        q.dispatch(0, usize::MAX, &mut out, &mut settled);
+        assert_eq!(
+            out.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+        assert_eq!(q.stats().outstanding, 3);
+        assert_eq!(
+            q.ack(8, 0),
+            Err(QueueError::NotOutstanding { owner: 8, seq: 0 })
+        );
+        assert_eq!(
+            q.ack(7, 1),
+            Err(QueueError::NotOutstanding { owner: 7, seq: 1 }),
+            "acked twice"
+        );
+    }
+
+    #[test]
+    fn a_vanished_consumer_returns_its_deliveries_for_redelivery_in_order() {
+        let mut q = Queue::new(QueuePolicy::default(), 0);
+        publish_n(&mut q, 4, 0);
+        q.add_consumer(1, 2, false).unwrap();
+        let (mut out, mut settled) = (Vec::new(), Vec::new());
+        q.dispatch(0, usize::MAX, &mut out, &mut settled);
+        assert_eq!(q.release(1, &mut settled), 2);
+        q.add_consumer(2, 10, false).unwrap();
+        out.clear();
+        q.dispatch(0, usize::MAX, &mut out, &mut settled);
+        let got: Vec<_> = out.iter().map(|d| (d.seq, d.delivery_count)).collect();
+        assert_eq!(got, vec![(0, 2), (1, 2), (2, 1), (3, 1)]);
+    }
+
+    #[test]
+    fn poison_messages_are_dead_lettered_after_max_deliveries() {
+        let policy = QueuePolicy {
+            max_deliveries: Some(2),
+            dead_letter: true,
+            ..Default::default()
+        };
+        let mut q = Queue::new(policy, 0);
+        publish_n(&mut q, 1, 0);
+        q.add_consumer(1, 1, false).unwrap();
+        let (mut out, mut settled) = (Vec::new(), Vec::new());
+        q.dispatch(0, 1, &mut out, &mut settled);
+        q.nack(1, 0, true, &mut settled).unwrap();
+        q.dispatch(0, 1, &mut out, &mut settled);
+        assert_eq!(out[1].delivery_count, 2);
+        q.nack(1, 0, true, &mut settled).unwrap();
+        assert_eq!(settled.len(), 1);
+        assert_eq!(
+            (settled[0].seq, settled[0].reason),
+            (0, SettleReason::DeadLettered)
+        );
+        assert_eq!(q.stats().ready, 0);
+    }
+
+    #[test]
+    fn overflow_drops_the_head_or_refuses_the_publish() {
+        let mut q = Queue::new(
+            QueuePolicy {
+                max_length: Some(3),
+                ..Default::default()
+            },
+            0,
+        );
+        let settled = publish_n(&mut q, 5, 0);
+        assert_eq!(
+            settled
+                .iter()
+                .map(|s| (s.seq, s.reason))
+                .collect::<Vec<_>>(),
+            vec![(0, SettleReason::Dropped), (1, SettleReason::Dropped)]
+        );
+        assert_eq!(q.stats().ready, 3);
+
+        let policy = QueuePolicy {
+            max_length_bytes: Some(25),
+            overflow: Overflow::RejectPublish,
+            ..Default::default()
+        };
+        let mut q = Queue::new(policy, 0);
+        let mut settled = Vec::new();
+        q.publish(0u64, 10, 0, None, &mut settled).unwrap();
+        q.publish(1, 10, 0, None, &mut settled).unwrap();
+        assert_eq!(
+            q.publish(2, 10, 0, None, &mut settled),
+            Err(QueueError::Full("max_length_bytes"))
+        );
+        assert_eq!(q.stats().ready_bytes, 20);
+        assert_eq!(
+            q.next_seq(),
+            2,
+            "a refused publish used up a sequence number"
+        );
+    }
+
+    #[test]
+    fn expired_messages_are_settled_not_delivered() {
+        let policy = QueuePolicy {
+            message_ttl_ms: Some(100),
+            ..Default::default()
+        };
+        let mut q = Queue::new(policy, 0);
+        let mut settled = Vec::new();
+        q.publish(0u64, 1, 1_000, None, &mut settled).unwrap(); // expires at 1100
+        q.publish(1, 1, 1_050, Some(10), &mut settled).unwrap(); // per-message ttl: 1060
+        q.publish(2, 1, 1_050, None, &mut settled).unwrap(); // 1150
+        q.add_consumer(1, 10, false).unwrap();
+        let mut out = Vec::new();
+        q.dispatch(1_120, usize::MAX, &mut out, &mut settled);
+        assert_eq!(out.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            settled
+                .iter()
+                .map(|s| (s.seq, s.reason))
+                .collect::<Vec<_>>(),
+            vec![(0, SettleReason::Expired), (1, SettleReason::Expired)]
+        );
+    }
+
+    #[test]
+    fn auto_ack_and_get_settle_at_once() {
+        let mut q = Queue::new(QueuePolicy::default(), 5);
+        publish_n(&mut q, 3, 0);
+        let mut settled = Vec::new();
+        let d = q.get(99, true, 0, &mut settled).unwrap();
+        assert_eq!((d.seq, d.delivery_count, d.auto_ack), (5, 1, true));
+        assert_eq!(settled.len(), 1);
+        let d = q.get(99, false, 0, &mut settled).unwrap();
+        assert_eq!(q.stats().outstanding, 1);
+        assert_eq!(
+            q.release(99, &mut settled),
+            1,
+            "a dead connection's gets come back"
+        );
+        assert_eq!(q.get(99, false, 0, &mut settled).unwrap().seq, d.seq);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Publish,
+        AddConsumer(u8, u8),
+        Release(u8),
+        Dispatch(u8),
+        Ack(u8),
+        Nack(u8, bool),
+        Get(bool),
+        Purge,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Publish),
+            1 => (0u8..4, 1u8..4).prop_map(|(c, p)| Op::AddConsumer(c, p)),
+            1 => (0u8..5).prop_map(Op::Release),
+            3 => (1u8..8).prop_map(Op::Dispatch),
+            3 => any::<u8>().prop_map(Op::Ack),
+            2 => (any::<u8>(), any::<bool>()).prop_map(|(i, r)| Op::Nack(i, r)),
+            1 => any::<bool>().prop_map(Op::Get),
+            1 => Just(Op::Purge),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Against a model: each accepted message is in exactly one of ready, outstanding and
+        /// settled; nothing is settled twice; consumers never exceed their prefetch; first
+        /// deliveries come in publish order.
+        #[test]
+        fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12) {
+            let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), ..Default::default() };
+            let mut q: Queue<u64> = Queue::new(policy, 0);
+            let mut published = BTreeSet::new();
+            let mut settled_seqs = BTreeSet::new();
+            let mut outstanding: BTreeMap<Seq, OwnerId> = BTreeMap::new();
+            let mut prefetch: BTreeMap<OwnerId, u32> = BTreeMap::new();
+            let mut last_first_delivery = None;
+            let mut settled = Vec::new();
+            let mut out = Vec::new();
+            for op in ops {
+                let op_kind = op.clone();
+                settled.clear();
+                out.clear();
+                match op_kind {
+                    Op::Publish => {
+                        let seq = q.publish(q.next_seq(), 1, 0, None, &mut settled).unwrap();
+                        prop_assert!(published.insert(seq));
+                    }
+                    Op::AddConsumer(c, p) => {
+                        let r = q.add_consumer(u64::from(c), u32::from(p), false);
+                        prop_assert_eq!(r.is_ok(), !prefetch.contains_key(&u64::from(c)));
+                        prefetch.entry(u64::from(c)).or_insert(u32::from(p));
+                    }
+                    Op::Release(c) => {
+                        q.release(u64::from(c), &mut settled);
+                        prefetch.remove(&u64::from(c));
+                        outstanding.retain(|_, o| *o != u64::from(c));
+                    }
+                    Op::Dispatch(n) => q.dispatch(0, usize::from(n), &mut out, &mut settled),
+                    Op::Ack(i) | Op::Nack(i, _) if outstanding.is_empty() => {
+                        prop_assert!(q.ack(0, u64::from(i) + 10_000).is_err());
+                    }
+                    Op::Ack(i) => {
+                        let (&seq, &owner) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                        let s = q.ack(owner, seq).unwrap();
+                        settled.push(s);
+                        outstanding.remove(&seq);
+                    }
+                    Op::Nack(i, requeue) => {
+                        let (&seq, &owner) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                        q.nack(owner, seq, requeue, &mut settled).unwrap();
+                        outstanding.remove(&seq);
+                    }
+                    Op::Get(auto_ack) => {
+                        if let Some(d) = q.get(1_000, auto_ack, 0, &mut settled) {
+                            out.push(d);
+                        }
+                    }
+                    Op::Purge => { q.purge(&mut settled); }
+                }
+                for d in &out {
+                    if !d.auto_ack {
+                        prop_assert!(outstanding.insert(d.seq, d.owner).is_none(), "delivered twice at once");
+                    }
+                    if d.delivery_count == 1 {
+                        prop_assert!(last_first_delivery < Some(d.seq), "first deliveries out of order");
+                        last_first_delivery = Some(d.seq);
+                    }
+                }
+                for s in &settled {
+                    prop_assert!(published.contains(&s.seq));
+                    prop_assert!(settled_seqs.insert(s.seq), "settled twice: {}", s.seq);
+                    prop_assert!(!outstanding.contains_key(&s.seq));
+                }
+                for (owner, limit) in &prefetch {
+                    let held = outstanding.values().filter(|o| *o == owner).count() as u32;
+                    prop_assert!(held <= *limit, "consumer {} holds {} over prefetch {}", owner, held, limit);
+                }
+                let stats = q.stats();
+                prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
+                prop_assert_eq!(stats.ready + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
+                if matches!(op, Op::Publish) {
+                    prop_assert!(stats.ready <= max_length, "a publish left {} ready over max_length {}", stats.ready, max_length);
+                }
+            }
+        }
+    }
+}
