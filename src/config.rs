@@ -1,0 +1,501 @@
+//! Configuration of `weir serve`: defaults that just work, a TOML file, `WEIR_*` environment
+//! variables and command-line flags, in that order of precedence.
+//!
+//! Contract: runs once, on the main thread, before any shard starts. It owns nothing after
+//! start-up: the result is a plain `Config` the shards copy what they need from. Faults handled:
+//! every bad value (unknown key, wrong type, out of range, a CPU the process may not use, limits
+//! that disagree) is a `ConfigError` naming the key and the reason; the broker prints it and
+//! exits non-zero instead of starting with a guess.
+//!
+//! Tuning profiles under `tuning/` are configuration files of this same format; their optional
+//! `[loadgen]` table is for weir-loadgen and ignored here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::limits::Limits;
+
+/// What a confirm promises; `Always` is the default and the policy headline numbers use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Confirm after fdatasync returned (group commit shares one fdatasync among many publishes).
+    Always,
+    /// Confirm after the write; fdatasync at least every `fsync_interval_ms`.
+    Interval,
+    /// Confirm after the write; the operating system decides when it reaches the disk.
+    Never,
+}
+
+/// Which CPUs run shards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cpus {
+    /// One shard per CPU this process may use (its affinity mask or cgroup cpuset).
+    All,
+    /// These CPUs, one shard each, in this order (shard i on the i-th).
+    List(Vec<usize>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Address every shard accepts on (SO_REUSEPORT spreads connections across shards).
+    pub listen: SocketAddr,
+    /// Shard i also listens on `shard_port_base + i`, for shard-aware clients; 0 picks free ports.
+    pub shard_port_base: u16,
+    pub data_dir: PathBuf,
+    pub cpus: Cpus,
+    pub fsync: FsyncPolicy,
+    /// Longest a written commit waits for its fdatasync under `fsync = interval`, ms.
+    pub fsync_interval_ms: u64,
+    /// Spin this long before parking an idle shard: lower wake-up latency for a burned core.
+    pub spin_before_park_us: u64,
+    /// glommio's pool of DMA buffers per shard, bytes.
+    pub io_memory_bytes: usize,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5680)),
+            shard_port_base: 5681,
+            data_dir: PathBuf::from("./weir-data"),
+            cpus: Cpus::All,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 10,
+            spin_before_park_us: 0,
+            io_memory_bytes: 8 << 20,
+            limits: Limits::DEFAULT,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    /// The key as the user wrote it: `limits.prefetch_max`, `WEIR_FSYNC`, `--cpus`, ...
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The file format: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    shard_port_base: Option<u16>,
+    data_dir: Option<PathBuf>,
+    cpus: Option<CpusValue>,
+    fsync: Option<FsyncPolicy>,
+    fsync_interval_ms: Option<u64>,
+    spin_before_park_us: Option<u64>,
+    io_memory_bytes: Option<usize>,
+    limits: Option<FileLimits>,
+    /// weir-loadgen's part of a tuning profile; not the broker's business.
+    #[allow(dead_code)]
+    loadgen: Option<toml::Table>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CpusValue {
+    Word(String),
+    List(Vec<usize>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    frame_size_max: Option<u32>,
+    message_size_max: Option<u32>,
+    publish_batch_max: Option<u32>,
+    deliver_batch_max: Option<u32>,
+    headers_max: Option<u32>,
+    segment_size_bytes_max: Option<u64>,
+    commit_bytes_max: Option<u32>,
+    staged_bytes_max: Option<u64>,
+    connections_per_shard_max: Option<u32>,
+    publishes_in_flight_max: Option<u32>,
+    prefetch_default: Option<u32>,
+    prefetch_max: Option<u32>,
+    targets_per_message_max: Option<u32>,
+    cache_bytes_max: Option<u64>,
+}
+
+/// Overrides from the command line (`None`: not given).
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub shard_port_base: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    pub cpus: Option<String>,
+    pub fsync: Option<String>,
+}
+
+impl Config {
+    /// Defaults, then the file (`--config` or `WEIR_CONFIG`), then `WEIR_*` variables from `env`,
+    /// then flags; then every value and limit is checked.
+    pub fn load(
+        flags: &Flags,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        let path = flags
+            .config
+            .clone()
+            .or_else(|| env("WEIR_CONFIG").map(PathBuf::from));
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+            })?;
+            config.apply_file(&text, &path)?;
+        }
+        let vars = [
+            ("WEIR_LISTEN", "listen"),
+            ("WEIR_SHARD_PORT_BASE", "shard_port_base"),
+            ("WEIR_DATA_DIR", "data_dir"),
+            ("WEIR_CPUS", "cpus"),
+            ("WEIR_FSYNC", "fsync"),
+        ];
+        for (var, key) in vars {
+            if let Some(value) = env(var) {
+                config
+                    .set(key, &value)
+                    .map_err(|reason| ConfigError::new(var, reason))?;
+            }
+        }
+        let given = [
+            ("--listen", "listen", flags.listen.clone()),
+            (
+                "--shard-port-base",
+                "shard_port_base",
+                flags.shard_port_base.map(|p| p.to_string()),
+            ),
+            (
+                "--data-dir",
+                "data_dir",
+                flags.data_dir.as_ref().map(|p| p.display().to_string()),
+            ),
+            ("--cpus", "cpus", flags.cpus.clone()),
+            ("--fsync", "fsync", flags.fsync.clone()),
+        ];
+        for (flag, key, value) in given {
+            if let Some(value) = value {
+                config
+                    .set(key, &value)
+                    .map_err(|reason| ConfigError::new(flag, reason))?;
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            // toml's message names the key or the line; keep it whole, prefixed by the file.
+            ConfigError::new(
+                path.display().to_string(),
+                e.to_string().trim_end().to_string(),
+            )
+        })?;
+        if let Some(v) = file.listen {
+            self.set("listen", &v)
+                .map_err(|r| ConfigError::new("listen", r))?;
+        }
+        if let Some(v) = file.shard_port_base {
+            self.shard_port_base = v;
+        }
+        if let Some(v) = file.data_dir {
+            self.data_dir = v;
+        }
+        match file.cpus {
+            Some(CpusValue::Word(w)) => self
+                .set("cpus", &w)
+                .map_err(|r| ConfigError::new("cpus", r))?,
+            Some(CpusValue::List(list)) => self.cpus = Cpus::List(list),
+            None => {}
+        }
+        if let Some(v) = file.fsync {
+            self.fsync = v;
+        }
+        if let Some(v) = file.fsync_interval_ms {
+            self.fsync_interval_ms = v;
+        }
+        if let Some(v) = file.spin_before_park_us {
+            self.spin_before_park_us = v;
+        }
+        if let Some(v) = file.io_memory_bytes {
+            self.io_memory_bytes = v;
+        }
+        if let Some(l) = file.limits {
+            let (w, s, b) = (
+                &mut self.limits.wire,
+                &mut self.limits.storage,
+                &mut self.limits.broker,
+            );
+            let set = |slot: &mut u32, v: Option<u32>| *slot = v.unwrap_or(*slot);
+            set(&mut w.frame_size_max, l.frame_size_max);
+            set(&mut w.message_size_max, l.message_size_max);
+            set(&mut w.publish_batch_max, l.publish_batch_max);
+            set(&mut w.deliver_batch_max, l.deliver_batch_max);
+            set(&mut w.headers_max, l.headers_max);
+            set(&mut s.commit_bytes_max, l.commit_bytes_max);
+            set(
+                &mut b.connections_per_shard_max,
+                l.connections_per_shard_max,
+            );
+            set(&mut b.publishes_in_flight_max, l.publishes_in_flight_max);
+            set(&mut b.prefetch_default, l.prefetch_default);
+            set(&mut b.prefetch_max, l.prefetch_max);
+            set(&mut b.targets_per_message_max, l.targets_per_message_max);
+            s.segment_size_bytes_max = l.segment_size_bytes_max.unwrap_or(s.segment_size_bytes_max);
+            s.staged_bytes_max = l.staged_bytes_max.unwrap_or(s.staged_bytes_max);
+            b.cache_bytes_max = l.cache_bytes_max.unwrap_or(b.cache_bytes_max);
+            // The verifier's table budget follows the batch sizes it must cover.
+            w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
+        }
+        Ok(())
+    }
+
+    /// Sets one top-level key from its text form (environment variables and flags).
+    fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "listen" => {
+                self.listen = value
+                    .parse()
+                    .map_err(|_| format!("'{value}' is not an address like 127.0.0.1:5680"))?
+            }
+            "shard_port_base" => {
+                self.shard_port_base = value
+                    .parse()
+                    .map_err(|_| format!("'{value}' is not a port (0-65535)"))?
+            }
+            "data_dir" => self.data_dir = PathBuf::from(value),
+            "cpus" => {
+                self.cpus = if value == "all" {
+                    Cpus::All
+                } else {
+                    Cpus::List(
+                        value
+                            .split(',')
+                            .map(|c| c.trim().parse::<usize>())
+                            .collect::<Result<_, _>>()
+                            .map_err(|_| format!("'{value}' is neither \"all\" nor a list of CPU numbers like 0,1"))?,
+                    )
+                }
+            }
+            "fsync" => {
+                self.fsync = match value {
+                    "always" => FsyncPolicy::Always,
+                    "interval" => FsyncPolicy::Interval,
+                    "never" => FsyncPolicy::Never,
+                    _ => return Err(format!("'{value}' is not one of always, interval, never")),
+                }
+            }
+            _ => unreachable!("no such key {key}"),
+        }
+        Ok(())
+    }
+
+    /// Checks what can be checked without the machine: ranges and the limits' relations.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let Cpus::List(list) = &self.cpus {
+            if list.is_empty() {
+                return Err(ConfigError::new(
+                    "cpus",
+                    "the list is empty; give at least one CPU or \"all\"",
+                ));
+            }
+            let mut seen = list.clone();
+            seen.sort_unstable();
+            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+                return Err(ConfigError::new(
+                    "cpus",
+                    format!("CPU {} is listed twice", w[0]),
+                ));
+            }
+        }
+        if self.fsync == FsyncPolicy::Interval && self.fsync_interval_ms == 0 {
+            return Err(ConfigError::new(
+                "fsync_interval_ms",
+                "must be at least 1 with fsync = \"interval\"",
+            ));
+        }
+        if self.io_memory_bytes < 512 * 1024 {
+            return Err(ConfigError::new(
+                "io_memory_bytes",
+                "glommio needs at least 512 KiB",
+            ));
+        }
+        self.limits
+            .check()
+            .map_err(|e| ConfigError::new(e.key, e.reason))
+    }
+
+    /// The CPUs to run shards on, checked against those this process may use (`allowed`, from
+    /// `sched_getaffinity`: a cgroup cpuset or `taskset` narrows it).
+    pub fn shard_cpus(&self, allowed: &[usize]) -> Result<Vec<usize>, ConfigError> {
+        let cpus = match &self.cpus {
+            Cpus::All => allowed.to_vec(),
+            Cpus::List(list) => list.clone(),
+        };
+        if let Some(bad) = cpus.iter().find(|c| !allowed.contains(c)) {
+            return Err(ConfigError::new(
+                "cpus",
+                format!("CPU {bad} is not one this process may use (allowed: {allowed:?})"),
+            ));
+        }
+        if cpus.is_empty() {
+            return Err(ConfigError::new("cpus", "this process may use no CPU"));
+        }
+        let last_port = u32::from(self.shard_port_base) + cpus.len() as u32 - 1;
+        if self.shard_port_base != 0 && last_port > u32::from(u16::MAX) {
+            return Err(ConfigError::new(
+                "shard_port_base",
+                format!(
+                    "{} + {} shards runs past port 65535",
+                    self.shard_port_base,
+                    cpus.len()
+                ),
+            ));
+        }
+        Ok(cpus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load_file(text: &str) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "weir-config-{}-{}.toml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let flags = Flags {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let result = Config::load(&flags, no_env);
+        std::fs::remove_file(path).ok();
+        result
+    }
+
+    #[test]
+    fn no_configuration_at_all_gives_the_defaults() {
+        let c = Config::load(&Flags::default(), no_env).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:5680");
+        assert_eq!(c.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let path =
+            std::env::temp_dir().join(format!("weir-config-order-{}.toml", std::process::id()));
+        std::fs::write(&path, "fsync = \"never\"\ncpus = [1]\nlisten = \"127.0.0.1:7000\"\n[limits]\nprefetch_default = 10\n").unwrap();
+        let env = |k: &str| match k {
+            "WEIR_FSYNC" => Some("interval".to_string()),
+            "WEIR_CPUS" => Some("0,1".to_string()),
+            _ => None,
+        };
+        let flags = Flags {
+            config: Some(path.clone()),
+            cpus: Some("all".into()),
+            ..Default::default()
+        };
+        let c = Config::load(&flags, env).unwrap();
+        std::fs::remove_file(path).ok();
+        assert_eq!(c.listen.port(), 7000, "file");
+        assert_eq!(c.limits.broker.prefetch_default, 10, "file limits");
+        assert_eq!(c.fsync, FsyncPolicy::Interval, "environment over file");
+        assert_eq!(c.cpus, Cpus::All, "flag over environment");
+    }
+
+    #[test]
+    fn bad_values_name_their_key_and_reason() {
+        let err = load_file("fsync = \"sometimes\"\n").unwrap_err();
+        assert!(
+            err.reason.contains("fsync") && err.reason.contains("sometimes"),
+            "{err}"
+        );
+        let err = load_file("fsync_typo = 1\n").unwrap_err();
+        assert!(err.reason.contains("unknown field `fsync_typo`"), "{err}");
+        let err = load_file("[limits]\nprefetch_default = 0\n").unwrap_err();
+        assert_eq!(err.key, "limits.prefetch_default", "{err}");
+        let err = load_file("[limits]\nmessage_size_max = 16000000\n").unwrap_err();
+        assert_eq!(err.key, "limits.message_size_max", "{err}");
+        let err = load_file("cpus = [0, 0]\n").unwrap_err();
+        assert_eq!(
+            (err.key.as_str(), err.reason.as_str()),
+            ("cpus", "CPU 0 is listed twice")
+        );
+        let err = Config::load(
+            &Flags {
+                fsync: Some("fast".into()),
+                ..Default::default()
+            },
+            no_env,
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "--fsync");
+        let err = Config::load(&Flags::default(), |k| {
+            (k == "WEIR_LISTEN").then(|| "localhost".to_string())
+        })
+        .unwrap_err();
+        assert_eq!(err.key, "WEIR_LISTEN");
+        assert!(
+            err.reason.contains("'localhost' is not an address"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cpus_must_be_ones_the_process_may_use() {
+        let mut c = Config::default();
+        assert_eq!(c.shard_cpus(&[0, 1]).unwrap(), vec![0, 1]);
+        c.cpus = Cpus::List(vec![1, 7]);
+        let err = c.shard_cpus(&[0, 1]).unwrap_err();
+        assert_eq!(err.key, "cpus");
+        assert!(
+            err.reason.contains("CPU 7 is not one this process may use"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_tuning_profile_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let flags = Flags {
+                    config: Some(path.clone()),
+                    ..Default::default()
+                };
+                Config::load(&flags, no_env).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected at least 3 profiles in tuning/, found {n}");
+    }
+}

@@ -1,0 +1,215 @@
+//! The broker's limits: every bound of every layer, in one place, with the relations between the
+//! layers asserted.
+//!
+//! Contract: plain values, built once at start-up from the defaults and the configuration, checked
+//! by `Limits::check` before any shard starts; the error names the offending key and the reason.
+//! Each layer keeps its own bounds next to their reasons (`WireLimits` for the codec,
+//! `StorageLimits` for the journal); this registry adds the broker's own and checks that the
+//! layers agree with each other: a message the wire accepts must fit a journal record.
+
+use weir_protocol::limits::FRAME_OVERHEAD_BYTES_MAX;
+use weir_protocol::WireLimits;
+
+use crate::storage::record::RECORD_HEADER_BYTES;
+use crate::storage::StorageLimits;
+
+/// The broker's own bounds (beyond the codec's and the journal's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// Connections one shard serves at once; a further connection gets `ConnectionLimit` and is
+    /// closed. Bounds per-shard memory: each connection owns a receive and a send buffer.
+    pub connections_per_shard_max: u32,
+    /// Unconfirmed publishes per connection. Past it the broker stops reading the connection (TCP
+    /// backpressure) until confirms catch up, so a fast producer cannot queue unbounded work.
+    pub publishes_in_flight_max: u32,
+    /// Prefetch given to a consumer that asks for 0 ("broker default").
+    pub prefetch_default: u32,
+    /// Largest prefetch a consumer may ask for: bounds outstanding deliveries per consumer and so
+    /// the unacked index of a queue.
+    pub prefetch_max: u32,
+    /// Queues one shard's messages can be routed to at once: bounds the routing envelope stored
+    /// with each message (a fanout to many queues of a shard is stored once, naming them all).
+    pub targets_per_message_max: u32,
+    /// Messages in one batch between shards: a hop per batch, never per message.
+    pub mesh_batch_max: u32,
+    /// Batches queued on one mesh channel; a full channel makes the sender wait (backpressure).
+    pub mesh_channel_capacity: u32,
+    /// Bytes of message payloads a shard keeps in memory; older ready messages are read back from
+    /// the journal when delivered. This, not the backlog, bounds the broker's memory.
+    pub cache_bytes_max: u64,
+}
+
+impl BrokerLimits {
+    pub const DEFAULT: BrokerLimits = BrokerLimits {
+        connections_per_shard_max: 4096,
+        publishes_in_flight_max: 65_536,
+        prefetch_default: 256,
+        prefetch_max: 65_535,
+        targets_per_message_max: 128,
+        mesh_batch_max: 1024,
+        mesh_channel_capacity: 64,
+        cache_bytes_max: 256 << 20,
+    };
+}
+
+/// Every limit of a broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub wire: WireLimits,
+    pub storage: StorageLimits,
+    pub broker: BrokerLimits,
+}
+
+/// Longest name on the wire and in records (queue, exchange, routing key).
+const NAME_BYTES_MAX: usize = 255;
+
+impl Limits {
+    /// The defaults. The wire's message limit is lowered from the codec's 16 MiB to what one
+    /// journal record holds with its routing envelope: a message is stored whole in one record.
+    pub const DEFAULT: Limits = Limits {
+        wire: WireLimits {
+            message_size_max: 960 * 1024,
+            ..WireLimits::DEFAULT
+        },
+        storage: StorageLimits::DEFAULT,
+        broker: BrokerLimits::DEFAULT,
+    };
+
+    /// Bytes of the largest routing envelope: exchange and key (a length and up to
+    /// `NAME_BYTES_MAX` each), a target count, and per target a queue name and a sequence number.
+    pub fn envelope_bytes_max(&self) -> u64 {
+        let per_target = 1 + NAME_BYTES_MAX as u64 + 8;
+        (1 + NAME_BYTES_MAX as u64)
+            + (2 + NAME_BYTES_MAX as u64)
+            + 2
+            + u64::from(self.broker.targets_per_message_max) * per_target
+    }
+
+    /// Checks every layer and the relations between them; the error names the key and the reason.
+    pub fn check(&self) -> Result<(), LimitError> {
+        self.wire
+            .check()
+            .map_err(|e| LimitError::new("limits.wire", e.to_string()))?;
+        self.storage
+            .check()
+            .map_err(|e| LimitError::new("limits.storage", e.to_string()))?;
+        let b = &self.broker;
+        let positive = [
+            (
+                "limits.connections_per_shard_max",
+                u64::from(b.connections_per_shard_max),
+            ),
+            (
+                "limits.publishes_in_flight_max",
+                u64::from(b.publishes_in_flight_max),
+            ),
+            ("limits.prefetch_default", u64::from(b.prefetch_default)),
+            (
+                "limits.targets_per_message_max",
+                u64::from(b.targets_per_message_max),
+            ),
+            ("limits.mesh_batch_max", u64::from(b.mesh_batch_max)),
+            (
+                "limits.mesh_channel_capacity",
+                u64::from(b.mesh_channel_capacity),
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(LimitError::new(key, "must be at least 1".into()));
+            }
+        }
+        if b.prefetch_default > b.prefetch_max {
+            return Err(LimitError::new(
+                "limits.prefetch_default",
+                format!(
+                    "{} exceeds prefetch_max {}",
+                    b.prefetch_default, b.prefetch_max
+                ),
+            ));
+        }
+        if self.wire.name_length_max as usize > NAME_BYTES_MAX {
+            return Err(LimitError::new(
+                "limits.name_length_max",
+                format!(
+                    "{} exceeds the {NAME_BYTES_MAX} bytes a record can name",
+                    self.wire.name_length_max
+                ),
+            ));
+        }
+        let record_room = u64::from(self.storage.record_bytes_max) - RECORD_HEADER_BYTES as u64;
+        if u64::from(self.wire.message_size_max) + self.envelope_bytes_max() > record_room {
+            return Err(LimitError::new(
+                "limits.message_size_max",
+                format!(
+                    "{} plus a routing envelope of up to {} bytes exceeds the {} bytes a journal record holds \
+                     (storage record_bytes_max {})",
+                    self.wire.message_size_max,
+                    self.envelope_bytes_max(),
+                    record_room,
+                    self.storage.record_bytes_max
+                ),
+            ));
+        }
+        if u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX)
+            > self.broker.cache_bytes_max
+        {
+            return Err(LimitError::new(
+                "limits.cache_bytes_max",
+                format!(
+                    "{} cannot hold even one message of message_size_max {}",
+                    self.broker.cache_bytes_max, self.wire.message_size_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A limit that breaks a rule: which key, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct LimitError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl LimitError {
+    fn new(key: &'static str, reason: String) -> LimitError {
+        LimitError { key, reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_agree_across_layers() {
+        Limits::DEFAULT.check().unwrap();
+    }
+
+    #[test]
+    fn a_message_limit_a_journal_record_cannot_hold_is_refused() {
+        let limits = Limits {
+            wire: WireLimits::DEFAULT,
+            ..Limits::DEFAULT
+        };
+        let err = limits.check().unwrap_err();
+        assert_eq!(err.key, "limits.message_size_max", "{err}");
+        assert!(err.reason.contains("record_bytes_max"), "{err}");
+    }
+
+    #[test]
+    fn a_default_prefetch_over_the_maximum_is_refused() {
+        let mut limits = Limits::DEFAULT;
+        limits.broker.prefetch_default = limits.broker.prefetch_max + 1;
+        assert_eq!(limits.check().unwrap_err().key, "limits.prefetch_default");
+    }
+}
