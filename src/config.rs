@@ -29,6 +29,17 @@ pub enum FsyncPolicy {
     Never,
 }
 
+impl FsyncPolicy {
+    /// The name used in configuration files and flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsyncPolicy::Always => "always",
+            FsyncPolicy::Interval => "interval",
+            FsyncPolicy::Never => "never",
+        }
+    }
+}
+
 /// Which CPUs run shards.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cpus {

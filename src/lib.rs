@@ -1,10 +1,26 @@
 //! weir: the broker's internals, as a library so that tests and benchmarks reach them.
 //!
 //! The module tree reads as the architecture (DESIGN.md §3, ARCHITECTURE.md):
+//! - `broker`: the state machines (queue, and later dispatch across queues and routing), free of
+//!   I/O: plain structs that take events and return what to do.
+//! - `config`: `weir serve`'s configuration: defaults, TOML file, `WEIR_*` variables, flags.
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
+//! - `limits`: every limit of every layer in one registry, with the relations between layers
+//!   asserted.
+//! - `net`: connections: the session state machine and its I/O shell.
+//! - `rt`: the one door to glommio: executors, tasks, O_DIRECT segment files.
+//! - `server`: `weir serve` on the main thread: CPUs, data-directory layout, listeners, shards.
+//! - `shard`: one pinned executor: accept loops, connections, orderly shutdown.
+//! - `storage`: the journal: segments, records, group commit, recovery, reclaim.
 //!
-//! Modules arriving with later work: `rt` (the one door to glommio), `storage` (journal,
-//! segments, recovery), `shard`, `mesh`, `net`, `broker` (queue, dispatch and routing state
-//! machines, free of I/O), `config`, `limits`, `metrics`.
+//! Modules arriving with later work: `mesh` (batches between shards), `metrics`.
 
+pub mod broker;
+pub mod config;
 pub mod inspect;
+pub mod limits;
+pub mod net;
+pub mod rt;
+pub mod server;
+pub mod shard;
+pub mod storage;

@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the broker. With no options: 127.0.0.1:5680, ./weir-data, one shard per allowed CPU,
+    /// fsync = always. Options override `--config`/`WEIR_CONFIG`, which override the defaults;
+    /// WEIR_LISTEN, WEIR_SHARD_PORT_BASE, WEIR_DATA_DIR, WEIR_CPUS and WEIR_FSYNC sit in between.
+    Serve(ServeArgs),
     /// Decode a file of length-prefixed weir frames (`-` for stdin) and print each frame.
     Inspect {
         /// The file to read; `-` reads standard input.
@@ -33,10 +37,70 @@ fn version() -> &'static str {
     VERSION.as_str()
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML configuration file (see tuning/ for profiles).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address every shard accepts on, e.g. 127.0.0.1:5680 (port 0: any free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Shard i also listens on this + i, for shard-aware clients (0: any free ports).
+    #[arg(long)]
+    shard_port_base: Option<u16>,
+    /// The data directory (journals, layout).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// CPUs to run shards on: "all", or a list like 0,1.
+    #[arg(long)]
+    cpus: Option<String>,
+    /// What a confirm means: always (fdatasync done), interval, never.
+    #[arg(long)]
+    fsync: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Inspect { file } => inspect(&file),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let flags = weir::config::Flags {
+        config: args.config,
+        listen: args.listen,
+        shard_port_base: args.shard_port_base,
+        data_dir: args.data_dir,
+        cpus: args.cpus,
+        fsync: args.fsync,
+    };
+    let config = match weir::config::Config::load(&flags, |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weir serve: bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match weir::server::serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(weir::server::ServeError::Config(e)) => {
+            eprintln!("weir serve: bad configuration: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("weir serve: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

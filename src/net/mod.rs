@@ -1,0 +1,7 @@
+//! Connections: bytes -> frames -> session -> replies -> bytes.
+//!
+//! - `session`: the protocol state machine of one connection, free of I/O.
+//! - `connection`: the I/O shell that drives a session over a socket on its shard.
+
+pub mod connection;
+pub mod session;

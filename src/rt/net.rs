@@ -1,0 +1,122 @@
+//! TCP on glommio: listeners bound before the shards start, connections read into `BytesMut`.
+//!
+//! Contract: `bind_reuseport` runs on the main thread before any executor exists, so that a bad
+//! address or a port in use is reported once, clearly, and so that port 0 is resolved once and
+//! shared: every shard's listener on the main address is bound to the same port with
+//! SO_REUSEPORT and the kernel spreads connections across them. The bound sockets (`Send`) are
+//! handed to the shards, which turn them into glommio listeners on their own executor
+//! (`Listener::from_bound`). Everything else here runs on an executor thread.
+//!
+//! glommio's TCP is readiness-based: a read or write first tries the syscall and arms an io_uring
+//! poll only on EAGAIN. It has no vectored write, so a connection coalesces its frames into one
+//! buffer and writes it whole.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// A listening socket bound on the main thread, waiting to be adopted by a shard.
+#[derive(Debug)]
+pub struct BoundListener {
+    socket: Socket,
+    addr: SocketAddr,
+}
+
+impl BoundListener {
+    /// The address it is bound to (with the port resolved if 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Binds a listening socket with SO_REUSEPORT, so that one listener per shard can share `addr`.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<BoundListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(1024)?;
+    let addr = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+    Ok(BoundListener { socket, addr })
+}
+
+/// A listener owned by one shard.
+pub struct Listener {
+    inner: glommio::net::TcpListener,
+}
+
+impl Listener {
+    /// Adopts a socket bound by `bind_reuseport`. Must run on the executor that will accept.
+    pub fn from_bound(bound: BoundListener) -> Listener {
+        let fd = bound.socket.into_raw_fd();
+        // SAFETY: `fd` is a bound, listening TCP socket whose ownership we just released.
+        let inner = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+        Listener { inner }
+    }
+
+    pub async fn accept(&self) -> io::Result<Connection> {
+        let stream = self.inner.accept().await.map_err(io::Error::from)?;
+        stream.set_nodelay(true).map_err(io::Error::from)?;
+        Ok(Connection { stream })
+    }
+}
+
+/// Cuts a buffer back to `len` when dropped: what was not read is not data.
+struct TruncateOnDrop<'a> {
+    buf: &'a mut BytesMut,
+    len: usize,
+}
+
+impl Drop for TruncateOnDrop<'_> {
+    fn drop(&mut self) {
+        self.buf.truncate(self.len);
+    }
+}
+
+/// One accepted TCP connection.
+pub struct Connection {
+    stream: glommio::net::TcpStream,
+}
+
+impl Connection {
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.peer_addr().map_err(io::Error::from)
+    }
+
+    /// Reads what is available (at least one byte, at most `chunk`) onto the end of `buf`.
+    /// Returns 0 at end of stream. This is the one copy on the way in: kernel to `buf`; frames
+    /// are then sliced out of `buf` without copying.
+    ///
+    /// The read target must be an initialized slice (futures' `AsyncRead`), so the room is
+    /// zero-filled first: a memset of at most `chunk` bytes per read, bounded and cheap next to
+    /// the syscall, in exchange for no `unsafe` over uninitialized memory.
+    ///
+    /// Cancel-safe: if the future is dropped before the read completes (a connection racing its
+    /// read against other events), `buf` is left exactly as it was.
+    pub async fn read_buf(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
+        let start = buf.len();
+        buf.resize(start + chunk, 0);
+        let mut guard = TruncateOnDrop { buf, len: start };
+        let n = self.stream.read(&mut guard.buf[start..]).await?;
+        guard.len = start + n;
+        Ok(n)
+    }
+
+    /// Writes all of `bytes`.
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Closes both directions, after everything written has been sent.
+    pub async fn close(&mut self) -> io::Result<()> {
+        self.stream.flush().await?;
+        self.stream.close().await
+    }
+}

@@ -1,0 +1,240 @@
+//! `weir serve`: from a checked configuration to running shards, and back to exit 0.
+//!
+//! Contract: runs on the main thread. It checks the CPUs against the process's affinity, checks
+//! (or records) the data directory's shard layout, binds every listener (so a port in use is one
+//! clear error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
+//! executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
+//! Nothing here is on the data path.
+//!
+//! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
+//! exits non-zero with it before serving anything.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use weir_protocol::wire;
+
+use crate::config::{Config, ConfigError, FsyncPolicy};
+use crate::net::session::SessionCtx;
+use crate::rt::executor::{spawn_pinned, ExecutorOptions};
+use crate::rt::net::bind_reuseport;
+use crate::shard::{self, ShardSetup};
+
+/// The broker's version, as `Welcome` and `weir --version` report it.
+pub const BROKER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The data directory's record of how it was laid out.
+const LAYOUT_FILE: &str = "layout.toml";
+/// Version of the data directory's layout; a broker refuses a directory of another version.
+const LAYOUT_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("data directory {dir}: {reason}")]
+    Layout { dir: PathBuf, reason: String },
+    #[error("shard {shard} failed: {reason}")]
+    Shard { shard: u16, reason: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// Runs the broker until SIGTERM or SIGINT, then shuts down in order.
+pub fn serve(config: Config) -> Result<(), ServeError> {
+    let allowed: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let cpus = config.shard_cpus(&allowed)?;
+    let shard_count = cpus.len();
+    check_layout(&config.data_dir, shard_count)?;
+
+    // Bind everything before starting anything.
+    let first = bind_reuseport(config.listen).map_err(io(format!("listen {}", config.listen)))?;
+    let listen = first.local_addr();
+    let mut main_listeners = vec![first];
+    for _ in 1..shard_count {
+        main_listeners.push(bind_reuseport(listen).map_err(io(format!("listen {listen}")))?);
+    }
+    let mut shard_listeners = Vec::with_capacity(shard_count);
+    for i in 0..shard_count {
+        let port = if config.shard_port_base == 0 {
+            0
+        } else {
+            config.shard_port_base + i as u16
+        };
+        let addr = SocketAddr::new(listen.ip(), port);
+        shard_listeners.push(bind_reuseport(addr).map_err(io(format!("shard {i} port {addr}")))?);
+    }
+    let shard_ports: Vec<u16> = shard_listeners
+        .iter()
+        .map(|l| l.local_addr().port())
+        .collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(io("installing signal handlers"))?;
+    }
+
+    let durability = match config.fsync {
+        FsyncPolicy::Always => wire::Durability::Always,
+        FsyncPolicy::Interval => wire::Durability::Interval,
+        FsyncPolicy::Never => wire::Durability::Never,
+    };
+    let mut handles = Vec::with_capacity(shard_count);
+    let listeners = main_listeners.into_iter().zip(shard_listeners);
+    for (i, ((main, own), cpu)) in listeners.zip(cpus.iter().copied()).enumerate() {
+        let setup = ShardSetup {
+            id: i as u16,
+            listeners: vec![main, own],
+            session: SessionCtx {
+                broker_version: BROKER_VERSION,
+                shard: i as u16,
+                shard_ports: shard_ports.clone(),
+                durability,
+                limits: config.limits.wire,
+                publishes_in_flight_max: config.limits.broker.publishes_in_flight_max,
+                prefetch_max: config.limits.broker.prefetch_max,
+                connection_id: 0,
+            },
+            limits: config.limits,
+            stop: stop.clone(),
+        };
+        let options = ExecutorOptions {
+            name: format!("weir-shard-{i}"),
+            cpu,
+            io_memory_bytes: config.io_memory_bytes,
+            spin_before_park: Duration::from_micros(config.spin_before_park_us),
+        };
+        let handle =
+            spawn_pinned(&options, move || shard::run(setup)).map_err(|e| ServeError::Shard {
+                shard: i as u16,
+                reason: format!("cannot start on CPU {cpu}: {e}"),
+            })?;
+        handles.push(handle);
+    }
+
+    ready_line(&config, listen, &shard_ports, &cpus);
+
+    let mut first_error = None;
+    for (i, handle) in handles.into_iter().enumerate() {
+        if let Err(e) = handle.join() {
+            first_error.get_or_insert(ServeError::Shard {
+                shard: i as u16,
+                reason: e.to_string(),
+            });
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// One line on stdout once every listener is bound, for humans and for scripts and tests that
+/// started the broker on port 0.
+fn ready_line(config: &Config, listen: SocketAddr, shard_ports: &[u16], cpus: &[usize]) {
+    let ports: Vec<String> = shard_ports.iter().map(u16::to_string).collect();
+    let cpus: Vec<String> = cpus.iter().map(usize::to_string).collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "weir ready: listen {listen} shard_ports {} cpus {} fsync {} data_dir {}",
+        ports.join(","),
+        cpus.join(","),
+        config.fsync.name(),
+        config.data_dir.display()
+    );
+    let _ = out.flush();
+}
+
+/// Creates the data directory on first start and records its shard count; later starts must
+/// match it, because each shard's journal holds the queues placed on it.
+fn check_layout(dir: &Path, shards: usize) -> Result<(), ServeError> {
+    fs::create_dir_all(dir).map_err(io(format!("creating data directory {}", dir.display())))?;
+    let path = dir.join(LAYOUT_FILE);
+    let layout_err = |reason: String| ServeError::Layout {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| layout_err(format!("{LAYOUT_FILE} is unreadable: {e}")))?;
+            let get = |key: &str| table.get(key).and_then(toml::Value::as_integer);
+            let (Some(format), Some(recorded)) = (get("format"), get("shards")) else {
+                return Err(layout_err(format!(
+                    "{LAYOUT_FILE} lacks `format` or `shards`"
+                )));
+            };
+            if format != i64::from(LAYOUT_FORMAT) {
+                return Err(layout_err(format!(
+                    "layout format {format}; this broker reads format {LAYOUT_FORMAT}"
+                )));
+            }
+            if recorded != shards as i64 {
+                return Err(layout_err(format!(
+                    "it holds the queues of {recorded} shards, but this configuration runs {shards} \
+                     (set cpus to {recorded} CPUs, or start with an empty data directory)"
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = format!("# written by weir {BROKER_VERSION}; do not edit\nformat = {LAYOUT_FORMAT}\nshards = {shards}\n");
+            let tmp = dir.join(format!("{LAYOUT_FILE}.tmp"));
+            fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+            fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io(format!("syncing {}", tmp.display())))?;
+            fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(format!("syncing {}", dir.display())))?;
+            Ok(())
+        }
+        Err(e) => Err(ServeError::Io {
+            what: format!("reading {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_remembers_its_shard_count() {
+        let dir = std::env::temp_dir().join(format!("weir-layout-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        check_layout(&dir, 2).unwrap();
+        check_layout(&dir, 2).unwrap();
+        let err = check_layout(&dir, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("holds the queues of 2 shards, but this configuration runs 1"),
+            "{err}"
+        );
+        fs::write(dir.join(LAYOUT_FILE), "format = 9\nshards = 2\n").unwrap();
+        let err = check_layout(&dir, 2).unwrap_err().to_string();
+        assert!(err.contains("layout format 9"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

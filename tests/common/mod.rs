@@ -1,0 +1,228 @@
+//! Test harness for black-box tests: the real `weir` binary on 127.0.0.1, ephemeral ports, a
+//! temporary data directory, and a blocking protocol client over a real socket.
+//!
+//! Nothing here synchronises by sleeping: the broker says when it is ready (its ready line on
+//! stdout), and every read has a timeout so a broken broker fails the test instead of hanging it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use weir_protocol::wire::{self, BodyT, FrameT};
+use weir_protocol::{Encoder, FrameDecoder, WireLimits, PROTOCOL_VERSION};
+
+/// Longest any single wait may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A fresh directory under cargo's per-test temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn weir_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+}
+
+/// A running broker, killed with SIGKILL when dropped.
+pub struct Broker {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub shard_ports: Vec<u16>,
+    pub data_dir: PathBuf,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Broker {
+    /// Starts `weir serve` on ephemeral ports with `data_dir` and `extra` arguments, and waits for
+    /// its ready line.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Broker {
+        let mut child = weir_command()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shard-port-base",
+                "0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start weir serve");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = line_tx.send(line);
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut all);
+            let _ = err_tx.send(all);
+        });
+        let line = line_rx
+            .recv_timeout(TIMEOUT)
+            .expect("weir serve printed no ready line in time");
+        if !line.starts_with("weir ready:") {
+            let _ = child.kill();
+            let err = err_rx.recv_timeout(TIMEOUT).unwrap_or_default();
+            panic!("weir serve did not start: stdout {line:?}, stderr {err}");
+        }
+        let field = |name: &str| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let i = words
+                .iter()
+                .position(|w| *w == name)
+                .unwrap_or_else(|| panic!("no {name} in {line}"));
+            words[i + 1].to_string()
+        };
+        Broker {
+            listen: field("listen").parse().unwrap(),
+            shard_ports: field("shard_ports")
+                .split(',')
+                .map(|p| p.parse().unwrap())
+                .collect(),
+            child,
+            data_dir: data_dir.to_path_buf(),
+            stderr: err_rx,
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.listen)
+    }
+
+    pub fn connect_shard(&self, shard: usize) -> Client {
+        Client::connect(SocketAddr::new(self.listen.ip(), self.shard_ports[shard]))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM failed");
+        let status = self.child.wait().unwrap();
+        let stderr = self.stderr.recv_timeout(TIMEOUT).unwrap_or_default();
+        (status, stderr)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking protocol client for tests.
+pub struct Client {
+    pub stream: TcpStream,
+    rx: BytesMut,
+    decoder: FrameDecoder,
+    encoder: Encoder,
+    next_request: u64,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            rx: BytesMut::new(),
+            decoder: FrameDecoder::new(WireLimits::DEFAULT),
+            encoder: Encoder::new(WireLimits::DEFAULT),
+            next_request: 1,
+        }
+    }
+
+    /// Sends a request with a fresh id; returns the id.
+    pub fn send(&mut self, body: BodyT) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        let mut out = BytesMut::new();
+        self.encoder
+            .encode(&weir_protocol::frame(id, body), &mut out)
+            .unwrap();
+        self.stream.write_all(&out).unwrap();
+        id
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next frame, or `None` at end of stream. Panics on a timeout.
+    pub fn recv(&mut self) -> Option<FrameT> {
+        loop {
+            if let Some(frame) = self
+                .decoder
+                .decode(&mut self.rx)
+                .expect("the broker sent a malformed frame")
+            {
+                return Some(frame.frame().unpack());
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.rx.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("reading from the broker: {e}"),
+            }
+        }
+    }
+
+    /// Sends a request and returns its reply, checking the echoed id.
+    pub fn request(&mut self, body: BodyT) -> BodyT {
+        let id = self.send(body);
+        let reply = self.recv().expect("the broker closed instead of replying");
+        assert_eq!(reply.request_id, id, "reply to another request: {reply:?}");
+        reply.body
+    }
+
+    /// `Hello` with our protocol version; returns the `Welcome`.
+    pub fn handshake(&mut self) -> wire::WelcomeT {
+        let mut hello = wire::HelloT::default();
+        hello.protocol_version = PROTOCOL_VERSION;
+        hello.client_name = Some("weir-tests".into());
+        match self.request(BodyT::Hello(Box::new(hello))) {
+            BodyT::Welcome(w) => *w,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Expects an `Error` frame with `code`; returns it.
+    pub fn expect_error(&mut self, code: wire::ErrorCode) -> wire::ErrorT {
+        match self.recv().map(|f| f.body) {
+            Some(BodyT::Error(e)) if e.code == code => *e,
+            other => panic!("expected an Error {code:?}, got {other:?}"),
+        }
+    }
+
+    /// Expects the broker to close the connection.
+    pub fn expect_closed(&mut self) {
+        assert!(
+            self.recv().is_none(),
+            "expected the broker to close the connection"
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! Black-box tests of `weir serve`: the real binary, real sockets, a temporary data directory.
+
+mod common;
+
+use common::{temp_dir, weir_command, Broker, Client};
+use weir_protocol::wire::{self, BodyT, ErrorCode};
+use weir_protocol::PROTOCOL_VERSION;
+
+#[test]
+fn a_client_handshakes_and_pings_on_the_main_port_and_every_shard_port() {
+    let dir = temp_dir("serve-handshake");
+    let broker = Broker::start(&dir, &[]);
+    let mut c = broker.connect();
+    let w = c.handshake();
+    assert_eq!(w.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(w.broker_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(w.shard_ports.as_deref(), Some(&broker.shard_ports[..]));
+    assert_eq!(usize::from(w.shard_count), broker.shard_ports.len());
+    assert!(w.shard < w.shard_count);
+    assert_eq!(w.durability, wire::Durability::Always);
+    let limits = w.limits.expect("limits in Welcome");
+    assert_eq!(limits.message_size_max, 960 * 1024);
+
+    let mut ping = wire::PingT::default();
+    ping.payload = 0xfeed;
+    assert!(
+        matches!(c.request(BodyT::Ping(Box::new(ping))), BodyT::Pong(p) if p.payload == 0xfeed)
+    );
+
+    for shard in 0..broker.shard_ports.len() {
+        let mut s = broker.connect_shard(shard);
+        let w = s.handshake();
+        assert_eq!(
+            usize::from(w.shard),
+            shard,
+            "the shard port of shard {shard} reached shard {}",
+            w.shard
+        );
+    }
+    assert!(std::fs::read_to_string(dir.join("layout.toml"))
+        .unwrap()
+        .contains("shards = "));
+}
+
+#[test]
+fn a_malformed_frame_closes_only_its_own_connection() {
+    let dir = temp_dir("serve-malformed");
+    let broker = Broker::start(&dir, &[]);
+    let mut good = broker.connect();
+    good.handshake();
+
+    let mut bad = broker.connect();
+    bad.handshake();
+    bad.send_raw(&16u32.to_le_bytes());
+    bad.send_raw(&[0xAB; 16]);
+    let e = bad.expect_error(ErrorCode::MalformedFrame);
+    assert!(e.close);
+    assert!(e.message.unwrap().contains("malformed frame"));
+    bad.expect_closed();
+
+    let mut huge = broker.connect();
+    huge.send_raw(&u32::MAX.to_le_bytes());
+    let e = huge.expect_error(ErrorCode::FrameTooLarge);
+    assert!(e.message.unwrap().contains("exceeds frame_size_max"));
+    huge.expect_closed();
+
+    let mut ping = wire::PingT::default();
+    ping.payload = 7;
+    assert!(matches!(good.request(BodyT::Ping(Box::new(ping))), BodyT::Pong(p) if p.payload == 7));
+    let mut fresh = broker.connect();
+    fresh.handshake();
+}
+
+#[test]
+fn protocol_rules_are_enforced_with_clear_errors() {
+    let dir = temp_dir("serve-rules");
+    let broker = Broker::start(&dir, &[]);
+
+    let mut early = broker.connect();
+    early.send(BodyT::Ping(Box::default()));
+    let e = early.expect_error(ErrorCode::UnexpectedFrame);
+    assert!(e.message.unwrap().contains("expected Hello"));
+    early.expect_closed();
+
+    let mut old = broker.connect();
+    let mut hello = wire::HelloT::default();
+    hello.protocol_version = PROTOCOL_VERSION + 1;
+    old.send(BodyT::Hello(Box::new(hello)));
+    let e = old.expect_error(ErrorCode::ProtocolVersion);
+    assert!(e
+        .message
+        .unwrap()
+        .contains(&format!("speaks weir protocol {PROTOCOL_VERSION}")));
+    old.expect_closed();
+
+    let mut c = broker.connect();
+    c.handshake();
+    let id = c.send(BodyT::Close(Box::default()));
+    let reply = c.recv().unwrap();
+    assert_eq!(reply.request_id, id);
+    assert!(matches!(reply.body, BodyT::Ok(_)));
+    c.expect_closed();
+}
+
+#[test]
+fn sigterm_tells_clients_and_exits_zero() {
+    let dir = temp_dir("serve-sigterm");
+    let broker = Broker::start(&dir, &[]);
+    let mut c = broker.connect();
+    c.handshake();
+    let (status, stderr) = broker.terminate();
+    assert!(status.success(), "exit status {status}; stderr: {stderr}");
+    let e = c.expect_error(ErrorCode::ShuttingDown);
+    assert!(e.close);
+    c.expect_closed();
+}
+
+#[test]
+fn bad_configuration_names_the_key_and_exits_non_zero() {
+    let dir = temp_dir("serve-badconfig");
+    let run = |args: &[&str]| {
+        let out = weir_command()
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (code, err) = run(&["--fsync", "sometimes"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--fsync: 'sometimes' is not one of always, interval, never"),
+        "{err}"
+    );
+
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, "[limits]\nprefetch_default = 0\n").unwrap();
+    let (code, err) = run(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("limits.prefetch_default: must be at least 1"),
+        "{err}"
+    );
+
+    let (code, err) = run(&["--cpus", "0,4095", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cpus: CPU 4095 is not one this process may use"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_data_directory_of_another_shard_count_is_refused() {
+    let dir = temp_dir("serve-layout");
+    let broker = Broker::start(&dir, &["--cpus", "0"]);
+    let (status, _) = broker.terminate();
+    assert!(status.success());
+    let out = weir_command()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shard-port-base",
+            "0",
+            "--cpus",
+            "0,1",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("holds the queues of 1 shards, but this configuration runs 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shard_over_its_connection_limit_refuses_with_a_reason() {
+    let dir = temp_dir("serve-connlimit");
+    let config = dir.join("weir.toml");
+    std::fs::write(
+        &config,
+        "cpus = [0]\n[limits]\nconnections_per_shard_max = 2\n",
+    )
+    .unwrap();
+    let broker = Broker::start(&dir, &["--config", config.to_str().unwrap()]);
+    let mut a = broker.connect();
+    a.handshake();
+    let mut b = broker.connect();
+    b.handshake();
+    let mut c = Client::connect(broker.listen);
+    let e = c.expect_error(ErrorCode::ConnectionLimit);
+    assert!(e.message.unwrap().contains("connections_per_shard_max = 2"));
+    c.expect_closed();
+    // The refused connection cost the others nothing.
+    let mut ping = wire::PingT::default();
+    ping.payload = 1;
+    assert!(matches!(
+        b.request(BodyT::Ping(Box::new(ping))),
+        BodyT::Pong(_)
+    ));
+    assert!(matches!(
+        a.request(BodyT::Ping(Box::default())),
+        BodyT::Pong(_)
+    ));
+}
