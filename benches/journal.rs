@@ -196,7 +196,7 @@ async fn recovery_run(dir: &Path) -> (u64, u64, f64) {
         j.wait_for_room(payload.len() + 64).await;
         last = Some(j.append_control(&payload).expect("append"));
         written += payload.len() as u64;
-        if written % (4 << 20) == 0 {
+        if written.is_multiple_of(4 << 20) {
             yield_if_needed().await;
         }
     }

@@ -7,18 +7,20 @@
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
 //! - `limits`: every limit of every layer in one registry, with the relations between layers
 //!   asserted.
+//! - `mesh`: what crosses between shards (typed messages, in batches) and how.
 //! - `net`: connections: the session state machine and its I/O shell.
 //! - `rt`: the one door to glommio: executors, tasks, O_DIRECT segment files.
 //! - `server`: `weir serve` on the main thread: CPUs, data-directory layout, listeners, shards.
 //! - `shard`: one pinned executor: accept loops, connections, orderly shutdown.
 //! - `storage`: the journal: segments, records, group commit, recovery, reclaim.
 //!
-//! Modules arriving with later work: `mesh` (batches between shards), `metrics`.
+//! Arriving with later work: `metrics`.
 
 pub mod broker;
 pub mod config;
 pub mod inspect;
 pub mod limits;
+pub mod mesh;
 pub mod net;
 pub mod rt;
 pub mod server;

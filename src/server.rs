@@ -99,7 +99,13 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     };
     let mut handles = Vec::with_capacity(shard_count);
     let listeners = main_listeners.into_iter().zip(shard_listeners);
-    for (i, ((main, own), cpu)) in listeners.zip(cpus.iter().copied()).enumerate() {
+    let meshes = crate::rt::mesh::full_mesh(
+        shard_count,
+        config.limits.broker.mesh_channel_capacity as usize,
+    );
+    for (i, (((main, own), cpu), mesh)) in
+        listeners.zip(cpus.iter().copied()).zip(meshes).enumerate()
+    {
         let setup = ShardSetup {
             id: i as u16,
             listeners: vec![main, own],
@@ -110,10 +116,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 durability,
                 limits: config.limits.wire,
                 publishes_in_flight_max: config.limits.broker.publishes_in_flight_max,
+                prefetch_default: config.limits.broker.prefetch_default,
                 prefetch_max: config.limits.broker.prefetch_max,
                 connection_id: 0,
             },
             limits: config.limits,
+            mesh,
             stop: stop.clone(),
         };
         let options = ExecutorOptions {

@@ -103,22 +103,25 @@ fn crash_before_during_and_after_every_write_and_fdatasync_recovers_a_prefix_wit
         ops > 24,
         "workload too small to mean anything: {ops} operations"
     );
-    let whens = [
-        CrashWhen::Before,
-        CrashWhen::During { torn_sectors: 1 },
-        CrashWhen::During { torn_sectors: 9 },
-        CrashWhen::After,
-    ];
+    // A chunk write is at most 8 KiB here: tear it after every one of its 16 sectors.
+    let whens: Vec<CrashWhen> = [CrashWhen::Before, CrashWhen::After]
+        .into_iter()
+        .chain((1..16).map(|torn_sectors| CrashWhen::During { torn_sectors }))
+        .collect();
     let mut runs = 0;
     for op in 0..ops {
-        for when in whens {
+        for &when in &whens {
             let dir = FaultDir::new();
             dir.set_yield_each_op(true);
             dir.crash_at(op, when);
             let model = Rc::new(RefCell::new(Model::default()));
             block_on(scripted_workload(dir.clone(), model.clone()));
             assert!(dir.crashed(), "op {op} never happened");
-            for image in [Image::LoseUnsynced, Image::KeepUnsynced] {
+            for image in [
+                Image::LoseUnsynced,
+                Image::KeepUnsynced,
+                Image::KeepLastUnsynced,
+            ] {
                 let context = format!("crash {when:?} op {op}, image {image:?}");
                 let disk = dir.crash_image(image);
                 let recovered = recover(disk.clone())
@@ -147,7 +150,7 @@ fn crash_before_during_and_after_every_write_and_fdatasync_recovers_a_prefix_wit
             }
         }
     }
-    assert_eq!(runs, ops * 8);
+    assert_eq!(runs, ops * whens.len() as u64 * 3);
 }
 
 #[test]
@@ -462,6 +465,87 @@ fn a_failed_fdatasync_stops_the_journal_and_recovery_keeps_every_commit() {
             model
                 .borrow()
                 .check(&recovered, &format!("fail op {fail_op} {image:?}"));
+        }
+    }
+}
+
+#[test]
+fn a_crash_at_every_operation_of_reclaim_leaves_a_recoverable_journal_missing_only_reclaimed_segments(
+) {
+    // Four segments of committed records; then segment 1 becomes a tombstone and segment 0 is
+    // removed (taking the tombstone with it). Crash at every operation of that.
+    let base = FaultDir::new();
+    let mut positions = Vec::new();
+    block_on(async {
+        let (j, _) = open(base.clone(), small_config()).await.expect("opens");
+        with_committer(&j, async {
+            for i in 0..60 {
+                let a = j.append_control(&body(i)).expect("append");
+                j.commit(&a).await.expect("commit");
+                positions.push(a.position);
+            }
+            j.close().await;
+        })
+        .await;
+    });
+    let base = base.crash_image(Image::LoseUnsynced);
+    assert!(positions.last().expect("some").segment() >= 3);
+    let reclaim = |dir: FaultDir| {
+        block_on(async {
+            let Ok((j, _)) = open(dir, small_config()).await else {
+                return;
+            };
+            with_committer(&j, async {
+                if j.reclaim(1).await.is_ok() {
+                    let _ = j.reclaim(0).await;
+                }
+                j.close().await;
+            })
+            .await;
+        })
+    };
+    let ops = {
+        let dir = base.crash_image(Image::LoseUnsynced);
+        let before = dir.ops();
+        reclaim(dir.clone());
+        dir.ops() - before
+    };
+    assert!(
+        ops >= 5,
+        "tombstone write, sync, truncate, two removals: {ops}"
+    );
+    for op in 0..ops {
+        for when in [
+            CrashWhen::Before,
+            CrashWhen::During { torn_sectors: 1 },
+            CrashWhen::After,
+        ] {
+            let dir = base.crash_image(Image::LoseUnsynced);
+            dir.crash_at(dir.ops() + op, when);
+            reclaim(dir.clone());
+            for image in [Image::LoseUnsynced, Image::KeepUnsynced] {
+                let context = format!("reclaim crash {when:?} at op {op}, {image:?}");
+                let recovered = recover(dir.crash_image(image))
+                    .unwrap_or_else(|e| panic!("{context}: refused: {e}"));
+                let got: Vec<u32> = recovered.iter().map(|r| r.0.segment()).collect();
+                let gone: std::collections::BTreeSet<u32> =
+                    (0..4).filter(|s| !got.contains(s)).collect();
+                let allowed: [&[u32]; 3] = [&[], &[1], &[0, 1]];
+                assert!(
+                    allowed
+                        .iter()
+                        .any(|a| a.iter().copied().eq(gone.iter().copied())),
+                    "{context}: segments {gone:?} lost"
+                );
+                let want: Vec<_> = positions
+                    .iter()
+                    .zip(0..)
+                    .filter(|(p, _)| !gone.contains(&p.segment()))
+                    .map(|(p, i)| (*p, body(i)))
+                    .collect();
+                let have: Vec<_> = recovered.into_iter().map(|r| (r.0, r.2)).collect();
+                assert!(have == want, "{context}: records differ");
+            }
         }
     }
 }

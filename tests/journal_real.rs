@@ -12,8 +12,7 @@ use journal_support::body;
 use weir::rt::fs::DmaDir;
 use weir::rt::{run_on_executor, spawn, spawn_detached, Pinning};
 use weir::storage::{
-    Journal, JournalConfig, MessageEnvelope, Position, RecordKind, StorageError, StorageLimits,
-    Target,
+    Journal, JournalConfig, MessageEnvelope, Position, RecordKind, StorageLimits, Target,
 };
 
 fn config() -> JournalConfig {
@@ -93,7 +92,8 @@ fn concurrent_appenders_share_group_commits_and_every_record_reads_back_and_reco
             t.await;
         }
         // Every record reads back from the disk by position, byte for byte.
-        for (a, seq, msg) in written.borrow().iter() {
+        let all: Vec<_> = written.borrow().clone();
+        for (a, seq, msg) in &all {
             let r = j.read(a.position, Some(a.len)).await.expect("read");
             let (env, m) = MessageEnvelope::decode(r.body()).expect("message record");
             assert_eq!((env.targets[0].queue_seq, m), (*seq, &msg[..]));
@@ -168,8 +168,7 @@ fn on_real_files_a_torn_tail_is_cut_and_damage_mid_log_is_refused() {
     let last = std::fs::read(&names[2]).expect("read");
     let last_commit = (4096..last.len())
         .step_by(4096)
-        .filter(|&b| last[b..b + 9].iter().any(|&x| x != 0))
-        .last()
+        .rfind(|&b| last[b..b + 9].iter().any(|&x| x != 0))
         .expect("a commit");
     let mut torn = last.clone();
     torn[last_commit + 40] ^= 0x20;
@@ -178,5 +177,4 @@ fn on_real_files_a_torn_tail_is_cut_and_damage_mid_log_is_refused() {
     assert_eq!(replayed.len(), 17);
     // After that recovery the journal appends into a fresh segment and the cut stays cut.
     assert_eq!(open_and_replay(path.clone()).expect("again").len(), 17);
-    let _ = StorageError::Closed;
 }

@@ -4,7 +4,11 @@
 //! as an argument). The I/O shells (connections, the journal, the shard loop) feed them events and
 //! carry out what they return, so every rule here is tested without a runtime.
 //!
+//! - `host`: the queues one shard owns: declarations, consumers by connection, placement.
+//! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `queue`: one queue's ready messages, consumers (round robin with prefetch credit),
 //!   outstanding deliveries, acks, nacks, redelivery, overflow, TTL and poison messages.
 
+pub mod host;
+pub mod ops;
 pub mod queue;

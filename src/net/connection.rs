@@ -1,24 +1,27 @@
-//! The I/O shell of one connection: read, decode, answer, write, on the shard that accepted it.
+//! The I/O shell of one connection: read, decode, answer, route, write, on the shard that
+//! accepted it.
 //!
-//! Contract: one task per connection on its shard's executor; it owns the socket, the receive
-//! buffer (frames are sliced out of it without copying) and the send buffer (every frame owed is
-//! appended to it and it leaves in one write). It waits for whichever comes first: bytes from the
-//! peer, or its doorbell (rung by the shard when it shuts down, and later when deliveries or
-//! confirms are queued for this connection).
+//! Contract: one task per connection on its shard's executor; it owns the socket and the receive
+//! buffer (frames are sliced out of it without copying). The session and the outbox live in the
+//! shard's `ConnEntry`, because replies and deliveries from other shards land there while this
+//! task waits; the task writes the whole outbox in one write. It waits for whichever comes first:
+//! bytes from the peer, or its doorbell (rung when something was queued for it, or at shutdown).
+//! While the session has `publishes_in_flight_max` publishes unconfirmed it does not read at all,
+//! so a fast producer is slowed by TCP, not buffered.
 //!
-//! Faults handled: the peer closing or resetting (the task ends; what it held is released), a
-//! malformed frame (an `Error` frame, then this connection closes; other connections never notice),
-//! a slow reader (writes wait, so this connection stops reading: backpressure, not buffering).
+//! Faults handled: the peer closing or resetting (the task ends; every shard releases what the
+//! connection held), a malformed frame (an `Error` frame, then this connection closes; other
+//! connections never notice), a slow reader (writes wait; nothing more is read meanwhile).
 
 use std::rc::Rc;
 
-use bytes::BytesMut;
 use weir_protocol::FrameDecoder;
 
-use crate::net::session::{Flow, Session};
+use crate::broker::host::ConnRef;
+use crate::net::session::Flow;
 use crate::rt::executor::DoorbellWaiter;
 use crate::rt::net::Connection;
-use crate::shard::ShardState;
+use crate::shard::{ConnEntry, ShardState};
 
 /// Bytes read per syscall: many frames per read under load, a bounded zero-fill per read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -28,46 +31,64 @@ enum Event {
     Rung,
 }
 
-/// Serves one connection until it closes; unregisters it from the shard on the way out.
+/// Serves one connection until it closes; then tells every shard and unregisters it.
 pub async fn serve(
     mut conn: Connection,
-    mut session: Session,
+    entry: Rc<ConnEntry>,
     waiter: DoorbellWaiter,
     shard: Rc<ShardState>,
     id: u64,
 ) {
+    let me = ConnRef {
+        shard: shard.id,
+        conn: id,
+    };
     let decoder = FrameDecoder::new(shard.limits.wire);
-    let mut rx = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut tx = BytesMut::new();
+    let mut rx = bytes::BytesMut::with_capacity(READ_CHUNK_BYTES);
     loop {
         let mut flow = Flow::Continue;
-        while flow == Flow::Continue {
-            match decoder.decode(&mut rx) {
-                Ok(Some(frame)) => flow = session.on_frame(&frame, &mut tx),
-                Ok(None) => break,
-                Err(e) => flow = session.on_decode_error(&e, &mut tx),
+        let mut routed = Vec::new();
+        let wants_input = {
+            let mut session = entry.session.borrow_mut();
+            let mut out = entry.outbox.borrow_mut();
+            while flow == Flow::Continue && session.wants_input() {
+                match decoder.decode(&mut rx) {
+                    Ok(Some(frame)) => flow = session.on_frame(&frame, &mut out, &mut routed),
+                    Ok(None) => break,
+                    Err(e) => flow = session.on_decode_error(&e, &mut out),
+                }
             }
-        }
-        if flow == Flow::Continue && shard.is_stopping() {
-            flow = session.on_shutdown(&mut tx);
-        }
-        if !tx.is_empty() {
-            if let Err(e) = conn.write_all(&tx).await {
+            if flow == Flow::Continue && shard.is_stopping() {
+                flow = session.on_shutdown(&mut out);
+            }
+            session.wants_input()
+        };
+        shard.route(me, routed);
+        let owed = entry.outbox.borrow_mut().split();
+        if !owed.is_empty() {
+            if let Err(e) = conn.write_all(&owed).await {
                 tracing::debug!(connection = id, "write failed: {e}");
                 break;
             }
-            tx.clear();
         }
         if flow == Flow::Close {
             let _ = conn.close().await;
             break;
         }
-        let read = async { Event::Read(conn.read_buf(&mut rx, READ_CHUNK_BYTES).await) };
+        if !entry.outbox.borrow().is_empty() {
+            continue; // more was queued while we wrote
+        }
         let rung = async {
             waiter.wait().await;
             Event::Rung
         };
-        match futures_lite::future::or(read, rung).await {
+        let event = if wants_input {
+            let read = async { Event::Read(conn.read_buf(&mut rx, READ_CHUNK_BYTES).await) };
+            futures_lite::future::or(read, rung).await
+        } else {
+            rung.await
+        };
+        match event {
             Event::Read(Ok(0)) => break,
             Event::Read(Ok(_)) | Event::Rung => {}
             Event::Read(Err(e)) => {
@@ -76,5 +97,8 @@ pub async fn serve(
             }
         }
     }
+    let mut routed = Vec::new();
+    entry.session.borrow_mut().on_closed(&mut routed);
+    shard.route(me, routed);
     shard.connection_closed(id);
 }

@@ -1,18 +1,30 @@
-//! The session state machine: what one connection may say when, and what the broker answers.
+//! The session state machine: what one connection may say when, what the broker answers, and
+//! what the connection holds (its consumers, its outstanding deliveries, its unconfirmed
+//! publishes).
 //!
-//! Contract: no I/O. The connection shell hands it each decoded frame (or decode error) and an
-//! output buffer; it appends the replies and says whether the connection goes on. It owns the
-//! connection's protocol state (awaiting `Hello`, open, closing) and nothing else; requests that
-//! touch queues go to the shard through `SessionCtx` (later work).
+//! Contract: no I/O. The connection's shard hands it each decoded frame, each reply from a
+//! queue's owning shard and each push (deliveries, cancellations); it appends the frames owed to
+//! an output buffer and returns the `Routed` ops to send to owning shards. It owns the
+//! connection's protocol state and its side of every delivery: delivery tags are allocated here,
+//! per connection, and mapped back to (owning shard, queue, consumer, queue sequence) on ack.
 //!
 //! Faults handled: frames before `Hello`, a second `Hello`, a wrong protocol version, frames only
 //! the broker may send, malformed frames (each gets an `Error` frame; fatal ones close this
-//! connection and nothing else), and frame types this broker does not serve yet (an `Error`
+//! connection and nothing else), acks of unknown delivery tags, deliveries for a consumer that
+//! was cancelled meanwhile (requeued), frame types this broker does not serve yet (an `Error`
 //! naming the frame; the connection goes on).
 
+use std::collections::{BTreeMap, HashMap};
+
 use bytes::BytesMut;
-use weir_protocol::wire::{self, Body, BodyT, ErrorCode};
-use weir_protocol::{Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
+use weir_protocol::wire::{self, Body, BodyT, ErrorCode, Range};
+use weir_protocol::{DeliveryItem, Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
+
+use crate::broker::host::{placement, Declare, Refusal};
+use crate::broker::ops::{
+    Op, PublishItem, PublishOutcome, Pushed, Reply, SettleItem, WireDelivery,
+};
+use crate::broker::queue::OwnerId;
 
 /// What the session needs to know about its broker and shard.
 #[derive(Clone, Debug)]
@@ -23,8 +35,23 @@ pub struct SessionCtx {
     pub durability: wire::Durability,
     pub limits: WireLimits,
     pub publishes_in_flight_max: u32,
+    pub prefetch_default: u32,
     pub prefetch_max: u32,
     pub connection_id: u64,
+}
+
+impl SessionCtx {
+    fn shard_count(&self) -> u16 {
+        self.shard_ports.len() as u16
+    }
+}
+
+/// An op for the shard that owns a queue; its reply comes back to `on_reply` with the same `id`.
+#[derive(Debug)]
+pub struct Routed {
+    pub shard: u16,
+    pub id: u64,
+    pub op: Op,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,10 +69,69 @@ pub enum Flow {
     Close,
 }
 
+/// What a routed op's reply means to this connection.
+enum Pending {
+    /// Answer the client's request with the reply as it is.
+    Reply {
+        request_id: u64,
+    },
+    List {
+        request_id: u64,
+        remaining: u16,
+        limit: usize,
+        queues: Vec<wire::QueueInfoT>,
+    },
+    Publish,
+    Consume {
+        request_id: u64,
+        tag: String,
+    },
+    Cancel {
+        request_id: u64,
+    },
+    Settle {
+        request_id: u64,
+        wait: u64,
+    },
+    Get {
+        request_id: u64,
+        shard: u16,
+    },
+    /// Nothing to answer (connection closed, requeue of a stray delivery).
+    Quiet,
+}
+
+/// A delivery this connection holds, by delivery tag.
+#[derive(Clone, Debug)]
+struct Outstanding {
+    shard: u16,
+    queue: String,
+    owner: OwnerId,
+    seq: u64,
+}
+
+/// A consumer of this connection, by consumer tag.
+#[derive(Clone, Debug)]
+struct ConsumerRef {
+    shard: u16,
+    queue: String,
+    /// Known once the owning shard answered `Consume`.
+    owner: Option<OwnerId>,
+}
+
 pub struct Session {
     ctx: SessionCtx,
     state: State,
     encoder: Encoder,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// Settlements that asked for a reply, by wait id: shards yet to answer, the first failure.
+    settle_waits: HashMap<u64, (u16, Option<Refusal>)>,
+    next_delivery_tag: u64,
+    outstanding: BTreeMap<u64, Outstanding>,
+    consumers: HashMap<String, ConsumerRef>,
+    next_name: u64,
+    unconfirmed: u64,
 }
 
 impl Session {
@@ -55,6 +141,14 @@ impl Session {
             ctx,
             state: State::AwaitingHello,
             encoder,
+            next_id: 1,
+            pending: HashMap::new(),
+            settle_waits: HashMap::new(),
+            next_delivery_tag: 1,
+            outstanding: BTreeMap::new(),
+            consumers: HashMap::new(),
+            next_name: 1,
+            unconfirmed: 0,
         }
     }
 
@@ -62,14 +156,38 @@ impl Session {
         self.state == State::Open
     }
 
+    /// False while the connection has `publishes_in_flight_max` publishes unconfirmed: the
+    /// connection stops reading until confirms catch up (TCP backpressure on the producer).
+    pub fn wants_input(&self) -> bool {
+        self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
+    }
+
+    fn route(&mut self, routed: &mut Vec<Routed>, shard: u16, op: Op, pending: Pending) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, pending);
+        routed.push(Routed { shard, id, op });
+        id
+    }
+
+    fn owner_of(&self, queue: &str) -> u16 {
+        placement(queue, self.ctx.shard_count())
+    }
+
     /// Answers one decoded frame.
-    pub fn on_frame(&mut self, frame: &InFrame, out: &mut BytesMut) -> Flow {
+    pub fn on_frame(
+        &mut self,
+        frame: &InFrame,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
         let request_id = frame.request_id();
         let body = frame.body_type();
+        let f = frame.frame();
         match (self.state, body) {
             (State::Closing, _) => Flow::Close,
             (State::AwaitingHello, Body::Hello) => {
-                let hello = frame.frame().body_as_hello().expect("body type checked");
+                let hello = f.body_as_hello().expect("body type checked");
                 if hello.protocol_version() != PROTOCOL_VERSION {
                     let msg = format!(
                         "this broker speaks weir protocol {PROTOCOL_VERSION}; the client asked for {}",
@@ -93,19 +211,158 @@ impl Session {
                 true,
             ),
             (State::Open, Body::Ping) => {
-                let payload = frame
-                    .frame()
-                    .body_as_ping()
-                    .expect("body type checked")
-                    .payload();
                 let mut pong = wire::PongT::default();
-                pong.payload = payload;
+                pong.payload = f.body_as_ping().expect("body type checked").payload();
                 self.reply(out, request_id, BodyT::Pong(Box::new(pong)))
             }
             (State::Open, Body::Close) => {
                 self.state = State::Closing;
                 self.reply(out, request_id, BodyT::Ok(Box::default()));
                 Flow::Close
+            }
+            (State::Open, Body::DeclareQueue) => {
+                let d = f
+                    .body_as_declare_queue()
+                    .expect("body type checked")
+                    .unpack();
+                self.declare_queue(request_id, d, out, routed)
+            }
+            (State::Open, Body::DeleteQueue) => {
+                let d = f.body_as_delete_queue().expect("body type checked");
+                let op = Op::Delete {
+                    name: d.name().to_string(),
+                    if_unused: d.if_unused(),
+                    if_empty: d.if_empty(),
+                };
+                self.route(
+                    routed,
+                    self.owner_of(d.name()),
+                    op,
+                    Pending::Reply { request_id },
+                );
+                Flow::Continue
+            }
+            (State::Open, Body::PurgeQueue) => {
+                let name = f.body_as_purge_queue().expect("body type checked").name();
+                self.route(
+                    routed,
+                    self.owner_of(name),
+                    Op::Purge {
+                        name: name.to_string(),
+                    },
+                    Pending::Reply { request_id },
+                );
+                Flow::Continue
+            }
+            (State::Open, Body::GetQueueInfo) => {
+                let name = f
+                    .body_as_get_queue_info()
+                    .expect("body type checked")
+                    .name();
+                self.route(
+                    routed,
+                    self.owner_of(name),
+                    Op::Info {
+                        name: name.to_string(),
+                    },
+                    Pending::Reply { request_id },
+                );
+                Flow::Continue
+            }
+            (State::Open, Body::ListQueues) => {
+                let l = f.body_as_list_queues().expect("body type checked");
+                let limit = if l.limit() == 0 {
+                    1000
+                } else {
+                    l.limit().min(10_000) as usize
+                };
+                let shards = self.ctx.shard_count();
+                let (prefix, after) = (
+                    l.prefix().unwrap_or("").to_string(),
+                    l.after().unwrap_or("").to_string(),
+                );
+                let id = self.next_id;
+                self.next_id += 1;
+                self.pending.insert(
+                    id,
+                    Pending::List {
+                        request_id,
+                        remaining: shards,
+                        limit,
+                        queues: Vec::new(),
+                    },
+                );
+                for shard in 0..shards {
+                    // One more than the page, to know whether more follow.
+                    let op = Op::List {
+                        prefix: prefix.clone(),
+                        after: after.clone(),
+                        limit: limit + 1,
+                    };
+                    routed.push(Routed { shard, id, op });
+                }
+                Flow::Continue
+            }
+            (State::Open, Body::Publish) => self.publish(frame, out, routed),
+            (State::Open, Body::Consume) => {
+                let c = f.body_as_consume().expect("body type checked");
+                self.consume(request_id, c, out, routed)
+            }
+            (State::Open, Body::Cancel) => {
+                let tag = f
+                    .body_as_cancel()
+                    .expect("body type checked")
+                    .consumer_tag();
+                match self.consumers.get(tag).cloned() {
+                    Some(ConsumerRef {
+                        shard,
+                        queue,
+                        owner: Some(owner),
+                    }) => {
+                        self.consumers.remove(tag);
+                        self.route(
+                            routed,
+                            shard,
+                            Op::Cancel { queue, owner },
+                            Pending::Cancel { request_id },
+                        );
+                        Flow::Continue
+                    }
+                    _ => {
+                        let msg = format!("no consumer '{tag}' on this connection");
+                        self.fail(out, request_id, ErrorCode::NotFound, msg, false)
+                    }
+                }
+            }
+            (State::Open, Body::Ack) => {
+                let ranges: Vec<Range> = f
+                    .body_as_ack()
+                    .expect("body type checked")
+                    .ranges()
+                    .iter()
+                    .copied()
+                    .collect();
+                self.settle(request_id, &ranges, true, false, out, routed)
+            }
+            (State::Open, Body::Nack) => {
+                let n = f.body_as_nack().expect("body type checked");
+                let ranges: Vec<Range> = n.ranges().iter().copied().collect();
+                self.settle(request_id, &ranges, false, n.requeue(), out, routed)
+            }
+            (State::Open, Body::Reject) => {
+                let r = f.body_as_reject().expect("body type checked");
+                let range = Range::new(r.delivery_tag(), r.delivery_tag());
+                self.settle(request_id, &[range], false, r.requeue(), out, routed)
+            }
+            (State::Open, Body::Get) => {
+                let g = f.body_as_get().expect("body type checked");
+                let shard = self.owner_of(g.queue());
+                let op = Op::Get {
+                    queue: g.queue().to_string(),
+                    auto_ack: g.auto_ack(),
+                };
+                self.route(routed, shard, op, Pending::Get { request_id, shard });
+                Flow::Continue
             }
             (State::Open, b) if broker_only(b) => {
                 let msg = format!("{} is sent by the broker, never to it", name(b));
@@ -115,6 +372,499 @@ impl Session {
                 let msg = format!("{} is not served by this broker version yet", name(b));
                 self.fail(out, request_id, ErrorCode::UnsupportedFrame, msg, false)
             }
+        }
+    }
+
+    fn declare_queue(
+        &mut self,
+        request_id: u64,
+        d: wire::DeclareQueueT,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        let mut name = d.name.unwrap_or_default();
+        if name.starts_with("weir.") {
+            let msg = format!(
+                "queue name '{name}': names starting with 'weir.' are reserved for the broker"
+            );
+            return self.fail(out, request_id, ErrorCode::AccessRefused, msg, false);
+        }
+        if name.is_empty() {
+            if d.passive {
+                return self.fail(
+                    out,
+                    request_id,
+                    ErrorCode::NotFound,
+                    "a passive declare needs a name".into(),
+                    false,
+                );
+            }
+            name = format!("weir.gen-{:x}-{}", self.ctx.connection_id, self.next_name);
+            self.next_name += 1;
+        }
+        let shard = self.owner_of(&name);
+        let arguments = d.arguments.map(|a| *a).unwrap_or_default();
+        if let Some(pinned) = arguments.shard.filter(|s| *s != shard) {
+            let msg = format!(
+                "arguments.shard {pinned}: queue '{name}' is placed on shard {shard} by the hash of its name; \
+                 pinning a queue elsewhere arrives with the control plane"
+            );
+            return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
+        }
+        let declare = Declare {
+            name,
+            passive: d.passive,
+            durable: d.durable,
+            exclusive: d.exclusive,
+            auto_delete: d.auto_delete,
+            arguments,
+        };
+        self.route(
+            routed,
+            shard,
+            Op::Declare(declare),
+            Pending::Reply { request_id },
+        );
+        Flow::Continue
+    }
+
+    fn publish(&mut self, frame: &InFrame, out: &mut BytesMut, routed: &mut Vec<Routed>) -> Flow {
+        let p = frame.frame().body_as_publish().expect("body type checked");
+        let confirm = p.confirm();
+        let mut by_shard: BTreeMap<u16, Vec<PublishItem>> = BTreeMap::new();
+        let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (entry, bytes) in frame.publish_entries() {
+            let exchange = entry.exchange().unwrap_or("");
+            if !exchange.is_empty() {
+                no_exchange
+                    .entry(exchange.to_string())
+                    .or_default()
+                    .push(entry.sequence());
+                continue;
+            }
+            let queue = entry.routing_key().unwrap_or("");
+            let message = entry.message_nested_flatbuffer(); // verified at ingress by the decoder
+            let item = PublishItem {
+                sequence: entry.sequence(),
+                queue: queue.to_string(),
+                exchange: String::new(),
+                routing_key: queue.to_string(),
+                mandatory: entry.mandatory(),
+                confirm,
+                bytes,
+                expiration_ms: message.expiration_ms().map(u64::from),
+            };
+            by_shard.entry(self.owner_of(queue)).or_default().push(item);
+        }
+        for (exchange, seqs) in no_exchange {
+            let msg = format!("exchange '{exchange}' not found (exchanges are not served by this broker version yet)");
+            self.fail_sequences(out, ErrorCode::NotFound, msg, to_ranges(seqs));
+        }
+        for (shard, items) in by_shard {
+            self.unconfirmed += items.len() as u64;
+            self.route(routed, shard, Op::Publish(items), Pending::Publish);
+        }
+        Flow::Continue
+    }
+
+    fn consume(
+        &mut self,
+        request_id: u64,
+        c: wire::Consume<'_>,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        let prefetch = if c.prefetch() == 0 {
+            self.ctx.prefetch_default
+        } else {
+            c.prefetch()
+        };
+        if prefetch > self.ctx.prefetch_max {
+            let msg = format!(
+                "prefetch {prefetch} exceeds prefetch_max {}",
+                self.ctx.prefetch_max
+            );
+            return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
+        }
+        let tag = match c.consumer_tag().filter(|t| !t.is_empty()) {
+            Some(t) => t.to_string(),
+            None => {
+                self.next_name += 1;
+                format!("ctag-{}", self.next_name - 1)
+            }
+        };
+        if self.consumers.contains_key(&tag) {
+            let msg = format!("consumer tag '{tag}' is in use on this connection");
+            return self.fail(out, request_id, ErrorCode::DuplicateConsumerTag, msg, false);
+        }
+        let queue = c.queue().to_string();
+        let shard = self.owner_of(&queue);
+        // Registered now, so deliveries that overtake the reply find their consumer.
+        self.consumers.insert(
+            tag.clone(),
+            ConsumerRef {
+                shard,
+                queue: queue.clone(),
+                owner: None,
+            },
+        );
+        let op = Op::Consume {
+            queue,
+            tag: tag.clone(),
+            prefetch,
+            auto_ack: c.auto_ack(),
+            exclusive: c.exclusive(),
+        };
+        self.route(routed, shard, op, Pending::Consume { request_id, tag });
+        Flow::Continue
+    }
+
+    fn settle(
+        &mut self,
+        request_id: u64,
+        ranges: &[Range],
+        ack: bool,
+        requeue: bool,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        let mut by_shard: BTreeMap<u16, Vec<SettleItem>> = BTreeMap::new();
+        for r in ranges {
+            let tags: Vec<u64> = self
+                .outstanding
+                .range(r.first()..=r.last())
+                .map(|(t, _)| *t)
+                .collect();
+            if tags.is_empty() {
+                let msg = format!(
+                    "no outstanding delivery in tags {}..={}",
+                    r.first(),
+                    r.last()
+                );
+                return self.fail(out, request_id, ErrorCode::UnknownDeliveryTag, msg, false);
+            }
+            for tag in tags {
+                let o = self.outstanding.remove(&tag).expect("listed above");
+                by_shard.entry(o.shard).or_default().push(SettleItem {
+                    queue: o.queue,
+                    owner: o.owner,
+                    seq: o.seq,
+                    ack,
+                    requeue,
+                });
+            }
+        }
+        // A settlement that asked for a reply is answered once every shard it touched answered.
+        let wait = (request_id != 0).then(|| {
+            let wait = self.next_id;
+            self.next_id += 1;
+            self.settle_waits
+                .insert(wait, (by_shard.len() as u16, None));
+            wait
+        });
+        for (shard, items) in by_shard {
+            let pending = match wait {
+                Some(wait) => Pending::Settle { request_id, wait },
+                None => Pending::Quiet,
+            };
+            self.route(routed, shard, Op::Settle(items), pending);
+        }
+        Flow::Continue
+    }
+
+    /// Answers a routed op's reply.
+    pub fn on_reply(&mut self, id: u64, reply: Reply, out: &mut BytesMut) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match (pending, reply) {
+            (Pending::Quiet, Reply::SettleFailed(f)) => {
+                for r in f {
+                    self.fail(out, 0, r.code, r.message, false);
+                }
+            }
+            (Pending::Quiet, _) => {}
+            (Pending::Publish, Reply::Published(outcomes)) => self.published(outcomes, out),
+            (Pending::Publish, other) => tracing::error!(?other, "unexpected reply to a publish"),
+            (
+                Pending::List {
+                    request_id,
+                    remaining,
+                    limit,
+                    mut queues,
+                },
+                reply,
+            ) => {
+                if let Reply::List(more) = reply {
+                    queues.extend(more);
+                }
+                if remaining > 1 {
+                    self.pending.insert(
+                        id,
+                        Pending::List {
+                            request_id,
+                            remaining: remaining - 1,
+                            limit,
+                            queues,
+                        },
+                    );
+                    return;
+                }
+                queues.sort_by(|a, b| a.name.cmp(&b.name));
+                let more = queues.len() > limit;
+                queues.truncate(limit);
+                let mut list = wire::QueueListT::default();
+                list.queues = Some(queues);
+                list.more = more;
+                self.reply(out, request_id, BodyT::QueueList(Box::new(list)));
+            }
+            (Pending::Reply { request_id }, reply) => {
+                let body = match reply {
+                    Reply::Info(i) => BodyT::QueueInfo(i),
+                    Reply::Deleted(n) => {
+                        let mut d = wire::QueueDeletedT::default();
+                        d.messages = n;
+                        BodyT::QueueDeleted(Box::new(d))
+                    }
+                    Reply::Purged(n) => {
+                        let mut p = wire::QueuePurgedT::default();
+                        p.messages = n;
+                        BodyT::QueuePurged(Box::new(p))
+                    }
+                    Reply::Refused(r) => return self.refuse(out, request_id, r),
+                    other => {
+                        tracing::error!(?other, "unexpected reply");
+                        return self.refuse(
+                            out,
+                            request_id,
+                            Refusal {
+                                code: ErrorCode::Internal,
+                                message: "unexpected reply".into(),
+                            },
+                        );
+                    }
+                };
+                self.reply(out, request_id, body);
+            }
+            (Pending::Consume { request_id, tag }, reply) => match reply {
+                Reply::Consumed(owner) => {
+                    let shard = match self.consumers.get_mut(&tag) {
+                        Some(c) => {
+                            c.owner = Some(owner);
+                            c.shard
+                        }
+                        None => return,
+                    };
+                    let mut ok = wire::ConsumeOkT::default();
+                    ok.consumer_tag = Some(tag);
+                    ok.shard = shard;
+                    self.reply(out, request_id, BodyT::ConsumeOk(Box::new(ok)));
+                }
+                Reply::Refused(r) => {
+                    self.consumers.remove(&tag);
+                    self.refuse(out, request_id, r);
+                }
+                other => tracing::error!(?other, "unexpected reply to consume"),
+            },
+            (Pending::Cancel { request_id }, reply) => match reply {
+                Reply::Refused(r) => self.refuse(out, request_id, r),
+                _ => {
+                    self.reply(out, request_id, BodyT::Ok(Box::default()));
+                }
+            },
+            (Pending::Settle { request_id, wait }, reply) => {
+                let Some((remaining, failure)) = self.settle_waits.get_mut(&wait) else {
+                    return;
+                };
+                if let Reply::SettleFailed(mut f) = reply {
+                    failure.get_or_insert_with(|| f.remove(0));
+                }
+                *remaining -= 1;
+                if *remaining == 0 {
+                    let (_, failure) = self.settle_waits.remove(&wait).expect("present");
+                    match failure {
+                        Some(r) => self.refuse(out, request_id, r),
+                        None => {
+                            self.reply(out, request_id, BodyT::Ok(Box::default()));
+                        }
+                    }
+                }
+            }
+            (Pending::Get { request_id, shard }, reply) => match reply {
+                Reply::Got(d, ready) => {
+                    let mut ok = wire::GetOkT::default();
+                    ok.messages_ready = ready;
+                    ok.delivery = d.map(|d| Box::new(self.take_delivery(shard, *d)));
+                    self.reply(out, request_id, BodyT::GetOk(Box::new(ok)));
+                }
+                Reply::Refused(r) => self.refuse(out, request_id, r),
+                other => tracing::error!(?other, "unexpected reply to get"),
+            },
+        }
+    }
+
+    /// Assigns a delivery tag to a delivery and remembers it unless it was auto-acked.
+    fn take_delivery(&mut self, shard: u16, d: WireDelivery) -> wire::DeliveryT {
+        let tag = self.next_delivery_tag;
+        self.next_delivery_tag += 1;
+        let mut t = wire::DeliveryT::default();
+        t.delivery_tag = tag;
+        t.redelivered = d.delivery_count > 1;
+        t.delivery_count = d.delivery_count;
+        t.exchange = Some(d.exchange).filter(|e| !e.is_empty());
+        t.routing_key = Some(d.routing_key).filter(|k| !k.is_empty());
+        t.message = d.bytes.to_vec();
+        if !d.auto_ack {
+            self.outstanding.insert(
+                tag,
+                Outstanding {
+                    shard,
+                    queue: d.queue,
+                    owner: d.owner,
+                    seq: d.seq,
+                },
+            );
+        }
+        t
+    }
+
+    fn published(&mut self, outcomes: Vec<PublishOutcome>, out: &mut BytesMut) {
+        self.unconfirmed -= outcomes.len() as u64;
+        let mut confirmed: Vec<u64> = Vec::new();
+        let mut refused: BTreeMap<(u16, String), Vec<u64>> = BTreeMap::new();
+        let mut returned = Vec::new();
+        for o in outcomes {
+            match o.result {
+                Ok(()) if o.confirm => confirmed.push(o.sequence),
+                Ok(()) => {}
+                Err(r) => refused
+                    .entry((r.code.0, r.message))
+                    .or_default()
+                    .push(o.sequence),
+            }
+            if let Some(item) = o.returned {
+                let mut r = wire::ReturnedT::default();
+                r.sequence = item.sequence;
+                r.code = ErrorCode::NoRoute;
+                r.exchange = Some(item.exchange).filter(|e| !e.is_empty());
+                r.routing_key = Some(item.routing_key);
+                r.message = Some(item.bytes.to_vec());
+                returned.push(r);
+            }
+        }
+        if !returned.is_empty() {
+            // A returned message is sent back before its confirm, as AMQP does.
+            let mut r = wire::ReturnT::default();
+            r.entries = returned;
+            self.reply(out, 0, BodyT::Return(Box::new(r)));
+        }
+        if !confirmed.is_empty() {
+            let ranges = to_ranges(confirmed);
+            // Not yet journaled: the journal is wired in with durable publishing.
+            if let Err(e) = self
+                .encoder
+                .confirm(out, &ranges, wire::Durability::Transient, &[])
+            {
+                tracing::error!("cannot encode a confirm: {e}");
+            }
+        }
+        for ((code, message), seqs) in refused {
+            self.fail_sequences(out, ErrorCode(code), message, to_ranges(seqs));
+        }
+    }
+
+    /// Handles deliveries and cancellations pushed by an owning shard.
+    pub fn on_push(
+        &mut self,
+        from_shard: u16,
+        pushed: Pushed,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) {
+        match pushed {
+            Pushed::Deliver {
+                consumer_tag,
+                deliveries,
+                ..
+            } => {
+                if !self.consumers.contains_key(&consumer_tag) || self.state != State::Open {
+                    // Cancelled meanwhile: these go back to their queue for someone else.
+                    let items: Vec<SettleItem> = deliveries
+                        .into_iter()
+                        .filter(|d| !d.auto_ack)
+                        .map(|d| SettleItem {
+                            queue: d.queue,
+                            owner: d.owner,
+                            seq: d.seq,
+                            ack: false,
+                            requeue: true,
+                        })
+                        .collect();
+                    if !items.is_empty() {
+                        self.route(routed, from_shard, Op::Settle(items), Pending::Quiet);
+                    }
+                    return;
+                }
+                let max = self.ctx.limits.deliver_batch_max as usize;
+                let mut batch: Vec<(u64, WireDelivery)> =
+                    Vec::with_capacity(deliveries.len().min(max));
+                for d in deliveries {
+                    let tag = self.next_delivery_tag;
+                    self.next_delivery_tag += 1;
+                    if !d.auto_ack {
+                        let o = Outstanding {
+                            shard: from_shard,
+                            queue: d.queue.clone(),
+                            owner: d.owner,
+                            seq: d.seq,
+                        };
+                        self.outstanding.insert(tag, o);
+                    }
+                    batch.push((tag, d));
+                    if batch.len() == max {
+                        self.encode_deliver(&consumer_tag, &batch, out);
+                        batch.clear();
+                    }
+                }
+                if !batch.is_empty() {
+                    self.encode_deliver(&consumer_tag, &batch, out);
+                }
+            }
+            Pushed::Cancelled(c) => {
+                self.consumers.remove(&c.consumer_tag);
+                let mut cc = wire::ConsumerCancelledT::default();
+                cc.consumer_tag = Some(c.consumer_tag);
+                cc.code = ErrorCode::Deleted;
+                cc.message = Some(c.message);
+                self.reply(out, 0, BodyT::ConsumerCancelled(Box::new(cc)));
+            }
+        }
+    }
+
+    fn encode_deliver(
+        &mut self,
+        consumer_tag: &str,
+        batch: &[(u64, WireDelivery)],
+        out: &mut BytesMut,
+    ) {
+        let items = batch.iter().map(|(tag, d)| DeliveryItem {
+            delivery_tag: *tag,
+            redelivered: d.delivery_count > 1,
+            delivery_count: d.delivery_count,
+            exchange: &d.exchange,
+            routing_key: &d.routing_key,
+            message: &d.bytes,
+        });
+        if let Err(e) = self.encoder.deliver(out, consumer_tag, items) {
+            tracing::error!("cannot encode a delivery: {e}");
+        }
+    }
+
+    /// The connection is gone: every shard releases what it held for it.
+    pub fn on_closed(&mut self, routed: &mut Vec<Routed>) {
+        self.state = State::Closing;
+        for shard in 0..self.ctx.shard_count() {
+            self.route(routed, shard, Op::ConnectionClosed, Pending::Quiet);
         }
     }
 
@@ -155,7 +905,7 @@ impl Session {
         let mut w = wire::WelcomeT::default();
         w.protocol_version = PROTOCOL_VERSION;
         w.broker_version = Some(c.broker_version.to_string());
-        w.shard_count = c.shard_ports.len() as u16;
+        w.shard_count = c.shard_count();
         w.shard = c.shard;
         w.shard_ports = Some(c.shard_ports.clone());
         w.limits = Some(Box::new(limits));
@@ -165,8 +915,8 @@ impl Session {
     }
 
     fn reply(&mut self, out: &mut BytesMut, request_id: u64, body: BodyT) -> Flow {
-        // Replies are small control frames built from our own values; failing to encode one
-        // is a broker bug, and the connection cannot go on without its reply.
+        // Replies are frames built from our own values; failing to encode one is a broker bug,
+        // and the connection cannot go on without its reply.
         match self
             .encoder
             .encode(&weir_protocol::frame(request_id, body), out)
@@ -181,6 +931,24 @@ impl Session {
                 Flow::Close
             }
         }
+    }
+
+    fn refuse(&mut self, out: &mut BytesMut, request_id: u64, r: Refusal) {
+        self.fail(out, request_id, r.code, r.message, false);
+    }
+
+    fn fail_sequences(
+        &mut self,
+        out: &mut BytesMut,
+        code: ErrorCode,
+        message: String,
+        sequences: Vec<Range>,
+    ) {
+        let mut e = wire::ErrorT::default();
+        e.code = code;
+        e.message = Some(message);
+        e.sequences = Some(sequences.iter().map(|r| r.unpack()).collect());
+        self.reply(out, 0, BodyT::Error(Box::new(e)));
     }
 
     fn fail(
@@ -208,6 +976,20 @@ impl Session {
         }
         flow
     }
+}
+
+/// Sorted, coalesced inclusive ranges of `seqs`.
+fn to_ranges(mut seqs: Vec<u64>) -> Vec<Range> {
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut ranges: Vec<Range> = Vec::new();
+    for s in seqs {
+        match ranges.last_mut() {
+            Some(r) if r.last() + 1 == s => r.set_last(s),
+            _ => ranges.push(Range::new(s, s)),
+        }
+    }
+    ranges
 }
 
 fn name(body: Body) -> &'static str {
@@ -254,6 +1036,7 @@ mod tests {
             durability: wire::Durability::Always,
             limits: WireLimits::DEFAULT,
             publishes_in_flight_max: 100,
+            prefetch_default: 10,
             prefetch_max: 1000,
             connection_id: 42,
         }
@@ -295,7 +1078,7 @@ mod tests {
         let mut s = Session::new(ctx());
         let mut out = BytesMut::new();
         assert_eq!(
-            s.on_frame(&hello(PROTOCOL_VERSION), &mut out),
+            s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
             Flow::Continue
         );
         let r = replies(&mut out);
@@ -314,7 +1097,7 @@ mod tests {
         let mut s = Session::new(ctx());
         let mut out = BytesMut::new();
         assert_eq!(
-            s.on_frame(&hello(PROTOCOL_VERSION + 1), &mut out),
+            s.on_frame(&hello(PROTOCOL_VERSION + 1), &mut out, &mut Vec::new()),
             Flow::Close
         );
         assert_eq!(
@@ -328,7 +1111,11 @@ mod tests {
         let mut s = Session::new(ctx());
         let mut out = BytesMut::new();
         assert_eq!(
-            s.on_frame(&frame(BodyT::Ping(Box::default())), &mut out),
+            s.on_frame(
+                &frame(BodyT::Ping(Box::default())),
+                &mut out,
+                &mut Vec::new()
+            ),
             Flow::Close
         );
         assert_eq!(
@@ -337,9 +1124,12 @@ mod tests {
         );
 
         let mut s = Session::new(ctx());
-        s.on_frame(&hello(PROTOCOL_VERSION), &mut out);
+        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
         replies(&mut out);
-        assert_eq!(s.on_frame(&hello(PROTOCOL_VERSION), &mut out), Flow::Close);
+        assert_eq!(
+            s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
+            Flow::Close
+        );
         assert_eq!(
             error_of(&replies(&mut out)[0]),
             (ErrorCode::UnexpectedFrame, true)
@@ -347,7 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn every_broker_only_frame_from_a_client_closes_and_every_other_is_answered() {
+    fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
         for body in samples::bodies() {
             let kind = body.body_type();
             if matches!(kind, Body::Hello | Body::Close) {
@@ -355,11 +1145,31 @@ mod tests {
             }
             let mut s = Session::new(ctx());
             let mut out = BytesMut::new();
-            s.on_frame(&hello(PROTOCOL_VERSION), &mut out);
+            s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
             replies(&mut out);
-            let flow = s.on_frame(&frame(body), &mut out);
+            let mut routed = Vec::new();
+            let flow = s.on_frame(&frame(body), &mut out, &mut routed);
             let r = replies(&mut out);
+            if !routed.is_empty() {
+                // Served by the queue's owning shard: nothing is answered until it replies.
+                assert!(r.is_empty(), "{kind:?} answered before its owner replied");
+                assert_eq!(flow, Flow::Continue);
+                continue;
+            }
             assert_eq!(r.len(), 1, "{kind:?} got {} replies", r.len());
+            if kind == Body::Publish {
+                // Publishes are answered by sequence, not request id: the sample's exchange does
+                // not exist, so both its entries are refused in one error.
+                let BodyT::Error(e) = &r[0].body else {
+                    panic!("{:?}", r[0])
+                };
+                assert_eq!((r[0].request_id, e.code), (0, ErrorCode::NotFound));
+                assert_eq!(
+                    e.sequences.as_deref(),
+                    Some(&[wire::RangeT { first: 1, last: 2 }][..])
+                );
+                continue;
+            }
             assert_eq!(r[0].request_id, 9, "{kind:?}");
             if broker_only(kind) {
                 assert_eq!(
@@ -379,12 +1189,30 @@ mod tests {
     fn close_is_answered_then_closes() {
         let mut s = Session::new(ctx());
         let mut out = BytesMut::new();
-        s.on_frame(&hello(PROTOCOL_VERSION), &mut out);
+        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
         replies(&mut out);
         assert_eq!(
-            s.on_frame(&frame(BodyT::Close(Box::default())), &mut out),
+            s.on_frame(
+                &frame(BodyT::Close(Box::default())),
+                &mut out,
+                &mut Vec::new()
+            ),
             Flow::Close
         );
         assert!(matches!(replies(&mut out)[0].body, BodyT::Ok(_)));
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+
+    #[test]
+    fn confirms_coalesce_into_ranges() {
+        assert_eq!(
+            to_ranges(vec![5, 1, 2, 3, 9, 10, 3]),
+            vec![Range::new(1, 3), Range::new(5, 5), Range::new(9, 10)]
+        );
+        assert!(to_ranges(vec![]).is_empty());
     }
 }

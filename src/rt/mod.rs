@@ -9,6 +9,7 @@
 
 pub mod executor;
 pub mod fs;
+pub mod mesh;
 pub mod net;
 
 use std::future::Future;

@@ -8,7 +8,9 @@
 //! them, then build the disk image that a reboot would find and recover from it:
 //! - [`Image::LoseUnsynced`]: every write and name not made durable is gone;
 //! - [`Image::KeepUnsynced`]: every write issued landed, including a torn one (a write
-//!   interrupted by the crash lands as its first N 512-byte sectors).
+//!   interrupted by the crash lands as its first N 512-byte sectors);
+//! - [`Image::KeepLastUnsynced`]: the device reordered: only the last unsynced write of each
+//!   file landed, the ones issued before it did not.
 //!
 //! It also checks what real O_DIRECT would: every write and read is block-aligned in position
 //! and length. With `yield_each_op` every operation returns `Pending` once before completing, so
@@ -47,6 +49,9 @@ pub enum Image {
     LoseUnsynced,
     /// Everything written, torn writes included.
     KeepUnsynced,
+    /// Of the writes not yet synced, only the last one issued to each file landed (the device
+    /// reordered them): what was synced, plus that write.
+    KeepLastUnsynced,
 }
 
 #[derive(Clone, Default)]
@@ -227,7 +232,7 @@ impl FaultDir {
         let d = self.disk.borrow();
         let names = match image {
             Image::LoseUnsynced => &d.durable_names,
-            Image::KeepUnsynced => &d.names,
+            Image::KeepUnsynced | Image::KeepLastUnsynced => &d.names,
         };
         let out = FaultDir::new();
         for (name, &id) in names {
@@ -235,6 +240,17 @@ impl FaultDir {
             let bytes = match image {
                 Image::LoseUnsynced => f.durable.clone(),
                 Image::KeepUnsynced => f.current.clone(),
+                Image::KeepLastUnsynced => {
+                    let mut b = f.durable.clone();
+                    if let Some((pos, w)) = f.unsynced.last() {
+                        let end = *pos as usize + w.len();
+                        if b.len() < end {
+                            b.resize(end, 0);
+                        }
+                        b[*pos as usize..end].copy_from_slice(w);
+                    }
+                    b
+                }
             };
             out.put_file(name, bytes);
         }

@@ -751,7 +751,10 @@ impl<D: SegmentDir + 'static> Journal<D> {
 
     /// Records a failed commit, abandons everything staged after it (it was placed after the
     /// failed bytes), and moves appends to a fresh segment so nothing is ever written after
-    /// bytes whose fate is unknown.
+    /// bytes whose fate is unknown. When the failure was creating that fresh segment, the next
+    /// try creates it again and hands out the same positions again: a position names a record
+    /// only once its commit succeeded. Failed commits are remembered (a few bytes each, only on
+    /// failure) so that a late `commit` call on one still gets its error.
     fn fail_round(&self, st: &mut State<D>, round: u64, segment: u32, failure: RoundFailure) {
         tracing::error!(round, segment, ?failure, "journal commit failed");
         st.failed.insert(round, failure.clone());

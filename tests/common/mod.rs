@@ -226,3 +226,143 @@ impl Client {
         );
     }
 }
+
+/// A message body and its delivery as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub consumer_tag: String,
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub delivery_count: u32,
+    pub body: Vec<u8>,
+}
+
+impl Client {
+    pub fn declare(&mut self, name: &str) -> wire::QueueInfoT {
+        let mut d = wire::DeclareQueueT::default();
+        d.name = Some(name.to_string());
+        d.durable = true;
+        match self.request(BodyT::DeclareQueue(Box::new(d))) {
+            BodyT::QueueInfo(i) => *i,
+            other => panic!("declare {name}: {other:?}"),
+        }
+    }
+
+    pub fn declare_with(&mut self, d: wire::DeclareQueueT) -> BodyT {
+        self.request(BodyT::DeclareQueue(Box::new(d)))
+    }
+
+    pub fn info(&mut self, name: &str) -> BodyT {
+        let mut g = wire::GetQueueInfoT::default();
+        g.name = name.to_string();
+        self.request(BodyT::GetQueueInfo(Box::new(g)))
+    }
+
+    /// Publishes one message per body to the default exchange (`queue` as the routing key),
+    /// with sequence numbers starting at `first_seq`.
+    pub fn publish(&mut self, queue: &str, first_seq: u64, bodies: &[&[u8]], mandatory: bool) {
+        let messages: Vec<bytes::Bytes> = bodies
+            .iter()
+            .map(|b| self.encoder.message(&Default::default(), b).unwrap())
+            .collect();
+        let items = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| weir_protocol::PublishItem {
+                sequence: first_seq + i as u64,
+                exchange: "",
+                routing_key: queue,
+                mandatory,
+                message: m,
+            });
+        let mut out = BytesMut::new();
+        self.encoder
+            .publish(&mut out, 0, None, true, items)
+            .unwrap();
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// Reads until the sequences `first..=last` are all confirmed; returns the other frames seen.
+    pub fn await_confirms(&mut self, first: u64, last: u64) -> Vec<FrameT> {
+        let mut confirmed = std::collections::BTreeSet::new();
+        let mut others = Vec::new();
+        while (first..=last).any(|s| !confirmed.contains(&s)) {
+            let f = self.recv().expect("closed while waiting for confirms");
+            match &f.body {
+                BodyT::Confirm(c) => {
+                    for r in &c.ranges {
+                        confirmed.extend(r.first..=r.last);
+                    }
+                }
+                _ => others.push(f),
+            }
+        }
+        others
+    }
+
+    pub fn consume(
+        &mut self,
+        queue: &str,
+        tag: &str,
+        prefetch: u32,
+        auto_ack: bool,
+    ) -> wire::ConsumeOkT {
+        let mut c = wire::ConsumeT::default();
+        c.queue = queue.to_string();
+        c.consumer_tag = Some(tag.to_string());
+        c.prefetch = prefetch;
+        c.auto_ack = auto_ack;
+        match self.request(BodyT::Consume(Box::new(c))) {
+            BodyT::ConsumeOk(ok) => *ok,
+            other => panic!("consume {queue}: {other:?}"),
+        }
+    }
+
+    /// Reads frames until `n` deliveries arrived; panics on anything but deliveries.
+    pub fn deliveries(&mut self, n: usize) -> Vec<Got> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let f = self.recv().expect("closed while waiting for deliveries");
+            let BodyT::Deliver(d) = f.body else {
+                panic!("expected deliveries, got {f:?}")
+            };
+            for x in d.deliveries {
+                let m = weir_protocol::verify_message(&x.message, &WireLimits::DEFAULT)
+                    .unwrap()
+                    .unpack();
+                got.push(Got {
+                    consumer_tag: d.consumer_tag.clone().unwrap_or_default(),
+                    delivery_tag: x.delivery_tag,
+                    redelivered: x.redelivered,
+                    delivery_count: x.delivery_count,
+                    body: m.body.unwrap_or_default(),
+                });
+            }
+        }
+        got
+    }
+
+    /// Acks delivery tags (one range each), asking for a reply, and waits for it.
+    pub fn ack(&mut self, tags: &[u64]) {
+        let mut a = wire::AckT::default();
+        a.ranges = tags
+            .iter()
+            .map(|t| wire::RangeT {
+                first: *t,
+                last: *t,
+            })
+            .collect();
+        match self.request(BodyT::Ack(Box::new(a))) {
+            BodyT::Ok(_) => {}
+            other => panic!("ack: {other:?}"),
+        }
+    }
+}
+
+/// A queue name whose hash places it on `shard` of `shards`.
+pub fn queue_on(shard: u16, shards: u16, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|n| weir::broker::host::placement(n, shards) == shard)
+        .unwrap()
+}

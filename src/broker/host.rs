@@ -1,0 +1,713 @@
+//! The queue host: every queue one shard owns, with their declarations and consumers.
+//!
+//! Contract: plain data without I/O, owned by one shard. It answers the requests that reach the
+//! owning shard (declare, delete, purge, info, list, publish, consume, cancel, settle, get) from
+//! any connection of any shard, named by a `ConnRef`, and it produces the deliveries each
+//! connection is owed (`take_deliveries`). Which shard owns which queue is decided before a
+//! request gets here (`placement`); the host only ever sees its own queues.
+//!
+//! Faults handled: every refused request is a `Refusal` carrying the schema's error code and a
+//! sentence; nothing is half-applied. A connection that goes away releases everything it held:
+//! its consumers, its outstanding deliveries (back to ready, redelivered), its exclusive queues.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use weir_protocol::wire::{self, ErrorCode};
+
+use crate::broker::queue::{
+    Delivery, Overflow, OwnerId, Queue, QueueError, QueuePolicy, Seq, Settled,
+};
+
+/// A delivery of a stored message.
+pub type StoredDelivery = Delivery<Rc<Stored>>;
+
+/// A connection, wherever it lives: its shard and its broker-unique id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnRef {
+    pub shard: u16,
+    pub conn: u64,
+}
+
+/// A message as a queue holds it: the producer's exact bytes and its routing envelope.
+#[derive(Debug)]
+pub struct Stored {
+    pub bytes: Bytes,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// Why a request was refused: the code for the `Error` frame and a sentence naming what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse<T>(code: ErrorCode, message: String) -> Result<T, Refusal> {
+    Err(Refusal { code, message })
+}
+
+/// A declare request's parameters.
+#[derive(Clone, Debug, Default)]
+pub struct Declare {
+    pub name: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: wire::QueueArgumentsT,
+}
+
+/// A delivery owed to a connection.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub to: ConnRef,
+    pub consumer_tag: Rc<str>,
+    pub queue: Rc<str>,
+    pub delivery: Delivery<Rc<Stored>>,
+}
+
+/// A consumer the host cancelled (its queue was deleted); its connection is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cancelled {
+    pub to: ConnRef,
+    pub consumer_tag: String,
+    pub message: String,
+}
+
+struct ConsumerInfo {
+    conn: ConnRef,
+    tag: Rc<str>,
+}
+
+struct Hosted {
+    name: Rc<str>,
+    durable: bool,
+    exclusive: Option<ConnRef>,
+    auto_delete: bool,
+    arguments: wire::QueueArgumentsT,
+    queue: Queue<Rc<Stored>>,
+    consumers: HashMap<OwnerId, ConsumerInfo>,
+    had_consumer: bool,
+}
+
+impl Hosted {
+    fn info(&self, shard: u16, now_ms: u64) -> wire::QueueInfoT {
+        let s = self.queue.stats();
+        let mut i = wire::QueueInfoT::default();
+        i.name = Some(self.name.to_string());
+        i.durable = self.durable;
+        i.exclusive = self.exclusive.is_some();
+        i.auto_delete = self.auto_delete;
+        i.arguments = Some(Box::new(self.arguments.clone()));
+        i.shard = shard;
+        i.messages_ready = s.ready;
+        i.messages_unacked = s.outstanding;
+        i.bytes_ready = s.ready_bytes;
+        i.consumers = s.consumers;
+        i.oldest_ready_age_ms = s.oldest_ready_ms.map(|t| now_ms.saturating_sub(t));
+        i
+    }
+
+    fn same_declaration(&self, d: &Declare) -> bool {
+        self.durable == d.durable
+            && self.exclusive.is_some() == d.exclusive
+            && self.auto_delete == d.auto_delete
+            && self.arguments == d.arguments
+    }
+}
+
+/// The queues of one shard.
+pub struct QueueHost {
+    shard: u16,
+    queues: BTreeMap<Rc<str>, Hosted>,
+    /// Queues whose consumers may be owed deliveries.
+    dirty: BTreeSet<Rc<str>>,
+    /// Consumer ids are `CONSUMER_BIT | n`, so they never collide with connection ids, which
+    /// own a connection's `Get`s.
+    next_consumer: u64,
+    /// Messages settled without a consumer's ack: dropped, expired, purged, dead-lettered (until
+    /// exchanges exist, dead-lettering drops and counts).
+    pub dropped: u64,
+}
+
+const CONSUMER_BIT: u64 = 1 << 63;
+
+impl QueueHost {
+    pub fn new(shard: u16) -> QueueHost {
+        QueueHost {
+            shard,
+            queues: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            next_consumer: 0,
+            dropped: 0,
+        }
+    }
+
+    fn get_queue(&mut self, conn: ConnRef, name: &str) -> Result<&mut Hosted, Refusal> {
+        let Some(q) = self.queues.get_mut(name) else {
+            return refuse(ErrorCode::NotFound, format!("queue '{name}' not found"));
+        };
+        if q.exclusive.is_some_and(|owner| owner != conn) {
+            return refuse(
+                ErrorCode::ResourceLocked,
+                format!("queue '{name}' is exclusive to another connection"),
+            );
+        }
+        Ok(q)
+    }
+
+    pub fn declare(
+        &mut self,
+        conn: ConnRef,
+        d: Declare,
+        now_ms: u64,
+    ) -> Result<wire::QueueInfoT, Refusal> {
+        let shard = self.shard;
+        if let Some(q) = self.queues.get(d.name.as_str()) {
+            if q.exclusive.is_some_and(|owner| owner != conn) {
+                return refuse(
+                    ErrorCode::ResourceLocked,
+                    format!("queue '{}' is exclusive to another connection", d.name),
+                );
+            }
+            if !d.passive && !q.same_declaration(&d) {
+                return refuse(
+                    ErrorCode::PreconditionFailed,
+                    format!("queue '{}' exists with other properties (durable, exclusive, auto-delete or arguments)", d.name),
+                );
+            }
+            return Ok(q.info(shard, now_ms));
+        }
+        if d.passive {
+            return refuse(ErrorCode::NotFound, format!("queue '{}' not found", d.name));
+        }
+        let a = &d.arguments;
+        if let Some(dlx) = a.dead_letter_exchange.as_deref().filter(|x| !x.is_empty()) {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                format!("dead_letter_exchange '{dlx}': exchanges are not served by this broker version yet"),
+            );
+        }
+        if a.priority_max > 0 {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                "priority_max: priority queues are not served yet".into(),
+            );
+        }
+        let policy = QueuePolicy {
+            max_length: a.max_length,
+            max_length_bytes: a.max_length_bytes,
+            overflow: if a.overflow == wire::Overflow::RejectPublish {
+                Overflow::RejectPublish
+            } else {
+                Overflow::DropHead
+            },
+            message_ttl_ms: a.message_ttl_ms.map(u64::from),
+            max_deliveries: a.max_deliveries,
+            dead_letter: false,
+        };
+        let name: Rc<str> = Rc::from(d.name.as_str());
+        let q = Hosted {
+            name: name.clone(),
+            durable: d.durable,
+            exclusive: d.exclusive.then_some(conn),
+            auto_delete: d.auto_delete,
+            arguments: d.arguments,
+            queue: Queue::new(policy, 0),
+            consumers: HashMap::new(),
+            had_consumer: false,
+        };
+        let info = q.info(shard, now_ms);
+        self.queues.insert(name, q);
+        Ok(info)
+    }
+
+    /// Deletes a queue; returns how many messages went with it and the consumers to tell.
+    pub fn delete(
+        &mut self,
+        conn: ConnRef,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<(u64, Vec<Cancelled>), Refusal> {
+        let q = self.get_queue(conn, name)?;
+        let s = q.queue.stats();
+        if if_unused && s.consumers > 0 {
+            return refuse(
+                ErrorCode::PreconditionFailed,
+                format!("queue '{name}' has {} consumers", s.consumers),
+            );
+        }
+        if if_empty && s.ready > 0 {
+            return refuse(
+                ErrorCode::PreconditionFailed,
+                format!("queue '{name}' has {} ready messages", s.ready),
+            );
+        }
+        Ok(self.remove(name, "was deleted"))
+    }
+
+    fn remove(&mut self, name: &str, why: &str) -> (u64, Vec<Cancelled>) {
+        let Some(q) = self.queues.remove(name) else {
+            return (0, Vec::new());
+        };
+        self.dirty.remove(name);
+        let s = q.queue.stats();
+        let cancelled = q
+            .consumers
+            .values()
+            .map(|c| Cancelled {
+                to: c.conn,
+                consumer_tag: c.tag.to_string(),
+                message: format!("queue '{name}' {why}"),
+            })
+            .collect();
+        (s.ready + s.outstanding, cancelled)
+    }
+
+    pub fn purge(&mut self, conn: ConnRef, name: &str) -> Result<u64, Refusal> {
+        let q = self.get_queue(conn, name)?;
+        let mut settled = Vec::new();
+        let n = q.queue.purge(&mut settled) as u64;
+        self.dropped += settled.len() as u64;
+        Ok(n)
+    }
+
+    pub fn info(
+        &mut self,
+        conn: ConnRef,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<wire::QueueInfoT, Refusal> {
+        let shard = self.shard;
+        Ok(self.get_queue(conn, name)?.info(shard, now_ms))
+    }
+
+    /// This shard's queues whose names start with `prefix` and sort after `after`, in name order.
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        now_ms: u64,
+    ) -> Vec<wire::QueueInfoT> {
+        use std::ops::Bound;
+        self.queues
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .filter(|(name, _)| name.starts_with(prefix))
+            .take(limit)
+            .map(|(_, q)| q.info(self.shard, now_ms))
+            .collect()
+    }
+
+    /// Accepts a message into a queue.
+    pub fn publish(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        msg: Rc<Stored>,
+        expiration_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Seq, Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let bytes = msg.bytes.len() as u32;
+        let mut settled: Vec<Settled<Rc<Stored>>> = Vec::new();
+        let seq = match q
+            .queue
+            .publish(msg, bytes, now_ms, expiration_ms, &mut settled)
+        {
+            Ok(seq) => seq,
+            Err(QueueError::Full(which)) => {
+                return refuse(
+                    ErrorCode::QueueFull,
+                    format!("queue '{queue}' is full ({which})"),
+                );
+            }
+            Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
+        };
+        let name = q.name.clone();
+        self.dropped += settled.len() as u64;
+        self.dirty.insert(name);
+        Ok(seq)
+    }
+
+    pub fn consume(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        tag: &str,
+        prefetch: u32,
+        auto_ack: bool,
+        exclusive: bool,
+    ) -> Result<OwnerId, Refusal> {
+        let id = CONSUMER_BIT | self.next_consumer;
+        let q = self.get_queue(conn, queue)?;
+        if exclusive && !q.consumers.is_empty() {
+            return refuse(
+                ErrorCode::ResourceLocked,
+                format!("queue '{queue}' already has consumers"),
+            );
+        }
+        if q.consumers
+            .values()
+            .any(|c| c.conn == conn && &*c.tag == tag)
+        {
+            return refuse(
+                ErrorCode::DuplicateConsumerTag,
+                format!("consumer tag '{tag}' is in use on this connection"),
+            );
+        }
+        q.queue
+            .add_consumer(id, prefetch, auto_ack)
+            .map_err(|e| Refusal {
+                code: ErrorCode::InvalidArgument,
+                message: e.to_string(),
+            })?;
+        q.consumers.insert(
+            id,
+            ConsumerInfo {
+                conn,
+                tag: Rc::from(tag),
+            },
+        );
+        q.had_consumer = true;
+        let name = q.name.clone();
+        self.next_consumer += 1;
+        self.dirty.insert(name);
+        Ok(id)
+    }
+
+    /// Cancels a consumer: its outstanding deliveries stay outstanding until settled (they belong
+    /// to the connection), except that an auto-delete queue losing its last consumer goes.
+    pub fn cancel(&mut self, conn: ConnRef, queue: &str, consumer: OwnerId) -> Result<(), Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        if q.consumers.remove(&consumer).is_none() {
+            return refuse(
+                ErrorCode::NotFound,
+                format!("no such consumer on queue '{queue}'"),
+            );
+        }
+        let mut settled = Vec::new();
+        q.queue.release(consumer, &mut settled);
+        let (name, gone) = (q.name.clone(), q.auto_delete && q.consumers.is_empty());
+        self.dropped += settled.len() as u64;
+        if gone {
+            self.remove(&name, "was auto-deleted");
+        } else {
+            self.dirty.insert(name);
+        }
+        Ok(())
+    }
+
+    /// Settles one outstanding delivery: ack, or nack/reject with or without requeue.
+    pub fn settle(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        owner: OwnerId,
+        seq: Seq,
+        ack: bool,
+        requeue: bool,
+    ) -> Result<(), Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let mut settled = Vec::new();
+        let result = if ack {
+            q.queue.ack(owner, seq).map(|s| settled.push(s))
+        } else {
+            q.queue.nack(owner, seq, requeue, &mut settled)
+        };
+        result.map_err(|e| Refusal {
+            code: ErrorCode::UnknownDeliveryTag,
+            message: e.to_string(),
+        })?;
+        let name = q.name.clone();
+        self.dropped += settled
+            .iter()
+            .filter(|s| s.reason != crate::storage::SettleReason::Acked)
+            .count() as u64;
+        self.dirty.insert(name);
+        Ok(())
+    }
+
+    /// Takes one ready message for `conn` (the `Get` request); `None` when the queue has none.
+    pub fn get(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        auto_ack: bool,
+        now_ms: u64,
+    ) -> Result<(Option<StoredDelivery>, u64), Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let mut settled = Vec::new();
+        let d = q.queue.get(conn.conn, auto_ack, now_ms, &mut settled);
+        let ready = q.queue.stats().ready;
+        self.dropped += settled
+            .iter()
+            .filter(|s| s.reason != crate::storage::SettleReason::Acked)
+            .count() as u64;
+        Ok((d, ready))
+    }
+
+    /// A connection went away: its consumers and `Get`s release their deliveries (redelivered
+    /// later), its exclusive queues are deleted, auto-delete queues left without consumers go.
+    pub fn connection_closed(&mut self, conn: ConnRef) {
+        let mut gone = Vec::new();
+        for (name, q) in self.queues.iter_mut() {
+            if q.exclusive == Some(conn) {
+                gone.push(name.clone());
+                continue;
+            }
+            let mine: Vec<OwnerId> = q
+                .consumers
+                .iter()
+                .filter(|(_, c)| c.conn == conn)
+                .map(|(id, _)| *id)
+                .collect();
+            let mut settled = Vec::new();
+            for id in &mine {
+                q.consumers.remove(id);
+                q.queue.release(*id, &mut settled);
+            }
+            let returned = q.queue.release(conn.conn, &mut settled);
+            self.dropped += settled.len() as u64;
+            if !mine.is_empty() && q.auto_delete && q.consumers.is_empty() {
+                gone.push(name.clone());
+            } else if !mine.is_empty() || returned > 0 {
+                self.dirty.insert(name.clone());
+            }
+        }
+        for name in gone {
+            self.remove(&name, "was deleted with its connection");
+        }
+    }
+
+    /// Every delivery consumers are owed now, at most `max_per_queue` from each queue.
+    pub fn take_deliveries(&mut self, now_ms: u64, max_per_queue: usize, out: &mut Vec<Outgoing>) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut deliveries = Vec::new();
+        let mut settled = Vec::new();
+        for name in dirty {
+            let Some(q) = self.queues.get_mut(&name) else {
+                continue;
+            };
+            deliveries.clear();
+            q.queue
+                .dispatch(now_ms, max_per_queue, &mut deliveries, &mut settled);
+            let full_round = deliveries.len() == max_per_queue;
+            for d in deliveries.drain(..) {
+                let c = &q.consumers[&d.owner];
+                out.push(Outgoing {
+                    to: c.conn,
+                    consumer_tag: c.tag.clone(),
+                    queue: q.name.clone(),
+                    delivery: d,
+                });
+            }
+            if full_round && q.queue.stats().ready > 0 {
+                // More is owed than one round carries: come back to it.
+                self.dirty.insert(name);
+            }
+        }
+        self.dropped += settled
+            .iter()
+            .filter(|s| s.reason != crate::storage::SettleReason::Acked)
+            .count() as u64;
+    }
+
+    /// True when some queue may owe deliveries.
+    pub fn has_work(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+}
+
+/// The shard that owns a queue: a stable hash of its name, the same on every shard and across
+/// restarts (crc32, not std's per-process random hasher).
+pub fn placement(name: &str, shard_count: u16) -> u16 {
+    (crc32fast::hash(name.as_bytes()) % u32::from(shard_count.max(1))) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: ConnRef = ConnRef { shard: 0, conn: 1 };
+    const B: ConnRef = ConnRef { shard: 1, conn: 2 };
+
+    fn declare(name: &str) -> Declare {
+        Declare {
+            name: name.into(),
+            durable: true,
+            ..Default::default()
+        }
+    }
+
+    fn msg(body: &'static [u8]) -> Rc<Stored> {
+        Rc::new(Stored {
+            bytes: Bytes::from_static(body),
+            exchange: String::new(),
+            routing_key: "q".into(),
+        })
+    }
+
+    #[test]
+    fn declare_is_idempotent_and_a_mismatch_is_refused() {
+        let mut h = QueueHost::new(0);
+        h.declare(A, declare("q"), 0).unwrap();
+        h.declare(B, declare("q"), 0).unwrap();
+        let e = h
+            .declare(
+                A,
+                Declare {
+                    auto_delete: true,
+                    ..declare("q")
+                },
+                0,
+            )
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PreconditionFailed);
+        assert_eq!(
+            h.declare(
+                A,
+                Declare {
+                    passive: true,
+                    ..declare("nope")
+                },
+                0
+            )
+            .unwrap_err()
+            .code,
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn an_exclusive_queue_is_its_connections_alone_and_goes_with_it() {
+        let mut h = QueueHost::new(0);
+        h.declare(
+            A,
+            Declare {
+                exclusive: true,
+                ..declare("mine")
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            h.publish(B, "mine", msg(b"x"), None, 0).unwrap_err().code,
+            ErrorCode::ResourceLocked
+        );
+        h.publish(A, "mine", msg(b"x"), None, 0).unwrap();
+        h.connection_closed(A);
+        assert_eq!(h.info(A, "mine", 0).unwrap_err().code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn deliveries_go_to_the_consumers_connection_and_come_back_when_it_dies() {
+        let mut h = QueueHost::new(0);
+        h.declare(A, declare("q"), 0).unwrap();
+        for _ in 0..3 {
+            h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+        }
+        let c = h.consume(B, "q", "ctag", 2, false, false).unwrap();
+        let mut out = Vec::new();
+        h.take_deliveries(0, 100, &mut out);
+        assert_eq!(out.len(), 2, "prefetch 2");
+        assert!(out.iter().all(|o| o.to == B && &*o.consumer_tag == "ctag"));
+        h.settle(B, "q", c, out[0].delivery.seq, true, false)
+            .unwrap();
+        assert_eq!(
+            h.settle(B, "q", c, out[0].delivery.seq, true, false)
+                .unwrap_err()
+                .code,
+            ErrorCode::UnknownDeliveryTag
+        );
+        h.connection_closed(B);
+        let info = h.info(A, "q", 0).unwrap();
+        assert_eq!(
+            (info.messages_ready, info.messages_unacked, info.consumers),
+            (2, 0, 0)
+        );
+        h.consume(A, "q", "again", 10, false, false).unwrap();
+        out.clear();
+        h.take_deliveries(0, 100, &mut out);
+        assert_eq!(
+            out.iter()
+                .map(|o| o.delivery.delivery_count)
+                .collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+    }
+
+    #[test]
+    fn an_auto_delete_queue_goes_with_its_last_consumer() {
+        let mut h = QueueHost::new(0);
+        h.declare(
+            A,
+            Declare {
+                auto_delete: true,
+                ..declare("tmp")
+            },
+            0,
+        )
+        .unwrap();
+        let c = h.consume(A, "tmp", "t", 1, false, false).unwrap();
+        h.cancel(A, "tmp", c).unwrap();
+        assert_eq!(h.info(A, "tmp", 0).unwrap_err().code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn delete_if_unused_and_if_empty_are_preconditions() {
+        let mut h = QueueHost::new(0);
+        h.declare(A, declare("q"), 0).unwrap();
+        h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+        assert_eq!(
+            h.delete(A, "q", false, true).unwrap_err().code,
+            ErrorCode::PreconditionFailed
+        );
+        h.consume(B, "q", "t", 1, false, false).unwrap();
+        assert_eq!(
+            h.delete(A, "q", true, false).unwrap_err().code,
+            ErrorCode::PreconditionFailed
+        );
+        let (messages, cancelled) = h.delete(A, "q", false, false).unwrap();
+        assert_eq!(messages, 1);
+        assert_eq!(
+            cancelled,
+            vec![Cancelled {
+                to: B,
+                consumer_tag: "t".into(),
+                message: "queue 'q' was deleted".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn list_pages_in_name_order() {
+        let mut h = QueueHost::new(0);
+        for n in ["b", "a", "c", "x.1"] {
+            h.declare(A, declare(n), 0).unwrap();
+        }
+        let names =
+            |v: Vec<wire::QueueInfoT>| v.into_iter().map(|i| i.name.unwrap()).collect::<Vec<_>>();
+        assert_eq!(names(h.list("", "", 2, 0)), vec!["a", "b"]);
+        assert_eq!(names(h.list("", "b", 10, 0)), vec!["c", "x.1"]);
+        assert_eq!(names(h.list("x.", "", 10, 0)), vec!["x.1"]);
+    }
+
+    #[test]
+    fn placement_is_stable_and_spreads() {
+        assert_eq!(placement("orders", 1), 0);
+        let on_one = (0..100)
+            .filter(|i| placement(&format!("q{i}"), 2) == 1)
+            .count();
+        assert!((30..70).contains(&on_one), "{on_one} of 100 on shard 1");
+        assert_eq!(placement("orders", 2), placement("orders", 2));
+    }
+}

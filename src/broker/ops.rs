@@ -1,0 +1,287 @@
+//! Commands between a connection's shard and a queue's owning shard, and their execution.
+//!
+//! Contract: plain owned data (`Send`: these cross the mesh between cores) and one pure function,
+//! `execute`, that applies an `Op` to the owning shard's `QueueHost`. A connection's session turns
+//! frames into `Op`s addressed to the shard that owns each queue; the owner executes them and
+//! answers with a `Reply`, and pushes `Pushed` deliveries to the connections its consumers live
+//! on. When both ends are the same shard nothing crosses a core: the same values are passed by
+//! call. Message bytes travel as `Bytes` (a reference count, never a copy).
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use weir_protocol::wire;
+
+use crate::broker::host::{Cancelled, ConnRef, Declare, Outgoing, QueueHost, Refusal, Stored};
+use crate::broker::queue::{OwnerId, Seq};
+
+/// One message of a publish, addressed to one queue of the owning shard.
+#[derive(Clone, Debug)]
+pub struct PublishItem {
+    /// The publisher's sequence number: confirms and refusals name it.
+    pub sequence: u64,
+    pub queue: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub mandatory: bool,
+    /// Whether the publisher wants a confirm for it.
+    pub confirm: bool,
+    pub bytes: Bytes,
+    pub expiration_ms: Option<u64>,
+}
+
+/// What became of one published message.
+#[derive(Clone, Debug)]
+pub struct PublishOutcome {
+    pub sequence: u64,
+    pub confirm: bool,
+    pub result: Result<(), Refusal>,
+    /// A mandatory message whose queue does not exist comes back whole, for a `Return`.
+    pub returned: Option<PublishItem>,
+}
+
+/// One settlement of an outstanding delivery.
+#[derive(Clone, Debug)]
+pub struct SettleItem {
+    pub queue: String,
+    pub owner: OwnerId,
+    pub seq: Seq,
+    pub ack: bool,
+    pub requeue: bool,
+}
+
+/// What a connection asks of the shard that owns a queue.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Declare(Declare),
+    Delete {
+        name: String,
+        if_unused: bool,
+        if_empty: bool,
+    },
+    Purge {
+        name: String,
+    },
+    Info {
+        name: String,
+    },
+    List {
+        prefix: String,
+        after: String,
+        limit: usize,
+    },
+    Publish(Vec<PublishItem>),
+    Consume {
+        queue: String,
+        tag: String,
+        prefetch: u32,
+        auto_ack: bool,
+        exclusive: bool,
+    },
+    Cancel {
+        queue: String,
+        owner: OwnerId,
+    },
+    Settle(Vec<SettleItem>),
+    Get {
+        queue: String,
+        auto_ack: bool,
+    },
+    ConnectionClosed,
+}
+
+/// A delivery as it crosses to the consumer's connection.
+#[derive(Clone, Debug)]
+pub struct WireDelivery {
+    pub queue: String,
+    pub owner: OwnerId,
+    pub seq: Seq,
+    pub delivery_count: u32,
+    pub auto_ack: bool,
+    pub exchange: String,
+    pub routing_key: String,
+    pub bytes: Bytes,
+}
+
+/// The owning shard's answer to an `Op`.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    Info(Box<wire::QueueInfoT>),
+    Deleted(u64),
+    Purged(u64),
+    List(Vec<wire::QueueInfoT>),
+    /// Per publish item, in order: taken, refused with why, or returned.
+    Published(Vec<PublishOutcome>),
+    Consumed(OwnerId),
+    Got(Option<Box<WireDelivery>>, u64),
+    /// Done, nothing to say (cancel, settle, connection closed).
+    Done,
+    /// Settlements that failed, and why.
+    SettleFailed(Vec<Refusal>),
+    Refused(Refusal),
+}
+
+/// Something the owning shard sends a connection unasked.
+#[derive(Clone, Debug)]
+pub enum Pushed {
+    Deliver {
+        to: ConnRef,
+        consumer_tag: String,
+        deliveries: Vec<WireDelivery>,
+    },
+    Cancelled(Cancelled),
+}
+
+/// Applies `op` from `from` to the host; the reply goes back to `from`, the pushes to whoever
+/// they name (dispatching owed deliveries is the caller's next step: `collect_pushes`).
+pub fn execute(
+    host: &mut QueueHost,
+    from: ConnRef,
+    op: Op,
+    now_ms: u64,
+    pushes: &mut Vec<Pushed>,
+) -> Reply {
+    let result = match op {
+        Op::Declare(d) => host
+            .declare(from, d, now_ms)
+            .map(|i| Reply::Info(Box::new(i))),
+        Op::Delete {
+            name,
+            if_unused,
+            if_empty,
+        } => host
+            .delete(from, &name, if_unused, if_empty)
+            .map(|(n, cancelled)| {
+                pushes.extend(cancelled.into_iter().map(Pushed::Cancelled));
+                Reply::Deleted(n)
+            }),
+        Op::Purge { name } => host.purge(from, &name).map(Reply::Purged),
+        Op::Info { name } => host
+            .info(from, &name, now_ms)
+            .map(|i| Reply::Info(Box::new(i))),
+        Op::List {
+            prefix,
+            after,
+            limit,
+        } => Ok(Reply::List(host.list(&prefix, &after, limit, now_ms))),
+        Op::Publish(items) => Ok(Reply::Published(
+            items
+                .into_iter()
+                .map(|item| publish(host, from, item, now_ms))
+                .collect(),
+        )),
+        Op::Consume {
+            queue,
+            tag,
+            prefetch,
+            auto_ack,
+            exclusive,
+        } => host
+            .consume(from, &queue, &tag, prefetch, auto_ack, exclusive)
+            .map(Reply::Consumed),
+        Op::Cancel { queue, owner } => host.cancel(from, &queue, owner).map(|()| Reply::Done),
+        Op::Settle(items) => {
+            let failed: Vec<Refusal> = items
+                .into_iter()
+                .filter_map(|s| {
+                    host.settle(from, &s.queue, s.owner, s.seq, s.ack, s.requeue)
+                        .err()
+                })
+                .collect();
+            Ok(if failed.is_empty() {
+                Reply::Done
+            } else {
+                Reply::SettleFailed(failed)
+            })
+        }
+        Op::Get { queue, auto_ack } => {
+            host.get(from, &queue, auto_ack, now_ms).map(|(d, ready)| {
+                let d = d.map(|d| {
+                    Box::new(WireDelivery {
+                        queue: queue.clone(),
+                        owner: from.conn,
+                        seq: d.seq,
+                        delivery_count: d.delivery_count,
+                        auto_ack: d.auto_ack,
+                        exchange: d.msg.exchange.clone(),
+                        routing_key: d.msg.routing_key.clone(),
+                        bytes: d.msg.bytes.clone(),
+                    })
+                });
+                Reply::Got(d, ready)
+            })
+        }
+        Op::ConnectionClosed => {
+            host.connection_closed(from);
+            Ok(Reply::Done)
+        }
+    };
+    result.unwrap_or_else(Reply::Refused)
+}
+
+fn publish(host: &mut QueueHost, from: ConnRef, item: PublishItem, now_ms: u64) -> PublishOutcome {
+    let (sequence, confirm) = (item.sequence, item.confirm);
+    let stored = Rc::new(Stored {
+        bytes: item.bytes.clone(),
+        exchange: item.exchange.clone(),
+        routing_key: item.routing_key.clone(),
+    });
+    match host.publish(from, &item.queue, stored, item.expiration_ms, now_ms) {
+        Ok(_) => PublishOutcome {
+            sequence,
+            confirm,
+            result: Ok(()),
+            returned: None,
+        },
+        // AMQP's mandatory flag: an unroutable message comes back and is confirmed.
+        Err(r) if item.mandatory && r.code == wire::ErrorCode::NotFound => PublishOutcome {
+            sequence,
+            confirm,
+            result: Ok(()),
+            returned: Some(item),
+        },
+        Err(r) => PublishOutcome {
+            sequence,
+            confirm,
+            result: Err(r),
+            returned: None,
+        },
+    }
+}
+
+/// Every delivery the host owes, grouped into one `Deliver` push per (connection, consumer).
+pub fn collect_pushes(
+    host: &mut QueueHost,
+    now_ms: u64,
+    max_per_queue: usize,
+    pushes: &mut Vec<Pushed>,
+) {
+    let mut owed: Vec<Outgoing> = Vec::new();
+    while host.has_work() {
+        host.take_deliveries(now_ms, max_per_queue, &mut owed);
+        if owed.is_empty() {
+            break;
+        }
+        owed.sort_by(|a, b| (a.to, &a.consumer_tag).cmp(&(b.to, &b.consumer_tag)));
+        for group in owed.chunk_by(|a, b| a.to == b.to && a.consumer_tag == b.consumer_tag) {
+            pushes.push(Pushed::Deliver {
+                to: group[0].to,
+                consumer_tag: group[0].consumer_tag.to_string(),
+                deliveries: group
+                    .iter()
+                    .map(|o| WireDelivery {
+                        queue: o.queue.to_string(),
+                        owner: o.delivery.owner,
+                        seq: o.delivery.seq,
+                        delivery_count: o.delivery.delivery_count,
+                        auto_ack: o.delivery.auto_ack,
+                        exchange: o.delivery.msg.exchange.clone(),
+                        routing_key: o.delivery.msg.routing_key.clone(),
+                        bytes: o.delivery.msg.bytes.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        owed.clear();
+    }
+}

@@ -1,0 +1,290 @@
+//! Black-box tests of queues over the wire: declare, publish with confirms, consume with prefetch
+//! and acks, redelivery when a consumer's connection dies, and the same across shards.
+
+mod common;
+
+use common::{queue_on, temp_dir, Broker};
+use weir_protocol::wire::{self, BodyT, ErrorCode};
+
+fn bodies(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("message {i}").into_bytes())
+        .collect()
+}
+
+fn refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
+    v.iter().map(|b| b.as_slice()).collect()
+}
+
+#[test]
+fn declare_is_idempotent_and_refuses_mismatches_and_reserved_names() {
+    let broker = Broker::start(&temp_dir("q-declare"), &[]);
+    let mut c = broker.connect();
+    c.handshake();
+    let info = c.declare("orders");
+    assert_eq!(info.name.as_deref(), Some("orders"));
+    assert_eq!(
+        usize::from(info.shard),
+        usize::from(weir::broker::host::placement(
+            "orders",
+            broker.shard_ports.len() as u16
+        ))
+    );
+    assert_eq!(c.declare("orders").messages_ready, 0);
+
+    let mut d = wire::DeclareQueueT::default();
+    d.name = Some("orders".into());
+    d.auto_delete = true;
+    d.durable = true;
+    assert!(
+        matches!(c.declare_with(d), BodyT::Error(e) if e.code == ErrorCode::PreconditionFailed)
+    );
+
+    let mut d = wire::DeclareQueueT::default();
+    d.name = Some("weir.mine".into());
+    assert!(matches!(c.declare_with(d), BodyT::Error(e) if e.code == ErrorCode::AccessRefused));
+
+    let mut d = wire::DeclareQueueT::default();
+    d.name = Some("missing".into());
+    d.passive = true;
+    assert!(matches!(c.declare_with(d), BodyT::Error(e) if e.code == ErrorCode::NotFound));
+
+    let BodyT::QueueInfo(named) = c.declare_with(wire::DeclareQueueT::default()) else {
+        panic!()
+    };
+    assert!(
+        named.name.unwrap().starts_with("weir.gen-"),
+        "server-named queue"
+    );
+}
+
+#[test]
+fn publishes_are_confirmed_and_delivered_in_order_within_prefetch() {
+    let broker = Broker::start(&temp_dir("q-publish"), &[]);
+    let mut p = broker.connect();
+    p.handshake();
+    p.declare("work");
+    let msgs = bodies(10);
+    p.publish("work", 1, &refs(&msgs), false);
+    assert!(p.await_confirms(1, 10).is_empty());
+    let BodyT::QueueInfo(i) = p.info("work") else {
+        panic!()
+    };
+    assert_eq!(i.messages_ready, 10);
+
+    let mut c = broker.connect();
+    c.handshake();
+    c.consume("work", "w1", 4, false);
+    let first = c.deliveries(4);
+    assert_eq!(
+        first.iter().map(|g| g.body.clone()).collect::<Vec<_>>(),
+        msgs[..4].to_vec()
+    );
+    assert!(first
+        .iter()
+        .all(|g| !g.redelivered && g.delivery_count == 1));
+    // Prefetch 4: nothing more until acks. The info round trip proves nothing else was sent.
+    let BodyT::QueueInfo(i) = c.info("work") else {
+        panic!("a delivery beyond prefetch arrived")
+    };
+    assert_eq!((i.messages_ready, i.messages_unacked), (6, 4));
+    c.ack(&first.iter().map(|g| g.delivery_tag).collect::<Vec<_>>());
+    let rest = c.deliveries(4);
+    assert_eq!(
+        rest.iter().map(|g| g.body.clone()).collect::<Vec<_>>(),
+        msgs[4..8].to_vec()
+    );
+}
+
+#[test]
+fn unknown_queues_are_refused_by_sequence_and_mandatory_ones_return() {
+    let broker = Broker::start(&temp_dir("q-unknown"), &[]);
+    let mut p = broker.connect();
+    p.handshake();
+    p.publish("nowhere", 1, &[b"a", b"b"], false);
+    let f = p.recv().unwrap();
+    let BodyT::Error(e) = f.body else {
+        panic!("{f:?}")
+    };
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(e.sequences, Some(vec![wire::RangeT { first: 1, last: 2 }]));
+    assert!(!e.close);
+
+    p.publish("nowhere", 3, &[b"c"], true);
+    let others = p.await_confirms(3, 3);
+    assert!(
+        matches!(&others[..], [f] if matches!(&f.body, BodyT::Return(r) if r.entries[0].sequence == 3 && r.entries[0].code == ErrorCode::NoRoute)),
+        "{others:?}"
+    );
+}
+
+#[test]
+fn competing_consumers_share_and_a_dead_consumers_messages_are_redelivered() {
+    let broker = Broker::start(&temp_dir("q-compete"), &[]);
+    let mut p = broker.connect();
+    p.handshake();
+    p.declare("jobs");
+    let mut a = broker.connect();
+    a.handshake();
+    a.consume("jobs", "a", 2, false);
+    let mut b = broker.connect();
+    b.handshake();
+    b.consume("jobs", "b", 2, false);
+    let msgs = bodies(4);
+    p.publish("jobs", 1, &refs(&msgs), false);
+    p.await_confirms(1, 4);
+    let got_a = a.deliveries(2);
+    let got_b = b.deliveries(2);
+    let mut all: Vec<_> = got_a.iter().chain(&got_b).map(|g| g.body.clone()).collect();
+    all.sort();
+    assert_eq!(
+        all,
+        {
+            let mut m = msgs.clone();
+            m.sort();
+            m
+        },
+        "each message to exactly one consumer"
+    );
+
+    // A dies holding its two: they go to B, marked redelivered, as B frees room.
+    drop(a);
+    b.ack(&got_b.iter().map(|g| g.delivery_tag).collect::<Vec<_>>());
+    let again = b.deliveries(2);
+    let mut bodies_again: Vec<_> = again.iter().map(|g| g.body.clone()).collect();
+    bodies_again.sort();
+    let mut bodies_a: Vec<_> = got_a.iter().map(|g| g.body.clone()).collect();
+    bodies_a.sort();
+    assert_eq!(bodies_again, bodies_a);
+    assert!(
+        again.iter().all(|g| g.redelivered && g.delivery_count == 2),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn nack_requeues_reject_drops_and_get_pulls_one() {
+    let broker = Broker::start(&temp_dir("q-nack"), &[]);
+    let mut c = broker.connect();
+    c.handshake();
+    c.declare("q");
+    c.publish("q", 1, &[b"one", b"two"], false);
+    c.await_confirms(1, 2);
+
+    let mut g = wire::GetT::default();
+    g.queue = "q".into();
+    let BodyT::GetOk(ok) = c.request(BodyT::Get(Box::new(g.clone()))) else {
+        panic!()
+    };
+    let d = ok.delivery.expect("a message");
+    assert_eq!(ok.messages_ready, 1);
+    let mut n = wire::NackT::default();
+    n.ranges = vec![wire::RangeT {
+        first: d.delivery_tag,
+        last: d.delivery_tag,
+    }];
+    n.requeue = true;
+    assert!(matches!(c.request(BodyT::Nack(Box::new(n))), BodyT::Ok(_)));
+
+    let BodyT::GetOk(ok) = c.request(BodyT::Get(Box::new(g.clone()))) else {
+        panic!()
+    };
+    let d = ok.delivery.expect("the requeued message comes first");
+    assert!(d.redelivered);
+    let m = weir_protocol::verify_message(&d.message, &weir_protocol::WireLimits::DEFAULT)
+        .unwrap()
+        .unpack();
+    assert_eq!(m.body.as_deref(), Some(&b"one"[..]));
+    let mut r = wire::RejectT::default();
+    r.delivery_tag = d.delivery_tag;
+    r.requeue = false;
+    assert!(matches!(
+        c.request(BodyT::Reject(Box::new(r))),
+        BodyT::Ok(_)
+    ));
+    let BodyT::QueueInfo(i) = c.info("q") else {
+        panic!()
+    };
+    assert_eq!(
+        (i.messages_ready, i.messages_unacked),
+        (1, 0),
+        "the rejected message is gone"
+    );
+
+    let mut a = wire::AckT::default();
+    a.ranges = vec![wire::RangeT {
+        first: 999,
+        last: 999,
+    }];
+    assert!(
+        matches!(c.request(BodyT::Ack(Box::new(a))), BodyT::Error(e) if e.code == ErrorCode::UnknownDeliveryTag)
+    );
+
+    let mut p = wire::PurgeQueueT::default();
+    p.name = "q".into();
+    assert!(
+        matches!(c.request(BodyT::PurgeQueue(Box::new(p))), BodyT::QueuePurged(p) if p.messages == 1)
+    );
+    let mut del = wire::DeleteQueueT::default();
+    del.name = "q".into();
+    assert!(matches!(
+        c.request(BodyT::DeleteQueue(Box::new(del))),
+        BodyT::QueueDeleted(_)
+    ));
+    assert!(matches!(c.info("q"), BodyT::Error(e) if e.code == ErrorCode::NotFound));
+}
+
+#[test]
+fn a_queue_on_another_shard_works_through_the_mesh() {
+    let broker = Broker::start(&temp_dir("q-mesh"), &["--cpus", "0,1"]);
+    let queue = queue_on(1, 2, "remote");
+    let mut p = broker.connect_shard(0);
+    assert_eq!(p.handshake().shard, 0);
+    let info = p.declare(&queue);
+    assert_eq!(info.shard, 1);
+    let msgs = bodies(50);
+    p.publish(&queue, 1, &refs(&msgs), false);
+    p.await_confirms(1, 50);
+
+    let mut c = broker.connect_shard(0);
+    c.handshake();
+    c.consume(&queue, "far", 100, false);
+    let got = c.deliveries(50);
+    assert_eq!(got.iter().map(|g| g.body.clone()).collect::<Vec<_>>(), msgs);
+    c.ack(&got.iter().map(|g| g.delivery_tag).collect::<Vec<_>>());
+    let BodyT::QueueInfo(i) = c.info(&queue) else {
+        panic!()
+    };
+    assert_eq!((i.messages_ready, i.messages_unacked), (0, 0));
+
+    let mut l = wire::ListQueuesT::default();
+    l.prefix = Some("remote".into());
+    let BodyT::QueueList(list) = c.request(BodyT::ListQueues(Box::new(l))) else {
+        panic!()
+    };
+    assert_eq!(
+        list.queues
+            .unwrap()
+            .iter()
+            .map(|q| q.name.clone().unwrap())
+            .collect::<Vec<_>>(),
+        vec![queue]
+    );
+}
+
+#[test]
+fn an_exclusive_queue_belongs_to_its_connection() {
+    let broker = Broker::start(&temp_dir("q-exclusive"), &[]);
+    let mut owner = broker.connect();
+    owner.handshake();
+    let mut d = wire::DeclareQueueT::default();
+    d.name = Some("private".into());
+    d.exclusive = true;
+    d.durable = false;
+    assert!(matches!(owner.declare_with(d), BodyT::QueueInfo(i) if i.exclusive));
+    let mut other = broker.connect();
+    other.handshake();
+    other.publish("private", 1, &[b"x"], false);
+    let f = other.recv().unwrap();
+    assert!(matches!(f.body, BodyT::Error(e) if e.code == ErrorCode::ResourceLocked));
+}
