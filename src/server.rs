@@ -44,6 +44,8 @@ pub enum ServeError {
     },
     #[error("data directory {dir}: {reason}")]
     Layout { dir: PathBuf, reason: String },
+    #[error("recovery refused: {0}")]
+    Recovery(String),
     #[error("shard {shard} failed: {reason}")]
     Shard { shard: u16, reason: String },
 }
@@ -97,6 +99,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         FsyncPolicy::Interval => wire::Durability::Interval,
         FsyncPolicy::Never => wire::Durability::Never,
     };
+    let (recovered_tx, recovered_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shard_count);
     let listeners = main_listeners.into_iter().zip(shard_listeners);
     let meshes = crate::rt::mesh::full_mesh(
@@ -106,8 +109,13 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     for (i, (((main, own), cpu), mesh)) in
         listeners.zip(cpus.iter().copied()).zip(meshes).enumerate()
     {
+        let journal_dir = config.data_dir.join(format!("shard-{i}"));
+        fs::create_dir_all(&journal_dir)
+            .map_err(io(format!("creating {}", journal_dir.display())))?;
         let setup = ShardSetup {
             id: i as u16,
+            journal_dir,
+            recovered: recovered_tx.clone(),
             listeners: vec![main, own],
             session: SessionCtx {
                 broker_version: BROKER_VERSION,
@@ -138,6 +146,28 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         handles.push(handle);
     }
 
+    // Ready means recovered: every shard has replayed its journal before anyone is told to come.
+    drop(recovered_tx);
+    let mut failure = None;
+    for _ in 0..shard_count {
+        match recovered_rx.recv() {
+            Ok(Ok(summary)) => tracing::info!("{summary}"),
+            Ok(Err(reason)) => {
+                failure.get_or_insert(reason);
+            }
+            Err(_) => {
+                failure.get_or_insert("a shard stopped before recovering its journal".to_string());
+                break;
+            }
+        }
+    }
+    if let Some(reason) = failure {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for handle in handles {
+            let _ = handle.join();
+        }
+        return Err(ServeError::Recovery(reason));
+    }
     ready_line(&config, listen, &shard_ports, &cpus);
 
     let mut first_error = None;

@@ -19,6 +19,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,16 +27,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 
-use crate::broker::host::{ConnRef, QueueHost};
-use crate::broker::ops::{self, Pushed};
+use crate::broker::catalog::CatalogRecord;
+use crate::broker::host::{ConnRef, QueueHost, Refusal, Stored};
+use crate::broker::ops::{self, JournalSink, Op, Pushed, Reply};
+use crate::broker::queue::Seq;
+use crate::broker::rebuild::Rebuild;
 use crate::limits::Limits;
 use crate::mesh::{Batch, Mesh, MeshMsg};
 use crate::net::connection;
 use crate::net::session::{Routed, Session, SessionCtx};
 use crate::rt;
 use crate::rt::executor::{doorbell, Doorbell, DoorbellWaiter};
+use crate::rt::fs::DmaDir;
 use crate::rt::mesh::MeshEnds;
 use crate::rt::net::{BoundListener, Listener};
+use crate::storage::{
+    Appended, Journal, JournalConfig, MessageEnvelope, SettleReason, SettleRecord, StorageError,
+    Target,
+};
 
 /// How often a shard looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
@@ -52,6 +61,10 @@ pub struct ShardSetup {
     pub session: SessionCtx,
     pub limits: Limits,
     pub mesh: MeshEnds<Batch>,
+    /// This shard's journal directory (`<data_dir>/shard-<id>`), which must exist.
+    pub journal_dir: PathBuf,
+    /// Told once the shard has recovered its journal (a one-line summary) or why it cannot.
+    pub recovered: std::sync::mpsc::Sender<Result<String, String>>,
     /// Set by SIGTERM/SIGINT.
     pub stop: Arc<AtomicBool>,
 }
@@ -74,9 +87,84 @@ pub struct ShardState {
     /// Rung when a connection closes during shutdown.
     drained: Doorbell,
     host: RefCell<QueueHost>,
+    journal: Journal<DmaDir>,
+    /// The newest record appended while executing the current request.
+    appended: Cell<Option<Appended>>,
     mesh: Mesh,
+    /// Work for the worker task, in arrival order.
     work: RefCell<VecDeque<MeshMsg>>,
-    draining: Cell<bool>,
+    work_bell: Doorbell,
+}
+
+/// The shard's side of the journal for the queue host: records staged for the next group
+/// commit, remembering the newest so the request's reply can wait for its commit.
+struct Staging<'a> {
+    journal: &'a Journal<DmaDir>,
+    appended: &'a Cell<Option<Appended>>,
+}
+
+impl Staging<'_> {
+    fn note(&self, result: Result<Appended, StorageError>) -> Result<(), Refusal> {
+        let a = result.map_err(storage_refusal)?;
+        if self
+            .appended
+            .get()
+            .is_none_or(|prev| prev.commit <= a.commit)
+        {
+            self.appended.set(Some(a));
+        }
+        Ok(())
+    }
+}
+
+impl JournalSink for Staging<'_> {
+    fn message(&mut self, queue: &str, seq: Seq, msg: &Stored) -> Result<(), Refusal> {
+        let envelope = MessageEnvelope {
+            exchange: msg.exchange.as_bytes(),
+            routing_key: msg.routing_key.as_bytes(),
+            targets: vec![Target {
+                queue: queue.as_bytes(),
+                queue_seq: seq,
+            }],
+        };
+        self.note(self.journal.append_message(&envelope, &msg.bytes))
+    }
+
+    fn settle(
+        &mut self,
+        queue: &str,
+        reason: SettleReason,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), Refusal> {
+        let record = SettleRecord {
+            queue: queue.as_bytes(),
+            reason,
+            ranges: ranges.to_vec(),
+        };
+        self.note(self.journal.append_settle(&record))
+    }
+
+    fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal> {
+        self.note(self.journal.append_control(&record.encode()))
+    }
+}
+
+/// What a client is told when the journal cannot take or keep a record.
+fn storage_refusal(e: StorageError) -> Refusal {
+    let code = match e {
+        StorageError::NoSpace(_) => weir_protocol::wire::ErrorCode::DiskFull,
+        _ => weir_protocol::wire::ErrorCode::StorageFailed,
+    };
+    Refusal {
+        code,
+        message: format!("not stored: {e}"),
+    }
+}
+
+/// Room to ask the journal for, per published message: its bytes, the record header and an
+/// envelope (exchange, key, one target).
+fn record_room(item: &ops::PublishItem) -> usize {
+    item.bytes.len() + item.exchange.len() + item.routing_key.len() + item.queue.len() + 64
 }
 
 fn now_ms() -> u64 {
@@ -114,78 +202,137 @@ impl ShardState {
                 },
             );
         }
-        self.drain();
     }
 
-    /// Hands a batch from a peer to the work queue.
+    /// Hands a batch from a peer to the worker.
     fn receive(&self, batch: Batch) {
         self.work.borrow_mut().extend(batch);
-        self.drain();
+        self.work_bell.ring();
     }
 
     fn send_to(&self, shard: u16, msg: MeshMsg) {
         if shard == self.id {
             self.work.borrow_mut().push_back(msg);
+            self.work_bell.ring();
         } else {
             self.mesh.send(shard, msg);
         }
     }
 
-    /// Processes queued work until none is left. Re-entrant calls return at once: the outer
-    /// call picks up what they queued.
-    fn drain(&self) {
-        if self.draining.replace(true) {
-            return;
-        }
-        loop {
-            let Some(msg) = self.work.borrow_mut().pop_front() else {
-                break;
-            };
-            self.handle(msg);
-        }
-        self.draining.set(false);
-    }
-
-    fn handle(&self, msg: MeshMsg) {
-        match msg {
-            MeshMsg::Request { from, id, op } => {
-                let now = now_ms();
-                let mut pushes = Vec::new();
-                let reply = {
+    /// Executes a request on this shard's queues. Publishes go message by message, each after
+    /// the journal has room for it: the byte bound of the group-commit window is what slows
+    /// producers down, through the mesh and their connections, never a refusal.
+    async fn execute(self: &Rc<Self>, from: ConnRef, id: u64, op: Op) {
+        let now = now_ms();
+        let mut pushes = Vec::new();
+        let reply = match op {
+            Op::Publish(items) => {
+                let mut outcomes = Vec::with_capacity(items.len());
+                for item in items {
+                    self.journal.wait_for_room(record_room(&item)).await;
                     let mut host = self.host.borrow_mut();
-                    let reply = ops::execute(&mut host, from, op, now, &mut pushes);
-                    ops::collect_pushes(
-                        &mut host,
-                        now,
-                        self.limits.wire.deliver_batch_max as usize,
-                        &mut pushes,
-                    );
-                    reply
-                };
-                // The reply goes first: a consumer's connection learns its consumer id before
-                // the deliveries that name it.
-                self.send_to(
-                    from.shard,
-                    MeshMsg::Reply {
-                        to: from,
-                        id,
-                        reply,
-                    },
-                );
-                for push in pushes {
-                    let to = match &push {
-                        Pushed::Deliver { to, .. } => *to,
-                        Pushed::Cancelled(c) => c.to,
+                    let mut sink = Staging {
+                        journal: &self.journal,
+                        appended: &self.appended,
                     };
-                    self.send_to(
-                        to.shard,
-                        MeshMsg::Push {
-                            from_shard: self.id,
-                            push,
+                    outcomes.push(ops::publish(&mut host, &mut sink, from, item, now));
+                }
+                Reply::Published(outcomes)
+            }
+            op => {
+                let mut host = self.host.borrow_mut();
+                let mut sink = Staging {
+                    journal: &self.journal,
+                    appended: &self.appended,
+                };
+                ops::execute(&mut host, &mut sink, from, op, now, &mut pushes)
+            }
+        };
+        {
+            let mut host = self.host.borrow_mut();
+            let mut sink = Staging {
+                journal: &self.journal,
+                appended: &self.appended,
+            };
+            if let Err(r) = ops::journal(&mut host, &mut sink) {
+                tracing::error!(shard = self.id, "journal: {}", r.message);
+            }
+        }
+        // Only the request's own records hold its reply back; what dispatching settles below
+        // (auto-acks, expiries) is committed with the next group commit without anyone waiting.
+        let own = self.appended.take();
+        {
+            let mut host = self.host.borrow_mut();
+            let mut sink = Staging {
+                journal: &self.journal,
+                appended: &self.appended,
+            };
+            ops::collect_pushes(
+                &mut host,
+                &mut sink,
+                now,
+                self.limits.wire.deliver_batch_max as usize,
+                &mut pushes,
+            );
+            self.appended.set(None);
+        }
+        let mut reply = Some(reply);
+        if own.is_none() {
+            // Nothing to wait for: the reply goes before the pushes, so a consumer's connection
+            // has its ConsumeOk before the deliveries that follow it.
+            let reply = reply.take().expect("not sent yet");
+            self.send_to(
+                from.shard,
+                MeshMsg::Reply {
+                    to: from,
+                    id,
+                    reply,
+                },
+            );
+        }
+        // Deliveries go at once; a consumer may see a message before its publisher's confirm.
+        for push in pushes {
+            let to = match &push {
+                Pushed::Deliver { to, .. } => *to,
+                Pushed::Cancelled(c) => c.to,
+            };
+            self.send_to(
+                to.shard,
+                MeshMsg::Push {
+                    from_shard: self.id,
+                    push,
+                },
+            );
+        }
+        match own {
+            None => {}
+            // A confirm (or a declare-ok) means on disk: answer once the group commit that
+            // carries this request's records is durable. Later requests go on meanwhile and
+            // join the next commit.
+            Some(appended) => {
+                let state = self.clone();
+                let reply = reply.take().expect("not sent yet");
+                rt::spawn_detached(async move {
+                    let reply = match state.journal.commit(&appended).await {
+                        Ok(()) => reply,
+                        Err(e) => not_durable(reply, storage_refusal(e)),
+                    };
+                    state.send_to(
+                        from.shard,
+                        MeshMsg::Reply {
+                            to: from,
+                            id,
+                            reply,
                         },
                     );
-                }
+                });
             }
+        }
+    }
+
+    fn deliver(&self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Request { .. } => unreachable!("requests are executed by the worker"),
             MeshMsg::Reply { to, id, reply } => {
                 let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
                     return;
@@ -227,11 +374,93 @@ impl ShardState {
     }
 }
 
+/// A reply whose records did not become durable: every journaled publish in it is refused, and
+/// any other answer becomes the refusal.
+fn not_durable(reply: Reply, refusal: Refusal) -> Reply {
+    match reply {
+        Reply::Published(outcomes) => Reply::Published(
+            outcomes
+                .into_iter()
+                .map(|mut o| {
+                    if o.journaled {
+                        o.journaled = false;
+                        o.result = Err(refusal.clone());
+                    }
+                    o
+                })
+                .collect(),
+        ),
+        _ => Reply::Refused(refusal),
+    }
+}
+
+/// The worker: executes requests for this shard's queues and hands replies and pushes to its
+/// connections, in arrival order. One task, so a request never runs inside another.
+async fn work_forever(state: Rc<ShardState>, bell: DoorbellWaiter) {
+    loop {
+        loop {
+            let Some(msg) = state.work.borrow_mut().pop_front() else {
+                break;
+            };
+            match msg {
+                MeshMsg::Request { from, id, op } => state.execute(from, id, op).await,
+                other => state.deliver(other),
+            }
+        }
+        if !bell.wait().await {
+            return;
+        }
+    }
+}
+
 /// Runs a shard until the stop flag is set and its connections have closed.
 pub async fn run(setup: ShardSetup) {
     let (senders, receivers) = setup.mesh.connect().await;
     let (mesh, flush_waiter) = Mesh::new(senders);
     let (drained, drained_waiter) = doorbell();
+    let (work_bell, work_waiter) = doorbell();
+
+    // Recover before serving: the journal's replay rebuilds the queues this shard owns.
+    let mut rebuild = Rebuild::new();
+    let config = JournalConfig {
+        shard_id: u32::from(setup.id),
+        limits: setup.limits.storage,
+    };
+    let opened = Journal::open(DmaDir::new(&setup.journal_dir), config, |_, kind, body| {
+        rebuild.apply(kind, body)
+    })
+    .await;
+    let (journal, host) = match opened {
+        Ok((journal, report)) => match rebuild.finish(setup.id, now_ms()) {
+            Ok((host, summary)) => {
+                let cut = report
+                    .cut
+                    .map(|c| format!(", cut a torn tail: {c:?}"))
+                    .unwrap_or_default();
+                let line = format!(
+                    "shard {}: journal {} segments, {} records; {} durable queues, {} messages{cut}",
+                    setup.id, report.segments, summary.records, summary.queues, summary.messages
+                );
+                let _ = setup.recovered.send(Ok(line));
+                (journal, host)
+            }
+            Err(e) => {
+                let _ = setup.recovered.send(Err(format!(
+                    "shard {}: journal {}: {e}",
+                    setup.id,
+                    setup.journal_dir.display()
+                )));
+                return;
+            }
+        },
+        Err(e) => {
+            let _ = setup
+                .recovered
+                .send(Err(format!("shard {}: {e}", setup.id)));
+            return;
+        }
+    };
+    rt::spawn_detached(journal.clone().run_committer());
     let state = Rc::new(ShardState {
         id: setup.id,
         limits: setup.limits,
@@ -240,12 +469,15 @@ pub async fn run(setup: ShardSetup) {
         next_connection: Cell::new(1),
         connections: RefCell::new(HashMap::new()),
         drained,
-        host: RefCell::new(QueueHost::new(setup.id)),
+        host: RefCell::new(host),
+        journal,
+        appended: Cell::new(None),
         mesh,
         work: RefCell::new(VecDeque::new()),
-        draining: Cell::new(false),
+        work_bell,
     });
     let mut tasks = Vec::new();
+    tasks.push(rt::spawn(work_forever(state.clone(), work_waiter)));
     let flusher = state.clone();
     tasks.push(rt::spawn(async move {
         flusher.mesh.flush_forever(flush_waiter).await
@@ -292,6 +524,8 @@ pub async fn run(setup: ShardSetup) {
         );
     }
     drop(tasks); // dropping a task cancels it: listeners and mesh ends close
+                 // Every confirm sent was durable already; closing flushes nothing owed, it releases files.
+    state.journal.close().await;
 }
 
 /// Rings every connection so it tells its peer and closes, then waits until all have.

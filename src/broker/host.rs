@@ -16,9 +16,11 @@ use std::rc::Rc;
 use bytes::Bytes;
 use weir_protocol::wire::{self, ErrorCode};
 
+use crate::broker::catalog::CatalogRecord;
 use crate::broker::queue::{
     Delivery, Overflow, OwnerId, Queue, QueueError, QueuePolicy, Seq, Settled,
 };
+use crate::storage::SettleReason;
 
 /// A delivery of a stored message.
 pub type StoredDelivery = Delivery<Rc<Stored>>;
@@ -36,6 +38,8 @@ pub struct Stored {
     pub bytes: Bytes,
     pub exchange: String,
     pub routing_key: String,
+    /// In the journal (a persistent message in a durable queue): its settlement is journaled too.
+    pub journaled: bool,
 }
 
 /// Why a request was refused: the code for the `Error` frame and a sentence naming what.
@@ -50,7 +54,7 @@ fn refuse<T>(code: ErrorCode, message: String) -> Result<T, Refusal> {
 }
 
 /// A declare request's parameters.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Declare {
     pub name: String,
     pub passive: bool,
@@ -90,6 +94,9 @@ struct Hosted {
     arguments: wire::QueueArgumentsT,
     queue: Queue<Rc<Stored>>,
     consumers: HashMap<OwnerId, ConsumerInfo>,
+    /// Cancelled consumers, by the connection they belonged to: what they hold stays ackable
+    /// until that connection closes.
+    retired: HashMap<OwnerId, ConnRef>,
     had_consumer: bool,
 }
 
@@ -131,6 +138,18 @@ pub struct QueueHost {
     /// Messages settled without a consumer's ack: dropped, expired, purged, dead-lettered (until
     /// exchanges exist, dead-lettering drops and counts).
     pub dropped: u64,
+    /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
+    settles: Vec<(Rc<str>, Seq, SettleReason)>,
+    /// Durable declarations and deletions, for the shard to journal.
+    catalog: Vec<CatalogRecord>,
+}
+
+/// What the host asks the shard to write to the journal.
+#[derive(Debug, Default)]
+pub struct JournalWork {
+    pub catalog: Vec<CatalogRecord>,
+    /// Settled (queue, seq, reason) of journaled messages, in the order they were settled.
+    pub settles: Vec<(Rc<str>, Seq, SettleReason)>,
 }
 
 const CONSUMER_BIT: u64 = 1 << 63;
@@ -143,7 +162,77 @@ impl QueueHost {
             dirty: BTreeSet::new(),
             next_consumer: 0,
             dropped: 0,
+            settles: Vec::new(),
+            catalog: Vec::new(),
         }
+    }
+
+    /// Takes what must be journaled since the last call.
+    pub fn take_journal_work(&mut self) -> JournalWork {
+        JournalWork {
+            catalog: std::mem::take(&mut self.catalog),
+            settles: std::mem::take(&mut self.settles),
+        }
+    }
+
+    /// Whether `queue`'s persistent messages are journaled; `None` if there is no such queue.
+    pub fn is_durable(&self, queue: &str) -> Option<bool> {
+        self.queues
+            .get(queue)
+            .map(|q| q.durable && q.exclusive.is_none())
+    }
+
+    /// Counts what was settled and remembers the settlements of journaled messages.
+    fn note_settled(&mut self, queue: &Rc<str>, settled: Vec<Settled<Rc<Stored>>>) {
+        for s in settled {
+            if s.reason != SettleReason::Acked {
+                self.dropped += 1;
+            }
+            if s.msg.journaled {
+                self.settles.push((queue.clone(), s.seq, s.reason));
+            }
+        }
+    }
+
+    /// Undoes the publish of `seq` (the newest message of `queue`) when it could not be journaled.
+    pub fn retract(&mut self, queue: &str, seq: Seq) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.queue.retract_newest(seq);
+        }
+    }
+
+    /// Puts back a durable queue and its messages, recovered from the journal.
+    pub fn restore_queue(
+        &mut self,
+        d: Declare,
+        next_seq: Seq,
+        messages: impl IntoIterator<Item = (Seq, Rc<Stored>)>,
+        now_ms: u64,
+    ) {
+        let policy = policy_of(&d.arguments);
+        let ttl = policy.message_ttl_ms;
+        let mut queue = Queue::new(policy, next_seq);
+        for (seq, msg) in messages {
+            let bytes = msg.bytes.len() as u32;
+            let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
+            // It may have been delivered before the restart: count that delivery, so it is
+            // marked redelivered (conservative, as AMQP brokers do after a crash).
+            queue.restore(seq, msg, bytes, now_ms, deadline, 1);
+        }
+        let name: Rc<str> = Rc::from(d.name.as_str());
+        self.dirty.insert(name.clone());
+        let hosted = Hosted {
+            name: name.clone(),
+            durable: d.durable,
+            exclusive: None,
+            auto_delete: d.auto_delete,
+            arguments: d.arguments,
+            queue,
+            consumers: HashMap::new(),
+            retired: HashMap::new(),
+            had_consumer: false,
+        };
+        self.queues.insert(name, hosted);
     }
 
     fn get_queue(&mut self, conn: ConnRef, name: &str) -> Result<&mut Hosted, Refusal> {
@@ -197,18 +286,13 @@ impl QueueHost {
                 "priority_max: priority queues are not served yet".into(),
             );
         }
-        let policy = QueuePolicy {
-            max_length: a.max_length,
-            max_length_bytes: a.max_length_bytes,
-            overflow: if a.overflow == wire::Overflow::RejectPublish {
-                Overflow::RejectPublish
-            } else {
-                Overflow::DropHead
-            },
-            message_ttl_ms: a.message_ttl_ms.map(u64::from),
-            max_deliveries: a.max_deliveries,
-            dead_letter: false,
-        };
+        let policy = policy_of(a);
+        if d.durable && !d.exclusive {
+            self.catalog.push(CatalogRecord::DeclareQueue(Declare {
+                passive: false,
+                ..d.clone()
+            }));
+        }
         let name: Rc<str> = Rc::from(d.name.as_str());
         let q = Hosted {
             name: name.clone(),
@@ -218,6 +302,7 @@ impl QueueHost {
             arguments: d.arguments,
             queue: Queue::new(policy, 0),
             consumers: HashMap::new(),
+            retired: HashMap::new(),
             had_consumer: false,
         };
         let info = q.info(shard, now_ms);
@@ -255,6 +340,10 @@ impl QueueHost {
             return (0, Vec::new());
         };
         self.dirty.remove(name);
+        if q.durable && q.exclusive.is_none() {
+            self.catalog
+                .push(CatalogRecord::DeleteQueue(name.to_string()));
+        }
         let s = q.queue.stats();
         let cancelled = q
             .consumers
@@ -272,7 +361,8 @@ impl QueueHost {
         let q = self.get_queue(conn, name)?;
         let mut settled = Vec::new();
         let n = q.queue.purge(&mut settled) as u64;
-        self.dropped += settled.len() as u64;
+        let name = q.name.clone();
+        self.note_settled(&name, settled);
         Ok(n)
     }
 
@@ -329,7 +419,7 @@ impl QueueHost {
             Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
         };
         let name = q.name.clone();
-        self.dropped += settled.len() as u64;
+        self.note_settled(&name, settled);
         self.dirty.insert(name);
         Ok(seq)
     }
@@ -380,8 +470,9 @@ impl QueueHost {
         Ok(id)
     }
 
-    /// Cancels a consumer: its outstanding deliveries stay outstanding until settled (they belong
-    /// to the connection), except that an auto-delete queue losing its last consumer goes.
+    /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
+    /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
+    /// losing its last consumer goes.
     pub fn cancel(&mut self, conn: ConnRef, queue: &str, consumer: OwnerId) -> Result<(), Refusal> {
         let q = self.get_queue(conn, queue)?;
         if q.consumers.remove(&consumer).is_none() {
@@ -390,10 +481,9 @@ impl QueueHost {
                 format!("no such consumer on queue '{queue}'"),
             );
         }
-        let mut settled = Vec::new();
-        q.queue.release(consumer, &mut settled);
+        q.queue.remove_consumer(consumer);
+        q.retired.insert(consumer, conn);
         let (name, gone) = (q.name.clone(), q.auto_delete && q.consumers.is_empty());
-        self.dropped += settled.len() as u64;
         if gone {
             self.remove(&name, "was auto-deleted");
         } else {
@@ -424,10 +514,7 @@ impl QueueHost {
             message: e.to_string(),
         })?;
         let name = q.name.clone();
-        self.dropped += settled
-            .iter()
-            .filter(|s| s.reason != crate::storage::SettleReason::Acked)
-            .count() as u64;
+        self.note_settled(&name, settled);
         self.dirty.insert(name);
         Ok(())
     }
@@ -444,10 +531,8 @@ impl QueueHost {
         let mut settled = Vec::new();
         let d = q.queue.get(conn.conn, auto_ack, now_ms, &mut settled);
         let ready = q.queue.stats().ready;
-        self.dropped += settled
-            .iter()
-            .filter(|s| s.reason != crate::storage::SettleReason::Acked)
-            .count() as u64;
+        let name = q.name.clone();
+        self.note_settled(&name, settled);
         Ok((d, ready))
     }
 
@@ -455,6 +540,7 @@ impl QueueHost {
     /// later), its exclusive queues are deleted, auto-delete queues left without consumers go.
     pub fn connection_closed(&mut self, conn: ConnRef) {
         let mut gone = Vec::new();
+        let mut released = Vec::new();
         for (name, q) in self.queues.iter_mut() {
             if q.exclusive == Some(conn) {
                 gone.push(name.clone());
@@ -471,13 +557,27 @@ impl QueueHost {
                 q.consumers.remove(id);
                 q.queue.release(*id, &mut settled);
             }
-            let returned = q.queue.release(conn.conn, &mut settled);
-            self.dropped += settled.len() as u64;
+            let retired: Vec<OwnerId> = q
+                .retired
+                .iter()
+                .filter(|(_, c)| **c == conn)
+                .map(|(id, _)| *id)
+                .collect();
+            let mut returned = 0;
+            for id in retired {
+                q.retired.remove(&id);
+                returned += q.queue.release(id, &mut settled);
+            }
+            returned += q.queue.release(conn.conn, &mut settled);
+            released.push((name.clone(), settled));
             if !mine.is_empty() && q.auto_delete && q.consumers.is_empty() {
                 gone.push(name.clone());
             } else if !mine.is_empty() || returned > 0 {
                 self.dirty.insert(name.clone());
             }
+        }
+        for (name, settled) in released {
+            self.note_settled(&name, settled);
         }
         for name in gone {
             self.remove(&name, "was deleted with its connection");
@@ -488,8 +588,8 @@ impl QueueHost {
     pub fn take_deliveries(&mut self, now_ms: u64, max_per_queue: usize, out: &mut Vec<Outgoing>) {
         let dirty = std::mem::take(&mut self.dirty);
         let mut deliveries = Vec::new();
-        let mut settled = Vec::new();
         for name in dirty {
+            let mut settled = Vec::new();
             let Some(q) = self.queues.get_mut(&name) else {
                 continue;
             };
@@ -506,15 +606,13 @@ impl QueueHost {
                     delivery: d,
                 });
             }
-            if full_round && q.queue.stats().ready > 0 {
+            let again = full_round && q.queue.stats().ready > 0;
+            self.note_settled(&name, settled);
+            if again {
                 // More is owed than one round carries: come back to it.
                 self.dirty.insert(name);
             }
         }
-        self.dropped += settled
-            .iter()
-            .filter(|s| s.reason != crate::storage::SettleReason::Acked)
-            .count() as u64;
     }
 
     /// True when some queue may owe deliveries.
@@ -524,6 +622,21 @@ impl QueueHost {
 
     pub fn queue_count(&self) -> usize {
         self.queues.len()
+    }
+}
+
+fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
+    QueuePolicy {
+        max_length: a.max_length,
+        max_length_bytes: a.max_length_bytes,
+        overflow: if a.overflow == wire::Overflow::RejectPublish {
+            Overflow::RejectPublish
+        } else {
+            Overflow::DropHead
+        },
+        message_ttl_ms: a.message_ttl_ms.map(u64::from),
+        max_deliveries: a.max_deliveries,
+        dead_letter: false,
     }
 }
 
@@ -553,6 +666,7 @@ mod tests {
             bytes: Bytes::from_static(body),
             exchange: String::new(),
             routing_key: "q".into(),
+            journaled: true,
         })
     }
 
@@ -709,5 +823,32 @@ mod tests {
             .count();
         assert!((30..70).contains(&on_one), "{on_one} of 100 on shard 1");
         assert_eq!(placement("orders", 2), placement("orders", 2));
+    }
+
+    #[test]
+    fn a_cancelled_consumers_deliveries_stay_ackable_until_its_connection_closes() {
+        let mut h = QueueHost::new(0);
+        h.declare(A, declare("q"), 0).unwrap();
+        for _ in 0..3 {
+            h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+        }
+        let c = h.consume(B, "q", "t", 2, false, false).unwrap();
+        let mut out = Vec::new();
+        h.take_deliveries(0, 100, &mut out);
+        h.cancel(B, "q", c).unwrap();
+        h.settle(B, "q", c, out[0].delivery.seq, true, false)
+            .unwrap();
+        let info = h.info(A, "q", 0).unwrap();
+        assert_eq!(
+            (info.messages_ready, info.messages_unacked, info.consumers),
+            (1, 1, 0)
+        );
+        h.connection_closed(B);
+        let info = h.info(A, "q", 0).unwrap();
+        assert_eq!(
+            (info.messages_ready, info.messages_unacked),
+            (2, 0),
+            "released with its connection"
+        );
     }
 }

@@ -4,11 +4,15 @@
 //! as an argument). The I/O shells (connections, the journal, the shard loop) feed them events and
 //! carry out what they return, so every rule here is tested without a runtime.
 //!
+//! - `catalog`: durable queue declarations and deletions as journal records.
 //! - `host`: the queues one shard owns: declarations, consumers by connection, placement.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
+//! - `rebuild`: a shard's queues rebuilt from its journal's replay (a decision table).
 //! - `queue`: one queue's ready messages, consumers (round robin with prefetch credit),
 //!   outstanding deliveries, acks, nacks, redelivery, overflow, TTL and poison messages.
 
+pub mod catalog;
 pub mod host;
 pub mod ops;
 pub mod queue;
+pub mod rebuild;

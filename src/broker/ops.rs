@@ -12,8 +12,10 @@ use std::rc::Rc;
 use bytes::Bytes;
 use weir_protocol::wire;
 
+use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::{Cancelled, ConnRef, Declare, Outgoing, QueueHost, Refusal, Stored};
 use crate::broker::queue::{OwnerId, Seq};
+use crate::storage::SettleReason;
 
 /// One message of a publish, addressed to one queue of the owning shard.
 #[derive(Clone, Debug)]
@@ -26,6 +28,8 @@ pub struct PublishItem {
     pub mandatory: bool,
     /// Whether the publisher wants a confirm for it.
     pub confirm: bool,
+    /// The message's `persistent` property: journaled if its queue is durable.
+    pub persistent: bool,
     pub bytes: Bytes,
     pub expiration_ms: Option<u64>,
 }
@@ -35,6 +39,8 @@ pub struct PublishItem {
 pub struct PublishOutcome {
     pub sequence: u64,
     pub confirm: bool,
+    /// Written to the journal: its confirm waits for the commit and says so.
+    pub journaled: bool,
     pub result: Result<(), Refusal>,
     /// A mandatory message whose queue does not exist comes back whole, for a `Return`.
     pub returned: Option<PublishItem>,
@@ -132,10 +138,76 @@ pub enum Pushed {
     Cancelled(Cancelled),
 }
 
+/// Where the host's durable changes go: the shard's journal (records staged for the next group
+/// commit; the shard waits for that commit before it answers), or nothing in tests.
+pub trait JournalSink {
+    /// A message accepted into a durable queue under sequence `seq`.
+    fn message(&mut self, queue: &str, seq: Seq, msg: &Stored) -> Result<(), Refusal>;
+    /// Settled ranges of a queue's sequence numbers.
+    fn settle(
+        &mut self,
+        queue: &str,
+        reason: SettleReason,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), Refusal>;
+    /// A durable declaration or deletion.
+    fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal>;
+}
+
+/// A sink that keeps nothing: for state-machine tests.
+pub struct NoJournal;
+
+impl JournalSink for NoJournal {
+    fn message(&mut self, _: &str, _: Seq, _: &Stored) -> Result<(), Refusal> {
+        Ok(())
+    }
+    fn settle(&mut self, _: &str, _: SettleReason, _: &[(u64, u64)]) -> Result<(), Refusal> {
+        Ok(())
+    }
+    fn catalog(&mut self, _: &CatalogRecord) -> Result<(), Refusal> {
+        Ok(())
+    }
+}
+
+/// Hands the host's journal work to the sink: catalog records, then settle records with
+/// consecutive sequence numbers of one queue and reason merged into ranges. A catalog record that
+/// cannot be journaled fails the op (the declaration would not survive a restart); a settle record
+/// that cannot is logged (the message is redelivered after a restart: at least once still holds).
+pub fn journal(host: &mut QueueHost, sink: &mut dyn JournalSink) -> Result<(), Refusal> {
+    let work = host.take_journal_work();
+    for record in &work.catalog {
+        sink.catalog(record)?;
+    }
+    let mut i = 0;
+    while i < work.settles.len() {
+        let (queue, _, reason) = &work.settles[i];
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        while let Some((q, seq, r)) = work.settles.get(i) {
+            if q != queue || r != reason {
+                break;
+            }
+            match ranges.last_mut() {
+                Some(last) if last.1 + 1 == *seq => last.1 = *seq,
+                _ => ranges.push((*seq, *seq)),
+            }
+            i += 1;
+        }
+        if let Err(e) = sink.settle(queue, *reason, &ranges) {
+            tracing::warn!(
+                queue = &**queue,
+                "settlement not journaled (redelivered after a restart): {}",
+                e.message
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Applies `op` from `from` to the host; the reply goes back to `from`, the pushes to whoever
 /// they name (dispatching owed deliveries is the caller's next step: `collect_pushes`).
 pub fn execute(
     host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
     from: ConnRef,
     op: Op,
     now_ms: u64,
@@ -167,7 +239,7 @@ pub fn execute(
         Op::Publish(items) => Ok(Reply::Published(
             items
                 .into_iter()
-                .map(|item| publish(host, from, item, now_ms))
+                .map(|item| publish(host, sink, from, item, now_ms))
                 .collect(),
         )),
         Op::Consume {
@@ -216,20 +288,61 @@ pub fn execute(
             Ok(Reply::Done)
         }
     };
-    result.unwrap_or_else(Reply::Refused)
+    match (result, journal(host, sink)) {
+        (Ok(reply), Ok(())) => reply,
+        (Err(r), _) | (Ok(_), Err(r)) => Reply::Refused(r),
+    }
 }
 
-fn publish(host: &mut QueueHost, from: ConnRef, item: PublishItem, now_ms: u64) -> PublishOutcome {
+/// Accepts one published message into its queue, journaling it if it is persistent and the
+/// queue durable. The shard calls it per message so it can wait for journal room in between.
+pub fn publish(
+    host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
+    from: ConnRef,
+    item: PublishItem,
+    now_ms: u64,
+) -> PublishOutcome {
     let (sequence, confirm) = (item.sequence, item.confirm);
+    let journaled = item.persistent && host.is_durable(&item.queue) == Some(true);
     let stored = Rc::new(Stored {
         bytes: item.bytes.clone(),
         exchange: item.exchange.clone(),
         routing_key: item.routing_key.clone(),
+        journaled,
     });
-    match host.publish(from, &item.queue, stored, item.expiration_ms, now_ms) {
+    let accepted = host.publish(
+        from,
+        &item.queue,
+        stored.clone(),
+        item.expiration_ms,
+        now_ms,
+    );
+    match accepted {
+        Ok(seq) if journaled => match sink.message(&item.queue, seq, &stored) {
+            Ok(()) => PublishOutcome {
+                sequence,
+                confirm,
+                journaled,
+                result: Ok(()),
+                returned: None,
+            },
+            Err(r) => {
+                // Not durable, so not accepted: it must not be delivered or confirmed.
+                host.retract(&item.queue, seq);
+                PublishOutcome {
+                    sequence,
+                    confirm,
+                    journaled: false,
+                    result: Err(r),
+                    returned: None,
+                }
+            }
+        },
         Ok(_) => PublishOutcome {
             sequence,
             confirm,
+            journaled,
             result: Ok(()),
             returned: None,
         },
@@ -237,12 +350,14 @@ fn publish(host: &mut QueueHost, from: ConnRef, item: PublishItem, now_ms: u64) 
         Err(r) if item.mandatory && r.code == wire::ErrorCode::NotFound => PublishOutcome {
             sequence,
             confirm,
+            journaled: false,
             result: Ok(()),
             returned: Some(item),
         },
         Err(r) => PublishOutcome {
             sequence,
             confirm,
+            journaled: false,
             result: Err(r),
             returned: None,
         },
@@ -252,6 +367,7 @@ fn publish(host: &mut QueueHost, from: ConnRef, item: PublishItem, now_ms: u64) 
 /// Every delivery the host owes, grouped into one `Deliver` push per (connection, consumer).
 pub fn collect_pushes(
     host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
     now_ms: u64,
     max_per_queue: usize,
     pushes: &mut Vec<Pushed>,
@@ -283,5 +399,9 @@ pub fn collect_pushes(
             });
         }
         owed.clear();
+    }
+    // Auto-acked and expired messages were settled while dispatching.
+    if let Err(r) = journal(host, sink) {
+        tracing::error!("journal: {}", r.message);
     }
 }

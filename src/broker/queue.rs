@@ -263,6 +263,17 @@ impl<M: Clone> Queue<M> {
         self.next_seq = self.next_seq.max(seq + 1);
     }
 
+    /// Takes back the newest message if it is `seq` and still ready (its publish could not be
+    /// made durable). Returns whether it did.
+    pub fn retract_newest(&mut self, seq: Seq) -> bool {
+        if self.ready.back().is_some_and(|e| e.seq == seq) {
+            let e = self.ready.pop_back().expect("checked");
+            self.ready_bytes -= u64::from(e.bytes);
+            return true;
+        }
+        false
+    }
+
     pub fn add_consumer(
         &mut self,
         id: OwnerId,
@@ -284,6 +295,22 @@ impl<M: Clone> Queue<M> {
         Ok(())
     }
 
+    /// Stops dispatching to consumer `id`; what it holds stays outstanding (still ackable)
+    /// until `release`. Returns whether it was a consumer.
+    pub fn remove_consumer(&mut self, id: OwnerId) -> bool {
+        let Some(i) = self.consumers.iter().position(|c| c.id == id) else {
+            return false;
+        };
+        self.consumers.remove(i);
+        if self.cursor > i {
+            self.cursor -= 1;
+        }
+        if self.cursor >= self.consumers.len() {
+            self.cursor = 0;
+        }
+        true
+    }
+
     pub fn set_prefetch(&mut self, id: OwnerId, prefetch: u32) -> Result<(), QueueError> {
         if prefetch == 0 {
             return Err(QueueError::ZeroPrefetch);
@@ -301,15 +328,7 @@ impl<M: Clone> Queue<M> {
     /// (consumer or `Get` owner) to ready, to be redelivered; those past `max_deliveries` go to
     /// `settled` instead. Returns how many went back to ready.
     pub fn release(&mut self, id: OwnerId, settled: &mut Vec<Settled<M>>) -> usize {
-        if let Some(i) = self.consumers.iter().position(|c| c.id == id) {
-            self.consumers.remove(i);
-            if self.cursor > i {
-                self.cursor -= 1;
-            }
-            if self.cursor >= self.consumers.len() {
-                self.cursor = 0;
-            }
-        }
+        self.remove_consumer(id);
         let mut seqs: Vec<Seq> = self
             .outstanding
             .iter()

@@ -451,6 +451,7 @@ impl Session {
                 routing_key: queue.to_string(),
                 mandatory: entry.mandatory(),
                 confirm,
+                persistent: message.persistent(),
                 bytes,
                 expiration_ms: message.expiration_ms().map(u64::from),
             };
@@ -730,12 +731,15 @@ impl Session {
 
     fn published(&mut self, outcomes: Vec<PublishOutcome>, out: &mut BytesMut) {
         self.unconfirmed -= outcomes.len() as u64;
+        // Journaled ones were confirmed after their group commit; the others live in memory only.
         let mut confirmed: Vec<u64> = Vec::new();
+        let mut confirmed_transient: Vec<u64> = Vec::new();
         let mut refused: BTreeMap<(u16, String), Vec<u64>> = BTreeMap::new();
         let mut returned = Vec::new();
         for o in outcomes {
             match o.result {
-                Ok(()) if o.confirm => confirmed.push(o.sequence),
+                Ok(()) if o.confirm && o.journaled => confirmed.push(o.sequence),
+                Ok(()) if o.confirm => confirmed_transient.push(o.sequence),
                 Ok(()) => {}
                 Err(r) => refused
                     .entry((r.code.0, r.message))
@@ -758,13 +762,15 @@ impl Session {
             r.entries = returned;
             self.reply(out, 0, BodyT::Return(Box::new(r)));
         }
-        if !confirmed.is_empty() {
-            let ranges = to_ranges(confirmed);
-            // Not yet journaled: the journal is wired in with durable publishing.
-            if let Err(e) = self
-                .encoder
-                .confirm(out, &ranges, wire::Durability::Transient, &[])
-            {
+        let durability = self.ctx.durability;
+        for (seqs, durability) in [
+            (confirmed, durability),
+            (confirmed_transient, wire::Durability::Transient),
+        ] {
+            if seqs.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.encoder.confirm(out, &to_ranges(seqs), durability, &[]) {
                 tracing::error!("cannot encode a confirm: {e}");
             }
         }

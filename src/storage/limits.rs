@@ -33,6 +33,9 @@ pub struct StorageLimits {
     pub commit_bytes_max: u32,
     /// Bytes that may wait for the next commit while one is in flight. Beyond it `append` refuses
     /// with backpressure: this is the byte bound on the group-commit window and on staging memory.
+    /// Staging buffers are DMA buffers: an executor whose DMA pool (`rt` io_memory) holds less
+    /// than twice this (the staged batch and the one in flight) falls back to heap-allocated
+    /// aligned buffers, which is correct but costs page faults.
     pub staged_bytes_max: u64,
     /// Size of the sequential reads of recovery. Larger reads reach the disk's bandwidth; it must
     /// hold a whole commit chunk so that a chunk is validated from one buffer.

@@ -716,4 +716,54 @@ mod tests {
             assert_eq!(decide(&f, p, later), want, "{f:?} {p:?} later={later}");
         }
     }
+
+    #[test]
+    fn every_segment_row_decides_as_documented() {
+        use crate::storage::segment::FLAG_RECLAIMED;
+        let good = SegmentHeader {
+            version: FORMAT_VERSION,
+            shard_id: 3,
+            number: 5,
+            flags: 0,
+            segment_size: 1 << 20,
+            prev_end: 8192,
+            first_commit_seq: 9,
+        };
+        let d = |h: Result<SegmentHeader, HeaderFault>, last: bool, holds: bool| {
+            decide_segment(&h, 5, 3, last, holds)
+        };
+        assert_eq!(d(Ok(good), true, true), SegmentDecision::Use); // S1
+        assert_eq!(
+            d(Err(HeaderFault::Zero), true, false),
+            SegmentDecision::RemoveInterrupted
+        ); // S2
+        assert!(matches!(
+            d(Err(HeaderFault::Zero), true, true),
+            SegmentDecision::Refuse(_)
+        )); // S3
+        assert!(matches!(
+            d(Err(HeaderFault::Zero), false, false),
+            SegmentDecision::Refuse(_)
+        )); // S3
+        let v = SegmentHeader { version: 2, ..good };
+        assert!(
+            matches!(d(Ok(v), false, false), SegmentDecision::Refuse(m) if m.contains("version"))
+        ); // S4
+        let s = SegmentHeader {
+            shard_id: 4,
+            ..good
+        };
+        assert!(
+            matches!(d(Ok(s), false, false), SegmentDecision::Refuse(m) if m.contains("shard 4"))
+        ); // S5
+        let n = SegmentHeader { number: 6, ..good };
+        assert!(
+            matches!(d(Ok(n), false, false), SegmentDecision::Refuse(m) if m.contains("says 5"))
+        ); // S6
+        let r = SegmentHeader {
+            flags: FLAG_RECLAIMED,
+            ..good
+        };
+        assert_eq!(d(Ok(r), false, false), SegmentDecision::SkipReclaimed); // S8
+    }
 }

@@ -139,6 +139,8 @@ pub struct Client {
     decoder: FrameDecoder,
     encoder: Encoder,
     next_request: u64,
+    /// Pushes (deliveries, confirms, ...) that arrived while a reply was awaited.
+    pushed: std::collections::VecDeque<FrameT>,
 }
 
 impl Client {
@@ -152,6 +154,7 @@ impl Client {
             decoder: FrameDecoder::new(WireLimits::DEFAULT),
             encoder: Encoder::new(WireLimits::DEFAULT),
             next_request: 1,
+            pushed: std::collections::VecDeque::new(),
         }
     }
 
@@ -173,6 +176,13 @@ impl Client {
 
     /// The next frame, or `None` at end of stream. Panics on a timeout.
     pub fn recv(&mut self) -> Option<FrameT> {
+        if let Some(f) = self.pushed.pop_front() {
+            return Some(f);
+        }
+        self.recv_wire()
+    }
+
+    fn recv_wire(&mut self) -> Option<FrameT> {
         loop {
             if let Some(frame) = self
                 .decoder
@@ -192,11 +202,20 @@ impl Client {
     }
 
     /// Sends a request and returns its reply, checking the echoed id.
+    /// Pushes that arrive first (request id 0: deliveries, confirms) are kept for `recv`.
     pub fn request(&mut self, body: BodyT) -> BodyT {
         let id = self.send(body);
-        let reply = self.recv().expect("the broker closed instead of replying");
-        assert_eq!(reply.request_id, id, "reply to another request: {reply:?}");
-        reply.body
+        loop {
+            let reply = self
+                .recv_wire()
+                .expect("the broker closed instead of replying");
+            if reply.request_id == 0 && !matches!(reply.body, BodyT::Error(_)) {
+                self.pushed.push_back(reply);
+                continue;
+            }
+            assert_eq!(reply.request_id, id, "reply to another request: {reply:?}");
+            return reply.body;
+        }
     }
 
     /// `Hello` with our protocol version; returns the `Welcome`.
@@ -261,9 +280,25 @@ impl Client {
     /// Publishes one message per body to the default exchange (`queue` as the routing key),
     /// with sequence numbers starting at `first_seq`.
     pub fn publish(&mut self, queue: &str, first_seq: u64, bodies: &[&[u8]], mandatory: bool) {
+        self.publish_with(queue, first_seq, bodies, mandatory, true)
+    }
+
+    /// As `publish`, choosing the messages' `persistent` property.
+    pub fn publish_with(
+        &mut self,
+        queue: &str,
+        first_seq: u64,
+        bodies: &[&[u8]],
+        mandatory: bool,
+        persistent: bool,
+    ) {
+        let props = weir_protocol::MessageProps {
+            persistent,
+            ..Default::default()
+        };
         let messages: Vec<bytes::Bytes> = bodies
             .iter()
-            .map(|b| self.encoder.message(&Default::default(), b).unwrap())
+            .map(|b| self.encoder.message(&props, b).unwrap())
             .collect();
         let items = messages
             .iter()
@@ -284,20 +319,31 @@ impl Client {
 
     /// Reads until the sequences `first..=last` are all confirmed; returns the other frames seen.
     pub fn await_confirms(&mut self, first: u64, last: u64) -> Vec<FrameT> {
-        let mut confirmed = std::collections::BTreeSet::new();
+        self.await_confirms_with(first, last).0
+    }
+
+    /// As `await_confirms`, also returning the durability each sequence was confirmed with.
+    pub fn await_confirms_with(
+        &mut self,
+        first: u64,
+        last: u64,
+    ) -> (Vec<FrameT>, Vec<wire::Durability>) {
+        let mut confirmed = std::collections::BTreeMap::new();
         let mut others = Vec::new();
-        while (first..=last).any(|s| !confirmed.contains(&s)) {
+        while (first..=last).any(|s| !confirmed.contains_key(&s)) {
             let f = self.recv().expect("closed while waiting for confirms");
             match &f.body {
                 BodyT::Confirm(c) => {
                     for r in &c.ranges {
-                        confirmed.extend(r.first..=r.last);
+                        for s in r.first..=r.last {
+                            confirmed.insert(s, c.durability);
+                        }
                     }
                 }
                 _ => others.push(f),
             }
         }
-        others
+        (others, (first..=last).map(|s| confirmed[&s]).collect())
     }
 
     pub fn consume(

@@ -1,0 +1,376 @@
+//! Consuming: a `Consumer` is a `Stream` of `Delivery`s; each delivery settles itself.
+//!
+//! Contract: the connection's driver task pushes each delivery into its consumer's channel as
+//! the `Deliver` frame is read; the `Consumer` (owned by the application) takes them out. The
+//! channel is unbounded because the broker bounds it: at most `prefetch` unacknowledged
+//! deliveries per consumer (an `auto_ack` consumer has no such bound; the broker's own pacing
+//! and TCP are all it gets). A `Delivery` keeps a handle on the connection it came from,
+//! because delivery tags mean something only there; settling on a dead connection fails with
+//! `Closed` (the broker has already requeued it).
+//!
+//! Faults handled: the broker cancelling the consumer (the stream yields
+//! `Err(ConsumerCancelled)` and ends), the connection dying (`Err(Closed)`, then the end),
+//! the application dropping or cancelling a consumer that still holds undelivered deliveries
+//! (they are nacked with requeue, so they go to another consumer now rather than when the
+//! connection closes).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use weir_protocol::wire;
+
+use crate::conn::{Command, ConnHandle, Settle};
+use crate::error::ClientError;
+
+/// How to consume a queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// Unique on the connection; empty: the client picks one.
+    pub tag: String,
+    /// Most unacknowledged deliveries this consumer may hold; 0: the broker's default.
+    pub prefetch: u32,
+    /// Deliveries are settled as they are sent (at-most-once); `ack` is then a no-op.
+    pub auto_ack: bool,
+    /// The queue's only consumer; refused (`ResourceLocked`) if it has another.
+    pub exclusive: bool,
+}
+
+/// One message handed to this client, by a consumer or by `get`.
+pub struct Delivery {
+    conn: ConnHandle,
+    delivery_tag: u64,
+    redelivered: bool,
+    delivery_count: u32,
+    exchange: String,
+    routing_key: String,
+    /// The `Message` flatbuffer, a slice of the received frame (verified by the decoder).
+    message: Bytes,
+    auto_ack: bool,
+}
+
+impl Delivery {
+    pub(crate) fn new(
+        conn: ConnHandle,
+        d: &wire::Delivery<'_>,
+        message: Bytes,
+        auto_ack: bool,
+    ) -> Delivery {
+        Delivery {
+            conn,
+            delivery_tag: d.delivery_tag(),
+            redelivered: d.redelivered(),
+            delivery_count: d.delivery_count(),
+            exchange: d.exchange().unwrap_or("").to_string(),
+            routing_key: d.routing_key().unwrap_or("").to_string(),
+            message,
+            auto_ack,
+        }
+    }
+
+    /// The message's properties and body, read in place.
+    pub fn message(&self) -> wire::Message<'_> {
+        // SAFETY: `message` is a slice of a frame that came out of `FrameDecoder::decode`, which
+        // verifies every nested message of `Deliver` and `GetOk` frames (weir-protocol's
+        // invariant "every nested message is verified at ingress"), and `Bytes` is immutable.
+        unsafe { weir_protocol::message_unchecked(&self.message) }
+    }
+
+    /// The message's wire bytes exactly as published: re-publishable as they are.
+    pub fn message_bytes(&self) -> &Bytes {
+        &self.message
+    }
+
+    pub fn body(&self) -> &[u8] {
+        self.message().body().map(|b| b.bytes()).unwrap_or(&[])
+    }
+
+    pub fn message_id(&self) -> Option<&str> {
+        self.message().message_id()
+    }
+
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.message().correlation_id()
+    }
+
+    pub fn reply_to(&self) -> Option<&str> {
+        self.message().reply_to()
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        self.message().content_type()
+    }
+
+    pub fn content_encoding(&self) -> Option<&str> {
+        self.message().content_encoding()
+    }
+
+    /// The application headers, in order.
+    pub fn headers(&self) -> Vec<(&str, &[u8])> {
+        self.message()
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key(), h.value().map(|v| v.bytes()).unwrap_or(&[])))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The first header named `key`.
+    pub fn header(&self, key: &str) -> Option<&[u8]> {
+        self.headers()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn timestamp_ms(&self) -> i64 {
+        self.message().timestamp_ms()
+    }
+
+    pub fn expiration_ms(&self) -> Option<u32> {
+        self.message().expiration_ms()
+    }
+
+    pub fn priority(&self) -> u8 {
+        self.message().priority()
+    }
+
+    pub fn deliver_at_ms(&self) -> Option<i64> {
+        self.message().deliver_at_ms()
+    }
+
+    pub fn persistent(&self) -> bool {
+        self.message().persistent()
+    }
+
+    /// Connection-scoped; what acks name.
+    pub fn delivery_tag(&self) -> u64 {
+        self.delivery_tag
+    }
+
+    /// Delivered before (to this or another consumer) and not acked.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Deliveries of this message so far, this one included.
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery_count
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    /// Whether the broker settled it as it sent it (auto-ack consumer or `get`).
+    pub fn is_auto_acked(&self) -> bool {
+        self.auto_ack
+    }
+
+    /// Done with it: the broker forgets it. Resolves once the ack is durable.
+    /// An auto-acked delivery needs no ack: this returns at once.
+    pub async fn ack(&self) -> Result<(), ClientError> {
+        if self.auto_ack {
+            return Ok(());
+        }
+        self.settle(Settle::Ack).await
+    }
+
+    /// Failed: with `requeue` it goes back to its queue (redelivered), without it it is
+    /// dead-lettered or dropped.
+    pub async fn nack(&self, requeue: bool) -> Result<(), ClientError> {
+        self.refuse_auto_acked("nack")?;
+        self.settle(Settle::Nack { requeue }).await
+    }
+
+    /// As `nack`, AMQP's name for one delivery.
+    pub async fn reject(&self, requeue: bool) -> Result<(), ClientError> {
+        self.refuse_auto_acked("reject")?;
+        self.settle(Settle::Reject { requeue }).await
+    }
+
+    fn refuse_auto_acked(&self, what: &str) -> Result<(), ClientError> {
+        if self.auto_ack {
+            return Err(ClientError::InvalidArgument(format!(
+                "cannot {what} delivery {}: it was auto-acked",
+                self.delivery_tag
+            )));
+        }
+        Ok(())
+    }
+
+    async fn settle(&self, kind: Settle) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.conn.send(Command::Settle {
+            kind,
+            tags: vec![self.delivery_tag],
+            reply: Some(reply),
+        })?;
+        let frame = self.conn.wait(rx).await?;
+        match frame.body_type() {
+            wire::Body::Ok => Ok(()),
+            other => Err(ClientError::UnexpectedReply(format!(
+                "{other:?} in answer to a settlement"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("delivery_tag", &self.delivery_tag)
+            .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("message_bytes", &self.message.len())
+            .field("auto_ack", &self.auto_ack)
+            .finish()
+    }
+}
+
+/// A running consumer: a `Stream` of deliveries in queue order.
+///
+/// It ends after yielding one error: `ConsumerCancelled` when the broker cancelled it, `Closed`
+/// when its connection died. Dropping it cancels it (fire-and-forget); `cancel` waits for the
+/// broker.
+pub struct Consumer {
+    conn: ConnHandle,
+    tag: String,
+    queue: String,
+    shard: u16,
+    auto_ack: bool,
+    deliveries: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+    /// The broker no longer knows this consumer (cancelled, or the connection is gone).
+    done: bool,
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        conn: ConnHandle,
+        tag: String,
+        queue: String,
+        shard: u16,
+        auto_ack: bool,
+        deliveries: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+    ) -> Consumer {
+        Consumer {
+            conn,
+            tag,
+            queue,
+            shard,
+            auto_ack,
+            deliveries,
+            done: false,
+        }
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The shard that owns the queue (from `ConsumeOk`).
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    /// The next delivery; `None` once the stream has ended. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Result<Delivery, ClientError>> {
+        std::future::poll_fn(|cx| self.poll_delivery(cx)).await
+    }
+
+    fn poll_delivery(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Delivery, ClientError>>> {
+        let item = std::task::ready!(self.deliveries.poll_recv(cx));
+        if matches!(item, Some(Err(_)) | None) {
+            self.done = true;
+        }
+        Poll::Ready(item)
+    }
+
+    /// Stops the consumer and waits for the broker to confirm. Deliveries received but not yet
+    /// taken from this stream go back to the queue; deliveries already taken stay unacked until
+    /// settled.
+    pub async fn cancel(mut self) -> Result<(), ClientError> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let (reply, rx) = oneshot::channel();
+        let requeue = self.take_unseen();
+        self.conn.send(Command::Cancel {
+            tag: self.tag.clone(),
+            requeue,
+            reply: Some(reply),
+        })?;
+        let frame = self.conn.wait(rx).await?;
+        match frame.body_type() {
+            wire::Body::Ok => Ok(()),
+            other => Err(ClientError::UnexpectedReply(format!(
+                "{other:?} in answer to Cancel"
+            ))),
+        }
+    }
+
+    /// Closes the channel and returns the tags of the deliveries left in it.
+    fn take_unseen(&mut self) -> Vec<u64> {
+        // After `close`, the driver's sends fail and it requeues those itself.
+        self.deliveries.close();
+        let mut tags = Vec::new();
+        while let Ok(item) = self.deliveries.try_recv() {
+            if let Ok(d) = item {
+                if !self.auto_ack {
+                    tags.push(d.delivery_tag);
+                }
+            }
+        }
+        tags
+    }
+}
+
+impl futures_core::Stream for Consumer {
+    type Item = Result<Delivery, ClientError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_delivery(cx)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if self.done || self.conn.is_closed() {
+            return;
+        }
+        let requeue = self.take_unseen();
+        let _ = self.conn.send(Command::Cancel {
+            tag: self.tag.clone(),
+            requeue,
+            reply: None,
+        });
+    }
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tag", &self.tag)
+            .field("queue", &self.queue)
+            .field("shard", &self.shard)
+            .field("auto_ack", &self.auto_ack)
+            .finish()
+    }
+}

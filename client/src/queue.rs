@@ -1,0 +1,158 @@
+//! Queue declarations and descriptions as owned Rust values.
+//!
+//! Contract: plain data, converted to and from the schema's object API at the edge (the
+//! generated `*T` types are `#[non_exhaustive]` and carry wire details such as optional
+//! strings); no I/O here.
+
+use weir_protocol::wire;
+
+/// What a queue does when a publish would take it past `max_length` or `max_length_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest ready messages.
+    #[default]
+    DropHead,
+    /// Refuse the new message (`QueueFull`).
+    RejectPublish,
+}
+
+/// Optional behaviour of a queue, fixed when it is declared. `None`: the broker's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueArguments {
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    pub message_ttl_ms: Option<u32>,
+    pub dead_letter_exchange: Option<String>,
+    pub dead_letter_routing_key: Option<String>,
+    pub max_deliveries: Option<u32>,
+    /// Pin the queue to a shard (today the broker accepts only the shard its name hashes to).
+    pub shard: Option<u16>,
+    pub priority_max: u8,
+    pub expires_ms: Option<u32>,
+}
+
+impl QueueArguments {
+    pub(crate) fn to_wire(&self) -> wire::QueueArgumentsT {
+        let mut a = wire::QueueArgumentsT::default();
+        a.max_length = self.max_length;
+        a.max_length_bytes = self.max_length_bytes;
+        a.overflow = match self.overflow {
+            Overflow::DropHead => wire::Overflow::DropHead,
+            Overflow::RejectPublish => wire::Overflow::RejectPublish,
+        };
+        a.message_ttl_ms = self.message_ttl_ms;
+        a.dead_letter_exchange = self.dead_letter_exchange.clone();
+        a.dead_letter_routing_key = self.dead_letter_routing_key.clone();
+        a.max_deliveries = self.max_deliveries;
+        a.shard = self.shard;
+        a.priority_max = self.priority_max;
+        a.expires_ms = self.expires_ms;
+        a
+    }
+
+    pub(crate) fn from_wire(a: &wire::QueueArgumentsT) -> QueueArguments {
+        QueueArguments {
+            max_length: a.max_length,
+            max_length_bytes: a.max_length_bytes,
+            overflow: if a.overflow == wire::Overflow::RejectPublish {
+                Overflow::RejectPublish
+            } else {
+                Overflow::DropHead
+            },
+            message_ttl_ms: a.message_ttl_ms,
+            dead_letter_exchange: a.dead_letter_exchange.clone(),
+            dead_letter_routing_key: a.dead_letter_routing_key.clone(),
+            max_deliveries: a.max_deliveries,
+            shard: a.shard,
+            priority_max: a.priority_max,
+            expires_ms: a.expires_ms,
+        }
+    }
+}
+
+/// How to declare a queue. `Default` is a durable, shared, non-auto-delete queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Survives broker restarts.
+    pub durable: bool,
+    /// Only this connection may use it; deleted when the connection closes.
+    pub exclusive: bool,
+    /// Deleted when its last consumer is cancelled.
+    pub auto_delete: bool,
+    /// Only check that it exists (`NotFound` otherwise).
+    pub passive: bool,
+    pub arguments: QueueArguments,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            passive: false,
+            arguments: QueueArguments::default(),
+        }
+    }
+}
+
+impl QueueOptions {
+    /// A non-durable queue (kept in memory only).
+    pub fn transient() -> Self {
+        QueueOptions {
+            durable: false,
+            ..QueueOptions::default()
+        }
+    }
+
+    /// A passive declare: checks that the queue exists.
+    pub fn passive() -> Self {
+        QueueOptions {
+            passive: true,
+            ..QueueOptions::default()
+        }
+    }
+}
+
+/// A queue as the broker describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: QueueArguments,
+    /// The shard that owns it.
+    pub shard: u16,
+    pub messages_ready: u64,
+    pub messages_unacked: u64,
+    pub messages_delayed: u64,
+    pub bytes_ready: u64,
+    pub consumers: u32,
+    /// Age of the oldest ready message; `None` when none is ready.
+    pub oldest_ready_age_ms: Option<u64>,
+}
+
+impl QueueInfo {
+    pub(crate) fn from_wire(i: &wire::QueueInfoT) -> QueueInfo {
+        QueueInfo {
+            name: i.name.clone().unwrap_or_default(),
+            durable: i.durable,
+            exclusive: i.exclusive,
+            auto_delete: i.auto_delete,
+            arguments: i
+                .arguments
+                .as_deref()
+                .map(QueueArguments::from_wire)
+                .unwrap_or_default(),
+            shard: i.shard,
+            messages_ready: i.messages_ready,
+            messages_unacked: i.messages_unacked,
+            messages_delayed: i.messages_delayed,
+            bytes_ready: i.bytes_ready,
+            consumers: i.consumers,
+            oldest_ready_age_ms: i.oldest_ready_age_ms,
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Test harness: the real `weir` broker on 127.0.0.1 with ephemeral ports and a temporary data
+//! directory, killed when dropped, and a bound on every wait.
+//!
+//! The broker binary belongs to another package, so cargo does not hand its path to these tests:
+//! it is `<target dir>/debug/weir`, built once per test binary with `cargo build -p weir --bin
+//! weir` (a no-op when it is fresh), so `cargo test -p weir-client` on a clean clone works and
+//! never tests a stale broker. Nothing here synchronises by sleeping: the broker prints a ready
+//! line when its listeners are bound, and every wait is bounded by `within`.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::Duration;
+
+use weir_client::{Client, ClientOptions, Message};
+
+/// Longest any single wait may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Awaits `f`, failing the test if it takes longer than `TIMEOUT`.
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(TIMEOUT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {TIMEOUT:?} waiting for {what}"),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("client/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// The `weir` binary, built (or found fresh) once per test process.
+pub fn broker_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let root = workspace_root();
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => root.join(dir), // `join` keeps an absolute path as it is
+            None => root.join("target"),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "weir", "--bin", "weir"])
+            .current_dir(&root)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run cargo build -p weir --bin weir");
+        assert!(
+            out.status.success(),
+            "cargo build -p weir --bin weir failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let binary = target.join("debug").join("weir");
+        assert!(binary.exists(), "no broker binary at {}", binary.display());
+        binary
+    })
+}
+
+/// A fresh directory under cargo's per-test temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("client-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a temporary directory");
+    dir
+}
+
+/// A running broker, killed with SIGKILL when dropped.
+pub struct Broker {
+    child: Child,
+    pub listen: SocketAddr,
+    pub shard_ports: Vec<u16>,
+    pub data_dir: PathBuf,
+}
+
+impl Broker {
+    /// `weir serve` on ephemeral ports, data in a fresh directory named after `name`, with
+    /// `extra` arguments; returns once its ready line is printed.
+    pub fn start(name: &str, extra: &[&str]) -> Broker {
+        let data_dir = temp_dir(name);
+        let mut child = Command::new(broker_binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shard-port-base",
+                "0",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start weir serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = line_tx.send(line);
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut all);
+            let _ = err_tx.send(all);
+        });
+        let line = line_rx
+            .recv_timeout(TIMEOUT)
+            .expect("weir serve printed no ready line in time");
+        if !line.starts_with("weir ready:") {
+            let _ = child.kill();
+            let err = err_rx.recv_timeout(TIMEOUT).unwrap_or_default();
+            panic!("weir serve did not start: stdout {line:?}, stderr {err}");
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let field = |name: &str| {
+            let i = words
+                .iter()
+                .position(|w| *w == name)
+                .unwrap_or_else(|| panic!("no {name} in {line}"));
+            words[i + 1].to_string()
+        };
+        Broker {
+            listen: field("listen").parse().expect("listen address"),
+            shard_ports: field("shard_ports")
+                .split(',')
+                .map(|p| p.parse().expect("shard port"))
+                .collect(),
+            child,
+            data_dir,
+        }
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.shard_ports.len() as u16
+    }
+
+    pub async fn client(&self) -> Client {
+        self.client_with(ClientOptions::default()).await
+    }
+
+    pub async fn client_with(&self, options: ClientOptions) -> Client {
+        within("connect", Client::connect(self.listen, options))
+            .await
+            .expect("connect to the broker")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn messages(prefix: &str, n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::new(format!("{prefix} {i}")))
+        .collect()
+}
+
+pub fn bodies(prefix: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{prefix} {i}").into_bytes())
+        .collect()
+}
+
+/// A queue name whose hash places it on `shard` of `shards`, by the client's placement function.
+pub fn queue_on(shard: u16, shards: u16, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|n| weir_client::placement(n, shards) == shard)
+        .expect("some name hashes to every shard")
+}

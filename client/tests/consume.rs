@@ -1,0 +1,292 @@
+//! Consuming: a stream in publish order, prefetch, ack, nack with requeue, reject, get,
+//! cancel, competing consumers, redelivery when a consumer's client goes away, and a consumer
+//! whose queue is deleted.
+
+mod common;
+
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use common::{bodies, messages, within, Broker};
+use futures_core::Stream;
+use weir_client::{
+    Client, ClientError, ConsumeOptions, Consumer, Delivery, ErrorCode, Message, QueueOptions,
+};
+
+/// A delivery already received, without waiting: `None` when nothing is buffered.
+fn buffered(consumer: &mut Consumer) -> Option<Result<Delivery, ClientError>> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(consumer).poll_next(&mut cx) {
+        Poll::Ready(item) => item,
+        Poll::Pending => None,
+    }
+}
+
+async fn next(consumer: &mut Consumer) -> Delivery {
+    within("a delivery", consumer.recv())
+        .await
+        .expect("the stream ended")
+        .expect("a delivery, not an error")
+}
+
+async fn publish_all(client: &Client, queue: &str, msgs: Vec<Message>) {
+    let futures = within("publish", client.publish_batch(queue, msgs))
+        .await
+        .expect("queued");
+    for f in futures {
+        within("confirm", f).await.expect("confirmed");
+    }
+}
+
+fn prefetch(n: u32) -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch: n,
+        ..ConsumeOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn deliveries_stream_in_order_within_prefetch_and_acks_free_credit() {
+    let broker = Broker::start("consume", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("work", QueueOptions::default()))
+        .await
+        .expect("declare");
+    publish_all(&client, "work", messages("m", 10)).await;
+    let expected = bodies("m", 10);
+
+    let mut consumer = within("consume", client.consume("work", prefetch(4)))
+        .await
+        .expect("consume");
+    assert_eq!(consumer.queue(), "work");
+    let mut first = Vec::new();
+    for _ in 0..4 {
+        first.push(next(&mut consumer).await);
+    }
+    assert_eq!(
+        first.iter().map(|d| d.body().to_vec()).collect::<Vec<_>>(),
+        expected[..4].to_vec()
+    );
+    assert!(first
+        .iter()
+        .all(|d| !d.redelivered() && d.delivery_count() == 1 && d.routing_key() == "work"));
+
+    // The info reply travels behind any delivery sent before it on the same connection: if
+    // nothing is buffered once it is here, the broker held back the fifth.
+    let info = within("info", client.queue_info("work")).await.expect("info");
+    assert_eq!((info.messages_ready, info.messages_unacked), (6, 4));
+    assert_eq!(info.consumers, 1);
+    assert!(buffered(&mut consumer).is_none(), "a delivery beyond prefetch");
+
+    for d in &first {
+        within("ack", d.ack()).await.expect("ack");
+    }
+    let mut rest = Vec::new();
+    for _ in 0..6 {
+        let d = next(&mut consumer).await;
+        within("ack", d.ack()).await.expect("ack");
+        rest.push(d.body().to_vec());
+    }
+    assert_eq!(rest, expected[4..].to_vec());
+    let info = within("info", client.queue_info("work")).await.expect("info");
+    assert_eq!((info.messages_ready, info.messages_unacked), (0, 0));
+
+    // Acking twice names a tag the broker no longer holds.
+    let err = within("ack", first[0].ack()).await.expect_err("acked already");
+    assert_eq!(err.code(), Some(ErrorCode::UnknownDeliveryTag), "{err:?}");
+
+    within("cancel", consumer.cancel()).await.expect("cancel");
+    let info = within("info", client.queue_info("work")).await.expect("info");
+    assert_eq!(info.consumers, 0);
+}
+
+#[tokio::test]
+async fn properties_travel_untouched() {
+    let broker = Broker::start("properties", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("props", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let m = Message::new("payload")
+        .message_id("id-1")
+        .correlation_id("corr-1")
+        .reply_to("replies")
+        .content_type("text/plain")
+        .content_encoding("identity")
+        .header("tenant", "acme")
+        .header("trace", vec![1u8, 2, 3])
+        .timestamp_ms(1_795_000_000_000)
+        .priority(7)
+        .persistent(false);
+    publish_all(&client, "props", vec![m]).await;
+    let d = within("get", client.get("props", true))
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(d.body(), b"payload");
+    assert_eq!(d.message_id(), Some("id-1"));
+    assert_eq!(d.correlation_id(), Some("corr-1"));
+    assert_eq!(d.reply_to(), Some("replies"));
+    assert_eq!(d.content_type(), Some("text/plain"));
+    assert_eq!(d.content_encoding(), Some("identity"));
+    assert_eq!(
+        d.headers(),
+        vec![("tenant", &b"acme"[..]), ("trace", &[1u8, 2, 3][..])]
+    );
+    assert_eq!(d.header("trace"), Some(&[1u8, 2, 3][..]));
+    assert_eq!(d.timestamp_ms(), 1_795_000_000_000);
+    assert_eq!(d.priority(), 7);
+    assert!(!d.persistent());
+    assert!(d.is_auto_acked());
+    within("ack", d.ack()).await.expect("a no-op for auto-ack");
+    assert!(within("get", client.get("props", false))
+        .await
+        .expect("get")
+        .is_none());
+}
+
+#[tokio::test]
+async fn nack_with_requeue_redelivers_and_reject_drops() {
+    let broker = Broker::start("nack", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("retry", QueueOptions::default()))
+        .await
+        .expect("declare");
+    publish_all(&client, "retry", messages("r", 2)).await;
+
+    let mut consumer = within("consume", client.consume("retry", prefetch(1)))
+        .await
+        .expect("consume");
+    let d = next(&mut consumer).await;
+    assert_eq!(d.body(), b"r 0");
+    within("nack", d.nack(true)).await.expect("nack");
+    let again = next(&mut consumer).await;
+    assert_eq!(again.body(), b"r 0", "the requeued message comes back first");
+    assert!(again.redelivered());
+    assert_eq!(again.delivery_count(), 2);
+    within("reject", again.reject(false)).await.expect("reject");
+    let second = next(&mut consumer).await;
+    assert_eq!(second.body(), b"r 1");
+    within("ack", second.ack()).await.expect("ack");
+    let info = within("info", client.queue_info("retry")).await.expect("info");
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked),
+        (0, 0),
+        "the rejected message is gone"
+    );
+
+    // `get` without auto-ack holds the message until it is settled.
+    publish_all(&client, "retry", messages("g", 1)).await;
+    within("cancel", consumer.cancel()).await.expect("cancel");
+    let got = within("get", client.get("retry", false))
+        .await
+        .expect("get")
+        .expect("a message");
+    let info = within("info", client.queue_info("retry")).await.expect("info");
+    assert_eq!((info.messages_ready, info.messages_unacked), (0, 1));
+    within("nack", got.nack(true)).await.expect("nack");
+    let got = within("get", client.get("retry", false))
+        .await
+        .expect("get")
+        .expect("requeued");
+    assert!(got.redelivered());
+    within("ack", got.ack()).await.expect("ack");
+}
+
+#[tokio::test]
+async fn competing_consumers_share_and_a_dropped_clients_deliveries_go_to_the_other() {
+    let broker = Broker::start("compete", &[]);
+    let producer = broker.client().await;
+    within("declare", producer.declare("jobs", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let a = broker.client().await;
+    let b = broker.client().await;
+    let mut ca = within("consume", a.consume("jobs", prefetch(2)))
+        .await
+        .expect("consume a");
+    let mut cb = within("consume", b.consume("jobs", prefetch(2)))
+        .await
+        .expect("consume b");
+    publish_all(&producer, "jobs", messages("j", 4)).await;
+
+    let got_a = vec![next(&mut ca).await, next(&mut ca).await];
+    let got_b = vec![next(&mut cb).await, next(&mut cb).await];
+    let mut all: Vec<Vec<u8>> = got_a
+        .iter()
+        .chain(&got_b)
+        .map(|d| d.body().to_vec())
+        .collect();
+    all.sort();
+    assert_eq!(all, bodies("j", 4), "each message to exactly one consumer");
+
+    // A's client goes away holding two unacked deliveries: its stream ends, and the broker
+    // hands them to B, marked redelivered, as B frees credit.
+    let mut bodies_a: Vec<Vec<u8>> = got_a.iter().map(|d| d.body().to_vec()).collect();
+    drop(a);
+    match within("a's stream to end", ca.recv()).await {
+        Some(Err(ClientError::Closed(_))) => {}
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    let err = within("ack", got_a[0].ack()).await.expect_err("its connection is gone");
+    assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
+    for d in &got_b {
+        within("ack", d.ack()).await.expect("ack");
+    }
+    let again = vec![next(&mut cb).await, next(&mut cb).await];
+    let mut bodies_again: Vec<Vec<u8>> = again.iter().map(|d| d.body().to_vec()).collect();
+    bodies_a.sort();
+    bodies_again.sort();
+    assert_eq!(bodies_again, bodies_a);
+    assert!(
+        again
+            .iter()
+            .all(|d| d.redelivered() && d.delivery_count() == 2),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_consumers_unseen_deliveries_go_back_and_a_deleted_queue_ends_the_stream() {
+    let broker = Broker::start("cancel", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("c", QueueOptions::default()))
+        .await
+        .expect("declare");
+    publish_all(&client, "c", messages("c", 3)).await;
+    let mut consumer = within("consume", client.consume("c", prefetch(3)))
+        .await
+        .expect("consume");
+    let taken = next(&mut consumer).await;
+    // Make sure the other two have arrived (buffered, never handed out) before cancelling.
+    within("info", client.queue_info("c")).await.expect("info");
+    within("cancel", consumer.cancel()).await.expect("cancel");
+    let info = within("info", client.queue_info("c")).await.expect("info");
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked, info.consumers),
+        (2, 1, 0),
+        "the two never handed out are back; the one taken waits for its settlement"
+    );
+    within("ack", taken.ack()).await.expect("ack after cancel");
+
+    let mut consumer = within("consume", client.consume("c", prefetch(1)))
+        .await
+        .expect("consume");
+    let d = next(&mut consumer).await;
+    within("ack", d.ack()).await.expect("ack");
+    within("delete", client.delete("c", false, false))
+        .await
+        .expect("delete");
+    loop {
+        match within("the stream to end", consumer.recv()).await {
+            Some(Ok(d)) => drop(d), // delivered before the delete
+            Some(Err(ClientError::ConsumerCancelled { tag, code, .. })) => {
+                assert_eq!(tag, consumer.tag());
+                assert_eq!(code, ErrorCode::Deleted);
+                break;
+            }
+            other => panic!("expected ConsumerCancelled, got {other:?}"),
+        }
+    }
+    assert!(within("the end", consumer.recv()).await.is_none());
+}
