@@ -20,7 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{ConnRef, QueueHost, Refusal, Stored};
+use crate::broker::host::{Cache, ConnRef, QueueHost, Refusal, Stored};
 use crate::broker::ops::{self, JournalSink, Op, Pushed, Reply};
 use crate::broker::queue::Seq;
 use crate::broker::rebuild::Rebuild;
@@ -90,6 +90,8 @@ pub struct ShardState {
     journal: Journal<DmaDir>,
     /// The newest record appended while executing the current request.
     appended: Cell<Option<Appended>>,
+    /// Messages the current request journaled.
+    written: RefCell<Vec<Weak<Stored>>>,
     mesh: Mesh,
     /// Work for the worker task, in arrival order.
     work: RefCell<VecDeque<MeshMsg>>,
@@ -101,6 +103,9 @@ pub struct ShardState {
 struct Staging<'a> {
     journal: &'a Journal<DmaDir>,
     appended: &'a Cell<Option<Appended>>,
+    /// Messages journaled by the current request, newest last: evicted after their commit if the
+    /// shard is over its payload budget.
+    written: &'a RefCell<Vec<Weak<Stored>>>,
 }
 
 impl Staging<'_> {
@@ -118,7 +123,7 @@ impl Staging<'_> {
 }
 
 impl JournalSink for Staging<'_> {
-    fn message(&mut self, queue: &str, seq: Seq, msg: &Stored) -> Result<(), Refusal> {
+    fn message(&mut self, queue: &str, seq: Seq, msg: &Rc<Stored>) -> Result<(), Refusal> {
         let envelope = MessageEnvelope {
             exchange: msg.exchange.as_bytes(),
             routing_key: msg.routing_key.as_bytes(),
@@ -127,7 +132,16 @@ impl JournalSink for Staging<'_> {
                 queue_seq: seq,
             }],
         };
-        self.note(self.journal.append_message(&envelope, &msg.bytes))
+        let payload = msg
+            .payload()
+            .expect("a message being published is in memory");
+        let appended = self
+            .journal
+            .append_message(&envelope, &payload)
+            .map_err(storage_refusal)?;
+        msg.set_position(appended.position, appended.len);
+        self.written.borrow_mut().push(Rc::downgrade(msg));
+        self.note(Ok(appended))
     }
 
     fn settle(
@@ -234,6 +248,7 @@ impl ShardState {
                     let mut sink = Staging {
                         journal: &self.journal,
                         appended: &self.appended,
+                        written: &self.written,
                     };
                     outcomes.push(ops::publish(&mut host, &mut sink, from, item, now));
                 }
@@ -244,6 +259,7 @@ impl ShardState {
                 let mut sink = Staging {
                     journal: &self.journal,
                     appended: &self.appended,
+                    written: &self.written,
                 };
                 ops::execute(&mut host, &mut sink, from, op, now, &mut pushes)
             }
@@ -253,6 +269,7 @@ impl ShardState {
             let mut sink = Staging {
                 journal: &self.journal,
                 appended: &self.appended,
+                written: &self.written,
             };
             if let Err(r) = ops::journal(&mut host, &mut sink) {
                 tracing::error!(shard = self.id, "journal: {}", r.message);
@@ -261,11 +278,13 @@ impl ShardState {
         // Only the request's own records hold its reply back; what dispatching settles below
         // (auto-acks, expiries) is committed with the next group commit without anyone waiting.
         let own = self.appended.take();
+        let written = std::mem::take(&mut *self.written.borrow_mut());
         {
             let mut host = self.host.borrow_mut();
             let mut sink = Staging {
                 journal: &self.journal,
                 appended: &self.appended,
+                written: &self.written,
             };
             ops::collect_pushes(
                 &mut host,
@@ -275,8 +294,18 @@ impl ShardState {
                 &mut pushes,
             );
             self.appended.set(None);
+            self.written.borrow_mut().clear();
         }
         let mut reply = Some(reply);
+        if let Some(Reply::Got(Some(d), _)) = reply.as_mut() {
+            if !self.fill(from, std::slice::from_mut(&mut **d)).await {
+                reply = Some(Reply::Refused(Refusal {
+                    code: weir_protocol::wire::ErrorCode::StorageFailed,
+                    message: "the message could not be read back from the journal; it was requeued"
+                        .into(),
+                }));
+            }
+        }
         if own.is_none() {
             // Nothing to wait for: the reply goes before the pushes, so a consumer's connection
             // has its ConsumeOk before the deliveries that follow it.
@@ -290,6 +319,19 @@ impl ShardState {
                 },
             );
         }
+        // Payloads spilled to the journal are read back before their deliveries leave.
+        for push in pushes.iter_mut() {
+            if let Pushed::Deliver { to, deliveries, .. } = push {
+                let to = *to;
+                let mut kept = std::mem::take(deliveries);
+                if !self.fill(to, &mut kept).await {
+                    kept.retain(|d| d.fill.is_none());
+                }
+                *deliveries = kept;
+            }
+        }
+        pushes
+            .retain(|p| !matches!(p, Pushed::Deliver { deliveries, .. } if deliveries.is_empty()));
         // Deliveries go at once; a consumer may see a message before its publisher's confirm.
         for push in pushes {
             let to = match &push {
@@ -314,7 +356,10 @@ impl ShardState {
                 let reply = reply.take().expect("not sent yet");
                 rt::spawn_detached(async move {
                     let reply = match state.journal.commit(&appended).await {
-                        Ok(()) => reply,
+                        Ok(()) => {
+                            state.evict_if_over_budget(&written);
+                            reply
+                        }
                         Err(e) => not_durable(reply, storage_refusal(e)),
                     };
                     state.send_to(
@@ -328,6 +373,68 @@ impl ShardState {
                 });
             }
         }
+    }
+
+    /// Once their records are durable, the newest messages give up their in-memory payloads
+    /// while journaled payloads hold more than their share of `cache_bytes_max`: the head of a
+    /// backlog, delivered first, stays in memory; its tail waits on disk.
+    fn evict_if_over_budget(&self, written: &[Weak<Stored>]) {
+        let cache = self.host.borrow().cache().clone();
+        for msg in written.iter().rev() {
+            if !cache.over_journaled_share() {
+                break;
+            }
+            if let Some(msg) = msg.upgrade() {
+                msg.evict();
+            }
+        }
+    }
+
+    /// Reads back the payloads of `deliveries` that are only in the journal. A payload that
+    /// cannot be read is logged and its message requeued; returns false if any was.
+    async fn fill(&self, to: ConnRef, deliveries: &mut [ops::WireDelivery]) -> bool {
+        let mut all = true;
+        for d in deliveries.iter_mut() {
+            let Some((position, record_len, len)) = d.fill else {
+                continue;
+            };
+            match self.journal.read(position, Some(record_len)).await {
+                Ok(record) => {
+                    let (_, message) = MessageEnvelope::decode(record.body()).unwrap_or_else(|e| {
+                        panic!("journal record at {position:?} is not a message: {e}")
+                    });
+                    // Checked before write (the index was built from this record), checked
+                    // after read: a mismatch is a broken index, not a bad disk (the CRC passed).
+                    assert_eq!(
+                        message.len(),
+                        len as usize,
+                        "journal record at {position:?} has the wrong length"
+                    );
+                    d.bytes = bytes::Bytes::copy_from_slice(message);
+                    d.fill = None;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        shard = self.id,
+                        queue = d.queue,
+                        "cannot read a payload back: {e}"
+                    );
+                    all = false;
+                    let requeued = self
+                        .host
+                        .borrow_mut()
+                        .settle(to, &d.queue, d.owner, d.seq, false, true);
+                    if let Err(r) = requeued {
+                        tracing::error!(
+                            shard = self.id,
+                            "requeue after a failed read: {}",
+                            r.message
+                        );
+                    }
+                }
+            }
+        }
+        all
     }
 
     fn deliver(&self, msg: MeshMsg) {
@@ -426,12 +533,18 @@ pub async fn run(setup: ShardSetup) {
         shard_id: u32::from(setup.id),
         limits: setup.limits.storage,
     };
-    let opened = Journal::open(DmaDir::new(&setup.journal_dir), config, |_, kind, body| {
-        rebuild.apply(kind, body)
-    })
+    let opened = Journal::open(
+        DmaDir::new(&setup.journal_dir),
+        config,
+        |position, kind, body| rebuild.apply(position, kind, body),
+    )
     .await;
     let (journal, host) = match opened {
-        Ok((journal, report)) => match rebuild.finish(setup.id, now_ms()) {
+        Ok((journal, report)) => match rebuild.finish(
+            setup.id,
+            Cache::new(setup.limits.broker.cache_bytes_max),
+            now_ms(),
+        ) {
             Ok((host, summary)) => {
                 let cut = report
                     .cut
@@ -472,6 +585,7 @@ pub async fn run(setup: ShardSetup) {
         host: RefCell::new(host),
         journal,
         appended: Cell::new(None),
+        written: RefCell::new(Vec::new()),
         mesh,
         work: RefCell::new(VecDeque::new()),
         work_bell,

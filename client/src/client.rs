@@ -259,6 +259,12 @@ impl Client {
             .collect()
     }
 
+    /// Publishes not yet confirmed (or refused, or returned), over all connections. Each
+    /// connection holds at most `Limits::publishes_in_flight_max`; `publish` waits beyond that.
+    pub fn unconfirmed_publishes(&self) -> usize {
+        self.inner.conns.iter().map(ConnHandle::unconfirmed).sum()
+    }
+
     /// The shard whose connection carries traffic for `queue`: its owner in shard-aware mode.
     pub fn connection_shard_for(&self, queue: &str) -> u16 {
         self.conn_for(queue).info().shard

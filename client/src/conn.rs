@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use weir_protocol::wire::{self, Body, BodyT, Durability, ErrorCode, Range};
-use weir_protocol::{Encoder, FrameDecoder, InFrame, PublishItem, PROTOCOL_VERSION};
+use weir_protocol::{Encoder, FrameDecoder, InFrame, PublishItem};
 
 use crate::consumer::Delivery;
 use crate::error::{ClientError, CloseReason, ReturnedMessage};
@@ -195,6 +195,13 @@ impl ConnHandle {
         }
     }
 
+    /// Publishes sent (or queued to send) and not yet confirmed, refused or returned.
+    pub(crate) fn unconfirmed(&self) -> usize {
+        let max = self.shared.info.limits.publishes_in_flight_max as usize;
+        max.min(Semaphore::MAX_PERMITS)
+            .saturating_sub(self.shared.permits.available_permits())
+    }
+
     pub(crate) fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown);
     }
@@ -257,7 +264,7 @@ pub(crate) async fn open(
             });
         }
     };
-    let info = server_info(&welcome)?;
+    let info = server_info(&welcome, protocol_version)?;
     let limits = info.limits.wire();
 
     let (tx, commands) = mpsc::unbounded_channel();
@@ -287,11 +294,11 @@ pub(crate) async fn open(
     Ok(handle)
 }
 
-fn server_info(w: &wire::WelcomeT) -> Result<ServerInfo, ClientError> {
-    if w.protocol_version != PROTOCOL_VERSION {
+fn server_info(w: &wire::WelcomeT, asked: u16) -> Result<ServerInfo, ClientError> {
+    if w.protocol_version != asked {
         return Err(ClientError::ProtocolVersion {
             message: format!(
-                "the broker answered with protocol {}; this client speaks {PROTOCOL_VERSION}",
+                "the broker answered with protocol {}; this client asked for {asked}",
                 w.protocol_version
             ),
         });
@@ -353,9 +360,11 @@ struct PendingPublish {
 }
 
 struct ConsumerSlot {
-    /// `None` while a cancel is in flight.
+    /// `None` once nobody takes deliveries any more (a cancel is in flight, or about to be).
     deliveries: Option<DeliveryTx>,
     auto_ack: bool,
+    /// A `Cancel` was sent for it.
+    cancelling: bool,
 }
 
 struct Driver {
@@ -398,9 +407,16 @@ impl Driver {
                 self.rx.reserve(READ_CHUNK_BYTES);
             }
             tokio::select! {
-                // Reading first: confirms and deliveries free the resources that callers wait
-                // on, and a broker that waits for us to read must never wait on our writes.
+                // Writing first: what we owe (acks, publishes) is what lets the broker send
+                // more. Reading next, so a broker that waits for us to read never waits on our
+                // writes. New commands last, when both are idle: commands queued meanwhile
+                // then leave together, in one write.
                 biased;
+                written = writer.write_buf(&mut self.out), if !self.out.is_empty() => {
+                    if let Err(e) = written {
+                        return io_reason(&e);
+                    }
+                }
                 read = reader.read_buf(&mut self.rx) => match read {
                     Ok(0) if self.closing => return CloseReason::Local,
                     Ok(0) => return CloseReason::Eof,
@@ -411,11 +427,6 @@ impl Driver {
                     }
                     Err(e) => return io_reason(&e),
                 },
-                written = writer.write_buf(&mut self.out), if !self.out.is_empty() => {
-                    if let Err(e) = written {
-                        return io_reason(&e);
-                    }
-                }
                 command = commands.recv(), if self.out.len() < OUT_HIGH_WATER_BYTES => {
                     match command {
                         Some(c) => self.on_command(c),
@@ -471,6 +482,7 @@ impl Driver {
                             ConsumerSlot {
                                 deliveries: Some(deliveries),
                                 auto_ack,
+                                cancelling: false,
                             },
                         );
                         self.requests.insert(id, Pending::Consume { tag, reply });
@@ -485,23 +497,10 @@ impl Driver {
                 requeue,
                 reply,
             } => {
+                // Cancel first: the broker handles frames in order, so the requeued deliveries
+                // cannot come straight back to this consumer.
+                self.cancel_consumer(tag, reply);
                 self.requeue(&requeue);
-                if let Some(slot) = self.consumers.get_mut(&tag) {
-                    slot.deliveries = None;
-                }
-                let mut cancel = wire::CancelT::default();
-                cancel.consumer_tag = tag.clone();
-                let id = self.request_id();
-                match self.encode(id, BodyT::Cancel(Box::new(cancel))) {
-                    Ok(()) => {
-                        self.requests.insert(id, Pending::Cancel { tag, reply });
-                    }
-                    Err(e) => {
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                }
             }
             Command::Settle { kind, tags, reply } => {
                 let id = if reply.is_some() {
@@ -551,6 +550,40 @@ impl Driver {
                 }
             }
             Command::Shutdown => self.shutdown = true,
+        }
+    }
+
+    /// Stops a consumer: no more deliveries are handed out, and the broker is told (once).
+    fn cancel_consumer(&mut self, tag: String, reply: Option<Reply>) {
+        let first = match self.consumers.get_mut(&tag) {
+            Some(slot) => {
+                slot.deliveries = None;
+                !std::mem::replace(&mut slot.cancelling, true)
+            }
+            // Already gone (the broker cancelled it): nothing to tell the broker.
+            None => false,
+        };
+        if !first {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(ClientError::Refused {
+                    code: ErrorCode::NotFound,
+                    message: format!("consumer '{tag}' is already cancelled"),
+                }));
+            }
+            return;
+        }
+        let mut cancel = wire::CancelT::default();
+        cancel.consumer_tag = tag.clone();
+        let id = self.request_id();
+        match self.encode(id, BodyT::Cancel(Box::new(cancel))) {
+            Ok(()) => {
+                self.requests.insert(id, Pending::Cancel { tag, reply });
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e));
+                }
+            }
         }
     }
 
@@ -684,6 +717,7 @@ impl Driver {
             Body::Deliver => {
                 let tag = f.body_as_deliver()?.consumer_tag().unwrap_or("");
                 let mut stray = Vec::new();
+                let mut abandoned = false;
                 match self.consumers.get_mut(tag) {
                     Some(slot) => {
                         for (d, message) in frame.deliveries() {
@@ -694,7 +728,10 @@ impl Driver {
                                 None => false,
                             };
                             if !sent {
-                                // Cancelled (or its stream dropped) meanwhile.
+                                // Its stream is gone (dropped, or `consume` was abandoned
+                                // before it returned): requeue, and stop the consumer, or the
+                                // broker would hand the same messages straight back.
+                                abandoned |= !slot.cancelling;
                                 slot.deliveries = None;
                                 if !slot.auto_ack {
                                     stray.push(d.delivery_tag());
@@ -704,6 +741,9 @@ impl Driver {
                     }
                     // Not ours at all: give them back rather than hold them until we close.
                     None => stray.extend(frame.deliveries().map(|(d, _)| d.delivery_tag())),
+                }
+                if abandoned {
+                    self.cancel_consumer(tag.to_string(), None);
                 }
                 self.requeue(&stray);
             }
@@ -782,10 +822,14 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Some(Pending::Consume { tag, reply }) => {
-                if result.is_err() {
+                let refused = result.is_err();
+                if refused {
                     self.consumers.remove(&tag);
                 }
-                let _ = reply.send(result);
+                if reply.send(result).is_err() && !refused {
+                    // `consume` was abandoned before its answer: nobody will read this stream.
+                    self.cancel_consumer(tag, None);
+                }
             }
             Some(Pending::Cancel { tag, reply }) => {
                 // The broker has forgotten the consumer: nothing more arrives for it.

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use weir_protocol::wire;
+use weir_protocol::wire::{self, ErrorCode};
 
 use crate::conn::{Command, ConnHandle, Settle};
 use crate::error::ClientError;
@@ -174,26 +174,35 @@ impl Delivery {
         self.auto_ack
     }
 
-    /// Done with it: the broker forgets it. Resolves once the ack is durable.
-    /// An auto-acked delivery needs no ack: this returns at once.
-    pub async fn ack(&self) -> Result<(), ClientError> {
+    /// Done with it: the broker forgets it.
+    ///
+    /// The ack is sent when this is called, not when the future is polled; the future resolves
+    /// once the broker answers that the ack is durable (or refuses it, e.g. `UnknownDeliveryTag`).
+    /// So `d.ack().await?` settles one at a time, while keeping the futures and awaiting them
+    /// later lets many acks share one group commit; dropping the future forgoes the answer, not
+    /// the ack. An auto-acked delivery needs no ack: the future is ready at once.
+    pub fn ack(&self) -> SettleFuture {
         if self.auto_ack {
-            return Ok(());
+            return SettleFuture::ready(Ok(()));
         }
-        self.settle(Settle::Ack).await
+        self.settle(Settle::Ack)
     }
 
     /// Failed: with `requeue` it goes back to its queue (redelivered), without it it is
-    /// dead-lettered or dropped.
-    pub async fn nack(&self, requeue: bool) -> Result<(), ClientError> {
-        self.refuse_auto_acked("nack")?;
-        self.settle(Settle::Nack { requeue }).await
+    /// dead-lettered or dropped. Sent at once, like `ack`.
+    pub fn nack(&self, requeue: bool) -> SettleFuture {
+        match self.refuse_auto_acked("nack") {
+            Ok(()) => self.settle(Settle::Nack { requeue }),
+            Err(e) => SettleFuture::ready(Err(e)),
+        }
     }
 
     /// As `nack`, AMQP's name for one delivery.
-    pub async fn reject(&self, requeue: bool) -> Result<(), ClientError> {
-        self.refuse_auto_acked("reject")?;
-        self.settle(Settle::Reject { requeue }).await
+    pub fn reject(&self, requeue: bool) -> SettleFuture {
+        match self.refuse_auto_acked("reject") {
+            Ok(()) => self.settle(Settle::Reject { requeue }),
+            Err(e) => SettleFuture::ready(Err(e)),
+        }
     }
 
     fn refuse_auto_acked(&self, what: &str) -> Result<(), ClientError> {
@@ -206,20 +215,72 @@ impl Delivery {
         Ok(())
     }
 
-    async fn settle(&self, kind: Settle) -> Result<(), ClientError> {
+    fn settle(&self, kind: Settle) -> SettleFuture {
         let (reply, rx) = oneshot::channel();
-        self.conn.send(Command::Settle {
+        let sent = self.conn.send(Command::Settle {
             kind,
             tags: vec![self.delivery_tag],
             reply: Some(reply),
-        })?;
-        let frame = self.conn.wait(rx).await?;
-        match frame.body_type() {
-            wire::Body::Ok => Ok(()),
-            other => Err(ClientError::UnexpectedReply(format!(
-                "{other:?} in answer to a settlement"
-            ))),
+        });
+        match sent {
+            Ok(()) => SettleFuture {
+                state: SettleState::Waiting(rx, self.conn.clone()),
+            },
+            Err(e) => SettleFuture::ready(Err(e)),
         }
+    }
+}
+
+/// The broker's answer to an ack, nack or reject that was already sent.
+#[must_use = "the settlement is sent already; await this for the broker's answer, or drop it"]
+pub struct SettleFuture {
+    state: SettleState,
+}
+
+enum SettleState {
+    Ready(Option<Result<(), ClientError>>),
+    Waiting(
+        oneshot::Receiver<Result<weir_protocol::InFrame, ClientError>>,
+        ConnHandle,
+    ),
+}
+
+impl SettleFuture {
+    fn ready(result: Result<(), ClientError>) -> SettleFuture {
+        SettleFuture {
+            state: SettleState::Ready(Some(result)),
+        }
+    }
+}
+
+impl std::future::Future for SettleFuture {
+    type Output = Result<(), ClientError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().state {
+            SettleState::Ready(result) => Poll::Ready(result.take().unwrap_or(Ok(()))),
+            SettleState::Waiting(rx, conn) => {
+                let answer = match std::task::ready!(Pin::new(rx).poll(cx)) {
+                    Ok(answer) => answer,
+                    Err(_) => Err(conn.closed_error()),
+                };
+                Poll::Ready(answer.and_then(|frame| match frame.body_type() {
+                    wire::Body::Ok => Ok(()),
+                    other => Err(ClientError::UnexpectedReply(format!(
+                        "{other:?} in answer to a settlement"
+                    ))),
+                }))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for SettleFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ready = matches!(self.state, SettleState::Ready(_));
+        f.debug_struct("SettleFuture")
+            .field("ready", &ready)
+            .finish()
     }
 }
 
@@ -317,12 +378,15 @@ impl Consumer {
             requeue,
             reply: Some(reply),
         })?;
-        let frame = self.conn.wait(rx).await?;
-        match frame.body_type() {
-            wire::Body::Ok => Ok(()),
-            other => Err(ClientError::UnexpectedReply(format!(
-                "{other:?} in answer to Cancel"
+        match self.conn.wait(rx).await {
+            Ok(frame) if frame.body_type() == wire::Body::Ok => Ok(()),
+            Ok(frame) => Err(ClientError::UnexpectedReply(format!(
+                "{:?} in answer to Cancel",
+                frame.body_type()
             ))),
+            // The broker cancelled it meanwhile (its queue was deleted): it is gone all the same.
+            Err(ClientError::Refused { code, .. }) if code == ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

@@ -43,7 +43,7 @@ pub use weir_protocol::wire::{Durability, ErrorCode};
 
 pub use client::{placement, Client, ClientOptions, PublishFuture, PublishOptions};
 pub use conn::{Confirmation, ServerInfo};
-pub use consumer::{ConsumeOptions, Consumer, Delivery};
+pub use consumer::{ConsumeOptions, Consumer, Delivery, SettleFuture};
 pub use error::{ClientError, CloseReason, ReturnedMessage};
 pub use message::{Limits, Message};
 pub use queue::{Overflow, QueueArguments, QueueInfo, QueueOptions};

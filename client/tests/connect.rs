@@ -104,3 +104,31 @@ async fn a_broker_that_dies_fails_pending_work_with_closed() {
         .expect_err("the broker is gone");
     assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_broker_shutting_down_closes_with_its_reason() {
+    let broker = Broker::start("shutdown", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("q", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let mut consumer = within("consume", client.consume("q", Default::default()))
+        .await
+        .expect("consume");
+    broker.terminate();
+    // The broker may cancel the consumer first; either way the stream ends with the broker's
+    // reason for closing: an `Error { ShuttingDown, close: true }` frame.
+    let reason = loop {
+        match within("the stream to end", consumer.recv()).await {
+            Some(Err(ClientError::ConsumerCancelled { .. })) => {}
+            Some(Err(ClientError::Closed(reason))) => break reason,
+            other => panic!("expected Closed, got {other:?}"),
+        }
+    };
+    let shutting_down = |r: &CloseReason| matches!(r, CloseReason::Broker { code, .. } if *code == ErrorCode::ShuttingDown);
+    assert!(shutting_down(&reason), "{reason:?}");
+    match within("info", client.queue_info("q")).await {
+        Err(ClientError::Closed(r)) => assert!(shutting_down(&r), "{r:?}"),
+        other => panic!("expected Closed, got {other:?}"),
+    }
+}

@@ -73,10 +73,15 @@ async fn deliveries_stream_in_order_within_prefetch_and_acks_free_credit() {
 
     // The info reply travels behind any delivery sent before it on the same connection: if
     // nothing is buffered once it is here, the broker held back the fifth.
-    let info = within("info", client.queue_info("work")).await.expect("info");
+    let info = within("info", client.queue_info("work"))
+        .await
+        .expect("info");
     assert_eq!((info.messages_ready, info.messages_unacked), (6, 4));
     assert_eq!(info.consumers, 1);
-    assert!(buffered(&mut consumer).is_none(), "a delivery beyond prefetch");
+    assert!(
+        buffered(&mut consumer).is_none(),
+        "a delivery beyond prefetch"
+    );
 
     for d in &first {
         within("ack", d.ack()).await.expect("ack");
@@ -88,15 +93,21 @@ async fn deliveries_stream_in_order_within_prefetch_and_acks_free_credit() {
         rest.push(d.body().to_vec());
     }
     assert_eq!(rest, expected[4..].to_vec());
-    let info = within("info", client.queue_info("work")).await.expect("info");
+    let info = within("info", client.queue_info("work"))
+        .await
+        .expect("info");
     assert_eq!((info.messages_ready, info.messages_unacked), (0, 0));
 
     // Acking twice names a tag the broker no longer holds.
-    let err = within("ack", first[0].ack()).await.expect_err("acked already");
+    let err = within("ack", first[0].ack())
+        .await
+        .expect_err("acked already");
     assert_eq!(err.code(), Some(ErrorCode::UnknownDeliveryTag), "{err:?}");
 
     within("cancel", consumer.cancel()).await.expect("cancel");
-    let info = within("info", client.queue_info("work")).await.expect("info");
+    let info = within("info", client.queue_info("work"))
+        .await
+        .expect("info");
     assert_eq!(info.consumers, 0);
 }
 
@@ -161,14 +172,20 @@ async fn nack_with_requeue_redelivers_and_reject_drops() {
     assert_eq!(d.body(), b"r 0");
     within("nack", d.nack(true)).await.expect("nack");
     let again = next(&mut consumer).await;
-    assert_eq!(again.body(), b"r 0", "the requeued message comes back first");
+    assert_eq!(
+        again.body(),
+        b"r 0",
+        "the requeued message comes back first"
+    );
     assert!(again.redelivered());
     assert_eq!(again.delivery_count(), 2);
     within("reject", again.reject(false)).await.expect("reject");
     let second = next(&mut consumer).await;
     assert_eq!(second.body(), b"r 1");
     within("ack", second.ack()).await.expect("ack");
-    let info = within("info", client.queue_info("retry")).await.expect("info");
+    let info = within("info", client.queue_info("retry"))
+        .await
+        .expect("info");
     assert_eq!(
         (info.messages_ready, info.messages_unacked),
         (0, 0),
@@ -182,7 +199,9 @@ async fn nack_with_requeue_redelivers_and_reject_drops() {
         .await
         .expect("get")
         .expect("a message");
-    let info = within("info", client.queue_info("retry")).await.expect("info");
+    let info = within("info", client.queue_info("retry"))
+        .await
+        .expect("info");
     assert_eq!((info.messages_ready, info.messages_unacked), (0, 1));
     within("nack", got.nack(true)).await.expect("nack");
     let got = within("get", client.get("retry", false))
@@ -210,8 +229,8 @@ async fn competing_consumers_share_and_a_dropped_clients_deliveries_go_to_the_ot
         .expect("consume b");
     publish_all(&producer, "jobs", messages("j", 4)).await;
 
-    let got_a = vec![next(&mut ca).await, next(&mut ca).await];
-    let got_b = vec![next(&mut cb).await, next(&mut cb).await];
+    let got_a = [next(&mut ca).await, next(&mut ca).await];
+    let got_b = [next(&mut cb).await, next(&mut cb).await];
     let mut all: Vec<Vec<u8>> = got_a
         .iter()
         .chain(&got_b)
@@ -228,12 +247,14 @@ async fn competing_consumers_share_and_a_dropped_clients_deliveries_go_to_the_ot
         Some(Err(ClientError::Closed(_))) => {}
         other => panic!("expected Closed, got {other:?}"),
     }
-    let err = within("ack", got_a[0].ack()).await.expect_err("its connection is gone");
+    let err = within("ack", got_a[0].ack())
+        .await
+        .expect_err("its connection is gone");
     assert!(matches!(err, ClientError::Closed(_)), "{err:?}");
     for d in &got_b {
         within("ack", d.ack()).await.expect("ack");
     }
-    let again = vec![next(&mut cb).await, next(&mut cb).await];
+    let again = [next(&mut cb).await, next(&mut cb).await];
     let mut bodies_again: Vec<Vec<u8>> = again.iter().map(|d| d.body().to_vec()).collect();
     bodies_a.sort();
     bodies_again.sort();
@@ -289,4 +310,48 @@ async fn a_cancelled_consumers_unseen_deliveries_go_back_and_a_deleted_queue_end
         }
     }
     assert!(within("the end", consumer.recv()).await.is_none());
+}
+
+#[tokio::test]
+async fn a_dropped_consumers_unseen_deliveries_go_to_another_consumer() {
+    let broker = Broker::start("drop-consumer", &[]);
+    let a = broker.client().await;
+    let b = broker.client().await;
+    within("declare", a.declare("d", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let consumer = within("consume", a.consume("d", prefetch(2)))
+        .await
+        .expect("consume");
+    publish_all(&a, "d", messages("d", 2)).await;
+    // Both are in the consumer's buffer once the broker counts them unacked: the info reply
+    // travels behind the deliveries on the same connection.
+    within("both deliveries", async {
+        while within("info", a.queue_info("d"))
+            .await
+            .expect("info")
+            .messages_unacked
+            < 2
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    drop(consumer);
+    let mut other = within("consume", b.consume("d", prefetch(2)))
+        .await
+        .expect("consume");
+    let got = [next(&mut other).await, next(&mut other).await];
+    let mut seen: Vec<Vec<u8>> = got.iter().map(|d| d.body().to_vec()).collect();
+    seen.sort();
+    assert_eq!(seen, bodies("d", 2));
+    assert!(got.iter().all(|d| d.redelivered()), "{got:?}");
+    for d in &got {
+        within("ack", d.ack()).await.expect("ack");
+    }
+    let info = within("info", a.queue_info("d")).await.expect("info");
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked, info.consumers),
+        (0, 0, 1)
+    );
 }

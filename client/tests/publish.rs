@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::future::Future;
+
 use common::{messages, within, Broker};
 use weir_client::{ClientError, Durability, ErrorCode, Message, PublishOptions, QueueOptions};
 
@@ -20,11 +22,18 @@ async fn one_message_and_a_batch_are_confirmed_in_sequence_order() {
     let c = within("confirm", one).await.expect("confirmed");
     assert_eq!(c.sequence, 1);
     assert!(!c.duplicate);
-    // The broker does not journal yet and says so (see the report); any policy is a confirm.
-    assert!(
-        [Durability::Always, Durability::Interval, Durability::Never, Durability::Transient]
-            .contains(&c.durability)
-    );
+    // A persistent message on a durable queue is journaled under the broker's fsync policy.
+    assert_eq!(c.durability, client.server().durability);
+    assert_eq!(c.durability, Durability::Always, "the default policy");
+    let c = within(
+        "publish",
+        client.publish("work", Message::new("memory only").persistent(false)),
+    )
+    .await
+    .expect("queued")
+    .await
+    .expect("confirmed");
+    assert_eq!((c.sequence, c.durability), (2, Durability::Transient));
 
     let batch = within("publish", client.publish_batch("work", messages("m", 100)))
         .await
@@ -34,7 +43,7 @@ async fn one_message_and_a_batch_are_confirmed_in_sequence_order() {
     for f in batch {
         sequences.push(within("confirm", f).await.expect("confirmed").sequence);
     }
-    assert_eq!(sequences, (2..=101).collect::<Vec<u64>>());
+    assert_eq!(sequences, (3..=102).collect::<Vec<u64>>());
 
     // Many publishes in flight at once: queued back to back, confirmed as they come.
     let mut pending = Vec::new();
@@ -48,8 +57,10 @@ async fn one_message_and_a_batch_are_confirmed_in_sequence_order() {
     for f in pending {
         within("confirm", f).await.expect("confirmed");
     }
-    let info = within("info", client.queue_info("work")).await.expect("info");
-    assert_eq!(info.messages_ready, 601);
+    let info = within("info", client.queue_info("work"))
+        .await
+        .expect("info");
+    assert_eq!(info.messages_ready, 602);
 }
 
 #[tokio::test]
@@ -77,7 +88,11 @@ async fn publishing_to_an_unknown_queue_is_refused_and_mandatory_ones_come_back(
     };
     let f = within(
         "publish",
-        client.publish_with(&mandatory, "nowhere", Message::new("back").message_id("m-1")),
+        client.publish_with(
+            &mandatory,
+            "nowhere",
+            Message::new("back").message_id("m-1"),
+        ),
     )
     .await
     .expect("queued");
@@ -108,9 +123,12 @@ async fn publishing_to_an_unknown_queue_is_refused_and_mandatory_ones_come_back(
     assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err:?}");
 
     // The connection goes on after refusals.
-    within("declare", client.declare("somewhere", QueueOptions::default()))
-        .await
-        .expect("declare");
+    within(
+        "declare",
+        client.declare("somewhere", QueueOptions::default()),
+    )
+    .await
+    .expect("declare");
     within("publish", client.publish("somewhere", "y"))
         .await
         .expect("queued")
@@ -132,7 +150,13 @@ async fn limits_from_welcome_are_enforced_before_sending() {
         .await
         .expect_err("too large");
     assert!(
-        matches!(err, ClientError::LimitExceeded { what: "message_size_max", .. }),
+        matches!(
+            err,
+            ClientError::LimitExceeded {
+                what: "message_size_max",
+                ..
+            }
+        ),
         "{err:?}"
     );
 
@@ -142,9 +166,8 @@ async fn limits_from_welcome_are_enforced_before_sending() {
         .expect_err("batch too large");
     assert!(matches!(err, ClientError::LimitExceeded { .. }), "{err:?}");
 
-    let headers = (0..=limits.headers_max).fold(Message::new("h"), |m, i| {
-        m.header(format!("h{i}"), "v")
-    });
+    let headers =
+        (0..=limits.headers_max).fold(Message::new("h"), |m, i| m.header(format!("h{i}"), "v"));
     let err = within("publish", client.publish("big", headers))
         .await
         .expect_err("too many headers");
@@ -157,4 +180,88 @@ async fn limits_from_welcome_are_enforced_before_sending() {
         .await
         .expect("confirmed");
     assert_eq!(c.sequence, 1, "refused publishes used no sequence number");
+}
+
+#[tokio::test]
+async fn unconfirmed_publishes_are_bounded_by_publishes_in_flight_max() {
+    let broker = Broker::start_with_config(
+        "publish-window",
+        "[limits]\npublishes_in_flight_max = 4\npublish_batch_max = 8\n",
+        &[],
+    );
+    let client = broker.client().await;
+    let limits = client.server().limits;
+    assert_eq!(
+        (limits.publishes_in_flight_max, limits.publish_batch_max),
+        (4, 8)
+    );
+    within("declare", client.declare("window", QueueOptions::default()))
+        .await
+        .expect("declare");
+
+    // A batch that could never fit the window is refused, not left waiting forever.
+    let err = within("publish", client.publish_batch("window", messages("w", 5)))
+        .await
+        .expect_err("5 > publishes_in_flight_max");
+    assert!(
+        matches!(
+            err,
+            ClientError::LimitExceeded {
+                value: 5,
+                max: 4,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // A full window: the fifth publish waits for a permit, which only a confirm gives back.
+    // (The test's runtime has one thread: the connection's task cannot run, so cannot confirm
+    // anything, until this task waits.)
+    let mut window = Vec::new();
+    for i in 0..4 {
+        window.push(
+            within(
+                "publish",
+                client.publish("window", format!("f{i}").as_str()),
+            )
+            .await
+            .expect("queued"),
+        );
+    }
+    assert_eq!(client.unconfirmed_publishes(), 4);
+    let mut fifth = std::pin::pin!(client.publish("window", "f4"));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        fifth.as_mut().poll(&mut cx).is_pending(),
+        "a fifth unconfirmed publish was let through"
+    );
+    let fifth = within("a publish permit", fifth).await.expect("queued");
+    window.push(fifth);
+    for f in window {
+        within("confirm", f).await.expect("confirmed");
+    }
+    assert_eq!(client.unconfirmed_publishes(), 0);
+
+    // Far more publishes than the window, none of their confirms awaited by the publisher:
+    // each `publish` waits for a permit that a confirm gives back, so this ends, and the broker
+    // is never sent more than 4 unconfirmed (it would stop reading, or refuse, beyond that).
+    let mut pending = Vec::new();
+    for i in 0..200 {
+        pending.push(
+            within(
+                "a publish permit",
+                client.publish("window", format!("w{i}").as_str()),
+            )
+            .await
+            .expect("queued"),
+        );
+    }
+    for f in pending {
+        within("confirm", f).await.expect("confirmed");
+    }
+    let info = within("info", client.queue_info("window"))
+        .await
+        .expect("info");
+    assert_eq!(info.messages_ready, 205);
 }

@@ -23,7 +23,11 @@ async fn round_trip(client: &Client, queue: &str, n: usize) {
     let mut consumer = within("consume", client.consume(queue, options))
         .await
         .expect("consume");
-    assert_eq!(consumer.shard(), placement(queue, SHARDS), "ConsumeOk names the owner");
+    assert_eq!(
+        consumer.shard(),
+        placement(queue, SHARDS),
+        "ConsumeOk names the owner"
+    );
     let mut got = Vec::new();
     for _ in 0..n {
         let d = within("delivery", consumer.recv())
@@ -35,7 +39,9 @@ async fn round_trip(client: &Client, queue: &str, n: usize) {
     }
     assert_eq!(got, bodies(queue, n), "in publish order");
     within("cancel", consumer.cancel()).await.expect("cancel");
-    let info = within("info", client.queue_info(queue)).await.expect("info");
+    let info = within("info", client.queue_info(queue))
+        .await
+        .expect("info");
     assert_eq!((info.messages_ready, info.messages_unacked), (0, 0));
 }
 
@@ -44,9 +50,7 @@ async fn placement_matches_the_broker_and_traffic_goes_to_the_owner() {
     let broker = Broker::start("shards", &["--cpus", "0,1"]);
     assert_eq!(broker.shard_count(), SHARDS);
     let aware = broker.client().await;
-    let single = broker
-        .client_with(ClientOptions::single_connection())
-        .await;
+    let single = broker.client_with(ClientOptions::single_connection()).await;
 
     let mut names: Vec<String> = (0..SHARDS).map(|s| queue_on(s, SHARDS, "owned")).collect();
     names.extend(["orders", "payments", "q1", "q2", "emails", "a.b.c"].map(String::from));

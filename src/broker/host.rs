@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 
-use bytes::Bytes;
 use weir_protocol::wire::{self, ErrorCode};
 
 use crate::broker::catalog::CatalogRecord;
@@ -32,15 +31,7 @@ pub struct ConnRef {
     pub conn: u64,
 }
 
-/// A message as a queue holds it: the producer's exact bytes and its routing envelope.
-#[derive(Debug)]
-pub struct Stored {
-    pub bytes: Bytes,
-    pub exchange: String,
-    pub routing_key: String,
-    /// In the journal (a persistent message in a durable queue): its settlement is journaled too.
-    pub journaled: bool,
-}
+pub use crate::broker::stored::{Cache, Stored};
 
 /// Why a request was refused: the code for the `Error` frame and a sentence naming what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +133,8 @@ pub struct QueueHost {
     settles: Vec<(Rc<str>, Seq, SettleReason)>,
     /// Durable declarations and deletions, for the shard to journal.
     catalog: Vec<CatalogRecord>,
+    /// Payload bytes held in memory, against the shard's budget.
+    cache: Rc<Cache>,
 }
 
 /// What the host asks the shard to write to the journal.
@@ -155,8 +148,15 @@ pub struct JournalWork {
 const CONSUMER_BIT: u64 = 1 << 63;
 
 impl QueueHost {
+    /// A host with no payload budget (state-machine tests).
     pub fn new(shard: u16) -> QueueHost {
+        QueueHost::with_cache(shard, Cache::new(u64::MAX))
+    }
+
+    /// A host whose in-memory payloads are counted in `cache`.
+    pub fn with_cache(shard: u16, cache: Rc<Cache>) -> QueueHost {
         QueueHost {
+            cache,
             shard,
             queues: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -165,6 +165,11 @@ impl QueueHost {
             settles: Vec::new(),
             catalog: Vec::new(),
         }
+    }
+
+    /// The shard's payload cache account.
+    pub fn cache(&self) -> &Rc<Cache> {
+        &self.cache
     }
 
     /// Takes what must be journaled since the last call.
@@ -213,7 +218,7 @@ impl QueueHost {
         let ttl = policy.message_ttl_ms;
         let mut queue = Queue::new(policy, next_seq);
         for (seq, msg) in messages {
-            let bytes = msg.bytes.len() as u32;
+            let bytes = msg.len();
             let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
             // It may have been delivered before the restart: count that delivery, so it is
             // marked redelivered (conservative, as AMQP brokers do after a crash).
@@ -403,7 +408,7 @@ impl QueueHost {
         now_ms: u64,
     ) -> Result<Seq, Refusal> {
         let q = self.get_queue(conn, queue)?;
-        let bytes = msg.bytes.len() as u32;
+        let bytes = msg.len();
         let mut settled: Vec<Settled<Rc<Stored>>> = Vec::new();
         let seq = match q
             .queue
@@ -649,6 +654,7 @@ pub fn placement(name: &str, shard_count: u16) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     const A: ConnRef = ConnRef { shard: 0, conn: 1 };
     const B: ConnRef = ConnRef { shard: 1, conn: 2 };
@@ -662,12 +668,13 @@ mod tests {
     }
 
     fn msg(body: &'static [u8]) -> Rc<Stored> {
-        Rc::new(Stored {
-            bytes: Bytes::from_static(body),
-            exchange: String::new(),
-            routing_key: "q".into(),
-            journaled: true,
-        })
+        Rc::new(Stored::new(
+            Bytes::from_static(body),
+            String::new(),
+            "q".into(),
+            true,
+            None,
+        ))
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - `host`: the queues one shard owns: declarations, consumers by connection, placement.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `rebuild`: a shard's queues rebuilt from its journal's replay (a decision table).
+//! - `stored`: a message as a queue holds it (payload in memory or only in the journal) and
+//!   the shard's payload cache budget.
 //! - `queue`: one queue's ready messages, consumers (round robin with prefetch credit),
 //!   outstanding deliveries, acks, nacks, redelivery, overflow, TTL and poison messages.
 
@@ -16,3 +18,4 @@ pub mod host;
 pub mod ops;
 pub mod queue;
 pub mod rebuild;
+pub mod stored;

@@ -15,6 +15,7 @@ use weir_protocol::wire;
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::{Cancelled, ConnRef, Declare, Outgoing, QueueHost, Refusal, Stored};
 use crate::broker::queue::{OwnerId, Seq};
+use crate::storage::Position;
 use crate::storage::SettleReason;
 
 /// One message of a publish, addressed to one queue of the owning shard.
@@ -106,7 +107,41 @@ pub struct WireDelivery {
     pub auto_ack: bool,
     pub exchange: String,
     pub routing_key: String,
+    /// The message bytes; empty until filled when `fill` is set.
     pub bytes: Bytes,
+    /// The payload is only in the journal: (record position, record length, message length).
+    /// The owning shard reads it back before the delivery leaves it.
+    pub fill: Option<(Position, u32, u32)>,
+}
+
+impl WireDelivery {
+    fn of(
+        queue: String,
+        owner: OwnerId,
+        d: &crate::broker::queue::Delivery<Rc<Stored>>,
+    ) -> WireDelivery {
+        let (bytes, fill) = match d.msg.payload() {
+            Some(bytes) => (bytes, None),
+            None => {
+                let (position, record_len) = d
+                    .msg
+                    .position()
+                    .expect("a payload not in memory is in the journal");
+                (Bytes::new(), Some((position, record_len, d.msg.len())))
+            }
+        };
+        WireDelivery {
+            queue,
+            owner,
+            seq: d.seq,
+            delivery_count: d.delivery_count,
+            auto_ack: d.auto_ack,
+            exchange: d.msg.exchange.clone(),
+            routing_key: d.msg.routing_key.clone(),
+            bytes,
+            fill,
+        }
+    }
 }
 
 /// The owning shard's answer to an `Op`.
@@ -142,7 +177,7 @@ pub enum Pushed {
 /// commit; the shard waits for that commit before it answers), or nothing in tests.
 pub trait JournalSink {
     /// A message accepted into a durable queue under sequence `seq`.
-    fn message(&mut self, queue: &str, seq: Seq, msg: &Stored) -> Result<(), Refusal>;
+    fn message(&mut self, queue: &str, seq: Seq, msg: &Rc<Stored>) -> Result<(), Refusal>;
     /// Settled ranges of a queue's sequence numbers.
     fn settle(
         &mut self,
@@ -158,7 +193,7 @@ pub trait JournalSink {
 pub struct NoJournal;
 
 impl JournalSink for NoJournal {
-    fn message(&mut self, _: &str, _: Seq, _: &Stored) -> Result<(), Refusal> {
+    fn message(&mut self, _: &str, _: Seq, _: &Rc<Stored>) -> Result<(), Refusal> {
         Ok(())
     }
     fn settle(&mut self, _: &str, _: SettleReason, _: &[(u64, u64)]) -> Result<(), Refusal> {
@@ -268,18 +303,7 @@ pub fn execute(
         }
         Op::Get { queue, auto_ack } => {
             host.get(from, &queue, auto_ack, now_ms).map(|(d, ready)| {
-                let d = d.map(|d| {
-                    Box::new(WireDelivery {
-                        queue: queue.clone(),
-                        owner: from.conn,
-                        seq: d.seq,
-                        delivery_count: d.delivery_count,
-                        auto_ack: d.auto_ack,
-                        exchange: d.msg.exchange.clone(),
-                        routing_key: d.msg.routing_key.clone(),
-                        bytes: d.msg.bytes.clone(),
-                    })
-                });
+                let d = d.map(|d| Box::new(WireDelivery::of(queue.clone(), from.conn, &d)));
                 Reply::Got(d, ready)
             })
         }
@@ -305,12 +329,30 @@ pub fn publish(
 ) -> PublishOutcome {
     let (sequence, confirm) = (item.sequence, item.confirm);
     let journaled = item.persistent && host.is_durable(&item.queue) == Some(true);
-    let stored = Rc::new(Stored {
-        bytes: item.bytes.clone(),
-        exchange: item.exchange.clone(),
-        routing_key: item.routing_key.clone(),
+    if !journaled && !host.cache().has_room(item.bytes.len() as u64) {
+        // A transient message cannot be spilled to the journal: memory is the bound.
+        let message = "this shard holds its cache_bytes_max of message payloads in memory; a non-persistent message \
+                       (or one for a non-durable queue) cannot be taken until consumers catch up"
+            .to_string();
+        let result = Err(Refusal {
+            code: wire::ErrorCode::LimitExceeded,
+            message,
+        });
+        return PublishOutcome {
+            sequence,
+            confirm,
+            journaled: false,
+            result,
+            returned: None,
+        };
+    }
+    let stored = Rc::new(Stored::new(
+        item.bytes.clone(),
+        item.exchange.clone(),
+        item.routing_key.clone(),
         journaled,
-    });
+        Some(host.cache()),
+    ));
     let accepted = host.publish(
         from,
         &item.queue,
@@ -385,16 +427,7 @@ pub fn collect_pushes(
                 consumer_tag: group[0].consumer_tag.to_string(),
                 deliveries: group
                     .iter()
-                    .map(|o| WireDelivery {
-                        queue: o.queue.to_string(),
-                        owner: o.delivery.owner,
-                        seq: o.delivery.seq,
-                        delivery_count: o.delivery.delivery_count,
-                        auto_ack: o.delivery.auto_ack,
-                        exchange: o.delivery.msg.exchange.clone(),
-                        routing_key: o.delivery.msg.routing_key.clone(),
-                        bytes: o.delivery.msg.bytes.clone(),
-                    })
+                    .map(|o| WireDelivery::of(o.queue.to_string(), o.delivery.owner, &o.delivery))
                     .collect(),
             });
         }

@@ -20,12 +20,11 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use bytes::Bytes;
-
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Declare, QueueHost, Stored};
+use crate::broker::host::{Cache, Declare, QueueHost, Stored};
 use crate::broker::queue::Seq;
-use crate::storage::{MessageEnvelope, RecordKind, SettleRecord};
+use crate::storage::record::RECORD_HEADER_BYTES;
+use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
 
 struct RebuiltQueue {
     declare: Declare,
@@ -48,17 +47,22 @@ impl Rebuild {
 
     /// Applies one replayed record. The first record that cannot be understood is kept and
     /// reported by `finish`.
-    pub fn apply(&mut self, kind: RecordKind, body: &[u8]) {
+    pub fn apply(&mut self, position: Position, kind: RecordKind, body: &[u8]) {
         self.records += 1;
         if self.first_error.is_some() {
             return;
         }
-        if let Err(e) = self.apply_inner(kind, body) {
+        if let Err(e) = self.apply_inner(position, kind, body) {
             self.first_error = Some(format!("record {} ({kind:?}): {e}", self.records));
         }
     }
 
-    fn apply_inner(&mut self, kind: RecordKind, body: &[u8]) -> Result<(), String> {
+    fn apply_inner(
+        &mut self,
+        position: Position,
+        kind: RecordKind,
+        body: &[u8],
+    ) -> Result<(), String> {
         match kind {
             RecordKind::Control => match CatalogRecord::decode(body)? {
                 CatalogRecord::DeclareQueue(d) => {
@@ -80,17 +84,20 @@ impl Rebuild {
                 };
                 let exchange = utf8(envelope.exchange)?;
                 let routing_key = utf8(envelope.routing_key)?;
-                let bytes = Bytes::copy_from_slice(message);
+                // The payload stays in the journal: recovery costs memory per message, not per
+                // byte of backlog; deliveries read payloads back.
+                let record_len = (RECORD_HEADER_BYTES + body.len()) as u32;
                 for t in &envelope.targets {
                     let queue =
                         std::str::from_utf8(t.queue).map_err(|_| "queue name is not UTF-8")?;
                     if let Some(q) = self.queues.get_mut(queue) {
-                        let stored = Stored {
-                            bytes: bytes.clone(),
-                            exchange: exchange.clone(),
-                            routing_key: routing_key.clone(),
-                            journaled: true,
-                        };
+                        let stored = Stored::recovered(
+                            message.len() as u32,
+                            exchange.clone(),
+                            routing_key.clone(),
+                            position,
+                            record_len,
+                        );
                         q.messages.insert(t.queue_seq, Rc::new(stored));
                         q.next_seq = q.next_seq.max(t.queue_seq + 1);
                     }
@@ -120,11 +127,16 @@ impl Rebuild {
     }
 
     /// The queues, or the first record that could not be understood.
-    pub fn finish(self, shard: u16, now_ms: u64) -> Result<(QueueHost, RebuildSummary), String> {
+    pub fn finish(
+        self,
+        shard: u16,
+        cache: Rc<Cache>,
+        now_ms: u64,
+    ) -> Result<(QueueHost, RebuildSummary), String> {
         if let Some(e) = self.first_error {
             return Err(e);
         }
-        let mut host = QueueHost::new(shard);
+        let mut host = QueueHost::with_cache(shard, cache);
         let mut summary = RebuildSummary {
             records: self.records,
             queues: 0,
@@ -192,17 +204,30 @@ mod tests {
     #[test]
     fn settled_messages_stay_gone_and_sequence_numbers_are_not_reused() {
         let mut r = Rebuild::new();
-        r.apply(RecordKind::Control, &declare("q"));
+        r.apply(Position::new(0, 4096), RecordKind::Control, &declare("q"));
         for seq in 0..5 {
             r.apply(
+                Position::new(0, 4096),
                 RecordKind::Message,
                 &message("q", seq, format!("m{seq}").as_bytes()),
             );
         }
-        r.apply(RecordKind::Settle, &settle("q", 0, 1));
-        r.apply(RecordKind::Settle, &settle("q", 9, 9)); // a settle past the last message
-        r.apply(RecordKind::Message, &message("q", 2, b"m2")); // a compaction copy
-        let (mut host, summary) = r.finish(0, 0).unwrap();
+        r.apply(
+            Position::new(0, 4096),
+            RecordKind::Settle,
+            &settle("q", 0, 1),
+        );
+        r.apply(
+            Position::new(0, 4096),
+            RecordKind::Settle,
+            &settle("q", 9, 9),
+        ); // a settle past the last message
+        r.apply(
+            Position::new(0, 4096),
+            RecordKind::Message,
+            &message("q", 2, b"m2"),
+        ); // a compaction copy
+        let (mut host, summary) = r.finish(0, Cache::new(u64::MAX), 0).unwrap();
         assert_eq!((summary.queues, summary.messages), (1, 3));
         let a = ConnRef { shard: 0, conn: 1 };
         let info = host.info(a, "q", 0).unwrap();
@@ -211,12 +236,13 @@ mod tests {
             .publish(
                 a,
                 "q",
-                Rc::new(Stored {
-                    bytes: Bytes::new(),
-                    exchange: String::new(),
-                    routing_key: "q".into(),
-                    journaled: true,
-                }),
+                Rc::new(Stored::new(
+                    bytes::Bytes::new(),
+                    String::new(),
+                    "q".into(),
+                    true,
+                    None,
+                )),
                 None,
                 0,
             )
@@ -227,14 +253,27 @@ mod tests {
     #[test]
     fn a_deleted_queue_and_its_messages_do_not_come_back() {
         let mut r = Rebuild::new();
-        r.apply(RecordKind::Control, &declare("gone"));
-        r.apply(RecordKind::Message, &message("gone", 0, b"x"));
         r.apply(
+            Position::new(0, 4096),
+            RecordKind::Control,
+            &declare("gone"),
+        );
+        r.apply(
+            Position::new(0, 4096),
+            RecordKind::Message,
+            &message("gone", 0, b"x"),
+        );
+        r.apply(
+            Position::new(0, 4096),
             RecordKind::Control,
             &CatalogRecord::DeleteQueue("gone".into()).encode(),
         );
-        r.apply(RecordKind::Message, &message("gone", 1, b"y"));
-        let (mut host, summary) = r.finish(0, 0).unwrap();
+        r.apply(
+            Position::new(0, 4096),
+            RecordKind::Message,
+            &message("gone", 1, b"y"),
+        );
+        let (mut host, summary) = r.finish(0, Cache::new(u64::MAX), 0).unwrap();
         assert_eq!(summary.queues, 0);
         assert!(host.info(ConnRef { shard: 0, conn: 1 }, "gone", 0).is_err());
     }
@@ -242,9 +281,9 @@ mod tests {
     #[test]
     fn a_record_that_does_not_parse_refuses_the_rebuild() {
         let mut r = Rebuild::new();
-        r.apply(RecordKind::Control, &declare("q"));
-        r.apply(RecordKind::Control, &[7, 1, 2]);
-        let err = r.finish(0, 0).err().unwrap();
+        r.apply(Position::new(0, 4096), RecordKind::Control, &declare("q"));
+        r.apply(Position::new(0, 4096), RecordKind::Control, &[7, 1, 2]);
+        let err = r.finish(0, Cache::new(u64::MAX), 0).err().unwrap();
         assert!(err.contains("record 2 (Control)"), "{err}");
     }
 }

@@ -271,10 +271,12 @@ impl Session {
             }
             (State::Open, Body::ListQueues) => {
                 let l = f.body_as_list_queues().expect("body type checked");
+                // A page's tables (a QueueInfo and its arguments per queue) must stay within the
+                // client decoder's verifier budget: 1000 queues are about 2000 tables.
                 let limit = if l.limit() == 0 {
-                    1000
+                    LIST_PAGE_MAX
                 } else {
-                    l.limit().min(10_000) as usize
+                    l.limit().min(LIST_PAGE_MAX as u32) as usize
                 };
                 let shards = self.ctx.shard_count();
                 let (prefix, after) = (
@@ -984,6 +986,10 @@ impl Session {
     }
 }
 
+/// Most queues in one `QueueList` page: about two tables each, far within the verifier budget a
+/// client's decoder applies (`WireLimits::verifier_tables_max`).
+const LIST_PAGE_MAX: usize = 1000;
+
 /// Sorted, coalesced inclusive ranges of `seqs`.
 fn to_ranges(mut seqs: Vec<u64>) -> Vec<Range> {
     seqs.sort_unstable();
@@ -1222,3 +1228,6 @@ mod routing_tests {
         assert!(to_ranges(vec![]).is_empty());
     }
 }
+
+// A full page must verify in a client that uses the default wire limits.
+const _: () = assert!(2 * LIST_PAGE_MAX + 64 <= WireLimits::DEFAULT.verifier_tables_max);

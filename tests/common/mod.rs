@@ -57,13 +57,20 @@ impl Broker {
             ])
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(match std::env::var("WEIR_TEST_LOG") {
+                // Debugging a test: the broker's log goes to a file in its data directory.
+                Ok(_) => Stdio::from(std::fs::File::create(data_dir.join("weir.log")).unwrap()),
+                Err(_) => Stdio::piped(),
+            })
             .spawn()
             .expect("start weir serve");
         let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
+        let stderr = child.stderr.take();
         let (line_tx, line_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -73,7 +80,9 @@ impl Broker {
         let (err_tx, err_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut all = String::new();
-            let _ = BufReader::new(stderr).read_to_string(&mut all);
+            if let Some(stderr) = stderr {
+                let _ = BufReader::new(stderr).read_to_string(&mut all);
+            }
             let _ = err_tx.send(all);
         });
         let line = line_rx
@@ -129,6 +138,14 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // The broker's own account of a failing test (RUST_LOG from the test's environment).
+            let stderr = self
+                .stderr
+                .recv_timeout(Duration::from_secs(2))
+                .unwrap_or_default();
+            eprintln!("--- weir serve stderr ---\n{stderr}--- end ---");
+        }
     }
 }
 

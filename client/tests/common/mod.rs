@@ -2,7 +2,7 @@
 //! directory, killed when dropped, and a bound on every wait.
 //!
 //! The broker binary belongs to another package, so cargo does not hand its path to these tests:
-//! it is `<target dir>/debug/weir`, built once per test binary with `cargo build -p weir --bin
+//! it is `<target dir>/<profile>/weir`, built once per test binary with `cargo build -p weir --bin
 //! weir` (a no-op when it is fresh), so `cargo test -p weir-client` on a clean clone works and
 //! never tests a stale broker. Nothing here synchronises by sleeping: the broker prints a ready
 //! line when its listeners are bound, and every wait is bounded by `within`.
@@ -38,27 +38,57 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The `weir` binary, built (or found fresh) once per test process.
+///
+/// It goes where cargo puts this test binary's own package binaries: this executable lives in
+/// `<target dir>/<profile dir>/deps/`, so the broker is `<target dir>/<profile dir>/weir`, built
+/// with the same profile into the same target directory (`CARGO_TARGET_DIR`, `--release` and
+/// custom profiles included) and sharing its compiled dependencies.
 pub fn broker_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
-        let root = workspace_root();
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => root.join(dir), // `join` keeps an absolute path as it is
-            None => root.join("target"),
+        if let Some(bin) = std::env::var_os("WEIR_BROKER_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.exists(),
+                "WEIR_BROKER_BIN={} does not exist",
+                bin.display()
+            );
+            return bin;
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binaries live in <target>/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("a target directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "weir", "--bin", "weir"])
-            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "weir",
+                "--bin",
+                "weir",
+                "--profile",
+                profile,
+            ])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(workspace_root())
             .stdout(Stdio::null())
             .output()
             .expect("run cargo build -p weir --bin weir");
         assert!(
             out.status.success(),
-            "cargo build -p weir --bin weir failed:\n{}",
+            "cargo build -p weir --bin weir failed (WEIR_BROKER_BIN=path skips it):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let binary = target.join("debug").join("weir");
+        let binary = profile_dir.join("weir");
         assert!(binary.exists(), "no broker binary at {}", binary.display());
         binary
     })
@@ -76,6 +106,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// A running broker, killed with SIGKILL when dropped.
 pub struct Broker {
     child: Child,
+    extra: Vec<String>,
     pub listen: SocketAddr,
     pub shard_ports: Vec<u16>,
     pub data_dir: PathBuf,
@@ -85,7 +116,18 @@ impl Broker {
     /// `weir serve` on ephemeral ports, data in a fresh directory named after `name`, with
     /// `extra` arguments; returns once its ready line is printed.
     pub fn start(name: &str, extra: &[&str]) -> Broker {
-        let data_dir = temp_dir(name);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Broker::start_in(temp_dir(name), extra)
+    }
+
+    /// Kills the broker with SIGKILL and starts it again on the same data directory (new ports).
+    pub fn restart(mut self) -> Broker {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Broker::start_in(self.data_dir.clone(), std::mem::take(&mut self.extra))
+    }
+
+    fn start_in(data_dir: PathBuf, extra: Vec<String>) -> Broker {
         let mut child = Command::new(broker_binary())
             .args([
                 "serve",
@@ -96,7 +138,7 @@ impl Broker {
                 "--data-dir",
             ])
             .arg(&data_dir)
-            .args(extra)
+            .args(&extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -139,8 +181,28 @@ impl Broker {
                 .map(|p| p.parse().expect("shard port"))
                 .collect(),
             child,
+            extra,
             data_dir,
         }
+    }
+
+    /// Starts a broker with a configuration file holding `toml`.
+    pub fn start_with_config(name: &str, toml: &str, extra: &[&str]) -> Broker {
+        let path = temp_dir(&format!("{name}-config")).join("weir.toml");
+        std::fs::write(&path, toml).expect("write the configuration file");
+        let config = path.to_str().expect("a UTF-8 temporary path").to_string();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend_from_slice(extra);
+        Broker::start(name, &args)
+    }
+
+    /// Sends SIGTERM: the broker's orderly shutdown.
+    pub fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
     }
 
     pub fn shard_count(&self) -> u16 {

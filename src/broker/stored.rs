@@ -1,0 +1,209 @@
+//! A message as a queue holds it, and the shard's payload cache budget.
+//!
+//! Contract: owned by one shard (`Rc`, `Cell`). A `Stored` always knows its envelope and length;
+//! its payload (the producer's exact bytes) is in memory or, once its journal record is durable
+//! and the shard is over `cache_bytes_max`, only in the journal, from which the shard reads it
+//! back when it is delivered. Every payload held in memory is counted in the shard's `Cache`
+//! from the moment it is stored until it is dropped or evicted (`Drop` keeps the count right
+//! whoever drops the last reference), so the shard's memory is bounded by the budget, not by its
+//! backlog. Transient payloads cannot be spilled; a publish that would take them past the budget
+//! is refused. Journaled payloads keep at most half the budget in memory (the head of each
+//! backlog, delivered first), so transient ones always have the other half.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::storage::Position;
+
+/// The shard's count of payload bytes in memory, against its budget.
+#[derive(Debug)]
+pub struct Cache {
+    bytes: Cell<u64>,
+    max: u64,
+}
+
+impl Cache {
+    pub fn new(max: u64) -> Rc<Cache> {
+        Rc::new(Cache {
+            bytes: Cell::new(0),
+            max,
+        })
+    }
+
+    /// Bytes of payloads in memory now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
+    }
+
+    pub fn over_budget(&self) -> bool {
+        self.bytes.get() > self.max
+    }
+
+    /// Whether journaled payloads should give up memory: they may use half the budget, because
+    /// they can be read back from the journal while transient payloads cannot, and must always
+    /// find room.
+    pub fn over_journaled_share(&self) -> bool {
+        self.bytes.get() > self.max / 2
+    }
+
+    /// Whether `len` more bytes fit the budget.
+    pub fn has_room(&self, len: u64) -> bool {
+        self.bytes.get() + len <= self.max
+    }
+
+    fn add(&self, len: u64) {
+        self.bytes.set(self.bytes.get() + len);
+    }
+
+    fn sub(&self, len: u64) {
+        let now = self.bytes.get();
+        assert!(now >= len, "payload cache underflow: {now} - {len}");
+        self.bytes.set(now - len);
+    }
+}
+
+#[derive(Debug)]
+pub struct Stored {
+    payload: RefCell<Option<Bytes>>,
+    len: u32,
+    pub exchange: String,
+    pub routing_key: String,
+    /// In the journal (a persistent message in a durable queue): its settlement is journaled too.
+    pub journaled: bool,
+    /// Where its journal record is, and the record's length, once appended.
+    position: Cell<Option<(Position, u32)>>,
+    cache: Option<Rc<Cache>>,
+}
+
+impl Stored {
+    /// A message received now, its payload in memory and counted in `cache`.
+    pub fn new(
+        bytes: Bytes,
+        exchange: String,
+        routing_key: String,
+        journaled: bool,
+        cache: Option<&Rc<Cache>>,
+    ) -> Stored {
+        let len = bytes.len() as u32;
+        if let Some(c) = cache {
+            c.add(u64::from(len));
+        }
+        Stored {
+            payload: RefCell::new(Some(bytes)),
+            len,
+            exchange,
+            routing_key,
+            journaled,
+            position: Cell::new(None),
+            cache: cache.cloned(),
+        }
+    }
+
+    /// A message recovered from the journal: its payload stays there until it is delivered.
+    pub fn recovered(
+        len: u32,
+        exchange: String,
+        routing_key: String,
+        position: Position,
+        record_len: u32,
+    ) -> Stored {
+        Stored {
+            payload: RefCell::new(None),
+            len,
+            exchange,
+            routing_key,
+            journaled: true,
+            position: Cell::new(Some((position, record_len))),
+            cache: None,
+        }
+    }
+
+    /// Length of the message bytes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The payload, if it is in memory.
+    pub fn payload(&self) -> Option<Bytes> {
+        self.payload.borrow().clone()
+    }
+
+    /// Where to read the payload back from, if it is journaled.
+    pub fn position(&self) -> Option<(Position, u32)> {
+        self.position.get()
+    }
+
+    pub fn set_position(&self, position: Position, record_len: u32) {
+        self.position.set(Some((position, record_len)));
+    }
+
+    /// Drops the in-memory payload of a message whose record is durable. Returns whether it did.
+    pub fn evict(&self) -> bool {
+        if self.position.get().is_none() {
+            return false;
+        }
+        match self.payload.borrow_mut().take() {
+            Some(_) => {
+                if let Some(c) = &self.cache {
+                    c.sub(u64::from(self.len));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        if self.payload.get_mut().is_some() {
+            if let Some(c) = &self.cache {
+                c.sub(u64::from(self.len));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_counts_payloads_until_they_are_evicted_or_dropped() {
+        let cache = Cache::new(10);
+        let a = Stored::new(
+            Bytes::from_static(b"123456"),
+            String::new(),
+            "q".into(),
+            true,
+            Some(&cache),
+        );
+        let b = Stored::new(
+            Bytes::from_static(b"789012"),
+            String::new(),
+            "q".into(),
+            false,
+            Some(&cache),
+        );
+        assert_eq!(cache.bytes(), 12);
+        assert!(cache.over_budget());
+        assert!(
+            !a.evict(),
+            "no journal position yet: nothing to read it back from"
+        );
+        a.set_position(Position::new(0, 4096), 40);
+        assert!(a.evict());
+        assert!(a.payload().is_none());
+        assert_eq!(cache.bytes(), 6);
+        drop(a);
+        assert_eq!(cache.bytes(), 6, "an evicted payload is not counted twice");
+        drop(b);
+        assert_eq!(cache.bytes(), 0);
+    }
+}
