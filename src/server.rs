@@ -99,6 +99,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         FsyncPolicy::Interval => wire::Durability::Interval,
         FsyncPolicy::Never => wire::Durability::Never,
     };
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let (recovered_tx, recovered_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shard_count);
     let listeners = main_listeners.into_iter().zip(shard_listeners);
@@ -127,6 +130,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 prefetch_default: config.limits.broker.prefetch_default,
                 prefetch_max: config.limits.broker.prefetch_max,
                 connection_id: 0,
+                started_ms,
             },
             limits: config.limits,
             mesh,

@@ -93,6 +93,8 @@ pub struct ShardState {
     /// Messages the current request journaled.
     written: RefCell<Vec<Weak<Stored>>>,
     mesh: Mesh,
+    /// Replies waiting for their group commit; shutdown sends them before closing connections.
+    replies_waiting: Cell<usize>,
     /// Work for the worker task, in arrival order.
     work: RefCell<VecDeque<MeshMsg>>,
     work_bell: Doorbell,
@@ -261,7 +263,17 @@ impl ShardState {
                     appended: &self.appended,
                     written: &self.written,
                 };
-                ops::execute(&mut host, &mut sink, from, op, now, &mut pushes)
+                let mut reply = ops::execute(&mut host, &mut sink, from, op, now, &mut pushes);
+                if let Reply::ShardStatus(st) = &mut reply {
+                    let j = self.journal.stats();
+                    st.connections = self.connections.borrow().len() as u64;
+                    st.cache_bytes_max = host.cache().max();
+                    st.journal_commits = j.commits;
+                    st.journal_records = j.records;
+                    st.journal_bytes_written = j.bytes_written;
+                    st.journal_fdatasyncs = j.fdatasyncs;
+                }
+                reply
             }
         };
         {
@@ -346,6 +358,22 @@ impl ShardState {
                 },
             );
         }
+        // Under fsync = interval or never a confirm does not wait for the disk: the records are
+        // staged and the committer makes them durable with the next group commit.
+        let own =
+            own.filter(|_| self.session.durability == weir_protocol::wire::Durability::Always);
+        if own.is_none() {
+            if let Some(reply) = reply.take() {
+                self.send_to(
+                    from.shard,
+                    MeshMsg::Reply {
+                        to: from,
+                        id,
+                        reply,
+                    },
+                );
+            }
+        }
         match own {
             None => {}
             // A confirm (or a declare-ok) means on disk: answer once the group commit that
@@ -354,6 +382,7 @@ impl ShardState {
             Some(appended) => {
                 let state = self.clone();
                 let reply = reply.take().expect("not sent yet");
+                self.replies_waiting.set(self.replies_waiting.get() + 1);
                 rt::spawn_detached(async move {
                     let reply = match state.journal.commit(&appended).await {
                         Ok(()) => {
@@ -370,6 +399,7 @@ impl ShardState {
                             reply,
                         },
                     );
+                    state.replies_waiting.set(state.replies_waiting.get() - 1);
                 });
             }
         }
@@ -586,6 +616,7 @@ pub async fn run(setup: ShardSetup) {
         journal,
         appended: Cell::new(None),
         written: RefCell::new(Vec::new()),
+        replies_waiting: Cell::new(0),
         mesh,
         work: RefCell::new(VecDeque::new()),
         work_bell,
@@ -603,21 +634,36 @@ pub async fn run(setup: ShardSetup) {
             move |batch| s.receive(batch),
         )));
     }
-    for bound in setup.listeners {
-        tasks.push(rt::spawn(accept_loop(
-            Listener::from_bound(bound),
-            state.clone(),
-        )));
-    }
+    let accepts: Vec<_> = setup
+        .listeners
+        .into_iter()
+        .map(|bound| rt::spawn(accept_loop(Listener::from_bound(bound), state.clone())))
+        .collect();
     tracing::info!(shard = state.id, "serving");
 
     while !setup.stop.load(Ordering::Relaxed) {
         rt::executor::sleep(STOP_POLL).await;
     }
+    // Orderly: no new connections; every staged record committed; every reply that waited for
+    // its commit handed to its connection; then connections are told, send what they owe, and
+    // close.
     tracing::info!(
         shard = state.id,
-        "stopping: no new connections; closing open ones"
+        "stopping: no new connections; finishing commits"
     );
+    drop(accepts);
+    let finish = async {
+        state.journal.close().await;
+        while state.replies_waiting.get() > 0 || !state.work.borrow().is_empty() {
+            // Shutdown only: the commit waiters and the worker run between these short naps.
+            rt::executor::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let grace = async {
+        rt::executor::sleep(SHUTDOWN_GRACE).await;
+    };
+    futures_lite::future::or(finish, grace).await;
+    tracing::info!(shard = state.id, "closing connections");
     state.stopping.set(true);
     let drained = async {
         shutdown_connections(&state, &drained_waiter).await;
@@ -637,9 +683,7 @@ pub async fn run(setup: ShardSetup) {
             "stopped; connections that would not drain were dropped"
         );
     }
-    drop(tasks); // dropping a task cancels it: listeners and mesh ends close
-                 // Every confirm sent was durable already; closing flushes nothing owed, it releases files.
-    state.journal.close().await;
+    drop(tasks); // dropping a task cancels it: the worker and the mesh ends stop
 }
 
 /// Rings every connection so it tells its peer and closes, then waits until all have.

@@ -158,3 +158,20 @@ fn a_clean_shutdown_and_restart_keeps_everything_too() {
     let got = c.deliveries(10);
     assert_eq!(got.iter().map(|g| g.body.clone()).collect::<Vec<_>>(), msgs);
 }
+
+#[test]
+fn confirms_say_which_fsync_policy_they_were_given_under() {
+    let broker = Broker::start(&temp_dir("dur-interval"), &["--fsync", "interval:5"]);
+    let mut c = broker.connect();
+    assert_eq!(c.handshake().durability, wire::Durability::Interval);
+    c.declare("q");
+    c.publish("q", 1, &[b"a", b"b"], false);
+    let (_, durability) = c.await_confirms_with(1, 2);
+    assert_eq!(durability, vec![wire::Durability::Interval; 2]);
+    // Not persistent: in memory only, whatever the policy.
+    c.publish_with("q", 3, &[b"c"], false, false);
+    assert_eq!(
+        c.await_confirms_with(3, 3).1,
+        vec![wire::Durability::Transient]
+    );
+}

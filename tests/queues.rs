@@ -288,3 +288,39 @@ fn an_exclusive_queue_belongs_to_its_connection() {
     let f = other.recv().unwrap();
     assert!(matches!(f.body, BodyT::Error(e) if e.code == ErrorCode::ResourceLocked));
 }
+
+#[test]
+fn status_reports_shards_queues_depths_and_the_journal() {
+    let broker = Broker::start(&temp_dir("q-status"), &["--cpus", "0,1"]);
+    let mut c = broker.connect();
+    c.handshake();
+    let (a, b) = (queue_on(0, 2, "st"), queue_on(1, 2, "st"));
+    c.declare(&a);
+    c.declare(&b);
+    c.publish(&a, 1, &[b"1", b"2", b"3"], false);
+    c.publish(&b, 4, &[b"4"], false);
+    c.await_confirms(1, 4);
+    let BodyT::Status(st) = c.request(BodyT::GetStatus(Box::default())) else {
+        panic!("no Status")
+    };
+    assert_eq!(st.shard_count, 2);
+    assert_eq!(st.queues, 2);
+    assert!(st.connections >= 1);
+    assert_eq!(
+        st.broker_version.as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    let counters: std::collections::HashMap<String, u64> = st
+        .counters
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.value))
+        .collect();
+    assert_eq!(counters["shard.0.messages_ready"], 3);
+    assert_eq!(counters["shard.1.messages_ready"], 1);
+    assert!(counters["shard.0.journal.commits"] >= 1, "{counters:?}");
+    assert!(
+        counters["shard.1.journal.records"] >= 2,
+        "a declaration and a message: {counters:?}"
+    );
+}

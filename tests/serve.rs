@@ -64,6 +64,21 @@ fn a_malformed_frame_closes_only_its_own_connection() {
     assert!(e.message.unwrap().contains("exceeds frame_size_max"));
     huge.expect_closed();
 
+    // A truncated frame: half a Ping, then the peer shuts its side. Nothing is acted on; the
+    // broker closes that connection when the stream ends mid-frame.
+    let mut cut = broker.connect();
+    cut.handshake();
+    let mut half = bytes::BytesMut::new();
+    weir_protocol::Encoder::new(weir_protocol::WireLimits::DEFAULT)
+        .encode(
+            &weir_protocol::frame(9, BodyT::Ping(Box::default())),
+            &mut half,
+        )
+        .unwrap();
+    cut.send_raw(&half[..half.len() / 2]);
+    cut.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    cut.expect_closed();
+
     let mut ping = wire::PingT::default();
     ping.payload = 7;
     assert!(matches!(good.request(BodyT::Ping(Box::new(ping))), BodyT::Pong(p) if p.payload == 7));
@@ -131,7 +146,7 @@ fn bad_configuration_names_the_key_and_exits_non_zero() {
     let (code, err) = run(&["--fsync", "sometimes"]);
     assert_eq!(code, Some(2));
     assert!(
-        err.contains("--fsync: 'sometimes' is not one of always, interval, never"),
+        err.contains("--fsync: 'sometimes' is not one of always, interval:MS, never"),
         "{err}"
     );
 

@@ -620,6 +620,24 @@ impl QueueHost {
         }
     }
 
+    /// This host's part of a shard's counters (the shard adds connections and journal figures).
+    pub fn status(&self) -> crate::broker::ops::ShardStatus {
+        let mut st = crate::broker::ops::ShardStatus {
+            shard: self.shard,
+            queues: self.queues.len() as u64,
+            dropped: self.dropped,
+            cache_bytes: self.cache.bytes(),
+            ..Default::default()
+        };
+        for q in self.queues.values() {
+            let s = q.queue.stats();
+            st.messages_ready += s.ready;
+            st.messages_unacked += s.outstanding;
+            st.consumers += u64::from(s.consumers);
+        }
+        st
+    }
+
     /// True when some queue may owe deliveries.
     pub fn has_work(&self) -> bool {
         !self.dirty.is_empty()

@@ -95,6 +95,28 @@ pub enum Op {
         auto_ack: bool,
     },
     ConnectionClosed,
+    /// The shard's counters (answered by the shard itself, not its queue host).
+    Status,
+}
+
+/// One shard's counters, for `GetStatus`.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStatus {
+    pub shard: u16,
+    pub connections: u64,
+    pub queues: u64,
+    pub messages_ready: u64,
+    pub messages_unacked: u64,
+    pub consumers: u64,
+    /// Messages settled other than by a consumer's ack: dropped, expired, purged.
+    pub dropped: u64,
+    /// Payload bytes held in memory, and the budget.
+    pub cache_bytes: u64,
+    pub cache_bytes_max: u64,
+    pub journal_commits: u64,
+    pub journal_records: u64,
+    pub journal_bytes_written: u64,
+    pub journal_fdatasyncs: u64,
 }
 
 /// A delivery as it crosses to the consumer's connection.
@@ -160,6 +182,7 @@ pub enum Reply {
     /// Settlements that failed, and why.
     SettleFailed(Vec<Refusal>),
     Refused(Refusal),
+    ShardStatus(Box<ShardStatus>),
 }
 
 /// Something the owning shard sends a connection unasked.
@@ -311,6 +334,7 @@ pub fn execute(
             host.connection_closed(from);
             Ok(Reply::Done)
         }
+        Op::Status => Ok(Reply::ShardStatus(Box::new(host.status()))),
     };
     match (result, journal(host, sink)) {
         (Ok(reply), Ok(())) => reply,

@@ -32,6 +32,11 @@ impl Cache {
         })
     }
 
+    /// The budget.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
     /// Bytes of payloads in memory now.
     pub fn bytes(&self) -> u64 {
         self.bytes.get()

@@ -38,6 +38,8 @@ pub struct SessionCtx {
     pub prefetch_default: u32,
     pub prefetch_max: u32,
     pub connection_id: u64,
+    /// When the broker started, ms since the Unix epoch (for `Status.uptime_ms`).
+    pub started_ms: u64,
 }
 
 impl SessionCtx {
@@ -80,6 +82,11 @@ enum Pending {
         remaining: u16,
         limit: usize,
         queues: Vec<wire::QueueInfoT>,
+    },
+    Status {
+        request_id: u64,
+        remaining: u16,
+        shards: Vec<crate::broker::ops::ShardStatus>,
     },
     Publish,
     Consume {
@@ -306,6 +313,27 @@ impl Session {
                 Flow::Continue
             }
             (State::Open, Body::Publish) => self.publish(frame, out, routed),
+            (State::Open, Body::GetStatus) => {
+                let shards = self.ctx.shard_count();
+                let id = self.next_id;
+                self.next_id += 1;
+                self.pending.insert(
+                    id,
+                    Pending::Status {
+                        request_id,
+                        remaining: shards,
+                        shards: Vec::new(),
+                    },
+                );
+                for shard in 0..shards {
+                    routed.push(Routed {
+                        shard,
+                        id,
+                        op: Op::Status,
+                    });
+                }
+                Flow::Continue
+            }
             (State::Open, Body::Consume) => {
                 let c = f.body_as_consume().expect("body type checked");
                 self.consume(request_id, c, out, routed)
@@ -621,6 +649,32 @@ impl Session {
                 list.more = more;
                 self.reply(out, request_id, BodyT::QueueList(Box::new(list)));
             }
+            (
+                Pending::Status {
+                    request_id,
+                    remaining,
+                    mut shards,
+                },
+                reply,
+            ) => {
+                if let Reply::ShardStatus(st) = reply {
+                    shards.push(*st);
+                }
+                if remaining > 1 {
+                    self.pending.insert(
+                        id,
+                        Pending::Status {
+                            request_id,
+                            remaining: remaining - 1,
+                            shards,
+                        },
+                    );
+                    return;
+                }
+                shards.sort_by_key(|s| s.shard);
+                let status = self.status(shards);
+                self.reply(out, request_id, BodyT::Status(Box::new(status)));
+            }
             (Pending::Reply { request_id }, reply) => {
                 let body = match reply {
                     Reply::Info(i) => BodyT::QueueInfo(i),
@@ -704,6 +758,45 @@ impl Session {
                 other => tracing::error!(?other, "unexpected reply to get"),
             },
         }
+    }
+
+    /// The `Status` reply: totals, and every shard's counters by name (`shard.N.what`), so that
+    /// counters can be added without changing the schema.
+    fn status(&self, shards: Vec<crate::broker::ops::ShardStatus>) -> wire::StatusT {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut st = wire::StatusT::default();
+        st.broker_version = Some(self.ctx.broker_version.to_string());
+        st.shard_count = self.ctx.shard_count();
+        st.uptime_ms = now.saturating_sub(self.ctx.started_ms);
+        st.connections = shards.iter().map(|s| s.connections).sum::<u64>() as u32;
+        st.queues = shards.iter().map(|s| s.queues).sum::<u64>() as u32;
+        let mut counters = Vec::new();
+        for s in &shards {
+            let fields = [
+                ("connections", s.connections),
+                ("queues", s.queues),
+                ("messages_ready", s.messages_ready),
+                ("messages_unacked", s.messages_unacked),
+                ("consumers", s.consumers),
+                ("messages_dropped", s.dropped),
+                ("cache_bytes", s.cache_bytes),
+                ("cache_bytes_max", s.cache_bytes_max),
+                ("journal.commits", s.journal_commits),
+                ("journal.records", s.journal_records),
+                ("journal.bytes_written", s.journal_bytes_written),
+                ("journal.fdatasyncs", s.journal_fdatasyncs),
+            ];
+            for (name, value) in fields {
+                let mut c = wire::CounterT::default();
+                c.name = format!("shard.{}.{name}", s.shard);
+                c.value = value;
+                counters.push(c);
+            }
+        }
+        st.counters = Some(counters);
+        st
     }
 
     /// Assigns a delivery tag to a delivery and remembers it unless it was auto-acked.
@@ -1051,6 +1144,7 @@ mod tests {
             prefetch_default: 10,
             prefetch_max: 1000,
             connection_id: 42,
+            started_ms: 0,
         }
     }
 
