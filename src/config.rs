@@ -510,6 +510,16 @@ mod tests {
     }
 
     #[test]
+    fn the_default_profile_is_exactly_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/default.toml");
+        let flags = Flags {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert_eq!(Config::load(&flags, no_env).unwrap(), Config::default());
+    }
+
+    #[test]
     fn every_tuning_profile_loads() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning");
         let mut n = 0;
