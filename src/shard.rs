@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Cache, ConnRef, QueueHost, Refusal, Stored};
+use crate::broker::host::{Cache, ConnRef, Liveness, QueueHost, Refusal, Stored};
 use crate::broker::ops::{self, JournalSink, Op, Pushed, Reply};
 use crate::broker::queue::Seq;
 use crate::broker::rebuild::Rebuild;
@@ -93,6 +93,8 @@ pub struct ShardState {
     /// Messages the current request journaled.
     written: RefCell<Vec<Weak<Stored>>>,
     mesh: Mesh,
+    /// The host's live-messages-per-segment account (the same `Rc`), for reclaim.
+    liveness: Rc<Liveness>,
     /// Replies waiting for their group commit; shutdown sends them before closing connections.
     replies_waiting: Cell<usize>,
     /// Work for the worker task, in arrival order.
@@ -108,6 +110,7 @@ struct Staging<'a> {
     /// Messages journaled by the current request, newest last: evicted after their commit if the
     /// shard is over its payload budget.
     written: &'a RefCell<Vec<Weak<Stored>>>,
+    liveness: &'a Rc<Liveness>,
 }
 
 impl Staging<'_> {
@@ -141,7 +144,7 @@ impl JournalSink for Staging<'_> {
             .journal
             .append_message(&envelope, &payload)
             .map_err(storage_refusal)?;
-        msg.set_position(appended.position, appended.len);
+        msg.set_position(appended.position, appended.len, Some(self.liveness));
         self.written.borrow_mut().push(Rc::downgrade(msg));
         self.note(Ok(appended))
     }
@@ -206,6 +209,16 @@ impl ShardState {
         (u64::from(self.id) << 48) | n
     }
 
+    /// The journal sink for the request being executed.
+    fn staging(&self) -> Staging<'_> {
+        Staging {
+            journal: &self.journal,
+            appended: &self.appended,
+            written: &self.written,
+            liveness: &self.liveness,
+        }
+    }
+
     /// Sends a connection's ops to the shards that own their queues.
     pub fn route(&self, from: ConnRef, routed: Vec<Routed>) {
         for r in routed {
@@ -247,22 +260,14 @@ impl ShardState {
                 for item in items {
                     self.journal.wait_for_room(record_room(&item)).await;
                     let mut host = self.host.borrow_mut();
-                    let mut sink = Staging {
-                        journal: &self.journal,
-                        appended: &self.appended,
-                        written: &self.written,
-                    };
+                    let mut sink = self.staging();
                     outcomes.push(ops::publish(&mut host, &mut sink, from, item, now));
                 }
                 Reply::Published(outcomes)
             }
             op => {
                 let mut host = self.host.borrow_mut();
-                let mut sink = Staging {
-                    journal: &self.journal,
-                    appended: &self.appended,
-                    written: &self.written,
-                };
+                let mut sink = self.staging();
                 let mut reply = ops::execute(&mut host, &mut sink, from, op, now, &mut pushes);
                 if let Reply::ShardStatus(st) = &mut reply {
                     let j = self.journal.stats();
@@ -272,17 +277,19 @@ impl ShardState {
                     st.journal_records = j.records;
                     st.journal_bytes_written = j.bytes_written;
                     st.journal_fdatasyncs = j.fdatasyncs;
+                    st.journal_segments = self
+                        .journal
+                        .segments()
+                        .iter()
+                        .filter(|s| !s.reclaimed)
+                        .count() as u64;
                 }
                 reply
             }
         };
         {
             let mut host = self.host.borrow_mut();
-            let mut sink = Staging {
-                journal: &self.journal,
-                appended: &self.appended,
-                written: &self.written,
-            };
+            let mut sink = self.staging();
             if let Err(r) = ops::journal(&mut host, &mut sink) {
                 tracing::error!(shard = self.id, "journal: {}", r.message);
             }
@@ -293,11 +300,7 @@ impl ShardState {
         let written = std::mem::take(&mut *self.written.borrow_mut());
         {
             let mut host = self.host.borrow_mut();
-            let mut sink = Staging {
-                journal: &self.journal,
-                appended: &self.appended,
-                written: &self.written,
-            };
+            let mut sink = self.staging();
             ops::collect_pushes(
                 &mut host,
                 &mut sink,
@@ -531,6 +534,66 @@ fn not_durable(reply: Reply, refusal: Refusal) -> Reply {
     }
 }
 
+/// How often a shard looks for journal segments it can delete. Reclaim is housekeeping: a timer
+/// costs nothing on the data path, and a second's delay only defers freeing disk space.
+const RECLAIM_EVERY: Duration = Duration::from_millis(500);
+
+/// Deletes journal segments from the oldest on, while the oldest holds no live message and is
+/// not being appended to. Only a prefix of the log is ever deleted, so every settle record
+/// deleted with it named a message deleted with it too. Before the first deletion of a round,
+/// every durable queue's declaration and next sequence number are written again and committed:
+/// the segments going away may hold the only copies. (One old unacked message pins every later
+/// segment: moving it forward, `Journal::relocate`, is not done yet.)
+async fn reclaim_forever(state: Rc<ShardState>) {
+    loop {
+        rt::executor::sleep(RECLAIM_EVERY).await;
+        let mut restated = false;
+        loop {
+            let segments = state.journal.segments();
+            let Some(oldest) = segments.iter().find(|s| !s.reclaimed) else {
+                break;
+            };
+            if oldest.active || state.liveness.live_in(oldest.number) > 0 {
+                break;
+            }
+            if !restated {
+                let records = state.host.borrow().restatement();
+                let mut last = None;
+                for record in &records {
+                    match state.journal.append_control(&record.encode()) {
+                        Ok(a) => last = Some(a),
+                        Err(e) => {
+                            tracing::warn!(
+                                shard = state.id,
+                                "reclaim: cannot restate the catalog: {e}"
+                            );
+                            break;
+                        }
+                    }
+                }
+                if let Some(last) = last {
+                    if let Err(e) = state.journal.commit(&last).await {
+                        tracing::warn!(
+                            shard = state.id,
+                            "reclaim: restated catalog not durable: {e}"
+                        );
+                        break;
+                    }
+                }
+                restated = true;
+                continue; // the restatement may have rolled a segment: look again
+            }
+            match state.journal.reclaim(oldest.number).await {
+                Ok(()) => tracing::debug!(shard = state.id, segment = oldest.number, "reclaimed"),
+                Err(e) => {
+                    tracing::warn!(shard = state.id, segment = oldest.number, "reclaim: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// The worker: executes requests for this shard's queues and hands replies and pushes to its
 /// connections, in arrival order. One task, so a request never runs inside another.
 async fn work_forever(state: Rc<ShardState>, bell: DoorbellWaiter) {
@@ -604,6 +667,7 @@ pub async fn run(setup: ShardSetup) {
         }
     };
     rt::spawn_detached(journal.clone().run_committer());
+    let host_liveness = host.liveness().clone();
     let state = Rc::new(ShardState {
         id: setup.id,
         limits: setup.limits,
@@ -617,12 +681,14 @@ pub async fn run(setup: ShardSetup) {
         appended: Cell::new(None),
         written: RefCell::new(Vec::new()),
         replies_waiting: Cell::new(0),
+        liveness: host_liveness,
         mesh,
         work: RefCell::new(VecDeque::new()),
         work_bell,
     });
     let mut tasks = Vec::new();
     tasks.push(rt::spawn(work_forever(state.clone(), work_waiter)));
+    tasks.push(rt::spawn(reclaim_forever(state.clone())));
     let flusher = state.clone();
     tasks.push(rt::spawn(async move {
         flusher.mesh.flush_forever(flush_waiter).await

@@ -175,3 +175,88 @@ fn confirms_say_which_fsync_policy_they_were_given_under() {
         vec![wire::Durability::Transient]
     );
 }
+
+fn journal_segments(c: &mut Client) -> u64 {
+    let BodyT::Status(st) = c.request(BodyT::GetStatus(Box::default())) else {
+        panic!("no Status")
+    };
+    st.counters
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.name.ends_with(".journal.segments"))
+        .map(|c| c.value)
+        .sum()
+}
+
+#[test]
+fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
+    let dir = temp_dir("dur-reclaim");
+    let config = dir.join("weir.toml");
+    std::fs::write(
+        &config,
+        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\n",
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let broker = Broker::start(&dir, &args);
+    let mut c = connect(&broker);
+    c.declare("r"); // its declaration lands in the first segment, which will be reclaimed
+    let body = vec![b'x'; 1024];
+    for batch in 0..12u64 {
+        let bodies: Vec<&[u8]> = (0..500).map(|_| body.as_slice()).collect();
+        c.publish("r", 1 + batch * 500, &bodies, false);
+        c.await_confirms(1 + batch * 500, 500 + batch * 500);
+    }
+    let before = journal_segments(&mut c);
+    assert!(
+        before >= 3,
+        "6 MB in 2 MiB segments made only {before} segments"
+    );
+
+    c.consume("r", "all", 1000, true);
+    c.deliveries(6000);
+    let mut cancel = wire::CancelT::default();
+    cancel.consumer_tag = "all".into();
+    assert!(matches!(
+        c.request(BodyT::Cancel(Box::new(cancel))),
+        BodyT::Ok(_)
+    ));
+    c.publish("r", 10_001, &[b"keep 0", b"keep 1", b"keep 2"], false);
+    c.await_confirms(10_001, 10_003);
+
+    // Reclaim is housekeeping on a timer: wait for it, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut after = journal_segments(&mut c);
+    while after > 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        after = journal_segments(&mut c);
+    }
+    assert!(
+        after <= 2,
+        "segments went from {before} to {after}: settled segments were not reclaimed"
+    );
+    let files = std::fs::read_dir(dir.join("shard-0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "seg")
+        })
+        .count() as u64;
+    assert_eq!(files, after, "segment files on disk");
+
+    let broker = crash_and_restart(broker, &args);
+    let mut c = connect(&broker);
+    let BodyT::QueueInfo(info) = c.info("r") else {
+        panic!("the queue's declaration was reclaimed with its segment")
+    };
+    assert_eq!(info.messages_ready, 3);
+    c.consume("r", "rest", 10, true);
+    let got: Vec<Vec<u8>> = c.deliveries(3).into_iter().map(|g| g.body).collect();
+    assert_eq!(
+        got,
+        vec![b"keep 0".to_vec(), b"keep 1".to_vec(), b"keep 2".to_vec()]
+    );
+}

@@ -14,15 +14,29 @@ use crate::broker::host::Declare;
 
 const TAG_DECLARE_QUEUE: u8 = 1;
 const TAG_DELETE_QUEUE: u8 = 2;
+const TAG_QUEUE_SEQ: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum CatalogRecord {
     DeclareQueue(Declare),
     DeleteQueue(String),
+    /// A queue's next sequence number, re-stated before the segments that held its history are
+    /// reclaimed, so numbers are never reused. Body: u64 LE, then the name.
+    QueueSeq {
+        name: String,
+        next_seq: u64,
+    },
 }
 
 impl CatalogRecord {
     pub fn encode(&self) -> Vec<u8> {
+        if let CatalogRecord::QueueSeq { name, next_seq } = self {
+            let mut out = Vec::with_capacity(9 + name.len());
+            out.push(TAG_QUEUE_SEQ);
+            out.extend_from_slice(&next_seq.to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            return out;
+        }
         let (tag, body) = match self {
             CatalogRecord::DeclareQueue(d) => {
                 let mut t = wire::DeclareQueueT::default();
@@ -38,6 +52,7 @@ impl CatalogRecord {
                 t.name = name.clone();
                 (TAG_DELETE_QUEUE, BodyT::DeleteQueue(Box::new(t)))
             }
+            CatalogRecord::QueueSeq { .. } => unreachable!("encoded above"),
         };
         let mut fbb = flatbuffers::FlatBufferBuilder::new();
         let root = weir_protocol::frame(0, body).pack(&mut fbb);
@@ -50,6 +65,16 @@ impl CatalogRecord {
 
     pub fn decode(body: &[u8]) -> Result<CatalogRecord, String> {
         let (&tag, rest) = body.split_first().ok_or("empty catalog record")?;
+        if tag == TAG_QUEUE_SEQ {
+            let (seq, name) = rest
+                .split_first_chunk::<8>()
+                .ok_or("queue sequence record too short")?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| "queue name is not UTF-8")?;
+            return Ok(CatalogRecord::QueueSeq {
+                name,
+                next_seq: u64::from_le_bytes(*seq),
+            });
+        }
         let opts = flatbuffers::VerifierOptions {
             max_apparent_size: WireLimits::DEFAULT.frame_size_max as usize,
             ..Default::default()

@@ -31,7 +31,7 @@ pub struct ConnRef {
     pub conn: u64,
 }
 
-pub use crate::broker::stored::{Cache, Stored};
+pub use crate::broker::stored::{Cache, Liveness, Stored};
 
 /// Why a request was refused: the code for the `Error` frame and a sentence naming what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +135,8 @@ pub struct QueueHost {
     catalog: Vec<CatalogRecord>,
     /// Payload bytes held in memory, against the shard's budget.
     cache: Rc<Cache>,
+    /// Live messages per journal segment (for reclaim).
+    liveness: Rc<Liveness>,
 }
 
 /// What the host asks the shard to write to the journal.
@@ -155,8 +157,15 @@ impl QueueHost {
 
     /// A host whose in-memory payloads are counted in `cache`.
     pub fn with_cache(shard: u16, cache: Rc<Cache>) -> QueueHost {
+        QueueHost::with_accounts(shard, cache, Liveness::new())
+    }
+
+    /// A host whose in-memory payloads are counted in `cache` and whose journaled messages are
+    /// counted per segment in `liveness`.
+    pub fn with_accounts(shard: u16, cache: Rc<Cache>, liveness: Rc<Liveness>) -> QueueHost {
         QueueHost {
             cache,
+            liveness,
             shard,
             queues: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -165,6 +174,36 @@ impl QueueHost {
             settles: Vec::new(),
             catalog: Vec::new(),
         }
+    }
+
+    /// Live messages per journal segment.
+    pub fn liveness(&self) -> &Rc<Liveness> {
+        &self.liveness
+    }
+
+    /// Every durable queue's declaration and next sequence number: written again before the
+    /// segments holding their history are reclaimed.
+    pub fn restatement(&self) -> Vec<CatalogRecord> {
+        let mut out = Vec::new();
+        for q in self
+            .queues
+            .values()
+            .filter(|q| q.durable && q.exclusive.is_none())
+        {
+            out.push(CatalogRecord::DeclareQueue(Declare {
+                name: q.name.to_string(),
+                passive: false,
+                durable: true,
+                exclusive: false,
+                auto_delete: q.auto_delete,
+                arguments: q.arguments.clone(),
+            }));
+            out.push(CatalogRecord::QueueSeq {
+                name: q.name.to_string(),
+                next_seq: q.queue.next_seq(),
+            });
+        }
+        out
     }
 
     /// The shard's payload cache account.

@@ -117,6 +117,8 @@ pub struct ShardStatus {
     pub journal_records: u64,
     pub journal_bytes_written: u64,
     pub journal_fdatasyncs: u64,
+    /// Segment files in use (not reclaimed).
+    pub journal_segments: u64,
 }
 
 /// A delivery as it crosses to the consumer's connection.

@@ -11,6 +11,7 @@
 //! | message, target (q, seq)   | if q exists: message seq is in q (a compaction copy replaces it)|
 //! | message, unknown q         | ignored (the queue was deleted before; its delete came first)   |
 //! | settle (q, ranges)         | those seqs of q are gone                                        |
+//! | catalog: queue seq (q, n)  | q's next sequence number is at least n (re-stated at reclaim)   |
 //! | any record, any q          | q's next sequence number moves past every seq it names          |
 //! | a body that does not parse | the shard refuses to start, naming the record                   |
 //!
@@ -21,7 +22,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Cache, Declare, QueueHost, Stored};
+use crate::broker::host::{Cache, Declare, Liveness, QueueHost, Stored};
 use crate::broker::queue::Seq;
 use crate::storage::record::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
@@ -35,6 +36,8 @@ struct RebuiltQueue {
 #[derive(Default)]
 pub struct Rebuild {
     queues: BTreeMap<String, RebuiltQueue>,
+    /// Counts recovered messages per segment, for reclaim.
+    liveness: Rc<Liveness>,
     /// The first record that could not be understood.
     first_error: Option<String>,
     records: u64,
@@ -75,6 +78,11 @@ impl Rebuild {
                 CatalogRecord::DeleteQueue(name) => {
                     self.queues.remove(&name);
                 }
+                CatalogRecord::QueueSeq { name, next_seq } => {
+                    if let Some(q) = self.queues.get_mut(&name) {
+                        q.next_seq = q.next_seq.max(next_seq);
+                    }
+                }
             },
             RecordKind::Message => {
                 let (envelope, message) =
@@ -97,6 +105,7 @@ impl Rebuild {
                             routing_key.clone(),
                             position,
                             record_len,
+                            &self.liveness,
                         );
                         q.messages.insert(t.queue_seq, Rc::new(stored));
                         q.next_seq = q.next_seq.max(t.queue_seq + 1);
@@ -136,7 +145,7 @@ impl Rebuild {
         if let Some(e) = self.first_error {
             return Err(e);
         }
-        let mut host = QueueHost::with_cache(shard, cache);
+        let mut host = QueueHost::with_accounts(shard, cache, self.liveness);
         let mut summary = RebuildSummary {
             records: self.records,
             queues: 0,

@@ -11,6 +11,7 @@
 //! backlog, delivered first), so transient ones always have the other half.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -69,6 +70,42 @@ impl Cache {
     }
 }
 
+/// How many messages each journal segment still holds for the queues: a segment whose count is
+/// zero (and every older one's) can be reclaimed. A message counts from the moment its record
+/// has a position until its `Stored` is dropped (settled, or its queue deleted), so the count is
+/// never too low: a segment is never reclaimed under a message that still needs it.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    by_segment: RefCell<BTreeMap<u32, u64>>,
+}
+
+impl Liveness {
+    pub fn new() -> Rc<Liveness> {
+        Rc::new(Liveness::default())
+    }
+
+    /// Messages still held in `segment`.
+    pub fn live_in(&self, segment: u32) -> u64 {
+        self.by_segment.borrow().get(&segment).copied().unwrap_or(0)
+    }
+
+    fn add(&self, segment: u32) {
+        *self.by_segment.borrow_mut().entry(segment).or_insert(0) += 1;
+    }
+
+    fn sub(&self, segment: u32) {
+        let mut map = self.by_segment.borrow_mut();
+        let n = map
+            .get_mut(&segment)
+            .expect("a live message's segment is counted");
+        assert!(*n > 0, "segment {segment} liveness underflow");
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&segment);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Stored {
     payload: RefCell<Option<Bytes>>,
@@ -80,6 +117,8 @@ pub struct Stored {
     /// Where its journal record is, and the record's length, once appended.
     position: Cell<Option<(Position, u32)>>,
     cache: Option<Rc<Cache>>,
+    /// The account that counts this message in its record's segment, once it has a position.
+    live: RefCell<Option<Rc<Liveness>>>,
 }
 
 impl Stored {
@@ -103,6 +142,7 @@ impl Stored {
             journaled,
             position: Cell::new(None),
             cache: cache.cloned(),
+            live: RefCell::new(None),
         }
     }
 
@@ -113,7 +153,9 @@ impl Stored {
         routing_key: String,
         position: Position,
         record_len: u32,
+        live: &Rc<Liveness>,
     ) -> Stored {
+        live.add(position.segment());
         Stored {
             payload: RefCell::new(None),
             len,
@@ -122,6 +164,7 @@ impl Stored {
             journaled: true,
             position: Cell::new(Some((position, record_len))),
             cache: None,
+            live: RefCell::new(Some(live.clone())),
         }
     }
 
@@ -144,8 +187,14 @@ impl Stored {
         self.position.get()
     }
 
-    pub fn set_position(&self, position: Position, record_len: u32) {
+    /// Records where the message's journal record is, and counts it in that segment.
+    pub fn set_position(&self, position: Position, record_len: u32, live: Option<&Rc<Liveness>>) {
+        assert!(self.position.get().is_none(), "a message is journaled once");
         self.position.set(Some((position, record_len)));
+        if let Some(live) = live {
+            live.add(position.segment());
+            *self.live.borrow_mut() = Some(live.clone());
+        }
     }
 
     /// Drops the in-memory payload of a message whose record is durable. Returns whether it did.
@@ -171,6 +220,10 @@ impl Drop for Stored {
             if let Some(c) = &self.cache {
                 c.sub(u64::from(self.len));
             }
+        }
+        if let (Some(live), Some((position, _))) = (self.live.get_mut().take(), self.position.get())
+        {
+            live.sub(position.segment());
         }
     }
 }
@@ -202,12 +255,19 @@ mod tests {
             !a.evict(),
             "no journal position yet: nothing to read it back from"
         );
-        a.set_position(Position::new(0, 4096), 40);
+        let live = Liveness::new();
+        a.set_position(Position::new(3, 4096), 40, Some(&live));
+        assert_eq!(live.live_in(3), 1);
         assert!(a.evict());
         assert!(a.payload().is_none());
         assert_eq!(cache.bytes(), 6);
         drop(a);
         assert_eq!(cache.bytes(), 6, "an evicted payload is not counted twice");
+        assert_eq!(
+            live.live_in(3),
+            0,
+            "a dropped message no longer holds its segment"
+        );
         drop(b);
         assert_eq!(cache.bytes(), 0);
     }

@@ -787,6 +787,7 @@ impl Session {
                 ("journal.records", s.journal_records),
                 ("journal.bytes_written", s.journal_bytes_written),
                 ("journal.fdatasyncs", s.journal_fdatasyncs),
+                ("journal.segments", s.journal_segments),
             ];
             for (name, value) in fields {
                 let mut c = wire::CounterT::default();
