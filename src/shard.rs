@@ -321,10 +321,17 @@ impl ShardState {
                 }));
             }
         }
-        if own.is_none() {
-            // Nothing to wait for: the reply goes before the pushes, so a consumer's connection
-            // has its ConsumeOk before the deliveries that follow it.
-            let reply = reply.take().expect("not sent yet");
+        // A confirm (or a declare-ok) under fsync = always means on disk: the reply waits for the
+        // group commit carrying this request's own records. Otherwise it goes now, before the
+        // pushes, so a consumer's connection has its ConsumeOk before the deliveries after it.
+        // (Under interval and never the records are staged; the committer makes them durable
+        // with the next group commit, and the confirm says which policy it was given under.)
+        let always = self.session.durability == weir_protocol::wire::Durability::Always;
+        let mut held_reply = None;
+        if always && own.is_some() {
+            held_reply = reply.take();
+        }
+        if let Some(reply) = reply.take() {
             self.send_to(
                 from.shard,
                 MeshMsg::Reply {
@@ -361,13 +368,25 @@ impl ShardState {
                 },
             );
         }
-        // Under fsync = interval or never a confirm does not wait for the disk: the records are
-        // staged and the committer makes them durable with the next group commit.
-        let own =
-            own.filter(|_| self.session.durability == weir_protocol::wire::Durability::Always);
-        if own.is_none() {
-            if let Some(reply) = reply.take() {
-                self.send_to(
+        // Once the records are durable: evict their payloads if over budget, and send the reply
+        // if it waited. Later requests go on meanwhile and join the next commit.
+        let Some(appended) = own else { return };
+        let waiting = held_reply.take();
+        if waiting.is_some() {
+            self.replies_waiting.set(self.replies_waiting.get() + 1);
+        }
+        let state = self.clone();
+        rt::spawn_detached(async move {
+            let result = state.journal.commit(&appended).await;
+            if result.is_ok() {
+                state.evict_if_over_budget(&written);
+            }
+            if let Some(reply) = waiting {
+                let reply = match result {
+                    Ok(()) => reply,
+                    Err(e) => not_durable(reply, storage_refusal(e)),
+                };
+                state.send_to(
                     from.shard,
                     MeshMsg::Reply {
                         to: from,
@@ -375,37 +394,9 @@ impl ShardState {
                         reply,
                     },
                 );
+                state.replies_waiting.set(state.replies_waiting.get() - 1);
             }
-        }
-        match own {
-            None => {}
-            // A confirm (or a declare-ok) means on disk: answer once the group commit that
-            // carries this request's records is durable. Later requests go on meanwhile and
-            // join the next commit.
-            Some(appended) => {
-                let state = self.clone();
-                let reply = reply.take().expect("not sent yet");
-                self.replies_waiting.set(self.replies_waiting.get() + 1);
-                rt::spawn_detached(async move {
-                    let reply = match state.journal.commit(&appended).await {
-                        Ok(()) => {
-                            state.evict_if_over_budget(&written);
-                            reply
-                        }
-                        Err(e) => not_durable(reply, storage_refusal(e)),
-                    };
-                    state.send_to(
-                        from.shard,
-                        MeshMsg::Reply {
-                            to: from,
-                            id,
-                            reply,
-                        },
-                    );
-                    state.replies_waiting.set(state.replies_waiting.get() - 1);
-                });
-            }
-        }
+        });
     }
 
     /// Once their records are durable, the newest messages give up their in-memory payloads

@@ -371,27 +371,11 @@ impl<M: Clone> Queue<M> {
             let i = (self.cursor + offset) % n;
             self.cursor = (i + 1) % n;
             let (id, auto_ack) = (self.consumers[i].id, self.consumers[i].auto_ack);
-            let mut entry = self.pop_ready().expect("not empty");
-            entry.delivery_count += 1;
-            out.push(Delivery {
-                owner: id,
-                seq: entry.seq,
-                msg: entry.msg.clone(),
-                delivery_count: entry.delivery_count,
-                auto_ack,
-            });
-            if auto_ack {
-                settled.push(Settled {
-                    seq: entry.seq,
-                    msg: entry.msg,
-                    bytes: entry.bytes,
-                    reason: SettleReason::Acked,
-                });
-            } else {
+            let delivery = self.hand_out(id, auto_ack, settled).expect("not empty");
+            if !auto_ack {
                 self.consumers[i].in_flight += 1;
-                self.outstanding
-                    .insert(entry.seq, Outstanding { entry, owner: id });
             }
+            out.push(delivery);
             sent += 1;
         }
     }
@@ -405,6 +389,16 @@ impl<M: Clone> Queue<M> {
         settled: &mut Vec<Settled<M>>,
     ) -> Option<Delivery<M>> {
         self.expire_head(now_ms, settled);
+        self.hand_out(owner, auto_ack, settled)
+    }
+
+    /// Takes the head message for `owner`: settled at once under auto-ack, outstanding otherwise.
+    fn hand_out(
+        &mut self,
+        owner: OwnerId,
+        auto_ack: bool,
+        settled: &mut Vec<Settled<M>>,
+    ) -> Option<Delivery<M>> {
         let mut entry = self.pop_ready()?;
         entry.delivery_count += 1;
         let delivery = Delivery {
@@ -415,10 +409,13 @@ impl<M: Clone> Queue<M> {
             auto_ack,
         };
         if auto_ack {
+            let Entry {
+                seq, msg, bytes, ..
+            } = entry;
             settled.push(Settled {
-                seq: entry.seq,
-                msg: entry.msg,
-                bytes: entry.bytes,
+                seq,
+                msg,
+                bytes,
                 reason: SettleReason::Acked,
             });
         } else {
