@@ -324,3 +324,29 @@ fn status_reports_shards_queues_depths_and_the_journal() {
         "a declaration and a message: {counters:?}"
     );
 }
+
+#[test]
+fn an_auto_delete_queue_goes_when_its_last_consumer_is_cancelled_not_before() {
+    let broker = Broker::start(&temp_dir("q-autodelete"), &[]);
+    let mut c = broker.connect();
+    c.handshake();
+    let mut d = wire::DeclareQueueT::default();
+    d.name = Some("scratch".into());
+    d.auto_delete = true;
+    d.durable = false;
+    assert!(matches!(c.declare_with(d), BodyT::QueueInfo(i) if i.auto_delete));
+    // Never consumed: it stays (auto-delete acts on the last consumer going, not on none).
+    assert!(matches!(c.info("scratch"), BodyT::QueueInfo(_)));
+    c.consume("scratch", "a", 1, false);
+    c.consume("scratch", "b", 1, false);
+    for tag in ["a", "b"] {
+        let mut cancel = wire::CancelT::default();
+        cancel.consumer_tag = tag.into();
+        assert!(matches!(
+            c.request(BodyT::Cancel(Box::new(cancel))),
+            BodyT::Ok(_)
+        ));
+        let gone = matches!(c.info("scratch"), BodyT::Error(e) if e.code == ErrorCode::NotFound);
+        assert_eq!(gone, tag == "b", "after cancelling {tag}");
+    }
+}
