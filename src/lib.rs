@@ -3,6 +3,7 @@
 //! The module tree reads as the architecture (DESIGN.md §3, ARCHITECTURE.md):
 //! - `broker`: the state machines (queue, and later dispatch across queues and routing), free of
 //!   I/O: plain structs that take events and return what to do.
+//! - `cli`: the client commands of the `weir` binary (`queue`, `publish`, `consume`, `status`).
 //! - `config`: `weir serve`'s configuration: defaults, TOML file, `WEIR_*` variables, flags.
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
 //! - `limits`: every limit of every layer in one registry, with the relations between layers
@@ -17,6 +18,7 @@
 //! Arriving with later work: `metrics`.
 
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod inspect;
 pub mod limits;

@@ -1,4 +1,5 @@
-//! The `weir` command: the broker and its tools.
+//! The `weir` command: the broker (`serve`), its client commands (`queue`, `publish`,
+//! `consume`, `status`, in `weir::cli`), and offline tools (`inspect`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ enum Command {
         /// The file to read; `-` reads standard input.
         file: PathBuf,
     },
+    #[command(flatten)]
+    Client(weir::cli::Command),
 }
 
 static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -40,22 +43,23 @@ fn version() -> &'static str {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML configuration file (see tuning/ for profiles).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address every shard accepts on, e.g. 127.0.0.1:5680 (port 0: any free port).
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// Shard i also listens on this + i, for shard-aware clients (0: any free ports).
-    #[arg(long)]
+    #[arg(long, value_name = "PORT")]
     shard_port_base: Option<u16>,
     /// The data directory (journals, layout).
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// CPUs to run shards on: "all", or a list like 0,1.
-    #[arg(long)]
+    #[arg(long, value_name = "LIST")]
     cpus: Option<String>,
-    /// What a confirm means: always (fdatasync done), interval, never.
-    #[arg(long)]
+    /// What a confirm means: always (fdatasync done), interval:MS (fdatasync within MS ms),
+    /// never (the OS decides when).
+    #[arg(long, value_name = "always|interval:MS|never")]
     fsync: Option<String>,
 }
 
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Inspect { file } => inspect(&file),
+        Command::Client(command) => weir::cli::run(command),
     }
 }
 

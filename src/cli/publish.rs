@@ -1,0 +1,320 @@
+//! `weir publish --queue NAME [--message TEXT]`: stdin lines (or one message) as persistent
+//! messages, pipelined, every confirm awaited.
+//!
+//! Contract: tokio current-thread runtime; a shard-aware client, so the messages go straight to
+//! the queue's shard. A thread reads stdin (blocking reads must not stall the connection's
+//! driver task on the runtime's one thread) and hands lines over a bounded channel; the
+//! publisher takes what has arrived, up to a batch, and sends it as one `Publish` frame, so a
+//! pipe is published in large batches and an interactive line leaves at once. Confirms are
+//! awaited by a second task while publishing goes on; the client's in-flight limit bounds
+//! how far ahead the publisher runs. The queue is checked first, so a missing one fails before
+//! any input is read. Failures reported: missing queue, each refused message (counted by
+//! reason), a lost connection (messages without an answer are counted as unconfirmed), a
+//! stdin read error; any of them exits 1 after the summary.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use weir_client::{Client, ClientError, Durability, Message, PublishFuture};
+
+use super::output::print;
+use super::queue::close;
+use super::{answer, block_on, connect, describe, ClientArgs, Failure};
+
+/// Most messages per `Publish` frame (further capped by the broker's announced limits): large
+/// enough to amortise a frame and a group commit, small enough to keep confirms flowing.
+const BATCH_MAX: usize = 256;
+/// Lines read ahead of the publisher.
+const READ_AHEAD: usize = 4096;
+/// Frame bytes per message beside its body (flatbuffer tables, routing key): generous, so a
+/// batch stays well under `frame_size_max` and only an oversized line is refused alone.
+const PER_MESSAGE_OVERHEAD: usize = 512;
+
+#[derive(clap::Args, Debug)]
+pub struct PublishArgs {
+    /// The queue (the default exchange routes by queue name).
+    #[arg(long, value_name = "NAME")]
+    pub queue: String,
+    /// Publish this one message instead of reading standard input.
+    #[arg(long, value_name = "TEXT")]
+    pub message: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub fn run(args: PublishArgs) -> ExitCode {
+    block_on("publish", publish(args))
+}
+
+/// What became of the messages, as the confirm task saw them.
+#[derive(Default)]
+struct Tally {
+    confirmed: u64,
+    /// Reason -> count.
+    refused: BTreeMap<String, u64>,
+    /// Sent, but the connection died before the broker answered: maybe stored, maybe not.
+    unconfirmed: u64,
+    lost: Option<String>,
+    durability: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn refused(&self) -> u64 {
+        self.refused.values().sum()
+    }
+}
+
+enum Outcome {
+    Pending(PublishFuture),
+    /// Refused by the client before sending (a line over the broker's message size limit).
+    Refused(String),
+}
+
+async fn publish(args: PublishArgs) -> Result<(), Failure> {
+    let client = connect(&args.client, true).await?;
+    let queue = args.queue.clone();
+    // Publishing to a missing queue is refused message by message; asking once first turns
+    // that into one clear error before any input is consumed.
+    answer(
+        &format!("checking queue '{queue}'"),
+        client.queue_info(&queue),
+    )
+    .await?;
+
+    let (outcomes, rx) = mpsc::unbounded_channel();
+    let confirms = tokio::spawn(await_confirms(rx));
+
+    let limits = client.server().limits;
+    let batch_max = BATCH_MAX
+        .min(limits.publish_batch_max as usize)
+        .min(limits.publishes_in_flight_max as usize)
+        .max(1);
+    let batch_bytes = (limits.frame_size_max as usize / 2).max(1);
+
+    let mut published = 0u64;
+    let mut fatal: Option<String> = None;
+    let mut input_error: Option<String> = None;
+    match &args.message {
+        Some(text) => {
+            published = 1;
+            if let Err(e) = send(&client, &queue, vec![text.as_bytes().to_vec()], &outcomes).await {
+                fatal = Some(e);
+            }
+        }
+        None => {
+            let mut lines = read_lines();
+            'input: loop {
+                let Some(first) = lines.recv().await else {
+                    break;
+                };
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                let mut next = Some(first);
+                while let Some(line) = next.take() {
+                    match line {
+                        Ok(body) => {
+                            bytes += body.len() + PER_MESSAGE_OVERHEAD;
+                            batch.push(body);
+                        }
+                        Err(e) => {
+                            input_error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                    if batch.len() >= batch_max || bytes >= batch_bytes {
+                        break;
+                    }
+                    next = lines.try_recv().ok();
+                }
+                published += batch.len() as u64;
+                if !batch.is_empty() {
+                    if let Err(e) = send(&client, &queue, batch, &outcomes).await {
+                        fatal = Some(e);
+                        break 'input;
+                    }
+                }
+                if input_error.is_some() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(outcomes);
+    let tally = match confirms.await {
+        Ok(t) => t,
+        Err(e) => return Err(Failure::failed(format!("awaiting confirms: {e}"))),
+    };
+    close(client).await;
+    report(&args, published, &tally, fatal, input_error)
+}
+
+/// Sends one batch; the outcome of each message goes to the confirm task. `Err` is a failure
+/// that ends publishing (the connection is gone).
+async fn send(
+    client: &Client,
+    queue: &str,
+    batch: Vec<Vec<u8>>,
+    outcomes: &mpsc::UnboundedSender<Outcome>,
+) -> Result<(), String> {
+    let messages: Vec<Message> = batch.into_iter().map(Message::new).collect();
+    match client.publish_batch(queue, messages.clone()).await {
+        Ok(futures) => {
+            for f in futures {
+                let _ = outcomes.send(Outcome::Pending(f));
+            }
+            Ok(())
+        }
+        // One line over a limit refuses its whole batch: send them one by one so that only
+        // that line is refused.
+        Err(ClientError::LimitExceeded { .. }) if messages.len() > 1 => {
+            for m in messages {
+                match client.publish(queue, m).await {
+                    Ok(f) => {
+                        let _ = outcomes.send(Outcome::Pending(f));
+                    }
+                    Err(e @ ClientError::LimitExceeded { .. }) => {
+                        let _ = outcomes.send(Outcome::Refused(describe(&e)));
+                    }
+                    Err(e) => return Err(describe(&e)),
+                }
+            }
+            Ok(())
+        }
+        Err(e @ ClientError::LimitExceeded { .. }) => {
+            let _ = outcomes.send(Outcome::Refused(describe(&e)));
+            Ok(())
+        }
+        Err(e) => Err(describe(&e)),
+    }
+}
+
+/// Awaits confirms in publish order (the broker confirms in about that order, so waiting on
+/// the oldest first costs nothing) until the publisher is done.
+async fn await_confirms(mut rx: mpsc::UnboundedReceiver<Outcome>) -> Tally {
+    let mut tally = Tally::default();
+    while let Some(outcome) = rx.recv().await {
+        let result = match outcome {
+            Outcome::Pending(f) => f.await,
+            Outcome::Refused(reason) => {
+                *tally.refused.entry(reason).or_default() += 1;
+                continue;
+            }
+        };
+        match result {
+            Ok(c) => {
+                tally.confirmed += 1;
+                *tally
+                    .durability
+                    .entry(durability(c.durability))
+                    .or_default() += 1;
+            }
+            Err(e @ ClientError::Closed(_)) => {
+                tally.unconfirmed += 1;
+                tally.lost.get_or_insert_with(|| describe(&e));
+            }
+            Err(e) => *tally.refused.entry(describe(&e)).or_default() += 1,
+        }
+    }
+    tally
+}
+
+fn durability(d: Durability) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+/// Standard input, one message per line, from a thread of its own.
+fn read_lines() -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    std::thread::spawn(move || {
+        let mut input = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            match input.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    if tx.blocking_send(Ok(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn report(
+    args: &PublishArgs,
+    published: u64,
+    tally: &Tally,
+    fatal: Option<String>,
+    input_error: Option<String>,
+) -> Result<(), Failure> {
+    let refused = tally.refused();
+    // Messages never handed to the broker because the connection died mid-batch.
+    let unconfirmed = published.saturating_sub(tally.confirmed + refused);
+    let durability = match tally.durability.len() {
+        0 => None,
+        1 => tally.durability.keys().next().cloned(),
+        _ => Some("mixed".to_string()),
+    };
+    let mut human = format!(
+        "published {published}, confirmed {}, refused {refused}",
+        tally.confirmed
+    );
+    if unconfirmed > 0 {
+        human.push_str(&format!(", unconfirmed {unconfirmed}"));
+    }
+    human.push_str(&format!(" (queue '{}'", args.queue));
+    if let Some(d) = &durability {
+        human.push_str(&format!(", durability {d}"));
+    }
+    human.push_str(")\n");
+    for (reason, count) in &tally.refused {
+        human.push_str(&format!("  refused {count}: {reason}\n"));
+    }
+    let refusals: Vec<_> = tally
+        .refused
+        .iter()
+        .map(|(reason, count)| json!({"reason": reason, "count": count}))
+        .collect();
+    let value = json!({
+        "queue": args.queue,
+        "published": published,
+        "confirmed": tally.confirmed,
+        "refused": refused,
+        "unconfirmed": unconfirmed,
+        "durability": durability,
+        "refusals": refusals,
+    });
+    print(args.client.json, &human, &value)?;
+
+    if let Some(e) = input_error {
+        return Err(Failure::failed(format!("reading standard input: {e}")));
+    }
+    if let Some(e) = fatal.or_else(|| tally.lost.clone()) {
+        return Err(Failure::failed(format!(
+            "{unconfirmed} of {published} messages unconfirmed: {e}"
+        )));
+    }
+    if refused > 0 {
+        let first = tally.refused.keys().next().cloned().unwrap_or_default();
+        return Err(Failure::failed(format!(
+            "{refused} of {published} messages refused: {first}"
+        )));
+    }
+    Ok(())
+}
