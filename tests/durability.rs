@@ -213,8 +213,10 @@ fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
         "6 MB in 2 MiB segments made only {before} segments"
     );
 
-    c.consume("r", "all", 1000, true);
-    c.deliveries(6000);
+    // Hold every delivery until the messages to keep are published: then the segments free up,
+    // and the re-stated declaration lands after those messages (as when publishes race reclaim).
+    c.consume("r", "all", 6000, false);
+    let held = c.deliveries(6000);
     let mut cancel = wire::CancelT::default();
     cancel.consumer_tag = "all".into();
     assert!(matches!(
@@ -223,6 +225,9 @@ fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
     ));
     c.publish("r", 10_001, &[b"keep 0", b"keep 1", b"keep 2"], false);
     c.await_confirms(10_001, 10_003);
+    for chunk in held.chunks(1000) {
+        c.ack(&chunk.iter().map(|g| g.delivery_tag).collect::<Vec<_>>());
+    }
 
     // Reclaim is housekeeping on a timer: wait for it, bounded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);

@@ -332,6 +332,8 @@ impl Client {
         }
     }
 
+    /// Describes a queue: its options, owning shard, depths and consumers (`NotFound` if it
+    /// does not exist).
     pub async fn queue_info(&self, name: &str) -> Result<QueueInfo, ClientError> {
         let conn = self.conn_for(name);
         conn.limits().check_name("queue name length", name)?;

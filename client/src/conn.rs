@@ -49,16 +49,21 @@ const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 /// What the broker said in `Welcome`, for one connection.
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
+    /// The broker's version, e.g. "0.1.0".
     pub broker_version: String,
+    /// The protocol version spoken on this connection (the one this client asked for).
     pub protocol_version: u16,
+    /// Number of shards (pinned cores) the broker runs.
     pub shard_count: u16,
     /// The shard that accepted this connection.
     pub shard: u16,
     /// TCP port of each shard, indexed by shard number.
     pub shard_ports: Vec<u16>,
+    /// The bounds this connection must respect; the client checks them before sending.
     pub limits: Limits,
     /// The broker's fsync policy for persistent messages.
     pub durability: Durability,
+    /// The broker's id for this connection, as it appears in its logs.
     pub connection_id: u64,
 }
 

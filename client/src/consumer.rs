@@ -82,26 +82,32 @@ impl Delivery {
         &self.message
     }
 
+    /// The message body (empty if it had none).
     pub fn body(&self) -> &[u8] {
         self.message().body().map(|b| b.bytes()).unwrap_or(&[])
     }
 
+    /// The application's message id, if the publisher set one.
     pub fn message_id(&self) -> Option<&str> {
         self.message().message_id()
     }
 
+    /// The correlation id (request-reply), if set.
     pub fn correlation_id(&self) -> Option<&str> {
         self.message().correlation_id()
     }
 
+    /// The queue a reply should be published to, if set.
     pub fn reply_to(&self) -> Option<&str> {
         self.message().reply_to()
     }
 
+    /// The body's MIME type, if set.
     pub fn content_type(&self) -> Option<&str> {
         self.message().content_type()
     }
 
+    /// The body's content encoding (e.g. `gzip`), if set.
     pub fn content_encoding(&self) -> Option<&str> {
         self.message().content_encoding()
     }
@@ -126,22 +132,27 @@ impl Delivery {
             .map(|(_, v)| v)
     }
 
+    /// When the producer created the message, ms since the Unix epoch (0: not set).
     pub fn timestamp_ms(&self) -> i64 {
         self.message().timestamp_ms()
     }
 
+    /// The message's own time to live, ms from when a queue accepted it, if set.
     pub fn expiration_ms(&self) -> Option<u32> {
         self.message().expiration_ms()
     }
 
+    /// The message's priority, 0 (lowest, the default) to 255.
     pub fn priority(&self) -> u8 {
         self.message().priority()
     }
 
+    /// The earliest delivery time, ms since the Unix epoch, if the publisher delayed it.
     pub fn deliver_at_ms(&self) -> Option<i64> {
         self.message().deliver_at_ms()
     }
 
+    /// Whether it was published persistent (journaled on a durable queue).
     pub fn persistent(&self) -> bool {
         self.message().persistent()
     }
@@ -161,10 +172,12 @@ impl Delivery {
         self.delivery_count
     }
 
+    /// The exchange it was published to (empty: the default exchange).
     pub fn exchange(&self) -> &str {
         &self.exchange
     }
 
+    /// The routing key it was published with (on the default exchange, the queue's name).
     pub fn routing_key(&self) -> &str {
         &self.routing_key
     }
@@ -334,10 +347,12 @@ impl Consumer {
         }
     }
 
+    /// The consumer tag (chosen by the client when `ConsumeOptions::tag` was empty).
     pub fn tag(&self) -> &str {
         &self.tag
     }
 
+    /// The queue it consumes.
     pub fn queue(&self) -> &str {
         &self.queue
     }

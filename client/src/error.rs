@@ -22,12 +22,19 @@ pub enum CloseReason {
     Eof,
     /// Reading or writing the socket failed.
     Io {
+        /// The I/O error's kind.
         kind: std::io::ErrorKind,
+        /// The I/O error's text.
         message: String,
     },
     /// The broker sent an `Error` frame with `close = true` (protocol violation, shutdown, a
     /// connection limit), then closed.
-    Broker { code: ErrorCode, message: String },
+    Broker {
+        /// Why the broker closed the connection.
+        code: ErrorCode,
+        /// The broker's sentence.
+        message: String,
+    },
     /// The broker sent bytes this client cannot decode; the stream cannot be trusted any more.
     Protocol(ProtocolError),
 }
@@ -51,12 +58,16 @@ impl fmt::Display for CloseReason {
 pub struct ReturnedMessage {
     /// Why it came back (`NoRoute`).
     pub code: ErrorCode,
+    /// The exchange it was published to.
     pub exchange: String,
+    /// The routing key it was published with.
     pub routing_key: String,
     /// The `Message` flatbuffer exactly as published (verified by the decoder).
     pub message: Bytes,
 }
 
+/// Everything that can go wrong in this crate: one enum, matched on by kind, with the broker's
+/// `ErrorCode` and sentence kept intact for refusals (see [`ClientError::code`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting failed (the only place a raw socket error surfaces; later ones close the
@@ -70,11 +81,19 @@ pub enum ClientError {
 
     /// The broker does not speak this client's protocol version; its sentence says which it does.
     #[error("protocol version refused by the broker: {message}")]
-    ProtocolVersion { message: String },
+    ProtocolVersion {
+        /// The broker's sentence (or this client's, if the broker answered another version).
+        message: String,
+    },
 
     /// The broker refused a request or a publish; the connection goes on.
     #[error("refused by the broker ({code:?}): {message}")]
-    Refused { code: ErrorCode, message: String },
+    Refused {
+        /// Why, as the schema's error code.
+        code: ErrorCode,
+        /// The broker's sentence.
+        message: String,
+    },
 
     /// The connection is gone; pending requests, publishes and consumers on it fail with this.
     #[error("connection closed: {0}")]
@@ -87,16 +106,22 @@ pub enum ClientError {
     /// The request would break a limit the broker announced in `Welcome`; nothing was sent.
     #[error("{what} {value} exceeds the broker's limit {max}")]
     LimitExceeded {
+        /// Which limit, e.g. "publish batch size".
         what: &'static str,
+        /// What the request asked for.
         value: u64,
+        /// The broker's limit.
         max: u64,
     },
 
     /// The broker cancelled this consumer (its queue was deleted, or the broker is stopping).
     #[error("consumer '{tag}' cancelled by the broker ({code:?}): {message}")]
     ConsumerCancelled {
+        /// The cancelled consumer's tag.
         tag: String,
+        /// Why, as the schema's error code.
         code: ErrorCode,
+        /// The broker's sentence.
         message: String,
     },
 

@@ -10,26 +10,69 @@
 //! placement function as the broker's), so the common path never crosses cores in the broker.
 //! `ClientOptions::single_connection()` uses one connection and lets the broker forward.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), weir_client::ClientError> {
-//! use weir_client::{Client, ClientOptions, ConsumeOptions, Message, QueueOptions};
+//! # Example
 //!
-//! let client = Client::connect("127.0.0.1:5680", ClientOptions::default()).await?;
-//! client.declare("jobs", QueueOptions::default()).await?;
-//! let confirm = client.publish("jobs", Message::new("work")).await?;
-//! confirm.await?; // durable once this returns
-//! let mut jobs = client.consume("jobs", ConsumeOptions::default()).await?;
-//! while let Some(delivery) = jobs.recv().await {
-//!     let delivery = delivery?;
-//!     delivery.ack().await?;
+//! A durable queue, 1000 persistent messages published in batches with their confirms
+//! pipelined, then consumed and acked. It needs a running broker: from the repository root,
+//! `cargo run --release --bin weir -- serve` starts one on 127.0.0.1:5680 (data in
+//! `./weir-data`, one shard per CPU, `fsync = always`). Then this is the `work_queue` example's
+//! core (`cargo run -p weir-client --example work_queue`); see also the `producer`, `worker`
+//! and `bench` examples.
+//!
+//! ```no_run
+//! use weir_client::{Client, ClientError, ClientOptions, ConsumeOptions, Message, QueueOptions};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), ClientError> {
+//!     let client = Client::connect("127.0.0.1:5680", ClientOptions::default()).await?;
+//!     println!("{} shards", client.server().shard_count);
+//!
+//!     // Durable by default: the declaration survives restarts, and so do persistent messages.
+//!     client.declare("jobs", QueueOptions::default()).await?;
+//!
+//!     // Publish in batches; each message gets a future that resolves on its confirm. Keeping
+//!     // the futures and awaiting them later keeps many publishes in flight (pipelined), so they
+//!     // share the broker's group commits.
+//!     let mut confirms = Vec::new();
+//!     for batch in 0..10 {
+//!         let messages = (0..100).map(|i| Message::new(format!("job {batch}-{i}")));
+//!         confirms.extend(client.publish_batch("jobs", messages).await?);
+//!     }
+//!     for confirm in confirms {
+//!         confirm.await?; // in the journal and fdatasynced (`fsync = always`)
+//!     }
+//!
+//!     // Consume with a prefetch window: at most 100 unacked deliveries at a time.
+//!     let options = ConsumeOptions { prefetch: 100, ..ConsumeOptions::default() };
+//!     let mut jobs = client.consume("jobs", options).await?;
+//!     let mut acks = Vec::new();
+//!     while acks.len() < 1000 {
+//!         let Some(delivery) = jobs.recv().await else { break };
+//!         let delivery = delivery?;
+//!         println!("{}", String::from_utf8_lossy(delivery.body()));
+//!         acks.push(delivery.ack()); // sent now; its answer is awaited below
+//!     }
+//!     for ack in acks {
+//!         ack.await?;
+//!     }
+//!     jobs.cancel().await?;
+//!     client.close().await
 //! }
-//! # Ok(())
-//! # }
 //! ```
+//!
+//! # Errors and delivery guarantees
+//!
+//! Every fallible call returns [`ClientError`]. A confirm (`Ok` from a [`PublishFuture`]) means
+//! what [`Confirmation::durability`] says: under the broker's default `fsync = always`, the
+//! message is in the journal and synced, and survives a crash. Consuming is at-least-once:
+//! deliveries not acked when a connection dies go back to their queue, marked
+//! [`Delivery::redelivered`]. The client does not reconnect by itself.
 //!
 //! Module map: `client` (routing, the public API), `conn` (one connection's driver task: the
 //! only owner of its socket and pending tables), `consumer` (the delivery stream and
 //! settlements), `message` (building messages, limits), `queue` (queue values), `error`.
+
+#![warn(missing_docs)]
 
 mod client;
 mod conn;
@@ -38,7 +81,10 @@ mod error;
 mod message;
 mod queue;
 
+/// The wire protocol crate (frames, codec, generated schema types), for what this crate does not
+/// wrap, such as reading a [`Delivery::message`] in place.
 pub use weir_protocol as protocol;
+/// The fsync policy a confirm was given under, and the broker's error codes.
 pub use weir_protocol::wire::{Durability, ErrorCode};
 
 pub use client::{placement, Client, ClientOptions, PublishFuture, PublishOptions};

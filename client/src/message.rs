@@ -16,13 +16,21 @@ use crate::error::{check_limit, ClientError};
 /// The limits in force for a connection, as the broker announced them in `Welcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Largest frame, bytes after the length prefix.
     pub frame_size_max: u32,
+    /// Largest encoded message (its flatbuffer bytes: body, properties and headers), bytes.
     pub message_size_max: u32,
+    /// Most messages in one publish batch.
     pub publish_batch_max: u32,
+    /// Most deliveries the broker puts in one `Deliver` frame.
     pub deliver_batch_max: u32,
+    /// Most unconfirmed publishes per connection; `publish` waits beyond it.
     pub publishes_in_flight_max: u32,
+    /// Largest prefetch a consumer may ask for.
     pub prefetch_max: u32,
+    /// Longest name (queue, exchange, routing key, consumer tag), bytes.
     pub name_length_max: u32,
+    /// Most headers in one message.
     pub headers_max: u32,
 }
 
@@ -104,15 +112,18 @@ impl Message {
         }
     }
 
+    /// The body.
     pub fn body(&self) -> &Bytes {
         &self.body
     }
 
+    /// An application message id (opaque to the broker).
     pub fn message_id(mut self, id: impl Into<String>) -> Self {
         self.message_id = Some(id.into());
         self
     }
 
+    /// A correlation id, e.g. the request a reply answers (opaque to the broker).
     pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
         self.correlation_id = Some(id.into());
         self
@@ -124,11 +135,13 @@ impl Message {
         self
     }
 
+    /// The body's MIME type, e.g. `application/json`.
     pub fn content_type(mut self, mime: impl Into<String>) -> Self {
         self.content_type = Some(mime.into());
         self
     }
 
+    /// The body's content encoding, e.g. `gzip`.
     pub fn content_encoding(mut self, encoding: impl Into<String>) -> Self {
         self.content_encoding = Some(encoding.into());
         self

@@ -19,16 +19,27 @@ pub enum Overflow {
 /// Optional behaviour of a queue, fixed when it is declared. `None`: the broker's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueArguments {
+    /// Most ready messages; see `overflow`. `None`: unbounded (bounded by disk).
     pub max_length: Option<u64>,
+    /// Most bytes of ready message bodies; see `overflow`. `None`: unbounded.
     pub max_length_bytes: Option<u64>,
+    /// What a publish past `max_length` or `max_length_bytes` does.
     pub overflow: Overflow,
+    /// Time to live of every message in the queue, ms from when the queue accepts it.
     pub message_ttl_ms: Option<u32>,
+    /// Exchange that receives messages dead-lettered from this queue (rejected without requeue,
+    /// expired, dropped by overflow, or past `max_deliveries`). `None`: they are dropped.
     pub dead_letter_exchange: Option<String>,
+    /// Routing key for dead-lettered messages. `None`: the message's original routing key.
     pub dead_letter_routing_key: Option<String>,
+    /// Deliveries after which an unacknowledged message is dead-lettered instead of redelivered.
+    /// `None`: unlimited.
     pub max_deliveries: Option<u32>,
     /// Pin the queue to a shard (today the broker accepts only the shard its name hashes to).
     pub shard: Option<u16>,
+    /// Largest message priority the queue orders by; 0 makes it a plain FIFO.
     pub priority_max: u8,
+    /// Delete the queue after it has had no consumers and no requests for this long, ms.
     pub expires_ms: Option<u32>,
 }
 
@@ -82,6 +93,7 @@ pub struct QueueOptions {
     pub auto_delete: bool,
     /// Only check that it exists (`NotFound` otherwise).
     pub passive: bool,
+    /// Optional behaviour: limits, TTL, dead-lettering, priorities.
     pub arguments: QueueArguments,
 }
 
@@ -118,17 +130,27 @@ impl QueueOptions {
 /// A queue as the broker describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueInfo {
+    /// The queue's name (the broker's choice if it was declared with an empty one).
     pub name: String,
+    /// Survives broker restarts.
     pub durable: bool,
+    /// Only its declaring connection may use it.
     pub exclusive: bool,
+    /// Deleted when its last consumer is cancelled.
     pub auto_delete: bool,
+    /// The arguments it was declared with.
     pub arguments: QueueArguments,
     /// The shard that owns it.
     pub shard: u16,
+    /// Messages waiting to be delivered.
     pub messages_ready: u64,
+    /// Messages delivered and not yet settled.
     pub messages_unacked: u64,
+    /// Messages not deliverable before their `deliver_at` time.
     pub messages_delayed: u64,
+    /// Bytes of the ready messages.
     pub bytes_ready: u64,
+    /// Consumers attached.
     pub consumers: u32,
     /// Age of the oldest ready message; `None` when none is ready.
     pub oldest_ready_age_ms: Option<u64>,

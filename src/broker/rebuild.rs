@@ -8,14 +8,16 @@
 //! |----------------------------|----------------------------------------------------------------|
 //! | catalog: declare queue     | the queue exists (empty, or kept as it is if already declared) |
 //! | catalog: delete queue      | the queue and every message in it are gone                      |
-//! | message, target (q, seq)   | if q exists: message seq is in q (a compaction copy replaces it)|
-//! | message, unknown q         | ignored (the queue was deleted before; its delete came first)   |
+//! | message, target (q, seq)   | message seq is in q (a compaction copy replaces it), even if q  |
+//! |                            | is not declared yet: after reclaim a queue's messages can come  |
+//! |                            | before its re-stated declaration                                |
 //! | settle (q, ranges)         | those seqs of q are gone                                        |
+//! | end of log, q undeclared   | q and its messages are dropped (it was deleted before a reclaim)|
 //! | catalog: queue seq (q, n)  | q's next sequence number is at least n (re-stated at reclaim)   |
 //! | any record, any q          | q's next sequence number moves past every seq it names          |
 //! | a body that does not parse | the shard refuses to start, naming the record                   |
 //!
-//! The last rule keeps sequence numbers from being reused: a settle record naming seq n must
+//! The two sequence rules keep numbers from being reused: a settle record naming seq n must
 //! never match a later message that happens to get n.
 
 use std::collections::BTreeMap;
@@ -28,9 +30,21 @@ use crate::storage::record::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
 
 struct RebuiltQueue {
-    declare: Declare,
+    /// `None` until the log declares it: a queue's messages can precede its (re-stated)
+    /// declaration once reclaim has removed the segment with the original one.
+    declare: Option<Declare>,
     messages: BTreeMap<Seq, Rc<Stored>>,
     next_seq: Seq,
+}
+
+impl RebuiltQueue {
+    fn undeclared() -> RebuiltQueue {
+        RebuiltQueue {
+            declare: None,
+            messages: BTreeMap::new(),
+            next_seq: 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -69,19 +83,22 @@ impl Rebuild {
         match kind {
             RecordKind::Control => match CatalogRecord::decode(body)? {
                 CatalogRecord::DeclareQueue(d) => {
-                    self.queues.entry(d.name.clone()).or_insert(RebuiltQueue {
-                        declare: d,
-                        messages: BTreeMap::new(),
-                        next_seq: 0,
-                    });
+                    let q = self
+                        .queues
+                        .entry(d.name.clone())
+                        .or_insert_with(RebuiltQueue::undeclared);
+                    // A re-statement repeats a declaration: the first one stands.
+                    q.declare.get_or_insert(d);
                 }
                 CatalogRecord::DeleteQueue(name) => {
                     self.queues.remove(&name);
                 }
                 CatalogRecord::QueueSeq { name, next_seq } => {
-                    if let Some(q) = self.queues.get_mut(&name) {
-                        q.next_seq = q.next_seq.max(next_seq);
-                    }
+                    let q = self
+                        .queues
+                        .entry(name)
+                        .or_insert_with(RebuiltQueue::undeclared);
+                    q.next_seq = q.next_seq.max(next_seq);
                 }
             },
             RecordKind::Message => {
@@ -98,7 +115,11 @@ impl Rebuild {
                 for t in &envelope.targets {
                     let queue =
                         std::str::from_utf8(t.queue).map_err(|_| "queue name is not UTF-8")?;
-                    if let Some(q) = self.queues.get_mut(queue) {
+                    let q = self
+                        .queues
+                        .entry(queue.to_string())
+                        .or_insert_with(RebuiltQueue::undeclared);
+                    {
                         let stored = Stored::recovered(
                             message.len() as u32,
                             exchange.clone(),
@@ -116,7 +137,11 @@ impl Rebuild {
                 let settle = SettleRecord::decode(body).map_err(|e| e.to_string())?;
                 let queue =
                     std::str::from_utf8(settle.queue).map_err(|_| "queue name is not UTF-8")?;
-                if let Some(q) = self.queues.get_mut(queue) {
+                let q = self
+                    .queues
+                    .entry(queue.to_string())
+                    .or_insert_with(RebuiltQueue::undeclared);
+                {
                     for &(first, last) in &settle.ranges {
                         if first > last {
                             return Err(format!("settle range {first}..={last} is reversed"));
@@ -151,10 +176,13 @@ impl Rebuild {
             queues: 0,
             messages: 0,
         };
+        // Records of a queue the log never declared (it was deleted, and its deletion is in a
+        // reclaimed segment with everything before it) are dropped here.
         for (_, q) in self.queues {
+            let Some(declare) = q.declare else { continue };
             summary.queues += 1;
             summary.messages += q.messages.len() as u64;
-            host.restore_queue(q.declare, q.next_seq, q.messages, now_ms);
+            host.restore_queue(declare, q.next_seq, q.messages, now_ms);
         }
         // The restored queues' declarations are already in the journal.
         host.take_journal_work();
@@ -294,5 +322,35 @@ mod tests {
         r.apply(Position::new(0, 4096), RecordKind::Control, &[7, 1, 2]);
         let err = r.finish(0, Cache::new(u64::MAX), 0).err().unwrap();
         assert!(err.contains("record 2 (Control)"), "{err}");
+    }
+
+    #[test]
+    fn messages_before_a_restated_declaration_are_kept() {
+        // After reclaim removed the segment with the original declaration, the log starts with
+        // messages, and the re-stated declaration follows them.
+        let mut r = Rebuild::new();
+        r.apply(
+            Position::new(1, 4096),
+            RecordKind::Message,
+            &message("q", 7, b"early"),
+        );
+        r.apply(Position::new(1, 8192), RecordKind::Control, &declare("q"));
+        r.apply(
+            Position::new(1, 8192),
+            RecordKind::Control,
+            &CatalogRecord::QueueSeq {
+                name: "q".into(),
+                next_seq: 8,
+            }
+            .encode(),
+        );
+        r.apply(
+            Position::new(1, 12288),
+            RecordKind::Message,
+            &message("q", 8, b"late"),
+        );
+        let (host, summary) = r.finish(0, Cache::new(u64::MAX), 0).unwrap();
+        assert_eq!((summary.queues, summary.messages), (1, 2));
+        assert_eq!(host.liveness().live_in(1), 2);
     }
 }
