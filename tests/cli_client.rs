@@ -483,6 +483,17 @@ fn status_shows_shards_and_queue_depths() {
         .expect("alpha listed");
     assert_eq!(alpha["messages_ready"], 3);
     assert!(s["broker_version"].is_string());
+    // From GetStatus: the broker's own counters agree with the queue lists.
+    assert!(s["connections"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["uptime_ms"].is_u64(), "{s}");
+    let counters = s["counters"].as_object().expect("counters");
+    let ready: u64 = counters
+        .iter()
+        .filter(|(k, _)| k.ends_with(".messages_ready"))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(ready, 3, "{s}");
+    assert!(text.contains("connections"), "{text}");
 }
 
 #[test]

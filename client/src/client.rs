@@ -343,6 +343,32 @@ impl Client {
         queue_info(&reply)
     }
 
+    /// The broker's counters (`GetStatus`): version, uptime, connections, queues, and every
+    /// shard's named counters (`shard.N.what`: depths, consumers, payload cache, journal).
+    /// A broker that predates `GetStatus` answers `Refused { code: UnsupportedFrame, .. }`.
+    pub async fn status(&self) -> Result<BrokerStatus, ClientError> {
+        let conn = &self.inner.conns[0];
+        let reply = conn.request(BodyT::GetStatus(Box::default())).await?;
+        let Some(s) = reply.frame().body_as_status() else {
+            return Err(unexpected(&reply, "GetStatus"));
+        };
+        Ok(BrokerStatus {
+            broker_version: s.broker_version().unwrap_or_default().to_string(),
+            shard_count: s.shard_count(),
+            uptime_ms: s.uptime_ms(),
+            connections: s.connections(),
+            queues: s.queues(),
+            counters: s
+                .counters()
+                .map(|v| {
+                    v.iter()
+                        .map(|c| (c.name().to_string(), c.value()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
     /// Every queue whose name starts with `prefix`, in name order (all pages).
     pub async fn list_queues(&self, prefix: &str) -> Result<Vec<QueueInfo>, ClientError> {
         // Pages stay small enough that a page of `QueueInfo` tables fits the verifier's table
@@ -583,6 +609,23 @@ fn queue_info(reply: &InFrame) -> Result<QueueInfo, ClientError> {
         Some(i) => Ok(QueueInfo::from_wire(&i.unpack())),
         None => Err(unexpected(reply, "a queue request")),
     }
+}
+
+/// The broker's answer to `Client::status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerStatus {
+    /// The broker's version, e.g. "0.1.0".
+    pub broker_version: String,
+    /// Shards (pinned cores) it runs.
+    pub shard_count: u16,
+    /// Milliseconds since it started.
+    pub uptime_ms: u64,
+    /// Open connections, all shards.
+    pub connections: u32,
+    /// Queues, all shards.
+    pub queues: u32,
+    /// Named counters, e.g. ("shard.0.messages_ready", 12), in shard order.
+    pub counters: Vec<(String, u64)>,
 }
 
 fn unexpected(reply: &InFrame, request: &str) -> ClientError {

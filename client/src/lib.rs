@@ -87,7 +87,7 @@ pub use weir_protocol as protocol;
 /// The fsync policy a confirm was given under, and the broker's error codes.
 pub use weir_protocol::wire::{Durability, ErrorCode};
 
-pub use client::{placement, Client, ClientOptions, PublishFuture, PublishOptions};
+pub use client::{placement, BrokerStatus, Client, ClientOptions, PublishFuture, PublishOptions};
 pub use conn::{Confirmation, ServerInfo};
 pub use consumer::{ConsumeOptions, Consumer, Delivery, SettleFuture};
 pub use error::{ClientError, CloseReason, ReturnedMessage};

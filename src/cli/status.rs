@@ -1,10 +1,10 @@
-//! `weir status`: the broker's version and shards (from `Welcome`), every queue with its depths
-//! and consumers (`ListQueues`, all pages), per-shard and overall totals.
+//! `weir status`: the broker's version and shards (from `Welcome`), its uptime, connections and
+//! counters (`GetStatus`), every queue with its depths and consumers (`ListQueues`, all pages),
+//! per-shard and overall totals.
 //!
-//! Contract: tokio current-thread runtime, one connection, read-only. The broker's `GetStatus`
-//! (uptime, connections, counters) is not asked: weir-client has no call for it yet, and a
-//! client command speaks to the broker only through weir-client. Failures reported:
-//! unreachable broker, a lost connection, no answer within `REQUEST_TIMEOUT`.
+//! Contract: tokio current-thread runtime, one connection, read-only. A broker that does not
+//! answer `GetStatus` still gets a status page, without uptime, connections and counters.
+//! Failures reported: unreachable broker, a lost connection, no answer within `REQUEST_TIMEOUT`.
 
 use std::process::ExitCode;
 
@@ -57,6 +57,7 @@ impl Totals {
 async fn status(args: StatusArgs) -> Result<(), Failure> {
     let client = connect(&args.client, false).await?;
     let queues = answer("listing queues", client.list_queues("")).await?;
+    let broker = answer("asking for status", client.status()).await.ok();
     let server = client.server().clone();
     close(client).await;
 
@@ -77,6 +78,13 @@ async fn status(args: StatusArgs) -> Result<(), Failure> {
          shards      {}\n\n",
         server.broker_version, args.client.server, server.protocol_version, server.shard_count
     );
+    if let Some(b) = &broker {
+        human.push_str(&format!(
+            "uptime      {:.1} s\nconnections {}\n\n",
+            b.uptime_ms as f64 / 1000.0,
+            b.connections
+        ));
+    }
     let mut t = Table::new(&[
         ("SHARD", false),
         ("PORT", true),
@@ -130,7 +138,12 @@ async fn status(args: StatusArgs) -> Result<(), Failure> {
         "shard_count": server.shard_count,
         "shards": shards_json,
         "queues": queues.iter().map(queue_json).collect::<Vec<_>>(),
-        "totals": totals.json(),
+                "totals": totals.json(),
+        "uptime_ms": broker.as_ref().map(|b| b.uptime_ms),
+        "connections": broker.as_ref().map(|b| b.connections),
+        "counters": broker
+            .as_ref()
+            .map(|b| b.counters.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()),
     });
     print(args.client.json, &human, &value)
 }
