@@ -24,7 +24,7 @@
 //!
 //! Options: `--addr HOST:PORT` (127.0.0.1:5680), `--messages N` (200000), `--size BYTES` of body
 //! (1024), `--batch N` messages per publish frame (64), `--in-flight N` unconfirmed messages at
-//! most (1024), `--prefetch N` (2000), `--queue NAME` (a fresh `bench-PID`, deleted at the end),
+//! most (1024), `--prefetch N` (2000), `--ack-batch N` (1: each delivery acked on its own), `--queue NAME` (a fresh `bench-PID`, deleted at the end),
 //! `--threads N` tokio worker threads (1: a current-thread runtime, the default),
 //! `--publish-only` (no consumer: isolates the publish path; the messages stay in the queue
 //! until it is deleted at the end).
@@ -50,13 +50,15 @@ struct Args {
     batch: usize,
     in_flight: usize,
     prefetch: u32,
+    /// Deliveries acked per Ack frame (1: each acked on its own, with its own answer).
+    ack_batch: usize,
     queue: Option<String>,
     threads: usize,
     publish_only: bool,
 }
 
 const USAGE: &str = "usage: bench [--addr HOST:PORT] [--messages N] [--size BYTES] [--batch N] \
-                     [--in-flight N] [--prefetch N] [--queue NAME] [--threads N] [--publish-only]";
+                     [--in-flight N] [--prefetch N] [--ack-batch N] [--queue NAME] [--threads N] [--publish-only]";
 
 fn parse_args() -> Args {
     let mut a = Args {
@@ -66,6 +68,7 @@ fn parse_args() -> Args {
         batch: 64,
         in_flight: 1024,
         prefetch: 2000,
+        ack_batch: 1,
         queue: None,
         threads: 1,
         publish_only: false,
@@ -85,6 +88,7 @@ fn parse_args() -> Args {
             "--batch" => a.batch = number() as usize,
             "--in-flight" => a.in_flight = number() as usize,
             "--prefetch" => a.prefetch = number() as u32,
+            "--ack-batch" => a.ack_batch = (number() as usize).max(1),
             "--queue" => a.queue = Some(value.clone()),
             "--threads" => a.threads = number() as usize,
             _ => usage(),
@@ -180,7 +184,12 @@ async fn run(args: Args) -> Result<(), ClientError> {
                 },
             )
             .await?;
-        Some(tokio::spawn(consume(consumer, args.messages, base)))
+        Some(tokio::spawn(consume(
+            consumer,
+            args.messages,
+            base,
+            args.ack_batch,
+        )))
     };
     let started = Instant::now();
     let producing = tokio::spawn(produce(client.clone(), queue.clone(), args.clone(), base));
@@ -208,7 +217,7 @@ async fn run(args: Args) -> Result<(), ClientError> {
     let mib = |n: u64, s: f64| n as f64 * args.size as f64 / s / (1 << 20) as f64;
     println!(
         "weir client bench: 1 producer, 1 consumer, 1 durable queue on shard {} of {}; {} x {} B \
-         persistent; batch {}, in-flight {}, prefetch {}; broker fsync {:?}; {} client thread(s){}",
+         persistent; batch {}, in-flight {}, prefetch {}, ack batch {}; broker fsync {:?}; {} client thread(s){}",
         info.shard,
         server.shard_count,
         args.messages,
@@ -216,6 +225,7 @@ async fn run(args: Args) -> Result<(), ClientError> {
         args.batch,
         args.in_flight,
         args.prefetch,
+        args.ack_batch,
         server.durability,
         args.threads.max(1),
         if args.publish_only {
@@ -354,18 +364,20 @@ async fn consume(
     mut consumer: weir_client::Consumer,
     expected: u64,
     base: Instant,
+    ack_batch: usize,
 ) -> Result<Consumed, ClientError> {
-    let (acks, mut answers) = mpsc::unbounded_channel::<SettleFuture>();
+    let (acks, mut answers) = mpsc::unbounded_channel::<(SettleFuture, u64)>();
     let acker = tokio::spawn(async move {
         let mut acked = 0u64;
         let mut last_ack = Instant::now();
-        while let Some(answer) = answers.recv().await {
+        while let Some((answer, n)) = answers.recv().await {
             answer.await?;
-            acked += 1;
+            acked += n;
             last_ack = Instant::now();
         }
         Ok::<_, ClientError>((acked, last_ack))
     });
+    let mut batch: Vec<weir_client::Delivery> = Vec::with_capacity(ack_batch);
     let mut deliver_us = histogram();
     let (mut received, mut redelivered) = (0u64, 0u64);
     while received < expected {
@@ -383,7 +395,18 @@ async fn consume(
         deliver_us.saturating_record(now.saturating_sub(stamp) / 1000);
         received += 1;
         redelivered += u64::from(delivery.redelivered());
-        let _ = acks.send(delivery.ack());
+        if ack_batch <= 1 {
+            let _ = acks.send((delivery.ack(), 1));
+        } else {
+            batch.push(delivery);
+            if batch.len() >= ack_batch || received == expected {
+                let _ = acks.send((weir_client::Delivery::ack_all(&batch), batch.len() as u64));
+                batch.clear();
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = acks.send((weir_client::Delivery::ack_all(&batch), batch.len() as u64));
     }
     drop(acks);
     let (acked, last_ack) = acker.await.expect("the ack task")?;

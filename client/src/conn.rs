@@ -150,6 +150,11 @@ impl std::fmt::Debug for ConnHandle {
 }
 
 impl ConnHandle {
+    /// Whether two handles drive the same connection (delivery tags are per connection).
+    pub(crate) fn same_connection(&self, other: &ConnHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     pub(crate) fn info(&self) -> &ServerInfo {
         &self.shared.info
     }

@@ -355,3 +355,38 @@ async fn a_dropped_consumers_unseen_deliveries_go_to_another_consumer() {
         (0, 0, 1)
     );
 }
+
+#[tokio::test]
+async fn ack_all_settles_many_deliveries_in_one_frame() {
+    let broker = Broker::start("consume-ack-all", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("batch", QueueOptions::default()))
+        .await
+        .expect("declare");
+    publish_all(&client, "batch", messages("m", 20)).await;
+    let mut consumer = within("consume", client.consume("batch", prefetch(20)))
+        .await
+        .expect("consume");
+    let mut got: Vec<Delivery> = Vec::new();
+    for _ in 0..20 {
+        got.push(next(&mut consumer).await);
+    }
+    // Ack the even ones in one frame: the odd ones stay outstanding.
+    let (evens, _odds): (Vec<(usize, Delivery)>, Vec<(usize, Delivery)>) =
+        got.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let evens: Vec<Delivery> = evens.into_iter().map(|(_, d)| d).collect();
+    within("ack_all", Delivery::ack_all(&evens))
+        .await
+        .expect("ack_all");
+    let info = within("info", client.queue_info("batch"))
+        .await
+        .expect("info");
+    assert_eq!((info.messages_ready, info.messages_unacked), (0, 10));
+    // Acking one of them again is refused: each tag is settled once.
+    let again = within("ack again", Delivery::ack_all(&evens[..1])).await;
+    assert!(again.is_err(), "a second ack of the same tag was accepted");
+    assert!(matches!(
+        within("ack_all of nothing", Delivery::ack_all(&[])).await,
+        Ok(())
+    ));
+}
