@@ -20,7 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -91,7 +91,7 @@ pub struct ShardState {
     /// The newest record appended while executing the current request.
     appended: Cell<Option<Appended>>,
     /// Messages the current request journaled.
-    written: RefCell<Vec<Weak<Stored>>>,
+    written: RefCell<Vec<(String, Seq)>>,
     mesh: Mesh,
     /// The host's live-messages-per-segment account (the same `Rc`), for reclaim.
     liveness: Rc<Liveness>,
@@ -109,7 +109,7 @@ struct Staging<'a> {
     appended: &'a Cell<Option<Appended>>,
     /// Messages journaled by the current request, newest last: evicted after their commit if the
     /// shard is over its payload budget.
-    written: &'a RefCell<Vec<Weak<Stored>>>,
+    written: &'a RefCell<Vec<(String, Seq)>>,
     liveness: &'a Rc<Liveness>,
 }
 
@@ -145,7 +145,7 @@ impl JournalSink for Staging<'_> {
             .append_message(&envelope, &payload)
             .map_err(storage_refusal)?;
         msg.set_position(appended.position, appended.len, Some(self.liveness));
-        self.written.borrow_mut().push(Rc::downgrade(msg));
+        self.written.borrow_mut().push((queue.to_string(), seq));
         self.note(Ok(appended))
     }
 
@@ -399,18 +399,18 @@ impl ShardState {
         });
     }
 
-    /// Once their records are durable, the newest messages give up their in-memory payloads
-    /// while journaled payloads hold more than their share of `cache_bytes_max`: the head of a
-    /// backlog, delivered first, stays in memory; its tail waits on disk.
-    fn evict_if_over_budget(&self, written: &[Weak<Stored>]) {
-        let cache = self.host.borrow().cache().clone();
-        for msg in written.iter().rev() {
+    /// Once their records are durable, the newest messages leave memory (payload, envelope and
+    /// all: the queue keeps a cold reference to the record, no allocation) while journaled
+    /// payloads hold more than their share of `cache_bytes_max`: the head of a backlog,
+    /// delivered first, stays in memory; its tail waits on disk.
+    fn evict_if_over_budget(&self, written: &[(String, Seq)]) {
+        let mut host = self.host.borrow_mut();
+        let cache = host.cache().clone();
+        for (queue, seq) in written.iter().rev() {
             if !cache.over_journaled_share() {
                 break;
             }
-            if let Some(msg) = msg.upgrade() {
-                msg.evict();
-            }
+            host.cool(queue, *seq);
         }
     }
 
@@ -419,21 +419,29 @@ impl ShardState {
     async fn fill(&self, to: ConnRef, deliveries: &mut [ops::WireDelivery]) -> bool {
         let mut all = true;
         for d in deliveries.iter_mut() {
-            let Some((position, record_len, len)) = d.fill else {
+            let Some((position, record_len)) = d.fill else {
                 continue;
             };
             match self.journal.read(position, Some(record_len)).await {
                 Ok(record) => {
-                    let (_, message) = MessageEnvelope::decode(record.body()).unwrap_or_else(|e| {
-                        panic!("journal record at {position:?} is not a message: {e}")
-                    });
-                    // Checked before write (the index was built from this record), checked
-                    // after read: a mismatch is a broken index, not a bad disk (the CRC passed).
-                    assert_eq!(
-                        message.len(),
-                        len as usize,
-                        "journal record at {position:?} has the wrong length"
+                    let (envelope, message) = MessageEnvelope::decode(record.body())
+                        .unwrap_or_else(|e| {
+                            panic!("journal record at {position:?} is not a message: {e}")
+                        });
+                    // Checked before write (the entry was made from this record's position),
+                    // checked after read: a record that does not name this message is a broken
+                    // index, not a bad disk (its CRC passed).
+                    assert!(
+                        envelope
+                            .targets
+                            .iter()
+                            .any(|t| t.queue == d.queue.as_bytes() && t.queue_seq == d.seq),
+                        "journal record at {position:?} does not hold message {} of queue '{}'",
+                        d.seq,
+                        d.queue
                     );
+                    d.exchange = String::from_utf8_lossy(envelope.exchange).into_owned();
+                    d.routing_key = String::from_utf8_lossy(envelope.routing_key).into_owned();
                     d.bytes = bytes::Bytes::copy_from_slice(message);
                     d.fill = None;
                 }

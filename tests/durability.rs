@@ -27,8 +27,7 @@ fn connect(broker: &Broker) -> Client {
 
 /// Kills the broker with SIGKILL (no shutdown at all) and starts it again on the same data.
 fn crash_and_restart(broker: Broker, args: &[&str]) -> Broker {
-    let dir = broker.data_dir.clone();
-    drop(broker); // SIGKILL
+    let dir = broker.crash(); // SIGKILL
     Broker::start(&dir, args)
 }
 

@@ -22,7 +22,7 @@ use crate::broker::queue::{
 use crate::storage::SettleReason;
 
 /// A delivery of a stored message.
-pub type StoredDelivery = Delivery<Rc<Stored>>;
+pub type StoredDelivery = Delivery<MsgRef>;
 
 /// A connection, wherever it lives: its shard and its broker-unique id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,7 +31,7 @@ pub struct ConnRef {
     pub conn: u64,
 }
 
-pub use crate::broker::stored::{Cache, Liveness, Stored};
+pub use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
 
 /// Why a request was refused: the code for the `Error` frame and a sentence naming what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +61,7 @@ pub struct Outgoing {
     pub to: ConnRef,
     pub consumer_tag: Rc<str>,
     pub queue: Rc<str>,
-    pub delivery: Delivery<Rc<Stored>>,
+    pub delivery: Delivery<MsgRef>,
 }
 
 /// A consumer the host cancelled (its queue was deleted); its connection is told.
@@ -83,7 +83,7 @@ struct Hosted {
     exclusive: Option<ConnRef>,
     auto_delete: bool,
     arguments: wire::QueueArgumentsT,
-    queue: Queue<Rc<Stored>>,
+    queue: Queue<MsgRef>,
     consumers: HashMap<OwnerId, ConsumerInfo>,
     /// Cancelled consumers, by the connection they belonged to: what they hold stays ackable
     /// until that connection closes.
@@ -227,15 +227,43 @@ impl QueueHost {
     }
 
     /// Counts what was settled and remembers the settlements of journaled messages.
-    fn note_settled(&mut self, queue: &Rc<str>, settled: Vec<Settled<Rc<Stored>>>) {
+    fn note_settled(&mut self, queue: &Rc<str>, settled: Vec<Settled<MsgRef>>) {
         for s in settled {
             if s.reason != SettleReason::Acked {
                 self.dropped += 1;
             }
-            if s.msg.journaled {
+            if s.msg.journaled() {
                 self.settles.push((queue.clone(), s.seq, s.reason));
             }
+            if let Some(segment) = s.msg.cold_segment() {
+                self.liveness.sub(segment);
+            }
         }
+    }
+
+    /// Moves the ready message `seq` of `queue` out of memory once its record is durable: the
+    /// entry keeps only the record's position (no allocation), and the payload and envelope are
+    /// freed. Returns whether it did.
+    pub fn cool(&mut self, queue: &str, seq: Seq) -> bool {
+        let Some(q) = self.queues.get_mut(queue) else {
+            return false;
+        };
+        let Some(msg) = q.queue.ready_mut(seq) else {
+            return false;
+        };
+        let MsgRef::Hot(stored) = msg else {
+            return false;
+        };
+        let Some((position, record_len)) = stored.position() else {
+            return false;
+        };
+        // Count it as cold before the `Stored` goes, so its segment is never uncounted.
+        self.liveness.add(position.segment());
+        *msg = MsgRef::Cold {
+            position,
+            record_len,
+        };
+        true
     }
 
     /// Undoes the publish of `seq` (the newest message of `queue`) when it could not be journaled.
@@ -250,14 +278,16 @@ impl QueueHost {
         &mut self,
         d: Declare,
         next_seq: Seq,
-        messages: impl IntoIterator<Item = (Seq, Rc<Stored>)>,
+        messages: impl IntoIterator<Item = (Seq, u32, MsgRef)>,
         now_ms: u64,
     ) {
         let policy = policy_of(&d.arguments);
         let ttl = policy.message_ttl_ms;
         let mut queue = Queue::new(policy, next_seq);
-        for (seq, msg) in messages {
-            let bytes = msg.len();
+        for (seq, bytes, msg) in messages {
+            if let Some(segment) = msg.cold_segment() {
+                self.liveness.add(segment);
+            }
             let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
             // It may have been delivered before the restart: count that delivery, so it is
             // marked redelivered (conservative, as AMQP brokers do after a crash).
@@ -383,6 +413,9 @@ impl QueueHost {
         let Some(q) = self.queues.remove(name) else {
             return (0, Vec::new());
         };
+        for segment in q.queue.messages().filter_map(MsgRef::cold_segment) {
+            self.liveness.sub(segment);
+        }
         self.dirty.remove(name);
         if q.durable && q.exclusive.is_none() {
             self.catalog
@@ -448,20 +481,21 @@ impl QueueHost {
     ) -> Result<Seq, Refusal> {
         let q = self.get_queue(conn, queue)?;
         let bytes = msg.len();
-        let mut settled: Vec<Settled<Rc<Stored>>> = Vec::new();
-        let seq = match q
-            .queue
-            .publish(msg, bytes, now_ms, expiration_ms, &mut settled)
-        {
-            Ok(seq) => seq,
-            Err(QueueError::Full(which)) => {
-                return refuse(
-                    ErrorCode::QueueFull,
-                    format!("queue '{queue}' is full ({which})"),
-                );
-            }
-            Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
-        };
+        let mut settled: Vec<Settled<MsgRef>> = Vec::new();
+        let seq =
+            match q
+                .queue
+                .publish(MsgRef::Hot(msg), bytes, now_ms, expiration_ms, &mut settled)
+            {
+                Ok(seq) => seq,
+                Err(QueueError::Full(which)) => {
+                    return refuse(
+                        ErrorCode::QueueFull,
+                        format!("queue '{queue}' is full ({which})"),
+                    );
+                }
+                Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
+            };
         let name = q.name.clone();
         self.note_settled(&name, settled);
         self.dirty.insert(name);
@@ -913,6 +947,23 @@ mod tests {
             (info.messages_ready, info.messages_unacked),
             (2, 0),
             "released with its connection"
+        );
+    }
+}
+
+#[cfg(test)]
+mod index_cost {
+    use super::*;
+
+    /// A message out of memory costs its queue entry and nothing else: no heap allocation (the
+    /// entry lives in the queue's `VecDeque`), a fixed size asserted here so growth is a decision.
+    #[test]
+    fn a_cold_message_costs_one_inline_entry() {
+        assert_eq!(std::mem::size_of::<MsgRef>(), 16);
+        assert!(
+            crate::broker::queue::entry_size::<MsgRef>() <= 48,
+            "{}",
+            crate::broker::queue::entry_size::<MsgRef>()
         );
     }
 }

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Cancelled, ConnRef, Declare, Outgoing, QueueHost, Refusal, Stored};
+use crate::broker::host::{
+    Cancelled, ConnRef, Declare, MsgRef, Outgoing, QueueHost, Refusal, Stored,
+};
 use crate::broker::queue::{OwnerId, Seq};
 use crate::storage::Position;
 use crate::storage::SettleReason;
@@ -133,26 +135,32 @@ pub struct WireDelivery {
     pub routing_key: String,
     /// The message bytes; empty until filled when `fill` is set.
     pub bytes: Bytes,
-    /// The payload is only in the journal: (record position, record length, message length).
-    /// The owning shard reads it back before the delivery leaves it.
-    pub fill: Option<(Position, u32, u32)>,
+    /// The message is only in the journal: (record position, record length). The owning shard
+    /// reads it back, envelope and payload, before the delivery leaves it.
+    pub fill: Option<(Position, u32)>,
 }
 
 impl WireDelivery {
     fn of(
         queue: String,
         owner: OwnerId,
-        d: &crate::broker::queue::Delivery<Rc<Stored>>,
+        d: &crate::broker::queue::Delivery<MsgRef>,
     ) -> WireDelivery {
-        let (bytes, fill) = match d.msg.payload() {
-            Some(bytes) => (bytes, None),
-            None => {
-                let (position, record_len) = d
-                    .msg
-                    .position()
-                    .expect("a payload not in memory is in the journal");
-                (Bytes::new(), Some((position, record_len, d.msg.len())))
+        // A cold message's envelope and payload are both in its record: filled on read-back.
+        let (bytes, exchange, routing_key, fill) = match &d.msg {
+            MsgRef::Hot(s) => {
+                let payload = s.payload().expect("a hot message's payload is in memory");
+                (payload, s.exchange.clone(), s.routing_key.clone(), None)
             }
+            MsgRef::Cold {
+                position,
+                record_len,
+            } => (
+                Bytes::new(),
+                String::new(),
+                String::new(),
+                Some((*position, *record_len)),
+            ),
         };
         WireDelivery {
             queue,
@@ -160,8 +168,8 @@ impl WireDelivery {
             seq: d.seq,
             delivery_count: d.delivery_count,
             auto_ack: d.auto_ack,
-            exchange: d.msg.exchange.clone(),
-            routing_key: d.msg.routing_key.clone(),
+            exchange,
+            routing_key,
             bytes,
             fill,
         }

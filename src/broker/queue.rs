@@ -117,6 +117,11 @@ struct Consumer {
     auto_ack: bool,
 }
 
+/// Bytes of one queue entry holding an `M`: the per-message cost of a ready message's index.
+pub fn entry_size<M>() -> usize {
+    std::mem::size_of::<Entry<M>>()
+}
+
 /// Counters a `QueueInfo` reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -261,6 +266,23 @@ impl<M: Clone> Queue<M> {
             deadline_ms,
         });
         self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    /// Every message the queue holds, ready and outstanding.
+    pub fn messages(&self) -> impl Iterator<Item = &M> {
+        self.ready
+            .iter()
+            .map(|e| &e.msg)
+            .chain(self.outstanding.values().map(|o| &o.entry.msg))
+    }
+
+    /// The ready message `seq`, to change how it is held (see `QueueHost::cool`).
+    pub fn ready_mut(&mut self, seq: Seq) -> Option<&mut M> {
+        let at = self.ready.partition_point(|e| e.seq < seq);
+        self.ready
+            .get_mut(at)
+            .filter(|e| e.seq == seq)
+            .map(|e| &mut e.msg)
     }
 
     /// Takes back the newest message if it is `seq` and still ready (its publish could not be

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Cache, Declare, Liveness, QueueHost, Stored};
+use crate::broker::host::{Cache, Declare, MsgRef, QueueHost};
 use crate::broker::queue::Seq;
 use crate::storage::record::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
@@ -33,7 +33,9 @@ struct RebuiltQueue {
     /// `None` until the log declares it: a queue's messages can precede its (re-stated)
     /// declaration once reclaim has removed the segment with the original one.
     declare: Option<Declare>,
-    messages: BTreeMap<Seq, Rc<Stored>>,
+    /// Where each live message's record is: (position, record length, message length). No
+    /// allocation per message, and nothing counted until the queue is restored.
+    messages: BTreeMap<Seq, (Position, u32, u32)>,
     next_seq: Seq,
 }
 
@@ -50,8 +52,7 @@ impl RebuiltQueue {
 #[derive(Default)]
 pub struct Rebuild {
     queues: BTreeMap<String, RebuiltQueue>,
-    /// Counts recovered messages per segment, for reclaim.
-    liveness: Rc<Liveness>,
+
     /// The first record that could not be understood.
     first_error: Option<String>,
     records: u64,
@@ -104,11 +105,6 @@ impl Rebuild {
             RecordKind::Message => {
                 let (envelope, message) =
                     MessageEnvelope::decode(body).map_err(|e| e.to_string())?;
-                let utf8 = |b: &[u8]| {
-                    String::from_utf8(b.to_vec()).map_err(|_| "name is not UTF-8".to_string())
-                };
-                let exchange = utf8(envelope.exchange)?;
-                let routing_key = utf8(envelope.routing_key)?;
                 // The payload stays in the journal: recovery costs memory per message, not per
                 // byte of backlog; deliveries read payloads back.
                 let record_len = (RECORD_HEADER_BYTES + body.len()) as u32;
@@ -120,15 +116,8 @@ impl Rebuild {
                         .entry(queue.to_string())
                         .or_insert_with(RebuiltQueue::undeclared);
                     {
-                        let stored = Stored::recovered(
-                            message.len() as u32,
-                            exchange.clone(),
-                            routing_key.clone(),
-                            position,
-                            record_len,
-                            &self.liveness,
-                        );
-                        q.messages.insert(t.queue_seq, Rc::new(stored));
+                        q.messages
+                            .insert(t.queue_seq, (position, record_len, message.len() as u32));
                         q.next_seq = q.next_seq.max(t.queue_seq + 1);
                     }
                 }
@@ -170,7 +159,7 @@ impl Rebuild {
         if let Some(e) = self.first_error {
             return Err(e);
         }
-        let mut host = QueueHost::with_accounts(shard, cache, self.liveness);
+        let mut host = QueueHost::with_cache(shard, cache);
         let mut summary = RebuildSummary {
             records: self.records,
             queues: 0,
@@ -182,7 +171,20 @@ impl Rebuild {
             let Some(declare) = q.declare else { continue };
             summary.queues += 1;
             summary.messages += q.messages.len() as u64;
-            host.restore_queue(declare, q.next_seq, q.messages, now_ms);
+            let messages = q
+                .messages
+                .into_iter()
+                .map(|(seq, (position, record_len, len))| {
+                    (
+                        seq,
+                        len,
+                        MsgRef::Cold {
+                            position,
+                            record_len,
+                        },
+                    )
+                });
+            host.restore_queue(declare, q.next_seq, messages, now_ms);
         }
         // The restored queues' declarations are already in the journal.
         host.take_journal_work();
@@ -273,7 +275,7 @@ mod tests {
             .publish(
                 a,
                 "q",
-                Rc::new(Stored::new(
+                Rc::new(crate::broker::host::Stored::new(
                     bytes::Bytes::new(),
                     String::new(),
                     "q".into(),

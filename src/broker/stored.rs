@@ -89,11 +89,11 @@ impl Liveness {
         self.by_segment.borrow().get(&segment).copied().unwrap_or(0)
     }
 
-    fn add(&self, segment: u32) {
+    pub(crate) fn add(&self, segment: u32) {
         *self.by_segment.borrow_mut().entry(segment).or_insert(0) += 1;
     }
 
-    fn sub(&self, segment: u32) {
+    pub(crate) fn sub(&self, segment: u32) {
         let mut map = self.by_segment.borrow_mut();
         let n = map
             .get_mut(&segment)
@@ -102,6 +102,34 @@ impl Liveness {
         *n -= 1;
         if *n == 0 {
             map.remove(&segment);
+        }
+    }
+}
+
+/// What a queue entry holds for its message.
+#[derive(Clone, Debug)]
+pub enum MsgRef {
+    /// In memory: the shared `Stored` (payload and envelope).
+    Hot(Rc<Stored>),
+    /// Only in the journal, where its record holds the envelope and the payload: no allocation
+    /// per message. Counted in `Liveness` explicitly (it has no destructor to do it).
+    Cold { position: Position, record_len: u32 },
+}
+
+impl MsgRef {
+    /// Whether its settlement must be journaled.
+    pub fn journaled(&self) -> bool {
+        match self {
+            MsgRef::Hot(s) => s.journaled,
+            MsgRef::Cold { .. } => true,
+        }
+    }
+
+    /// The segment a cold message holds.
+    pub fn cold_segment(&self) -> Option<u32> {
+        match self {
+            MsgRef::Hot(_) => None,
+            MsgRef::Cold { position, .. } => Some(position.segment()),
         }
     }
 }
@@ -146,28 +174,6 @@ impl Stored {
         }
     }
 
-    /// A message recovered from the journal: its payload stays there until it is delivered.
-    pub fn recovered(
-        len: u32,
-        exchange: String,
-        routing_key: String,
-        position: Position,
-        record_len: u32,
-        live: &Rc<Liveness>,
-    ) -> Stored {
-        live.add(position.segment());
-        Stored {
-            payload: RefCell::new(None),
-            len,
-            exchange,
-            routing_key,
-            journaled: true,
-            position: Cell::new(Some((position, record_len))),
-            cache: None,
-            live: RefCell::new(Some(live.clone())),
-        }
-    }
-
     /// Length of the message bytes.
     pub fn len(&self) -> u32 {
         self.len
@@ -196,22 +202,6 @@ impl Stored {
             *self.live.borrow_mut() = Some(live.clone());
         }
     }
-
-    /// Drops the in-memory payload of a message whose record is durable. Returns whether it did.
-    pub fn evict(&self) -> bool {
-        if self.position.get().is_none() {
-            return false;
-        }
-        match self.payload.borrow_mut().take() {
-            Some(_) => {
-                if let Some(c) = &self.cache {
-                    c.sub(u64::from(self.len));
-                }
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 impl Drop for Stored {
@@ -233,8 +223,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cache_counts_payloads_until_they_are_evicted_or_dropped() {
+    fn the_cache_and_the_liveness_count_a_message_until_it_is_dropped() {
         let cache = Cache::new(10);
+        let live = Liveness::new();
         let a = Stored::new(
             Bytes::from_static(b"123456"),
             String::new(),
@@ -251,23 +242,10 @@ mod tests {
         );
         assert_eq!(cache.bytes(), 12);
         assert!(cache.over_budget());
-        assert!(
-            !a.evict(),
-            "no journal position yet: nothing to read it back from"
-        );
-        let live = Liveness::new();
         a.set_position(Position::new(3, 4096), 40, Some(&live));
         assert_eq!(live.live_in(3), 1);
-        assert!(a.evict());
-        assert!(a.payload().is_none());
-        assert_eq!(cache.bytes(), 6);
         drop(a);
-        assert_eq!(cache.bytes(), 6, "an evicted payload is not counted twice");
-        assert_eq!(
-            live.live_in(3),
-            0,
-            "a dropped message no longer holds its segment"
-        );
+        assert_eq!((cache.bytes(), live.live_in(3)), (6, 0));
         drop(b);
         assert_eq!(cache.bytes(), 0);
     }

@@ -40,6 +40,8 @@ pub struct Broker {
     pub shard_ports: Vec<u16>,
     pub data_dir: PathBuf,
     stderr: mpsc::Receiver<String>,
+    /// Keep the data directory when dropped (the test starts another broker on it).
+    keep_data: bool,
 }
 
 impl Broker {
@@ -110,6 +112,7 @@ impl Broker {
             child,
             data_dir: data_dir.to_path_buf(),
             stderr: err_rx,
+            keep_data: false,
         }
     }
 
@@ -121,8 +124,16 @@ impl Broker {
         Client::connect(SocketAddr::new(self.listen.ip(), self.shard_ports[shard]))
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Kills the broker with SIGKILL (no shutdown at all) and hands back its data directory, kept
+    /// for a broker started on it next.
+    pub fn crash(mut self) -> PathBuf {
+        self.keep_data = true;
+        self.data_dir.clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit status. The data directory is kept.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        self.keep_data = true;
         let sent = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -139,12 +150,19 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            // The broker's own account of a failing test (RUST_LOG from the test's environment).
+            // The broker's own account of a failing test (RUST_LOG from the test's environment);
+            // its data directory stays for a look.
             let stderr = self
                 .stderr
                 .recv_timeout(Duration::from_secs(2))
                 .unwrap_or_default();
-            eprintln!("--- weir serve stderr ---\n{stderr}--- end ---");
+            eprintln!(
+                "--- weir serve stderr ---\n{stderr}--- end ---\ndata directory kept: {}",
+                self.data_dir.display()
+            );
+        } else if !self.keep_data {
+            // Segments are preallocated (64 MiB each): a suite that kept them would fill a disk.
+            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 }

@@ -110,6 +110,8 @@ pub struct Broker {
     pub listen: SocketAddr,
     pub shard_ports: Vec<u16>,
     pub data_dir: PathBuf,
+    /// Keep the data directory when dropped (a restart reuses it).
+    keep_data: bool,
 }
 
 impl Broker {
@@ -122,6 +124,7 @@ impl Broker {
 
     /// Kills the broker with SIGKILL and starts it again on the same data directory (new ports).
     pub fn restart(mut self) -> Broker {
+        self.keep_data = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
         Broker::start_in(self.data_dir.clone(), std::mem::take(&mut self.extra))
@@ -183,6 +186,7 @@ impl Broker {
             child,
             extra,
             data_dir,
+            keep_data: false,
         }
     }
 
@@ -224,6 +228,11 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Segments are preallocated (64 MiB each): a suite that kept them would fill a disk. A
+        // failing test keeps its data directory for a look.
+        if !self.keep_data && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
