@@ -350,3 +350,63 @@ fn an_auto_delete_queue_goes_when_its_last_consumer_is_cancelled_not_before() {
         assert_eq!(gone, tag == "b", "after cancelling {tag}");
     }
 }
+
+#[test]
+fn delayed_messages_and_idempotent_producers_are_refused_until_they_are_honoured() {
+    let broker = Broker::start(&temp_dir("q-unserved"), &[]);
+    let mut c = broker.connect();
+    c.handshake();
+    c.declare("q");
+    let mut enc = weir_protocol::Encoder::new(weir_protocol::WireLimits::DEFAULT);
+    let delayed = enc
+        .message(
+            &weir_protocol::MessageProps {
+                deliver_at_ms: Some(4_000_000_000_000),
+                ..Default::default()
+            },
+            b"later",
+        )
+        .unwrap();
+    let now = enc.message(&Default::default(), b"now").unwrap();
+    fn item(sequence: u64, message: &[u8]) -> weir_protocol::PublishItem<'_> {
+        weir_protocol::PublishItem {
+            sequence,
+            exchange: "",
+            routing_key: "q",
+            mandatory: false,
+            message,
+        }
+    }
+    let mut out = bytes::BytesMut::new();
+    enc.publish(&mut out, 0, None, true, [item(1, &delayed), item(2, &now)])
+        .unwrap();
+    c.send_raw(&out);
+    let f = c.recv().unwrap();
+    let BodyT::Error(e) = f.body else {
+        panic!("{f:?}")
+    };
+    assert_eq!(
+        (e.code, e.sequences.clone()),
+        (
+            ErrorCode::InvalidArgument,
+            Some(vec![wire::RangeT { first: 1, last: 1 }])
+        )
+    );
+    assert!(e.message.unwrap().contains("deliver_at_ms"));
+    c.await_confirms(2, 2);
+
+    let mut out = bytes::BytesMut::new();
+    enc.publish(&mut out, 0, Some(7), true, [item(3, &now)])
+        .unwrap();
+    c.send_raw(&out);
+    let f = c.recv().unwrap();
+    let BodyT::Error(e) = f.body else {
+        panic!("{f:?}")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.unwrap().contains("producer_id"));
+    let BodyT::QueueInfo(i) = c.info("q") else {
+        panic!()
+    };
+    assert_eq!(i.messages_ready, 1, "only the message for now was taken");
+}

@@ -461,6 +461,18 @@ impl Session {
     fn publish(&mut self, frame: &InFrame, out: &mut BytesMut, routed: &mut Vec<Routed>) -> Flow {
         let p = frame.frame().body_as_publish().expect("body type checked");
         let confirm = p.confirm();
+        if p.producer_id().is_some() {
+            // Refused rather than ignored: a producer that asks for de-duplication must not be
+            // told yes by a broker that would store its re-sends twice.
+            let seqs = frame.publish_entries().map(|(e, _)| e.sequence()).collect();
+            let msg =
+                "producer_id: idempotent publishing is not served by this broker version yet; \
+                       publish without it (at least once)"
+                    .to_string();
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, to_ranges(seqs));
+            return Flow::Continue;
+        }
+        let mut delayed: Vec<u64> = Vec::new();
         let mut by_shard: BTreeMap<u16, Vec<PublishItem>> = BTreeMap::new();
         let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         for (entry, bytes) in frame.publish_entries() {
@@ -474,6 +486,10 @@ impl Session {
             }
             let queue = entry.routing_key().unwrap_or("");
             let message = entry.message_nested_flatbuffer(); // verified at ingress by the decoder
+            if message.deliver_at_ms().is_some() {
+                delayed.push(entry.sequence()); // refused, not delivered early
+                continue;
+            }
             let item = PublishItem {
                 sequence: entry.sequence(),
                 queue: queue.to_string(),
@@ -486,6 +502,11 @@ impl Session {
                 expiration_ms: message.expiration_ms().map(u64::from),
             };
             by_shard.entry(self.owner_of(queue)).or_default().push(item);
+        }
+        if !delayed.is_empty() {
+            let msg = "deliver_at_ms: delayed messages are not served by this broker version yet"
+                .to_string();
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, to_ranges(delayed));
         }
         for (exchange, seqs) in no_exchange {
             let msg = format!("exchange '{exchange}' not found (exchanges are not served by this broker version yet)");
@@ -1265,12 +1286,12 @@ mod tests {
             }
             assert_eq!(r.len(), 1, "{kind:?} got {} replies", r.len());
             if kind == Body::Publish {
-                // Publishes are answered by sequence, not request id: the sample's exchange does
-                // not exist, so both its entries are refused in one error.
+                // Publishes are answered by sequence, not request id: the sample asks for an
+                // idempotent producer, not served yet, so both its entries are refused in one error.
                 let BodyT::Error(e) = &r[0].body else {
                     panic!("{:?}", r[0])
                 };
-                assert_eq!((r[0].request_id, e.code), (0, ErrorCode::NotFound));
+                assert_eq!((r[0].request_id, e.code), (0, ErrorCode::InvalidArgument));
                 assert_eq!(
                     e.sequences.as_deref(),
                     Some(&[wire::RangeT { first: 1, last: 2 }][..])
