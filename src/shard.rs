@@ -91,12 +91,15 @@ pub struct ShardState {
     /// The newest record appended while executing the current request.
     appended: Cell<Option<Appended>>,
     /// Messages the current request journaled.
-    written: RefCell<Vec<(String, Seq)>>,
+    written: RefCell<Vec<(String, Seq, Seq)>>,
     mesh: Mesh,
     /// The host's live-messages-per-segment account (the same `Rc`), for reclaim.
     liveness: Rc<Liveness>,
     /// Replies waiting for their group commit; shutdown sends them before closing connections.
     replies_waiting: Cell<usize>,
+    /// Rung when the worker has emptied the work queue or the last waiting reply went out:
+    /// shutdown waits on it.
+    idle: Doorbell,
     /// Work for the worker task, in arrival order.
     work: RefCell<VecDeque<MeshMsg>>,
     work_bell: Doorbell,
@@ -109,7 +112,7 @@ struct Staging<'a> {
     appended: &'a Cell<Option<Appended>>,
     /// Messages journaled by the current request, newest last: evicted after their commit if the
     /// shard is over its payload budget.
-    written: &'a RefCell<Vec<(String, Seq)>>,
+    written: &'a RefCell<Vec<(String, Seq, Seq)>>,
     liveness: &'a Rc<Liveness>,
 }
 
@@ -137,15 +140,19 @@ impl JournalSink for Staging<'_> {
                 queue_seq: seq,
             }],
         };
-        let payload = msg
-            .payload()
-            .expect("a message being published is in memory");
+        let payload = msg.payload();
         let appended = self
             .journal
             .append_message(&envelope, &payload)
             .map_err(storage_refusal)?;
         msg.set_position(appended.position, appended.len, Some(self.liveness));
-        self.written.borrow_mut().push((queue.to_string(), seq));
+        // Runs of consecutive sequence numbers per queue: one name per run, not per message.
+        let mut written = self.written.borrow_mut();
+        match written.last_mut() {
+            Some((q, _, last)) if q == queue && *last + 1 == seq => *last = seq,
+            _ => written.push((queue.to_string(), seq, seq)),
+        }
+        drop(written);
         self.note(Ok(appended))
     }
 
@@ -395,6 +402,9 @@ impl ShardState {
                     },
                 );
                 state.replies_waiting.set(state.replies_waiting.get() - 1);
+                if state.replies_waiting.get() == 0 {
+                    state.idle.ring();
+                }
             }
         });
     }
@@ -403,14 +413,16 @@ impl ShardState {
     /// all: the queue keeps a cold reference to the record, no allocation) while journaled
     /// payloads hold more than their share of `cache_bytes_max`: the head of a backlog,
     /// delivered first, stays in memory; its tail waits on disk.
-    fn evict_if_over_budget(&self, written: &[(String, Seq)]) {
+    fn evict_if_over_budget(&self, written: &[(String, Seq, Seq)]) {
         let mut host = self.host.borrow_mut();
         let cache = host.cache().clone();
-        for (queue, seq) in written.iter().rev() {
-            if !cache.over_journaled_share() {
-                break;
+        for (queue, first, last) in written.iter().rev() {
+            for seq in (*first..=*last).rev() {
+                if !cache.over_journaled_share() {
+                    return;
+                }
+                host.cool(queue, seq);
             }
-            host.cool(queue, *seq);
         }
     }
 
@@ -606,6 +618,7 @@ async fn work_forever(state: Rc<ShardState>, bell: DoorbellWaiter) {
                 other => state.deliver(other),
             }
         }
+        state.idle.ring();
         if !bell.wait().await {
             return;
         }
@@ -618,6 +631,7 @@ pub async fn run(setup: ShardSetup) {
     let (mesh, flush_waiter) = Mesh::new(senders);
     let (drained, drained_waiter) = doorbell();
     let (work_bell, work_waiter) = doorbell();
+    let (idle, idle_waiter) = doorbell();
 
     // Recover before serving: the journal's replay rebuilds the queues this shard owns.
     let mut rebuild = Rebuild::new();
@@ -680,6 +694,7 @@ pub async fn run(setup: ShardSetup) {
         appended: Cell::new(None),
         written: RefCell::new(Vec::new()),
         replies_waiting: Cell::new(0),
+        idle,
         liveness: host_liveness,
         mesh,
         work: RefCell::new(VecDeque::new()),
@@ -720,8 +735,7 @@ pub async fn run(setup: ShardSetup) {
     let finish = async {
         state.journal.close().await;
         while state.replies_waiting.get() > 0 || !state.work.borrow().is_empty() {
-            // Shutdown only: the commit waiters and the worker run between these short naps.
-            rt::executor::sleep(Duration::from_millis(1)).await;
+            idle_waiter.wait().await;
         }
     };
     let grace = async {

@@ -518,7 +518,7 @@ impl Driver {
                 } else {
                     0
                 };
-                let ranges = to_ranges(tags);
+                let ranges = weir_protocol::ranges_of(tags);
                 let result = match kind {
                     Settle::Ack => self.encoder.ack(&mut self.out, id, &ranges).map(drop),
                     Settle::Nack { requeue } => self
@@ -653,7 +653,7 @@ impl Driver {
         if tags.is_empty() {
             return;
         }
-        let ranges = to_ranges(tags.to_vec());
+        let ranges = weir_protocol::ranges_of(tags.to_vec());
         // Fire-and-forget: a failure could only be a tag the broker already forgot.
         let _ = self.encoder.nack(&mut self.out, 0, &ranges, true);
     }
@@ -911,18 +911,4 @@ fn io_reason(e: &std::io::Error) -> CloseReason {
         kind: e.kind(),
         message: e.to_string(),
     }
-}
-
-/// Sorted, coalesced inclusive ranges of `tags`.
-pub(crate) fn to_ranges(mut tags: Vec<u64>) -> Vec<Range> {
-    tags.sort_unstable();
-    tags.dedup();
-    let mut ranges: Vec<Range> = Vec::new();
-    for t in tags {
-        match ranges.last_mut() {
-            Some(r) if r.last() + 1 == t => r.set_last(t),
-            _ => ranges.push(Range::new(t, t)),
-        }
-    }
-    ranges
 }

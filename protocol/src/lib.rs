@@ -48,3 +48,18 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub fn frame(request_id: u64, body: wire::BodyT) -> wire::FrameT {
     wire::FrameT { request_id, body }
 }
+
+/// `numbers` as sorted, disjoint, coalesced inclusive ranges: how confirms, acks and nacks carry
+/// sequence numbers and delivery tags on the wire.
+pub fn ranges_of(mut numbers: Vec<u64>) -> Vec<wire::Range> {
+    numbers.sort_unstable();
+    numbers.dedup();
+    let mut ranges: Vec<wire::Range> = Vec::new();
+    for n in numbers {
+        match ranges.last_mut() {
+            Some(r) if r.last() + 1 == n => r.set_last(n),
+            _ => ranges.push(wire::Range::new(n, n)),
+        }
+    }
+    ranges
+}

@@ -417,3 +417,13 @@ impl Schema {
         }
     }
 }
+
+#[test]
+fn ranges_coalesce_sorted_and_deduplicated() {
+    let r = weir_protocol::ranges_of(vec![5, 1, 2, 3, 9, 10, 3]);
+    assert_eq!(
+        r,
+        vec![Range::new(1, 3), Range::new(5, 5), Range::new(9, 10)]
+    );
+    assert!(weir_protocol::ranges_of(vec![]).is_empty());
+}

@@ -149,7 +149,7 @@ impl WireDelivery {
         // A cold message's envelope and payload are both in its record: filled on read-back.
         let (bytes, exchange, routing_key, fill) = match &d.msg {
             MsgRef::Hot(s) => {
-                let payload = s.payload().expect("a hot message's payload is in memory");
+                let payload = s.payload();
                 (payload, s.exchange.clone(), s.routing_key.clone(), None)
             }
             MsgRef::Cold {
@@ -362,81 +362,61 @@ pub fn publish(
     now_ms: u64,
 ) -> PublishOutcome {
     let (sequence, confirm) = (item.sequence, item.confirm);
+    let outcome = |journaled, result, returned| PublishOutcome {
+        sequence,
+        confirm,
+        journaled,
+        result,
+        returned,
+    };
     let journaled = item.persistent && host.is_durable(&item.queue) == Some(true);
     if !journaled && !host.cache().has_room(item.bytes.len() as u64) {
         // A transient message cannot be spilled to the journal: memory is the bound.
         let message = "this shard holds its cache_bytes_max of message payloads in memory; a non-persistent message \
                        (or one for a non-durable queue) cannot be taken until consumers catch up"
             .to_string();
-        let result = Err(Refusal {
-            code: wire::ErrorCode::LimitExceeded,
-            message,
-        });
-        return PublishOutcome {
-            sequence,
-            confirm,
-            journaled: false,
-            result,
-            returned: None,
-        };
+        return outcome(
+            false,
+            Err(Refusal {
+                code: wire::ErrorCode::LimitExceeded,
+                message,
+            }),
+            None,
+        );
     }
+    // Only a mandatory message may have to come back whole (a `Return`); the others give their
+    // envelope strings to the queue instead of a copy.
+    let for_return = item.mandatory.then(|| item.clone());
+    let PublishItem {
+        queue,
+        exchange,
+        routing_key,
+        bytes,
+        expiration_ms,
+        ..
+    } = item;
     let stored = Rc::new(Stored::new(
-        item.bytes.clone(),
-        item.exchange.clone(),
-        item.routing_key.clone(),
+        bytes,
+        exchange,
+        routing_key,
         journaled,
         Some(host.cache()),
     ));
-    let accepted = host.publish(
-        from,
-        &item.queue,
-        stored.clone(),
-        item.expiration_ms,
-        now_ms,
-    );
-    match accepted {
-        Ok(seq) if journaled => match sink.message(&item.queue, seq, &stored) {
-            Ok(()) => PublishOutcome {
-                sequence,
-                confirm,
-                journaled,
-                result: Ok(()),
-                returned: None,
-            },
+    match host.publish(from, &queue, stored.clone(), expiration_ms, now_ms) {
+        Ok(seq) if journaled => match sink.message(&queue, seq, &stored) {
+            Ok(()) => outcome(true, Ok(()), None),
             Err(r) => {
                 // Not durable, so not accepted: it must not be delivered or confirmed.
-                host.retract(&item.queue, seq);
-                PublishOutcome {
-                    sequence,
-                    confirm,
-                    journaled: false,
-                    result: Err(r),
-                    returned: None,
-                }
+                host.retract(&queue, seq);
+                outcome(false, Err(r), None)
             }
         },
-        Ok(_) => PublishOutcome {
-            sequence,
-            confirm,
-            journaled,
-            result: Ok(()),
-            returned: None,
-        },
+        Ok(_) => outcome(false, Ok(()), None),
         // AMQP's mandatory flag: an unroutable message comes back and is confirmed.
-        Err(r) if item.mandatory && r.code == wire::ErrorCode::NotFound => PublishOutcome {
-            sequence,
-            confirm,
-            journaled: false,
-            result: Ok(()),
-            returned: Some(item),
-        },
-        Err(r) => PublishOutcome {
-            sequence,
-            confirm,
-            journaled: false,
-            result: Err(r),
-            returned: None,
-        },
+        Err(r) if for_return.is_some() && r.code == wire::ErrorCode::NotFound => {
+            outcome(false, Ok(()), for_return)
+        }
+        Err(r) => outcome(false, Err(r), None),
     }
 }
 

@@ -43,10 +43,6 @@ impl Cache {
         self.bytes.get()
     }
 
-    pub fn over_budget(&self) -> bool {
-        self.bytes.get() > self.max
-    }
-
     /// Whether journaled payloads should give up memory: they may use half the budget, because
     /// they can be read back from the journal while transient payloads cannot, and must always
     /// find room.
@@ -136,7 +132,7 @@ impl MsgRef {
 
 #[derive(Debug)]
 pub struct Stored {
-    payload: RefCell<Option<Bytes>>,
+    payload: Bytes,
     len: u32,
     pub exchange: String,
     pub routing_key: String,
@@ -163,7 +159,7 @@ impl Stored {
             c.add(u64::from(len));
         }
         Stored {
-            payload: RefCell::new(Some(bytes)),
+            payload: bytes,
             len,
             exchange,
             routing_key,
@@ -183,9 +179,9 @@ impl Stored {
         self.len == 0
     }
 
-    /// The payload, if it is in memory.
-    pub fn payload(&self) -> Option<Bytes> {
-        self.payload.borrow().clone()
+    /// The payload (a reference count, not a copy).
+    pub fn payload(&self) -> Bytes {
+        self.payload.clone()
     }
 
     /// Where to read the payload back from, if it is journaled.
@@ -206,10 +202,8 @@ impl Stored {
 
 impl Drop for Stored {
     fn drop(&mut self) {
-        if self.payload.get_mut().is_some() {
-            if let Some(c) = &self.cache {
-                c.sub(u64::from(self.len));
-            }
+        if let Some(c) = &self.cache {
+            c.sub(u64::from(self.len));
         }
         if let (Some(live), Some((position, _))) = (self.live.get_mut().take(), self.position.get())
         {
@@ -241,7 +235,7 @@ mod tests {
             Some(&cache),
         );
         assert_eq!(cache.bytes(), 12);
-        assert!(cache.over_budget());
+        assert!(!cache.has_room(0), "12 bytes held against a budget of 10");
         a.set_position(Position::new(3, 4096), 40, Some(&live));
         assert_eq!(live.live_in(3), 1);
         drop(a);

@@ -469,7 +469,12 @@ impl Session {
                 "producer_id: idempotent publishing is not served by this broker version yet; \
                        publish without it (at least once)"
                     .to_string();
-            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, to_ranges(seqs));
+            self.fail_sequences(
+                out,
+                ErrorCode::InvalidArgument,
+                msg,
+                weir_protocol::ranges_of(seqs),
+            );
             return Flow::Continue;
         }
         let mut delayed: Vec<u64> = Vec::new();
@@ -506,11 +511,21 @@ impl Session {
         if !delayed.is_empty() {
             let msg = "deliver_at_ms: delayed messages are not served by this broker version yet"
                 .to_string();
-            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, to_ranges(delayed));
+            self.fail_sequences(
+                out,
+                ErrorCode::InvalidArgument,
+                msg,
+                weir_protocol::ranges_of(delayed),
+            );
         }
         for (exchange, seqs) in no_exchange {
             let msg = format!("exchange '{exchange}' not found (exchanges are not served by this broker version yet)");
-            self.fail_sequences(out, ErrorCode::NotFound, msg, to_ranges(seqs));
+            self.fail_sequences(
+                out,
+                ErrorCode::NotFound,
+                msg,
+                weir_protocol::ranges_of(seqs),
+            );
         }
         for (shard, items) in by_shard {
             self.unconfirmed += items.len() as u64;
@@ -887,12 +902,20 @@ impl Session {
             if seqs.is_empty() {
                 continue;
             }
-            if let Err(e) = self.encoder.confirm(out, &to_ranges(seqs), durability, &[]) {
+            if let Err(e) =
+                self.encoder
+                    .confirm(out, &weir_protocol::ranges_of(seqs), durability, &[])
+            {
                 tracing::error!("cannot encode a confirm: {e}");
             }
         }
         for ((code, message), seqs) in refused {
-            self.fail_sequences(out, ErrorCode(code), message, to_ranges(seqs));
+            self.fail_sequences(
+                out,
+                ErrorCode(code),
+                message,
+                weir_protocol::ranges_of(seqs),
+            );
         }
     }
 
@@ -1104,20 +1127,8 @@ impl Session {
 /// Most queues in one `QueueList` page: about two tables each, far within the verifier budget a
 /// client's decoder applies (`WireLimits::verifier_tables_max`).
 const LIST_PAGE_MAX: usize = 1000;
-
-/// Sorted, coalesced inclusive ranges of `seqs`.
-fn to_ranges(mut seqs: Vec<u64>) -> Vec<Range> {
-    seqs.sort_unstable();
-    seqs.dedup();
-    let mut ranges: Vec<Range> = Vec::new();
-    for s in seqs {
-        match ranges.last_mut() {
-            Some(r) if r.last() + 1 == s => r.set_last(s),
-            _ => ranges.push(Range::new(s, s)),
-        }
-    }
-    ranges
-}
+// A full page must verify in a client that uses the default wire limits.
+const _: () = assert!(2 * LIST_PAGE_MAX + 64 <= WireLimits::DEFAULT.verifier_tables_max);
 
 fn name(body: Body) -> &'static str {
     body.variant_name().unwrap_or("an unknown frame")
@@ -1330,20 +1341,3 @@ mod tests {
         assert!(matches!(replies(&mut out)[0].body, BodyT::Ok(_)));
     }
 }
-
-#[cfg(test)]
-mod routing_tests {
-    use super::*;
-
-    #[test]
-    fn confirms_coalesce_into_ranges() {
-        assert_eq!(
-            to_ranges(vec![5, 1, 2, 3, 9, 10, 3]),
-            vec![Range::new(1, 3), Range::new(5, 5), Range::new(9, 10)]
-        );
-        assert!(to_ranges(vec![]).is_empty());
-    }
-}
-
-// A full page must verify in a client that uses the default wire limits.
-const _: () = assert!(2 * LIST_PAGE_MAX + 64 <= WireLimits::DEFAULT.verifier_tables_max);
