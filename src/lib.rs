@@ -1,10 +1,12 @@
 //! weir: the broker's internals, as a library so that tests and benchmarks reach them.
 //!
 //! The module tree reads as the architecture (DESIGN.md §3, ARCHITECTURE.md):
-//! - `broker`: the state machines (queue, and later dispatch across queues and routing), free of
-//!   I/O: plain structs that take events and return what to do.
+//! - `broker`: the state machines (queue, queue host, routing table, journal records of the
+//!   catalog), free of I/O: plain structs that take events and return what to do.
 //! - `cli`: the client commands of the `weir` binary (`queue`, `publish`, `consume`, `status`).
 //! - `config`: `weir serve`'s configuration: defaults, TOML file, `WEIR_*` variables, flags.
+//! - `control`: the control plane: exchanges and bindings, one writer (shard 0), a read copy on
+//!   every shard.
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
 //! - `limits`: every limit of every layer in one registry, with the relations between layers
 //!   asserted.
@@ -20,6 +22,7 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod inspect;
 pub mod limits;
 pub mod mesh;

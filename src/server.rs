@@ -157,7 +157,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         match recovered_rx.recv() {
             Ok(Ok(summary)) => tracing::info!("{summary}"),
             Ok(Err(reason)) => {
+                // The others may be waiting for this one (the control plane's routing table
+                // comes from shard 0): stop them now rather than wait for their answers.
                 failure.get_or_insert(reason);
+                break;
             }
             Err(_) => {
                 failure.get_or_insert("a shard stopped before recovering its journal".to_string());

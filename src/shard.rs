@@ -28,10 +28,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Cache, ConnRef, Liveness, QueueHost, Refusal, Stored};
+use crate::broker::host::{placement, Cache, ConnRef, Liveness, QueueHost, Refusal, Stored};
 use crate::broker::ops::{self, JournalSink, Op, Pushed, Reply};
 use crate::broker::queue::Seq;
 use crate::broker::rebuild::Rebuild;
+use crate::broker::routing::RoutingChange;
+use crate::control::{ControlOp, ControlPlane, RoutingCopy, CONTROL_CONN, CONTROL_SHARD};
 use crate::limits::Limits;
 use crate::mesh::{Batch, Mesh, MeshMsg};
 use crate::net::connection;
@@ -103,6 +105,25 @@ pub struct ShardState {
     /// Work for the worker task, in arrival order.
     work: RefCell<VecDeque<MeshMsg>>,
     work_bell: Doorbell,
+    /// This shard's copy of the routing table, shared with its sessions.
+    routing: Rc<RoutingCopy>,
+    /// Rung when the start-up copy of the routing table has arrived.
+    routing_bell: Doorbell,
+    /// The control-plane writer: on `CONTROL_SHARD` only.
+    control: Option<RefCell<ControlPlane>>,
+    /// Routing changes sent to every shard, by wait id: answered once all applied them.
+    control_waits: RefCell<HashMap<u64, ControlWait>>,
+    next_control_wait: Cell<u64>,
+}
+
+/// A client's routing change on its way: its answer goes once every shard's copy has applied it
+/// and its records are durable.
+struct ControlWait {
+    copies_left: u16,
+    durable: bool,
+    to: ConnRef,
+    id: u64,
+    reply: Reply,
 }
 
 /// The shard's side of the journal for the queue host: records staged for the next group
@@ -131,14 +152,17 @@ impl Staging<'_> {
 }
 
 impl JournalSink for Staging<'_> {
-    fn message(&mut self, queue: &str, seq: Seq, msg: &Rc<Stored>) -> Result<(), Refusal> {
+    fn message(&mut self, targets: &[(&str, Seq)], msg: &Rc<Stored>) -> Result<(), Refusal> {
         let envelope = MessageEnvelope {
             exchange: msg.exchange.as_bytes(),
             routing_key: msg.routing_key.as_bytes(),
-            targets: vec![Target {
-                queue: queue.as_bytes(),
-                queue_seq: seq,
-            }],
+            targets: targets
+                .iter()
+                .map(|(queue, seq)| Target {
+                    queue: queue.as_bytes(),
+                    queue_seq: *seq,
+                })
+                .collect(),
         };
         let payload = msg.payload();
         let appended = self
@@ -148,9 +172,11 @@ impl JournalSink for Staging<'_> {
         msg.set_position(appended.position, appended.len, Some(self.liveness));
         // Runs of consecutive sequence numbers per queue: one name per run, not per message.
         let mut written = self.written.borrow_mut();
-        match written.last_mut() {
-            Some((q, _, last)) if q == queue && *last + 1 == seq => *last = seq,
-            _ => written.push((queue.to_string(), seq, seq)),
+        for &(queue, seq) in targets {
+            match written.last_mut() {
+                Some((q, _, last)) if q == queue && *last + 1 == seq => *last = seq,
+                _ => written.push((queue.to_string(), seq, seq)),
+            }
         }
         drop(written);
         self.note(Ok(appended))
@@ -190,7 +216,13 @@ fn storage_refusal(e: StorageError) -> Refusal {
 /// Room to ask the journal for, per published message: its bytes, the record header and an
 /// envelope (exchange, key, one target).
 fn record_room(item: &ops::PublishItem) -> usize {
-    item.bytes.len() + item.exchange.len() + item.routing_key.len() + item.queue.len() + 64
+    let targets: usize = item.also.iter().map(|q| q.len() + 16).sum();
+    item.bytes.len()
+        + item.exchange.len()
+        + item.routing_key.len()
+        + item.queue.len()
+        + targets
+        + 64
 }
 
 fn now_ms() -> u64 {
@@ -259,6 +291,22 @@ impl ShardState {
     /// the journal has room for it: the byte bound of the group-commit window is what slows
     /// producers down, through the mesh and their connections, never a refusal.
     async fn execute(self: &Rc<Self>, from: ConnRef, id: u64, op: Op) {
+        let op = match op {
+            Op::Control(c) => return self.control(from, id, c),
+            Op::Routing(change) => {
+                self.apply_routing(change);
+                let reply = Reply::Done;
+                return self.send_to(
+                    from.shard,
+                    MeshMsg::Reply {
+                        to: from,
+                        id,
+                        reply,
+                    },
+                );
+            }
+            op => op,
+        };
         let now = now_ms();
         let mut pushes = Vec::new();
         let reply = match op {
@@ -279,6 +327,10 @@ impl ShardState {
                 if let Reply::ShardStatus(st) = &mut reply {
                     let j = self.journal.stats();
                     st.connections = self.connections.borrow().len() as u64;
+                    st.unroutable += self.routing.unroutable.get();
+                    let table = self.routing.table.borrow();
+                    st.exchanges = table.exchange_count() as u64;
+                    st.bindings = table.binding_count() as u64;
                     st.cache_bytes_max = host.cache().max();
                     st.journal_commits = j.commits;
                     st.journal_records = j.records;
@@ -318,6 +370,7 @@ impl ShardState {
             self.appended.set(None);
             self.written.borrow_mut().clear();
         }
+        self.forget_removed_queues();
         let mut reply = Some(reply);
         if let Some(Reply::Got(Some(d), _)) = reply.as_mut() {
             if !self.fill(from, std::slice::from_mut(&mut **d)).await {
@@ -409,6 +462,194 @@ impl ShardState {
         });
     }
 
+    /// The writer's side of a routing change: validate and apply it to the authoritative table,
+    /// stage its records, send it to every shard's copy (in order: the mesh is FIFO per pair),
+    /// and answer once every copy has it and, under `fsync = always`, its records are durable.
+    /// Nothing here waits: the worker goes on with other work meanwhile.
+    fn control(self: &Rc<Self>, from: ConnRef, id: u64, op: ControlOp) {
+        let Some(writer) = &self.control else {
+            let reply = Reply::Refused(Refusal {
+                code: weir_protocol::wire::ErrorCode::Internal,
+                message: format!("routing changes are made by shard {CONTROL_SHARD}"),
+            });
+            return self.send_to(
+                from.shard,
+                MeshMsg::Reply {
+                    to: from,
+                    id,
+                    reply,
+                },
+            );
+        };
+        let applied = match writer.borrow_mut().execute(op) {
+            Ok(applied) => applied,
+            Err(e) => {
+                let reply = Reply::Refused(Refusal {
+                    code: e.code,
+                    message: e.message,
+                });
+                return self.send_to(
+                    from.shard,
+                    MeshMsg::Reply {
+                        to: from,
+                        id,
+                        reply,
+                    },
+                );
+            }
+        };
+        let mut reply = Reply::Done;
+        let mut last = None;
+        for record in &applied.records {
+            match self.journal.append_control(&record.encode()) {
+                Ok(a) => last = Some(a),
+                Err(e) => {
+                    // The change is live (every copy gets it, so they agree) but not durable.
+                    reply = Reply::Refused(storage_refusal(e));
+                    last = None;
+                    break;
+                }
+            }
+        }
+        let wait = self.next_control_wait.get();
+        self.next_control_wait.set(wait + 1);
+        let shards = self.session.shard_count();
+        let mut copies_left = 0;
+        if let Some(change) = applied.change {
+            copies_left = shards;
+            for shard in 0..shards {
+                let op = Op::Routing(change.clone());
+                let from = ConnRef {
+                    shard: self.id,
+                    conn: CONTROL_CONN,
+                };
+                self.send_to(shard, MeshMsg::Request { from, id: wait, op });
+            }
+        }
+        let always = self.session.durability == weir_protocol::wire::Durability::Always;
+        let durable = last.is_none() || !always;
+        self.control_waits.borrow_mut().insert(
+            wait,
+            ControlWait {
+                copies_left,
+                durable,
+                to: from,
+                id,
+                reply,
+            },
+        );
+        self.replies_waiting.set(self.replies_waiting.get() + 1);
+        match last {
+            Some(last) if !durable => {
+                let state = self.clone();
+                rt::spawn_detached(async move {
+                    let result = state.journal.commit(&last).await;
+                    if let Some(w) = state.control_waits.borrow_mut().get_mut(&wait) {
+                        w.durable = true;
+                        if let Err(e) = result {
+                            w.reply = Reply::Refused(storage_refusal(e));
+                        }
+                    }
+                    state.control_answer_if_done(wait);
+                });
+            }
+            _ => self.control_answer_if_done(wait),
+        }
+    }
+
+    /// A shard's copy has applied routing change `wait`.
+    fn control_applied(&self, wait: u64) {
+        if let Some(w) = self.control_waits.borrow_mut().get_mut(&wait) {
+            w.copies_left -= 1;
+        }
+        self.control_answer_if_done(wait);
+    }
+
+    fn control_answer_if_done(&self, wait: u64) {
+        let done = self
+            .control_waits
+            .borrow()
+            .get(&wait)
+            .is_some_and(|w| w.copies_left == 0 && w.durable);
+        if !done {
+            return;
+        }
+        let w = self
+            .control_waits
+            .borrow_mut()
+            .remove(&wait)
+            .expect("present");
+        self.send_to(
+            w.to.shard,
+            MeshMsg::Reply {
+                to: w.to,
+                id: w.id,
+                reply: w.reply,
+            },
+        );
+        self.replies_waiting.set(self.replies_waiting.get() - 1);
+        if self.replies_waiting.get() == 0 {
+            self.idle.ring();
+        }
+    }
+
+    /// Applies a change from the writer to this shard's copy. The start-up copy also opens the
+    /// shard, and is checked against the queues this shard owns: a binding to one that is gone
+    /// (deleted just before a crash, its unbind not yet durable) is removed through the writer.
+    fn apply_routing(&self, change: RoutingChange) {
+        let snapshot = matches!(change, RoutingChange::Snapshot(_));
+        if let Err(e) = self.routing.table.borrow_mut().apply(change) {
+            // The writer validated it against the same state: a copy that disagrees is a bug.
+            tracing::error!(
+                shard = self.id,
+                "routing copy refused a change: {}",
+                e.message
+            );
+            debug_assert!(false, "routing copy refused a change: {}", e.message);
+        }
+        if !snapshot {
+            return;
+        }
+        let shards = self.session.shard_count();
+        let mut gone: Vec<String> = {
+            let host = self.host.borrow();
+            self.routing
+                .table
+                .borrow()
+                .bindings(None, None)
+                .into_iter()
+                .map(|b| b.queue)
+                .filter(|q| placement(q, shards) == self.id && host.is_durable(q).is_none())
+                .collect()
+        };
+        gone.dedup();
+        for queue in gone {
+            self.ask_control(ControlOp::QueueGone { queue });
+        }
+        self.routing.ready.set(true);
+        self.routing_bell.ring();
+    }
+
+    /// Queues this shard removed take their bindings with them.
+    fn forget_removed_queues(&self) {
+        let removed = self.host.borrow_mut().take_removed();
+        for queue in removed {
+            if self.routing.table.borrow().has_bindings_to(&queue) {
+                self.ask_control(ControlOp::QueueGone { queue });
+            }
+        }
+    }
+
+    /// A routing change of the shard's own (no client waits for it).
+    fn ask_control(&self, op: ControlOp) {
+        let from = ConnRef {
+            shard: self.id,
+            conn: CONTROL_CONN,
+        };
+        let op = Op::Control(op);
+        self.send_to(CONTROL_SHARD, MeshMsg::Request { from, id: 0, op });
+    }
+
     /// Once their records are durable, the newest messages leave memory (payload, envelope and
     /// all: the queue keeps a cold reference to the record, no allocation) while journaled
     /// payloads hold more than their share of `cache_bytes_max`: the head of a backlog,
@@ -484,15 +725,24 @@ impl ShardState {
     fn deliver(&self, msg: MeshMsg) {
         match msg {
             MeshMsg::Request { .. } => unreachable!("requests are executed by the worker"),
+            MeshMsg::Reply { to, id, .. } if to.conn == CONTROL_CONN => {
+                if id != 0 {
+                    self.control_applied(id);
+                }
+            }
             MeshMsg::Reply { to, id, reply } => {
                 let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
                     return;
                 };
-                entry
-                    .session
-                    .borrow_mut()
-                    .on_reply(id, reply, &mut entry.outbox.borrow_mut());
+                let mut routed = Vec::new();
+                entry.session.borrow_mut().on_reply(
+                    id,
+                    reply,
+                    &mut entry.outbox.borrow_mut(),
+                    &mut routed,
+                );
                 entry.bell.ring();
+                self.route(to, routed);
             }
             MeshMsg::Push { from_shard, push } => {
                 let to = match &push {
@@ -568,7 +818,10 @@ async fn reclaim_forever(state: Rc<ShardState>) {
                 break;
             }
             if !restated {
-                let records = state.host.borrow().restatement();
+                let mut records = state.host.borrow().restatement();
+                if let Some(writer) = &state.control {
+                    records.extend(writer.borrow().restatement());
+                }
                 let mut last = None;
                 for record in &records {
                     match state.journal.append_control(&record.encode()) {
@@ -645,7 +898,8 @@ pub async fn run(setup: ShardSetup) {
         |position, kind, body| rebuild.apply(position, kind, body),
     )
     .await;
-    let (journal, host) = match opened {
+    let routing_table = rebuild.take_routing();
+    let (journal, host, line) = match opened {
         Ok((journal, report)) => match rebuild.finish(
             setup.id,
             Cache::new(setup.limits.broker.cache_bytes_max),
@@ -660,8 +914,7 @@ pub async fn run(setup: ShardSetup) {
                     "shard {}: journal {} segments, {} records; {} durable queues, {} messages{cut}",
                     setup.id, report.segments, summary.records, summary.queues, summary.messages
                 );
-                let _ = setup.recovered.send(Ok(line));
-                (journal, host)
+                (journal, host, line)
             }
             Err(e) => {
                 let _ = setup.recovered.send(Err(format!(
@@ -681,6 +934,19 @@ pub async fn run(setup: ShardSetup) {
     };
     rt::spawn_detached(journal.clone().run_committer());
     let host_liveness = host.liveness().clone();
+    let (routing_bell, routing_waiter) = doorbell();
+    let control = (setup.id == CONTROL_SHARD).then(|| {
+        let summary = format!(
+            "; control plane: {} durable exchanges, {} durable bindings",
+            routing_table.exchange_count(),
+            routing_table.binding_count()
+        );
+        (RefCell::new(ControlPlane::new(routing_table)), summary)
+    });
+    let (control, line) = match control {
+        Some((writer, summary)) => (Some(writer), line + &summary),
+        None => (None, line),
+    };
     let state = Rc::new(ShardState {
         id: setup.id,
         limits: setup.limits,
@@ -699,6 +965,11 @@ pub async fn run(setup: ShardSetup) {
         mesh,
         work: RefCell::new(VecDeque::new()),
         work_bell,
+        routing: Rc::new(RoutingCopy::default()),
+        routing_bell,
+        control,
+        control_waits: RefCell::new(HashMap::new()),
+        next_control_wait: Cell::new(1),
     });
     let mut tasks = Vec::new();
     tasks.push(rt::spawn(work_forever(state.clone(), work_waiter)));
@@ -714,6 +985,33 @@ pub async fn run(setup: ShardSetup) {
             move |batch| s.receive(batch),
         )));
     }
+    // Every shard serves only once it holds the writer's copy of the routing table, so a
+    // durable binding routes from the first publish after a restart.
+    if let Some(writer) = &state.control {
+        let table = writer.borrow().table().clone();
+        for shard in 0..state.session.shard_count() {
+            let from = ConnRef {
+                shard: state.id,
+                conn: CONTROL_CONN,
+            };
+            let op = Op::Routing(RoutingChange::Snapshot(Box::new(table.clone())));
+            state.send_to(shard, MeshMsg::Request { from, id: 0, op });
+        }
+    }
+    while !state.routing.ready.get() {
+        if setup.stop.load(Ordering::Relaxed) {
+            let _ = setup.recovered.send(Err(format!(
+                "shard {}: stopped before the control plane's routing table arrived",
+                state.id
+            )));
+            return;
+        }
+        let ready = async {
+            routing_waiter.wait().await;
+        };
+        futures_lite::future::or(ready, rt::executor::sleep(STOP_POLL)).await;
+    }
+    let _ = setup.recovered.send(Ok(line));
     let accepts: Vec<_> = setup
         .listeners
         .into_iter()
@@ -794,7 +1092,7 @@ async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
             connection_id: id,
             ..state.session.clone()
         };
-        let mut session = Session::new(ctx);
+        let mut session = Session::new(ctx, state.routing.clone());
         let max = state.limits.broker.connections_per_shard_max;
         if state.connections.borrow().len() >= max as usize {
             rt::spawn_detached(async move {

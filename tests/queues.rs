@@ -284,9 +284,15 @@ fn an_exclusive_queue_belongs_to_its_connection() {
     assert!(matches!(owner.declare_with(d), BodyT::QueueInfo(i) if i.exclusive));
     let mut other = broker.connect();
     other.handshake();
+    // Another connection may publish to it (that is how replies reach a private reply queue)
+    // but not consume from it.
     other.publish("private", 1, &[b"x"], false);
-    let f = other.recv().unwrap();
-    assert!(matches!(f.body, BodyT::Error(e) if e.code == ErrorCode::ResourceLocked));
+    other.await_confirms(1, 1);
+    let mut c = wire::ConsumeT::default();
+    c.queue = "private".into();
+    assert!(
+        matches!(other.request(BodyT::Consume(Box::new(c))), BodyT::Error(e) if e.code == ErrorCode::ResourceLocked)
+    );
 }
 
 #[test]

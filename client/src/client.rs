@@ -270,7 +270,12 @@ impl Client {
         self.conn_for(queue).info().shard
     }
 
-    fn conn_for(&self, queue: &str) -> &ConnHandle {
+    /// Any connection, for requests every shard answers alike.
+    pub(crate) fn any_conn(&self) -> &ConnHandle {
+        &self.inner.conns[0]
+    }
+
+    pub(crate) fn conn_for(&self, queue: &str) -> &ConnHandle {
         let inner = &*self.inner;
         if inner.shard_aware {
             &inner.conns[usize::from(placement(queue, inner.shard_count))]
@@ -628,7 +633,7 @@ pub struct BrokerStatus {
     pub counters: Vec<(String, u64)>,
 }
 
-fn unexpected(reply: &InFrame, request: &str) -> ClientError {
+pub(crate) fn unexpected(reply: &InFrame, request: &str) -> ClientError {
     ClientError::UnexpectedReply(format!(
         "{} in answer to {request}",
         reply

@@ -129,6 +129,15 @@ pub enum ClientError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// No answer came in time (a request-reply's reply); nothing was withdrawn.
+    #[error("no {what} within {after:?}")]
+    Timeout {
+        /// What did not come, e.g. "reply".
+        what: &'static str,
+        /// How long it was waited for.
+        after: std::time::Duration,
+    },
+
     /// The broker answered with a frame that is not a reply to what was asked (a broker bug).
     #[error("unexpected reply: {0}")]
     UnexpectedReply(String),

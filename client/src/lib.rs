@@ -70,7 +70,8 @@
 //!
 //! Module map: `client` (routing, the public API), `conn` (one connection's driver task: the
 //! only owner of its socket and pending tables), `consumer` (the delivery stream and
-//! settlements), `message` (building messages, limits), `queue` (queue values), `error`.
+//! settlements), `message` (building messages, limits), `queue` (queue values), `exchange`
+//! (exchanges and bindings), `rpc` (request-reply), `error`.
 
 #![warn(missing_docs)]
 
@@ -78,8 +79,10 @@ mod client;
 mod conn;
 mod consumer;
 mod error;
+mod exchange;
 mod message;
 mod queue;
+mod rpc;
 
 /// The wire protocol crate (frames, codec, generated schema types), for what this crate does not
 /// wrap, such as reading a [`Delivery::message`] in place.
@@ -91,5 +94,7 @@ pub use client::{placement, BrokerStatus, Client, ClientOptions, PublishFuture, 
 pub use conn::{Confirmation, ServerInfo};
 pub use consumer::{ConsumeOptions, Consumer, Delivery, SettleFuture};
 pub use error::{ClientError, CloseReason, ReturnedMessage};
+pub use exchange::{BindingInfo, ExchangeInfo, ExchangeKind, ExchangeOptions};
 pub use message::{Limits, Message};
 pub use queue::{Overflow, QueueArguments, QueueInfo, QueueOptions};
+pub use rpc::{Requester, REQUEST_TIMEOUT_DEFAULT};

@@ -1,8 +1,10 @@
-//! Catalog records: durable queue declarations and deletions, as the journal stores them.
+//! Catalog records: durable queue declarations and deletions, and the control plane's durable
+//! exchanges and bindings, as the journal stores them.
 //!
 //! Contract: pure encoding and decoding, no I/O. A catalog record is the body of a journal
 //! `Control` record: one tag byte, then a flatbuffer of the wire schema's own table for the
-//! change (`DeclareQueue` with every property resolved, or `DeleteQueue`), so the journal speaks
+//! change (`DeclareQueue` with every property resolved, `DeleteQueue`, `DeclareExchange`,
+//! `DeleteExchange`, `Bind`, `Unbind`), so the journal speaks
 //! the same vocabulary as the protocol and needs no second format. Bytes read back from the
 //! journal passed its CRC and were written by `encode`, but they are still verified here:
 //! catalog records are few and small, and a broker that misreads its catalog loses queues.
@@ -11,10 +13,16 @@ use weir_protocol::wire::{self, BodyT};
 use weir_protocol::WireLimits;
 
 use crate::broker::host::Declare;
+use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind};
 
 const TAG_DECLARE_QUEUE: u8 = 1;
 const TAG_DELETE_QUEUE: u8 = 2;
 const TAG_QUEUE_SEQ: u8 = 3;
+// Control-plane records: only shard 0's journal (the control-plane writer's) holds them.
+const TAG_DECLARE_EXCHANGE: u8 = 4;
+const TAG_DELETE_EXCHANGE: u8 = 5;
+const TAG_BIND: u8 = 6;
+const TAG_UNBIND: u8 = 7;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum CatalogRecord {
@@ -26,6 +34,13 @@ pub enum CatalogRecord {
         name: String,
         next_seq: u64,
     },
+    /// A durable exchange.
+    DeclareExchange(ExchangeDecl),
+    /// A durable exchange deleted (its bindings with it).
+    DeleteExchange(String),
+    /// A durable binding: a durable exchange to a durable queue.
+    Bind(Binding),
+    Unbind(Binding),
 }
 
 impl CatalogRecord {
@@ -51,6 +66,33 @@ impl CatalogRecord {
                 let mut t = wire::DeleteQueueT::default();
                 t.name = name.clone();
                 (TAG_DELETE_QUEUE, BodyT::DeleteQueue(Box::new(t)))
+            }
+            CatalogRecord::DeclareExchange(e) => {
+                let mut t = wire::DeclareExchangeT::default();
+                t.name = e.name.clone();
+                t.kind = e.kind.to_wire();
+                t.durable = e.durable;
+                t.auto_delete = e.auto_delete;
+                (TAG_DECLARE_EXCHANGE, BodyT::DeclareExchange(Box::new(t)))
+            }
+            CatalogRecord::DeleteExchange(name) => {
+                let mut t = wire::DeleteExchangeT::default();
+                t.name = name.clone();
+                (TAG_DELETE_EXCHANGE, BodyT::DeleteExchange(Box::new(t)))
+            }
+            CatalogRecord::Bind(b) => {
+                let mut t = wire::BindT::default();
+                t.exchange = b.exchange.clone();
+                t.queue = b.queue.clone();
+                t.binding_key = Some(b.key.clone());
+                (TAG_BIND, BodyT::Bind(Box::new(t)))
+            }
+            CatalogRecord::Unbind(b) => {
+                let mut t = wire::UnbindT::default();
+                t.exchange = b.exchange.clone();
+                t.queue = b.queue.clone();
+                t.binding_key = Some(b.key.clone());
+                (TAG_UNBIND, BodyT::Unbind(Box::new(t)))
             }
             CatalogRecord::QueueSeq { .. } => unreachable!("encoded above"),
         };
@@ -94,6 +136,32 @@ impl CatalogRecord {
                 }))
             }
             (TAG_DELETE_QUEUE, BodyT::DeleteQueue(d)) => Ok(CatalogRecord::DeleteQueue(d.name)),
+            (TAG_DECLARE_EXCHANGE, BodyT::DeclareExchange(d)) => {
+                let kind = ExchangeKind::from_wire(d.kind).ok_or_else(|| {
+                    format!("exchange '{}' has unknown kind {}", d.name, d.kind.0)
+                })?;
+                Ok(CatalogRecord::DeclareExchange(ExchangeDecl {
+                    name: d.name,
+                    kind,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                }))
+            }
+            (TAG_DELETE_EXCHANGE, BodyT::DeleteExchange(d)) => {
+                Ok(CatalogRecord::DeleteExchange(d.name))
+            }
+            (TAG_BIND, BodyT::Bind(b)) => Ok(CatalogRecord::Bind(Binding {
+                exchange: b.exchange,
+                queue: b.queue,
+                key: b.binding_key.unwrap_or_default(),
+                durable: true,
+            })),
+            (TAG_UNBIND, BodyT::Unbind(b)) => Ok(CatalogRecord::Unbind(Binding {
+                exchange: b.exchange,
+                queue: b.queue,
+                key: b.binding_key.unwrap_or_default(),
+                durable: true,
+            })),
             (tag, body) => Err(format!(
                 "catalog record tag {tag} does not match its body {:?}",
                 body.body_type()
@@ -118,9 +186,24 @@ mod tests {
             arguments,
             ..Default::default()
         };
+        let binding = Binding {
+            exchange: "logs".into(),
+            queue: "orders".into(),
+            key: "a.*.#".into(),
+            durable: true,
+        };
         for r in [
             CatalogRecord::DeclareQueue(d),
             CatalogRecord::DeleteQueue("orders".into()),
+            CatalogRecord::DeclareExchange(ExchangeDecl {
+                name: "logs".into(),
+                kind: ExchangeKind::Topic,
+                durable: true,
+                auto_delete: true,
+            }),
+            CatalogRecord::DeleteExchange("logs".into()),
+            CatalogRecord::Bind(binding.clone()),
+            CatalogRecord::Unbind(binding),
         ] {
             let bytes = r.encode();
             assert_eq!(CatalogRecord::decode(&bytes).unwrap(), r);

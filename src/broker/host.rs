@@ -129,6 +129,11 @@ pub struct QueueHost {
     /// Messages settled without a consumer's ack: dropped, expired, purged, dead-lettered (until
     /// exchanges exist, dead-lettering drops and counts).
     pub dropped: u64,
+    /// Messages an exchange routed here whose every target queue was gone meanwhile (not
+    /// mandatory): dropped.
+    pub unroutable: u64,
+    /// Queues removed since the last `take_removed`: their bindings must go too.
+    removed: Vec<String>,
     /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
     settles: Vec<(Rc<str>, Seq, SettleReason)>,
     /// Durable declarations and deletions, for the shard to journal.
@@ -171,6 +176,8 @@ impl QueueHost {
             dirty: BTreeSet::new(),
             next_consumer: 0,
             dropped: 0,
+            unroutable: 0,
+            removed: Vec::new(),
             settles: Vec::new(),
             catalog: Vec::new(),
         }
@@ -209,6 +216,12 @@ impl QueueHost {
     /// The shard's payload cache account.
     pub fn cache(&self) -> &Rc<Cache> {
         &self.cache
+    }
+
+    /// The queues removed since the last call (deleted, auto-deleted, exclusive ones with their
+    /// connection): the control plane drops their bindings.
+    pub fn take_removed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.removed)
     }
 
     /// Takes what must be journaled since the last call.
@@ -413,6 +426,7 @@ impl QueueHost {
         let Some(q) = self.queues.remove(name) else {
             return (0, Vec::new());
         };
+        self.removed.push(name.to_string());
         for segment in q.queue.messages().filter_map(MsgRef::cold_segment) {
             self.liveness.sub(segment);
         }
@@ -479,7 +493,12 @@ impl QueueHost {
         expiration_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Seq, Refusal> {
-        let q = self.get_queue(conn, queue)?;
+        // Anyone may publish to an exclusive queue (AMQP: exclusivity is about consuming and
+        // managing it); that is how a requester's private reply queue gets its replies.
+        let _ = conn;
+        let Some(q) = self.queues.get_mut(queue) else {
+            return refuse(ErrorCode::NotFound, format!("queue '{queue}' not found"));
+        };
         let bytes = msg.len();
         let mut settled: Vec<Settled<MsgRef>> = Vec::new();
         let seq =
@@ -699,6 +718,7 @@ impl QueueHost {
             shard: self.shard,
             queues: self.queues.len() as u64,
             dropped: self.dropped,
+            unroutable: self.unroutable,
             cache_bytes: self.cache.bytes(),
             ..Default::default()
         };
@@ -811,10 +831,13 @@ mod tests {
             0,
         )
         .unwrap();
+        // Others may publish to it (a reply queue), but not consume, inspect or delete it.
+        h.publish(B, "mine", msg(b"x"), None, 0).unwrap();
         assert_eq!(
-            h.publish(B, "mine", msg(b"x"), None, 0).unwrap_err().code,
+            h.consume(B, "mine", "t", 1, false, false).unwrap_err().code,
             ErrorCode::ResourceLocked
         );
+        assert_eq!(h.info(B, "mine", 0).unwrap_err().code, ErrorCode::ResourceLocked);
         h.publish(A, "mine", msg(b"x"), None, 0).unwrap();
         h.connection_closed(A);
         assert_eq!(h.info(A, "mine", 0).unwrap_err().code, ErrorCode::NotFound);

@@ -7,6 +7,8 @@
 //! - `catalog`: durable queue declarations and deletions as journal records.
 //! - `host`: the queues one shard owns: declarations, consumers by connection, placement.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
+//! - `routing`: exchanges and bindings, and the queues a routing key reaches (direct, topic, fanout);
+//!   the control-plane writer's authoritative table and every shard's copy.
 //! - `rebuild`: a shard's queues rebuilt from its journal's replay (a decision table).
 //! - `stored`: a message as a queue holds it (payload in memory or only in the journal) and
 //!   the shard's payload cache budget.
@@ -18,4 +20,5 @@ pub mod host;
 pub mod ops;
 pub mod queue;
 pub mod rebuild;
+pub mod routing;
 pub mod stored;

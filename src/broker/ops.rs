@@ -17,15 +17,22 @@ use crate::broker::host::{
     Cancelled, ConnRef, Declare, MsgRef, Outgoing, QueueHost, Refusal, Stored,
 };
 use crate::broker::queue::{OwnerId, Seq};
+use crate::broker::routing::RoutingChange;
+use crate::control::ControlOp;
 use crate::storage::Position;
 use crate::storage::SettleReason;
 
-/// One message of a publish, addressed to one queue of the owning shard.
+/// One message of a publish, addressed to one or more queues of the owning shard: routed to
+/// several of them, it is stored once (one `Stored`, one journal record naming every target)
+/// and referenced by each.
 #[derive(Clone, Debug)]
 pub struct PublishItem {
     /// The publisher's sequence number: confirms and refusals name it.
     pub sequence: u64,
     pub queue: String,
+    /// More target queues on the same shard (an exchange routed the message to several): empty,
+    /// and so not allocated, for the default exchange.
+    pub also: Vec<String>,
     pub exchange: String,
     pub routing_key: String,
     pub mandatory: bool,
@@ -99,6 +106,11 @@ pub enum Op {
     ConnectionClosed,
     /// The shard's counters (answered by the shard itself, not its queue host).
     Status,
+    /// A change for the control-plane writer (shard 0), answered once durable and applied on
+    /// every shard.
+    Control(ControlOp),
+    /// From the writer: apply a change to this shard's routing copy.
+    Routing(RoutingChange),
 }
 
 /// One shard's counters, for `GetStatus`.
@@ -112,6 +124,11 @@ pub struct ShardStatus {
     pub consumers: u64,
     /// Messages settled other than by a consumer's ack: dropped, expired, purged.
     pub dropped: u64,
+    /// Messages published on this shard that routed to no queue (not mandatory): dropped.
+    pub unroutable: u64,
+    /// The shard's routing copy: exchanges and bindings.
+    pub exchanges: u64,
+    pub bindings: u64,
     /// Payload bytes held in memory, and the budget.
     pub cache_bytes: u64,
     pub cache_bytes_max: u64,
@@ -209,8 +226,8 @@ pub enum Pushed {
 /// Where the host's durable changes go: the shard's journal (records staged for the next group
 /// commit; the shard waits for that commit before it answers), or nothing in tests.
 pub trait JournalSink {
-    /// A message accepted into a durable queue under sequence `seq`.
-    fn message(&mut self, queue: &str, seq: Seq, msg: &Rc<Stored>) -> Result<(), Refusal>;
+    /// A message accepted into durable queues, each under its sequence number: one record.
+    fn message(&mut self, targets: &[(&str, Seq)], msg: &Rc<Stored>) -> Result<(), Refusal>;
     /// Settled ranges of a queue's sequence numbers.
     fn settle(
         &mut self,
@@ -226,7 +243,7 @@ pub trait JournalSink {
 pub struct NoJournal;
 
 impl JournalSink for NoJournal {
-    fn message(&mut self, _: &str, _: Seq, _: &Rc<Stored>) -> Result<(), Refusal> {
+    fn message(&mut self, _: &[(&str, Seq)], _: &Rc<Stored>) -> Result<(), Refusal> {
         Ok(())
     }
     fn settle(&mut self, _: &str, _: SettleReason, _: &[(u64, u64)]) -> Result<(), Refusal> {
@@ -345,6 +362,10 @@ pub fn execute(
             Ok(Reply::Done)
         }
         Op::Status => Ok(Reply::ShardStatus(Box::new(host.status()))),
+        Op::Control(_) | Op::Routing(_) => Err(Refusal {
+            code: wire::ErrorCode::Internal,
+            message: "routing changes are served by the shard, not its queue host".into(),
+        }),
     };
     match (result, journal(host, sink)) {
         (Ok(reply), Ok(())) => reply,
@@ -352,8 +373,14 @@ pub fn execute(
     }
 }
 
-/// Accepts one published message into its queue, journaling it if it is persistent and the
-/// queue durable. The shard calls it per message so it can wait for journal room in between.
+/// Accepts one published message into its target queues, journaling it once (one record
+/// naming every durable target) if it is persistent and any target is durable. The shard calls
+/// it per message so it can wait for journal room in between.
+///
+/// Several targets: a queue that refuses it (full) makes the publish refused, as RabbitMQ nacks
+/// it, while the queues that took it keep it; a target that no longer exists (its binding's
+/// removal is on its way) is skipped. An exchange's message reaching no existing queue is
+/// unroutable: returned if mandatory, else dropped and counted.
 pub fn publish(
     host: &mut QueueHost,
     sink: &mut dyn JournalSink,
@@ -369,7 +396,9 @@ pub fn publish(
         result,
         returned,
     };
-    let journaled = item.persistent && host.is_durable(&item.queue) == Some(true);
+    let targets = std::iter::once(&item.queue).chain(&item.also);
+    let durable_target = targets.clone().any(|q| host.is_durable(q) == Some(true));
+    let journaled = item.persistent && durable_target;
     if !journaled && !host.cache().has_room(item.bytes.len() as u64) {
         // A transient message cannot be spilled to the journal: memory is the bound.
         let message = "this shard holds its cache_bytes_max of message payloads in memory; a non-persistent message \
@@ -384,11 +413,17 @@ pub fn publish(
             None,
         );
     }
+    let from_exchange = !item.exchange.is_empty();
+    if from_exchange && targets.clone().all(|q| host.is_durable(q).is_none()) {
+        host.unroutable += u64::from(!item.mandatory);
+        return outcome(false, Ok(()), item.mandatory.then_some(item));
+    }
     // Only a mandatory message may have to come back whole (a `Return`); the others give their
     // envelope strings to the queue instead of a copy.
     let for_return = item.mandatory.then(|| item.clone());
     let PublishItem {
         queue,
+        also,
         exchange,
         routing_key,
         bytes,
@@ -402,21 +437,40 @@ pub fn publish(
         journaled,
         Some(host.cache()),
     ));
-    match host.publish(from, &queue, stored.clone(), expiration_ms, now_ms) {
-        Ok(seq) if journaled => match sink.message(&queue, seq, &stored) {
-            Ok(()) => outcome(true, Ok(()), None),
+    let mut taken: Vec<(&str, Seq)> = Vec::with_capacity(1 + also.len());
+    let mut refused = None;
+    for q in std::iter::once(&queue).chain(&also) {
+        match host.publish(from, q, stored.clone(), expiration_ms, now_ms) {
+            Ok(seq) => taken.push((q, seq)),
+            Err(r) if from_exchange && r.code == wire::ErrorCode::NotFound => {}
             Err(r) => {
-                // Not durable, so not accepted: it must not be delivered or confirmed.
-                host.retract(&queue, seq);
-                outcome(false, Err(r), None)
+                refused.get_or_insert(r);
             }
-        },
-        Ok(_) => outcome(false, Ok(()), None),
+        }
+    }
+    let durable: Vec<(&str, Seq)> = taken
+        .iter()
+        .copied()
+        .filter(|(q, _)| journaled && host.is_durable(q) == Some(true))
+        .collect();
+    if !durable.is_empty() {
+        if let Err(r) = sink.message(&durable, &stored) {
+            // Not durable, so not accepted: it must not be delivered or confirmed.
+            for (q, seq) in taken {
+                host.retract(q, seq);
+            }
+            return outcome(false, Err(r), None);
+        }
+    }
+    match refused {
+        None => outcome(!durable.is_empty(), Ok(()), None),
         // AMQP's mandatory flag: an unroutable message comes back and is confirmed.
-        Err(r) if for_return.is_some() && r.code == wire::ErrorCode::NotFound => {
+        Some(r)
+            if for_return.is_some() && taken.is_empty() && r.code == wire::ErrorCode::NotFound =>
+        {
             outcome(false, Ok(()), for_return)
         }
-        Err(r) => outcome(false, Err(r), None),
+        Some(r) => outcome(!durable.is_empty(), Err(r), None),
     }
 }
 

@@ -16,6 +16,10 @@
 //! | catalog: queue seq (q, n)  | q's next sequence number is at least n (re-stated at reclaim)   |
 //! | any record, any q          | q's next sequence number moves past every seq it names          |
 //! | a body that does not parse | the shard refuses to start, naming the record                   |
+//! | catalog: exchange, binding | applied to the control plane's table (shard 0 only writes them);|
+//! |                            | one that no longer applies (a bind to an exchange whose        |
+//! |                            | declaration was reclaimed) is skipped: the re-statement written |
+//! |                            | before every reclaim, later in the log, holds the whole state   |
 //!
 //! The two sequence rules keep numbers from being reused: a settle record naming seq n must
 //! never match a later message that happens to get n.
@@ -26,6 +30,7 @@ use std::rc::Rc;
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::{Cache, Declare, MsgRef, QueueHost};
 use crate::broker::queue::Seq;
+use crate::broker::routing::RoutingTable;
 use crate::storage::record::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
 
@@ -53,6 +58,8 @@ impl RebuiltQueue {
 pub struct Rebuild {
     queues: BTreeMap<String, RebuiltQueue>,
 
+    /// The control plane's durable exchanges and bindings (shard 0's journal only).
+    routing: RoutingTable,
     /// The first record that could not be understood.
     first_error: Option<String>,
     records: u64,
@@ -101,6 +108,19 @@ impl Rebuild {
                         .or_insert_with(RebuiltQueue::undeclared);
                     q.next_seq = q.next_seq.max(next_seq);
                 }
+                // Refusals are the "no longer applies" row of the table: skipped.
+                CatalogRecord::DeclareExchange(e) => {
+                    let _ = self.routing.declare_exchange(e);
+                }
+                CatalogRecord::DeleteExchange(name) => {
+                    let _ = self.routing.delete_exchange(&name, false);
+                }
+                CatalogRecord::Bind(b) => {
+                    let _ = self.routing.bind(b);
+                }
+                CatalogRecord::Unbind(b) => {
+                    let _ = self.routing.unbind(&b);
+                }
             },
             RecordKind::Message => {
                 let (envelope, message) =
@@ -147,6 +167,11 @@ impl Rebuild {
             RecordKind::Commit => {}
         }
         Ok(())
+    }
+
+    /// The durable exchanges and bindings the log holds (empty but for shard 0).
+    pub fn take_routing(&mut self) -> RoutingTable {
+        std::mem::take(&mut self.routing)
     }
 
     /// The queues, or the first record that could not be understood.

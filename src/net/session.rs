@@ -15,6 +15,7 @@
 //! naming the frame; the connection goes on).
 
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use bytes::BytesMut;
 use weir_protocol::wire::{self, Body, BodyT, ErrorCode, Range};
@@ -25,6 +26,8 @@ use crate::broker::ops::{
     Op, PublishItem, PublishOutcome, Pushed, Reply, SettleItem, WireDelivery,
 };
 use crate::broker::queue::OwnerId;
+use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind};
+use crate::control::{ControlOp, RoutingCopy, CONTROL_SHARD};
 
 /// What the session needs to know about its broker and shard.
 #[derive(Clone, Debug)]
@@ -43,7 +46,7 @@ pub struct SessionCtx {
 }
 
 impl SessionCtx {
-    fn shard_count(&self) -> u16 {
+    pub fn shard_count(&self) -> u16 {
         self.shard_ports.len() as u16
     }
 }
@@ -104,8 +107,24 @@ enum Pending {
         request_id: u64,
         shard: u16,
     },
+    /// A bind waiting for its queue's owner to say the queue exists and whether it is durable;
+    /// then it goes to the control-plane writer.
+    BindQueue {
+        request_id: u64,
+        binding: Binding,
+    },
     /// Nothing to answer (connection closed, requeue of a stray delivery).
     Quiet,
+}
+
+/// A publish routed to queues on several shards: confirmed once every shard took its part.
+#[derive(Debug)]
+struct Split {
+    parts_left: u16,
+    journaled: bool,
+    taken: bool,
+    refusal: Option<Refusal>,
+    returned: Option<PublishItem>,
 }
 
 /// A delivery this connection holds, by delivery tag.
@@ -139,10 +158,17 @@ pub struct Session {
     consumers: HashMap<String, ConsumerRef>,
     next_name: u64,
     unconfirmed: u64,
+    /// The shard's routing table copy: publishes to an exchange are routed here, on the
+    /// publishing shard, with no hop.
+    routing: Rc<RoutingCopy>,
+    /// Publishes split across shards, by sequence number.
+    splits: HashMap<u64, Split>,
+    /// Reused by every routed publish: the queues of one message.
+    route_buf: Vec<String>,
 }
 
 impl Session {
-    pub fn new(ctx: SessionCtx) -> Session {
+    pub fn new(ctx: SessionCtx, routing: Rc<RoutingCopy>) -> Session {
         let encoder = Encoder::new(ctx.limits);
         Session {
             ctx,
@@ -156,6 +182,9 @@ impl Session {
             consumers: HashMap::new(),
             next_name: 1,
             unconfirmed: 0,
+            routing,
+            splits: HashMap::new(),
+            route_buf: Vec::new(),
         }
     }
 
@@ -394,6 +423,117 @@ impl Session {
                 self.route(routed, shard, op, Pending::Get { request_id, shard });
                 Flow::Continue
             }
+            (State::Open, Body::DeclareExchange) => {
+                let d = f.body_as_declare_exchange().expect("body type checked");
+                let Some(kind) = ExchangeKind::from_wire(d.kind()) else {
+                    let msg = format!(
+                        "exchange kind {} is not direct, topic or fanout",
+                        d.kind().0
+                    );
+                    return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
+                };
+                let op = ControlOp::DeclareExchange {
+                    decl: ExchangeDecl {
+                        name: d.name().to_string(),
+                        kind,
+                        durable: d.durable(),
+                        auto_delete: d.auto_delete(),
+                    },
+                    passive: d.passive(),
+                };
+                self.control(request_id, op, routed)
+            }
+            (State::Open, Body::DeleteExchange) => {
+                let d = f.body_as_delete_exchange().expect("body type checked");
+                let op = ControlOp::DeleteExchange {
+                    name: d.name().to_string(),
+                    if_unused: d.if_unused(),
+                };
+                self.control(request_id, op, routed)
+            }
+            (State::Open, Body::Bind) => {
+                let b = f.body_as_bind().expect("body type checked");
+                let binding = Binding {
+                    exchange: b.exchange().to_string(),
+                    queue: b.queue().to_string(),
+                    key: b.binding_key().unwrap_or("").to_string(),
+                    durable: false,
+                };
+                // The queue's owner says whether it exists (and is this connection's to bind, if
+                // exclusive) and whether it is durable; the writer does the rest.
+                let op = Op::Info {
+                    name: binding.queue.clone(),
+                };
+                let shard = self.owner_of(&binding.queue);
+                let pending = Pending::BindQueue {
+                    request_id,
+                    binding,
+                };
+                self.route(routed, shard, op, pending);
+                Flow::Continue
+            }
+            (State::Open, Body::Unbind) => {
+                let b = f.body_as_unbind().expect("body type checked");
+                let binding = Binding {
+                    exchange: b.exchange().to_string(),
+                    queue: b.queue().to_string(),
+                    key: b.binding_key().unwrap_or("").to_string(),
+                    durable: false,
+                };
+                self.control(request_id, ControlOp::Unbind { binding }, routed)
+            }
+            (State::Open, Body::ListExchanges) => {
+                let l = f.body_as_list_exchanges().expect("body type checked");
+                let limit = match l.limit() {
+                    0 => LIST_PAGE_MAX,
+                    n => (n as usize).min(LIST_PAGE_MAX),
+                };
+                let (prefix, after) = (l.prefix().unwrap_or(""), l.after().unwrap_or(""));
+                let table = self.routing.table.borrow();
+                let mut exchanges: Vec<wire::ExchangeInfoT> = table
+                    .exchanges()
+                    .into_iter()
+                    .filter(|(e, _)| e.name.starts_with(prefix) && e.name.as_str() > after)
+                    .take(limit + 1)
+                    .map(|(e, bindings)| {
+                        let mut i = wire::ExchangeInfoT::default();
+                        i.name = Some(e.name.clone());
+                        i.kind = e.kind.to_wire();
+                        i.durable = e.durable;
+                        i.auto_delete = e.auto_delete;
+                        i.bindings = bindings as u32;
+                        i
+                    })
+                    .collect();
+                drop(table);
+                let more = exchanges.len() > limit;
+                exchanges.truncate(limit);
+                let mut list = wire::ExchangeListT::default();
+                list.exchanges = Some(exchanges);
+                list.more = more;
+                self.reply(out, request_id, BodyT::ExchangeList(Box::new(list)))
+            }
+            (State::Open, Body::ListBindings) => {
+                let l = f.body_as_list_bindings().expect("body type checked");
+                let bindings: Vec<wire::BindingInfoT> = self
+                    .routing
+                    .table
+                    .borrow()
+                    .bindings(l.exchange(), l.queue())
+                    .into_iter()
+                    .take(BINDING_LIST_MAX)
+                    .map(|b| {
+                        let mut i = wire::BindingInfoT::default();
+                        i.exchange = Some(b.exchange);
+                        i.queue = Some(b.queue);
+                        i.binding_key = Some(b.key);
+                        i
+                    })
+                    .collect();
+                let mut list = wire::BindingListT::default();
+                list.bindings = Some(bindings);
+                self.reply(out, request_id, BodyT::BindingList(Box::new(list)))
+            }
             (State::Open, b) if broker_only(b) => {
                 let msg = format!("{} is sent by the broker, never to it", name(b));
                 self.fail(out, request_id, ErrorCode::UnexpectedFrame, msg, true)
@@ -403,6 +543,13 @@ impl Session {
                 self.fail(out, request_id, ErrorCode::UnsupportedFrame, msg, false)
             }
         }
+    }
+
+    /// Sends a routing change to the control-plane writer; its `Ok` comes once every shard has it.
+    fn control(&mut self, request_id: u64, op: ControlOp, routed: &mut Vec<Routed>) -> Flow {
+        let pending = Pending::Reply { request_id };
+        self.route(routed, CONTROL_SHARD, Op::Control(op), pending);
+        Flow::Continue
     }
 
     fn declare_queue(
@@ -429,8 +576,16 @@ impl Session {
                     false,
                 );
             }
-            name = format!("weir.gen-{:x}-{}", self.ctx.connection_id, self.next_name);
-            self.next_name += 1;
+            // Placed on this connection's own shard (the name is drawn until it hashes there):
+            // the connection that declared it is the one that may use it, and a shard-aware
+            // client sends its traffic by the name's hash, so it lands here too, with no hop.
+            loop {
+                name = format!("weir.gen-{:x}-{}", self.ctx.connection_id, self.next_name);
+                self.next_name += 1;
+                if self.owner_of(&name) == self.ctx.shard {
+                    break;
+                }
+            }
         }
         let shard = self.owner_of(&name);
         let arguments = d.arguments.map(|a| *a).unwrap_or_default();
@@ -480,16 +635,11 @@ impl Session {
         let mut delayed: Vec<u64> = Vec::new();
         let mut by_shard: BTreeMap<u16, Vec<PublishItem>> = BTreeMap::new();
         let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut unroutable: Vec<u64> = Vec::new();
+        let mut returned: Vec<wire::ReturnedT> = Vec::new();
         for (entry, bytes) in frame.publish_entries() {
             let exchange = entry.exchange().unwrap_or("");
-            if !exchange.is_empty() {
-                no_exchange
-                    .entry(exchange.to_string())
-                    .or_default()
-                    .push(entry.sequence());
-                continue;
-            }
-            let queue = entry.routing_key().unwrap_or("");
+            let key = entry.routing_key().unwrap_or("");
             let message = entry.message_nested_flatbuffer(); // verified at ingress by the decoder
             if message.deliver_at_ms().is_some() {
                 delayed.push(entry.sequence()); // refused, not delivered early
@@ -497,16 +647,67 @@ impl Session {
             }
             let item = PublishItem {
                 sequence: entry.sequence(),
-                queue: queue.to_string(),
-                exchange: String::new(),
-                routing_key: queue.to_string(),
+                queue: key.to_string(),
+                also: Vec::new(),
+                exchange: exchange.to_string(),
+                routing_key: key.to_string(),
                 mandatory: entry.mandatory(),
                 confirm,
                 persistent: message.persistent(),
                 bytes,
                 expiration_ms: message.expiration_ms().map(u64::from),
             };
-            by_shard.entry(self.owner_of(queue)).or_default().push(item);
+            if exchange.is_empty() {
+                // The default exchange: the key names the queue.
+                by_shard.entry(self.owner_of(key)).or_default().push(item);
+                continue;
+            }
+            // Routed here, on the publishing shard, by this shard's copy of the table.
+            let mut queues = std::mem::take(&mut self.route_buf);
+            queues.clear();
+            let found = {
+                let table = self.routing.table.borrow();
+                let mut matched: Vec<&str> = Vec::new();
+                let found = table.route(exchange, key, &mut matched);
+                queues.extend(matched.into_iter().map(str::to_string));
+                found
+            };
+            if found.is_err() {
+                no_exchange
+                    .entry(exchange.to_string())
+                    .or_default()
+                    .push(item.sequence);
+            } else if queues.is_empty() {
+                if item.mandatory {
+                    returned.push(returned_of(item));
+                } else {
+                    self.routing
+                        .unroutable
+                        .set(self.routing.unroutable.get() + 1);
+                }
+                if confirm {
+                    unroutable.push(entry.sequence());
+                }
+            } else {
+                self.split_by_owner(item, &mut queues, &mut by_shard);
+            }
+            self.route_buf = queues;
+        }
+        if !returned.is_empty() {
+            // A returned message is sent back before its confirm, as AMQP does.
+            let mut r = wire::ReturnT::default();
+            r.entries = returned;
+            self.reply(out, 0, BodyT::Return(Box::new(r)));
+        }
+        if !unroutable.is_empty() {
+            // Nothing to store, so nothing to wait for: confirmed at once, as AMQP does.
+            let ranges = weir_protocol::ranges_of(unroutable);
+            if let Err(e) = self
+                .encoder
+                .confirm(out, &ranges, wire::Durability::Transient, &[])
+            {
+                tracing::error!("cannot encode a confirm: {e}");
+            }
         }
         if !delayed.is_empty() {
             let msg = "deliver_at_ms: delayed messages are not served by this broker version yet"
@@ -519,7 +720,7 @@ impl Session {
             );
         }
         for (exchange, seqs) in no_exchange {
-            let msg = format!("exchange '{exchange}' not found (exchanges are not served by this broker version yet)");
+            let msg = format!("exchange '{exchange}' not found");
             self.fail_sequences(
                 out,
                 ErrorCode::NotFound,
@@ -532,6 +733,45 @@ impl Session {
             self.route(routed, shard, Op::Publish(items), Pending::Publish);
         }
         Flow::Continue
+    }
+
+    /// Addresses a routed message to the shards owning its queues: one item per shard, naming
+    /// all that shard's queues (stored there once). The same `Bytes` go to every shard: a
+    /// reference count each, no copy.
+    fn split_by_owner(
+        &mut self,
+        item: PublishItem,
+        queues: &mut Vec<String>,
+        by_shard: &mut BTreeMap<u16, Vec<PublishItem>>,
+    ) {
+        let shards = self.ctx.shard_count();
+        queues.sort_by_key(|q| placement(q, shards));
+        let mut groups: Vec<(u16, Vec<String>)> = Vec::new();
+        for q in queues.drain(..) {
+            let owner = placement(&q, shards);
+            match groups.last_mut() {
+                Some((s, qs)) if *s == owner => qs.push(q),
+                _ => groups.push((owner, vec![q])),
+            }
+        }
+        if groups.len() > 1 {
+            self.splits.insert(
+                item.sequence,
+                Split {
+                    parts_left: groups.len() as u16,
+                    journaled: false,
+                    taken: false,
+                    refusal: None,
+                    returned: None,
+                },
+            );
+        }
+        for (shard, mut qs) in groups {
+            let mut part = item.clone();
+            part.queue = qs.remove(0);
+            part.also = qs;
+            by_shard.entry(shard).or_default().push(part);
+        }
     }
 
     fn consume(
@@ -639,8 +879,15 @@ impl Session {
         Flow::Continue
     }
 
-    /// Answers a routed op's reply.
-    pub fn on_reply(&mut self, id: u64, reply: Reply, out: &mut BytesMut) {
+    /// Answers a routed op's reply; a reply that is one step of a longer request (a bind's queue
+    /// check) routes the next step.
+    pub fn on_reply(
+        &mut self,
+        id: u64,
+        reply: Reply,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
@@ -725,6 +972,7 @@ impl Session {
                         BodyT::QueuePurged(Box::new(p))
                     }
                     Reply::Refused(r) => return self.refuse(out, request_id, r),
+                    Reply::Done => BodyT::Ok(Box::default()),
                     other => {
                         tracing::error!(?other, "unexpected reply");
                         return self.refuse(
@@ -739,6 +987,20 @@ impl Session {
                 };
                 self.reply(out, request_id, body);
             }
+            (
+                Pending::BindQueue {
+                    request_id,
+                    mut binding,
+                },
+                reply,
+            ) => match reply {
+                Reply::Info(info) => {
+                    binding.durable = info.durable && !info.exclusive;
+                    self.control(request_id, ControlOp::Bind { binding }, routed);
+                }
+                Reply::Refused(r) => self.refuse(out, request_id, r),
+                other => tracing::error!(?other, "unexpected reply to a bind's queue check"),
+            },
             (Pending::Consume { request_id, tag }, reply) => match reply {
                 Reply::Consumed(owner) => {
                     let shard = match self.consumers.get_mut(&tag) {
@@ -817,6 +1079,9 @@ impl Session {
                 ("messages_unacked", s.messages_unacked),
                 ("consumers", s.consumers),
                 ("messages_dropped", s.dropped),
+                ("messages_unroutable", s.unroutable),
+                ("exchanges", s.exchanges),
+                ("bindings", s.bindings),
                 ("cache_bytes", s.cache_bytes),
                 ("cache_bytes_max", s.cache_bytes_max),
                 ("journal.commits", s.journal_commits),
@@ -869,6 +1134,9 @@ impl Session {
         let mut refused: BTreeMap<(u16, String), Vec<u64>> = BTreeMap::new();
         let mut returned = Vec::new();
         for o in outcomes {
+            let Some(o) = self.merge_split(o) else {
+                continue;
+            };
             match o.result {
                 Ok(()) if o.confirm && o.journaled => confirmed.push(o.sequence),
                 Ok(()) if o.confirm => confirmed_transient.push(o.sequence),
@@ -879,13 +1147,7 @@ impl Session {
                     .push(o.sequence),
             }
             if let Some(item) = o.returned {
-                let mut r = wire::ReturnedT::default();
-                r.sequence = item.sequence;
-                r.code = ErrorCode::NoRoute;
-                r.exchange = Some(item.exchange).filter(|e| !e.is_empty());
-                r.routing_key = Some(item.routing_key);
-                r.message = Some(item.bytes.to_vec());
-                returned.push(r);
+                returned.push(returned_of(item));
             }
         }
         if !returned.is_empty() {
@@ -917,6 +1179,36 @@ impl Session {
                 weir_protocol::ranges_of(seqs),
             );
         }
+    }
+
+    /// One shard's part of a publish split across shards: `None` until the last part is in,
+    /// then the whole publish's outcome (refused if any part was; journaled if any part was;
+    /// returned only if no part reached a queue).
+    fn merge_split(&mut self, o: PublishOutcome) -> Option<PublishOutcome> {
+        let Some(split) = self.splits.get_mut(&o.sequence) else {
+            return Some(o);
+        };
+        split.parts_left -= 1;
+        split.journaled |= o.journaled;
+        match o.result {
+            Ok(()) if o.returned.is_some() => split.returned = o.returned,
+            Ok(()) => split.taken = true,
+            Err(r) => {
+                split.taken = true;
+                split.refusal.get_or_insert(r);
+            }
+        }
+        if split.parts_left > 0 {
+            return None;
+        }
+        let split = self.splits.remove(&o.sequence).expect("present");
+        Some(PublishOutcome {
+            sequence: o.sequence,
+            confirm: o.confirm,
+            journaled: split.journaled,
+            result: split.refusal.map_or(Ok(()), Err),
+            returned: if split.taken { None } else { split.returned },
+        })
     }
 
     /// Handles deliveries and cancellations pushed by an owning shard.
@@ -1130,8 +1422,23 @@ const LIST_PAGE_MAX: usize = 1000;
 // A full page must verify in a client that uses the default wire limits.
 const _: () = assert!(2 * LIST_PAGE_MAX + 64 <= WireLimits::DEFAULT.verifier_tables_max);
 
+/// Most bindings in one `BindingList` (one table each, within the verifier budget).
+const BINDING_LIST_MAX: usize = 4 * LIST_PAGE_MAX;
+const _: () = assert!(BINDING_LIST_MAX + 64 <= WireLimits::DEFAULT.verifier_tables_max);
+
 fn name(body: Body) -> &'static str {
     body.variant_name().unwrap_or("an unknown frame")
+}
+
+/// A mandatory message that routed to no queue, as it goes back in a `Return`.
+fn returned_of(item: PublishItem) -> wire::ReturnedT {
+    let mut r = wire::ReturnedT::default();
+    r.sequence = item.sequence;
+    r.code = ErrorCode::NoRoute;
+    r.exchange = Some(item.exchange).filter(|e| !e.is_empty());
+    r.routing_key = Some(item.routing_key);
+    r.message = Some(item.bytes.to_vec());
+    r
 }
 
 /// Frames only the broker sends.
@@ -1214,7 +1521,7 @@ mod tests {
 
     #[test]
     fn hello_gets_a_welcome_with_the_shard_layout_and_limits() {
-        let mut s = Session::new(ctx());
+        let mut s = Session::new(ctx(), Rc::default());
         let mut out = BytesMut::new();
         assert_eq!(
             s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
@@ -1233,7 +1540,7 @@ mod tests {
 
     #[test]
     fn a_wrong_protocol_version_is_refused_and_closed() {
-        let mut s = Session::new(ctx());
+        let mut s = Session::new(ctx(), Rc::default());
         let mut out = BytesMut::new();
         assert_eq!(
             s.on_frame(&hello(PROTOCOL_VERSION + 1), &mut out, &mut Vec::new()),
@@ -1247,7 +1554,7 @@ mod tests {
 
     #[test]
     fn anything_before_hello_or_a_second_hello_is_refused_and_closed() {
-        let mut s = Session::new(ctx());
+        let mut s = Session::new(ctx(), Rc::default());
         let mut out = BytesMut::new();
         assert_eq!(
             s.on_frame(
@@ -1262,7 +1569,7 @@ mod tests {
             (ErrorCode::UnexpectedFrame, true)
         );
 
-        let mut s = Session::new(ctx());
+        let mut s = Session::new(ctx(), Rc::default());
         s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
         replies(&mut out);
         assert_eq!(
@@ -1282,7 +1589,7 @@ mod tests {
             if matches!(kind, Body::Hello | Body::Close) {
                 continue;
             }
-            let mut s = Session::new(ctx());
+            let mut s = Session::new(ctx(), Rc::default());
             let mut out = BytesMut::new();
             s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
             replies(&mut out);
@@ -1326,7 +1633,7 @@ mod tests {
 
     #[test]
     fn close_is_answered_then_closes() {
-        let mut s = Session::new(ctx());
+        let mut s = Session::new(ctx(), Rc::default());
         let mut out = BytesMut::new();
         s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
         replies(&mut out);
