@@ -529,3 +529,157 @@ fn a_bad_server_address_fails_with_a_clear_message() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn exchanges_bindings_and_publishing_through_an_exchange() {
+    let broker = Broker::start(&temp_dir("cli-exchange"), &[]);
+    let out = ok(weir(
+        &broker,
+        &[
+            "exchange",
+            "declare",
+            "logs",
+            "--type",
+            "topic",
+            "--durable",
+        ],
+    ));
+    assert!(
+        out.contains("'logs'") && out.contains("topic") && out.contains("durable"),
+        "{out}"
+    );
+    let bad = weir(
+        &broker,
+        &[
+            "exchange",
+            "declare",
+            "logs",
+            "--type",
+            "fanout",
+            "--durable",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("topic"), "{}", stderr(&bad));
+    let bad = weir(&broker, &["exchange", "declare", "x", "--type", "headers"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "a kind clap refuses: {}",
+        stderr(&bad)
+    );
+    for q in ["errors", "everything"] {
+        ok(weir(&broker, &["queue", "declare", q, "--durable"]));
+    }
+    ok(weir(
+        &broker,
+        &["bind", "errors", "logs", "--key", "*.error"],
+    ));
+    let bound = json(weir(
+        &broker,
+        &["bind", "everything", "logs", "--key", "#", "--json"],
+    ));
+    assert_eq!(bound["bound"], true);
+
+    let list = json(weir(&broker, &["exchange", "list", "--json"]));
+    assert_eq!(list[0]["name"], "logs");
+    assert_eq!(list[0]["kind"], "topic");
+    assert_eq!(list[0]["bindings"], 2);
+    let table = ok(weir(&broker, &["exchange", "bindings", "logs"]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("errors") && l.contains("*.error")),
+        "{table}"
+    );
+    let only = json(weir(
+        &broker,
+        &["exchange", "bindings", "--queue", "everything", "--json"],
+    ));
+    assert_eq!(only.as_array().map(Vec::len), Some(1), "{only}");
+    assert_eq!(only[0]["binding_key"], "#");
+
+    // Publishing through the exchange: the key decides.
+    let summary = json(weir_at(
+        Some(broker.listen),
+        &[
+            "publish",
+            "--exchange",
+            "logs",
+            "--routing-key",
+            "db.error",
+            "--json",
+        ],
+        b"disk full\nreplica lag\n",
+    ));
+    assert_eq!(summary["confirmed"], 2, "{summary}");
+    assert_eq!(summary["exchange"], "logs");
+    ok(weir(
+        &broker,
+        &[
+            "publish",
+            "--exchange",
+            "logs",
+            "--routing-key",
+            "db.info",
+            "--message",
+            "ok",
+        ],
+    ));
+    assert_eq!(info(&broker, "errors")["messages_ready"], 2);
+    assert_eq!(info(&broker, "everything")["messages_ready"], 3);
+
+    // Mandatory and unroutable: refused (exit 1); without --mandatory, dropped and counted.
+    ok(weir(
+        &broker,
+        &["unbind", "everything", "logs", "--key", "#"],
+    ));
+    let out = weir(
+        &broker,
+        &[
+            "publish",
+            "--exchange",
+            "logs",
+            "--routing-key",
+            "db.info",
+            "--mandatory",
+            "--message",
+            "x",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("returned"), "{}", stdout(&out));
+    ok(weir(
+        &broker,
+        &[
+            "publish",
+            "--exchange",
+            "logs",
+            "--routing-key",
+            "db.info",
+            "--message",
+            "lost",
+        ],
+    ));
+    let status = ok(weir(&broker, &["status"]));
+    assert!(
+        status.contains("unroutable  1 messages dropped"),
+        "{status}"
+    );
+    assert!(status.contains("exchanges   1, bindings 1"), "{status}");
+    let missing = weir(
+        &broker,
+        &["publish", "--exchange", "nope", "--message", "x"],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("exchange 'nope' not found"),
+        "{}",
+        stderr(&missing)
+    );
+
+    let in_use = weir(&broker, &["exchange", "delete", "logs", "--if-unused"]);
+    assert_eq!(in_use.status.code(), Some(1), "{}", stderr(&in_use));
+    ok(weir(&broker, &["exchange", "delete", "logs"]));
+    assert_eq!(ok(weir(&broker, &["exchange", "list"])), "no exchanges\n");
+}

@@ -1,4 +1,5 @@
-//! The client commands of the `weir` binary: `queue`, `publish`, `consume`, `status`.
+//! The client commands of the `weir` binary: `queue`, `exchange`, `bind`, `unbind`,
+//! `publish`, `consume`, `status`.
 //!
 //! Contract: each command runs on a tokio current-thread runtime built for that one command
 //! (glommio is `weir serve`'s alone: a client command starts no shard) and talks to the broker
@@ -8,10 +9,12 @@
 //! failed (broker unreachable, a refusal, a lost connection, stdout unwritable), 2 a usage error
 //! (clap's own errors also exit 2, a malformed `--server`, an argument over a broker limit).
 //!
-//! Module map: `queue` (declare, delete, purge, info, list), `publish`, `consume`, `status`;
+//! Module map: `queue` (declare, delete, purge, info, list), `exchange` (declare, delete, list,
+//! bindings; bind, unbind), `publish`, `consume`, `status`;
 //! `output` (tables, JSON values, stdout writes that report errors instead of panicking).
 
 pub mod consume;
+pub mod exchange;
 mod output;
 pub mod publish;
 pub mod queue;
@@ -37,16 +40,31 @@ pub enum Command {
     /// Declare, delete, purge, describe and list queues.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
-    /// Publish persistent messages to a queue: each line of standard input, or --message.
+    /// Declare, delete and list exchanges, and list bindings.
+    #[command(subcommand)]
+    Exchange(exchange::ExchangeCommand),
+    /// Bind a queue to an exchange with a key; idempotent. Answered once every shard routes by
+    /// it.
+    ///
+    /// --json: {"exchange","queue","binding_key","bound":true}.
+    Bind(exchange::BindArgs),
+    /// Remove a binding (one that does not exist is not an error).
+    ///
+    /// --json: {"exchange","queue","binding_key","bound":false}.
+    Unbind(exchange::BindArgs),
+    /// Publish persistent messages to a queue, or to an exchange with a routing key: each line
+    /// of standard input, or --message.
     ///
     /// Lines are published in order, pipelined in batches; the command waits for every confirm,
     /// then prints a summary: published (attempted), confirmed, refused (with the reasons).
     /// The trailing "\n" (or "\r\n") of each line is not part of the message; a last line
-    /// without one is still a message. Exits 1 if any message was not confirmed, or at once
-    /// if the queue does not exist.
+    /// without one is still a message. Exits 1 if any message was not confirmed (with
+    /// --mandatory, a message that routed to no queue counts as refused), or at once if the
+    /// queue or exchange does not exist. A non-mandatory message that routes nowhere is
+    /// confirmed and dropped (counted in `weir status`).
     ///
     /// --json: the summary as one JSON object on one line:
-    /// {"queue","published","confirmed","refused","unconfirmed","durability","refusals":[{"reason","count"}]}.
+    /// {"queue" or "exchange" and "routing_key","published","confirmed","refused","unconfirmed","durability","refusals":[{"reason","count"}]}.
     Publish(publish::PublishArgs),
     /// Print the messages of a queue, one body per line, acking each after it is written.
     ///
@@ -76,6 +94,9 @@ pub enum Command {
 pub fn run(command: Command) -> ExitCode {
     match command {
         Command::Queue(c) => queue::run(c),
+        Command::Exchange(c) => exchange::run(c),
+        Command::Bind(a) => exchange::run_bind(a, true),
+        Command::Unbind(a) => exchange::run_bind(a, false),
         Command::Publish(a) => publish::run(a),
         Command::Consume(a) => consume::run(a),
         Command::Status(a) => status::run(a),

@@ -1,5 +1,6 @@
-//! `weir publish --queue NAME [--message TEXT]`: stdin lines (or one message) as persistent
-//! messages, pipelined, every confirm awaited.
+//! `weir publish (--queue NAME | --exchange NAME [--routing-key KEY] [--mandatory])
+//! [--message TEXT]`: stdin lines (or one message) as persistent messages, pipelined, every
+//! confirm awaited.
 //!
 //! Contract: tokio current-thread runtime; a shard-aware client, so the messages go straight to
 //! the queue's shard. A thread reads stdin (blocking reads must not stall the connection's
@@ -7,8 +8,8 @@
 //! publisher takes what has arrived, up to a batch, and sends it as one `Publish` frame, so a
 //! pipe is published in large batches and an interactive line leaves at once. Confirms are
 //! awaited by a second task while publishing goes on; the client's in-flight limit bounds
-//! how far ahead the publisher runs. The queue is checked first, so a missing one fails before
-//! any input is read. Failures reported: missing queue, each refused message (counted by
+//! how far ahead the publisher runs. The queue (or exchange) is checked first, so a missing one
+//! fails before any input is read. Failures reported: missing queue, each refused message (counted by
 //! reason), a lost connection (messages without an answer are counted as unconfirmed), a
 //! stdin read error; any of them exits 1 after the summary.
 
@@ -18,7 +19,10 @@ use std::process::ExitCode;
 
 use serde_json::json;
 use tokio::sync::mpsc;
-use weir_client::{Client, ClientError, Durability, Message, PublishFuture};
+use weir_client::{
+    Client, ClientError, Durability, ExchangeKind, ExchangeOptions, Message, PublishFuture,
+    PublishOptions,
+};
 
 use super::output::print;
 use super::queue::close;
@@ -34,10 +38,21 @@ const READ_AHEAD: usize = 4096;
 const PER_MESSAGE_OVERHEAD: usize = 512;
 
 #[derive(clap::Args, Debug)]
+#[group(id = "target", required = true, multiple = false, args = ["queue", "exchange"])]
 pub struct PublishArgs {
     /// The queue (the default exchange routes by queue name).
     #[arg(long, value_name = "NAME")]
-    pub queue: String,
+    pub queue: Option<String>,
+    /// An exchange: its bindings route each message by --routing-key.
+    #[arg(long, value_name = "NAME")]
+    pub exchange: Option<String>,
+    /// The routing key, with --exchange.
+    #[arg(long, value_name = "KEY", default_value = "", requires = "exchange")]
+    pub routing_key: String,
+    /// With --exchange: a message that routes to no queue comes back (counted as refused)
+    /// instead of being dropped.
+    #[arg(long, requires = "exchange")]
+    pub mandatory: bool,
     /// Publish this one message instead of reading standard input.
     #[arg(long, value_name = "TEXT")]
     pub message: Option<String>,
@@ -47,6 +62,12 @@ pub struct PublishArgs {
 
 pub fn run(args: PublishArgs) -> ExitCode {
     block_on("publish", publish(args))
+}
+
+/// Where the messages go: an exchange (empty: the default one) and the routing key.
+struct Target {
+    options: PublishOptions,
+    key: String,
 }
 
 /// What became of the messages, as the confirm task saw them.
@@ -75,14 +96,54 @@ enum Outcome {
 
 async fn publish(args: PublishArgs) -> Result<(), Failure> {
     let client = connect(&args.client, true).await?;
-    let queue = args.queue.clone();
-    // Publishing to a missing queue is refused message by message; asking once first turns
-    // that into one clear error before any input is consumed.
-    answer(
-        &format!("checking queue '{queue}'"),
-        client.queue_info(&queue),
-    )
-    .await?;
+    // Publishing to a missing queue or exchange is refused message by message; asking once
+    // first turns that into one clear error before any input is consumed.
+    let target = match (&args.queue, &args.exchange) {
+        (Some(queue), _) => {
+            answer(
+                &format!("checking queue '{queue}'"),
+                client.queue_info(queue),
+            )
+            .await?;
+            Target {
+                options: PublishOptions::default(),
+                key: queue.clone(),
+            }
+        }
+        (None, Some(exchange)) => {
+            // A passive declare checks existence; the kind it names is not the point, so a
+            // kind mismatch (the only other refusal) also means it exists.
+            let passive = ExchangeOptions {
+                passive: true,
+                ..ExchangeOptions::default()
+            };
+            let check = client.declare_exchange(exchange, ExchangeKind::Direct, passive);
+            match tokio::time::timeout(std::time::Duration::from_secs(30), check).await {
+                Ok(Err(ClientError::Refused { code, .. }))
+                    if code == weir_client::ErrorCode::PreconditionFailed => {}
+                Ok(Err(e)) => {
+                    return Err(Failure::client(
+                        &format!("checking exchange '{exchange}'"),
+                        &e,
+                    ))
+                }
+                Ok(Ok(())) => {}
+                Err(_) => {
+                    return Err(Failure::failed(format!(
+                        "checking exchange '{exchange}': no answer from the broker"
+                    )))
+                }
+            }
+            Target {
+                options: PublishOptions {
+                    exchange: exchange.clone(),
+                    mandatory: args.mandatory,
+                },
+                key: args.routing_key.clone(),
+            }
+        }
+        (None, None) => return Err(Failure::usage("give --queue or --exchange")),
+    };
 
     let (outcomes, rx) = mpsc::unbounded_channel();
     let confirms = tokio::spawn(await_confirms(rx));
@@ -100,7 +161,8 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
     match &args.message {
         Some(text) => {
             published = 1;
-            if let Err(e) = send(&client, &queue, vec![text.as_bytes().to_vec()], &outcomes).await {
+            if let Err(e) = send(&client, &target, vec![text.as_bytes().to_vec()], &outcomes).await
+            {
                 fatal = Some(e);
             }
         }
@@ -131,7 +193,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
                 }
                 published += batch.len() as u64;
                 if !batch.is_empty() {
-                    if let Err(e) = send(&client, &queue, batch, &outcomes).await {
+                    if let Err(e) = send(&client, &target, batch, &outcomes).await {
                         fatal = Some(e);
                         break 'input;
                     }
@@ -155,12 +217,16 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
 /// that ends publishing (the connection is gone).
 async fn send(
     client: &Client,
-    queue: &str,
+    target: &Target,
     batch: Vec<Vec<u8>>,
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<(), String> {
     let messages: Vec<Message> = batch.into_iter().map(Message::new).collect();
-    match client.publish_batch(queue, messages.clone()).await {
+    let (options, key) = (&target.options, target.key.as_str());
+    match client
+        .publish_batch_with(options, key, messages.clone())
+        .await
+    {
         Ok(futures) => {
             for f in futures {
                 let _ = outcomes.send(Outcome::Pending(f));
@@ -171,7 +237,7 @@ async fn send(
         // that line is refused.
         Err(ClientError::LimitExceeded { .. }) if messages.len() > 1 => {
             for m in messages {
-                match client.publish(queue, m).await {
+                match client.publish_with(options, key, m).await {
                     Ok(f) => {
                         let _ = outcomes.send(Outcome::Pending(f));
                     }
@@ -278,7 +344,14 @@ fn report(
     if unconfirmed > 0 {
         human.push_str(&format!(", unconfirmed {unconfirmed}"));
     }
-    human.push_str(&format!(" (queue '{}'", args.queue));
+    match (&args.queue, &args.exchange) {
+        (Some(queue), _) => human.push_str(&format!(" (queue '{queue}'")),
+        (None, exchange) => human.push_str(&format!(
+            " (exchange '{}', routing key '{}'",
+            exchange.as_deref().unwrap_or(""),
+            args.routing_key
+        )),
+    }
     if let Some(d) = &durability {
         human.push_str(&format!(", durability {d}"));
     }
@@ -291,8 +364,7 @@ fn report(
         .iter()
         .map(|(reason, count)| json!({"reason": reason, "count": count}))
         .collect();
-    let value = json!({
-        "queue": args.queue,
+    let mut value = json!({
         "published": published,
         "confirmed": tally.confirmed,
         "refused": refused,
@@ -300,6 +372,13 @@ fn report(
         "durability": durability,
         "refusals": refusals,
     });
+    match (&args.queue, &args.exchange) {
+        (Some(queue), _) => value["queue"] = json!(queue),
+        (None, exchange) => {
+            value["exchange"] = json!(exchange);
+            value["routing_key"] = json!(args.routing_key);
+        }
+    }
     print(args.client.json, &human, &value)?;
 
     if let Some(e) = input_error {

@@ -79,10 +79,20 @@ async fn status(args: StatusArgs) -> Result<(), Failure> {
         server.broker_version, args.client.server, server.protocol_version, server.shard_count
     );
     if let Some(b) = &broker {
+        // Every shard holds a copy of the routing table: shard 0's counts are the broker's.
+        let counter = |name: &str| b.counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+        let unroutable: u64 = b
+            .counters
+            .iter()
+            .filter(|(k, _)| k.ends_with(".messages_unroutable"))
+            .map(|(_, v)| v)
+            .sum();
         human.push_str(&format!(
-            "uptime      {:.1} s\nconnections {}\n\n",
+            "uptime      {:.1} s\nconnections {}\nexchanges   {}, bindings {}\nunroutable  {unroutable} messages dropped (routed to no queue, not mandatory)\n\n",
             b.uptime_ms as f64 / 1000.0,
-            b.connections
+            b.connections,
+            counter("shard.0.exchanges").unwrap_or(0),
+            counter("shard.0.bindings").unwrap_or(0),
         ));
     }
     let mut t = Table::new(&[
