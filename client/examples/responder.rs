@@ -76,7 +76,7 @@ async fn serve(client: &Client) -> Result<(), ClientError> {
             // error for the responder.
             let _ = confirm.await;
             served += 1;
-            if served % 10_000 == 0 {
+            if served.is_multiple_of(10_000) {
                 println!("{served} requests served");
             }
         }
