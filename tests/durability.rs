@@ -200,6 +200,20 @@ fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
     let broker = Broker::start(&dir, &args);
     let mut c = connect(&broker);
     c.declare("r"); // its declaration lands in the first segment, which will be reclaimed
+                    // So do an exchange and a binding (shard 0 is the control-plane writer).
+    let mut x = wire::DeclareExchangeT::default();
+    x.name = "rx".into();
+    x.kind = wire::ExchangeKind::Topic;
+    x.durable = true;
+    assert!(matches!(
+        c.request(BodyT::DeclareExchange(Box::new(x))),
+        BodyT::Ok(_)
+    ));
+    let mut b = wire::BindT::default();
+    b.exchange = "rx".into();
+    b.queue = "r".into();
+    b.binding_key = Some("r.#".into());
+    assert!(matches!(c.request(BodyT::Bind(Box::new(b))), BodyT::Ok(_)));
     let body = vec![b'x'; 1024];
     for batch in 0..12u64 {
         let bodies: Vec<&[u8]> = (0..500).map(|_| body.as_slice()).collect();
@@ -257,6 +271,23 @@ fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
         panic!("the queue's declaration was reclaimed with its segment")
     };
     assert_eq!(info.messages_ready, 3);
+    let BodyT::BindingList(list) = c.request(BodyT::ListBindings(Box::default())) else {
+        panic!("no binding list")
+    };
+    let bindings: Vec<(String, String, String)> = list
+        .bindings
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| {
+            let text = |s: Option<String>| s.unwrap_or_default();
+            (text(b.exchange), text(b.queue), text(b.binding_key))
+        })
+        .collect();
+    assert_eq!(
+        bindings,
+        [("rx".to_string(), "r".to_string(), "r.#".to_string())],
+        "the exchange and its binding were reclaimed with their segment"
+    );
     c.consume("r", "rest", 10, true);
     let got: Vec<Vec<u8>> = c.deliveries(3).into_iter().map(|g| g.body).collect();
     assert_eq!(
