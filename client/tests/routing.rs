@@ -658,3 +658,62 @@ async fn futures_join_all<F: std::future::Future>(
     .await;
     out.into_iter().map(|o| o.expect("ready")).collect()
 }
+
+/// `shard.N.journal.records` summed over shards.
+async fn journal_records(c: &Client) -> u64 {
+    within("status", c.status())
+        .await
+        .expect("status")
+        .counters
+        .iter()
+        .filter(|(name, _)| name.ends_with(".journal.records"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_message_for_two_queues_of_one_shard_is_stored_once_and_survives_in_both() {
+    let broker = Broker::start("routing-once", &["--cpus", "0"]);
+    let c = broker.client().await;
+    declare_exchange(&c, "twice", ExchangeKind::Fanout).await;
+    for q in ["left", "right"] {
+        declare_queue(&c, q).await;
+        bind(&c, q, "twice", "").await;
+    }
+    let n = 200u64;
+    let before = journal_records(&c).await;
+    let options = PublishOptions {
+        exchange: "twice".into(),
+        mandatory: true,
+    };
+    let messages: Vec<Message> = (0..n).map(|i| Message::new(format!("m{i}"))).collect();
+    for confirm in within("publish", c.publish_batch_with(&options, "", messages))
+        .await
+        .expect("queued")
+    {
+        within("confirm", confirm).await.expect("confirmed");
+    }
+    let written = journal_records(&c).await - before;
+    // One message record per message (naming both queues) plus a few commit records; a copy
+    // per queue would be 2n message records.
+    assert!(
+        written >= n && written < n + n / 2,
+        "{written} records for {n} messages routed to 2 queues"
+    );
+    drop(c);
+
+    // After a crash both queues have every message; acking them in one leaves the other whole,
+    // across another crash.
+    let broker = broker.restart();
+    let c = broker.client().await;
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(drain(&c, "left").await, want, "left after a crash");
+    drop(c);
+    let broker = broker.restart();
+    let c = broker.client().await;
+    assert!(
+        drain(&c, "left").await.is_empty(),
+        "acked in left stays acked"
+    );
+    assert_eq!(drain(&c, "right").await, want, "right keeps its reference");
+}
