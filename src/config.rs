@@ -144,6 +144,8 @@ struct FileLimits {
     prefetch_default: Option<u32>,
     prefetch_max: Option<u32>,
     targets_per_message_max: Option<u32>,
+    exchanges_max: Option<u32>,
+    bindings_max: Option<u32>,
     cache_bytes_max: Option<u64>,
 }
 
@@ -275,6 +277,8 @@ impl Config {
             set(&mut b.prefetch_default, l.prefetch_default);
             set(&mut b.prefetch_max, l.prefetch_max);
             set(&mut b.targets_per_message_max, l.targets_per_message_max);
+            set(&mut b.exchanges_max, l.exchanges_max);
+            set(&mut b.bindings_max, l.bindings_max);
             s.segment_size_bytes_max = l.segment_size_bytes_max.unwrap_or(s.segment_size_bytes_max);
             s.staged_bytes_max = l.staged_bytes_max.unwrap_or(s.staged_bytes_max);
             b.cache_bytes_max = l.cache_bytes_max.unwrap_or(b.cache_bytes_max);

@@ -69,12 +69,19 @@ pub struct Applied {
 /// The authoritative routing table (shard 0).
 pub struct ControlPlane {
     table: RoutingTable,
+    exchanges_max: usize,
+    bindings_max: usize,
 }
 
 impl ControlPlane {
-    /// The writer over the table its journal's replay rebuilt.
-    pub fn new(table: RoutingTable) -> ControlPlane {
-        ControlPlane { table }
+    /// The writer over the table its journal's replay rebuilt, within `limits.exchanges_max`
+    /// and `limits.bindings_max` (every shard holds a copy of what it allows).
+    pub fn new(table: RoutingTable, exchanges_max: u32, bindings_max: u32) -> ControlPlane {
+        ControlPlane {
+            table,
+            exchanges_max: exchanges_max as usize,
+            bindings_max: bindings_max as usize,
+        }
     }
 
     pub fn table(&self) -> &RoutingTable {
@@ -107,6 +114,14 @@ impl ControlPlane {
                 None
             }
             ControlOp::DeclareExchange { decl, .. } => {
+                if self.table.exchange(&decl.name).is_none()
+                    && self.table.exchange_count() >= self.exchanges_max
+                {
+                    return Err(limit(format!(
+                        "exchange '{}': the broker holds exchanges_max = {} exchanges",
+                        decl.name, self.exchanges_max
+                    )));
+                }
                 let created = self.table.declare_exchange(decl.clone())?;
                 if created && decl.durable {
                     records.push(CatalogRecord::DeclareExchange(decl.clone()));
@@ -127,11 +142,17 @@ impl ControlPlane {
                     .exchange(&binding.exchange)
                     .ok_or_else(|| not_found(&binding.exchange))?;
                 binding.durable &= exchange.durable;
-                let was_durable = self
+                let existing = self
                     .table
-                    .bindings(Some(&binding.exchange), Some(&binding.queue))
-                    .iter()
-                    .any(|b| b.key == binding.key && b.durable);
+                    .bindings(Some(&binding.exchange), Some(&binding.queue));
+                let existing = existing.iter().find(|b| b.key == binding.key);
+                if existing.is_none() && self.table.binding_count() >= self.bindings_max {
+                    return Err(limit(format!(
+                        "binding of queue '{}' to exchange '{}': the broker holds bindings_max = {} bindings",
+                        binding.queue, binding.exchange, self.bindings_max
+                    )));
+                }
+                let was_durable = existing.is_some_and(|b| b.durable);
                 self.table.bind(binding.clone())?;
                 if binding.durable && !was_durable {
                     records.push(CatalogRecord::Bind(binding.clone()));
@@ -179,6 +200,13 @@ impl ControlPlane {
     }
 }
 
+fn limit(message: String) -> RoutingError {
+    RoutingError {
+        code: weir_protocol::wire::ErrorCode::LimitExceeded,
+        message,
+    }
+}
+
 fn not_found(exchange: &str) -> RoutingError {
     RoutingError {
         code: weir_protocol::wire::ErrorCode::NotFound,
@@ -221,7 +249,7 @@ mod tests {
 
     #[test]
     fn only_durable_things_are_journaled_and_copies_get_every_change() {
-        let mut cp = ControlPlane::new(RoutingTable::new());
+        let mut cp = ControlPlane::new(RoutingTable::new(), 100, 100);
         let durable = cp
             .execute(ControlOp::DeclareExchange {
                 decl: decl("logs", true, false),
@@ -287,8 +315,34 @@ mod tests {
     }
 
     #[test]
+    fn exchanges_and_bindings_past_their_limits_are_refused() {
+        let mut cp = ControlPlane::new(RoutingTable::new(), 1, 2);
+        let declare = |name: &str| ControlOp::DeclareExchange {
+            decl: decl(name, true, false),
+            passive: false,
+        };
+        cp.execute(declare("a")).unwrap();
+        cp.execute(declare("a")).expect("a redeclare adds nothing");
+        let e = cp.execute(declare("b")).unwrap_err();
+        assert_eq!(e.code, weir_protocol::wire::ErrorCode::LimitExceeded);
+        assert!(e.message.contains("exchanges_max = 1"), "{}", e.message);
+        for key in ["x", "y", "x"] {
+            cp.execute(ControlOp::Bind {
+                binding: binding("a", "q", key, true),
+            })
+            .unwrap();
+        }
+        let e = cp
+            .execute(ControlOp::Bind {
+                binding: binding("a", "q", "z", true),
+            })
+            .unwrap_err();
+        assert!(e.message.contains("bindings_max = 2"), "{}", e.message);
+    }
+
+    #[test]
     fn passive_declares_check_and_change_nothing() {
-        let mut cp = ControlPlane::new(RoutingTable::new());
+        let mut cp = ControlPlane::new(RoutingTable::new(), 100, 100);
         let missing = cp.execute(ControlOp::DeclareExchange {
             decl: decl("logs", true, false),
             passive: true,
@@ -326,7 +380,7 @@ mod tests {
 
     #[test]
     fn an_auto_delete_exchange_leaving_with_its_last_binding_is_journaled() {
-        let mut cp = ControlPlane::new(RoutingTable::new());
+        let mut cp = ControlPlane::new(RoutingTable::new(), 100, 100);
         cp.execute(ControlOp::DeclareExchange {
             decl: decl("events", true, true),
             passive: false,

@@ -37,6 +37,11 @@ pub struct BrokerLimits {
     /// Bytes of message payloads a shard keeps in memory; older ready messages are read back from
     /// the journal when delivered. This, not the backlog, bounds the broker's memory.
     pub cache_bytes_max: u64,
+    /// Exchanges in the broker. Every shard holds a copy of the routing table: this and
+    /// `bindings_max` bound that copy's memory, and the start-up copy each shard receives.
+    pub exchanges_max: u32,
+    /// Bindings in the broker, over all exchanges.
+    pub bindings_max: u32,
 }
 
 impl BrokerLimits {
@@ -49,6 +54,8 @@ impl BrokerLimits {
         mesh_batch_max: 1024,
         mesh_channel_capacity: 64,
         cache_bytes_max: 256 << 20,
+        exchanges_max: 10_000,
+        bindings_max: 1_000_000,
     };
 }
 
@@ -150,6 +157,18 @@ impl Limits {
                     self.storage.record_bytes_max
                 ),
             ));
+        }
+        for (key, value) in [
+            ("limits.exchanges_max", self.broker.exchanges_max),
+            ("limits.bindings_max", self.broker.bindings_max),
+            (
+                "limits.targets_per_message_max",
+                self.broker.targets_per_message_max,
+            ),
+        ] {
+            if value == 0 {
+                return Err(LimitError::new(key, "must be at least 1".into()));
+            }
         }
         if u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX)
             > self.broker.cache_bytes_max

@@ -129,6 +129,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 publishes_in_flight_max: config.limits.broker.publishes_in_flight_max,
                 prefetch_default: config.limits.broker.prefetch_default,
                 prefetch_max: config.limits.broker.prefetch_max,
+                targets_per_message_max: config.limits.broker.targets_per_message_max,
                 connection_id: 0,
                 started_ms,
             },

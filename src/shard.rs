@@ -941,7 +941,12 @@ pub async fn run(setup: ShardSetup) {
             routing_table.exchange_count(),
             routing_table.binding_count()
         );
-        (RefCell::new(ControlPlane::new(routing_table)), summary)
+        let (exchanges_max, bindings_max) = (
+            setup.limits.broker.exchanges_max,
+            setup.limits.broker.bindings_max,
+        );
+        let writer = ControlPlane::new(routing_table, exchanges_max, bindings_max);
+        (RefCell::new(writer), summary)
     });
     let (control, line) = match control {
         Some((writer, summary)) => (Some(writer), line + &summary),

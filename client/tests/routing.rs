@@ -694,12 +694,8 @@ async fn a_message_for_two_queues_of_one_shard_is_stored_once_and_survives_in_bo
         within("confirm", confirm).await.expect("confirmed");
     }
     let written = journal_records(&c).await - before;
-    // One message record per message (naming both queues) plus a few commit records; a copy
-    // per queue would be 2n message records.
-    assert!(
-        written >= n && written < n + n / 2,
-        "{written} records for {n} messages routed to 2 queues"
-    );
+    // One message record per message, naming both queues; a copy per queue would be 2n.
+    assert_eq!(written, n, "records for {n} messages routed to 2 queues");
     drop(c);
 
     // After a crash both queues have every message; acking them in one leaves the other whole,
@@ -716,4 +712,24 @@ async fn a_message_for_two_queues_of_one_shard_is_stored_once_and_survives_in_bo
         "acked in left stays acked"
     );
     assert_eq!(drain(&c, "right").await, want, "right keeps its reference");
+}
+
+#[tokio::test]
+async fn a_fanout_past_targets_per_message_max_is_stored_in_parts_and_confirmed_once() {
+    let toml = "cpus = [0]\n[limits]\ntargets_per_message_max = 2\n";
+    let broker = Broker::start_with_config("routing-parts", toml, &[]);
+    let c = broker.client().await;
+    declare_exchange(&c, "wide", ExchangeKind::Fanout).await;
+    let queues: Vec<String> = (0..5).map(|i| format!("wide-{i}")).collect();
+    for q in &queues {
+        declare_queue(&c, q).await;
+        bind(&c, q, "wide", "").await;
+    }
+    let before = journal_records(&c).await;
+    publish(&c, "wide", "", "to all five").await;
+    let written = journal_records(&c).await - before;
+    assert_eq!(written, 3, "5 targets, 2 per record: 3 message records");
+    for q in &queues {
+        assert_eq!(drain(&c, q).await, ["to all five"], "{q}");
+    }
 }

@@ -40,6 +40,9 @@ pub struct SessionCtx {
     pub publishes_in_flight_max: u32,
     pub prefetch_default: u32,
     pub prefetch_max: u32,
+    /// Queues of one shard a message is stored once for; a message routed to more is stored
+    /// once per this many (its record's envelope names every target, and must fit a record).
+    pub targets_per_message_max: u32,
     pub connection_id: u64,
     /// When the broker started, ms since the Unix epoch (for `Status.uptime_ms`).
     pub started_ms: u64,
@@ -736,8 +739,8 @@ impl Session {
     }
 
     /// Addresses a routed message to the shards owning its queues: one item per shard, naming
-    /// all that shard's queues (stored there once). The same `Bytes` go to every shard: a
-    /// reference count each, no copy.
+    /// all that shard's queues (stored there once), or one per `targets_per_message_max` of
+    /// them. The same `Bytes` go to every shard: a reference count each, no copy.
     fn split_by_owner(
         &mut self,
         item: PublishItem,
@@ -754,11 +757,20 @@ impl Session {
                 _ => groups.push((owner, vec![q])),
             }
         }
-        if groups.len() > 1 {
+        let max = (self.ctx.targets_per_message_max as usize).max(1);
+        let parts: Vec<(u16, Vec<String>)> = groups
+            .into_iter()
+            .flat_map(|(shard, qs)| {
+                qs.chunks(max)
+                    .map(|c| (shard, c.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if parts.len() > 1 {
             self.splits.insert(
                 item.sequence,
                 Split {
-                    parts_left: groups.len() as u16,
+                    parts_left: parts.len() as u16,
                     journaled: false,
                     taken: false,
                     refusal: None,
@@ -766,7 +778,7 @@ impl Session {
                 },
             );
         }
-        for (shard, mut qs) in groups {
+        for (shard, mut qs) in parts {
             let mut part = item.clone();
             part.queue = qs.remove(0);
             part.also = qs;
@@ -1483,6 +1495,7 @@ mod tests {
             publishes_in_flight_max: 100,
             prefetch_default: 10,
             prefetch_max: 1000,
+            targets_per_message_max: 128,
             connection_id: 42,
             started_ms: 0,
         }
