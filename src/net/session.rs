@@ -1660,4 +1660,144 @@ mod tests {
         );
         assert!(matches!(replies(&mut out)[0].body, BodyT::Ok(_)));
     }
+
+    /// A session that said hello, with a routing copy holding a topic exchange `x` bound to
+    /// `queues`.
+    fn routed_session(queues: &[&str]) -> Session {
+        use crate::broker::routing::RoutingTable;
+        let mut table = RoutingTable::new();
+        table
+            .declare_exchange(ExchangeDecl {
+                name: "x".into(),
+                kind: ExchangeKind::Topic,
+                durable: true,
+                auto_delete: false,
+            })
+            .unwrap();
+        for q in queues {
+            table
+                .bind(Binding {
+                    exchange: "x".into(),
+                    queue: q.to_string(),
+                    key: "a.#".into(),
+                    durable: true,
+                })
+                .unwrap();
+        }
+        let copy = RoutingCopy::default();
+        *copy.table.borrow_mut() = table;
+        let mut s = Session::new(ctx(), Rc::new(copy));
+        let mut out = BytesMut::new();
+        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+        s
+    }
+
+    fn publish_to_x(key: &str, mandatory: bool) -> InFrame {
+        let mut enc = Encoder::new(WireLimits::DEFAULT);
+        let message = enc
+            .message(&weir_protocol::MessageProps::default(), b"body")
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let item = weir_protocol::PublishItem {
+            sequence: 7,
+            exchange: "x",
+            routing_key: key,
+            mandatory,
+            message: &message,
+        };
+        enc.publish(&mut buf, 0, None, true, [item]).unwrap();
+        FrameDecoder::new(WireLimits::DEFAULT)
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn taken(p: &PublishItem, journaled: bool) -> Reply {
+        Reply::Published(vec![PublishOutcome {
+            sequence: p.sequence,
+            confirm: true,
+            journaled,
+            result: Ok(()),
+            returned: None,
+        }])
+    }
+
+    #[test]
+    fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
+        let shards = 2;
+        let (q0, q1) = (
+            (0..)
+                .map(|i| format!("q{i}"))
+                .find(|q| placement(q, shards) == 0)
+                .unwrap(),
+            (0..)
+                .map(|i| format!("q{i}"))
+                .find(|q| placement(q, shards) == 1)
+                .unwrap(),
+        );
+        let mut s = routed_session(&[&q0, &q1, "q-gone-later"]);
+        let mut out = BytesMut::new();
+        let mut routed = Vec::new();
+        s.on_frame(&publish_to_x("a.b", false), &mut out, &mut routed);
+        assert!(
+            replies(&mut out).is_empty(),
+            "nothing is confirmed before the owners answer"
+        );
+        // One item per owning shard; the one holding two queues names both (stored once).
+        assert_eq!(routed.len(), 2);
+        let items: Vec<PublishItem> = routed
+            .iter()
+            .map(|r| match &r.op {
+                Op::Publish(items) => items[0].clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let targets: usize = items.iter().map(|i| 1 + i.also.len()).sum();
+        assert_eq!(targets, 3);
+        assert!(items
+            .iter()
+            .all(|i| i.bytes == items[0].bytes && i.exchange == "x"));
+        s.on_reply(
+            routed[0].id,
+            taken(&items[0], true),
+            &mut out,
+            &mut Vec::new(),
+        );
+        assert!(replies(&mut out).is_empty(), "one part of two");
+        s.on_reply(
+            routed[1].id,
+            taken(&items[1], false),
+            &mut out,
+            &mut Vec::new(),
+        );
+        let r = replies(&mut out);
+        assert_eq!(r.len(), 1);
+        let BodyT::Confirm(c) = &r[0].body else {
+            panic!("{:?}", r[0])
+        };
+        assert_eq!(c.ranges, vec![wire::RangeT { first: 7, last: 7 }]);
+        assert_eq!(
+            c.durability,
+            wire::Durability::Always,
+            "journaled on one shard"
+        );
+    }
+
+    #[test]
+    fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed() {
+        let mut s = routed_session(&["q"]);
+        let mut out = BytesMut::new();
+        let mut routed = Vec::new();
+        s.on_frame(&publish_to_x("b", true), &mut out, &mut routed);
+        assert!(routed.is_empty());
+        let r = replies(&mut out);
+        assert!(matches!(r[0].body, BodyT::Return(_)), "{:?}", r[0]);
+        assert!(matches!(r[1].body, BodyT::Confirm(_)), "{:?}", r[1]);
+        assert_eq!(s.routing.unroutable.get(), 0);
+        s.on_frame(&publish_to_x("b", false), &mut out, &mut routed);
+        let r = replies(&mut out);
+        assert_eq!(r.len(), 1);
+        assert!(matches!(r[0].body, BodyT::Confirm(_)), "{:?}", r[0]);
+        assert_eq!(s.routing.unroutable.get(), 1);
+    }
 }
