@@ -837,7 +837,10 @@ mod tests {
             h.consume(B, "mine", "t", 1, false, false).unwrap_err().code,
             ErrorCode::ResourceLocked
         );
-        assert_eq!(h.info(B, "mine", 0).unwrap_err().code, ErrorCode::ResourceLocked);
+        assert_eq!(
+            h.info(B, "mine", 0).unwrap_err().code,
+            ErrorCode::ResourceLocked
+        );
         h.publish(A, "mine", msg(b"x"), None, 0).unwrap();
         h.connection_closed(A);
         assert_eq!(h.info(A, "mine", 0).unwrap_err().code, ErrorCode::NotFound);
