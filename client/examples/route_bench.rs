@@ -168,6 +168,9 @@ async fn measure(
         consumers.push(tokio::spawn(async move {
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut held: Vec<Delivery> = Vec::with_capacity(ack_batch);
+            // Acks are pipelined: each batch's answer is awaited at the end, not before the
+            // next delivery is taken (an answer waits for the settle record's group commit).
+            let mut acks = Vec::new();
             for _ in 0..n {
                 let d = stream.recv().await.expect("stream open")?;
                 let stamp = u64::from_le_bytes(d.body()[..8].try_into().expect("8 bytes"));
@@ -175,12 +178,15 @@ async fn measure(
                 latency.saturating_record(now.saturating_sub(stamp).max(1));
                 held.push(d);
                 if held.len() >= ack_batch {
-                    Delivery::ack_all(&held).await?;
+                    acks.push(Delivery::ack_all(&held));
                     held.clear();
                 }
             }
             if !held.is_empty() {
-                Delivery::ack_all(&held).await?;
+                acks.push(Delivery::ack_all(&held));
+            }
+            for ack in acks {
+                ack.await?;
             }
             stream.cancel().await?;
             Ok::<(Histogram<u64>, Instant), ClientError>((latency, Instant::now()))
