@@ -372,6 +372,11 @@ async fn exchanges_and_bindings_survive_sigkill_and_transient_ones_do_not() {
     within("delete", c.delete("deleted-q", false, false))
         .await
         .expect("delete");
+    // The delete's answer comes after its bindings are gone.
+    let left = within("list", c.list_bindings(None, Some("deleted-q")))
+        .await
+        .expect("list");
+    assert!(left.is_empty(), "{left:?}");
     drop(c);
 
     let broker = broker.restart();

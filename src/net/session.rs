@@ -116,6 +116,17 @@ enum Pending {
         request_id: u64,
         binding: Binding,
     },
+    /// A queue delete: once the owner deleted it, its bindings go through the writer before
+    /// the client is answered, so a listing after the answer no longer shows them.
+    DeleteQueue {
+        request_id: u64,
+        name: String,
+    },
+    /// The writer dropped a deleted queue's bindings: answer the delete.
+    QueueUnbound {
+        request_id: u64,
+        messages: u64,
+    },
     /// Nothing to answer (connection closed, requeue of a stray delivery).
     Quiet,
 }
@@ -273,12 +284,11 @@ impl Session {
                     if_unused: d.if_unused(),
                     if_empty: d.if_empty(),
                 };
-                self.route(
-                    routed,
-                    self.owner_of(d.name()),
-                    op,
-                    Pending::Reply { request_id },
-                );
+                let pending = Pending::DeleteQueue {
+                    request_id,
+                    name: d.name().to_string(),
+                };
+                self.route(routed, self.owner_of(d.name()), op, pending);
                 Flow::Continue
             }
             (State::Open, Body::PurgeQueue) => {
@@ -970,35 +980,7 @@ impl Session {
                 let status = self.status(shards);
                 self.reply(out, request_id, BodyT::Status(Box::new(status)));
             }
-            (Pending::Reply { request_id }, reply) => {
-                let body = match reply {
-                    Reply::Info(i) => BodyT::QueueInfo(i),
-                    Reply::Deleted(n) => {
-                        let mut d = wire::QueueDeletedT::default();
-                        d.messages = n;
-                        BodyT::QueueDeleted(Box::new(d))
-                    }
-                    Reply::Purged(n) => {
-                        let mut p = wire::QueuePurgedT::default();
-                        p.messages = n;
-                        BodyT::QueuePurged(Box::new(p))
-                    }
-                    Reply::Refused(r) => return self.refuse(out, request_id, r),
-                    Reply::Done => BodyT::Ok(Box::default()),
-                    other => {
-                        tracing::error!(?other, "unexpected reply");
-                        return self.refuse(
-                            out,
-                            request_id,
-                            Refusal {
-                                code: ErrorCode::Internal,
-                                message: "unexpected reply".into(),
-                            },
-                        );
-                    }
-                };
-                self.reply(out, request_id, body);
-            }
+            (Pending::Reply { request_id }, reply) => self.on_reply_to(request_id, reply, out),
             (
                 Pending::BindQueue {
                     request_id,
@@ -1013,6 +995,31 @@ impl Session {
                 Reply::Refused(r) => self.refuse(out, request_id, r),
                 other => tracing::error!(?other, "unexpected reply to a bind's queue check"),
             },
+            (Pending::DeleteQueue { request_id, name }, Reply::Deleted(messages))
+                if self.routing.table.borrow().has_bindings_to(&name) =>
+            {
+                let op = Op::Control(ControlOp::QueueGone { queue: name });
+                let pending = Pending::QueueUnbound {
+                    request_id,
+                    messages,
+                };
+                self.route(routed, CONTROL_SHARD, op, pending);
+            }
+            (Pending::DeleteQueue { request_id, .. }, reply) => {
+                self.on_reply_to(request_id, reply, out)
+            }
+            (
+                Pending::QueueUnbound {
+                    request_id,
+                    messages,
+                },
+                _,
+            ) => {
+                // Deleted either way: a failure to journal the unbinds is the writer's to log.
+                let mut d = wire::QueueDeletedT::default();
+                d.messages = messages;
+                self.reply(out, request_id, BodyT::QueueDeleted(Box::new(d)));
+            }
             (Pending::Consume { request_id, tag }, reply) => match reply {
                 Reply::Consumed(owner) => {
                     let shard = match self.consumers.get_mut(&tag) {
@@ -1068,6 +1075,37 @@ impl Session {
                 other => tracing::error!(?other, "unexpected reply to get"),
             },
         }
+    }
+
+    /// Answers a client's request with an owner's reply as it is.
+    fn on_reply_to(&mut self, request_id: u64, reply: Reply, out: &mut BytesMut) {
+        let body = match reply {
+            Reply::Info(i) => BodyT::QueueInfo(i),
+            Reply::Deleted(n) => {
+                let mut d = wire::QueueDeletedT::default();
+                d.messages = n;
+                BodyT::QueueDeleted(Box::new(d))
+            }
+            Reply::Purged(n) => {
+                let mut p = wire::QueuePurgedT::default();
+                p.messages = n;
+                BodyT::QueuePurged(Box::new(p))
+            }
+            Reply::Refused(r) => return self.refuse(out, request_id, r),
+            Reply::Done => BodyT::Ok(Box::default()),
+            other => {
+                tracing::error!(?other, "unexpected reply");
+                return self.refuse(
+                    out,
+                    request_id,
+                    Refusal {
+                        code: ErrorCode::Internal,
+                        message: "unexpected reply".into(),
+                    },
+                );
+            }
+        };
+        self.reply(out, request_id, body);
     }
 
     /// The `Status` reply: totals, and every shard's counters by name (`shard.N.what`), so that
