@@ -2,8 +2,9 @@
 //!
 //! Connect with the `Hello`/`Welcome` handshake; declare, delete, purge, describe and list
 //! queues; publish one message or a batch, each message resolving on its confirm; consume as a
-//! `Stream` of deliveries settled with `ack`, `nack` and `reject`; `get` one message. All errors
-//! are one `ClientError`.
+//! `Stream` of deliveries settled with `ack`, `nack` and `reject`; `get` one message; declare
+//! direct, topic and fanout exchanges and bind queues to them; request-reply with a
+//! [`Requester`]. All errors are one `ClientError`.
 //!
 //! Shard-aware by default: the broker runs one shard per core, each owning some queues. The
 //! client opens one connection per shard and sends each queue's traffic to its owner (the same
@@ -59,6 +60,38 @@
 //!     client.close().await
 //! }
 //! ```
+//!
+//! # Exchanges, pub/sub and request-reply
+//!
+//! ```no_run
+//! use weir_client::{
+//!     Client, ClientError, ClientOptions, ConsumeOptions, ExchangeKind, ExchangeOptions, Message,
+//!     PublishOptions, QueueOptions,
+//! };
+//!
+//! # async fn example(client: Client) -> Result<(), ClientError> {
+//! // Pub/sub: a topic exchange, and a private queue per subscriber (server-named, exclusive,
+//! // auto-delete: it goes with this connection).
+//! client.declare_exchange("logs", ExchangeKind::Topic, ExchangeOptions::default()).await?;
+//! let private = QueueOptions { durable: false, exclusive: true, auto_delete: true, ..QueueOptions::default() };
+//! let mine = client.declare("", private).await?.name;
+//! client.bind(&mine, "logs", "*.error").await?; // every shard routes by it once this returns
+//! let to_logs = PublishOptions { exchange: "logs".into(), mandatory: false };
+//! client.publish_with(&to_logs, "db.error", Message::new("disk full")).await?.await?;
+//! let mut errors = client.consume(&mine, ConsumeOptions::default()).await?;
+//! let first = errors.recv().await.expect("open")?;
+//! first.ack().await?;
+//!
+//! // Request-reply: a private reply queue, correlation ids, a timeout, many in flight.
+//! let requester = client.requester().await?;
+//! let reply = requester.request("rpc", "upper", Message::new("hello")).await?;
+//! println!("{}", String::from_utf8_lossy(reply.body()));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A responder consumes its request queue and publishes each answer to the request's
+//! `reply_to` with its `correlation_id` (the `responder` example).
 //!
 //! # Errors and delivery guarantees
 //!
