@@ -1,0 +1,944 @@
+//! Scenario files: what a workload is, parsed from TOML, checked, and turned into a schedule.
+//!
+//! Contract: pure data and arithmetic, no I/O beyond reading the file; called on the main thread
+//! before any load thread starts. Every value that cannot be run is refused here with the file,
+//! the key (`phases[1].rate`) and the reason, so a bad file never starts a broker. Unknown keys
+//! are refused too (`deny_unknown_fields`): a misspelt `consumer_rate` must not silently mean
+//! "unlimited".
+//!
+//! The rate schedule is a function `N(t)`: how many messages a phase has sent by `t` seconds into
+//! it. Message `k` of a phase is intended at the `t` where `N(t) = k`; that is the clock every
+//! latency is measured from (open loop: a stall delays sending, and the delay is in the numbers).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The bytes at the start of every body: magic, producer, sequence, intended send time, phase,
+/// queue. Sizes below this are refused.
+pub const HEADER_LEN: usize = 32;
+
+/// What kind of workload a scenario is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Producers publish to queues on the default exchange; consumers take from them.
+    #[default]
+    Queue,
+    /// One publish to a fanout exchange, delivered to every bound (server-named) queue.
+    Fanout,
+    /// Request-reply: producers are requesters, consumers are servers that reply.
+    Rpc,
+    /// Closed loop: producers publish as fast as their confirm window allows.
+    Max,
+}
+
+/// The message body size.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Every message this many bytes.
+    Fixed(u32),
+    /// Uniform between `min` and `max` bytes (inclusive).
+    Uniform {
+        /// Smallest body.
+        min: u32,
+        /// Largest body.
+        max: u32,
+    },
+}
+
+impl Size {
+    /// The largest body this produces.
+    pub fn max(&self) -> u32 {
+        match *self {
+            Size::Fixed(n) => n,
+            Size::Uniform { max, .. } => max,
+        }
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Size::Fixed(n) => write!(f, "{n} B"),
+            Size::Uniform { min, max } => write!(f, "{min}..{max} B (uniform)"),
+        }
+    }
+}
+
+/// How a phase's publish rate moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// `rate` throughout (0: a quiet phase).
+    #[default]
+    Constant,
+    /// From `rate` at the start to `rate_end` at the end, linearly.
+    Ramp,
+    /// From `rate_min` up to `rate` over each `period_s`, then back down at once.
+    Sawtooth,
+    /// `rate_min` at the start, `rate` half a period later, smoothly (a day compressed).
+    Sine,
+}
+
+/// The kind of a scenario's own routing exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeType {
+    /// Routing key equals binding key.
+    Direct,
+    /// Binding keys are patterns: `.`-separated words, `*` one word, `#` zero or more.
+    Topic,
+}
+
+/// `[exchange]`: publish through a direct or topic exchange instead of straight to the queues.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeSpec {
+    /// Direct or topic.
+    pub kind: ExchangeType,
+    /// Queue `i` is bound with `binding_keys[i % len]`.
+    pub binding_keys: Vec<String>,
+    /// Producers cycle through these, one key per publish frame.
+    pub routing_keys: Vec<String>,
+}
+
+impl ExchangeSpec {
+    /// The queues (indices, of `queues`) a message with routing key `key` reaches.
+    pub fn destinations(&self, key: &str, queues: u32) -> Vec<u16> {
+        (0..queues)
+            .filter(|q| {
+                let binding = &self.binding_keys[*q as usize % self.binding_keys.len()];
+                match self.kind {
+                    ExchangeType::Direct => binding == key,
+                    ExchangeType::Topic => topic_matches(binding, key),
+                }
+            })
+            .map(|q| q as u16)
+            .collect()
+    }
+}
+
+/// Topic matching as the broker does it: `.`-separated words; `*` matches exactly one word, `#`
+/// zero or more. The loss check needs to know where every message should land.
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(w), Some(x)) if w == x => go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
+/// One phase of a scenario.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    /// Shown in the report and used in file names.
+    pub name: String,
+    /// How long it lasts. A quiet phase after the last publishing one ends early once every
+    /// queue is drained.
+    pub duration_s: f64,
+    /// How the rate moves.
+    #[serde(default)]
+    pub shape: Shape,
+    /// Messages per second over all producers (see `Shape`); not used by `kind = "max"`.
+    pub rate: Option<f64>,
+    /// Ramp: the rate at the end.
+    pub rate_end: Option<f64>,
+    /// Sawtooth and sine: the lowest rate.
+    pub rate_min: Option<f64>,
+    /// Sawtooth and sine: seconds per cycle.
+    pub period_s: Option<f64>,
+}
+
+fn default_one() -> u32 {
+    1
+}
+fn default_prefetch() -> u32 {
+    100
+}
+fn default_true() -> bool {
+    true
+}
+fn default_size() -> Size {
+    Size::Fixed(256)
+}
+fn default_in_flight() -> u32 {
+    1024
+}
+fn default_drain_timeout() -> f64 {
+    60.0
+}
+fn default_request_timeout() -> f64 {
+    30.0
+}
+
+/// A workload, as written in `loadgen/scenarios/*.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// One line saying what it shows.
+    #[serde(default)]
+    pub description: String,
+    /// Queue (default), fanout, rpc or max.
+    #[serde(default)]
+    pub kind: Kind,
+    /// Publishing clients (requesters for rpc); each its own connection.
+    #[serde(default = "default_one")]
+    pub producers: u32,
+    /// Consuming clients (servers for rpc); each its own connection.
+    #[serde(default = "default_one")]
+    pub consumers: u32,
+    /// Queues (fanout: subscriber queues, each gets every message). Producer `p` publishes to
+    /// queue `p % queues`; consumer `c` takes from queue `c % queues`.
+    #[serde(default = "default_one")]
+    pub queues: u32,
+    /// Body size: `256` or `{ min = 64, max = 4096 }`; at least the 32-byte loadgen header.
+    #[serde(default = "default_size")]
+    pub size: Size,
+    /// Most messages per publish frame: the messages due at once go together.
+    #[serde(default = "default_one")]
+    pub batch: u32,
+    /// Unacked deliveries a consumer may hold.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u32,
+    /// Deliveries acked per Ack frame.
+    #[serde(default = "default_one")]
+    pub ack_batch: u32,
+    /// Persistent messages (journaled on durable queues).
+    #[serde(default = "default_true")]
+    pub persistent: bool,
+    /// Durable queues.
+    #[serde(default = "default_true")]
+    pub durable: bool,
+    /// Most messages per second each consumer processes (absent: as fast as they come).
+    pub consumer_rate: Option<f64>,
+    /// Milliseconds of work per message per consumer (absent: none).
+    pub process_ms: Option<f64>,
+    /// Publish through a direct or topic exchange (kind = "queue" or "max").
+    pub exchange: Option<ExchangeSpec>,
+    /// Consumers start at the beginning of this phase (absent: with the first).
+    pub consumers_start: Option<String>,
+    /// `max`: most unconfirmed messages per producer.
+    #[serde(default = "default_in_flight")]
+    pub in_flight: u32,
+    /// Longest wait for the queues to drain after the last publishing phase.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_s: f64,
+    /// `rpc`: longest wait for one reply.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: f64,
+    /// The phases, in order.
+    pub phases: Vec<Phase>,
+}
+
+/// A refused scenario: the file, the key and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScenarioError(pub String);
+
+impl std::fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+/// Where the shipped scenarios live in the source tree.
+pub fn scenarios_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios")
+}
+
+/// The shipped scenarios, built into the binary so that `--scenario spike` works wherever the
+/// binary is; a copy on disk (`loadgen/scenarios/NAME.toml`) wins, so edits there apply.
+pub const SHIPPED: &[(&str, &str)] = &[
+    ("steady", include_str!("../scenarios/steady.toml")),
+    ("spike", include_str!("../scenarios/spike.toml")),
+    ("sawtooth", include_str!("../scenarios/sawtooth.toml")),
+    ("diurnal", include_str!("../scenarios/diurnal.toml")),
+    ("drain", include_str!("../scenarios/drain.toml")),
+    ("fanout", include_str!("../scenarios/fanout.toml")),
+    ("rpc", include_str!("../scenarios/rpc.toml")),
+    ("max", include_str!("../scenarios/max.toml")),
+    ("topic", include_str!("../scenarios/topic.toml")),
+];
+
+/// A scenario's text and what to call it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The name (file stem), for queue names and the report.
+    pub name: String,
+    /// What errors call it ("spike.toml").
+    pub label: String,
+    /// The TOML.
+    pub text: String,
+}
+
+/// Finds `--scenario`: a path to a file, or the name of a shipped scenario (on disk in
+/// `./loadgen/scenarios` or this crate's source directory, else the built-in copy).
+pub fn find(name_or_path: &str) -> Result<Found, ScenarioError> {
+    let read = |p: &Path| -> Result<Found, ScenarioError> {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| ScenarioError(format!("scenario {}: {e}", p.display())))?;
+        Ok(Found {
+            name: p.file_stem().map_or_else(
+                || name_or_path.to_string(),
+                |s| s.to_string_lossy().to_string(),
+            ),
+            label: p.file_name().map_or_else(
+                || p.display().to_string(),
+                |s| s.to_string_lossy().to_string(),
+            ),
+            text,
+        })
+    };
+    let p = Path::new(name_or_path);
+    if p.is_file() {
+        return read(p);
+    }
+    let file = format!("{name_or_path}.toml");
+    for dir in [PathBuf::from("loadgen/scenarios"), scenarios_dir()] {
+        let candidate = dir.join(&file);
+        if candidate.is_file() {
+            return read(&candidate);
+        }
+    }
+    if let Some((name, text)) = SHIPPED.iter().find(|(n, _)| *n == name_or_path) {
+        return Ok(Found {
+            name: name.to_string(),
+            label: format!("{name}.toml (built in)"),
+            text: text.to_string(),
+        });
+    }
+    let known: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
+    Err(ScenarioError(format!(
+        "scenario '{name_or_path}': no such file, and no shipped scenario of that name (shipped: {})",
+        known.join(", ")
+    )))
+}
+
+/// Reads and checks a scenario file.
+#[cfg(test)]
+pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+    let f = find(&path.display().to_string())?;
+    parse(&f.label, &f.text)
+}
+
+/// Parses and checks scenario text; `label` names it in errors.
+pub fn parse(label: &str, text: &str) -> Result<Scenario, ScenarioError> {
+    let s: Scenario =
+        toml::from_str(text).map_err(|e| ScenarioError(format!("scenario {label}: {e}")))?;
+    s.check()
+        .map_err(|(key, why)| ScenarioError(format!("scenario {label}: {key}: {why}")))?;
+    Ok(s)
+}
+
+type Refusal = (String, String);
+
+fn refuse<T>(key: impl Into<String>, why: impl Into<String>) -> Result<T, Refusal> {
+    Err((key.into(), why.into()))
+}
+
+fn positive(key: &str, v: f64) -> Result<(), Refusal> {
+    if !v.is_finite() || v <= 0.0 {
+        return refuse(key, format!("must be > 0 (got {v})"));
+    }
+    Ok(())
+}
+
+fn non_negative(key: &str, v: f64) -> Result<(), Refusal> {
+    if !v.is_finite() || v < 0.0 {
+        return refuse(key, format!("must be >= 0 (got {v})"));
+    }
+    Ok(())
+}
+
+impl Scenario {
+    /// Every rule a runnable scenario keeps; the first broken one as (key, reason).
+    pub fn check(&self) -> Result<(), Refusal> {
+        if self.producers == 0 {
+            return refuse("producers", "must be >= 1");
+        }
+        if self.queues == 0 {
+            return refuse("queues", "must be >= 1");
+        }
+        if self.consumers == 0 {
+            return refuse("consumers", "must be >= 1 (nothing would drain the queues)");
+        }
+        if self.kind != Kind::Rpc && self.consumers < self.queues {
+            return refuse(
+                "consumers",
+                format!(
+                    "must be >= queues ({}) so that every queue has a consumer",
+                    self.queues
+                ),
+            );
+        }
+        if let Some(x) = &self.exchange {
+            if !matches!(self.kind, Kind::Queue | Kind::Max) {
+                return refuse(
+                    "exchange",
+                    format!(
+                        "not used by kind = \"{}\"",
+                        format!("{:?}", self.kind).to_lowercase()
+                    ),
+                );
+            }
+            if x.binding_keys.is_empty() {
+                return refuse("exchange.binding_keys", "at least one key is needed");
+            }
+            if x.binding_keys.len() > self.queues as usize {
+                return refuse(
+                    "exchange.binding_keys",
+                    format!(
+                        "{} keys for {} queue(s): queue i is bound with key i, so some keys \
+                         would bind nothing",
+                        x.binding_keys.len(),
+                        self.queues
+                    ),
+                );
+            }
+            if x.routing_keys.is_empty() {
+                return refuse("exchange.routing_keys", "at least one key is needed");
+            }
+            for (i, k) in x.routing_keys.iter().enumerate() {
+                if x.destinations(k, self.queues).is_empty() {
+                    return refuse(
+                        format!("exchange.routing_keys[{i}]"),
+                        format!(
+                            "'{k}' reaches no queue (the broker would drop it, and the loss \
+                             check could not tell that from a loss)"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.kind == Kind::Queue && self.exchange.is_none() && self.producers < self.queues {
+            return refuse(
+                "producers",
+                format!(
+                    "must be >= queues ({}) so that every queue gets messages",
+                    self.queues
+                ),
+            );
+        }
+        match self.size {
+            Size::Fixed(n) if (n as usize) < HEADER_LEN => {
+                return refuse(
+                    "size",
+                    format!("must be >= {HEADER_LEN} (the loadgen header), got {n}"),
+                )
+            }
+            Size::Uniform { min, max } => {
+                if (min as usize) < HEADER_LEN {
+                    return refuse(
+                        "size.min",
+                        format!("must be >= {HEADER_LEN} (the loadgen header), got {min}"),
+                    );
+                }
+                if max < min {
+                    return refuse("size.max", format!("must be >= size.min ({min})"));
+                }
+            }
+            _ => {}
+        }
+        if self.batch == 0 {
+            return refuse("batch", "must be >= 1");
+        }
+        if self.prefetch == 0 {
+            return refuse("prefetch", "must be >= 1");
+        }
+        if self.ack_batch == 0 {
+            return refuse("ack_batch", "must be >= 1");
+        }
+        if self.ack_batch > self.prefetch {
+            return refuse(
+                "ack_batch",
+                format!(
+                    "must be <= prefetch ({}): a consumer would wait for deliveries the broker \
+                     holds back until it acks",
+                    self.prefetch
+                ),
+            );
+        }
+        if self.in_flight == 0 {
+            return refuse("in_flight", "must be >= 1");
+        }
+        if self.kind == Kind::Max && self.in_flight < self.batch {
+            return refuse("in_flight", format!("must be >= batch ({})", self.batch));
+        }
+        if let Some(r) = self.consumer_rate {
+            positive("consumer_rate", r)?;
+        }
+        if let Some(ms) = self.process_ms {
+            positive("process_ms", ms)?;
+        }
+        positive("drain_timeout_s", self.drain_timeout_s)?;
+        positive("request_timeout_s", self.request_timeout_s)?;
+        if self.phases.is_empty() {
+            return refuse("phases", "at least one [[phases]] is needed");
+        }
+        for (i, p) in self.phases.iter().enumerate() {
+            self.check_phase(i, p)?;
+            if self.phases[..i].iter().any(|q| q.name == p.name) {
+                return refuse(
+                    format!("phases[{i}].name"),
+                    format!("'{}' is used by an earlier phase", p.name),
+                );
+            }
+        }
+        if let Some(start) = &self.consumers_start {
+            if !self.phases.iter().any(|p| &p.name == start) {
+                return refuse("consumers_start", format!("no phase is named '{start}'"));
+            }
+        }
+        if self.kind != Kind::Max && self.phases.iter().all(|p| p.mean_rate() == 0.0) {
+            return refuse("phases", "no phase publishes anything (every rate is 0)");
+        }
+        Ok(())
+    }
+
+    fn check_phase(&self, i: usize, p: &Phase) -> Result<(), Refusal> {
+        let key = |k: &str| format!("phases[{i}].{k}");
+        if p.name.is_empty()
+            || !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return refuse(
+                key("name"),
+                format!(
+                    "'{}': use letters, digits, '-' and '_' (it names output files)",
+                    p.name
+                ),
+            );
+        }
+        positive(&key("duration_s"), p.duration_s)?;
+        if self.kind == Kind::Max {
+            for (k, v) in [
+                ("rate", p.rate),
+                ("rate_end", p.rate_end),
+                ("rate_min", p.rate_min),
+                ("period_s", p.period_s),
+            ] {
+                if v.is_some() {
+                    return refuse(
+                        key(k),
+                        "not used by kind = \"max\" (closed loop: as fast as confirms allow)",
+                    );
+                }
+            }
+            return Ok(());
+        }
+        let Some(rate) = p.rate else {
+            return refuse(key("rate"), "missing (messages per second, all producers)");
+        };
+        let unused = |k: &str, v: Option<f64>, shape: &str| -> Result<(), Refusal> {
+            if v.is_some() {
+                return refuse(key(k), format!("not used by shape = \"{shape}\""));
+            }
+            Ok(())
+        };
+        match p.shape {
+            Shape::Constant => {
+                non_negative(&key("rate"), rate)?;
+                unused("rate_end", p.rate_end, "constant")?;
+                unused("rate_min", p.rate_min, "constant")?;
+                unused("period_s", p.period_s, "constant")?;
+            }
+            Shape::Ramp => {
+                non_negative(&key("rate"), rate)?;
+                let Some(end) = p.rate_end else {
+                    return refuse(key("rate_end"), "missing (shape = \"ramp\" ends there)");
+                };
+                non_negative(&key("rate_end"), end)?;
+                if rate == 0.0 && end == 0.0 {
+                    return refuse(key("rate_end"), "must be > 0 when rate is 0");
+                }
+                unused("rate_min", p.rate_min, "ramp")?;
+                unused("period_s", p.period_s, "ramp")?;
+            }
+            Shape::Sawtooth | Shape::Sine => {
+                let shape = if p.shape == Shape::Sine {
+                    "sine"
+                } else {
+                    "sawtooth"
+                };
+                positive(&key("rate"), rate)?;
+                let min = p.rate_min.unwrap_or(0.0);
+                non_negative(&key("rate_min"), min)?;
+                if min > rate {
+                    return refuse(key("rate_min"), format!("must be <= rate ({rate})"));
+                }
+                let Some(period) = p.period_s else {
+                    return refuse(key("period_s"), format!("missing (shape = \"{shape}\")"));
+                };
+                positive(&key("period_s"), period)?;
+                unused("rate_end", p.rate_end, shape)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Multiplies every publish rate and the consumers' cap by `f`, keeping the shape.
+    pub fn scale_rates(&mut self, f: f64) {
+        for p in &mut self.phases {
+            for r in [&mut p.rate, &mut p.rate_end, &mut p.rate_min]
+                .into_iter()
+                .flatten()
+            {
+                *r *= f;
+            }
+        }
+        if let Some(r) = &mut self.consumer_rate {
+            *r *= f;
+        }
+    }
+
+    /// Multiplies every phase's duration (and cycle period) by `f`.
+    pub fn scale_durations(&mut self, f: f64) {
+        for p in &mut self.phases {
+            p.duration_s *= f;
+            if let Some(t) = &mut p.period_s {
+                *t *= f;
+            }
+        }
+    }
+
+    /// The index of the phase consumers start in.
+    pub fn consumers_start_phase(&self) -> usize {
+        self.consumers_start
+            .as_ref()
+            .and_then(|n| self.phases.iter().position(|p| &p.name == n))
+            .unwrap_or(0)
+    }
+
+    /// The per-consumer pace: the shortest time between two messages it processes.
+    pub fn consumer_interval_s(&self) -> Option<f64> {
+        let by_rate = self.consumer_rate.map(|r| 1.0 / r);
+        let by_work = self.process_ms.map(|ms| ms / 1000.0);
+        match (by_rate, by_work) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Index of the last phase that publishes (rate > 0), or of the last phase for `max`.
+    pub fn last_publishing_phase(&self) -> usize {
+        if self.kind == Kind::Max {
+            return self.phases.len() - 1;
+        }
+        self.phases
+            .iter()
+            .rposition(|p| p.mean_rate() > 0.0)
+            .unwrap_or(0)
+    }
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.rate.unwrap_or(0.0)
+    }
+
+    /// Messages sent by `t` seconds into the phase (all producers), `0 <= t <= duration_s`.
+    pub fn cumulative(&self, t: f64) -> f64 {
+        let r = self.rate();
+        let d = self.duration_s;
+        match self.shape {
+            Shape::Constant => r * t,
+            Shape::Ramp => {
+                let end = self.rate_end.unwrap_or(r);
+                r * t + (end - r) * t * t / (2.0 * d)
+            }
+            Shape::Sawtooth => {
+                let m = self.rate_min.unwrap_or(0.0);
+                let period = self.period_s.unwrap_or(d);
+                let cycles = (t / period).floor();
+                let u = t - cycles * period;
+                cycles * (m + r) / 2.0 * period + m * u + (r - m) * u * u / (2.0 * period)
+            }
+            Shape::Sine => {
+                let m = self.rate_min.unwrap_or(0.0);
+                let period = self.period_s.unwrap_or(d);
+                let w = 2.0 * std::f64::consts::PI / period;
+                m * t + (r - m) / 2.0 * (t - (w * t).sin() / w)
+            }
+        }
+    }
+
+    /// The rate at `t` seconds into the phase.
+    pub fn rate_at(&self, t: f64) -> f64 {
+        let r = self.rate();
+        match self.shape {
+            Shape::Constant => r,
+            Shape::Ramp => {
+                let end = self.rate_end.unwrap_or(r);
+                r + (end - r) * t / self.duration_s
+            }
+            Shape::Sawtooth => {
+                let m = self.rate_min.unwrap_or(0.0);
+                let period = self.period_s.unwrap_or(self.duration_s);
+                let u = t - (t / period).floor() * period;
+                m + (r - m) * u / period
+            }
+            Shape::Sine => {
+                let m = self.rate_min.unwrap_or(0.0);
+                let period = self.period_s.unwrap_or(self.duration_s);
+                let w = 2.0 * std::f64::consts::PI / period;
+                m + (r - m) * (1.0 - (w * t).cos()) / 2.0
+            }
+        }
+    }
+
+    /// Messages this phase sends in all.
+    pub fn message_count(&self) -> u64 {
+        self.cumulative(self.duration_s).max(0.0).ceil() as u64
+    }
+
+    /// The mean target rate.
+    pub fn mean_rate(&self) -> f64 {
+        self.cumulative(self.duration_s) / self.duration_s
+    }
+
+    /// When message `k` of this phase is intended, seconds into the phase: the `t` where
+    /// `cumulative(t) = k`, found by bisection (cumulative is nondecreasing). `lo` is a known
+    /// lower bound (the previous message's time), which keeps the search short.
+    pub fn time_of(&self, k: u64, lo: f64) -> f64 {
+        let target = k as f64;
+        let (mut lo, mut hi) = (lo.max(0.0), self.duration_s);
+        if self.cumulative(lo) >= target {
+            return lo;
+        }
+        // 1 ns resolution is far below the timer's: stop there.
+        while hi - lo > 1e-9 {
+            let mid = (lo + hi) / 2.0;
+            if self.cumulative(mid) >= target {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Scenario {
+        parse("t.toml", text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn refused(text: &str) -> String {
+        parse("t.toml", text).expect_err("must be refused").0
+    }
+
+    const BASE: &str = "producers = 2\nconsumers = 2\n";
+
+    #[test]
+    fn every_shipped_scenario_parses() {
+        let dir = scenarios_dir();
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("scenarios dir") {
+            let path = e.expect("dir entry").path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert_eq!(
+            n,
+            SHIPPED.len(),
+            "every file in scenarios/ is built in, and only those"
+        );
+        for (name, text) in SHIPPED {
+            parse(name, text).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn a_zero_rate_ramp_names_the_key() {
+        let e = refused(&format!(
+            "{BASE}[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n\
+             [[phases]]\nname = \"b\"\nduration_s = 1\nshape = \"sawtooth\"\nrate = 0\nperiod_s = 1\n"
+        ));
+        assert_eq!(e, "scenario t.toml: phases[1].rate: must be > 0 (got 0)");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = refused(&format!(
+            "{BASE}consumer_rat = 5\n[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n"
+        ));
+        assert!(e.contains("unknown field `consumer_rat`"), "{e}");
+        let e = refused(&format!(
+            "{BASE}[[phases]]\nname = \"a\"\nduration_s = 1\nrat = 10\n"
+        ));
+        assert!(e.contains("unknown field `rat`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let phase = "[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n";
+        let cases = [
+            ("queues = 0\n", "queues: must be >= 1"),
+            ("size = 8\n", "size: must be >= 32"),
+            (
+                "size = { min = 64, max = 32 }\n",
+                "size.max: must be >= size.min",
+            ),
+            ("batch = 0\n", "batch: must be >= 1"),
+            (
+                "prefetch = 10\nack_batch = 20\n",
+                "ack_batch: must be <= prefetch",
+            ),
+            ("consumer_rate = -1\n", "consumer_rate: must be > 0"),
+            (
+                "consumers_start = \"nope\"\n",
+                "consumers_start: no phase is named 'nope'",
+            ),
+            ("queues = 3\n", "consumers: must be >= queues"),
+        ];
+        for (line, want) in cases {
+            let e = refused(&format!("{BASE}{line}{phase}"));
+            assert!(e.contains(want), "{line:?}: {e}");
+        }
+        let e = refused(&format!(
+            "{BASE}[[phases]]\nname = \"a\"\nduration_s = 0\nrate = 1\n"
+        ));
+        assert!(e.contains("phases[0].duration_s: must be > 0"), "{e}");
+        let e = refused(&format!("{BASE}[[phases]]\nname = \"a\"\nduration_s = 1\n"));
+        assert!(e.contains("phases[0].rate: missing"), "{e}");
+        let e = refused(&format!(
+            "{BASE}[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 1\nperiod_s = 3\n"
+        ));
+        assert!(
+            e.contains("phases[0].period_s: not used by shape = \"constant\""),
+            "{e}"
+        );
+        let e = refused(&format!("{BASE}phases = []\n"));
+        assert!(e.contains("phases: at least one"), "{e}");
+        let e = refused(&format!(
+            "{BASE}[[phases]]\nname = \"a b\"\nduration_s = 1\nrate = 1\n"
+        ));
+        assert!(e.contains("phases[0].name"), "{e}");
+        let e = refused(&format!(
+            "{BASE}kind = \"max\"\n[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 1\n"
+        ));
+        assert!(
+            e.contains("phases[0].rate: not used by kind = \"max\""),
+            "{e}"
+        );
+        let e = refused(&format!("{BASE}batch = \"two\"\n{phase}"));
+        assert!(e.contains("batch") && e.contains("invalid type"), "{e}");
+        let e = refused(&format!("producers = 0\n{phase}"));
+        assert!(e.contains("producers: must be >= 1"), "{e}");
+    }
+
+    #[test]
+    fn topic_patterns_match_as_the_broker_does() {
+        for (p, k, want) in [
+            ("orders.*", "orders.eu", true),
+            ("orders.*", "orders.eu.new", false),
+            ("orders.#", "orders", true),
+            ("orders.#", "orders.eu.new", true),
+            ("#", "anything.at.all", true),
+            ("*.new", "orders.new", true),
+            ("*.new", "new", false),
+            ("a.#.z", "a.z", true),
+            ("a.#.z", "a.b.c.z", true),
+            ("a.#.z", "a.b.c", false),
+        ] {
+            assert_eq!(topic_matches(p, k), want, "{p} vs {k}");
+        }
+    }
+
+    #[test]
+    fn exchange_keys_are_checked() {
+        let phase = "[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n";
+        let s = ok(&format!(
+            "{BASE}queues = 2\n[exchange]\nkind = \"topic\"\nbinding_keys = [\"o.*\", \"o.#\"]\n\
+             routing_keys = [\"o.eu\", \"o.eu.x\"]\n{phase}"
+        ));
+        let x = s.exchange.as_ref().expect("an exchange");
+        assert_eq!(x.destinations("o.eu", 2), vec![0, 1]);
+        assert_eq!(x.destinations("o.eu.x", 2), vec![1]);
+        let e = refused(&format!(
+            "{BASE}[exchange]\nkind = \"direct\"\nbinding_keys = [\"a\"]\n\
+             routing_keys = [\"a\", \"b\"]\n{phase}"
+        ));
+        assert!(
+            e.contains("exchange.routing_keys[1]: 'b' reaches no queue"),
+            "{e}"
+        );
+        let e = refused(&format!(
+            "{BASE}kind = \"rpc\"\n[exchange]\nkind = \"direct\"\nbinding_keys = [\"a\"]\n\
+             routing_keys = [\"a\"]\n{phase}"
+        ));
+        assert!(e.contains("exchange: not used by kind = \"rpc\""), "{e}");
+    }
+
+    #[test]
+    fn constant_schedule_is_evenly_spaced() {
+        let s = ok(&format!(
+            "{BASE}[[phases]]\nname = \"a\"\nduration_s = 2\nrate = 100\n"
+        ));
+        let p = &s.phases[0];
+        assert_eq!(p.message_count(), 200);
+        let t = p.time_of(50, 0.0);
+        assert!((t - 0.5).abs() < 1e-6, "{t}");
+        assert_eq!(p.time_of(0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn shapes_integrate_to_their_mean() {
+        let mk = |extra: &str| {
+            ok(&format!(
+                "{BASE}[[phases]]\nname = \"a\"\nduration_s = 10\n{extra}\n"
+            ))
+            .phases[0]
+                .clone()
+        };
+        let ramp = mk("shape = \"ramp\"\nrate = 0\nrate_end = 200");
+        assert!((ramp.mean_rate() - 100.0).abs() < 1e-9);
+        assert!((ramp.rate_at(5.0) - 100.0).abs() < 1e-9);
+        let saw = mk("shape = \"sawtooth\"\nrate = 200\nrate_min = 0\nperiod_s = 2.5");
+        assert!((saw.mean_rate() - 100.0).abs() < 1e-9);
+        let sine = mk("shape = \"sine\"\nrate = 300\nrate_min = 100\nperiod_s = 10");
+        assert!((sine.mean_rate() - 200.0).abs() < 1e-9);
+        assert!((sine.rate_at(5.0) - 300.0).abs() < 1e-9);
+        // Intended times are increasing and inside the phase.
+        let mut last = 0.0;
+        for k in 0..sine.message_count() {
+            let t = sine.time_of(k, last);
+            assert!(t >= last && t <= 10.0, "k {k}: {t} after {last}");
+            last = t;
+        }
+    }
+
+    #[test]
+    fn scaling_keeps_the_shape() {
+        let mut s = ok(&format!(
+            "{BASE}consumer_rate = 10\n[[phases]]\nname = \"a\"\nduration_s = 4\n\
+             shape = \"sine\"\nrate = 100\nrate_min = 10\nperiod_s = 4\n"
+        ));
+        s.scale_rates(0.5);
+        s.scale_durations(0.25);
+        let p = &s.phases[0];
+        assert_eq!(
+            (p.rate, p.rate_min, p.duration_s, p.period_s),
+            (Some(50.0), Some(5.0), 1.0, Some(1.0))
+        );
+        assert_eq!(s.consumer_rate, Some(5.0));
+    }
+}

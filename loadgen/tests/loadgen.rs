@@ -1,0 +1,420 @@
+//! Black-box tests of `weir-loadgen`: the real binary against a real `weir serve` on 127.0.0.1
+//! with ephemeral ports and temporary data directories.
+//!
+//! Nothing here synchronises by sleeping: brokers say when they are ready (their ready line),
+//! the loss test polls the queue's depth through weir-client until messages are there, and every
+//! wait has a deadline so a broken run fails the test instead of hanging it. No test asserts a
+//! time: these check behaviour (the report's contents and the exit code), not performance.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn loadgen() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_weir-loadgen"));
+    c.arg("--no-progress");
+    c
+}
+
+/// The weir binary `cargo test --workspace` built next to ours; built here if it is missing
+/// (e.g. `cargo test -p weir-loadgen` alone).
+fn weir_bin() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_weir-loadgen"))
+        .parent()
+        .expect("the binary has a directory")
+        .to_path_buf();
+    let bin = dir.join("weir");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .args(["build", "--bin", "weir"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build --bin weir");
+        assert!(status.success(), "cargo build --bin weir failed");
+    }
+    assert!(bin.is_file(), "no weir binary at {}", bin.display());
+    bin
+}
+
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("a temporary directory")
+}
+
+fn write_scenario(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write the scenario file");
+    p
+}
+
+fn results(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json written");
+    serde_json::from_str(&text).expect("results.json is JSON")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A weir-loadgen child killed if the test fails before waiting for it.
+struct Running(Option<Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for a child with a deadline; kills it past that (and fails).
+fn wait(mut running: Running) -> Output {
+    let mut child = running.0.take().expect("a running child");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait for weir-loadgen").is_some() {
+            return child
+                .wait_with_output()
+                .expect("collect weir-loadgen output");
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let out = child
+                .wait_with_output()
+                .expect("collect weir-loadgen output");
+            panic!(
+                "weir-loadgen did not finish within {DEADLINE:?}\n{}",
+                show(&out)
+            );
+        }
+        // Polling a child's exit status: the only wait std offers with a deadline.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_short_scenario_against_a_spawned_broker_completes_without_loss() {
+    let dir = temp_dir("lg-short-");
+    let scenario = write_scenario(
+        dir.path(),
+        "short.toml",
+        r#"
+description = "a short steady run for the test suite"
+producers = 2
+consumers = 2
+queues = 1
+size = { min = 64, max = 512 }
+batch = 4
+prefetch = 50
+ack_batch = 8
+
+[[phases]]
+name = "steady"
+duration_s = 1.5
+rate = 200
+
+[[phases]]
+name = "quiet"
+duration_s = 20
+rate = 0
+"#,
+    );
+    let out_dir = dir.path().join("out");
+    let child = loadgen()
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--spawn-broker")
+        .arg("--weir-bin")
+        .arg(weir_bin())
+        .arg("--out")
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weir-loadgen");
+    let out = wait(Running(Some(child)));
+    assert!(out.status.success(), "{}", show(&out));
+    let r = results(&out_dir);
+    let steady = &r["phases"][0];
+    assert_eq!(steady["name"], "steady");
+    for metric in ["confirm", "end_to_end"] {
+        let n = steady["latency"][metric]["count"].as_u64().unwrap_or(0);
+        assert!(n > 0, "empty {metric} histogram: {}", show(&out));
+        assert!(steady["latency"][metric]["max_us"].as_u64().unwrap_or(0) > 0);
+    }
+    let check = &r["check"];
+    assert_eq!(check["lost"], 0, "{}", show(&out));
+    assert_eq!(check["duplicated"], 0);
+    assert!(check["confirmed"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(check["confirmed"], check["delivered_unique"]);
+    assert_eq!(r["backlog"]["drained"], true, "{}", show(&out));
+    assert_eq!(r["publish_failures"], 0);
+    for f in [
+        "steady-confirm.hgrm",
+        "steady-end_to_end.hgrm",
+        "confirm.hlog",
+        "end_to_end.hlog",
+        "latency-steady.png",
+        "latency-steady.svg",
+        "timeline.png",
+        "timeline.svg",
+    ] {
+        let len = std::fs::metadata(out_dir.join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 0, "{f} missing or empty");
+    }
+    // The interval log reads back: one histogram per second, adding up to every confirm.
+    let log = std::fs::read(out_dir.join("confirm.hlog")).expect("confirm.hlog");
+    let mut deserializer = hdrhistogram::serialization::Deserializer::new();
+    let mut in_log = 0u64;
+    for entry in hdrhistogram::serialization::interval_log::IntervalLogIterator::new(&log) {
+        if let Ok(hdrhistogram::serialization::interval_log::LogEntry::Interval(i)) = entry {
+            let bytes = base64_decode(i.encoded_histogram());
+            let h: hdrhistogram::Histogram<u64> = deserializer
+                .deserialize(&mut bytes.as_slice())
+                .expect("an interval histogram decodes");
+            in_log += h.len();
+        }
+    }
+    let confirmed: u64 = r["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .map(|p| p["latency"]["confirm"]["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(in_log, confirmed, "the interval log holds every confirm");
+    let hgrm = std::fs::read_to_string(out_dir.join("steady-confirm.hgrm")).expect("hgrm");
+    assert!(
+        hgrm.contains("1/(1-Percentile)") && hgrm.contains("#[Max     ="),
+        "{hgrm}"
+    );
+    // The spawned broker's data directory is gone: its path is in the report.
+    let setup = r["broker_setup"].as_str().unwrap_or_default();
+    let data = setup
+        .split("data in ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .expect("the data directory is named in broker_setup");
+    assert!(!Path::new(data).exists(), "{data} was left behind");
+}
+
+/// Standard base64 (the interval log's encoding), decoded without another dependency.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let mut out = Vec::new();
+    let clean: Vec<u8> = text
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+        .collect();
+    for chunk in clean.chunks(4) {
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= value(*c) << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+/// A broker started by the test itself, so that the test can purge its queue behind the
+/// loadgen's back.
+struct Broker {
+    child: Child,
+    listen: String,
+    _data: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let data = temp_dir("lg-broker-");
+        let mut child = Command::new(weir_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shard-port-base",
+                "0",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weir serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .expect("weir serve printed its ready line");
+        assert!(line.starts_with("weir ready:"), "weir serve: {line:?}");
+        let listen = line
+            .split_whitespace()
+            .skip_while(|w| *w != "listen")
+            .nth(1)
+            .expect("a listen address")
+            .to_string();
+        Broker {
+            child,
+            listen,
+            _data: data,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_loss_check_fails_when_messages_are_purged_behind_its_back() {
+    let broker = Broker::start();
+    let dir = temp_dir("lg-loss-");
+    // Consumers start only with the second phase: the first one's messages sit in the queue,
+    // where the test purges some of them.
+    let scenario = write_scenario(
+        dir.path(),
+        "lossy.toml",
+        r#"
+producers = 1
+consumers = 1
+consumers_start = "drain"
+
+[[phases]]
+name = "fill"
+duration_s = 4
+rate = 25
+
+[[phases]]
+name = "drain"
+duration_s = 20
+rate = 0
+"#,
+    );
+    let out_dir = dir.path().join("out");
+    let child = loadgen()
+        .arg("--scenario")
+        .arg(&scenario)
+        .args(["--addr", &broker.listen, "--queue-prefix", "lossy"])
+        .arg("--out")
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weir-loadgen");
+    let child = Running(Some(child));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let purged = rt.block_on(async {
+        let client = weir_client::Client::connect(broker.listen.as_str(), Default::default())
+            .await
+            .expect("connect to the broker");
+        let start = Instant::now();
+        loop {
+            // The loadgen declares the queue itself: NotFound until then.
+            if let Ok(info) = client.queue_info("lossy-0").await {
+                if info.messages_ready >= 5 {
+                    break;
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "no messages reached the queue");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let purged = client.purge("lossy-0").await.expect("purge");
+        let _ = client.close().await;
+        purged
+    });
+    assert!(purged > 0, "the purge found nothing to take");
+
+    let out = wait(child);
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("!!! LOSS:"), "{}", show(&out));
+    assert!(stderr.contains("!!! LOSS:"), "{}", show(&out));
+    let r = results(&out_dir);
+    let lost = r["check"]["lost"].as_u64().unwrap_or(0);
+    assert!(
+        lost > 0 && lost <= purged,
+        "lost {lost}, purged {purged}\n{}",
+        show(&out)
+    );
+    assert_eq!(r["backlog"]["drained"], true);
+}
+
+#[test]
+fn an_invalid_scenario_file_is_refused_with_the_key_and_the_reason() {
+    let dir = temp_dir("lg-bad-");
+    let bad = write_scenario(
+        dir.path(),
+        "bad.toml",
+        "producers = 1\n[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n\
+         [[phases]]\nname = \"b\"\nduration_s = 1\nrate = -5\n",
+    );
+    let out = loadgen()
+        .arg("--scenario")
+        .arg(&bad)
+        .output()
+        .expect("run weir-loadgen");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("scenario bad.toml: phases[1].rate: must be >= 0 (got -5)"),
+        "{}",
+        show(&out)
+    );
+
+    let unknown = write_scenario(
+        dir.path(),
+        "unknown.toml",
+        "producers = 1\nconsumer_rat = 10\n[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n",
+    );
+    let out = loadgen()
+        .arg("--scenario")
+        .arg(&unknown)
+        .output()
+        .expect("run weir-loadgen");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown.toml") && stderr.contains("unknown field `consumer_rat`"),
+        "{}",
+        show(&out)
+    );
+}
