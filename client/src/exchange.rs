@@ -151,16 +151,7 @@ impl Client {
         exchange: &str,
         binding_key: &str,
     ) -> Result<(), ClientError> {
-        let conn = self.any_conn();
-        let limits = conn.limits();
-        limits.check_name("queue name length", queue)?;
-        limits.check_name("exchange name length", exchange)?;
-        limits.check_name("binding key length", binding_key)?;
-        let mut b = wire::BindT::default();
-        b.exchange = exchange.to_string();
-        b.queue = queue.to_string();
-        b.binding_key = Some(binding_key.to_string());
-        ok(conn.request(BodyT::Bind(Box::new(b))).await?)
+        self.binding(true, queue, exchange, binding_key).await
     }
 
     /// Removes a binding; removing one that does not exist is not an error. An auto-delete
@@ -171,16 +162,37 @@ impl Client {
         exchange: &str,
         binding_key: &str,
     ) -> Result<(), ClientError> {
+        self.binding(false, queue, exchange, binding_key).await
+    }
+
+    /// `Bind` (`bind`) or `Unbind`: the same three names, checked against the broker's limit.
+    async fn binding(
+        &self,
+        bind: bool,
+        queue: &str,
+        exchange: &str,
+        binding_key: &str,
+    ) -> Result<(), ClientError> {
         let conn = self.any_conn();
         let limits = conn.limits();
         limits.check_name("queue name length", queue)?;
         limits.check_name("exchange name length", exchange)?;
         limits.check_name("binding key length", binding_key)?;
-        let mut b = wire::UnbindT::default();
-        b.exchange = exchange.to_string();
-        b.queue = queue.to_string();
-        b.binding_key = Some(binding_key.to_string());
-        ok(conn.request(BodyT::Unbind(Box::new(b))).await?)
+        let (exchange, queue, key) = (
+            exchange.to_string(),
+            queue.to_string(),
+            Some(binding_key.to_string()),
+        );
+        let body = if bind {
+            let mut b = wire::BindT::default();
+            (b.exchange, b.queue, b.binding_key) = (exchange, queue, key);
+            BodyT::Bind(Box::new(b))
+        } else {
+            let mut b = wire::UnbindT::default();
+            (b.exchange, b.queue, b.binding_key) = (exchange, queue, key);
+            BodyT::Unbind(Box::new(b))
+        };
+        ok(conn.request(body).await?)
     }
 
     /// Every exchange whose name starts with `prefix`, in name order (all pages). The default
