@@ -28,7 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{placement, Cache, ConnRef, Liveness, QueueHost, Refusal, Stored};
+use crate::broker::host::{
+    placement, Cache, ConnRef, DeadLetter, Liveness, MsgRef, QueueHost, Refusal, Stored,
+};
 use crate::broker::ops::{self, JournalSink, Op, Pushed, Reply};
 use crate::broker::queue::Seq;
 use crate::broker::rebuild::Rebuild;
@@ -414,6 +416,10 @@ impl ShardState {
         }
         pushes
             .retain(|p| !matches!(p, Pushed::Deliver { deliveries, .. } if deliveries.is_empty()));
+        let dead = self.host.borrow_mut().take_dead_letters();
+        if !dead.is_empty() {
+            self.dead_letter(dead).await;
+        }
         // Deliveries go at once; a consumer may see a message before its publisher's confirm.
         for push in pushes {
             let to = match &push {
@@ -650,6 +656,89 @@ impl ShardState {
         self.send_to(CONTROL_SHARD, MeshMsg::Request { from, id: 0, op });
     }
 
+    /// Publishes dead-lettered messages to their queues' dead-letter exchanges, routed by this
+    /// shard's copy of the table, as this shard's own publishes (nobody waits for a confirm).
+    /// The bytes are the message as its producer sent it (a cold one read back from its record):
+    /// never re-encoded; its own expiration no longer applies. At most once: the original's
+    /// settlement and the copy's acceptance are not one atomic step (as RabbitMQ's classic
+    /// queues), and a copy that routes nowhere is dropped and counted as unroutable.
+    async fn dead_letter(&self, letters: Vec<DeadLetter>) {
+        let shards = self.session.shard_count();
+        let max = self.limits.broker.targets_per_message_max as usize;
+        let mut by_shard: HashMap<u16, Vec<ops::PublishItem>> = HashMap::new();
+        for d in letters {
+            let read = match &d.msg {
+                MsgRef::Hot(s) => Some((s.payload(), s.routing_key.clone())),
+                MsgRef::Cold {
+                    position,
+                    record_len,
+                } => match self.journal.read(*position, Some(*record_len)).await {
+                    Ok(record) => {
+                        let (envelope, message) = MessageEnvelope::decode(record.body())
+                            .unwrap_or_else(|e| {
+                                panic!("journal record at {position:?} is not a message: {e}")
+                            });
+                        let key = String::from_utf8_lossy(envelope.routing_key).into_owned();
+                        Some((bytes::Bytes::copy_from_slice(message), key))
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            shard = self.id,
+                            queue = &*d.queue,
+                            "dead-lettering: cannot read the message back: {e}"
+                        );
+                        None
+                    }
+                },
+            };
+            self.host.borrow().release_dead_letter(&d);
+            let Some((bytes, original_key)) = read else {
+                continue;
+            };
+            let key = d.routing_key.clone().unwrap_or(original_key);
+            let mut queues: Vec<String> = if d.exchange.is_empty() {
+                vec![key.clone()]
+            } else {
+                let table = self.routing.table.borrow();
+                let mut matched = Vec::new();
+                let _ = table.route(&d.exchange, &key, &mut matched);
+                matched.into_iter().map(str::to_string).collect()
+            };
+            if queues.is_empty() {
+                self.routing
+                    .unroutable
+                    .set(self.routing.unroutable.get() + 1);
+                continue;
+            }
+            let item = ops::PublishItem {
+                sequence: 0,
+                queue: String::new(),
+                also: Vec::new(),
+                exchange: d.exchange.clone(),
+                routing_key: key,
+                mandatory: false,
+                confirm: false,
+                // Verified when it arrived; verified again here rather than read unchecked, as
+                // dead letters are few.
+                persistent: weir_protocol::verify_message(&bytes, &self.limits.wire)
+                    .map_or(true, |m| m.persistent()),
+                bytes,
+                expiration_ms: None,
+            };
+            for (shard, part) in ops::address(item, &mut queues, shards, max) {
+                by_shard.entry(shard).or_default().push(part);
+            }
+        }
+        let from = ConnRef {
+            shard: self.id,
+            conn: CONTROL_CONN,
+        };
+        for (shard, items) in by_shard {
+            let op = Op::Publish(items);
+            self.send_to(shard, MeshMsg::Request { from, id: 0, op });
+        }
+    }
+
     /// Once their records are durable, the newest messages leave memory (payload, envelope and
     /// all: the queue keeps a cold reference to the record, no allocation) while journaled
     /// payloads hold more than their share of `cache_bytes_max`: the head of a backlog,
@@ -792,6 +881,32 @@ fn not_durable(reply: Reply, refusal: Refusal) -> Reply {
                 .collect(),
         ),
         _ => Reply::Refused(refusal),
+    }
+}
+
+/// How often a shard settles the expired heads of its queues (dead-lettering them where the
+/// queue says so). A message's TTL is honoured to within this, also in a queue nobody consumes.
+const EXPIRE_EVERY: Duration = Duration::from_millis(100);
+
+/// Asks the worker, in its order, to expire what is due.
+async fn expire_forever(state: Rc<ShardState>) {
+    loop {
+        rt::executor::sleep(EXPIRE_EVERY).await;
+        if state.host.borrow().queue_count() == 0 {
+            continue;
+        }
+        let from = ConnRef {
+            shard: state.id,
+            conn: CONTROL_CONN,
+        };
+        state.send_to(
+            state.id,
+            MeshMsg::Request {
+                from,
+                id: 0,
+                op: Op::Expire,
+            },
+        );
     }
 }
 
@@ -979,6 +1094,7 @@ pub async fn run(setup: ShardSetup) {
     let mut tasks = Vec::new();
     tasks.push(rt::spawn(work_forever(state.clone(), work_waiter)));
     tasks.push(rt::spawn(reclaim_forever(state.clone())));
+    tasks.push(rt::spawn(expire_forever(state.clone())));
     let flusher = state.clone();
     tasks.push(rt::spawn(async move {
         flusher.mesh.flush_forever(flush_waiter).await

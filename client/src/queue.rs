@@ -28,7 +28,8 @@ pub struct QueueArguments {
     /// Time to live of every message in the queue, ms from when the queue accepts it.
     pub message_ttl_ms: Option<u32>,
     /// Exchange that receives messages dead-lettered from this queue (rejected without requeue,
-    /// expired, dropped by overflow, or past `max_deliveries`). `None`: they are dropped.
+    /// expired, dropped by overflow, or past `max_deliveries`); `""` is the default exchange
+    /// (the routing key names the queue). `None`: they are dropped. At most once.
     pub dead_letter_exchange: Option<String>,
     /// Routing key for dead-lettered messages. `None`: the message's original routing key.
     pub dead_letter_routing_key: Option<String>,

@@ -134,6 +134,11 @@ pub struct QueueHost {
     pub unroutable: u64,
     /// Queues removed since the last `take_removed`: their bindings must go too.
     removed: Vec<String>,
+    /// Messages dead-lettered since the last `take_dead_letters`, for the shard to publish to
+    /// their queue's dead-letter exchange.
+    dead_letters: Vec<DeadLetter>,
+    /// Messages dead-lettered so far.
+    pub dead_lettered: u64,
     /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
     settles: Vec<(Rc<str>, Seq, SettleReason)>,
     /// Durable declarations and deletions, for the shard to journal.
@@ -142,6 +147,18 @@ pub struct QueueHost {
     cache: Rc<Cache>,
     /// Live messages per journal segment (for reclaim).
     liveness: Rc<Liveness>,
+}
+
+/// A message its queue dead-lettered (rejected without requeue, expired, pushed out by overflow,
+/// past `max_deliveries`): the shard publishes it to `exchange` with `routing_key` (the queue's
+/// `dead_letter_routing_key`, or `None` for the message's own key). A cold message's segment is
+/// still counted live: the shard reads the record back, then releases it (`release_dead_letter`).
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub queue: Rc<str>,
+    pub exchange: String,
+    pub routing_key: Option<String>,
+    pub msg: MsgRef,
 }
 
 /// What the host asks the shard to write to the journal.
@@ -178,6 +195,8 @@ impl QueueHost {
             dropped: 0,
             unroutable: 0,
             removed: Vec::new(),
+            dead_letters: Vec::new(),
+            dead_lettered: 0,
             settles: Vec::new(),
             catalog: Vec::new(),
         }
@@ -239,18 +258,63 @@ impl QueueHost {
             .map(|q| q.durable && q.exclusive.is_none())
     }
 
-    /// Counts what was settled and remembers the settlements of journaled messages.
+    /// Counts what was settled and remembers the settlements of journaled messages, and the
+    /// messages to dead-letter.
     fn note_settled(&mut self, queue: &Rc<str>, settled: Vec<Settled<MsgRef>>) {
+        let target = self.queues.get(queue).and_then(|q| {
+            let a = &q.arguments;
+            let exchange = a.dead_letter_exchange.clone()?;
+            Some((exchange, a.dead_letter_routing_key.clone()))
+        });
         for s in settled {
-            if s.reason != SettleReason::Acked {
-                self.dropped += 1;
-            }
             if s.msg.journaled() {
                 self.settles.push((queue.clone(), s.seq, s.reason));
+            }
+            match (&target, s.reason) {
+                (_, SettleReason::Acked) => {}
+                (Some((exchange, routing_key)), SettleReason::DeadLettered) => {
+                    self.dead_lettered += 1;
+                    self.dead_letters.push(DeadLetter {
+                        queue: queue.clone(),
+                        exchange: exchange.clone(),
+                        routing_key: routing_key.clone(),
+                        msg: s.msg,
+                    });
+                    continue; // a cold one stays counted until it is read back
+                }
+                _ => self.dropped += 1,
             }
             if let Some(segment) = s.msg.cold_segment() {
                 self.liveness.sub(segment);
             }
+        }
+    }
+
+    /// The messages dead-lettered since the last call.
+    pub fn take_dead_letters(&mut self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.dead_letters)
+    }
+
+    /// A dead letter has been read and published: its record's segment may go.
+    pub fn release_dead_letter(&self, d: &DeadLetter) {
+        if let Some(segment) = d.msg.cold_segment() {
+            self.liveness.sub(segment);
+        }
+    }
+
+    /// Settles the expired heads of every queue (dead-lettering them where the queue says so):
+    /// a queue nobody consumes still lets its messages go when their time is up.
+    pub fn expire(&mut self, now_ms: u64) {
+        let mut expired = Vec::new();
+        for (name, q) in self.queues.iter_mut() {
+            let mut settled = Vec::new();
+            q.queue.expire(now_ms, &mut settled);
+            if !settled.is_empty() {
+                expired.push((name.clone(), settled));
+            }
+        }
+        for (name, settled) in expired {
+            self.note_settled(&name, settled);
         }
     }
 
@@ -361,10 +425,10 @@ impl QueueHost {
             return refuse(ErrorCode::NotFound, format!("queue '{}' not found", d.name));
         }
         let a = &d.arguments;
-        if let Some(dlx) = a.dead_letter_exchange.as_deref().filter(|x| !x.is_empty()) {
+        if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
             return refuse(
                 ErrorCode::InvalidArgument,
-                format!("dead_letter_exchange '{dlx}': exchanges are not served by this broker version yet"),
+                "dead_letter_routing_key without dead_letter_exchange: name the exchange (\"\" is the default one)".into(),
             );
         }
         if a.priority_max > 0 {
@@ -718,6 +782,7 @@ impl QueueHost {
             shard: self.shard,
             queues: self.queues.len() as u64,
             dropped: self.dropped,
+            dead_lettered: self.dead_lettered,
             unroutable: self.unroutable,
             cache_bytes: self.cache.bytes(),
             ..Default::default()
@@ -752,7 +817,7 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
         },
         message_ttl_ms: a.message_ttl_ms.map(u64::from),
         max_deliveries: a.max_deliveries,
-        dead_letter: false,
+        dead_letter: a.dead_letter_exchange.is_some(),
     }
 }
 
@@ -974,6 +1039,48 @@ mod tests {
             (2, 0),
             "released with its connection"
         );
+    }
+    #[test]
+    fn rejected_and_expired_messages_become_dead_letters_not_drops() {
+        let mut h = QueueHost::new(0);
+        let mut d = declare("src");
+        d.arguments.dead_letter_exchange = Some("dlx".into());
+        d.arguments.dead_letter_routing_key = Some("failed".into());
+        d.arguments.message_ttl_ms = Some(100);
+        h.declare(A, d, 0).unwrap();
+        h.declare(A, declare("plain"), 0).unwrap();
+        h.publish(A, "src", msg(b"r"), None, 0).unwrap();
+        let c = h.consume(A, "src", "t", 1, false, false).unwrap();
+        let mut out = Vec::new();
+        h.take_deliveries(0, 10, &mut out);
+        assert_eq!(out.len(), 1);
+        h.settle(A, "src", c, out[0].delivery.seq, false, false)
+            .unwrap();
+        let dead = h.take_dead_letters();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].exchange.as_str(), dead[0].routing_key.as_deref()),
+            ("dlx", Some("failed"))
+        );
+        assert_eq!((h.dead_lettered, h.dropped), (1, 0));
+
+        // Expiry without anyone consuming: the timer's `expire`, at the deadline and not before.
+        h.cancel(A, "src", c).unwrap();
+        h.publish(A, "src", msg(b"e"), None, 1_000).unwrap();
+        h.publish(A, "plain", msg(b"p"), Some(50), 1_000).unwrap();
+        h.expire(1_049);
+        assert!(h.take_dead_letters().is_empty());
+        h.expire(1_100);
+        assert_eq!(
+            h.take_dead_letters().len(),
+            1,
+            "src's message, dead-lettered"
+        );
+        assert_eq!(
+            h.dropped, 1,
+            "plain's message expired, with no dead-letter exchange: dropped"
+        );
+        assert_eq!(h.dead_lettered, 2);
     }
 }
 

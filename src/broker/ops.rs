@@ -14,7 +14,7 @@ use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::{
-    Cancelled, ConnRef, Declare, MsgRef, Outgoing, QueueHost, Refusal, Stored,
+    placement, Cancelled, ConnRef, Declare, MsgRef, Outgoing, QueueHost, Refusal, Stored,
 };
 use crate::broker::queue::{OwnerId, Seq};
 use crate::broker::routing::RoutingChange;
@@ -42,6 +42,34 @@ pub struct PublishItem {
     pub persistent: bool,
     pub bytes: Bytes,
     pub expiration_ms: Option<u64>,
+}
+
+/// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
+/// shard naming all of that shard's queues (stored there once), or one per `targets_max` of
+/// them (a record's envelope must fit). Every item shares the message's `Bytes`.
+pub fn address(
+    item: PublishItem,
+    queues: &mut Vec<String>,
+    shards: u16,
+    targets_max: usize,
+) -> Vec<(u16, PublishItem)> {
+    queues.sort_by_key(|q| placement(q, shards));
+    let mut parts: Vec<(u16, PublishItem)> = Vec::new();
+    for q in queues.drain(..) {
+        let owner = placement(&q, shards);
+        match parts.last_mut() {
+            Some((s, part)) if *s == owner && 1 + part.also.len() < targets_max.max(1) => {
+                part.also.push(q)
+            }
+            _ => {
+                let mut part = item.clone();
+                part.queue = q;
+                part.also = Vec::new();
+                parts.push((owner, part));
+            }
+        }
+    }
+    parts
 }
 
 /// What became of one published message.
@@ -111,6 +139,8 @@ pub enum Op {
     Control(ControlOp),
     /// From the writer: apply a change to this shard's routing copy.
     Routing(RoutingChange),
+    /// The shard's own timer: settle (or dead-letter) the expired heads of its queues.
+    Expire,
 }
 
 /// One shard's counters, for `GetStatus`.
@@ -122,8 +152,11 @@ pub struct ShardStatus {
     pub messages_ready: u64,
     pub messages_unacked: u64,
     pub consumers: u64,
-    /// Messages settled other than by a consumer's ack: dropped, expired, purged.
+    /// Messages settled other than by a consumer's ack: dropped, expired, purged (not
+    /// dead-lettered ones).
     pub dropped: u64,
+    /// Messages handed to their queue's dead-letter exchange.
+    pub dead_lettered: u64,
     /// Messages published on this shard that routed to no queue (not mandatory): dropped.
     pub unroutable: u64,
     /// The shard's routing copy: exchanges and bindings.
@@ -362,6 +395,10 @@ pub fn execute(
             Ok(Reply::Done)
         }
         Op::Status => Ok(Reply::ShardStatus(Box::new(host.status()))),
+        Op::Expire => {
+            host.expire(now_ms);
+            Ok(Reply::Done)
+        }
         Op::Control(_) | Op::Routing(_) => Err(Refusal {
             code: wire::ErrorCode::Internal,
             message: "routing changes are served by the shard, not its queue host".into(),

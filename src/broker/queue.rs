@@ -524,6 +524,12 @@ impl<M: Clone> Queue<M> {
         true
     }
 
+    /// Settles the messages at the head whose time is up (expired, or dead-lettered if the
+    /// queue has a dead-letter exchange); ones behind a live head wait until they reach it.
+    pub fn expire(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
+        self.expire_head(now_ms, settled);
+    }
+
     fn expire_head(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
         while self.ready.front().is_some_and(|e| e.deadline_ms <= now_ms) {
             let e = self.pop_ready().expect("not empty");

@@ -757,28 +757,11 @@ impl Session {
         queues: &mut Vec<String>,
         by_shard: &mut BTreeMap<u16, Vec<PublishItem>>,
     ) {
-        let shards = self.ctx.shard_count();
-        queues.sort_by_key(|q| placement(q, shards));
-        let mut groups: Vec<(u16, Vec<String>)> = Vec::new();
-        for q in queues.drain(..) {
-            let owner = placement(&q, shards);
-            match groups.last_mut() {
-                Some((s, qs)) if *s == owner => qs.push(q),
-                _ => groups.push((owner, vec![q])),
-            }
-        }
-        let max = (self.ctx.targets_per_message_max as usize).max(1);
-        let parts: Vec<(u16, Vec<String>)> = groups
-            .into_iter()
-            .flat_map(|(shard, qs)| {
-                qs.chunks(max)
-                    .map(|c| (shard, c.to_vec()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let max = self.ctx.targets_per_message_max as usize;
+        let parts = crate::broker::ops::address(item, queues, self.ctx.shard_count(), max);
         if parts.len() > 1 {
             self.splits.insert(
-                item.sequence,
+                parts[0].1.sequence,
                 Split {
                     parts_left: parts.len() as u16,
                     journaled: false,
@@ -788,10 +771,7 @@ impl Session {
                 },
             );
         }
-        for (shard, mut qs) in parts {
-            let mut part = item.clone();
-            part.queue = qs.remove(0);
-            part.also = qs;
+        for (shard, part) in parts {
             by_shard.entry(shard).or_default().push(part);
         }
     }
@@ -1129,6 +1109,7 @@ impl Session {
                 ("messages_unacked", s.messages_unacked),
                 ("consumers", s.consumers),
                 ("messages_dropped", s.dropped),
+                ("messages_dead_lettered", s.dead_lettered),
                 ("messages_unroutable", s.unroutable),
                 ("exchanges", s.exchanges),
                 ("bindings", s.bindings),
