@@ -249,3 +249,46 @@ async fn a_dead_letter_routing_key_needs_an_exchange() {
     assert_eq!(e.code(), Some(ErrorCode::InvalidArgument), "{e}");
     assert!(e.to_string().contains("dead_letter_exchange"), "{e}");
 }
+
+#[tokio::test]
+async fn messages_out_of_memory_are_read_back_and_dead_lettered_through_the_default_exchange() {
+    // 256 KiB of payloads in memory; 500 KiB published: the backlog's tail is only on disk
+    // when it expires, and is read back to be dead-lettered.
+    let toml = "cpus = [0]\n[limits]\nmessage_size_max = 65536\ncache_bytes_max = 262144\n";
+    let broker = Broker::start_with_config("dlx-cold", toml, &[]);
+    let c = broker.client().await;
+    within("declare", c.declare("parking", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let options = QueueOptions {
+        arguments: QueueArguments {
+            message_ttl_ms: Some(300),
+            dead_letter_exchange: Some(String::new()),
+            dead_letter_routing_key: Some("parking".into()),
+            ..QueueArguments::default()
+        },
+        ..QueueOptions::default()
+    };
+    within("declare", c.declare("waiting", options))
+        .await
+        .expect("declare");
+    let bodies: Vec<String> = (0..500).map(|i| format!("{i:04}").repeat(256)).collect();
+    for chunk in bodies.chunks(100) {
+        let messages = chunk.iter().map(|b| Message::new(b.clone()));
+        for f in within("publish", c.publish_batch("waiting", messages))
+            .await
+            .expect("queued")
+        {
+            within("confirm", f).await.expect("confirmed");
+        }
+    }
+    let got: Vec<String> = take(&c, "parking", 500)
+        .await
+        .into_iter()
+        .map(|(body, exchange, key)| {
+            assert_eq!((exchange.as_str(), key.as_str()), ("", "parking"));
+            body
+        })
+        .collect();
+    assert_eq!(got, bodies, "every message, byte for byte, in order");
+}
