@@ -683,3 +683,56 @@ fn exchanges_bindings_and_publishing_through_an_exchange() {
     ok(weir(&broker, &["exchange", "delete", "logs"]));
     assert_eq!(ok(weir(&broker, &["exchange", "list"])), "no exchanges\n");
 }
+
+#[test]
+fn queue_arguments_from_the_cli_dead_letter_expired_messages() {
+    let broker = Broker::start(&temp_dir("cli-dlx"), &[]);
+    ok(weir(&broker, &["queue", "declare", "parked", "--durable"]));
+    let out = ok(weir(
+        &broker,
+        &[
+            "queue",
+            "declare",
+            "waiting",
+            "--durable",
+            "--message-ttl-ms",
+            "100",
+            "--max-length",
+            "1000",
+            "--dead-letter-exchange",
+            "",
+            "--dead-letter-routing-key",
+            "parked",
+        ],
+    ));
+    assert!(
+        out.contains("message ttl") && out.contains("100ms"),
+        "{out}"
+    );
+    assert!(out.contains("exchange '', key 'parked'"), "{out}");
+    let info = info(&broker, "waiting");
+    assert_eq!(info["message_ttl_ms"], 100);
+    assert_eq!(info["max_length"], 1000);
+    assert_eq!(info["dead_letter_routing_key"], "parked");
+    ok(weir_at(
+        Some(broker.listen),
+        &["publish", "--queue", "waiting"],
+        b"first\nsecond\n",
+    ));
+    // Nobody consumes `waiting`: after 100 ms its messages move to `parked`, where `consume`
+    // waits for them (bounded by the harness's timeout).
+    let got = ok(weir(
+        &broker,
+        &["consume", "--queue", "parked", "--count", "2"],
+    ));
+    assert_eq!(got, "first\nsecond\n");
+    let bad = weir(
+        &broker,
+        &["queue", "declare", "x", "--dead-letter-routing-key", "k"],
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "clap: the key needs the exchange"
+    );
+}

@@ -138,6 +138,38 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
     lines.push(("ready bytes", q.bytes_ready.to_string()));
     lines.push(("consumers", q.consumers.to_string()));
     lines.push(("oldest ready", age(q.oldest_ready_age_ms)));
+    let a = &q.arguments;
+    let optional = [
+        ("message ttl", a.message_ttl_ms.map(|v| format!("{v}ms"))),
+        ("max length", a.max_length.map(|v| v.to_string())),
+        (
+            "max length bytes",
+            a.max_length_bytes.map(|v| v.to_string()),
+        ),
+        ("max deliveries", a.max_deliveries.map(|v| v.to_string())),
+        (
+            "dead letters",
+            a.dead_letter_exchange.as_ref().map(|x| {
+                let key = a
+                    .dead_letter_routing_key
+                    .as_deref()
+                    .map_or("their own key".to_string(), |k| format!("key '{k}'"));
+                format!("exchange '{x}', {key}")
+            }),
+        ),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            lines.push((k, v));
+        }
+    }
+    if a.max_length.is_some() || a.max_length_bytes.is_some() {
+        let overflow = match a.overflow {
+            weir_client::Overflow::DropHead => "drop-head",
+            weir_client::Overflow::RejectPublish => "reject-publish",
+        };
+        lines.push(("overflow", overflow.to_string()));
+    }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     lines
         .iter()
@@ -158,6 +190,12 @@ pub(crate) fn queue_json(q: &QueueInfo) -> Value {
         "bytes_ready": q.bytes_ready,
         "consumers": q.consumers,
         "oldest_ready_age_ms": q.oldest_ready_age_ms,
+        "message_ttl_ms": q.arguments.message_ttl_ms,
+        "max_length": q.arguments.max_length,
+        "max_length_bytes": q.arguments.max_length_bytes,
+        "max_deliveries": q.arguments.max_deliveries,
+        "dead_letter_exchange": q.arguments.dead_letter_exchange,
+        "dead_letter_routing_key": q.arguments.dead_letter_routing_key,
     })
 }
 

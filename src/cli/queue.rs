@@ -9,7 +9,7 @@
 use std::process::ExitCode;
 
 use serde_json::json;
-use weir_client::{Client, QueueOptions};
+use weir_client::{Client, Overflow, QueueArguments, QueueOptions};
 
 use super::output::{print, queue_block, queue_json, queue_table};
 use super::{answer, block_on, connect, ClientArgs};
@@ -33,6 +33,8 @@ pub enum QueueCommand {
         /// Deleted when its last consumer goes.
         #[arg(long)]
         auto_delete: bool,
+        #[command(flatten)]
+        arguments: QueueArgs,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -82,6 +84,54 @@ pub enum QueueCommand {
     },
 }
 
+/// A queue's optional behaviour, fixed when it is declared (`weir queue declare`).
+#[derive(clap::Args, Debug)]
+pub struct QueueArgs {
+    /// Time to live of every message, ms from when the queue accepts it.
+    #[arg(long, value_name = "MS")]
+    message_ttl_ms: Option<u32>,
+    /// Most ready messages (see --overflow).
+    #[arg(long, value_name = "N")]
+    max_length: Option<u64>,
+    /// Most bytes of ready messages (see --overflow).
+    #[arg(long, value_name = "BYTES")]
+    max_length_bytes: Option<u64>,
+    /// Past a maximum: drop-head (the oldest go, dead-lettered if the queue says so) or
+    /// reject-publish (the new one is refused).
+    #[arg(long, value_name = "POLICY", default_value = "drop-head", value_parser = ["drop-head", "reject-publish"])]
+    overflow: String,
+    /// Deliveries after which an unacked message is dead-lettered (or dropped) instead of
+    /// redelivered.
+    #[arg(long, value_name = "N")]
+    max_deliveries: Option<u32>,
+    /// Exchange that receives the messages this queue gives up on (rejected without requeue,
+    /// expired, pushed out, past --max-deliveries); "" is the default exchange.
+    #[arg(long, value_name = "EXCHANGE")]
+    dead_letter_exchange: Option<String>,
+    /// Routing key for dead-lettered messages (default: their own).
+    #[arg(long, value_name = "KEY", requires = "dead_letter_exchange")]
+    dead_letter_routing_key: Option<String>,
+}
+
+impl QueueArgs {
+    fn to_arguments(&self) -> QueueArguments {
+        QueueArguments {
+            message_ttl_ms: self.message_ttl_ms,
+            max_length: self.max_length,
+            max_length_bytes: self.max_length_bytes,
+            overflow: if self.overflow == "reject-publish" {
+                Overflow::RejectPublish
+            } else {
+                Overflow::DropHead
+            },
+            max_deliveries: self.max_deliveries,
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_routing_key: self.dead_letter_routing_key.clone(),
+            ..QueueArguments::default()
+        }
+    }
+}
+
 pub fn run(command: QueueCommand) -> ExitCode {
     match command {
         QueueCommand::Declare {
@@ -89,12 +139,14 @@ pub fn run(command: QueueCommand) -> ExitCode {
             durable,
             exclusive,
             auto_delete,
+            arguments,
             client,
         } => {
             let options = QueueOptions {
                 durable,
                 exclusive,
                 auto_delete,
+                arguments: arguments.to_arguments(),
                 ..QueueOptions::default()
             };
             block_on("queue declare", async move {
