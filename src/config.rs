@@ -146,6 +146,7 @@ struct FileLimits {
     targets_per_message_max: Option<u32>,
     exchanges_max: Option<u32>,
     bindings_max: Option<u32>,
+    delay_ms_max: Option<u64>,
     cache_bytes_max: Option<u64>,
 }
 
@@ -282,6 +283,7 @@ impl Config {
             s.segment_size_bytes_max = l.segment_size_bytes_max.unwrap_or(s.segment_size_bytes_max);
             s.staged_bytes_max = l.staged_bytes_max.unwrap_or(s.staged_bytes_max);
             b.cache_bytes_max = l.cache_bytes_max.unwrap_or(b.cache_bytes_max);
+            b.delay_ms_max = l.delay_ms_max.unwrap_or(b.delay_ms_max);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }

@@ -42,6 +42,9 @@ pub struct BrokerLimits {
     pub exchanges_max: u32,
     /// Bindings in the broker, over all exchanges.
     pub bindings_max: u32,
+    /// Furthest a delayed message's delivery time may be from its publish, ms: a delayed
+    /// message holds its journal segment (and every later one) until it is delivered.
+    pub delay_ms_max: u64,
 }
 
 impl BrokerLimits {
@@ -56,6 +59,7 @@ impl BrokerLimits {
         cache_bytes_max: 256 << 20,
         exchanges_max: 10_000,
         bindings_max: 1_000_000,
+        delay_ms_max: 7 * 24 * 3_600_000,
     };
 }
 

@@ -130,6 +130,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 prefetch_default: config.limits.broker.prefetch_default,
                 prefetch_max: config.limits.broker.prefetch_max,
                 targets_per_message_max: config.limits.broker.targets_per_message_max,
+                delay_ms_max: config.limits.broker.delay_ms_max,
                 connection_id: 0,
                 started_ms,
             },

@@ -724,6 +724,7 @@ impl ShardState {
                     .map_or(true, |m| m.persistent()),
                 bytes,
                 expiration_ms: None,
+                deliver_at_ms: None,
             };
             for (shard, part) in ops::address(item, &mut queues, shards, max) {
                 by_shard.entry(shard).or_default().push(part);

@@ -171,7 +171,8 @@ impl Message {
         self
     }
 
-    /// Not delivered before this time, ms since the Unix epoch.
+    /// Not delivered before this time, ms since the Unix epoch (a delayed message; the broker
+    /// refuses one more than its `delay_ms_max` ahead). Its time to live counts from then.
     pub fn deliver_at_ms(mut self, ms: i64) -> Self {
         self.deliver_at_ms = Some(ms);
         self

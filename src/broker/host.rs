@@ -105,6 +105,7 @@ impl Hosted {
         i.messages_unacked = s.outstanding;
         i.bytes_ready = s.ready_bytes;
         i.consumers = s.consumers;
+        i.messages_delayed = s.delayed;
         i.oldest_ready_age_ms = s.oldest_ready_ms.map(|t| now_ms.saturating_sub(t));
         i
     }
@@ -308,7 +309,10 @@ impl QueueHost {
         let mut expired = Vec::new();
         for (name, q) in self.queues.iter_mut() {
             let mut settled = Vec::new();
-            q.queue.expire(now_ms, &mut settled);
+            if q.queue.expire(now_ms, &mut settled) > 0 {
+                // Delayed messages became ready: their consumers are owed deliveries.
+                self.dirty.insert(name.clone());
+            }
             if !settled.is_empty() {
                 expired.push((name.clone(), settled));
             }
@@ -355,15 +359,20 @@ impl QueueHost {
         &mut self,
         d: Declare,
         next_seq: Seq,
-        messages: impl IntoIterator<Item = (Seq, u32, MsgRef)>,
+        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>)>,
         now_ms: u64,
     ) {
         let policy = policy_of(&d.arguments);
         let ttl = policy.message_ttl_ms;
         let mut queue = Queue::new(policy, next_seq);
-        for (seq, bytes, msg) in messages {
+        for (seq, bytes, msg, deliver_at) in messages {
             if let Some(segment) = msg.cold_segment() {
                 self.liveness.add(segment);
+            }
+            if let Some(at) = deliver_at.filter(|at| *at > now_ms) {
+                // Still delayed: never delivered, so not marked redelivered.
+                queue.restore_delayed(seq, msg, bytes, at, 0);
+                continue;
             }
             let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
             // It may have been delivered before the restart: count that delivery, so it is
@@ -557,6 +566,19 @@ impl QueueHost {
         expiration_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Seq, Refusal> {
+        self.publish_at(conn, queue, msg, expiration_ms, None, now_ms)
+    }
+
+    /// Accepts a message into a queue, delayed until `deliver_at_ms` if that is in the future.
+    pub fn publish_at(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        msg: Rc<Stored>,
+        expiration_ms: Option<u64>,
+        deliver_at_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Seq, Refusal> {
         // Anyone may publish to an exclusive queue (AMQP: exclusivity is about consuming and
         // managing it); that is how a requester's private reply queue gets its replies.
         let _ = conn;
@@ -565,20 +587,23 @@ impl QueueHost {
         };
         let bytes = msg.len();
         let mut settled: Vec<Settled<MsgRef>> = Vec::new();
-        let seq =
-            match q
-                .queue
-                .publish(MsgRef::Hot(msg), bytes, now_ms, expiration_ms, &mut settled)
-            {
-                Ok(seq) => seq,
-                Err(QueueError::Full(which)) => {
-                    return refuse(
-                        ErrorCode::QueueFull,
-                        format!("queue '{queue}' is full ({which})"),
-                    );
-                }
-                Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
-            };
+        let seq = match q.queue.publish(
+            MsgRef::Hot(msg),
+            bytes,
+            now_ms,
+            expiration_ms,
+            deliver_at_ms,
+            &mut settled,
+        ) {
+            Ok(seq) => seq,
+            Err(QueueError::Full(which)) => {
+                return refuse(
+                    ErrorCode::QueueFull,
+                    format!("queue '{queue}' is full ({which})"),
+                );
+            }
+            Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
+        };
         let name = q.name.clone();
         self.note_settled(&name, settled);
         self.dirty.insert(name);

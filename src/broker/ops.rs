@@ -42,6 +42,8 @@ pub struct PublishItem {
     pub persistent: bool,
     pub bytes: Bytes,
     pub expiration_ms: Option<u64>,
+    /// A delayed message's delivery time, ms since the Unix epoch.
+    pub deliver_at_ms: Option<u64>,
 }
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
@@ -465,6 +467,7 @@ pub fn publish(
         routing_key,
         bytes,
         expiration_ms,
+        deliver_at_ms,
         ..
     } = item;
     let stored = Rc::new(Stored::new(
@@ -477,7 +480,14 @@ pub fn publish(
     let mut taken: Vec<(&str, Seq)> = Vec::with_capacity(1 + also.len());
     let mut refused = None;
     for q in std::iter::once(&queue).chain(&also) {
-        match host.publish(from, q, stored.clone(), expiration_ms, now_ms) {
+        match host.publish_at(
+            from,
+            q,
+            stored.clone(),
+            expiration_ms,
+            deliver_at_ms,
+            now_ms,
+        ) {
             Ok(seq) => taken.push((q, seq)),
             Err(r) if from_exchange && r.code == wire::ErrorCode::NotFound => {}
             Err(r) => {

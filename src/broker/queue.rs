@@ -16,7 +16,7 @@
 //! go back to ready, to be redelivered with their delivery count), poison messages (past
 //! `max_deliveries` they are dead-lettered or dropped instead of requeued).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::storage::SettleReason;
 
@@ -131,6 +131,8 @@ pub struct QueueStats {
     pub consumers: u32,
     /// When the oldest ready message was accepted, if there is one.
     pub oldest_ready_ms: Option<u64>,
+    /// Messages whose delivery time has not come yet.
+    pub delayed: u64,
 }
 
 #[derive(Debug)]
@@ -138,6 +140,11 @@ pub struct Queue<M> {
     policy: QueuePolicy,
     ready: VecDeque<Entry<M>>,
     ready_bytes: u64,
+    /// Delayed messages (published with a delivery time still to come), by sequence number;
+    /// `due` orders them by that time. They join `ready`, in sequence order, when it comes
+    /// (`promote`): at the next dispatch, `Get` or expiry tick.
+    delayed: BTreeMap<Seq, Entry<M>>,
+    due: BTreeSet<(u64, Seq)>,
     outstanding: HashMap<Seq, Outstanding<M>>,
     consumers: Vec<Consumer>,
     /// Index into `consumers` of the next consumer to offer a message to (round robin).
@@ -153,6 +160,8 @@ impl<M: Clone> Queue<M> {
             policy,
             ready: VecDeque::new(),
             ready_bytes: 0,
+            delayed: BTreeMap::new(),
+            due: BTreeSet::new(),
             outstanding: HashMap::new(),
             consumers: Vec::new(),
             cursor: 0,
@@ -176,20 +185,44 @@ impl<M: Clone> Queue<M> {
             outstanding: self.outstanding.len() as u64,
             consumers: self.consumers.len() as u32,
             oldest_ready_ms: self.ready.iter().map(|e| e.enqueued_ms).min(),
+            delayed: self.delayed.len() as u64,
         }
     }
 
     /// Accepts a message, or refuses it (`Full`) under `Overflow::RejectPublish`. Under
     /// `DropHead`, the oldest ready messages that no longer fit are pushed to `settled` (the new
     /// message itself, if even an empty queue cannot hold it).
+    ///
+    /// With `deliver_at_ms` in the future the message is delayed: it takes its sequence number
+    /// now, waits outside the ready list (and its limits) and joins it when its time comes; its
+    /// time to live counts from then.
     pub fn publish(
         &mut self,
         msg: M,
         bytes: u32,
         now_ms: u64,
         expiration_ms: Option<u64>,
+        deliver_at_ms: Option<u64>,
         settled: &mut Vec<Settled<M>>,
     ) -> Result<Seq, QueueError> {
+        if let Some(at) = deliver_at_ms.filter(|at| *at > now_ms) {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let ttl = [self.policy.message_ttl_ms, expiration_ms]
+                .into_iter()
+                .flatten()
+                .min();
+            let entry = Entry {
+                seq,
+                msg,
+                bytes,
+                delivery_count: 0,
+                enqueued_ms: at,
+                deadline_ms: ttl.map_or(u64::MAX, |t| at.saturating_add(t)),
+            };
+            self.delay(at, entry);
+            return Ok(seq);
+        }
         let fits = |len: u64, total: u64, p: &QueuePolicy| {
             p.max_length.is_none_or(|max| len < max)
                 && p.max_length_bytes
@@ -268,30 +301,113 @@ impl<M: Clone> Queue<M> {
         self.next_seq = self.next_seq.max(seq + 1);
     }
 
-    /// Every message the queue holds, ready and outstanding.
+    /// Puts back a delayed message recovered from the journal, due at `deliver_at_ms`.
+    pub fn restore_delayed(
+        &mut self,
+        seq: Seq,
+        msg: M,
+        bytes: u32,
+        deliver_at_ms: u64,
+        delivery_count: u32,
+    ) {
+        let deadline_ms = self
+            .policy
+            .message_ttl_ms
+            .map_or(u64::MAX, |t| deliver_at_ms.saturating_add(t));
+        let entry = Entry {
+            seq,
+            msg,
+            bytes,
+            delivery_count,
+            enqueued_ms: deliver_at_ms,
+            deadline_ms,
+        };
+        self.delay(deliver_at_ms, entry);
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    fn delay(&mut self, at: u64, entry: Entry<M>) {
+        self.due.insert((at, entry.seq));
+        self.delayed.insert(entry.seq, entry);
+    }
+
+    /// Moves the delayed messages whose time has come to ready, in sequence order (under the
+    /// queue's limits, as a publish would). Returns how many became ready.
+    pub fn promote(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) -> usize {
+        let mut promoted = 0;
+        while let Some(&(at, seq)) = self.due.first() {
+            if at > now_ms {
+                break;
+            }
+            self.due.pop_first();
+            let entry = self
+                .delayed
+                .remove(&seq)
+                .expect("due names a delayed message");
+            if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
+                if self.policy.overflow == Overflow::RejectPublish {
+                    settled.push(self.dead_letter_or_drop(entry));
+                    continue;
+                }
+                while !self.ready.is_empty()
+                    && !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes)
+                {
+                    let head = self.pop_ready().expect("not empty");
+                    settled.push(self.dead_letter_or_drop(head));
+                }
+                if !self.fits(0, 0, entry.bytes) {
+                    settled.push(self.dead_letter_or_drop(entry));
+                    continue;
+                }
+            }
+            let at = self.ready.partition_point(|e| e.seq < entry.seq);
+            self.ready_bytes += u64::from(entry.bytes);
+            self.ready.insert(at, entry);
+            promoted += 1;
+        }
+        promoted
+    }
+
+    fn fits(&self, len: u64, total: u64, bytes: u32) -> bool {
+        self.policy.max_length.is_none_or(|max| len < max)
+            && self
+                .policy
+                .max_length_bytes
+                .is_none_or(|max| total + u64::from(bytes) <= max)
+    }
+
+    /// Every message the queue holds, ready, delayed and outstanding.
     pub fn messages(&self) -> impl Iterator<Item = &M> {
         self.ready
             .iter()
             .map(|e| &e.msg)
+            .chain(self.delayed.values().map(|e| &e.msg))
             .chain(self.outstanding.values().map(|o| &o.entry.msg))
     }
 
-    /// The ready message `seq`, to change how it is held (see `QueueHost::cool`).
+    /// The waiting (ready or delayed) message `seq`, to change how it is held (see
+    /// `QueueHost::cool`).
     pub fn ready_mut(&mut self, seq: Seq) -> Option<&mut M> {
         let at = self.ready.partition_point(|e| e.seq < seq);
-        self.ready
-            .get_mut(at)
-            .filter(|e| e.seq == seq)
-            .map(|e| &mut e.msg)
+        if self.ready.get(at).is_some_and(|e| e.seq == seq) {
+            return self.ready.get_mut(at).map(|e| &mut e.msg);
+        }
+        self.delayed.get_mut(&seq).map(|e| &mut e.msg)
     }
 
-    /// Takes back the newest message if it is `seq` and still ready (its publish could not be
+    /// Takes back the newest message if it is `seq` and still waiting (its publish could not be
     /// made durable). Returns whether it did.
     pub fn retract_newest(&mut self, seq: Seq) -> bool {
         if self.ready.back().is_some_and(|e| e.seq == seq) {
             let e = self.ready.pop_back().expect("checked");
             self.ready_bytes -= u64::from(e.bytes);
             return true;
+        }
+        if seq + 1 == self.next_seq {
+            if let Some(e) = self.delayed.remove(&seq) {
+                self.due.retain(|&(_, s)| s != e.seq);
+                return true;
+            }
         }
         false
     }
@@ -377,6 +493,7 @@ impl<M: Clone> Queue<M> {
         out: &mut Vec<Delivery<M>>,
         settled: &mut Vec<Settled<M>>,
     ) {
+        self.promote(now_ms, settled);
         let mut sent = 0;
         while sent < max {
             self.expire_head(now_ms, settled);
@@ -410,6 +527,7 @@ impl<M: Clone> Queue<M> {
         now_ms: u64,
         settled: &mut Vec<Settled<M>>,
     ) -> Option<Delivery<M>> {
+        self.promote(now_ms, settled);
         self.expire_head(now_ms, settled);
         self.hand_out(owner, auto_ack, settled)
     }
@@ -476,10 +594,20 @@ impl<M: Clone> Queue<M> {
         Ok(())
     }
 
-    /// Settles every ready message as purged; outstanding deliveries are untouched. Returns how
-    /// many were purged.
+    /// Settles every ready and delayed message as purged; outstanding deliveries are untouched.
+    /// Returns how many were purged.
     pub fn purge(&mut self, settled: &mut Vec<Settled<M>>) -> usize {
-        let n = self.ready.len();
+        let n = self.ready.len() + self.delayed.len();
+        self.due.clear();
+        let delayed = std::mem::take(&mut self.delayed);
+        for e in delayed.into_values() {
+            settled.push(Settled {
+                seq: e.seq,
+                msg: e.msg,
+                bytes: e.bytes,
+                reason: SettleReason::Purged,
+            });
+        }
         while let Some(e) = self.pop_ready() {
             settled.push(Settled {
                 seq: e.seq,
@@ -524,10 +652,14 @@ impl<M: Clone> Queue<M> {
         true
     }
 
-    /// Settles the messages at the head whose time is up (expired, or dead-lettered if the
-    /// queue has a dead-letter exchange); ones behind a live head wait until they reach it.
-    pub fn expire(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
+    /// Moves delayed messages whose time has come to ready, then settles the messages at the
+    /// head whose time is up (expired, or dead-lettered if the queue has a dead-letter
+    /// exchange); ones behind a live head wait until they reach it. Returns how many became
+    /// ready.
+    pub fn expire(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) -> usize {
+        let promoted = self.promote(now_ms, settled);
         self.expire_head(now_ms, settled);
+        promoted
     }
 
     fn expire_head(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
@@ -584,7 +716,7 @@ mod tests {
     fn publish_n(q: &mut Queue<u64>, n: u64, now: u64) -> Vec<Settled<u64>> {
         let mut settled = Vec::new();
         for i in 0..n {
-            q.publish(i, 10, now, None, &mut settled).unwrap();
+            q.publish(i, 10, now, None, None, &mut settled).unwrap();
         }
         settled
     }
@@ -698,10 +830,10 @@ mod tests {
         };
         let mut q = Queue::new(policy, 0);
         let mut settled = Vec::new();
-        q.publish(0u64, 10, 0, None, &mut settled).unwrap();
-        q.publish(1, 10, 0, None, &mut settled).unwrap();
+        q.publish(0u64, 10, 0, None, None, &mut settled).unwrap();
+        q.publish(1, 10, 0, None, None, &mut settled).unwrap();
         assert_eq!(
-            q.publish(2, 10, 0, None, &mut settled),
+            q.publish(2, 10, 0, None, None, &mut settled),
             Err(QueueError::Full("max_length_bytes"))
         );
         assert_eq!(q.stats().ready_bytes, 20);
@@ -713,6 +845,50 @@ mod tests {
     }
 
     #[test]
+    fn delayed_messages_wait_outside_ready_and_join_it_in_sequence_order() {
+        let mut q: Queue<u64> = Queue::new(
+            QueuePolicy {
+                message_ttl_ms: Some(100),
+                ..QueuePolicy::default()
+            },
+            0,
+        );
+        let mut settled = Vec::new();
+        q.publish(0, 1, 1_000, None, None, &mut settled).unwrap();
+        q.publish(1, 1, 1_000, None, Some(1_500), &mut settled)
+            .unwrap(); // delayed
+        q.publish(2, 1, 1_000, None, Some(900), &mut settled)
+            .unwrap(); // due already
+        assert_eq!((q.stats().ready, q.stats().delayed), (2, 1));
+        q.add_consumer(7, 10, true).unwrap();
+        let mut out = Vec::new();
+        q.dispatch(1_050, 10, &mut out, &mut settled);
+        assert_eq!(out.iter().map(|d| d.msg).collect::<Vec<_>>(), [0, 2]);
+        out.clear();
+        // Its TTL counts from its delivery time: still alive at 1_550.
+        q.dispatch(1_550, 10, &mut out, &mut settled);
+        assert_eq!(out.iter().map(|d| d.msg).collect::<Vec<_>>(), [1]);
+        assert!(
+            settled.iter().all(|s| s.reason == SettleReason::Acked),
+            "auto-acked, none expired: {settled:?}"
+        );
+        settled.clear();
+        assert_eq!(q.stats().delayed, 0);
+
+        // Purge takes delayed ones too; a publish that could not be made durable is retracted.
+        let seq = q
+            .publish(3, 1, 2_000, None, Some(9_000), &mut settled)
+            .unwrap();
+        assert!(q.retract_newest(seq));
+        q.publish(4, 1, 2_000, None, Some(9_000), &mut settled)
+            .unwrap();
+        assert_eq!(q.purge(&mut settled), 1);
+        assert_eq!(settled.len(), 1);
+        assert_eq!(q.stats().delayed, 0);
+        assert_eq!(q.expire(10_000, &mut settled), 0, "nothing left to promote");
+    }
+
+    #[test]
     fn expired_messages_are_settled_not_delivered() {
         let policy = QueuePolicy {
             message_ttl_ms: Some(100),
@@ -720,9 +896,10 @@ mod tests {
         };
         let mut q = Queue::new(policy, 0);
         let mut settled = Vec::new();
-        q.publish(0u64, 1, 1_000, None, &mut settled).unwrap(); // expires at 1100
-        q.publish(1, 1, 1_050, Some(10), &mut settled).unwrap(); // per-message ttl: 1060
-        q.publish(2, 1, 1_050, None, &mut settled).unwrap(); // 1150
+        q.publish(0u64, 1, 1_000, None, None, &mut settled).unwrap(); // expires at 1100
+        q.publish(1, 1, 1_050, Some(10), None, &mut settled)
+            .unwrap(); // per-message ttl: 1060
+        q.publish(2, 1, 1_050, None, None, &mut settled).unwrap(); // 1150
         q.add_consumer(1, 10, false).unwrap();
         let mut out = Vec::new();
         q.dispatch(1_120, usize::MAX, &mut out, &mut settled);
@@ -802,7 +979,7 @@ mod tests {
                 out.clear();
                 match op_kind {
                     Op::Publish => {
-                        let seq = q.publish(q.next_seq(), 1, 0, None, &mut settled).unwrap();
+                        let seq = q.publish(q.next_seq(), 1, 0, None, None, &mut settled).unwrap();
                         prop_assert!(published.insert(seq));
                     }
                     Op::AddConsumer(c, p) => {

@@ -38,9 +38,10 @@ struct RebuiltQueue {
     /// `None` until the log declares it: a queue's messages can precede its (re-stated)
     /// declaration once reclaim has removed the segment with the original one.
     declare: Option<Declare>,
-    /// Where each live message's record is: (position, record length, message length). No
-    /// allocation per message, and nothing counted until the queue is restored.
-    messages: BTreeMap<Seq, (Position, u32, u32)>,
+    /// Where each live message's record is: (position, record length, message length), and
+    /// its delivery time if it was published delayed. No allocation per message, and nothing
+    /// counted until the queue is restored.
+    messages: BTreeMap<Seq, (Position, u32, u32, Option<u64>)>,
     next_seq: Seq,
 }
 
@@ -128,6 +129,7 @@ impl Rebuild {
                 // The payload stays in the journal: recovery costs memory per message, not per
                 // byte of backlog; deliveries read payloads back.
                 let record_len = (RECORD_HEADER_BYTES + body.len()) as u32;
+                let deliver_at = delivery_time(message);
                 for t in &envelope.targets {
                     let queue =
                         std::str::from_utf8(t.queue).map_err(|_| "queue name is not UTF-8")?;
@@ -136,8 +138,10 @@ impl Rebuild {
                         .entry(queue.to_string())
                         .or_insert_with(RebuiltQueue::undeclared);
                     {
-                        q.messages
-                            .insert(t.queue_seq, (position, record_len, message.len() as u32));
+                        q.messages.insert(
+                            t.queue_seq,
+                            (position, record_len, message.len() as u32, deliver_at),
+                        );
                         q.next_seq = q.next_seq.max(t.queue_seq + 1);
                     }
                 }
@@ -196,25 +200,44 @@ impl Rebuild {
             let Some(declare) = q.declare else { continue };
             summary.queues += 1;
             summary.messages += q.messages.len() as u64;
-            let messages = q
-                .messages
-                .into_iter()
-                .map(|(seq, (position, record_len, len))| {
-                    (
-                        seq,
-                        len,
-                        MsgRef::Cold {
-                            position,
-                            record_len,
-                        },
-                    )
-                });
+            let messages =
+                q.messages
+                    .into_iter()
+                    .map(|(seq, (position, record_len, len, deliver_at))| {
+                        (
+                            seq,
+                            len,
+                            MsgRef::Cold {
+                                position,
+                                record_len,
+                            },
+                            deliver_at,
+                        )
+                    });
             host.restore_queue(declare, q.next_seq, messages, now_ms);
         }
         // The restored queues' declarations are already in the journal.
         host.take_journal_work();
         Ok((host, summary))
     }
+}
+
+/// A delayed message's delivery time, read from its bytes. They were verified at ingress with
+/// the broker's limits, which may be wider than the defaults: verified again here within the
+/// codec's own hard bounds, not read unchecked (a recovery pays well under a microsecond per
+/// message for it).
+fn delivery_time(message: &[u8]) -> Option<u64> {
+    let opts = flatbuffers::VerifierOptions {
+        max_depth: 64,
+        max_tables: 1 << 20,
+        max_apparent_size: 1 << 31,
+        ignore_missing_null_terminator: false,
+    };
+    flatbuffers::root_with_opts::<weir_protocol::wire::Message>(&opts, message)
+        .ok()?
+        .deliver_at_ms()
+        .filter(|t| *t > 0)
+        .map(|t| t as u64)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -43,6 +43,8 @@ pub struct SessionCtx {
     /// Queues of one shard a message is stored once for; a message routed to more is stored
     /// once per this many (its record's envelope names every target, and must fit a record).
     pub targets_per_message_max: u32,
+    /// Furthest a delayed message's delivery time may be from its publish, ms.
+    pub delay_ms_max: u64,
     pub connection_id: u64,
     /// When the broker started, ms since the Unix epoch (for `Status.uptime_ms`).
     pub started_ms: u64,
@@ -646,6 +648,9 @@ impl Session {
             return Flow::Continue;
         }
         let mut delayed: Vec<u64> = Vec::new();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut by_shard: BTreeMap<u16, Vec<PublishItem>> = BTreeMap::new();
         let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut unroutable: Vec<u64> = Vec::new();
@@ -654,8 +659,9 @@ impl Session {
             let exchange = entry.exchange().unwrap_or("");
             let key = entry.routing_key().unwrap_or("");
             let message = entry.message_nested_flatbuffer(); // verified at ingress by the decoder
-            if message.deliver_at_ms().is_some() {
-                delayed.push(entry.sequence()); // refused, not delivered early
+            let deliver_at_ms = message.deliver_at_ms().filter(|t| *t > 0).map(|t| t as u64);
+            if deliver_at_ms.is_some_and(|t| t > now_ms.saturating_add(self.ctx.delay_ms_max)) {
+                delayed.push(entry.sequence()); // refused: past the limit
                 continue;
             }
             let item = PublishItem {
@@ -669,6 +675,7 @@ impl Session {
                 persistent: message.persistent(),
                 bytes,
                 expiration_ms: message.expiration_ms().map(u64::from),
+                deliver_at_ms,
             };
             if exchange.is_empty() {
                 // The default exchange: the key names the queue.
@@ -723,8 +730,10 @@ impl Session {
             }
         }
         if !delayed.is_empty() {
-            let msg = "deliver_at_ms: delayed messages are not served by this broker version yet"
-                .to_string();
+            let msg = format!(
+                "deliver_at_ms: more than delay_ms_max = {} ms from now",
+                self.ctx.delay_ms_max
+            );
             self.fail_sequences(
                 out,
                 ErrorCode::InvalidArgument,
@@ -1515,6 +1524,7 @@ mod tests {
             prefetch_default: 10,
             prefetch_max: 1000,
             targets_per_message_max: 128,
+            delay_ms_max: 1000,
             connection_id: 42,
             started_ms: 0,
         }
