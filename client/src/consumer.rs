@@ -394,6 +394,29 @@ impl Consumer {
         self.shard
     }
 
+    /// Changes this consumer's prefetch (its window of unacknowledged deliveries) while it
+    /// runs; a wider window lets more deliveries come at once.
+    pub async fn set_prefetch(&self, prefetch: u32) -> Result<(), ClientError> {
+        crate::error::check_limit(
+            "prefetch",
+            prefetch as usize,
+            self.conn.limits().prefetch_max,
+        )?;
+        let mut sp = wire::SetPrefetchT::default();
+        sp.consumer_tag = self.tag.clone();
+        sp.prefetch = prefetch;
+        let reply = self
+            .conn
+            .request(wire::BodyT::SetPrefetch(Box::new(sp)))
+            .await?;
+        match reply.body_type() {
+            wire::Body::Ok => Ok(()),
+            other => Err(ClientError::UnexpectedReply(format!(
+                "{other:?} in answer to SetPrefetch"
+            ))),
+        }
+    }
+
     /// The next delivery; `None` once the stream has ended. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Result<Delivery, ClientError>> {
         std::future::poll_fn(|cx| self.poll_delivery(cx)).await

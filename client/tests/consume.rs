@@ -396,3 +396,44 @@ async fn ack_all_settles_many_deliveries_in_one_frame() {
         Ok(())
     ));
 }
+
+#[tokio::test]
+async fn widening_a_running_consumers_prefetch_lets_more_deliveries_come() {
+    let broker = Broker::start("consume-set-prefetch", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("window", QueueOptions::default()))
+        .await
+        .expect("declare");
+    for f in within("publish", client.publish_batch("window", messages("w", 5)))
+        .await
+        .expect("queued")
+    {
+        within("confirm", f).await.expect("confirmed");
+    }
+    let options = ConsumeOptions {
+        prefetch: 1,
+        ..ConsumeOptions::default()
+    };
+    let mut consumer = within("consume", client.consume("window", options))
+        .await
+        .expect("consume");
+    let first = next(&mut consumer).await;
+    // A window of 1, unacked: the broker holds the rest back.
+    let info = within("info", client.queue_info("window"))
+        .await
+        .expect("info");
+    assert_eq!((info.messages_ready, info.messages_unacked), (4, 1));
+    assert!(buffered(&mut consumer).is_none());
+    within("set prefetch", consumer.set_prefetch(5))
+        .await
+        .expect("set prefetch");
+    let mut held = vec![first];
+    for _ in 0..4 {
+        held.push(next(&mut consumer).await);
+    }
+    let got: Vec<Vec<u8>> = held.iter().map(|d| d.body().to_vec()).collect();
+    assert_eq!(got, bodies("w", 5));
+    let e = consumer.set_prefetch(0).await.expect_err("refused");
+    assert_eq!(e.code(), Some(ErrorCode::InvalidArgument), "{e}");
+    within("ack", Delivery::ack_all(&held)).await.expect("ack");
+}

@@ -656,6 +656,33 @@ impl QueueHost {
         Ok(id)
     }
 
+    /// Changes a running consumer's prefetch (its credit window); a wider window may let more
+    /// deliveries go at once.
+    pub fn set_prefetch(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        consumer: OwnerId,
+        prefetch: u32,
+    ) -> Result<(), Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        if q.consumers.get(&consumer).is_none_or(|c| c.conn != conn) {
+            return refuse(
+                ErrorCode::NotFound,
+                format!("no such consumer on queue '{queue}'"),
+            );
+        }
+        q.queue
+            .set_prefetch(consumer, prefetch)
+            .map_err(|e| Refusal {
+                code: ErrorCode::InvalidArgument,
+                message: e.to_string(),
+            })?;
+        let name = q.name.clone();
+        self.dirty.insert(name);
+        Ok(())
+    }
+
     /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
     /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
     /// losing its last consumer goes.

@@ -128,6 +128,11 @@ pub enum Op {
         queue: String,
         owner: OwnerId,
     },
+    SetPrefetch {
+        queue: String,
+        owner: OwnerId,
+        prefetch: u32,
+    },
     Settle(Vec<SettleItem>),
     Get {
         queue: String,
@@ -372,6 +377,13 @@ pub fn execute(
             .consume(from, &queue, &tag, prefetch, auto_ack, exclusive)
             .map(Reply::Consumed),
         Op::Cancel { queue, owner } => host.cancel(from, &queue, owner).map(|()| Reply::Done),
+        Op::SetPrefetch {
+            queue,
+            owner,
+            prefetch,
+        } => host
+            .set_prefetch(from, &queue, owner, prefetch)
+            .map(|()| Reply::Done),
         Op::Settle(items) => {
             let failed: Vec<Refusal> = items
                 .into_iter()

@@ -408,6 +408,36 @@ impl Session {
                     }
                 }
             }
+            (State::Open, Body::SetPrefetch) => {
+                let sp = f.body_as_set_prefetch().expect("body type checked");
+                let (tag, prefetch) = (sp.consumer_tag(), sp.prefetch());
+                if prefetch == 0 || prefetch > self.ctx.prefetch_max {
+                    let msg = format!(
+                        "prefetch {prefetch}: must be 1 to prefetch_max {}",
+                        self.ctx.prefetch_max
+                    );
+                    return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
+                }
+                match self.consumers.get(tag).cloned() {
+                    Some(ConsumerRef {
+                        shard,
+                        queue,
+                        owner: Some(owner),
+                    }) => {
+                        let op = Op::SetPrefetch {
+                            queue,
+                            owner,
+                            prefetch,
+                        };
+                        self.route(routed, shard, op, Pending::Reply { request_id });
+                        Flow::Continue
+                    }
+                    _ => {
+                        let msg = format!("no consumer '{tag}' on this connection");
+                        self.fail(out, request_id, ErrorCode::NotFound, msg, false)
+                    }
+                }
+            }
             (State::Open, Body::Ack) => {
                 let ranges: Vec<Range> = f
                     .body_as_ack()
