@@ -1,5 +1,6 @@
-//! One shard: a pinned executor's accept loops, connections, queue host and mesh, and its orderly
-//! shutdown.
+//! One shard: a pinned executor's accept loops, connections, queue host and mesh, its copy of
+//! the routing table (and, on shard 0, the control-plane writer), its timers (expiry every
+//! 100 ms, segment reclaim every 500 ms), dead-lettering, and its orderly shutdown.
 //!
 //! Contract: `run` is the future of one executor thread, pinned to one CPU. Everything it creates
 //! (`ShardState`, its connections' sessions, its `QueueHost`) lives on that thread: `Rc`,

@@ -6,9 +6,10 @@
 //! settlements to journal. It never touches message bytes: `M` is the shard's handle on them (a
 //! journal position, or an in-memory buffer for transient messages), copied around as-is.
 //!
-//! Every message the queue accepted is, at every moment, in exactly one of three places: ready
-//! (waiting, in sequence order), outstanding (delivered to one owner, not yet settled), or settled
-//! (handed back to the caller in a `Settled`, after which the queue forgets it). The property test
+//! Every message the queue accepted is, at every moment, in exactly one of four places: ready
+//! (waiting, in sequence order), delayed (its delivery time still to come), outstanding
+//! (delivered to one owner, not yet settled), or settled (handed back to the caller in a
+//! `Settled`, after which the queue forgets it). The property test
 //! at the bottom checks that against a model after every event.
 //!
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
@@ -934,6 +935,10 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Publish,
+        /// Published to be delivered this many ms from now.
+        PublishDelayed(u8),
+        /// The clock moves on by this many ms, and the expiry tick runs.
+        Tick(u8),
         AddConsumer(u8, u8),
         Release(u8),
         Dispatch(u8),
@@ -946,6 +951,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => Just(Op::Publish),
+            1 => (1u8..50).prop_map(Op::PublishDelayed),
+            1 => any::<u8>().prop_map(Op::Tick),
             1 => (0u8..4, 1u8..4).prop_map(|(c, p)| Op::AddConsumer(c, p)),
             1 => (0u8..5).prop_map(Op::Release),
             3 => (1u8..8).prop_map(Op::Dispatch),
@@ -959,9 +966,10 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
-        /// Against a model: each accepted message is in exactly one of ready, outstanding and
-        /// settled; nothing is settled twice; consumers never exceed their prefetch; first
-        /// deliveries come in publish order.
+        /// Against a model: each accepted message is in exactly one of ready, delayed,
+        /// outstanding and settled; nothing is settled twice; consumers never exceed their
+        /// prefetch; first deliveries come in publish order (while nothing was delayed: a
+        /// delayed message is first delivered after later ones, by design).
         #[test]
         fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12) {
             let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), ..Default::default() };
@@ -973,14 +981,26 @@ mod tests {
             let mut last_first_delivery = None;
             let mut settled = Vec::new();
             let mut out = Vec::new();
+            let mut now = 0u64;
+            let mut any_delayed = false;
             for op in ops {
                 let op_kind = op.clone();
                 settled.clear();
                 out.clear();
                 match op_kind {
                     Op::Publish => {
-                        let seq = q.publish(q.next_seq(), 1, 0, None, None, &mut settled).unwrap();
+                        let seq = q.publish(q.next_seq(), 1, now, None, None, &mut settled).unwrap();
                         prop_assert!(published.insert(seq));
+                    }
+                    Op::PublishDelayed(d) => {
+                        any_delayed = true;
+                        let at = Some(now + u64::from(d));
+                        let seq = q.publish(q.next_seq(), 1, now, None, at, &mut settled).unwrap();
+                        prop_assert!(published.insert(seq));
+                    }
+                    Op::Tick(d) => {
+                        now += u64::from(d);
+                        q.expire(now, &mut settled);
                     }
                     Op::AddConsumer(c, p) => {
                         let r = q.add_consumer(u64::from(c), u32::from(p), false);
@@ -992,7 +1012,7 @@ mod tests {
                         prefetch.remove(&u64::from(c));
                         outstanding.retain(|_, o| *o != u64::from(c));
                     }
-                    Op::Dispatch(n) => q.dispatch(0, usize::from(n), &mut out, &mut settled),
+                    Op::Dispatch(n) => q.dispatch(now, usize::from(n), &mut out, &mut settled),
                     Op::Ack(i) | Op::Nack(i, _) if outstanding.is_empty() => {
                         prop_assert!(q.ack(0, u64::from(i) + 10_000).is_err());
                     }
@@ -1008,7 +1028,7 @@ mod tests {
                         outstanding.remove(&seq);
                     }
                     Op::Get(auto_ack) => {
-                        if let Some(d) = q.get(1_000, auto_ack, 0, &mut settled) {
+                        if let Some(d) = q.get(1_000, auto_ack, now, &mut settled) {
                             out.push(d);
                         }
                     }
@@ -1018,7 +1038,7 @@ mod tests {
                     if !d.auto_ack {
                         prop_assert!(outstanding.insert(d.seq, d.owner).is_none(), "delivered twice at once");
                     }
-                    if d.delivery_count == 1 {
+                    if d.delivery_count == 1 && !any_delayed {
                         prop_assert!(last_first_delivery < Some(d.seq), "first deliveries out of order");
                         last_first_delivery = Some(d.seq);
                     }
@@ -1034,7 +1054,7 @@ mod tests {
                 }
                 let stats = q.stats();
                 prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
-                prop_assert_eq!(stats.ready + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
+                prop_assert_eq!(stats.ready + stats.delayed + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
                 if matches!(op, Op::Publish) {
                     prop_assert!(stats.ready <= max_length, "a publish left {} ready over max_length {}", stats.ready, max_length);
                 }

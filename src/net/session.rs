@@ -7,6 +7,9 @@
 //! an output buffer and returns the `Routed` ops to send to owning shards. It owns the
 //! connection's protocol state and its side of every delivery: delivery tags are allocated here,
 //! per connection, and mapped back to (owning shard, queue, consumer, queue sequence) on ack.
+//! Publishes to an exchange are routed here, by the shard's copy of the routing table (read, never
+//! written: changes go to the control-plane writer), and a publish split across shards is
+//! confirmed once every part was taken.
 //!
 //! Faults handled: frames before `Hello`, a second `Hello`, a wrong protocol version, frames only
 //! the broker may send, malformed frames (each gets an `Error` frame; fatal ones close this
