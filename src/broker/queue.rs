@@ -207,72 +207,29 @@ impl<M: Clone> Queue<M> {
         settled: &mut Vec<Settled<M>>,
     ) -> Result<Seq, QueueError> {
         if let Some(at) = deliver_at_ms.filter(|at| *at > now_ms) {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let ttl = [self.policy.message_ttl_ms, expiration_ms]
-                .into_iter()
-                .flatten()
-                .min();
-            let entry = Entry {
-                seq,
-                msg,
-                bytes,
-                delivery_count: 0,
-                enqueued_ms: at,
-                deadline_ms: ttl.map_or(u64::MAX, |t| at.saturating_add(t)),
-            };
+            let entry = self.new_entry(msg, bytes, at, expiration_ms);
+            let seq = entry.seq;
             self.delay(at, entry);
             return Ok(seq);
         }
-        let fits = |len: u64, total: u64, p: &QueuePolicy| {
-            p.max_length.is_none_or(|max| len < max)
-                && p.max_length_bytes
-                    .is_none_or(|max| total + u64::from(bytes) <= max)
-        };
-        if !fits(self.ready.len() as u64, self.ready_bytes, &self.policy) {
-            match self.policy.overflow {
-                Overflow::RejectPublish => {
-                    let which = if self
-                        .policy
-                        .max_length
-                        .is_some_and(|m| self.ready.len() as u64 >= m)
-                    {
-                        "max_length"
-                    } else {
-                        "max_length_bytes"
-                    };
-                    return Err(QueueError::Full(which));
-                }
-                Overflow::DropHead => {
-                    while !self.ready.is_empty()
-                        && !fits(self.ready.len() as u64, self.ready_bytes, &self.policy)
-                    {
-                        let head = self.pop_ready().expect("not empty");
-                        settled.push(self.dead_letter_or_drop(head));
-                    }
-                }
+        if !self.fits(self.ready.len() as u64, self.ready_bytes, bytes) {
+            if self.policy.overflow == Overflow::RejectPublish {
+                let which = if self
+                    .policy
+                    .max_length
+                    .is_some_and(|m| self.ready.len() as u64 >= m)
+                {
+                    "max_length"
+                } else {
+                    "max_length_bytes"
+                };
+                return Err(QueueError::Full(which));
             }
+            self.make_room(bytes, settled);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let ttl = [self.policy.message_ttl_ms, expiration_ms]
-            .into_iter()
-            .flatten()
-            .min();
-        let entry = Entry {
-            seq,
-            msg,
-            bytes,
-            delivery_count: 0,
-            enqueued_ms: now_ms,
-            deadline_ms: ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t)),
-        };
-        if fits(self.ready.len() as u64, self.ready_bytes, &self.policy) {
-            self.push_ready(entry);
-        } else {
-            // Even an empty queue cannot hold it (max_length 0, or one message over the bytes).
-            settled.push(self.dead_letter_or_drop(entry));
-        }
+        let entry = self.new_entry(msg, bytes, now_ms, expiration_ms);
+        let seq = entry.seq;
+        self.admit(entry, settled);
         Ok(seq)
     }
 
@@ -350,23 +307,65 @@ impl<M: Clone> Queue<M> {
                     settled.push(self.dead_letter_or_drop(entry));
                     continue;
                 }
-                while !self.ready.is_empty()
-                    && !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes)
-                {
-                    let head = self.pop_ready().expect("not empty");
-                    settled.push(self.dead_letter_or_drop(head));
-                }
-                if !self.fits(0, 0, entry.bytes) {
-                    settled.push(self.dead_letter_or_drop(entry));
-                    continue;
-                }
+                self.make_room(entry.bytes, settled);
             }
-            let at = self.ready.partition_point(|e| e.seq < entry.seq);
-            self.ready_bytes += u64::from(entry.bytes);
-            self.ready.insert(at, entry);
-            promoted += 1;
+            if self.admit(entry, settled) {
+                promoted += 1;
+            }
         }
         promoted
+    }
+
+    /// A new entry under the next sequence number; its time to live (the queue's or its own,
+    /// the shorter) counts from `from_ms`, when it becomes deliverable.
+    fn new_entry(
+        &mut self,
+        msg: M,
+        bytes: u32,
+        from_ms: u64,
+        expiration_ms: Option<u64>,
+    ) -> Entry<M> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let ttl = [self.policy.message_ttl_ms, expiration_ms]
+            .into_iter()
+            .flatten()
+            .min();
+        Entry {
+            seq,
+            msg,
+            bytes,
+            delivery_count: 0,
+            enqueued_ms: from_ms,
+            deadline_ms: ttl.map_or(u64::MAX, |t| from_ms.saturating_add(t)),
+        }
+    }
+
+    /// `DropHead`: the oldest ready messages go (dead-lettered or dropped) until one of `bytes`
+    /// fits, or none is left.
+    fn make_room(&mut self, bytes: u32, settled: &mut Vec<Settled<M>>) {
+        while !self.ready.is_empty() && !self.fits(self.ready.len() as u64, self.ready_bytes, bytes)
+        {
+            let head = self.pop_ready().expect("not empty");
+            settled.push(self.dead_letter_or_drop(head));
+        }
+    }
+
+    /// Puts `entry` into ready in sequence order if it fits; otherwise (even an empty queue
+    /// cannot hold it: max_length 0, or one message over the bytes) it is settled at once.
+    fn admit(&mut self, entry: Entry<M>, settled: &mut Vec<Settled<M>>) -> bool {
+        if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
+            settled.push(self.dead_letter_or_drop(entry));
+            return false;
+        }
+        self.ready_bytes += u64::from(entry.bytes);
+        if self.ready.back().is_none_or(|last| last.seq < entry.seq) {
+            self.ready.push_back(entry);
+        } else {
+            let at = self.ready.partition_point(|e| e.seq < entry.seq);
+            self.ready.insert(at, entry);
+        }
+        true
     }
 
     fn fits(&self, len: u64, total: u64, bytes: u32) -> bool {
