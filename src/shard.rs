@@ -525,12 +525,7 @@ impl ShardState {
         if let Some(change) = applied.change {
             copies_left = shards;
             for shard in 0..shards {
-                let op = Op::Routing(change.clone());
-                let from = ConnRef {
-                    shard: self.id,
-                    conn: CONTROL_CONN,
-                };
-                self.send_to(shard, MeshMsg::Request { from, id: wait, op });
+                self.request_of_own(shard, wait, Op::Routing(change.clone()));
             }
         }
         let always = self.session.durability == weir_protocol::wire::Durability::Always;
@@ -649,12 +644,18 @@ impl ShardState {
 
     /// A routing change of the shard's own (no client waits for it).
     fn ask_control(&self, op: ControlOp) {
+        self.request_of_own(CONTROL_SHARD, 0, Op::Control(op));
+    }
+
+    /// A request the shard itself makes (a routing change, its own publish, its expiry tick):
+    /// from `CONTROL_CONN`, so its reply is an acknowledgement (`id` names a control wait) or,
+    /// with `id` 0, nothing anyone waits for.
+    fn request_of_own(&self, to: u16, id: u64, op: Op) {
         let from = ConnRef {
             shard: self.id,
             conn: CONTROL_CONN,
         };
-        let op = Op::Control(op);
-        self.send_to(CONTROL_SHARD, MeshMsg::Request { from, id: 0, op });
+        self.send_to(to, MeshMsg::Request { from, id, op });
     }
 
     /// Publishes dead-lettered messages to their queues' dead-letter exchanges, routed by this
@@ -731,13 +732,8 @@ impl ShardState {
                 by_shard.entry(shard).or_default().push(part);
             }
         }
-        let from = ConnRef {
-            shard: self.id,
-            conn: CONTROL_CONN,
-        };
         for (shard, items) in by_shard {
-            let op = Op::Publish(items);
-            self.send_to(shard, MeshMsg::Request { from, id: 0, op });
+            self.request_of_own(shard, 0, Op::Publish(items));
         }
     }
 
@@ -897,18 +893,7 @@ async fn expire_forever(state: Rc<ShardState>) {
         if state.host.borrow().queue_count() == 0 {
             continue;
         }
-        let from = ConnRef {
-            shard: state.id,
-            conn: CONTROL_CONN,
-        };
-        state.send_to(
-            state.id,
-            MeshMsg::Request {
-                from,
-                id: 0,
-                op: Op::Expire,
-            },
-        );
+        state.request_of_own(state.id, 0, Op::Expire);
     }
 }
 
@@ -1113,12 +1098,8 @@ pub async fn run(setup: ShardSetup) {
     if let Some(writer) = &state.control {
         let table = writer.borrow().table().clone();
         for shard in 0..state.session.shard_count() {
-            let from = ConnRef {
-                shard: state.id,
-                conn: CONTROL_CONN,
-            };
             let op = Op::Routing(RoutingChange::Snapshot(Box::new(table.clone())));
-            state.send_to(shard, MeshMsg::Request { from, id: 0, op });
+            state.request_of_own(shard, 0, op);
         }
     }
     while !state.routing.ready.get() {
