@@ -299,14 +299,7 @@ impl ShardState {
             Op::Routing(change) => {
                 self.apply_routing(change);
                 let reply = Reply::Done;
-                return self.send_to(
-                    from.shard,
-                    MeshMsg::Reply {
-                        to: from,
-                        id,
-                        reply,
-                    },
-                );
+                return self.reply_to(from, id, reply);
             }
             op => op,
         };
@@ -395,14 +388,7 @@ impl ShardState {
             held_reply = reply.take();
         }
         if let Some(reply) = reply.take() {
-            self.send_to(
-                from.shard,
-                MeshMsg::Reply {
-                    to: from,
-                    id,
-                    reply,
-                },
-            );
+            self.reply_to(from, id, reply);
         }
         // Payloads spilled to the journal are read back before their deliveries leave.
         for push in pushes.iter_mut() {
@@ -453,14 +439,7 @@ impl ShardState {
                     Ok(()) => reply,
                     Err(e) => not_durable(reply, storage_refusal(e)),
                 };
-                state.send_to(
-                    from.shard,
-                    MeshMsg::Reply {
-                        to: from,
-                        id,
-                        reply,
-                    },
-                );
+                state.reply_to(from, id, reply);
                 state.replies_waiting.set(state.replies_waiting.get() - 1);
                 if state.replies_waiting.get() == 0 {
                     state.idle.ring();
@@ -479,14 +458,7 @@ impl ShardState {
                 code: weir_protocol::wire::ErrorCode::Internal,
                 message: format!("routing changes are made by shard {CONTROL_SHARD}"),
             });
-            return self.send_to(
-                from.shard,
-                MeshMsg::Reply {
-                    to: from,
-                    id,
-                    reply,
-                },
-            );
+            return self.reply_to(from, id, reply);
         };
         let applied = match writer.borrow_mut().execute(op) {
             Ok(applied) => applied,
@@ -495,14 +467,7 @@ impl ShardState {
                     code: e.code,
                     message: e.message,
                 });
-                return self.send_to(
-                    from.shard,
-                    MeshMsg::Reply {
-                        to: from,
-                        id,
-                        reply,
-                    },
-                );
+                return self.reply_to(from, id, reply);
             }
         };
         let mut reply = Reply::Done;
@@ -581,14 +546,7 @@ impl ShardState {
             .borrow_mut()
             .remove(&wait)
             .expect("present");
-        self.send_to(
-            w.to.shard,
-            MeshMsg::Reply {
-                to: w.to,
-                id: w.id,
-                reply: w.reply,
-            },
-        );
+        self.reply_to(w.to, w.id, w.reply);
         self.replies_waiting.set(self.replies_waiting.get() - 1);
         if self.replies_waiting.get() == 0 {
             self.idle.ring();
@@ -640,6 +598,11 @@ impl ShardState {
                 self.ask_control(ControlOp::QueueGone { queue });
             }
         }
+    }
+
+    /// Sends `reply` to request `id` of connection `to`, on whichever shard it lives.
+    fn reply_to(&self, to: ConnRef, id: u64, reply: Reply) {
+        self.send_to(to.shard, MeshMsg::Reply { to, id, reply });
     }
 
     /// A routing change of the shard's own (no client waits for it).
