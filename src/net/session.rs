@@ -501,12 +501,7 @@ impl Session {
             }
             (State::Open, Body::Bind) => {
                 let b = f.body_as_bind().expect("body type checked");
-                let binding = Binding {
-                    exchange: b.exchange().to_string(),
-                    queue: b.queue().to_string(),
-                    key: b.binding_key().unwrap_or("").to_string(),
-                    durable: false,
-                };
+                let binding = binding_of(b.exchange(), b.queue(), b.binding_key());
                 // The queue's owner says whether it exists (and is this connection's to bind, if
                 // exclusive) and whether it is durable; the writer does the rest.
                 let op = Op::Info {
@@ -522,12 +517,7 @@ impl Session {
             }
             (State::Open, Body::Unbind) => {
                 let b = f.body_as_unbind().expect("body type checked");
-                let binding = Binding {
-                    exchange: b.exchange().to_string(),
-                    queue: b.queue().to_string(),
-                    key: b.binding_key().unwrap_or("").to_string(),
-                    durable: false,
-                };
+                let binding = binding_of(b.exchange(), b.queue(), b.binding_key());
                 self.control(request_id, ControlOp::Unbind { binding }, routed)
             }
             (State::Open, Body::ListExchanges) => {
@@ -1501,6 +1491,16 @@ const _: () = assert!(BINDING_LIST_MAX + 64 <= WireLimits::DEFAULT.verifier_tabl
 
 fn name(body: Body) -> &'static str {
     body.variant_name().unwrap_or("an unknown frame")
+}
+
+/// A binding as a client names it; whether it is durable is decided from its queue and exchange.
+fn binding_of(exchange: &str, queue: &str, key: Option<&str>) -> Binding {
+    Binding {
+        exchange: exchange.to_string(),
+        queue: queue.to_string(),
+        key: key.unwrap_or("").to_string(),
+        durable: false,
+    }
 }
 
 /// A mandatory message that routed to no queue, as it goes back in a `Return`.
