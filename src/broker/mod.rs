@@ -5,6 +5,8 @@
 //! carry out what they return, so every rule here is tested without a runtime.
 //!
 //! - `catalog`: durable queue declarations and deletions as journal records.
+//! - `control`: the control plane: the writer's authoritative routing table (shard 0) and every
+//!   shard's read copy.
 //! - `host`: the queues one shard owns: declarations, consumers by connection, placement.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `routing`: exchanges and bindings, and the queues a routing key reaches (direct, topic, fanout);
@@ -16,6 +18,7 @@
 //!   outstanding deliveries, acks, nacks, redelivery, overflow, TTL and poison messages.
 
 pub mod catalog;
+pub mod control;
 pub mod host;
 pub mod ops;
 pub mod queue;

@@ -1,11 +1,10 @@
-//! Commands between a connection's shard and a queue's owning shard, and their execution.
+//! Executing the cross-core vocabulary (`mesh::msg`) on the shard that owns a queue.
 //!
-//! Contract: plain owned data (`Send`: these cross the mesh between cores) and one pure function,
-//! `execute`, that applies an `Op` to the owning shard's `QueueHost`. A connection's session turns
-//! frames into `Op`s addressed to the shard that owns each queue; the owner executes them and
-//! answers with a `Reply`, and pushes `Pushed` deliveries to the connections its consumers live
-//! on. When both ends are the same shard nothing crosses a core: the same values are passed by
-//! call. Message bytes travel as `Bytes` (a reference count, never a copy).
+//! Contract: pure functions on one shard's thread, no I/O: `execute` applies an `Op` to the
+//! owning shard's `QueueHost` and says what to answer; `collect_pushes` turns the host's pending
+//! deliveries into `Pushed` messages per connection; `address` groups a routed message's queues
+//! by owning shard; `journal` hands the host's durable changes to a `JournalSink` (the shard's
+//! journal, or nothing in tests). Message bytes stay `Bytes`: a reference count, never a copy.
 
 use std::rc::Rc;
 
@@ -13,38 +12,14 @@ use bytes::Bytes;
 use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{
-    placement, Cancelled, ConnRef, Declare, MsgRef, Outgoing, QueueHost, Refusal, Stored,
-};
+use crate::broker::host::{placement, ConnRef, MsgRef, Outgoing, QueueHost, Refusal, Stored};
 use crate::broker::queue::{OwnerId, Seq};
-use crate::broker::routing::RoutingChange;
-use crate::control::ControlOp;
-use crate::storage::Position;
 use crate::storage::SettleReason;
 
-/// One message of a publish, addressed to one or more queues of the owning shard: routed to
-/// several of them, it is stored once (one `Stored`, one journal record naming every target)
-/// and referenced by each.
-#[derive(Clone, Debug)]
-pub struct PublishItem {
-    /// The publisher's sequence number: confirms and refusals name it.
-    pub sequence: u64,
-    pub queue: String,
-    /// More target queues on the same shard (an exchange routed the message to several): empty,
-    /// and so not allocated, for the default exchange.
-    pub also: Vec<String>,
-    pub exchange: String,
-    pub routing_key: String,
-    pub mandatory: bool,
-    /// Whether the publisher wants a confirm for it.
-    pub confirm: bool,
-    /// The message's `persistent` property: journaled if its queue is durable.
-    pub persistent: bool,
-    pub bytes: Bytes,
-    pub expiration_ms: Option<u64>,
-    /// A delayed message's delivery time, ms since the Unix epoch.
-    pub deliver_at_ms: Option<u64>,
-}
+// The vocabulary moved to `mesh::msg`; re-exported while parallel work lands.
+pub use crate::mesh::msg::{
+    Op, PublishItem, PublishOutcome, Pushed, Reply, SettleItem, ShardStatus, WireDelivery,
+};
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
 /// shard naming all of that shard's queues (stored there once), or one per `targets_max` of
@@ -74,193 +49,40 @@ pub fn address(
     parts
 }
 
-/// What became of one published message.
-#[derive(Clone, Debug)]
-pub struct PublishOutcome {
-    pub sequence: u64,
-    pub confirm: bool,
-    /// Written to the journal: its confirm waits for the commit and says so.
-    pub journaled: bool,
-    pub result: Result<(), Refusal>,
-    /// A mandatory message whose queue does not exist comes back whole, for a `Return`.
-    pub returned: Option<PublishItem>,
-}
-
-/// One settlement of an outstanding delivery.
-#[derive(Clone, Debug)]
-pub struct SettleItem {
-    pub queue: String,
-    pub owner: OwnerId,
-    pub seq: Seq,
-    pub ack: bool,
-    pub requeue: bool,
-}
-
-/// What a connection asks of the shard that owns a queue.
-#[derive(Clone, Debug)]
-pub enum Op {
-    Declare(Declare),
-    Delete {
-        name: String,
-        if_unused: bool,
-        if_empty: bool,
-    },
-    Purge {
-        name: String,
-    },
-    Info {
-        name: String,
-    },
-    List {
-        prefix: String,
-        after: String,
-        limit: usize,
-    },
-    Publish(Vec<PublishItem>),
-    Consume {
-        queue: String,
-        tag: String,
-        prefetch: u32,
-        auto_ack: bool,
-        exclusive: bool,
-    },
-    Cancel {
-        queue: String,
-        owner: OwnerId,
-    },
-    SetPrefetch {
-        queue: String,
-        owner: OwnerId,
-        prefetch: u32,
-    },
-    Settle(Vec<SettleItem>),
-    Get {
-        queue: String,
-        auto_ack: bool,
-    },
-    ConnectionClosed,
-    /// The shard's counters (answered by the shard itself, not its queue host).
-    Status,
-    /// A change for the control-plane writer (shard 0), answered once durable and applied on
-    /// every shard.
-    Control(ControlOp),
-    /// From the writer: apply a change to this shard's routing copy.
-    Routing(RoutingChange),
-    /// The shard's own timer: settle (or dead-letter) the expired heads of its queues.
-    Expire,
-}
-
-/// One shard's counters, for `GetStatus`.
-#[derive(Clone, Debug, Default)]
-pub struct ShardStatus {
-    pub shard: u16,
-    pub connections: u64,
-    pub queues: u64,
-    pub messages_ready: u64,
-    pub messages_unacked: u64,
-    pub consumers: u64,
-    /// Messages settled other than by a consumer's ack: dropped, expired, purged (not
-    /// dead-lettered ones).
-    pub dropped: u64,
-    /// Messages handed to their queue's dead-letter exchange.
-    pub dead_lettered: u64,
-    /// Messages published on this shard that routed to no queue (not mandatory): dropped.
-    pub unroutable: u64,
-    /// The shard's routing copy: exchanges and bindings.
-    pub exchanges: u64,
-    pub bindings: u64,
-    /// Payload bytes held in memory, and the budget.
-    pub cache_bytes: u64,
-    pub cache_bytes_max: u64,
-    pub journal_commits: u64,
-    pub journal_records: u64,
-    pub journal_bytes_written: u64,
-    pub journal_fdatasyncs: u64,
-    /// Segment files in use (not reclaimed).
-    pub journal_segments: u64,
-}
-
-/// A delivery as it crosses to the consumer's connection.
-#[derive(Clone, Debug)]
-pub struct WireDelivery {
-    pub queue: String,
-    pub owner: OwnerId,
-    pub seq: Seq,
-    pub delivery_count: u32,
-    pub auto_ack: bool,
-    pub exchange: String,
-    pub routing_key: String,
-    /// The message bytes; empty until filled when `fill` is set.
-    pub bytes: Bytes,
-    /// The message is only in the journal: (record position, record length). The owning shard
-    /// reads it back, envelope and payload, before the delivery leaves it.
-    pub fill: Option<(Position, u32)>,
-}
-
-impl WireDelivery {
-    fn of(
-        queue: String,
-        owner: OwnerId,
-        d: &crate::broker::queue::Delivery<MsgRef>,
-    ) -> WireDelivery {
-        // A cold message's envelope and payload are both in its record: filled on read-back.
-        let (bytes, exchange, routing_key, fill) = match &d.msg {
-            MsgRef::Hot(s) => {
-                let payload = s.payload();
-                (payload, s.exchange.clone(), s.routing_key.clone(), None)
-            }
-            MsgRef::Cold {
-                position,
-                record_len,
-            } => (
-                Bytes::new(),
-                String::new(),
-                String::new(),
-                Some((*position, *record_len)),
-            ),
-        };
-        WireDelivery {
-            queue,
-            owner,
-            seq: d.seq,
-            delivery_count: d.delivery_count,
-            auto_ack: d.auto_ack,
-            exchange,
-            routing_key,
-            bytes,
-            fill,
+/// A delivery as it leaves its queue's shard: a cold message's envelope and payload are
+/// both in its record, read back before it leaves.
+fn wire_delivery(
+    queue: String,
+    owner: OwnerId,
+    d: &crate::broker::queue::Delivery<MsgRef>,
+) -> WireDelivery {
+    // A cold message's envelope and payload are both in its record: filled on read-back.
+    let (bytes, exchange, routing_key, fill) = match &d.msg {
+        MsgRef::Hot(s) => {
+            let payload = s.payload();
+            (payload, s.exchange.clone(), s.routing_key.clone(), None)
         }
+        MsgRef::Cold {
+            position,
+            record_len,
+        } => (
+            Bytes::new(),
+            String::new(),
+            String::new(),
+            Some((*position, *record_len)),
+        ),
+    };
+    WireDelivery {
+        queue,
+        owner,
+        seq: d.seq,
+        delivery_count: d.delivery_count,
+        auto_ack: d.auto_ack,
+        exchange,
+        routing_key,
+        bytes,
+        fill,
     }
-}
-
-/// The owning shard's answer to an `Op`.
-#[derive(Clone, Debug)]
-pub enum Reply {
-    Info(Box<wire::QueueInfoT>),
-    Deleted(u64),
-    Purged(u64),
-    List(Vec<wire::QueueInfoT>),
-    /// Per publish item, in order: taken, refused with why, or returned.
-    Published(Vec<PublishOutcome>),
-    Consumed(OwnerId),
-    Got(Option<Box<WireDelivery>>, u64),
-    /// Done, nothing to say (cancel, settle, connection closed).
-    Done,
-    /// Settlements that failed, and why.
-    SettleFailed(Vec<Refusal>),
-    Refused(Refusal),
-    ShardStatus(Box<ShardStatus>),
-}
-
-/// Something the owning shard sends a connection unasked.
-#[derive(Clone, Debug)]
-pub enum Pushed {
-    Deliver {
-        to: ConnRef,
-        consumer_tag: String,
-        deliveries: Vec<WireDelivery>,
-    },
-    Cancelled(Cancelled),
 }
 
 /// Where the host's durable changes go: the shard's journal (records staged for the next group
@@ -400,7 +222,7 @@ pub fn execute(
         }
         Op::Get { queue, auto_ack } => {
             host.get(from, &queue, auto_ack, now_ms).map(|(d, ready)| {
-                let d = d.map(|d| Box::new(WireDelivery::of(queue.clone(), from.conn, &d)));
+                let d = d.map(|d| Box::new(wire_delivery(queue.clone(), from.conn, &d)));
                 Reply::Got(d, ready)
             })
         }
@@ -554,7 +376,7 @@ pub fn collect_pushes(
                 consumer_tag: group[0].consumer_tag.to_string(),
                 deliveries: group
                     .iter()
-                    .map(|o| WireDelivery::of(o.queue.to_string(), o.delivery.owner, &o.delivery))
+                    .map(|o| wire_delivery(o.queue.to_string(), o.delivery.owner, &o.delivery))
                     .collect(),
             });
         }

@@ -1,4 +1,5 @@
-//! What crosses between shards, and how: typed messages, in batches, over the channel mesh.
+//! What crosses between shards, and how: typed messages (`msg`), in batches, over the channel
+//! mesh.
 //!
 //! Contract: owned by one shard (its `Mesh`); `send` only appends to the batch for a peer and
 //! rings the flusher, so everything a shard produces while one task runs leaves as one batch:
@@ -9,21 +10,12 @@
 
 use std::cell::RefCell;
 
-use crate::broker::host::ConnRef;
-use crate::broker::ops::{Op, Pushed, Reply};
+pub mod msg;
+
+pub use msg::MeshMsg;
+
 use crate::rt::executor::{doorbell, Doorbell, DoorbellWaiter};
 use crate::rt::mesh::{MeshReceiver, MeshSender};
-
-/// One unit of work between shards (and, unsent, within one).
-#[derive(Debug)]
-pub enum MeshMsg {
-    /// Execute `op` on the queue host of the receiving shard, for connection `from`.
-    Request { from: ConnRef, id: u64, op: Op },
-    /// The answer to request `id` of connection `to`.
-    Reply { to: ConnRef, id: u64, reply: Reply },
-    /// Deliveries or a cancellation for a connection of the receiving shard.
-    Push { from_shard: u16, push: Pushed },
-}
 
 pub type Batch = Vec<MeshMsg>;
 

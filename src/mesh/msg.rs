@@ -1,0 +1,245 @@
+//! The cross-core vocabulary: every message one shard sends another, as plain owned data.
+//!
+//! Contract: `Send` values only (asserted below), no behaviour beyond construction: a
+//! connection's session addresses `Op`s to the shard that owns each queue (or to the
+//! control-plane writer); the owner answers with a `Reply` and pushes `Pushed` deliveries to the
+//! connections its consumers live on. When both ends are the same shard nothing crosses a core:
+//! the same values are passed by call. Message bytes travel as `Bytes` (a reference count, never
+//! a copy). What executes these lives in the broker layer (`broker::ops::execute`,
+//! `broker::control`) and the shard shell; this module only names them, so that every layer can
+//! speak it without depending on another's state.
+
+use bytes::Bytes;
+use weir_protocol::wire;
+
+use crate::broker::host::{Cancelled, ConnRef, Declare, Refusal};
+use crate::broker::queue::{OwnerId, Seq};
+use crate::broker::routing::{Binding, ExchangeDecl, RoutingChange};
+use crate::storage::Position;
+
+/// One unit of work between shards (and, unsent, within one).
+#[derive(Debug)]
+pub enum MeshMsg {
+    /// Execute `op` on the queue host of the receiving shard, for connection `from`.
+    Request { from: ConnRef, id: u64, op: Op },
+    /// The answer to request `id` of connection `to`.
+    Reply { to: ConnRef, id: u64, reply: Reply },
+    /// Deliveries or a cancellation for a connection of the receiving shard.
+    Push { from_shard: u16, push: Pushed },
+}
+
+/// One message of a publish, addressed to one or more queues of the owning shard: routed to
+/// several of them, it is stored once (one `Stored`, one journal record naming every target)
+/// and referenced by each.
+#[derive(Clone, Debug)]
+pub struct PublishItem {
+    /// The publisher's sequence number: confirms and refusals name it.
+    pub sequence: u64,
+    pub queue: String,
+    /// More target queues on the same shard (an exchange routed the message to several): empty,
+    /// and so not allocated, for the default exchange.
+    pub also: Vec<String>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub mandatory: bool,
+    /// Whether the publisher wants a confirm for it.
+    pub confirm: bool,
+    /// The message's `persistent` property: journaled if its queue is durable.
+    pub persistent: bool,
+    pub bytes: Bytes,
+    pub expiration_ms: Option<u64>,
+    /// A delayed message's delivery time, ms since the Unix epoch.
+    pub deliver_at_ms: Option<u64>,
+}
+
+/// What became of one published message.
+#[derive(Clone, Debug)]
+pub struct PublishOutcome {
+    pub sequence: u64,
+    pub confirm: bool,
+    /// Written to the journal: its confirm waits for the commit and says so.
+    pub journaled: bool,
+    pub result: Result<(), Refusal>,
+    /// A mandatory message whose queue does not exist comes back whole, for a `Return`.
+    pub returned: Option<PublishItem>,
+}
+
+/// One settlement of an outstanding delivery.
+#[derive(Clone, Debug)]
+pub struct SettleItem {
+    pub queue: String,
+    pub owner: OwnerId,
+    pub seq: Seq,
+    pub ack: bool,
+    pub requeue: bool,
+}
+
+/// What a connection asks of the shard that owns a queue.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Declare(Declare),
+    Delete {
+        name: String,
+        if_unused: bool,
+        if_empty: bool,
+    },
+    Purge {
+        name: String,
+    },
+    Info {
+        name: String,
+    },
+    List {
+        prefix: String,
+        after: String,
+        limit: usize,
+    },
+    Publish(Vec<PublishItem>),
+    Consume {
+        queue: String,
+        tag: String,
+        prefetch: u32,
+        auto_ack: bool,
+        exclusive: bool,
+    },
+    Cancel {
+        queue: String,
+        owner: OwnerId,
+    },
+    SetPrefetch {
+        queue: String,
+        owner: OwnerId,
+        prefetch: u32,
+    },
+    Settle(Vec<SettleItem>),
+    Get {
+        queue: String,
+        auto_ack: bool,
+    },
+    ConnectionClosed,
+    /// The shard's counters (answered by the shard itself, not its queue host).
+    Status,
+    /// A change for the control-plane writer (shard 0), answered once durable and applied on
+    /// every shard.
+    Control(ControlOp),
+    /// From the writer: apply a change to this shard's routing copy.
+    Routing(RoutingChange),
+    /// The shard's own timer: settle (or dead-letter) the expired heads of its queues.
+    Expire,
+}
+
+/// One shard's counters, for `GetStatus`.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStatus {
+    pub shard: u16,
+    pub connections: u64,
+    pub queues: u64,
+    pub messages_ready: u64,
+    pub messages_unacked: u64,
+    pub consumers: u64,
+    /// Messages settled other than by a consumer's ack: dropped, expired, purged (not
+    /// dead-lettered ones).
+    pub dropped: u64,
+    /// Messages handed to their queue's dead-letter exchange.
+    pub dead_lettered: u64,
+    /// Messages published on this shard that routed to no queue (not mandatory): dropped.
+    pub unroutable: u64,
+    /// The shard's routing copy: exchanges and bindings.
+    pub exchanges: u64,
+    pub bindings: u64,
+    /// Payload bytes held in memory, and the budget.
+    pub cache_bytes: u64,
+    pub cache_bytes_max: u64,
+    pub journal_commits: u64,
+    pub journal_records: u64,
+    pub journal_bytes_written: u64,
+    pub journal_fdatasyncs: u64,
+    /// Segment files in use (not reclaimed).
+    pub journal_segments: u64,
+}
+
+/// A delivery as it crosses to the consumer's connection.
+#[derive(Clone, Debug)]
+pub struct WireDelivery {
+    pub queue: String,
+    pub owner: OwnerId,
+    pub seq: Seq,
+    pub delivery_count: u32,
+    pub auto_ack: bool,
+    pub exchange: String,
+    pub routing_key: String,
+    /// The message bytes; empty until filled when `fill` is set.
+    pub bytes: Bytes,
+    /// The message is only in the journal: (record position, record length). The owning shard
+    /// reads it back, envelope and payload, before the delivery leaves it.
+    pub fill: Option<(Position, u32)>,
+}
+
+/// The owning shard's answer to an `Op`.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    Info(Box<wire::QueueInfoT>),
+    Deleted(u64),
+    Purged(u64),
+    List(Vec<wire::QueueInfoT>),
+    /// Per publish item, in order: taken, refused with why, or returned.
+    Published(Vec<PublishOutcome>),
+    Consumed(OwnerId),
+    Got(Option<Box<WireDelivery>>, u64),
+    /// Done, nothing to say (cancel, settle, connection closed).
+    Done,
+    /// Settlements that failed, and why.
+    SettleFailed(Vec<Refusal>),
+    Refused(Refusal),
+    ShardStatus(Box<ShardStatus>),
+}
+
+/// Something the owning shard sends a connection unasked.
+#[derive(Clone, Debug)]
+pub enum Pushed {
+    Deliver {
+        to: ConnRef,
+        consumer_tag: String,
+        deliveries: Vec<WireDelivery>,
+    },
+    Cancelled(Cancelled),
+}
+
+/// A change asked of the writer.
+#[derive(Clone, Debug)]
+pub enum ControlOp {
+    DeclareExchange {
+        decl: ExchangeDecl,
+        passive: bool,
+    },
+    DeleteExchange {
+        name: String,
+        if_unused: bool,
+    },
+    /// `binding.durable` says whether the queue is durable; the binding is durable if its
+    /// exchange is too.
+    Bind {
+        binding: Binding,
+    },
+    Unbind {
+        binding: Binding,
+    },
+    /// A queue was deleted: its bindings go.
+    QueueGone {
+        queue: String,
+    },
+}
+
+// The per-core boundary as a type fact: everything here crosses cores.
+const _: () = {
+    fn assert_send<T: Send>() {}
+    fn all_send() {
+        assert_send::<MeshMsg>();
+        assert_send::<Op>();
+        assert_send::<Reply>();
+        assert_send::<Pushed>();
+        assert_send::<PublishItem>();
+        assert_send::<ControlOp>();
+    }
+    let _ = all_send;
+};
