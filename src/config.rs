@@ -22,9 +22,10 @@ use crate::limits::Limits;
 pub enum FsyncPolicy {
     /// Confirm after fdatasync returned (group commit shares one fdatasync among many publishes).
     Always,
-    /// Confirm once the message is staged for the next group commit, before it is written;
-    /// the journal still fdatasyncs every group commit, which comes well within
-    /// `fsync_interval_ms` (a commit takes about a millisecond here).
+    /// Confirm once the message is staged for the next group commit, before it is written.
+    /// The journal still fdatasyncs every group commit (about a millisecond here), so
+    /// `fsync_interval_ms` is validated and reported but has no effect yet: there is no
+    /// interval timer until the journal learns to skip fdatasyncs.
     Interval,
     /// As `Interval`, with no bound promised: a crash may lose confirmed messages of the commit
     /// in flight. (The journal does not skip fdatasync yet; only the confirm stops waiting.)
@@ -60,7 +61,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub cpus: Cpus,
     pub fsync: FsyncPolicy,
-    /// Longest a written commit waits for its fdatasync under `fsync = interval`, ms.
+    /// Longest a written commit may wait for its fdatasync under `fsync = interval`, ms. No
+    /// effect yet: every group commit is fdatasynced at once (see `FsyncPolicy::Interval`).
     pub fsync_interval_ms: u64,
     /// Spin this long before parking an idle shard: lower wake-up latency for a burned core.
     pub spin_before_park_us: u64,

@@ -1,6 +1,6 @@
 //! The wire's limits: every bound the codec enforces, in one place, each with its reason.
 //!
-//! The broker's own limit registry (later `src/limits.rs`) starts from these defaults and may
+//! The broker's own limit registry (`src/limits.rs`, `Limits`) starts from these defaults and may
 //! tighten them per deployment; it never loosens them past what the relations below allow.
 //! `WireLimits::check` asserts those relations, so a configuration that breaks them is refused
 //! with the name of the limit, not discovered as a truncated frame at run time.
