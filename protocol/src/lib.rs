@@ -43,6 +43,14 @@ pub use limits::WireLimits;
 /// a change that breaks the compatibility rules written at the top of the schema.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// The shard that owns a queue: crc32 (IEEE) of its name modulo the shard count. Part of the
+/// contract, not a detail of the broker: it is the same on every shard, in every shard-aware
+/// client and across restarts (never std's per-process random hasher), so a client sends a
+/// queue's traffic straight to its owner.
+pub fn placement(queue: &str, shard_count: u16) -> u16 {
+    (crc32fast::hash(queue.as_bytes()) % u32::from(shard_count.max(1))) as u16
+}
+
 /// A frame from its parts. The object-API structs are `#[non_exhaustive]`, so crates other than
 /// this one build frames here (bodies start from `XT::default()` and set fields).
 pub fn frame(request_id: u64, body: wire::BodyT) -> wire::FrameT {
