@@ -99,8 +99,8 @@ pub struct QueueHost {
     /// Consumer ids are `CONSUMER_BIT | n`, so they never collide with connection ids, which
     /// own a connection's `Get`s.
     next_consumer: u64,
-    /// Messages settled without a consumer's ack: dropped, expired, purged, dead-lettered (until
-    /// exchanges exist, dead-lettering drops and counts).
+    /// Messages settled without a consumer's ack and not handed to a dead-letter exchange:
+    /// dropped by overflow, expired, purged, or dead-lettered by a queue that names none.
     pub dropped: u64,
     /// Messages an exchange routed here whose every target queue was gone meanwhile (not
     /// mandatory): dropped.
