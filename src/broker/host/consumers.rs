@@ -23,6 +23,8 @@ pub struct Outgoing {
     pub delivery: Delivery<MsgRef>,
 }
 
+/// Set in every consumer id and in no connection id, so a consumer and a connection's `Get`s
+/// never share an owner in a queue.
 const CONSUMER_BIT: u64 = 1 << 63;
 
 impl QueueHost {
