@@ -12,8 +12,8 @@
 use weir_protocol::wire::{self, BodyT};
 use weir_protocol::WireLimits;
 
-use crate::broker::host::Declare;
 use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind};
+use crate::broker::types::Declare;
 
 const TAG_DECLARE_QUEUE: u8 = 1;
 const TAG_DELETE_QUEUE: u8 = 2;

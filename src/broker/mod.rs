@@ -7,7 +7,9 @@
 //! - `catalog`: durable queue declarations and deletions as journal records.
 //! - `control`: the control plane: the writer's authoritative routing table (shard 0) and every
 //!   shard's read copy.
-//! - `host`: the queues one shard owns: declarations, consumers by connection, placement.
+//! - `host`: the queues one shard owns: declarations, consumers by connection, settle accounting.
+//! - `types`: the small plain types every layer names (`ConnRef`, `Refusal`, `Declare`,
+//!   `Cancelled`) and `placement`, free of the other broker modules.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `routing`: exchanges and bindings, and the queues a routing key reaches (direct, topic, fanout);
 //!   the control-plane writer's authoritative table and every shard's copy.
@@ -25,3 +27,4 @@ pub mod queue;
 pub mod rebuild;
 pub mod routing;
 pub mod stored;
+pub mod types;

@@ -28,9 +28,11 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Cache, Declare, MsgRef, QueueHost};
+use crate::broker::host::QueueHost;
 use crate::broker::queue::Seq;
 use crate::broker::routing::RoutingTable;
+use crate::broker::stored::{Cache, MsgRef};
+use crate::broker::types::Declare;
 use crate::storage::record::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
 
@@ -250,7 +252,7 @@ pub struct RebuildSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::host::ConnRef;
+    use crate::broker::types::ConnRef;
     use crate::storage::{SettleReason, Target};
 
     fn declare(name: &str) -> Vec<u8> {
@@ -323,7 +325,7 @@ mod tests {
             .publish(
                 a,
                 "q",
-                Rc::new(crate::broker::host::Stored::new(
+                Rc::new(crate::broker::stored::Stored::new(
                     bytes::Bytes::new(),
                     String::new(),
                     "q".into(),

@@ -1,0 +1,522 @@
+//! The queue host: every queue one shard owns, with their declarations and consumers.
+//!
+//! Contract: plain data without I/O, owned by one shard. It answers the requests that reach the
+//! owning shard (declare, delete, purge, info, list, publish, consume, cancel, settle, get) from
+//! any connection of any shard, named by a `ConnRef`, and it produces the deliveries each
+//! connection is owed (`take_deliveries`). Which shard owns which queue is decided before a
+//! request gets here (`placement`); the host only ever sees its own queues. Time is an argument
+//! (`now_ms`): the host never reads a clock.
+//!
+//! This file holds the queue map and what changes it: declarations, deletion, purge, info, list,
+//! publish, recovery. `consumers` serves consumers and `Get`s and releases what a closed
+//! connection held; `settle` keeps the books of what leaves a queue (journal settles, dead
+//! letters, drop counts, expiry, the liveness of journal segments as messages cool).
+//!
+//! Faults handled: every refused request is a `Refusal` carrying the schema's error code and a
+//! sentence; nothing is half-applied. A connection that goes away releases everything it held:
+//! its consumers, its outstanding deliveries (back to ready, redelivered), its exclusive queues.
+
+mod consumers;
+mod settle;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+
+use weir_protocol::wire::{self, ErrorCode};
+
+use crate::broker::catalog::CatalogRecord;
+use crate::broker::queue::{
+    Delivery, Overflow, OwnerId, Queue, QueueError, QueuePolicy, Seq, Settled,
+};
+use crate::storage::SettleReason;
+
+pub use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
+pub use crate::broker::types::{placement, Cancelled, ConnRef, Declare, Refusal};
+pub use consumers::Outgoing;
+pub use settle::{DeadLetter, JournalWork};
+
+/// A delivery of a stored message.
+pub type StoredDelivery = Delivery<MsgRef>;
+
+fn refuse<T>(code: ErrorCode, message: String) -> Result<T, Refusal> {
+    Err(Refusal { code, message })
+}
+
+struct ConsumerInfo {
+    conn: ConnRef,
+    tag: Rc<str>,
+}
+
+struct Hosted {
+    name: Rc<str>,
+    durable: bool,
+    exclusive: Option<ConnRef>,
+    auto_delete: bool,
+    arguments: wire::QueueArgumentsT,
+    queue: Queue<MsgRef>,
+    consumers: HashMap<OwnerId, ConsumerInfo>,
+    /// Cancelled consumers, by the connection they belonged to: what they hold stays ackable
+    /// until that connection closes.
+    retired: HashMap<OwnerId, ConnRef>,
+    had_consumer: bool,
+}
+
+impl Hosted {
+    fn info(&self, shard: u16, now_ms: u64) -> wire::QueueInfoT {
+        let s = self.queue.stats();
+        let mut i = wire::QueueInfoT::default();
+        i.name = Some(self.name.to_string());
+        i.durable = self.durable;
+        i.exclusive = self.exclusive.is_some();
+        i.auto_delete = self.auto_delete;
+        i.arguments = Some(Box::new(self.arguments.clone()));
+        i.shard = shard;
+        i.messages_ready = s.ready;
+        i.messages_unacked = s.outstanding;
+        i.bytes_ready = s.ready_bytes;
+        i.consumers = s.consumers;
+        i.messages_delayed = s.delayed;
+        i.oldest_ready_age_ms = s.oldest_ready_ms.map(|t| now_ms.saturating_sub(t));
+        i
+    }
+
+    fn same_declaration(&self, d: &Declare) -> bool {
+        self.durable == d.durable
+            && self.exclusive.is_some() == d.exclusive
+            && self.auto_delete == d.auto_delete
+            && self.arguments == d.arguments
+    }
+}
+
+/// The queues of one shard.
+pub struct QueueHost {
+    shard: u16,
+    queues: BTreeMap<Rc<str>, Hosted>,
+    /// Queues whose consumers may be owed deliveries.
+    dirty: BTreeSet<Rc<str>>,
+    /// Consumer ids are `CONSUMER_BIT | n`, so they never collide with connection ids, which
+    /// own a connection's `Get`s.
+    next_consumer: u64,
+    /// Messages settled without a consumer's ack and not handed to a dead-letter exchange:
+    /// dropped by overflow, expired, purged, or dead-lettered by a queue that names none.
+    pub dropped: u64,
+    /// Messages an exchange routed here whose every target queue was gone meanwhile (not
+    /// mandatory): dropped.
+    pub unroutable: u64,
+    /// Queues removed since the last `take_removed`: their bindings must go too.
+    removed: Vec<String>,
+    /// Messages dead-lettered since the last `take_dead_letters`, for the shard to publish to
+    /// their queue's dead-letter exchange.
+    dead_letters: Vec<DeadLetter>,
+    /// Messages dead-lettered so far.
+    pub dead_lettered: u64,
+    /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
+    settles: Vec<(Rc<str>, Seq, SettleReason)>,
+    /// Durable declarations and deletions, for the shard to journal.
+    catalog: Vec<CatalogRecord>,
+    /// Payload bytes held in memory, against the shard's budget.
+    cache: Rc<Cache>,
+    /// Live messages per journal segment (for reclaim).
+    liveness: Rc<Liveness>,
+}
+
+impl QueueHost {
+    /// A host with no payload budget (state-machine tests).
+    pub fn new(shard: u16) -> QueueHost {
+        QueueHost::with_cache(shard, Cache::new(u64::MAX))
+    }
+
+    /// A host whose in-memory payloads are counted in `cache`.
+    pub fn with_cache(shard: u16, cache: Rc<Cache>) -> QueueHost {
+        QueueHost::with_accounts(shard, cache, Liveness::new())
+    }
+
+    /// A host whose in-memory payloads are counted in `cache` and whose journaled messages are
+    /// counted per segment in `liveness`.
+    pub fn with_accounts(shard: u16, cache: Rc<Cache>, liveness: Rc<Liveness>) -> QueueHost {
+        QueueHost {
+            cache,
+            liveness,
+            shard,
+            queues: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            next_consumer: 0,
+            dropped: 0,
+            unroutable: 0,
+            removed: Vec::new(),
+            dead_letters: Vec::new(),
+            dead_lettered: 0,
+            settles: Vec::new(),
+            catalog: Vec::new(),
+        }
+    }
+
+    /// Every durable queue's declaration and next sequence number: written again before the
+    /// segments holding their history are reclaimed.
+    pub fn restatement(&self) -> Vec<CatalogRecord> {
+        let mut out = Vec::new();
+        for q in self
+            .queues
+            .values()
+            .filter(|q| q.durable && q.exclusive.is_none())
+        {
+            out.push(CatalogRecord::DeclareQueue(Declare {
+                name: q.name.to_string(),
+                passive: false,
+                durable: true,
+                exclusive: false,
+                auto_delete: q.auto_delete,
+                arguments: q.arguments.clone(),
+            }));
+            out.push(CatalogRecord::QueueSeq {
+                name: q.name.to_string(),
+                next_seq: q.queue.next_seq(),
+            });
+        }
+        out
+    }
+
+    /// The shard's payload cache account.
+    pub fn cache(&self) -> &Rc<Cache> {
+        &self.cache
+    }
+
+    /// The queues removed since the last call (deleted, auto-deleted, exclusive ones with their
+    /// connection): the control plane drops their bindings.
+    pub fn take_removed(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.removed)
+    }
+
+    /// Whether `queue`'s persistent messages are journaled; `None` if there is no such queue.
+    pub fn is_durable(&self, queue: &str) -> Option<bool> {
+        self.queues
+            .get(queue)
+            .map(|q| q.durable && q.exclusive.is_none())
+    }
+
+    /// Undoes the publish of `seq` (the newest message of `queue`) when it could not be journaled.
+    pub fn retract(&mut self, queue: &str, seq: Seq) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.queue.retract_newest(seq);
+        }
+    }
+
+    /// Puts back a durable queue and its messages, recovered from the journal.
+    pub fn restore_queue(
+        &mut self,
+        d: Declare,
+        next_seq: Seq,
+        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>)>,
+        now_ms: u64,
+    ) {
+        let policy = policy_of(&d.arguments);
+        let ttl = policy.message_ttl_ms;
+        let mut queue = Queue::new(policy, next_seq);
+        for (seq, bytes, msg, deliver_at) in messages {
+            if let Some(segment) = msg.cold_segment() {
+                self.liveness.add(segment);
+            }
+            if let Some(at) = deliver_at.filter(|at| *at > now_ms) {
+                // Still delayed: never delivered, so not marked redelivered.
+                queue.restore_delayed(seq, msg, bytes, at, 0);
+                continue;
+            }
+            let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
+            // It may have been delivered before the restart: count that delivery, so it is
+            // marked redelivered (conservative, as AMQP brokers do after a crash).
+            queue.restore(seq, msg, bytes, now_ms, deadline, 1);
+        }
+        let name: Rc<str> = Rc::from(d.name.as_str());
+        self.dirty.insert(name.clone());
+        let hosted = Hosted {
+            name: name.clone(),
+            durable: d.durable,
+            exclusive: None,
+            auto_delete: d.auto_delete,
+            arguments: d.arguments,
+            queue,
+            consumers: HashMap::new(),
+            retired: HashMap::new(),
+            had_consumer: false,
+        };
+        self.queues.insert(name, hosted);
+    }
+
+    fn get_queue(&mut self, conn: ConnRef, name: &str) -> Result<&mut Hosted, Refusal> {
+        let Some(q) = self.queues.get_mut(name) else {
+            return refuse(ErrorCode::NotFound, format!("queue '{name}' not found"));
+        };
+        if q.exclusive.is_some_and(|owner| owner != conn) {
+            return refuse(
+                ErrorCode::ResourceLocked,
+                format!("queue '{name}' is exclusive to another connection"),
+            );
+        }
+        Ok(q)
+    }
+
+    pub fn declare(
+        &mut self,
+        conn: ConnRef,
+        d: Declare,
+        now_ms: u64,
+    ) -> Result<wire::QueueInfoT, Refusal> {
+        let shard = self.shard;
+        if let Some(q) = self.queues.get(d.name.as_str()) {
+            if q.exclusive.is_some_and(|owner| owner != conn) {
+                return refuse(
+                    ErrorCode::ResourceLocked,
+                    format!("queue '{}' is exclusive to another connection", d.name),
+                );
+            }
+            if !d.passive && !q.same_declaration(&d) {
+                return refuse(
+                    ErrorCode::PreconditionFailed,
+                    format!("queue '{}' exists with other properties (durable, exclusive, auto-delete or arguments)", d.name),
+                );
+            }
+            return Ok(q.info(shard, now_ms));
+        }
+        if d.passive {
+            return refuse(ErrorCode::NotFound, format!("queue '{}' not found", d.name));
+        }
+        let a = &d.arguments;
+        if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                "dead_letter_routing_key without dead_letter_exchange: name the exchange (\"\" is the default one)".into(),
+            );
+        }
+        if a.priority_max > 0 {
+            return refuse(
+                ErrorCode::InvalidArgument,
+                "priority_max: priority queues are not served yet".into(),
+            );
+        }
+        let policy = policy_of(a);
+        if d.durable && !d.exclusive {
+            self.catalog.push(CatalogRecord::DeclareQueue(Declare {
+                passive: false,
+                ..d.clone()
+            }));
+        }
+        let name: Rc<str> = Rc::from(d.name.as_str());
+        let q = Hosted {
+            name: name.clone(),
+            durable: d.durable,
+            exclusive: d.exclusive.then_some(conn),
+            auto_delete: d.auto_delete,
+            arguments: d.arguments,
+            queue: Queue::new(policy, 0),
+            consumers: HashMap::new(),
+            retired: HashMap::new(),
+            had_consumer: false,
+        };
+        let info = q.info(shard, now_ms);
+        self.queues.insert(name, q);
+        Ok(info)
+    }
+
+    /// Deletes a queue; returns how many messages went with it and the consumers to tell.
+    pub fn delete(
+        &mut self,
+        conn: ConnRef,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<(u64, Vec<Cancelled>), Refusal> {
+        let q = self.get_queue(conn, name)?;
+        let s = q.queue.stats();
+        if if_unused && s.consumers > 0 {
+            return refuse(
+                ErrorCode::PreconditionFailed,
+                format!("queue '{name}' has {} consumers", s.consumers),
+            );
+        }
+        if if_empty && s.ready > 0 {
+            return refuse(
+                ErrorCode::PreconditionFailed,
+                format!("queue '{name}' has {} ready messages", s.ready),
+            );
+        }
+        Ok(self.remove(name, "was deleted"))
+    }
+
+    fn remove(&mut self, name: &str, why: &str) -> (u64, Vec<Cancelled>) {
+        let Some(q) = self.queues.remove(name) else {
+            return (0, Vec::new());
+        };
+        self.removed.push(name.to_string());
+        for segment in q.queue.messages().filter_map(MsgRef::cold_segment) {
+            self.liveness.sub(segment);
+        }
+        self.dirty.remove(name);
+        if q.durable && q.exclusive.is_none() {
+            self.catalog
+                .push(CatalogRecord::DeleteQueue(name.to_string()));
+        }
+        let s = q.queue.stats();
+        let cancelled = q
+            .consumers
+            .values()
+            .map(|c| Cancelled {
+                to: c.conn,
+                consumer_tag: c.tag.to_string(),
+                message: format!("queue '{name}' {why}"),
+            })
+            .collect();
+        (s.ready + s.outstanding, cancelled)
+    }
+
+    pub fn purge(&mut self, conn: ConnRef, name: &str) -> Result<u64, Refusal> {
+        let q = self.get_queue(conn, name)?;
+        let mut settled = Vec::new();
+        let n = q.queue.purge(&mut settled) as u64;
+        let name = q.name.clone();
+        self.note_settled(&name, settled);
+        Ok(n)
+    }
+
+    pub fn info(
+        &mut self,
+        conn: ConnRef,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<wire::QueueInfoT, Refusal> {
+        let shard = self.shard;
+        Ok(self.get_queue(conn, name)?.info(shard, now_ms))
+    }
+
+    /// This shard's queues whose names start with `prefix` and sort after `after`, in name order.
+    pub fn list(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: usize,
+        now_ms: u64,
+    ) -> Vec<wire::QueueInfoT> {
+        use std::ops::Bound;
+        self.queues
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .filter(|(name, _)| name.starts_with(prefix))
+            .take(limit)
+            .map(|(_, q)| q.info(self.shard, now_ms))
+            .collect()
+    }
+
+    /// Accepts a message into a queue.
+    pub fn publish(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        msg: Rc<Stored>,
+        expiration_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Seq, Refusal> {
+        self.publish_at(conn, queue, msg, expiration_ms, None, now_ms)
+    }
+
+    /// Accepts a message into a queue, delayed until `deliver_at_ms` if that is in the future.
+    pub fn publish_at(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        msg: Rc<Stored>,
+        expiration_ms: Option<u64>,
+        deliver_at_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Seq, Refusal> {
+        // Anyone may publish to an exclusive queue (AMQP: exclusivity is about consuming and
+        // managing it); that is how a requester's private reply queue gets its replies.
+        let _ = conn;
+        let Some(q) = self.queues.get_mut(queue) else {
+            return refuse(ErrorCode::NotFound, format!("queue '{queue}' not found"));
+        };
+        let bytes = msg.len();
+        let mut settled: Vec<Settled<MsgRef>> = Vec::new();
+        let seq = match q.queue.publish(
+            MsgRef::Hot(msg),
+            bytes,
+            now_ms,
+            expiration_ms,
+            deliver_at_ms,
+            &mut settled,
+        ) {
+            Ok(seq) => seq,
+            Err(QueueError::Full(which)) => {
+                return refuse(
+                    ErrorCode::QueueFull,
+                    format!("queue '{queue}' is full ({which})"),
+                );
+            }
+            Err(e) => return refuse(ErrorCode::Internal, e.to_string()),
+        };
+        let name = q.name.clone();
+        self.note_settled(&name, settled);
+        self.dirty.insert(name);
+        Ok(seq)
+    }
+
+    /// A connection went away: its consumers and `Get`s release their deliveries (redelivered
+    /// later), its exclusive queues are deleted, auto-delete queues left without consumers go.
+    pub fn connection_closed(&mut self, conn: ConnRef) {
+        let mut gone = self.release_connection(conn);
+        gone.extend(
+            self.queues
+                .values()
+                .filter(|q| q.exclusive == Some(conn))
+                .map(|q| q.name.clone()),
+        );
+        // Removed in name order, as `take_removed` has always reported them.
+        gone.sort_unstable();
+        for name in gone {
+            self.remove(&name, "was deleted with its connection");
+        }
+    }
+
+    /// This host's part of a shard's counters (the shard adds connections and journal figures).
+    pub fn status(&self) -> crate::broker::ops::ShardStatus {
+        let mut st = crate::broker::ops::ShardStatus {
+            shard: self.shard,
+            queues: self.queues.len() as u64,
+            dropped: self.dropped,
+            dead_lettered: self.dead_lettered,
+            unroutable: self.unroutable,
+            cache_bytes: self.cache.bytes(),
+            ..Default::default()
+        };
+        for q in self.queues.values() {
+            let s = q.queue.stats();
+            st.messages_ready += s.ready;
+            st.messages_unacked += s.outstanding;
+            st.consumers += u64::from(s.consumers);
+        }
+        st
+    }
+
+    /// True when some queue may owe deliveries.
+    pub fn has_work(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+}
+
+fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
+    QueuePolicy {
+        max_length: a.max_length,
+        max_length_bytes: a.max_length_bytes,
+        overflow: if a.overflow == wire::Overflow::RejectPublish {
+            Overflow::RejectPublish
+        } else {
+            Overflow::DropHead
+        },
+        message_ttl_ms: a.message_ttl_ms.map(u64::from),
+        max_deliveries: a.max_deliveries,
+        dead_letter: a.dead_letter_exchange.is_some(),
+    }
+}

@@ -1,0 +1,258 @@
+//! The queue host's rules, each tested on its own, without a runtime.
+
+use super::*;
+use bytes::Bytes;
+
+const A: ConnRef = ConnRef { shard: 0, conn: 1 };
+const B: ConnRef = ConnRef { shard: 1, conn: 2 };
+
+fn declare(name: &str) -> Declare {
+    Declare {
+        name: name.into(),
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn msg(body: &'static [u8]) -> Rc<Stored> {
+    Rc::new(Stored::new(
+        Bytes::from_static(body),
+        String::new(),
+        "q".into(),
+        true,
+        None,
+    ))
+}
+
+#[test]
+fn declare_is_idempotent_and_a_mismatch_is_refused() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    h.declare(B, declare("q"), 0).unwrap();
+    let e = h
+        .declare(
+            A,
+            Declare {
+                auto_delete: true,
+                ..declare("q")
+            },
+            0,
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::PreconditionFailed);
+    assert_eq!(
+        h.declare(
+            A,
+            Declare {
+                passive: true,
+                ..declare("nope")
+            },
+            0
+        )
+        .unwrap_err()
+        .code,
+        ErrorCode::NotFound
+    );
+}
+
+#[test]
+fn an_exclusive_queue_is_its_connections_alone_and_goes_with_it() {
+    let mut h = QueueHost::new(0);
+    h.declare(
+        A,
+        Declare {
+            exclusive: true,
+            ..declare("mine")
+        },
+        0,
+    )
+    .unwrap();
+    // Others may publish to it (a reply queue), but not consume, inspect or delete it.
+    h.publish(B, "mine", msg(b"x"), None, 0).unwrap();
+    assert_eq!(
+        h.consume(B, "mine", "t", 1, false, false).unwrap_err().code,
+        ErrorCode::ResourceLocked
+    );
+    assert_eq!(
+        h.info(B, "mine", 0).unwrap_err().code,
+        ErrorCode::ResourceLocked
+    );
+    h.publish(A, "mine", msg(b"x"), None, 0).unwrap();
+    h.connection_closed(A);
+    assert_eq!(h.info(A, "mine", 0).unwrap_err().code, ErrorCode::NotFound);
+}
+
+#[test]
+fn deliveries_go_to_the_consumers_connection_and_come_back_when_it_dies() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    for _ in 0..3 {
+        h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+    }
+    let c = h.consume(B, "q", "ctag", 2, false, false).unwrap();
+    let mut out = Vec::new();
+    h.take_deliveries(0, 100, &mut out);
+    assert_eq!(out.len(), 2, "prefetch 2");
+    assert!(out.iter().all(|o| o.to == B && &*o.consumer_tag == "ctag"));
+    h.settle(B, "q", c, out[0].delivery.seq, true, false)
+        .unwrap();
+    assert_eq!(
+        h.settle(B, "q", c, out[0].delivery.seq, true, false)
+            .unwrap_err()
+            .code,
+        ErrorCode::UnknownDeliveryTag
+    );
+    h.connection_closed(B);
+    let info = h.info(A, "q", 0).unwrap();
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked, info.consumers),
+        (2, 0, 0)
+    );
+    h.consume(A, "q", "again", 10, false, false).unwrap();
+    out.clear();
+    h.take_deliveries(0, 100, &mut out);
+    assert_eq!(
+        out.iter()
+            .map(|o| o.delivery.delivery_count)
+            .collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+}
+
+#[test]
+fn an_auto_delete_queue_goes_with_its_last_consumer() {
+    let mut h = QueueHost::new(0);
+    h.declare(
+        A,
+        Declare {
+            auto_delete: true,
+            ..declare("tmp")
+        },
+        0,
+    )
+    .unwrap();
+    let c = h.consume(A, "tmp", "t", 1, false, false).unwrap();
+    h.cancel(A, "tmp", c).unwrap();
+    assert_eq!(h.info(A, "tmp", 0).unwrap_err().code, ErrorCode::NotFound);
+}
+
+#[test]
+fn delete_if_unused_and_if_empty_are_preconditions() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+    assert_eq!(
+        h.delete(A, "q", false, true).unwrap_err().code,
+        ErrorCode::PreconditionFailed
+    );
+    h.consume(B, "q", "t", 1, false, false).unwrap();
+    assert_eq!(
+        h.delete(A, "q", true, false).unwrap_err().code,
+        ErrorCode::PreconditionFailed
+    );
+    let (messages, cancelled) = h.delete(A, "q", false, false).unwrap();
+    assert_eq!(messages, 1);
+    assert_eq!(
+        cancelled,
+        vec![Cancelled {
+            to: B,
+            consumer_tag: "t".into(),
+            message: "queue 'q' was deleted".into()
+        }]
+    );
+}
+
+#[test]
+fn list_pages_in_name_order() {
+    let mut h = QueueHost::new(0);
+    for n in ["b", "a", "c", "x.1"] {
+        h.declare(A, declare(n), 0).unwrap();
+    }
+    let names =
+        |v: Vec<wire::QueueInfoT>| v.into_iter().map(|i| i.name.unwrap()).collect::<Vec<_>>();
+    assert_eq!(names(h.list("", "", 2, 0)), vec!["a", "b"]);
+    assert_eq!(names(h.list("", "b", 10, 0)), vec!["c", "x.1"]);
+    assert_eq!(names(h.list("x.", "", 10, 0)), vec!["x.1"]);
+}
+
+#[test]
+fn a_cancelled_consumers_deliveries_stay_ackable_until_its_connection_closes() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    for _ in 0..3 {
+        h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+    }
+    let c = h.consume(B, "q", "t", 2, false, false).unwrap();
+    let mut out = Vec::new();
+    h.take_deliveries(0, 100, &mut out);
+    h.cancel(B, "q", c).unwrap();
+    h.settle(B, "q", c, out[0].delivery.seq, true, false)
+        .unwrap();
+    let info = h.info(A, "q", 0).unwrap();
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked, info.consumers),
+        (1, 1, 0)
+    );
+    h.connection_closed(B);
+    let info = h.info(A, "q", 0).unwrap();
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked),
+        (2, 0),
+        "released with its connection"
+    );
+}
+
+#[test]
+fn rejected_and_expired_messages_become_dead_letters_not_drops() {
+    let mut h = QueueHost::new(0);
+    let mut d = declare("src");
+    d.arguments.dead_letter_exchange = Some("dlx".into());
+    d.arguments.dead_letter_routing_key = Some("failed".into());
+    d.arguments.message_ttl_ms = Some(100);
+    h.declare(A, d, 0).unwrap();
+    h.declare(A, declare("plain"), 0).unwrap();
+    h.publish(A, "src", msg(b"r"), None, 0).unwrap();
+    let c = h.consume(A, "src", "t", 1, false, false).unwrap();
+    let mut out = Vec::new();
+    h.take_deliveries(0, 10, &mut out);
+    assert_eq!(out.len(), 1);
+    h.settle(A, "src", c, out[0].delivery.seq, false, false)
+        .unwrap();
+    let dead = h.take_dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].exchange.as_str(), dead[0].routing_key.as_deref()),
+        ("dlx", Some("failed"))
+    );
+    assert_eq!((h.dead_lettered, h.dropped), (1, 0));
+
+    // Expiry without anyone consuming: the timer's `expire`, at the deadline and not before.
+    h.cancel(A, "src", c).unwrap();
+    h.publish(A, "src", msg(b"e"), None, 1_000).unwrap();
+    h.publish(A, "plain", msg(b"p"), Some(50), 1_000).unwrap();
+    h.expire(1_049);
+    assert!(h.take_dead_letters().is_empty());
+    h.expire(1_100);
+    assert_eq!(
+        h.take_dead_letters().len(),
+        1,
+        "src's message, dead-lettered"
+    );
+    assert_eq!(
+        h.dropped, 1,
+        "plain's message expired, with no dead-letter exchange: dropped"
+    );
+    assert_eq!(h.dead_lettered, 2);
+}
+
+/// A message out of memory costs its queue entry and nothing else: no heap allocation (the
+/// entry lives in the queue's `VecDeque`), a fixed size asserted here so growth is a decision.
+#[test]
+fn a_cold_message_costs_one_inline_entry() {
+    assert_eq!(std::mem::size_of::<MsgRef>(), 16);
+    assert!(
+        crate::broker::queue::entry_size::<MsgRef>() <= 48,
+        "{}",
+        crate::broker::queue::entry_size::<MsgRef>()
+    );
+}

@@ -1,0 +1,356 @@
+//! The queue state machine's tests: unit cases for each rule, and a property test that checks
+//! every message is in exactly one place (ready, delayed, outstanding, settled) after every event.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn publish_n(q: &mut Queue<u64>, n: u64, now: u64) -> Vec<Settled<u64>> {
+    let mut settled = Vec::new();
+    for i in 0..n {
+        q.publish(i, 10, now, None, None, &mut settled).unwrap();
+    }
+    settled
+}
+
+#[test]
+fn competing_consumers_get_a_fair_share_in_publish_order() {
+    let mut q = Queue::new(QueuePolicy::default(), 0);
+    publish_n(&mut q, 9, 0);
+    for id in 1..=3 {
+        q.add_consumer(id, 100, false).unwrap();
+    }
+    let (mut out, mut settled) = (Vec::new(), Vec::new());
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    let owners: Vec<_> = out.iter().map(|d| d.owner).collect();
+    assert_eq!(owners, vec![1, 2, 3, 1, 2, 3, 1, 2, 3]);
+    let seqs: Vec<_> = out.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, (0..9).collect::<Vec<_>>());
+    assert!(settled.is_empty());
+}
+
+#[test]
+fn prefetch_bounds_what_a_consumer_holds_and_acks_restore_credit() {
+    let mut q = Queue::new(QueuePolicy::default(), 0);
+    publish_n(&mut q, 10, 0);
+    q.add_consumer(7, 3, false).unwrap();
+    let (mut out, mut settled) = (Vec::new(), Vec::new());
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    assert_eq!(out.len(), 3);
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    assert_eq!(out.len(), 3, "delivered past prefetch");
+    assert_eq!(q.ack(7, 1).unwrap().reason, SettleReason::Acked);
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    assert_eq!(
+        out.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert_eq!(q.stats().outstanding, 3);
+    assert_eq!(
+        q.ack(8, 0),
+        Err(QueueError::NotOutstanding { owner: 8, seq: 0 })
+    );
+    assert_eq!(
+        q.ack(7, 1),
+        Err(QueueError::NotOutstanding { owner: 7, seq: 1 }),
+        "acked twice"
+    );
+}
+
+#[test]
+fn a_vanished_consumer_returns_its_deliveries_for_redelivery_in_order() {
+    let mut q = Queue::new(QueuePolicy::default(), 0);
+    publish_n(&mut q, 4, 0);
+    q.add_consumer(1, 2, false).unwrap();
+    let (mut out, mut settled) = (Vec::new(), Vec::new());
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    assert_eq!(q.release(1, &mut settled), 2);
+    q.add_consumer(2, 10, false).unwrap();
+    out.clear();
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    let got: Vec<_> = out.iter().map(|d| (d.seq, d.delivery_count)).collect();
+    assert_eq!(got, vec![(0, 2), (1, 2), (2, 1), (3, 1)]);
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_after_max_deliveries() {
+    let policy = QueuePolicy {
+        max_deliveries: Some(2),
+        dead_letter: true,
+        ..Default::default()
+    };
+    let mut q = Queue::new(policy, 0);
+    publish_n(&mut q, 1, 0);
+    q.add_consumer(1, 1, false).unwrap();
+    let (mut out, mut settled) = (Vec::new(), Vec::new());
+    q.dispatch(0, 1, &mut out, &mut settled);
+    q.nack(1, 0, true, &mut settled).unwrap();
+    q.dispatch(0, 1, &mut out, &mut settled);
+    assert_eq!(out[1].delivery_count, 2);
+    q.nack(1, 0, true, &mut settled).unwrap();
+    assert_eq!(settled.len(), 1);
+    assert_eq!(
+        (settled[0].seq, settled[0].reason),
+        (0, SettleReason::DeadLettered)
+    );
+    assert_eq!(q.stats().ready, 0);
+}
+
+#[test]
+fn overflow_drops_the_head_or_refuses_the_publish() {
+    let mut q = Queue::new(
+        QueuePolicy {
+            max_length: Some(3),
+            ..Default::default()
+        },
+        0,
+    );
+    let settled = publish_n(&mut q, 5, 0);
+    assert_eq!(
+        settled
+            .iter()
+            .map(|s| (s.seq, s.reason))
+            .collect::<Vec<_>>(),
+        vec![(0, SettleReason::Dropped), (1, SettleReason::Dropped)]
+    );
+    assert_eq!(q.stats().ready, 3);
+
+    let policy = QueuePolicy {
+        max_length_bytes: Some(25),
+        overflow: Overflow::RejectPublish,
+        ..Default::default()
+    };
+    let mut q = Queue::new(policy, 0);
+    let mut settled = Vec::new();
+    q.publish(0u64, 10, 0, None, None, &mut settled).unwrap();
+    q.publish(1, 10, 0, None, None, &mut settled).unwrap();
+    assert_eq!(
+        q.publish(2, 10, 0, None, None, &mut settled),
+        Err(QueueError::Full("max_length_bytes"))
+    );
+    assert_eq!(q.stats().ready_bytes, 20);
+    assert_eq!(
+        q.next_seq(),
+        2,
+        "a refused publish used up a sequence number"
+    );
+}
+
+#[test]
+fn delayed_messages_wait_outside_ready_and_join_it_in_sequence_order() {
+    let mut q: Queue<u64> = Queue::new(
+        QueuePolicy {
+            message_ttl_ms: Some(100),
+            ..QueuePolicy::default()
+        },
+        0,
+    );
+    let mut settled = Vec::new();
+    q.publish(0, 1, 1_000, None, None, &mut settled).unwrap();
+    q.publish(1, 1, 1_000, None, Some(1_500), &mut settled)
+        .unwrap(); // delayed
+    q.publish(2, 1, 1_000, None, Some(900), &mut settled)
+        .unwrap(); // due already
+    assert_eq!((q.stats().ready, q.stats().delayed), (2, 1));
+    q.add_consumer(7, 10, true).unwrap();
+    let mut out = Vec::new();
+    q.dispatch(1_050, 10, &mut out, &mut settled);
+    assert_eq!(out.iter().map(|d| d.msg).collect::<Vec<_>>(), [0, 2]);
+    out.clear();
+    // Its TTL counts from its delivery time: still alive at 1_550.
+    q.dispatch(1_550, 10, &mut out, &mut settled);
+    assert_eq!(out.iter().map(|d| d.msg).collect::<Vec<_>>(), [1]);
+    assert!(
+        settled.iter().all(|s| s.reason == SettleReason::Acked),
+        "auto-acked, none expired: {settled:?}"
+    );
+    settled.clear();
+    assert_eq!(q.stats().delayed, 0);
+
+    // Purge takes delayed ones too; a publish that could not be made durable is retracted.
+    let seq = q
+        .publish(3, 1, 2_000, None, Some(9_000), &mut settled)
+        .unwrap();
+    assert!(q.retract_newest(seq));
+    q.publish(4, 1, 2_000, None, Some(9_000), &mut settled)
+        .unwrap();
+    assert_eq!(q.purge(&mut settled), 1);
+    assert_eq!(settled.len(), 1);
+    assert_eq!(q.stats().delayed, 0);
+    assert_eq!(q.expire(10_000, &mut settled), 0, "nothing left to promote");
+}
+
+#[test]
+fn expired_messages_are_settled_not_delivered() {
+    let policy = QueuePolicy {
+        message_ttl_ms: Some(100),
+        ..Default::default()
+    };
+    let mut q = Queue::new(policy, 0);
+    let mut settled = Vec::new();
+    q.publish(0u64, 1, 1_000, None, None, &mut settled).unwrap(); // expires at 1100
+    q.publish(1, 1, 1_050, Some(10), None, &mut settled)
+        .unwrap(); // per-message ttl: 1060
+    q.publish(2, 1, 1_050, None, None, &mut settled).unwrap(); // 1150
+    q.add_consumer(1, 10, false).unwrap();
+    let mut out = Vec::new();
+    q.dispatch(1_120, usize::MAX, &mut out, &mut settled);
+    assert_eq!(out.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(
+        settled
+            .iter()
+            .map(|s| (s.seq, s.reason))
+            .collect::<Vec<_>>(),
+        vec![(0, SettleReason::Expired), (1, SettleReason::Expired)]
+    );
+}
+
+#[test]
+fn auto_ack_and_get_settle_at_once() {
+    let mut q = Queue::new(QueuePolicy::default(), 5);
+    publish_n(&mut q, 3, 0);
+    let mut settled = Vec::new();
+    let d = q.get(99, true, 0, &mut settled).unwrap();
+    assert_eq!((d.seq, d.delivery_count, d.auto_ack), (5, 1, true));
+    assert_eq!(settled.len(), 1);
+    let d = q.get(99, false, 0, &mut settled).unwrap();
+    assert_eq!(q.stats().outstanding, 1);
+    assert_eq!(
+        q.release(99, &mut settled),
+        1,
+        "a dead connection's gets come back"
+    );
+    assert_eq!(q.get(99, false, 0, &mut settled).unwrap().seq, d.seq);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Publish,
+    /// Published to be delivered this many ms from now.
+    PublishDelayed(u8),
+    /// The clock moves on by this many ms, and the expiry tick runs.
+    Tick(u8),
+    AddConsumer(u8, u8),
+    Release(u8),
+    Dispatch(u8),
+    Ack(u8),
+    Nack(u8, bool),
+    Get(bool),
+    Purge,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => Just(Op::Publish),
+        1 => (1u8..50).prop_map(Op::PublishDelayed),
+        1 => any::<u8>().prop_map(Op::Tick),
+        1 => (0u8..4, 1u8..4).prop_map(|(c, p)| Op::AddConsumer(c, p)),
+        1 => (0u8..5).prop_map(Op::Release),
+        3 => (1u8..8).prop_map(Op::Dispatch),
+        3 => any::<u8>().prop_map(Op::Ack),
+        2 => (any::<u8>(), any::<bool>()).prop_map(|(i, r)| Op::Nack(i, r)),
+        1 => any::<bool>().prop_map(Op::Get),
+        1 => Just(Op::Purge),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Against a model: each accepted message is in exactly one of ready, delayed,
+    /// outstanding and settled; nothing is settled twice; consumers never exceed their
+    /// prefetch; first deliveries come in publish order (while nothing was delayed: a
+    /// delayed message is first delivered after later ones, by design).
+    #[test]
+    fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12) {
+        let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), ..Default::default() };
+        let mut q: Queue<u64> = Queue::new(policy, 0);
+        let mut published = BTreeSet::new();
+        let mut settled_seqs = BTreeSet::new();
+        let mut outstanding: BTreeMap<Seq, OwnerId> = BTreeMap::new();
+        let mut prefetch: BTreeMap<OwnerId, u32> = BTreeMap::new();
+        let mut last_first_delivery = None;
+        let mut settled = Vec::new();
+        let mut out = Vec::new();
+        let mut now = 0u64;
+        let mut any_delayed = false;
+        for op in ops {
+            let op_kind = op.clone();
+            settled.clear();
+            out.clear();
+            match op_kind {
+                Op::Publish => {
+                    let seq = q.publish(q.next_seq(), 1, now, None, None, &mut settled).unwrap();
+                    prop_assert!(published.insert(seq));
+                }
+                Op::PublishDelayed(d) => {
+                    any_delayed = true;
+                    let at = Some(now + u64::from(d));
+                    let seq = q.publish(q.next_seq(), 1, now, None, at, &mut settled).unwrap();
+                    prop_assert!(published.insert(seq));
+                }
+                Op::Tick(d) => {
+                    now += u64::from(d);
+                    q.expire(now, &mut settled);
+                }
+                Op::AddConsumer(c, p) => {
+                    let r = q.add_consumer(u64::from(c), u32::from(p), false);
+                    prop_assert_eq!(r.is_ok(), !prefetch.contains_key(&u64::from(c)));
+                    prefetch.entry(u64::from(c)).or_insert(u32::from(p));
+                }
+                Op::Release(c) => {
+                    q.release(u64::from(c), &mut settled);
+                    prefetch.remove(&u64::from(c));
+                    outstanding.retain(|_, o| *o != u64::from(c));
+                }
+                Op::Dispatch(n) => q.dispatch(now, usize::from(n), &mut out, &mut settled),
+                Op::Ack(i) | Op::Nack(i, _) if outstanding.is_empty() => {
+                    prop_assert!(q.ack(0, u64::from(i) + 10_000).is_err());
+                }
+                Op::Ack(i) => {
+                    let (&seq, &owner) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    let s = q.ack(owner, seq).unwrap();
+                    settled.push(s);
+                    outstanding.remove(&seq);
+                }
+                Op::Nack(i, requeue) => {
+                    let (&seq, &owner) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    q.nack(owner, seq, requeue, &mut settled).unwrap();
+                    outstanding.remove(&seq);
+                }
+                Op::Get(auto_ack) => {
+                    if let Some(d) = q.get(1_000, auto_ack, now, &mut settled) {
+                        out.push(d);
+                    }
+                }
+                Op::Purge => { q.purge(&mut settled); }
+            }
+            for d in &out {
+                if !d.auto_ack {
+                    prop_assert!(outstanding.insert(d.seq, d.owner).is_none(), "delivered twice at once");
+                }
+                if d.delivery_count == 1 && !any_delayed {
+                    prop_assert!(last_first_delivery < Some(d.seq), "first deliveries out of order");
+                    last_first_delivery = Some(d.seq);
+                }
+            }
+            for s in &settled {
+                prop_assert!(published.contains(&s.seq));
+                prop_assert!(settled_seqs.insert(s.seq), "settled twice: {}", s.seq);
+                prop_assert!(!outstanding.contains_key(&s.seq));
+            }
+            for (owner, limit) in &prefetch {
+                let held = outstanding.values().filter(|o| *o == owner).count() as u32;
+                prop_assert!(held <= *limit, "consumer {} holds {} over prefetch {}", owner, held, limit);
+            }
+            let stats = q.stats();
+            prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
+            prop_assert_eq!(stats.ready + stats.delayed + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
+            if matches!(op, Op::Publish) {
+                prop_assert!(stats.ready <= max_length, "a publish left {} ready over max_length {}", stats.ready, max_length);
+            }
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Small types every layer above the queue host names: who asked (`ConnRef`), why it was
+//! refused (`Refusal`), what a declaration says (`Declare`), a consumer the host cancelled
+//! (`Cancelled`), and which shard owns a queue (`placement`).
+//!
+//! Contract: plain data, `Send`, and free of the other broker modules, so the session, the shard,
+//! the mesh and the ops can name them without depending on the host, and the catalog can name a
+//! declaration without a cycle through the host. They cross between shards inside mesh messages,
+//! which is why they hold owned strings and no `Rc`. No faults: nothing here does anything.
+
+use weir_protocol::wire::{self, ErrorCode};
+
+/// A connection, wherever it lives: its shard and its broker-unique id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnRef {
+    pub shard: u16,
+    pub conn: u64,
+}
+
+/// Why a request was refused: the code for the `Error` frame and a sentence naming what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A declare request's parameters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Declare {
+    pub name: String,
+    pub passive: bool,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub arguments: wire::QueueArgumentsT,
+}
+
+/// A consumer the host cancelled (its queue was deleted); its connection is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cancelled {
+    pub to: ConnRef,
+    pub consumer_tag: String,
+    pub message: String,
+}
+
+/// The shard that owns a queue: a stable hash of its name, the same on every shard and across
+/// restarts (crc32, not std's per-process random hasher).
+pub fn placement(name: &str, shard_count: u16) -> u16 {
+    (crc32fast::hash(name.as_bytes()) % u32::from(shard_count.max(1))) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// They travel between shards: a non-`Send` field would only show up where a mesh message is
+    /// built, far from here.
+    #[test]
+    fn they_are_send() {
+        fn send<T: Send>() {}
+        send::<ConnRef>();
+        send::<Refusal>();
+        send::<Declare>();
+        send::<Cancelled>();
+    }
+
+    #[test]
+    fn placement_is_stable_and_spreads() {
+        assert_eq!(placement("orders", 1), 0);
+        let on_one = (0..100)
+            .filter(|i| placement(&format!("q{i}"), 2) == 1)
+            .count();
+        assert!((30..70).contains(&on_one), "{on_one} of 100 on shard 1");
+        assert_eq!(placement("orders", 2), placement("orders", 2));
+    }
+}
