@@ -1,6 +1,7 @@
 //! Small types every layer above the queue host names: who asked (`ConnRef`), why it was
 //! refused (`Refusal`), what a declaration says (`Declare`), a consumer the host cancelled
-//! (`Cancelled`), and which shard owns a queue (`placement`).
+//! (`Cancelled`), a shard's counters (`ShardStatus`), and which shard owns a queue
+//! (`placement`).
 //!
 //! Contract: plain data, `Send`, and free of the other broker modules, so the session, the shard,
 //! the mesh and the ops can name them without depending on the host, and the catalog can name a
@@ -42,10 +43,38 @@ pub struct Cancelled {
     pub message: String,
 }
 
-/// The shard that owns a queue: a stable hash of its name, the same on every shard and across
-/// restarts (crc32, not std's per-process random hasher).
-pub fn placement(name: &str, shard_count: u16) -> u16 {
-    (crc32fast::hash(name.as_bytes()) % u32::from(shard_count.max(1))) as u16
+/// The shard that owns a queue: part of the wire contract (shard-aware clients compute it too),
+/// so it has one definition, in the protocol crate.
+pub use weir_protocol::placement;
+
+/// One shard's counters, for `GetStatus`.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStatus {
+    pub shard: u16,
+    pub connections: u64,
+    pub queues: u64,
+    pub messages_ready: u64,
+    pub messages_unacked: u64,
+    pub consumers: u64,
+    /// Messages settled other than by a consumer's ack: dropped, expired, purged (not
+    /// dead-lettered ones).
+    pub dropped: u64,
+    /// Messages handed to their queue's dead-letter exchange.
+    pub dead_lettered: u64,
+    /// Messages published on this shard that routed to no queue (not mandatory): dropped.
+    pub unroutable: u64,
+    /// The shard's routing copy: exchanges and bindings.
+    pub exchanges: u64,
+    pub bindings: u64,
+    /// Payload bytes held in memory, and the budget.
+    pub cache_bytes: u64,
+    pub cache_bytes_max: u64,
+    pub journal_commits: u64,
+    pub journal_records: u64,
+    pub journal_bytes_written: u64,
+    pub journal_fdatasyncs: u64,
+    /// Segment files in use (not reclaimed).
+    pub journal_segments: u64,
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@
 use bytes::Bytes;
 use weir_protocol::wire;
 
-use crate::broker::host::{Cancelled, ConnRef, Declare, Refusal};
+use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
+pub use crate::broker::types::ShardStatus;
 use crate::broker::queue::{OwnerId, Seq};
 use crate::broker::routing::{Binding, ExchangeDecl, RoutingChange};
 use crate::storage::Position;
@@ -126,36 +127,6 @@ pub enum Op {
     Routing(RoutingChange),
     /// The shard's own timer: settle (or dead-letter) the expired heads of its queues.
     Expire,
-}
-
-/// One shard's counters, for `GetStatus`.
-#[derive(Clone, Debug, Default)]
-pub struct ShardStatus {
-    pub shard: u16,
-    pub connections: u64,
-    pub queues: u64,
-    pub messages_ready: u64,
-    pub messages_unacked: u64,
-    pub consumers: u64,
-    /// Messages settled other than by a consumer's ack: dropped, expired, purged (not
-    /// dead-lettered ones).
-    pub dropped: u64,
-    /// Messages handed to their queue's dead-letter exchange.
-    pub dead_lettered: u64,
-    /// Messages published on this shard that routed to no queue (not mandatory): dropped.
-    pub unroutable: u64,
-    /// The shard's routing copy: exchanges and bindings.
-    pub exchanges: u64,
-    pub bindings: u64,
-    /// Payload bytes held in memory, and the budget.
-    pub cache_bytes: u64,
-    pub cache_bytes_max: u64,
-    pub journal_commits: u64,
-    pub journal_records: u64,
-    pub journal_bytes_written: u64,
-    pub journal_fdatasyncs: u64,
-    /// Segment files in use (not reclaimed).
-    pub journal_segments: u64,
 }
 
 /// A delivery as it crosses to the consumer's connection.

@@ -477,8 +477,8 @@ impl QueueHost {
     }
 
     /// This host's part of a shard's counters (the shard adds connections and journal figures).
-    pub fn status(&self) -> crate::broker::ops::ShardStatus {
-        let mut st = crate::broker::ops::ShardStatus {
+    pub fn status(&self) -> crate::broker::types::ShardStatus {
+        let mut st = crate::broker::types::ShardStatus {
             shard: self.shard,
             queues: self.queues.len() as u64,
             dropped: self.dropped,
