@@ -136,8 +136,17 @@ impl Serve {
         self.start_on(data)
     }
 
-    fn start_on(self, data: Data) -> Result<Broker, StartError> {
-        let data_dir = data.path().to_path_buf();
+    /// The command `start` runs, for a test that expects the broker to refuse to start and
+    /// wants its exit status and output. Needs a given data directory ([`Serve::data_dir`]): a
+    /// temporary one is made by `start`.
+    pub fn command(&self) -> Command {
+        match &self.data {
+            DataSpec::Dir(dir) => self.command_on(dir),
+            DataSpec::Temp { .. } => panic!("Serve::command needs Serve::data_dir"),
+        }
+    }
+
+    fn command_on(&self, data_dir: &Path) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "serve",
@@ -147,20 +156,10 @@ impl Serve {
             "0",
             "--data-dir",
         ])
-        .arg(&data_dir)
+        .arg(data_dir)
         .args(&self.args)
         .env("RUST_LOG", &self.rust_log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-        match &self.stderr_file {
-            Some(path) => cmd.stderr(std::fs::File::create(path).map_err(|source| {
-                StartError::Io {
-                    what: format!("creating {}", path.display()),
-                    source,
-                }
-            })?),
-            None => cmd.stderr(Stdio::piped()),
-        };
+        .stdin(Stdio::null());
         if self.own_process_group {
             cmd.process_group(0);
             // SAFETY: prctl is async-signal-safe and touches only the child's own settings.
@@ -173,6 +172,24 @@ impl Serve {
                 });
             }
         }
+        cmd
+    }
+
+    fn start_on(self, data: Data) -> Result<Broker, StartError> {
+        let data_dir = data.path().to_path_buf();
+        let mut cmd = self.command_on(&data_dir);
+        cmd.stdout(Stdio::piped());
+        match &self.stderr_file {
+            Some(path) => {
+                cmd.stderr(
+                    std::fs::File::create(path).map_err(|source| StartError::Io {
+                        what: format!("creating {}", path.display()),
+                        source,
+                    })?,
+                )
+            }
+            None => cmd.stderr(Stdio::piped()),
+        };
         let mut child = cmd.spawn().map_err(|source| StartError::Io {
             what: format!("starting {}", self.bin.display()),
             source,
@@ -194,7 +211,9 @@ impl Serve {
         };
         let line = match ready.recv_timeout(timeout) {
             Ok(line) => line,
-            Err(_) => return Err(broker.failed(|stderr| StartError::NoReadyLine { timeout, stderr })),
+            Err(_) => {
+                return Err(broker.failed(|stderr| StartError::NoReadyLine { timeout, stderr }))
+            }
         };
         if !line.starts_with(READY_PREFIX) {
             let stdout = line.trim().to_string();
@@ -383,7 +402,10 @@ impl Broker {
     /// SIGKILL, then the same broker again on the same data directory (new ports).
     pub fn restart(mut self) -> Result<Broker, StartError> {
         self.kill();
-        let data = self.data.take().expect("a broker has its data until dropped");
+        let data = self
+            .data
+            .take()
+            .expect("a broker has its data until dropped");
         self.spec.clone().start_on(data)
     }
 
