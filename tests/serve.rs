@@ -173,18 +173,10 @@ fn a_data_directory_of_another_shard_count_is_refused() {
     let broker = Broker::start(&dir, &["--cpus", "0"]);
     let (status, _) = broker.terminate();
     assert!(status.success());
-    let out = weir_command()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shard-port-base",
-            "0",
-            "--cpus",
-            "0,1",
-            "--data-dir",
-        ])
-        .arg(&dir)
+    let out = weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+        .data_dir(&dir)
+        .args(["--cpus", "0,1"])
+        .command()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -6,7 +6,6 @@
 //! wait has a deadline so a broken run fails the test instead of hanging it. No test asserts a
 //! time: these check behaviour (the report's contents and the exit code), not performance.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -17,29 +16,6 @@ fn loadgen() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_weir-loadgen"));
     c.arg("--no-progress");
     c
-}
-
-/// The weir binary `cargo test --workspace` built next to ours; built here if it is missing
-/// (e.g. `cargo test -p weir-loadgen` alone).
-fn weir_bin() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_weir-loadgen"))
-        .parent()
-        .expect("the binary has a directory")
-        .to_path_buf();
-    let bin = dir.join("weir");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .args(["build", "--bin", "weir"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build --bin weir");
-        assert!(status.success(), "cargo build --bin weir failed");
-    }
-    assert!(bin.is_file(), "no weir binary at {}", bin.display());
-    bin
 }
 
 fn temp_dir(name: &str) -> tempfile::TempDir {
@@ -139,7 +115,7 @@ rate = 0
         .arg(&scenario)
         .arg("--spawn-broker")
         .arg("--weir-bin")
-        .arg(weir_bin())
+        .arg(weir_testkit::weir_binary())
         .arg("--out")
         .arg(&out_dir)
         .stdout(Stdio::piped())
@@ -243,65 +219,18 @@ fn base64_decode(text: &str) -> Vec<u8> {
 
 /// A broker started by the test itself, so that the test can purge its queue behind the
 /// loadgen's back.
-struct Broker {
-    child: Child,
-    listen: String,
-    _data: tempfile::TempDir,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let data = temp_dir("lg-broker-");
-        let mut child = Command::new(weir_bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shard-port-base",
-                "0",
-                "--data-dir",
-            ])
-            .arg(data.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start weir serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(DEADLINE)
-            .expect("weir serve printed its ready line");
-        assert!(line.starts_with("weir ready:"), "weir serve: {line:?}");
-        let listen = line
-            .split_whitespace()
-            .skip_while(|w| *w != "listen")
-            .nth(1)
-            .expect("a listen address")
-            .to_string();
-        Broker {
-            child,
-            listen,
-            _data: data,
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_broker() -> weir_testkit::Broker {
+    weir_testkit::Serve::new(weir_testkit::weir_binary())
+        .temp_data_dir(env!("CARGO_TARGET_TMPDIR"), "lg-broker-")
+        .ready_timeout(DEADLINE)
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
 fn the_loss_check_fails_when_messages_are_purged_behind_its_back() {
-    let broker = Broker::start();
+    let broker = start_broker();
+    let listen = broker.listen.to_string();
     let dir = temp_dir("lg-loss-");
     // Consumers start only with the second phase: the first one's messages sit in the queue,
     // where the test purges some of them.
@@ -328,7 +257,7 @@ rate = 0
     let child = loadgen()
         .arg("--scenario")
         .arg(&scenario)
-        .args(["--addr", &broker.listen, "--queue-prefix", "lossy"])
+        .args(["--addr", &listen, "--queue-prefix", "lossy"])
         .arg("--out")
         .arg(&out_dir)
         .stdout(Stdio::piped())
@@ -342,7 +271,7 @@ rate = 0
         .build()
         .expect("a runtime");
     let purged = rt.block_on(async {
-        let client = weir_client::Client::connect(broker.listen.as_str(), Default::default())
+        let client = weir_client::Client::connect(broker.listen, Default::default())
             .await
             .expect("connect to the broker");
         let start = Instant::now();

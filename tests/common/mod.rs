@@ -6,11 +6,10 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -22,98 +21,39 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A fresh directory under cargo's per-test temporary directory.
 pub fn temp_dir(name: &str) -> PathBuf {
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    weir_testkit::fresh_dir(env!("CARGO_TARGET_TMPDIR"), name)
 }
 
 pub fn weir_command() -> Command {
     Command::new(env!("CARGO_BIN_EXE_weir"))
 }
 
-/// A running broker, killed with SIGKILL when dropped.
-pub struct Broker {
-    pub child: Child,
-    pub listen: SocketAddr,
-    pub shard_ports: Vec<u16>,
-    pub data_dir: PathBuf,
-    stderr: mpsc::Receiver<String>,
-    /// Keep the data directory when dropped (the test starts another broker on it).
-    keep_data: bool,
+/// A running broker (weir-testkit's), killed with SIGKILL when dropped; its data directory is
+/// removed then unless the test failed.
+pub struct Broker(weir_testkit::Broker);
+
+impl std::ops::Deref for Broker {
+    type Target = weir_testkit::Broker;
+    fn deref(&self) -> &weir_testkit::Broker {
+        &self.0
+    }
 }
 
 impl Broker {
     /// Starts `weir serve` on ephemeral ports with `data_dir` and `extra` arguments, and waits for
-    /// its ready line.
+    /// its ready line. `WEIR_TEST_LOG=filter` debugs a test: the broker logs at that filter to
+    /// `weir.log` in its data directory.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Broker {
-        let mut child = weir_command()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shard-port-base",
-                "0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
+        let mut serve = weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+            .data_dir(data_dir)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(match std::env::var("WEIR_TEST_LOG") {
-                // Debugging a test: the broker's log goes to a file in its data directory.
-                Ok(_) => Stdio::from(std::fs::File::create(data_dir.join("weir.log")).unwrap()),
-                Err(_) => Stdio::piped(),
-            })
-            .spawn()
-            .expect("start weir serve");
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take();
-        let (line_tx, line_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = line_tx.send(line);
-        });
-        let (err_tx, err_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut all = String::new();
-            if let Some(stderr) = stderr {
-                let _ = BufReader::new(stderr).read_to_string(&mut all);
-            }
-            let _ = err_tx.send(all);
-        });
-        let line = line_rx
-            .recv_timeout(TIMEOUT)
-            .expect("weir serve printed no ready line in time");
-        if !line.starts_with("weir ready:") {
-            let _ = child.kill();
-            let err = err_rx.recv_timeout(TIMEOUT).unwrap_or_default();
-            panic!("weir serve did not start: stdout {line:?}, stderr {err}");
+            .ready_timeout(TIMEOUT);
+        if let Ok(filter) = std::env::var("WEIR_TEST_LOG") {
+            serve = serve
+                .rust_log(filter)
+                .stderr_to_file(data_dir.join("weir.log"));
         }
-        let field = |name: &str| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let i = words
-                .iter()
-                .position(|w| *w == name)
-                .unwrap_or_else(|| panic!("no {name} in {line}"));
-            words[i + 1].to_string()
-        };
-        Broker {
-            listen: field("listen").parse().unwrap(),
-            shard_ports: field("shard_ports")
-                .split(',')
-                .map(|p| p.parse().unwrap())
-                .collect(),
-            child,
-            data_dir: data_dir.to_path_buf(),
-            stderr: err_rx,
-            keep_data: false,
-        }
+        Broker(serve.start().unwrap_or_else(|e| panic!("{e}")))
     }
 
     pub fn connect(&self) -> Client {
@@ -127,43 +67,19 @@ impl Broker {
     /// Kills the broker with SIGKILL (no shutdown at all) and hands back its data directory, kept
     /// for a broker started on it next.
     pub fn crash(mut self) -> PathBuf {
-        self.keep_data = true;
-        self.data_dir.clone()
+        self.0.kill();
+        self.0.keep_data();
+        self.0.data_dir.clone()
     }
 
     /// Sends SIGTERM and waits for the exit status. The data directory is kept.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        self.keep_data = true;
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+        self.0.keep_data();
+        let stopped = self.0.stop(TIMEOUT);
+        let status = stopped
             .status()
-            .unwrap();
-        assert!(sent.success(), "kill -TERM failed");
-        let status = self.child.wait().unwrap();
-        let stderr = self.stderr.recv_timeout(TIMEOUT).unwrap_or_default();
-        (status, stderr)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            // The broker's own account of a failing test (RUST_LOG from the test's environment);
-            // its data directory stays for a look.
-            let stderr = self
-                .stderr
-                .recv_timeout(Duration::from_secs(2))
-                .unwrap_or_default();
-            eprintln!(
-                "--- weir serve stderr ---\n{stderr}--- end ---\ndata directory kept: {}",
-                self.data_dir.display()
-            );
-        } else if !self.keep_data {
-            // Segments are preallocated (64 MiB each): a suite that kept them would fill a disk.
-            let _ = std::fs::remove_dir_all(&self.data_dir);
-        }
+            .unwrap_or_else(|| panic!("no exit status: {stopped}"));
+        (status, self.0.stderr())
     }
 }
 

@@ -2,19 +2,15 @@
 //! directory, killed when dropped, and a bound on every wait.
 //!
 //! The broker binary belongs to another package, so cargo does not hand its path to these tests:
-//! it is `<target dir>/<profile>/weir`, built once per test binary with `cargo build -p weir --bin
-//! weir` (a no-op when it is fresh), so `cargo test -p weir-client` on a clean clone works and
-//! never tests a stale broker. Nothing here synchronises by sleeping: the broker prints a ready
-//! line when its listeners are bound, and every wait is bounded by `within`.
+//! weir-testkit builds it once per test binary (a no-op when it is fresh), so `cargo test -p
+//! weir-client` on a clean clone works and never tests a stale broker. Nothing here synchronises
+//! by sleeping: the broker prints a ready line when its listeners are bound, and every wait is
+//! bounded by `within`.
 
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use weir_client::{Client, ClientOptions, Message};
@@ -30,164 +26,36 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("client/ sits in the workspace")
-        .to_path_buf()
-}
-
-/// The `weir` binary, built (or found fresh) once per test process.
-///
-/// It goes where cargo puts this test binary's own package binaries: this executable lives in
-/// `<target dir>/<profile dir>/deps/`, so the broker is `<target dir>/<profile dir>/weir`, built
-/// with the same profile into the same target directory (`CARGO_TARGET_DIR`, `--release` and
-/// custom profiles included) and sharing its compiled dependencies.
-pub fn broker_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("WEIR_BROKER_BIN") {
-            let bin = PathBuf::from(bin);
-            assert!(
-                bin.exists(),
-                "WEIR_BROKER_BIN={} does not exist",
-                bin.display()
-            );
-            return bin;
-        }
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binaries live in <target>/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("a target directory");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "weir",
-                "--bin",
-                "weir",
-                "--profile",
-                profile,
-            ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(workspace_root())
-            .stdout(Stdio::null())
-            .output()
-            .expect("run cargo build -p weir --bin weir");
-        assert!(
-            out.status.success(),
-            "cargo build -p weir --bin weir failed (WEIR_BROKER_BIN=path skips it):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let binary = profile_dir.join("weir");
-        assert!(binary.exists(), "no broker binary at {}", binary.display());
-        binary
-    })
-}
-
 /// A fresh directory under cargo's per-test temporary directory.
 pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("client-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create a temporary directory");
-    dir
+    weir_testkit::fresh_dir(env!("CARGO_TARGET_TMPDIR"), &format!("client-{name}"))
 }
 
-/// A running broker, killed with SIGKILL when dropped.
-pub struct Broker {
-    child: Child,
-    extra: Vec<String>,
-    pub listen: SocketAddr,
-    pub shard_ports: Vec<u16>,
-    pub data_dir: PathBuf,
-    /// Keep the data directory when dropped (a restart reuses it).
-    keep_data: bool,
+/// A running broker (weir-testkit's), killed with SIGKILL when dropped; its data directory is
+/// removed then unless the test failed.
+pub struct Broker(weir_testkit::Broker);
+
+impl std::ops::Deref for Broker {
+    type Target = weir_testkit::Broker;
+    fn deref(&self) -> &weir_testkit::Broker {
+        &self.0
+    }
 }
 
 impl Broker {
     /// `weir serve` on ephemeral ports, data in a fresh directory named after `name`, with
     /// `extra` arguments; returns once its ready line is printed.
     pub fn start(name: &str, extra: &[&str]) -> Broker {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Broker::start_in(temp_dir(name), extra)
+        let serve = weir_testkit::Serve::new(weir_testkit::weir_binary())
+            .data_dir(temp_dir(name))
+            .args(extra)
+            .ready_timeout(TIMEOUT);
+        Broker(serve.start().unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Kills the broker with SIGKILL and starts it again on the same data directory (new ports).
-    pub fn restart(mut self) -> Broker {
-        self.keep_data = true;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        Broker::start_in(self.data_dir.clone(), std::mem::take(&mut self.extra))
-    }
-
-    fn start_in(data_dir: PathBuf, extra: Vec<String>) -> Broker {
-        let mut child = Command::new(broker_binary())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shard-port-base",
-                "0",
-                "--data-dir",
-            ])
-            .arg(&data_dir)
-            .args(&extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start weir serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (line_tx, line_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = line_tx.send(line);
-        });
-        let (err_tx, err_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut all = String::new();
-            let _ = BufReader::new(stderr).read_to_string(&mut all);
-            let _ = err_tx.send(all);
-        });
-        let line = line_rx
-            .recv_timeout(TIMEOUT)
-            .expect("weir serve printed no ready line in time");
-        if !line.starts_with("weir ready:") {
-            let _ = child.kill();
-            let err = err_rx.recv_timeout(TIMEOUT).unwrap_or_default();
-            panic!("weir serve did not start: stdout {line:?}, stderr {err}");
-        }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let field = |name: &str| {
-            let i = words
-                .iter()
-                .position(|w| *w == name)
-                .unwrap_or_else(|| panic!("no {name} in {line}"));
-            words[i + 1].to_string()
-        };
-        Broker {
-            listen: field("listen").parse().expect("listen address"),
-            shard_ports: field("shard_ports")
-                .split(',')
-                .map(|p| p.parse().expect("shard port"))
-                .collect(),
-            child,
-            extra,
-            data_dir,
-            keep_data: false,
-        }
+    pub fn restart(self) -> Broker {
+        Broker(self.0.restart().unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Starts a broker with a configuration file holding `toml`.
@@ -202,11 +70,7 @@ impl Broker {
 
     /// Sends SIGTERM: the broker's orderly shutdown.
     pub fn terminate(&self) {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
+        self.0.signal_term().expect("kill -TERM failed");
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -221,18 +85,6 @@ impl Broker {
         within("connect", Client::connect(self.listen, options))
             .await
             .expect("connect to the broker")
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Segments are preallocated (64 MiB each): a suite that kept them would fill a disk. A
-        // failing test keeps its data directory for a look.
-        if !self.keep_data && !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.data_dir);
-        }
     }
 }
 
