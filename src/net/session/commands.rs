@@ -72,14 +72,24 @@ impl Session {
                 let op = Op::Purge {
                     name: name.to_string(),
                 };
-                self.route(routed, self.owner_of(name), op, Pending::Reply { request_id });
+                self.route(
+                    routed,
+                    self.owner_of(name),
+                    op,
+                    Pending::Reply { request_id },
+                );
                 Flow::Continue
             }
             Command::GetQueueInfo { name } => {
                 let op = Op::Info {
                     name: name.to_string(),
                 };
-                self.route(routed, self.owner_of(name), op, Pending::Reply { request_id });
+                self.route(
+                    routed,
+                    self.owner_of(name),
+                    op,
+                    Pending::Reply { request_id },
+                );
                 Flow::Continue
             }
             Command::ListQueues {
@@ -355,7 +365,13 @@ impl Session {
     }
 
     /// The owner's answer to `Consume`: the consumer is live, or forgotten again.
-    pub(super) fn consumed(&mut self, request_id: u64, tag: String, reply: Reply, out: &mut BytesMut) {
+    pub(super) fn consumed(
+        &mut self,
+        request_id: u64,
+        tag: String,
+        reply: Reply,
+        out: &mut BytesMut,
+    ) {
         match reply {
             Reply::Consumed(owner) => {
                 let shard = match self.consumers.get_mut(&tag) {

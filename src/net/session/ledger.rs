@@ -94,7 +94,11 @@ impl Session {
         if *remaining > 0 {
             return;
         }
-        match self.settle_waits.remove(&wait).and_then(|(_, failure)| failure) {
+        match self
+            .settle_waits
+            .remove(&wait)
+            .and_then(|(_, failure)| failure)
+        {
             Some(r) => self.refuse(out, request_id, r),
             None => {
                 self.reply(out, request_id, BodyT::Ok(Box::default()));

@@ -352,9 +352,7 @@ impl Session {
             (Pending::Settle { request_id, wait }, reply) => {
                 self.settled(request_id, wait, reply, out)
             }
-            (Pending::Get { request_id, shard }, reply) => {
-                self.got(request_id, shard, reply, out)
-            }
+            (Pending::Get { request_id, shard }, reply) => self.got(request_id, shard, reply, out),
         }
     }
 

@@ -33,7 +33,13 @@ impl Session {
     }
 
     /// `on_reply_at` with the wall clock.
-    pub fn on_reply(&mut self, id: u64, reply: Reply, out: &mut BytesMut, routed: &mut Vec<Routed>) {
+    pub fn on_reply(
+        &mut self,
+        id: u64,
+        reply: Reply,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) {
         self.on_reply_at(wall_clock_ms(), id, reply, out, routed)
     }
 }
