@@ -322,3 +322,119 @@ fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed
     assert!(matches!(r[0].body, BodyT::Confirm(_)), "{:?}", r[0]);
     assert_eq!(s.routing.unroutable.get(), 1);
 }
+
+/// A session that said hello.
+fn open_session() -> Session {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s
+}
+
+#[test]
+fn an_unknown_exchange_kind_is_refused_and_the_connection_goes_on() {
+    let mut d = wire::DeclareExchangeT::default();
+    d.name = "x".into();
+    d.kind = wire::ExchangeKind(99);
+    let declare = frame(BodyT::DeclareExchange(Box::new(d)));
+
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut routed = Vec::new();
+    assert_eq!(s.on_frame(&declare, &mut out, &mut routed), Flow::Continue);
+    assert!(routed.is_empty());
+    let r = replies(&mut out);
+    assert_eq!(r[0].request_id, 9);
+    assert_eq!(error_of(&r[0]), (ErrorCode::InvalidArgument, false));
+    assert!(s.is_open());
+
+    // Before Hello it is just a frame that is not Hello.
+    let mut s = Session::new(ctx(), Rc::default());
+    assert_eq!(s.on_frame(&declare, &mut out, &mut Vec::new()), Flow::Close);
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnexpectedFrame, true)
+    );
+}
+
+#[test]
+fn a_delivery_time_is_judged_against_the_time_passed_in() {
+    let mut enc = Encoder::new(WireLimits::DEFAULT);
+    let props = weir_protocol::MessageProps {
+        deliver_at_ms: Some(10_000),
+        ..Default::default()
+    };
+    let message = enc.message(&props, b"body").unwrap();
+    let mut buf = BytesMut::new();
+    let item = weir_protocol::PublishItem {
+        sequence: 7,
+        exchange: "",
+        routing_key: "q",
+        mandatory: false,
+        message: &message,
+    };
+    enc.publish(&mut buf, 0, None, true, [item]).unwrap();
+    let publish = FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap();
+
+    // delay_ms_max is 1000: within it at 9000, past it at 8999.
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut routed = Vec::new();
+    s.on_frame_at(9_000, &publish, &mut out, &mut routed);
+    assert_eq!(routed.len(), 1);
+    assert!(replies(&mut out).is_empty());
+
+    let mut routed = Vec::new();
+    s.on_frame_at(8_999, &publish, &mut out, &mut routed);
+    assert!(routed.is_empty());
+    let r = replies(&mut out);
+    let BodyT::Error(e) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!((r[0].request_id, e.code), (0, ErrorCode::InvalidArgument));
+    assert_eq!(
+        e.sequences.as_deref(),
+        Some(&[wire::RangeT { first: 7, last: 7 }][..])
+    );
+}
+
+#[test]
+fn status_uptime_is_counted_to_the_time_passed_in() {
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut routed = Vec::new();
+    s.on_frame(
+        &frame(BodyT::GetStatus(Box::default())),
+        &mut out,
+        &mut routed,
+    );
+    assert_eq!(routed.len(), 2, "one per shard");
+    for (i, r) in routed.iter().enumerate() {
+        let st = crate::broker::ops::ShardStatus {
+            shard: 1 - i as u16,
+            queues: 3,
+            ..Default::default()
+        };
+        let reply = Reply::ShardStatus(Box::new(st));
+        s.on_reply_at(5_000, r.id, reply, &mut out, &mut Vec::new());
+    }
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1, "answered once, when both shards did");
+    let BodyT::Status(st) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!((st.uptime_ms, st.queues, st.shard_count), (5_000, 6, 2));
+    let names: Vec<&str> = st
+        .counters
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names[0], "shard.0.connections", "shards in order");
+}
