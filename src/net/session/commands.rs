@@ -72,25 +72,13 @@ impl Session {
                 let op = Op::Purge {
                     name: name.to_string(),
                 };
-                self.route(
-                    routed,
-                    self.owner_of(name),
-                    op,
-                    Pending::Reply { request_id },
-                );
-                Flow::Continue
+                self.to_owner(request_id, name, op, routed)
             }
             Command::GetQueueInfo { name } => {
                 let op = Op::Info {
                     name: name.to_string(),
                 };
-                self.route(
-                    routed,
-                    self.owner_of(name),
-                    op,
-                    Pending::Reply { request_id },
-                );
-                Flow::Continue
+                self.to_owner(request_id, name, op, routed)
             }
             Command::ListQueues {
                 prefix,
@@ -231,6 +219,17 @@ impl Session {
                 self.fail(out, request_id, ErrorCode::UnsupportedFrame, msg, false)
             }
         }
+    }
+
+    /// Routes a request to the queue's owner, whose reply answers it as it is.
+    fn to_owner(&mut self, request_id: u64, queue: &str, op: Op, routed: &mut Vec<Routed>) -> Flow {
+        self.route(
+            routed,
+            self.owner_of(queue),
+            op,
+            Pending::Reply { request_id },
+        );
+        Flow::Continue
     }
 
     fn no_consumer(&mut self, out: &mut BytesMut, request_id: u64, tag: &str) -> Flow {

@@ -49,12 +49,7 @@ impl Session {
                 "producer_id: idempotent publishing is not served by this broker version yet; \
                        publish without it (at least once)"
                     .to_string();
-            self.fail_sequences(
-                out,
-                ErrorCode::InvalidArgument,
-                msg,
-                weir_protocol::ranges_of(seqs),
-            );
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, seqs);
             return Flow::Continue;
         }
         let mut delayed: Vec<u64> = Vec::new();
@@ -130,21 +125,11 @@ impl Session {
                 "deliver_at_ms: more than delay_ms_max = {} ms from now",
                 self.ctx.delay_ms_max
             );
-            self.fail_sequences(
-                out,
-                ErrorCode::InvalidArgument,
-                msg,
-                weir_protocol::ranges_of(delayed),
-            );
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, delayed);
         }
         for (exchange, seqs) in no_exchange {
             let msg = format!("exchange '{exchange}' not found");
-            self.fail_sequences(
-                out,
-                ErrorCode::NotFound,
-                msg,
-                weir_protocol::ranges_of(seqs),
-            );
+            self.fail_sequences(out, ErrorCode::NotFound, msg, seqs);
         }
         for (shard, items) in by_shard {
             self.unconfirmed += items.len() as u64;
@@ -219,12 +204,7 @@ impl Session {
             }
         }
         for ((code, message), seqs) in refused {
-            self.fail_sequences(
-                out,
-                ErrorCode(code),
-                message,
-                weir_protocol::ranges_of(seqs),
-            );
+            self.fail_sequences(out, ErrorCode(code), message, seqs);
         }
     }
 

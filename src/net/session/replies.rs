@@ -9,7 +9,7 @@
 //! `Internal`). A fatal `Error` closes the connection after it is sent.
 
 use bytes::BytesMut;
-use weir_protocol::wire::{self, Body, BodyT, ErrorCode, Range};
+use weir_protocol::wire::{self, Body, BodyT, ErrorCode};
 use weir_protocol::{WireLimits, PROTOCOL_VERSION};
 
 use super::{Flow, Session, State};
@@ -109,14 +109,15 @@ impl Session {
         self.fail(out, request_id, r.code, r.message, false);
     }
 
-    /// An `Error` for publishes, by sequence ranges (request id 0).
+    /// An `Error` for publishes, naming their sequence numbers as ranges (request id 0).
     pub(super) fn fail_sequences(
         &mut self,
         out: &mut BytesMut,
         code: ErrorCode,
         message: String,
-        sequences: Vec<Range>,
+        sequences: Vec<u64>,
     ) {
+        let sequences = weir_protocol::ranges_of(sequences);
         let mut e = wire::ErrorT::default();
         e.code = code;
         e.message = Some(message);
