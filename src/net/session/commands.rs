@@ -72,13 +72,13 @@ impl Session {
                 let op = Op::Purge {
                     name: name.to_string(),
                 };
-                self.to_owner(request_id, name, op, routed)
+                self.ask_owner(request_id, name, op, routed)
             }
             Command::GetQueueInfo { name } => {
                 let op = Op::Info {
                     name: name.to_string(),
                 };
-                self.to_owner(request_id, name, op, routed)
+                self.ask_owner(request_id, name, op, routed)
             }
             Command::ListQueues {
                 prefix,
@@ -222,7 +222,13 @@ impl Session {
     }
 
     /// Routes a request to the queue's owner, whose reply answers it as it is.
-    fn to_owner(&mut self, request_id: u64, queue: &str, op: Op, routed: &mut Vec<Routed>) -> Flow {
+    fn ask_owner(
+        &mut self,
+        request_id: u64,
+        queue: &str,
+        op: Op,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
         self.route(
             routed,
             self.owner_of(queue),
