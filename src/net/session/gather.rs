@@ -1,0 +1,186 @@
+//! Requests every shard answers: a queue listing and the broker's status, sent to all shards
+//! under one id and answered once the last shard replied.
+//!
+//! Contract: runs on the connection's shard. A gather is one `Pending` entry that folds each
+//! shard's reply in and is put back until none is left; the answer is built only then (queues
+//! sorted by name and cut to the page, shards in order).
+//!
+//! Faults handled: a shard that answers with something else (its part is left out; the answer
+//! still comes once every shard replied).
+
+use bytes::BytesMut;
+use weir_protocol::wire::{self, BodyT};
+
+use super::replies::LIST_PAGE_MAX;
+use super::{Flow, Pending, Routed, Session};
+use crate::broker::ops::{Op, Reply, ShardStatus};
+
+/// A queue listing waiting for its shards.
+pub(super) struct ListGather {
+    request_id: u64,
+    remaining: u16,
+    limit: usize,
+    queues: Vec<wire::QueueInfoT>,
+}
+
+/// A status request waiting for its shards.
+pub(super) struct StatusGather {
+    request_id: u64,
+    remaining: u16,
+    shards: Vec<ShardStatus>,
+}
+
+impl Session {
+    pub(super) fn list_queues(
+        &mut self,
+        request_id: u64,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        // A page's tables (a QueueInfo and its arguments per queue) must stay within the client
+        // decoder's verifier budget: 1000 queues are about 2000 tables.
+        let limit = if limit == 0 {
+            LIST_PAGE_MAX
+        } else {
+            limit.min(LIST_PAGE_MAX as u32) as usize
+        };
+        let shards = self.ctx.shard_count();
+        let (prefix, after) = (prefix.to_string(), after.to_string());
+        let id = self.next_id();
+        let gather = ListGather {
+            request_id,
+            remaining: shards,
+            limit,
+            queues: Vec::new(),
+        };
+        self.pending.insert(id, Pending::List(gather));
+        for shard in 0..shards {
+            // One more than the page, to know whether more follow.
+            let op = Op::List {
+                prefix: prefix.clone(),
+                after: after.clone(),
+                limit: limit + 1,
+            };
+            routed.push(Routed { shard, id, op });
+        }
+        Flow::Continue
+    }
+
+    pub(super) fn gathered_list(
+        &mut self,
+        id: u64,
+        mut gather: ListGather,
+        reply: Reply,
+        out: &mut BytesMut,
+    ) {
+        if let Reply::List(more) = reply {
+            gather.queues.extend(more);
+        }
+        if gather.remaining > 1 {
+            gather.remaining -= 1;
+            self.pending.insert(id, Pending::List(gather));
+            return;
+        }
+        let ListGather {
+            request_id,
+            limit,
+            mut queues,
+            ..
+        } = gather;
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let more = queues.len() > limit;
+        queues.truncate(limit);
+        let mut list = wire::QueueListT::default();
+        list.queues = Some(queues);
+        list.more = more;
+        self.reply(out, request_id, BodyT::QueueList(Box::new(list)));
+    }
+
+    pub(super) fn get_status(&mut self, request_id: u64, routed: &mut Vec<Routed>) -> Flow {
+        let shards = self.ctx.shard_count();
+        let id = self.next_id();
+        let gather = StatusGather {
+            request_id,
+            remaining: shards,
+            shards: Vec::new(),
+        };
+        self.pending.insert(id, Pending::Status(gather));
+        for shard in 0..shards {
+            routed.push(Routed {
+                shard,
+                id,
+                op: Op::Status,
+            });
+        }
+        Flow::Continue
+    }
+
+    pub(super) fn gathered_status(
+        &mut self,
+        now_ms: u64,
+        id: u64,
+        mut gather: StatusGather,
+        reply: Reply,
+        out: &mut BytesMut,
+    ) {
+        if let Reply::ShardStatus(st) = reply {
+            gather.shards.push(*st);
+        }
+        if gather.remaining > 1 {
+            gather.remaining -= 1;
+            self.pending.insert(id, Pending::Status(gather));
+            return;
+        }
+        let StatusGather {
+            request_id,
+            mut shards,
+            ..
+        } = gather;
+        shards.sort_by_key(|s| s.shard);
+        let status = self.status(now_ms, shards);
+        self.reply(out, request_id, BodyT::Status(Box::new(status)));
+    }
+
+    /// The `Status` reply: totals, and every shard's counters by name (`shard.N.what`), so that
+    /// counters can be added without changing the schema.
+    fn status(&self, now_ms: u64, shards: Vec<ShardStatus>) -> wire::StatusT {
+        let mut st = wire::StatusT::default();
+        st.broker_version = Some(self.ctx.broker_version.to_string());
+        st.shard_count = self.ctx.shard_count();
+        st.uptime_ms = now_ms.saturating_sub(self.ctx.started_ms);
+        st.connections = shards.iter().map(|s| s.connections).sum::<u64>() as u32;
+        st.queues = shards.iter().map(|s| s.queues).sum::<u64>() as u32;
+        let mut counters = Vec::new();
+        for s in &shards {
+            let fields = [
+                ("connections", s.connections),
+                ("queues", s.queues),
+                ("messages_ready", s.messages_ready),
+                ("messages_unacked", s.messages_unacked),
+                ("consumers", s.consumers),
+                ("messages_dropped", s.dropped),
+                ("messages_dead_lettered", s.dead_lettered),
+                ("messages_unroutable", s.unroutable),
+                ("exchanges", s.exchanges),
+                ("bindings", s.bindings),
+                ("cache_bytes", s.cache_bytes),
+                ("cache_bytes_max", s.cache_bytes_max),
+                ("journal.commits", s.journal_commits),
+                ("journal.records", s.journal_records),
+                ("journal.bytes_written", s.journal_bytes_written),
+                ("journal.fdatasyncs", s.journal_fdatasyncs),
+                ("journal.segments", s.journal_segments),
+            ];
+            for (name, value) in fields {
+                let mut c = wire::CounterT::default();
+                c.name = format!("shard.{}.{name}", s.shard);
+                c.value = value;
+                counters.push(c);
+            }
+        }
+        st.counters = Some(counters);
+        st
+    }
+}

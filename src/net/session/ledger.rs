@@ -1,0 +1,234 @@
+//! The delivery ledger: delivery tags, the deliveries this connection holds, and settling them.
+//!
+//! Contract: runs on the connection's shard. Delivery tags are allocated here, per connection,
+//! in order; each delivery not auto-acked is remembered by tag as (owning shard, queue,
+//! consumer, queue sequence) until the client acks, nacks or rejects it, and a settlement goes
+//! to every shard it touches, grouped. Deliveries pushed by owning shards are encoded straight
+//! from their `Bytes`, in batches of at most `deliver_batch_max`.
+//!
+//! Faults handled: settling tags this connection does not hold (`UnknownDeliveryTag`),
+//! deliveries for a consumer cancelled meanwhile or a closing connection (requeued at their
+//! owner, never shown to the client), a settlement an owner refused (reported once, with the
+//! first refusal).
+
+use std::collections::BTreeMap;
+
+use bytes::BytesMut;
+use weir_protocol::wire::{self, BodyT, ErrorCode};
+use weir_protocol::DeliveryItem;
+
+use super::{Flow, Pending, Routed, Session, State};
+use crate::broker::ops::{Op, Pushed, Reply, SettleItem, WireDelivery};
+use crate::broker::queue::OwnerId;
+use crate::net::command::Settle;
+
+/// A delivery this connection holds, by delivery tag.
+#[derive(Clone, Debug)]
+pub(super) struct Outstanding {
+    shard: u16,
+    queue: String,
+    owner: OwnerId,
+    seq: u64,
+}
+
+impl Session {
+    /// Acks, nacks or rejects the deliveries named; answered (if asked) once every shard is.
+    pub(super) fn settle(
+        &mut self,
+        request_id: u64,
+        s: &Settle<'_>,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        let (ack, requeue) = (s.ack, s.requeue);
+        let mut by_shard: BTreeMap<u16, Vec<SettleItem>> = BTreeMap::new();
+        for (first, last) in s.tags.ranges() {
+            let tags: Vec<u64> = self
+                .outstanding
+                .range(first..=last)
+                .map(|(t, _)| *t)
+                .collect();
+            if tags.is_empty() {
+                let msg = format!("no outstanding delivery in tags {first}..={last}");
+                return self.fail(out, request_id, ErrorCode::UnknownDeliveryTag, msg, false);
+            }
+            for tag in tags {
+                let Some(o) = self.outstanding.remove(&tag) else {
+                    continue; // listed above
+                };
+                by_shard.entry(o.shard).or_default().push(SettleItem {
+                    queue: o.queue,
+                    owner: o.owner,
+                    seq: o.seq,
+                    ack,
+                    requeue,
+                });
+            }
+        }
+        // A settlement that asked for a reply is answered once every shard it touched answered.
+        let wait = (request_id != 0).then(|| {
+            let wait = self.next_id();
+            self.settle_waits
+                .insert(wait, (by_shard.len() as u16, None));
+            wait
+        });
+        for (shard, items) in by_shard {
+            let pending = match wait {
+                Some(wait) => Pending::Settle { request_id, wait },
+                None => Pending::Quiet,
+            };
+            self.route(routed, shard, Op::Settle(items), pending);
+        }
+        Flow::Continue
+    }
+
+    /// One shard's answer to a settlement that asked for a reply.
+    pub(super) fn settled(&mut self, request_id: u64, wait: u64, reply: Reply, out: &mut BytesMut) {
+        let Some((remaining, failure)) = self.settle_waits.get_mut(&wait) else {
+            return;
+        };
+        if let Reply::SettleFailed(mut f) = reply {
+            failure.get_or_insert_with(|| f.remove(0));
+        }
+        *remaining -= 1;
+        if *remaining > 0 {
+            return;
+        }
+        match self
+            .settle_waits
+            .remove(&wait)
+            .and_then(|(_, failure)| failure)
+        {
+            Some(r) => self.refuse(out, request_id, r),
+            None => {
+                self.reply(out, request_id, BodyT::Ok(Box::default()));
+            }
+        }
+    }
+
+    /// The owner's answer to `Get`: at most one delivery, tagged here.
+    pub(super) fn got(&mut self, request_id: u64, shard: u16, reply: Reply, out: &mut BytesMut) {
+        match reply {
+            Reply::Got(d, ready) => {
+                let mut ok = wire::GetOkT::default();
+                ok.messages_ready = ready;
+                ok.delivery = d.map(|d| Box::new(self.take_delivery(shard, *d)));
+                self.reply(out, request_id, BodyT::GetOk(Box::new(ok)));
+            }
+            Reply::Refused(r) => self.refuse(out, request_id, r),
+            other => tracing::error!(?other, "unexpected reply to get"),
+        }
+    }
+
+    /// Assigns a delivery tag to a delivery and remembers it unless it was auto-acked.
+    fn take_delivery(&mut self, shard: u16, d: WireDelivery) -> wire::DeliveryT {
+        let tag = self.next_delivery_tag;
+        self.next_delivery_tag += 1;
+        let mut t = wire::DeliveryT::default();
+        t.delivery_tag = tag;
+        t.redelivered = d.delivery_count > 1;
+        t.delivery_count = d.delivery_count;
+        t.exchange = Some(d.exchange).filter(|e| !e.is_empty());
+        t.routing_key = Some(d.routing_key).filter(|k| !k.is_empty());
+        t.message = d.bytes.to_vec();
+        if !d.auto_ack {
+            self.outstanding.insert(
+                tag,
+                Outstanding {
+                    shard,
+                    queue: d.queue,
+                    owner: d.owner,
+                    seq: d.seq,
+                },
+            );
+        }
+        t
+    }
+
+    /// Handles deliveries and cancellations pushed by an owning shard.
+    pub fn on_push(
+        &mut self,
+        from_shard: u16,
+        pushed: Pushed,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) {
+        match pushed {
+            Pushed::Deliver {
+                consumer_tag,
+                deliveries,
+                ..
+            } => {
+                if !self.consumers.contains_key(&consumer_tag) || self.state != State::Open {
+                    // Cancelled meanwhile: these go back to their queue for someone else.
+                    let items: Vec<SettleItem> = deliveries
+                        .into_iter()
+                        .filter(|d| !d.auto_ack)
+                        .map(|d| SettleItem {
+                            queue: d.queue,
+                            owner: d.owner,
+                            seq: d.seq,
+                            ack: false,
+                            requeue: true,
+                        })
+                        .collect();
+                    if !items.is_empty() {
+                        self.route(routed, from_shard, Op::Settle(items), Pending::Quiet);
+                    }
+                    return;
+                }
+                let max = self.ctx.limits.deliver_batch_max as usize;
+                let mut batch: Vec<(u64, WireDelivery)> =
+                    Vec::with_capacity(deliveries.len().min(max));
+                for d in deliveries {
+                    let tag = self.next_delivery_tag;
+                    self.next_delivery_tag += 1;
+                    if !d.auto_ack {
+                        let o = Outstanding {
+                            shard: from_shard,
+                            queue: d.queue.clone(),
+                            owner: d.owner,
+                            seq: d.seq,
+                        };
+                        self.outstanding.insert(tag, o);
+                    }
+                    batch.push((tag, d));
+                    if batch.len() == max {
+                        self.encode_deliver(&consumer_tag, &batch, out);
+                        batch.clear();
+                    }
+                }
+                if !batch.is_empty() {
+                    self.encode_deliver(&consumer_tag, &batch, out);
+                }
+            }
+            Pushed::Cancelled(c) => {
+                self.consumers.remove(&c.consumer_tag);
+                let mut cc = wire::ConsumerCancelledT::default();
+                cc.consumer_tag = Some(c.consumer_tag);
+                cc.code = ErrorCode::Deleted;
+                cc.message = Some(c.message);
+                self.reply(out, 0, BodyT::ConsumerCancelled(Box::new(cc)));
+            }
+        }
+    }
+
+    fn encode_deliver(
+        &mut self,
+        consumer_tag: &str,
+        batch: &[(u64, WireDelivery)],
+        out: &mut BytesMut,
+    ) {
+        let items = batch.iter().map(|(tag, d)| DeliveryItem {
+            delivery_tag: *tag,
+            redelivered: d.delivery_count > 1,
+            delivery_count: d.delivery_count,
+            exchange: &d.exchange,
+            routing_key: &d.routing_key,
+            message: &d.bytes,
+        });
+        if let Err(e) = self.encoder.deliver(out, consumer_tag, items) {
+            tracing::error!("cannot encode a delivery: {e}");
+        }
+    }
+}

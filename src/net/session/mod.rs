@@ -1,0 +1,389 @@
+//! The session state machine: what one connection may say when, what the broker answers, and
+//! what the connection holds (its consumers, its outstanding deliveries, its unconfirmed
+//! publishes).
+//!
+//! Contract: no I/O, no clock, one thread (the connection's shard; `Session` is `!Send`). The
+//! connection's shard hands it each decoded frame, each reply from a queue's owning shard and
+//! each push (deliveries, cancellations), with the time as an argument; it appends the frames
+//! owed to an output buffer and returns the `Routed` ops to send to owning shards. It owns the
+//! connection's protocol state and its side of every delivery: delivery tags are allocated here,
+//! per connection, and mapped back to (owning shard, queue, consumer, queue sequence) on ack.
+//! Publishes to an exchange are routed here, by the shard's copy of the routing table (read, never
+//! written: changes go to the control-plane writer), and a publish split across shards is
+//! confirmed once every part was taken.
+//!
+//! This file holds the state and the dispatch: frames by connection state, replies by what they
+//! answer. The work is in the files beside it:
+//! - `commands`: each client `Command` (parsed in `net::command`) turned into ops or answers.
+//! - `publish`: accepting a publish, splitting it across shards, confirming it.
+//! - `ledger`: delivery tags, outstanding deliveries, settlements, pushed deliveries.
+//! - `gather`: requests answered by every shard (queue listing, status).
+//! - `replies`: encoding answers and refusals.
+//! - `shell`: wrappers that read the wall clock, for the I/O shell's convenience.
+//!
+//! Faults handled: frames before `Hello`, a second `Hello`, a wrong protocol version, frames only
+//! the broker may send, malformed frames (each gets an `Error` frame; fatal ones close this
+//! connection and nothing else), acks of unknown delivery tags, deliveries for a consumer that
+//! was cancelled meanwhile (requeued), frame types this broker does not serve yet (an `Error`
+//! naming the frame; the connection goes on).
+
+mod commands;
+mod gather;
+mod ledger;
+mod publish;
+mod replies;
+mod shell;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use bytes::BytesMut;
+use weir_protocol::wire::{self, BodyT, ErrorCode};
+use weir_protocol::{Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
+
+use crate::broker::host::{placement, Refusal};
+use crate::broker::ops::{Op, Reply};
+use crate::broker::queue::OwnerId;
+use crate::broker::routing::Binding;
+use crate::control::{ControlOp, RoutingCopy, CONTROL_SHARD};
+use crate::net::command::Command;
+
+use ledger::Outstanding;
+use publish::Split;
+use replies::name;
+
+/// What the session needs to know about its broker and shard.
+#[derive(Clone, Debug)]
+pub struct SessionCtx {
+    pub broker_version: &'static str,
+    pub shard: u16,
+    pub shard_ports: Vec<u16>,
+    pub durability: wire::Durability,
+    pub limits: WireLimits,
+    pub publishes_in_flight_max: u32,
+    pub prefetch_default: u32,
+    pub prefetch_max: u32,
+    /// Queues of one shard a message is stored once for; a message routed to more is stored
+    /// once per this many (its record's envelope names every target, and must fit a record).
+    pub targets_per_message_max: u32,
+    /// Furthest a delayed message's delivery time may be from its publish, ms.
+    pub delay_ms_max: u64,
+    pub connection_id: u64,
+    /// When the broker started, ms since the Unix epoch (for `Status.uptime_ms`).
+    pub started_ms: u64,
+}
+
+impl SessionCtx {
+    pub fn shard_count(&self) -> u16 {
+        self.shard_ports.len() as u16
+    }
+}
+
+/// An op for the shard that owns a queue; its reply comes back to `on_reply` with the same `id`.
+#[derive(Debug)]
+pub struct Routed {
+    pub shard: u16,
+    pub id: u64,
+    pub op: Op,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    AwaitingHello,
+    Open,
+    Closing,
+}
+
+/// Whether the connection goes on after a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Send what was written, then close.
+    Close,
+}
+
+/// What a routed op's reply means to this connection.
+enum Pending {
+    /// Answer the client's request with the reply as it is.
+    Reply {
+        request_id: u64,
+    },
+    List(gather::ListGather),
+    Status(gather::StatusGather),
+    Publish,
+    Consume {
+        request_id: u64,
+        tag: String,
+    },
+    Cancel {
+        request_id: u64,
+    },
+    Settle {
+        request_id: u64,
+        wait: u64,
+    },
+    Get {
+        request_id: u64,
+        shard: u16,
+    },
+    /// A bind waiting for its queue's owner to say the queue exists and whether it is durable;
+    /// then it goes to the control-plane writer.
+    BindQueue {
+        request_id: u64,
+        binding: Binding,
+    },
+    /// A queue delete: once the owner deleted it, its bindings go through the writer before
+    /// the client is answered, so a listing after the answer no longer shows them.
+    DeleteQueue {
+        request_id: u64,
+        name: String,
+    },
+    /// The writer dropped a deleted queue's bindings: answer the delete.
+    QueueUnbound {
+        request_id: u64,
+        messages: u64,
+    },
+    /// Nothing to answer (connection closed, requeue of a stray delivery).
+    Quiet,
+}
+
+/// A consumer of this connection, by consumer tag.
+#[derive(Clone, Debug)]
+struct ConsumerRef {
+    shard: u16,
+    queue: String,
+    /// Known once the owning shard answered `Consume`.
+    owner: Option<OwnerId>,
+}
+
+pub struct Session {
+    ctx: SessionCtx,
+    state: State,
+    encoder: Encoder,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// Settlements that asked for a reply, by wait id: shards yet to answer, the first failure.
+    settle_waits: HashMap<u64, (u16, Option<Refusal>)>,
+    next_delivery_tag: u64,
+    outstanding: BTreeMap<u64, Outstanding>,
+    consumers: HashMap<String, ConsumerRef>,
+    next_name: u64,
+    unconfirmed: u64,
+    /// The shard's routing table copy: publishes to an exchange are routed here, on the
+    /// publishing shard, with no hop.
+    routing: Rc<RoutingCopy>,
+    /// Publishes split across shards, by sequence number.
+    splits: HashMap<u64, Split>,
+    /// Reused by every routed publish: the queues of one message.
+    route_buf: Vec<String>,
+}
+
+// A session lives on its connection's shard and holds that shard's `Rc` routing copy: it must
+// never be moved to another thread. Fails to compile if `Session` ever becomes `Send` (two
+// blanket impls would then apply, and `_IS_SEND` could not be inferred).
+const _: () = {
+    trait AmbiguousIfSend<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    #[allow(dead_code)]
+    struct IsSend;
+    impl<T: ?Sized + Send> AmbiguousIfSend<IsSend> for T {}
+    let _ = <Session as AmbiguousIfSend<_>>::some_item;
+};
+
+impl Session {
+    pub fn new(ctx: SessionCtx, routing: Rc<RoutingCopy>) -> Session {
+        let encoder = Encoder::new(ctx.limits);
+        Session {
+            ctx,
+            state: State::AwaitingHello,
+            encoder,
+            next_id: 1,
+            pending: HashMap::new(),
+            settle_waits: HashMap::new(),
+            next_delivery_tag: 1,
+            outstanding: BTreeMap::new(),
+            consumers: HashMap::new(),
+            next_name: 1,
+            unconfirmed: 0,
+            routing,
+            splits: HashMap::new(),
+            route_buf: Vec::new(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// False while the connection has `publishes_in_flight_max` publishes unconfirmed: the
+    /// connection stops reading until confirms catch up (TCP backpressure on the producer).
+    pub fn wants_input(&self) -> bool {
+        self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
+    }
+
+    fn route(&mut self, routed: &mut Vec<Routed>, shard: u16, op: Op, pending: Pending) -> u64 {
+        let id = self.next_id();
+        self.pending.insert(id, pending);
+        routed.push(Routed { shard, id, op });
+        id
+    }
+
+    /// An id for a routed op or a settlement wait, unique on this connection.
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn owner_of(&self, queue: &str) -> u16 {
+        placement(queue, self.ctx.shard_count())
+    }
+
+    /// Answers one decoded frame; `now_ms` (ms since the Unix epoch) bounds delayed publishes.
+    pub fn on_frame_at(
+        &mut self,
+        now_ms: u64,
+        frame: &InFrame,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        let request_id = frame.request_id();
+        match self.state {
+            State::Closing => Flow::Close,
+            State::AwaitingHello => match Command::parse(frame) {
+                Ok(Command::Hello { protocol_version }) => {
+                    if protocol_version != PROTOCOL_VERSION {
+                        let msg = format!(
+                            "this broker speaks weir protocol {PROTOCOL_VERSION}; the client asked for {protocol_version}"
+                        );
+                        return self.fail(out, request_id, ErrorCode::ProtocolVersion, msg, true);
+                    }
+                    self.state = State::Open;
+                    let welcome = self.welcome();
+                    self.reply(out, request_id, welcome)
+                }
+                _ => {
+                    let msg = format!(
+                        "expected Hello as the first frame, got {}",
+                        name(frame.body_type())
+                    );
+                    self.fail(out, request_id, ErrorCode::UnexpectedFrame, msg, true)
+                }
+            },
+            State::Open => match Command::parse(frame) {
+                Ok(command) => self.execute(now_ms, request_id, command, out, routed),
+                Err(e) => self.fail(out, request_id, e.code(), e.to_string(), false),
+            },
+        }
+    }
+
+    /// Answers a routed op's reply; a reply that is one step of a longer request (a bind's queue
+    /// check) routes the next step. `now_ms` (ms since the Unix epoch) dates a `Status`.
+    pub fn on_reply_at(
+        &mut self,
+        now_ms: u64,
+        id: u64,
+        reply: Reply,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match (pending, reply) {
+            (Pending::Quiet, Reply::SettleFailed(f)) => {
+                for r in f {
+                    self.fail(out, 0, r.code, r.message, false);
+                }
+            }
+            (Pending::Quiet, _) => {}
+            (Pending::Publish, Reply::Published(outcomes)) => self.published(outcomes, out),
+            (Pending::Publish, other) => tracing::error!(?other, "unexpected reply to a publish"),
+            (Pending::List(gather), reply) => self.gathered_list(id, gather, reply, out),
+            (Pending::Status(gather), reply) => {
+                self.gathered_status(now_ms, id, gather, reply, out)
+            }
+            (Pending::Reply { request_id }, reply) => self.on_reply_to(request_id, reply, out),
+            (
+                Pending::BindQueue {
+                    request_id,
+                    binding,
+                },
+                reply,
+            ) => self.queue_checked(request_id, binding, reply, out, routed),
+            (Pending::DeleteQueue { request_id, name }, Reply::Deleted(messages))
+                if self.routing.table.borrow().has_bindings_to(&name) =>
+            {
+                let op = Op::Control(ControlOp::QueueGone { queue: name });
+                let pending = Pending::QueueUnbound {
+                    request_id,
+                    messages,
+                };
+                self.route(routed, CONTROL_SHARD, op, pending);
+            }
+            (Pending::DeleteQueue { request_id, .. }, reply) => {
+                self.on_reply_to(request_id, reply, out)
+            }
+            (
+                Pending::QueueUnbound {
+                    request_id,
+                    messages,
+                },
+                _,
+            ) => {
+                // Deleted either way: a failure to journal the unbinds is the writer's to log.
+                let mut d = wire::QueueDeletedT::default();
+                d.messages = messages;
+                self.reply(out, request_id, BodyT::QueueDeleted(Box::new(d)));
+            }
+            (Pending::Consume { request_id, tag }, reply) => {
+                self.consumed(request_id, tag, reply, out)
+            }
+            (Pending::Cancel { request_id }, reply) => match reply {
+                Reply::Refused(r) => self.refuse(out, request_id, r),
+                _ => {
+                    self.reply(out, request_id, BodyT::Ok(Box::default()));
+                }
+            },
+            (Pending::Settle { request_id, wait }, reply) => {
+                self.settled(request_id, wait, reply, out)
+            }
+            (Pending::Get { request_id, shard }, reply) => self.got(request_id, shard, reply, out),
+        }
+    }
+
+    /// The connection is gone: every shard releases what it held for it.
+    pub fn on_closed(&mut self, routed: &mut Vec<Routed>) {
+        self.state = State::Closing;
+        for shard in 0..self.ctx.shard_count() {
+            self.route(routed, shard, Op::ConnectionClosed, Pending::Quiet);
+        }
+    }
+
+    /// Answers a frame the decoder refused. Fatal errors close the connection.
+    pub fn on_decode_error(&mut self, error: &ProtocolError, out: &mut BytesMut) -> Flow {
+        self.fail(out, 0, error.code(), error.to_string(), error.is_fatal())
+    }
+
+    /// Tells the client the broker is going away, then closes.
+    pub fn on_shutdown(&mut self, out: &mut BytesMut) -> Flow {
+        self.fail(
+            out,
+            0,
+            ErrorCode::ShuttingDown,
+            "the broker is shutting down".into(),
+            true,
+        )
+    }
+
+    /// Refuses a connection over `connections_per_shard_max`.
+    pub fn refuse_over_limit(&mut self, out: &mut BytesMut, max: u32) -> Flow {
+        let msg =
+            format!("this shard already serves connections_per_shard_max = {max} connections");
+        self.fail(out, 0, ErrorCode::ConnectionLimit, msg, true)
+    }
+}

@@ -1,0 +1,266 @@
+//! Publishing: accepting a `Publish`, addressing each message to the shards owning its queues,
+//! and confirming it by sequence number once its owners took it.
+//!
+//! Contract: runs on the connection's shard. Messages go on as `Bytes` slices of the receive
+//! buffer (a reference count per shard, never a copy). Publishes to an exchange are routed here
+//! by the shard's routing copy (read only). A message whose queues sit on several shards is a
+//! `Split`, confirmed once, when its last part is in. Every routed message counts against
+//! `publishes_in_flight_max` until its outcome comes back.
+//!
+//! Faults handled: idempotent publishing asked for (refused, not served yet), delivery times past
+//! `delay_ms_max`, unknown exchanges (each an `Error` naming the refused sequence ranges),
+//! unroutable messages (returned if mandatory, else counted; confirmed either way), a part of a
+//! split refused by its shard (the whole message is refused).
+
+use std::collections::BTreeMap;
+
+use bytes::BytesMut;
+use weir_protocol::wire::{self, BodyT, ErrorCode};
+
+use super::{Flow, Pending, Routed, Session};
+use crate::broker::host::Refusal;
+use crate::broker::ops::{Op, PublishItem, PublishOutcome};
+use crate::net::command::Publish;
+
+/// A publish routed to queues on several shards: confirmed once every shard took its part.
+#[derive(Debug)]
+pub(super) struct Split {
+    parts_left: u16,
+    journaled: bool,
+    taken: bool,
+    refusal: Option<Refusal>,
+    returned: Option<PublishItem>,
+}
+
+impl Session {
+    pub(super) fn publish(
+        &mut self,
+        now_ms: u64,
+        p: Publish<'_>,
+        out: &mut BytesMut,
+        routed: &mut Vec<Routed>,
+    ) -> Flow {
+        let confirm = p.confirm;
+        if p.producer_id.is_some() {
+            // Refused rather than ignored: a producer that asks for de-duplication must not be
+            // told yes by a broker that would store its re-sends twice.
+            let seqs = p.entries().map(|e| e.sequence).collect();
+            let msg =
+                "producer_id: idempotent publishing is not served by this broker version yet; \
+                       publish without it (at least once)"
+                    .to_string();
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, seqs);
+            return Flow::Continue;
+        }
+        let mut delayed: Vec<u64> = Vec::new();
+        let mut by_shard: BTreeMap<u16, Vec<PublishItem>> = BTreeMap::new();
+        let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        let mut unroutable: Vec<u64> = Vec::new();
+        let mut returned: Vec<wire::ReturnedT> = Vec::new();
+        for entry in p.entries() {
+            let (exchange, key, deliver_at_ms) =
+                (entry.exchange, entry.routing_key, entry.deliver_at_ms);
+            if deliver_at_ms.is_some_and(|t| t > now_ms.saturating_add(self.ctx.delay_ms_max)) {
+                delayed.push(entry.sequence); // refused: past the limit
+                continue;
+            }
+            let item = PublishItem {
+                sequence: entry.sequence,
+                queue: key.to_string(),
+                also: Vec::new(),
+                exchange: exchange.to_string(),
+                routing_key: key.to_string(),
+                mandatory: entry.mandatory,
+                confirm,
+                persistent: entry.persistent,
+                bytes: entry.bytes,
+                expiration_ms: entry.expiration_ms,
+                deliver_at_ms,
+            };
+            if exchange.is_empty() {
+                // The default exchange: the key names the queue.
+                by_shard.entry(self.owner_of(key)).or_default().push(item);
+                continue;
+            }
+            // Routed here, on the publishing shard, by this shard's copy of the table.
+            let mut queues = std::mem::take(&mut self.route_buf);
+            queues.clear();
+            let found = {
+                let table = self.routing.table.borrow();
+                let mut matched: Vec<&str> = Vec::new();
+                let found = table.route(exchange, key, &mut matched);
+                queues.extend(matched.into_iter().map(str::to_string));
+                found
+            };
+            if found.is_err() {
+                no_exchange
+                    .entry(exchange.to_string())
+                    .or_default()
+                    .push(item.sequence);
+            } else if queues.is_empty() {
+                if item.mandatory {
+                    returned.push(returned_of(item));
+                } else {
+                    self.routing
+                        .unroutable
+                        .set(self.routing.unroutable.get() + 1);
+                }
+                if confirm {
+                    unroutable.push(entry.sequence);
+                }
+            } else {
+                self.split_by_owner(item, &mut queues, &mut by_shard);
+            }
+            self.route_buf = queues;
+        }
+        if !returned.is_empty() {
+            self.send_returned(out, returned);
+        }
+        if !unroutable.is_empty() {
+            // Nothing to store, so nothing to wait for: confirmed at once, as AMQP does.
+            self.confirm(out, unroutable, wire::Durability::Transient);
+        }
+        if !delayed.is_empty() {
+            let msg = format!(
+                "deliver_at_ms: more than delay_ms_max = {} ms from now",
+                self.ctx.delay_ms_max
+            );
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, delayed);
+        }
+        for (exchange, seqs) in no_exchange {
+            let msg = format!("exchange '{exchange}' not found");
+            self.fail_sequences(out, ErrorCode::NotFound, msg, seqs);
+        }
+        for (shard, items) in by_shard {
+            self.unconfirmed += items.len() as u64;
+            self.route(routed, shard, Op::Publish(items), Pending::Publish);
+        }
+        Flow::Continue
+    }
+
+    /// Addresses a routed message to the shards owning its queues: one item per shard, naming
+    /// all that shard's queues (stored there once), or one per `targets_per_message_max` of
+    /// them. The same `Bytes` go to every shard: a reference count each, no copy.
+    fn split_by_owner(
+        &mut self,
+        item: PublishItem,
+        queues: &mut Vec<String>,
+        by_shard: &mut BTreeMap<u16, Vec<PublishItem>>,
+    ) {
+        let max = self.ctx.targets_per_message_max as usize;
+        let parts = crate::broker::ops::address(item, queues, self.ctx.shard_count(), max);
+        if parts.len() > 1 {
+            self.splits.insert(
+                parts[0].1.sequence,
+                Split {
+                    parts_left: parts.len() as u16,
+                    journaled: false,
+                    taken: false,
+                    refusal: None,
+                    returned: None,
+                },
+            );
+        }
+        for (shard, part) in parts {
+            by_shard.entry(shard).or_default().push(part);
+        }
+    }
+
+    /// An owner's outcomes for its part of publishes: confirms, returns and refusals, by range.
+    pub(super) fn published(&mut self, outcomes: Vec<PublishOutcome>, out: &mut BytesMut) {
+        self.unconfirmed -= outcomes.len() as u64;
+        // Journaled ones were confirmed after their group commit; the others live in memory only.
+        let mut confirmed: Vec<u64> = Vec::new();
+        let mut confirmed_transient: Vec<u64> = Vec::new();
+        let mut refused: BTreeMap<(u16, String), Vec<u64>> = BTreeMap::new();
+        let mut returned = Vec::new();
+        for o in outcomes {
+            let Some(o) = self.merge_split(o) else {
+                continue;
+            };
+            match o.result {
+                Ok(()) if o.confirm && o.journaled => confirmed.push(o.sequence),
+                Ok(()) if o.confirm => confirmed_transient.push(o.sequence),
+                Ok(()) => {}
+                Err(r) => refused
+                    .entry((r.code.0, r.message))
+                    .or_default()
+                    .push(o.sequence),
+            }
+            if let Some(item) = o.returned {
+                returned.push(returned_of(item));
+            }
+        }
+        if !returned.is_empty() {
+            self.send_returned(out, returned);
+        }
+        let durability = self.ctx.durability;
+        for (seqs, durability) in [
+            (confirmed, durability),
+            (confirmed_transient, wire::Durability::Transient),
+        ] {
+            if !seqs.is_empty() {
+                self.confirm(out, seqs, durability);
+            }
+        }
+        for ((code, message), seqs) in refused {
+            self.fail_sequences(out, ErrorCode(code), message, seqs);
+        }
+    }
+
+    /// A returned message is sent back before its confirm, as AMQP does.
+    fn send_returned(&mut self, out: &mut BytesMut, returned: Vec<wire::ReturnedT>) {
+        let mut r = wire::ReturnT::default();
+        r.entries = returned;
+        self.reply(out, 0, BodyT::Return(Box::new(r)));
+    }
+
+    fn confirm(&mut self, out: &mut BytesMut, seqs: Vec<u64>, durability: wire::Durability) {
+        let ranges = weir_protocol::ranges_of(seqs);
+        if let Err(e) = self.encoder.confirm(out, &ranges, durability, &[]) {
+            tracing::error!("cannot encode a confirm: {e}");
+        }
+    }
+
+    /// One shard's part of a publish split across shards: `None` until the last part is in,
+    /// then the whole publish's outcome (refused if any part was; journaled if any part was;
+    /// returned only if no part reached a queue).
+    fn merge_split(&mut self, o: PublishOutcome) -> Option<PublishOutcome> {
+        let Some(split) = self.splits.get_mut(&o.sequence) else {
+            return Some(o);
+        };
+        split.parts_left -= 1;
+        split.journaled |= o.journaled;
+        match o.result {
+            Ok(()) if o.returned.is_some() => split.returned = o.returned,
+            Ok(()) => split.taken = true,
+            Err(r) => {
+                split.taken = true;
+                split.refusal.get_or_insert(r);
+            }
+        }
+        if split.parts_left > 0 {
+            return None;
+        }
+        // Present: it was found above.
+        let split = self.splits.remove(&o.sequence)?;
+        Some(PublishOutcome {
+            sequence: o.sequence,
+            confirm: o.confirm,
+            journaled: split.journaled,
+            result: split.refusal.map_or(Ok(()), Err),
+            returned: if split.taken { None } else { split.returned },
+        })
+    }
+}
+
+/// A mandatory message that routed to no queue, as it goes back in a `Return`.
+fn returned_of(item: PublishItem) -> wire::ReturnedT {
+    let mut r = wire::ReturnedT::default();
+    r.sequence = item.sequence;
+    r.code = ErrorCode::NoRoute;
+    r.exchange = Some(item.exchange).filter(|e| !e.is_empty());
+    r.routing_key = Some(item.routing_key);
+    r.message = Some(item.bytes.to_vec());
+    r
+}

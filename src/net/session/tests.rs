@@ -1,0 +1,440 @@
+use weir_protocol::wire::Body;
+use weir_protocol::{samples, FrameDecoder};
+
+use super::*;
+use crate::broker::ops::{PublishItem, PublishOutcome};
+use crate::broker::routing::{ExchangeDecl, ExchangeKind};
+use crate::net::command::broker_only;
+
+fn ctx() -> SessionCtx {
+    SessionCtx {
+        broker_version: "0.1.0",
+        shard: 1,
+        shard_ports: vec![7001, 7002],
+        durability: wire::Durability::Always,
+        limits: WireLimits::DEFAULT,
+        publishes_in_flight_max: 100,
+        prefetch_default: 10,
+        prefetch_max: 1000,
+        targets_per_message_max: 128,
+        delay_ms_max: 1000,
+        connection_id: 42,
+        started_ms: 0,
+    }
+}
+
+fn frame(body: BodyT) -> InFrame {
+    let mut buf = BytesMut::new();
+    Encoder::new(WireLimits::DEFAULT)
+        .encode(&weir_protocol::frame(9, body), &mut buf)
+        .unwrap();
+    FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap()
+}
+
+fn hello(version: u16) -> InFrame {
+    let mut h = wire::HelloT::default();
+    h.protocol_version = version;
+    frame(BodyT::Hello(Box::new(h)))
+}
+
+fn replies(out: &mut BytesMut) -> Vec<wire::FrameT> {
+    let decoder = FrameDecoder::new(WireLimits::DEFAULT);
+    std::iter::from_fn(|| decoder.decode(out).unwrap())
+        .map(|f| f.frame().unpack())
+        .collect()
+}
+
+fn error_of(f: &wire::FrameT) -> (ErrorCode, bool) {
+    match &f.body {
+        BodyT::Error(e) => (e.code, e.close),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn hello_gets_a_welcome_with_the_shard_layout_and_limits() {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    assert_eq!(
+        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
+        Flow::Continue
+    );
+    let r = replies(&mut out);
+    assert_eq!(r[0].request_id, 9);
+    let BodyT::Welcome(w) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!((w.shard, w.shard_count, w.connection_id), (1, 2, 42));
+    assert_eq!(w.shard_ports.as_deref(), Some(&[7001, 7002][..]));
+    assert_eq!(w.limits.as_ref().unwrap().publishes_in_flight_max, 100);
+    assert!(s.is_open());
+}
+
+#[test]
+fn a_wrong_protocol_version_is_refused_and_closed() {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    assert_eq!(
+        s.on_frame(&hello(PROTOCOL_VERSION + 1), &mut out, &mut Vec::new()),
+        Flow::Close
+    );
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::ProtocolVersion, true)
+    );
+}
+
+#[test]
+fn anything_before_hello_or_a_second_hello_is_refused_and_closed() {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    assert_eq!(
+        s.on_frame(
+            &frame(BodyT::Ping(Box::default())),
+            &mut out,
+            &mut Vec::new()
+        ),
+        Flow::Close
+    );
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnexpectedFrame, true)
+    );
+
+    let mut s = Session::new(ctx(), Rc::default());
+    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    replies(&mut out);
+    assert_eq!(
+        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
+        Flow::Close
+    );
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnexpectedFrame, true)
+    );
+}
+
+#[test]
+fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
+    for body in samples::bodies() {
+        let kind = body.body_type();
+        if matches!(kind, Body::Hello | Body::Close) {
+            continue;
+        }
+        let mut s = Session::new(ctx(), Rc::default());
+        let mut out = BytesMut::new();
+        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+        replies(&mut out);
+        let mut routed = Vec::new();
+        let flow = s.on_frame(&frame(body), &mut out, &mut routed);
+        let r = replies(&mut out);
+        if !routed.is_empty() {
+            // Served by the queue's owning shard: nothing is answered until it replies.
+            assert!(r.is_empty(), "{kind:?} answered before its owner replied");
+            assert_eq!(flow, Flow::Continue);
+            continue;
+        }
+        assert_eq!(r.len(), 1, "{kind:?} got {} replies", r.len());
+        if kind == Body::Publish {
+            // Publishes are answered by sequence, not request id: the sample asks for an
+            // idempotent producer, not served yet, so both its entries are refused in one error.
+            let BodyT::Error(e) = &r[0].body else {
+                panic!("{:?}", r[0])
+            };
+            assert_eq!((r[0].request_id, e.code), (0, ErrorCode::InvalidArgument));
+            assert_eq!(
+                e.sequences.as_deref(),
+                Some(&[wire::RangeT { first: 1, last: 2 }][..])
+            );
+            continue;
+        }
+        assert_eq!(r[0].request_id, 9, "{kind:?}");
+        if broker_only(kind) {
+            assert_eq!(
+                (flow, error_of(&r[0])),
+                (Flow::Close, (ErrorCode::UnexpectedFrame, true)),
+                "{kind:?}"
+            );
+        } else if kind == Body::Ping {
+            assert!(matches!(r[0].body, BodyT::Pong(ref p) if p.payload == 123_456_789));
+        } else {
+            assert_eq!(flow, Flow::Continue, "{kind:?}");
+        }
+    }
+}
+
+#[test]
+fn close_is_answered_then_closes() {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    replies(&mut out);
+    assert_eq!(
+        s.on_frame(
+            &frame(BodyT::Close(Box::default())),
+            &mut out,
+            &mut Vec::new()
+        ),
+        Flow::Close
+    );
+    assert!(matches!(replies(&mut out)[0].body, BodyT::Ok(_)));
+}
+
+/// A session that said hello, with a routing copy holding a topic exchange `x` bound to
+/// `queues`.
+fn routed_session(queues: &[&str]) -> Session {
+    use crate::broker::routing::RoutingTable;
+    let mut table = RoutingTable::new();
+    table
+        .declare_exchange(ExchangeDecl {
+            name: "x".into(),
+            kind: ExchangeKind::Topic,
+            durable: true,
+            auto_delete: false,
+        })
+        .unwrap();
+    for q in queues {
+        table
+            .bind(Binding {
+                exchange: "x".into(),
+                queue: q.to_string(),
+                key: "a.#".into(),
+                durable: true,
+            })
+            .unwrap();
+    }
+    let copy = RoutingCopy::default();
+    *copy.table.borrow_mut() = table;
+    let mut s = Session::new(ctx(), Rc::new(copy));
+    let mut out = BytesMut::new();
+    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s
+}
+
+fn publish_to_x(key: &str, mandatory: bool) -> InFrame {
+    let mut enc = Encoder::new(WireLimits::DEFAULT);
+    let message = enc
+        .message(&weir_protocol::MessageProps::default(), b"body")
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let item = weir_protocol::PublishItem {
+        sequence: 7,
+        exchange: "x",
+        routing_key: key,
+        mandatory,
+        message: &message,
+    };
+    enc.publish(&mut buf, 0, None, true, [item]).unwrap();
+    FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap()
+}
+
+fn taken(p: &PublishItem, journaled: bool) -> Reply {
+    Reply::Published(vec![PublishOutcome {
+        sequence: p.sequence,
+        confirm: true,
+        journaled,
+        result: Ok(()),
+        returned: None,
+    }])
+}
+
+#[test]
+fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
+    let shards = 2;
+    let (q0, q1) = (
+        (0..)
+            .map(|i| format!("q{i}"))
+            .find(|q| placement(q, shards) == 0)
+            .unwrap(),
+        (0..)
+            .map(|i| format!("q{i}"))
+            .find(|q| placement(q, shards) == 1)
+            .unwrap(),
+    );
+    let mut s = routed_session(&[&q0, &q1, "q-gone-later"]);
+    let mut out = BytesMut::new();
+    let mut routed = Vec::new();
+    s.on_frame(&publish_to_x("a.b", false), &mut out, &mut routed);
+    assert!(
+        replies(&mut out).is_empty(),
+        "nothing is confirmed before the owners answer"
+    );
+    // One item per owning shard; the one holding two queues names both (stored once).
+    assert_eq!(routed.len(), 2);
+    let items: Vec<PublishItem> = routed
+        .iter()
+        .map(|r| match &r.op {
+            Op::Publish(items) => items[0].clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let targets: usize = items.iter().map(|i| 1 + i.also.len()).sum();
+    assert_eq!(targets, 3);
+    assert!(items
+        .iter()
+        .all(|i| i.bytes == items[0].bytes && i.exchange == "x"));
+    s.on_reply(
+        routed[0].id,
+        taken(&items[0], true),
+        &mut out,
+        &mut Vec::new(),
+    );
+    assert!(replies(&mut out).is_empty(), "one part of two");
+    s.on_reply(
+        routed[1].id,
+        taken(&items[1], false),
+        &mut out,
+        &mut Vec::new(),
+    );
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1);
+    let BodyT::Confirm(c) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!(c.ranges, vec![wire::RangeT { first: 7, last: 7 }]);
+    assert_eq!(
+        c.durability,
+        wire::Durability::Always,
+        "journaled on one shard"
+    );
+}
+
+#[test]
+fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed() {
+    let mut s = routed_session(&["q"]);
+    let mut out = BytesMut::new();
+    let mut routed = Vec::new();
+    s.on_frame(&publish_to_x("b", true), &mut out, &mut routed);
+    assert!(routed.is_empty());
+    let r = replies(&mut out);
+    assert!(matches!(r[0].body, BodyT::Return(_)), "{:?}", r[0]);
+    assert!(matches!(r[1].body, BodyT::Confirm(_)), "{:?}", r[1]);
+    assert_eq!(s.routing.unroutable.get(), 0);
+    s.on_frame(&publish_to_x("b", false), &mut out, &mut routed);
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1);
+    assert!(matches!(r[0].body, BodyT::Confirm(_)), "{:?}", r[0]);
+    assert_eq!(s.routing.unroutable.get(), 1);
+}
+
+/// A session that said hello.
+fn open_session() -> Session {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s
+}
+
+#[test]
+fn an_unknown_exchange_kind_is_refused_and_the_connection_goes_on() {
+    let mut d = wire::DeclareExchangeT::default();
+    d.name = "x".into();
+    d.kind = wire::ExchangeKind(99);
+    let declare = frame(BodyT::DeclareExchange(Box::new(d)));
+
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut routed = Vec::new();
+    assert_eq!(s.on_frame(&declare, &mut out, &mut routed), Flow::Continue);
+    assert!(routed.is_empty());
+    let r = replies(&mut out);
+    assert_eq!(r[0].request_id, 9);
+    assert_eq!(error_of(&r[0]), (ErrorCode::InvalidArgument, false));
+    assert!(s.is_open());
+
+    // Before Hello it is just a frame that is not Hello.
+    let mut s = Session::new(ctx(), Rc::default());
+    assert_eq!(s.on_frame(&declare, &mut out, &mut Vec::new()), Flow::Close);
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnexpectedFrame, true)
+    );
+}
+
+#[test]
+fn a_delivery_time_is_judged_against_the_time_passed_in() {
+    let mut enc = Encoder::new(WireLimits::DEFAULT);
+    let props = weir_protocol::MessageProps {
+        deliver_at_ms: Some(10_000),
+        ..Default::default()
+    };
+    let message = enc.message(&props, b"body").unwrap();
+    let mut buf = BytesMut::new();
+    let item = weir_protocol::PublishItem {
+        sequence: 7,
+        exchange: "",
+        routing_key: "q",
+        mandatory: false,
+        message: &message,
+    };
+    enc.publish(&mut buf, 0, None, true, [item]).unwrap();
+    let publish = FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap();
+
+    // delay_ms_max is 1000: within it at 9000, past it at 8999.
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut routed = Vec::new();
+    s.on_frame_at(9_000, &publish, &mut out, &mut routed);
+    assert_eq!(routed.len(), 1);
+    assert!(replies(&mut out).is_empty());
+
+    let mut routed = Vec::new();
+    s.on_frame_at(8_999, &publish, &mut out, &mut routed);
+    assert!(routed.is_empty());
+    let r = replies(&mut out);
+    let BodyT::Error(e) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!((r[0].request_id, e.code), (0, ErrorCode::InvalidArgument));
+    assert_eq!(
+        e.sequences.as_deref(),
+        Some(&[wire::RangeT { first: 7, last: 7 }][..])
+    );
+}
+
+#[test]
+fn status_uptime_is_counted_to_the_time_passed_in() {
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut routed = Vec::new();
+    s.on_frame(
+        &frame(BodyT::GetStatus(Box::default())),
+        &mut out,
+        &mut routed,
+    );
+    assert_eq!(routed.len(), 2, "one per shard");
+    for (i, r) in routed.iter().enumerate() {
+        let st = crate::broker::ops::ShardStatus {
+            shard: 1 - i as u16,
+            queues: 3,
+            ..Default::default()
+        };
+        let reply = Reply::ShardStatus(Box::new(st));
+        s.on_reply_at(5_000, r.id, reply, &mut out, &mut Vec::new());
+    }
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1, "answered once, when both shards did");
+    let BodyT::Status(st) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!((st.uptime_ms, st.queues, st.shard_count), (5_000, 6, 2));
+    let names: Vec<&str> = st
+        .counters
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names[0], "shard.0.connections", "shards in order");
+}
