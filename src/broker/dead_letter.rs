@@ -170,11 +170,7 @@ mod tests {
         assert!(plan.add(&d, Bytes::from_static(b"m"), "orig".into(), &table));
         let mut sent: Vec<(u16, String, String)> = plan
             .into_publishes()
-            .flat_map(|(s, items)| {
-                items
-                    .into_iter()
-                    .map(move |i| (s, i.queue, i.routing_key))
-            })
+            .flat_map(|(s, items)| items.into_iter().map(move |i| (s, i.queue, i.routing_key)))
             .collect();
         sent.sort();
         let mut want = vec![

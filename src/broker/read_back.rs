@@ -69,7 +69,12 @@ pub(crate) mod tests {
     const A: ConnRef = ConnRef { shard: 0, conn: 1 };
 
     /// A message record body as the journal stores it.
-    pub(crate) fn record(exchange: &str, key: &str, targets: &[(&str, u64)], msg: &[u8]) -> Vec<u8> {
+    pub(crate) fn record(
+        exchange: &str,
+        key: &str,
+        targets: &[(&str, u64)],
+        msg: &[u8],
+    ) -> Vec<u8> {
         let envelope = MessageEnvelope {
             exchange: exchange.as_bytes(),
             routing_key: key.as_bytes(),
@@ -121,7 +126,11 @@ pub(crate) mod tests {
     #[should_panic(expected = "does not hold message 4")]
     fn a_record_of_another_message_is_a_broken_index() {
         let mut d = cold("q", 4);
-        fill_delivery(&mut d, Position::new(1, 0), &record("", "q", &[("q", 3)], b"x"));
+        fill_delivery(
+            &mut d,
+            Position::new(1, 0),
+            &record("", "q", &[("q", 3)], b"x"),
+        );
     }
 
     #[test]

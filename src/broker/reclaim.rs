@@ -63,11 +63,19 @@ mod tests {
 
     #[test]
     fn the_catalog_is_restated_once_before_the_first_deletion() {
-        let segments = [seg(1, true, false), seg(2, false, false), seg(3, false, true)];
+        let segments = [
+            seg(1, true, false),
+            seg(2, false, false),
+            seg(3, false, true),
+        ];
         let mut round = ReclaimRound::default();
         assert_eq!(round.next(&segments, |_| 0), ReclaimStep::Restate);
         assert_eq!(round.next(&segments, |_| 0), ReclaimStep::Reclaim(2));
-        let segments = [seg(1, true, false), seg(2, true, false), seg(3, false, true)];
+        let segments = [
+            seg(1, true, false),
+            seg(2, true, false),
+            seg(3, false, true),
+        ];
         assert_eq!(round.next(&segments, |_| 0), ReclaimStep::Stop, "active");
     }
 
@@ -75,7 +83,10 @@ mod tests {
     fn a_live_message_pins_its_segment_and_every_later_one() {
         let segments = [seg(1, false, false), seg(2, false, false)];
         let mut round = ReclaimRound::default();
-        assert_eq!(round.next(&segments, |n| u64::from(n == 1)), ReclaimStep::Stop);
+        assert_eq!(
+            round.next(&segments, |n| u64::from(n == 1)),
+            ReclaimStep::Stop
+        );
         assert_eq!(round.next(&[], |_| 0), ReclaimStep::Stop);
     }
 }
