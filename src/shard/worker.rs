@@ -11,12 +11,15 @@
 
 use std::rc::Rc;
 
+use bytes::BytesMut;
+
 use crate::broker::durability;
 use crate::broker::host::ConnRef;
 use crate::broker::ops::{self, Op, Pushed, Reply};
 use crate::broker::read_back;
 use crate::control::CONTROL_CONN;
 use crate::mesh::MeshMsg;
+use crate::net::session::{Routed, Session};
 use crate::rt;
 use crate::rt::executor::DoorbellWaiter;
 
@@ -158,10 +161,7 @@ impl ShardState {
         }
         // Deliveries go at once; a consumer may see a message before its publisher's confirm.
         for push in pushes {
-            let to = match &push {
-                Pushed::Deliver { to, .. } => *to,
-                Pushed::Cancelled(c) => c.to,
-            };
+            let to = push_target(&push);
             self.send_to(
                 to.shard,
                 MeshMsg::Push {
@@ -202,47 +202,43 @@ impl ShardState {
                     self.control_applied(id);
                 }
             }
-            MeshMsg::Reply { to, id, reply } => {
-                let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
-                    return;
-                };
-                let mut routed = Vec::new();
-                entry.session.borrow_mut().on_reply(
-                    id,
-                    reply,
-                    &mut entry.outbox.borrow_mut(),
-                    &mut routed,
-                );
-                entry.bell.ring();
-                self.route(to, routed);
-            }
+            MeshMsg::Reply { to, id, reply } => self.to_connection(to, |session, out, routed| {
+                session.on_reply(id, reply, out, routed);
+            }),
             MeshMsg::Push { from_shard, push } => {
-                let to = match &push {
-                    Pushed::Deliver { to, .. } => *to,
-                    Pushed::Cancelled(c) => c.to,
-                };
-                let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
-                    return;
-                };
-                let mut routed = Vec::new();
-                entry.session.borrow_mut().on_push(
-                    from_shard,
-                    push,
-                    &mut entry.outbox.borrow_mut(),
-                    &mut routed,
-                );
-                entry.bell.ring();
-                for r in routed {
-                    self.send_to(
-                        r.shard,
-                        MeshMsg::Request {
-                            from: to,
-                            id: r.id,
-                            op: r.op,
-                        },
-                    );
-                }
+                self.to_connection(push_target(&push), |session, out, routed| {
+                    session.on_push(from_shard, push, out, routed);
+                })
             }
         }
+    }
+
+    /// Hands something to connection `to`'s session, if it is still here (a connection that has
+    /// gone is dropped: its deliveries are released when the owning shard learns of the close),
+    /// rings it, and sends on what the session routed.
+    fn to_connection(
+        &self,
+        to: ConnRef,
+        give: impl FnOnce(&mut Session, &mut BytesMut, &mut Vec<Routed>),
+    ) {
+        let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
+            return;
+        };
+        let mut routed = Vec::new();
+        give(
+            &mut entry.session.borrow_mut(),
+            &mut entry.outbox.borrow_mut(),
+            &mut routed,
+        );
+        entry.bell.ring();
+        self.route(to, routed);
+    }
+}
+
+/// The connection a push is for.
+fn push_target(push: &Pushed) -> ConnRef {
+    match push {
+        Pushed::Deliver { to, .. } => *to,
+        Pushed::Cancelled(c) => c.to,
     }
 }
