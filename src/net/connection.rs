@@ -2,8 +2,8 @@
 //! accepted it.
 //!
 //! Contract: one task per connection on its shard's executor; it owns the socket and the receive
-//! buffer (frames are sliced out of it without copying). The session and the outbox live in the
-//! shard's `ConnEntry`, because replies and deliveries from other shards land there while this
+//! buffer (frames are sliced out of it without copying). The session and the outbox live in a
+//! `ConnEntry` the shard also holds, because replies and deliveries from other shards land there while this
 //! task waits; the task writes the whole outbox in one write. It waits for whichever comes first:
 //! bytes from the peer, or its doorbell (rung when something was queued for it, or at shutdown).
 //! While the session has `publishes_in_flight_max` publishes unconfirmed it does not read at all,
@@ -12,16 +12,37 @@
 //! Faults handled: the peer closing or resetting (the task ends; every shard releases what the
 //! connection held), a malformed frame (an `Error` frame, then this connection closes; other
 //! connections never notice), a slow reader (writes wait; nothing more is read meanwhile).
+//!
+//! The connection sees its shard only through `ConnectionHost`, so this layer does not depend on
+//! the shard that drives it.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
-use weir_protocol::FrameDecoder;
+use bytes::BytesMut;
+use weir_protocol::{FrameDecoder, WireLimits};
 
 use crate::broker::host::ConnRef;
-use crate::net::session::Flow;
-use crate::rt::executor::DoorbellWaiter;
+use crate::net::session::{Flow, Routed, Session};
+use crate::rt::executor::{Doorbell, DoorbellWaiter};
 use crate::rt::net::Connection;
-use crate::shard::{ConnEntry, ShardState};
+
+/// A connection as its shard sees it: its session and the bytes owed to it.
+pub struct ConnEntry {
+    pub session: RefCell<Session>,
+    pub outbox: RefCell<BytesMut>,
+    pub bell: Doorbell,
+}
+
+/// What a connection needs of the shard it lives on.
+pub trait ConnectionHost {
+    /// Sends the ops a session routed to the shards that own their queues.
+    fn submit(&self, from: ConnRef, routed: Vec<Routed>);
+    /// The shard is shutting down: the session tells its peer and closes.
+    fn is_stopping(&self) -> bool;
+    /// The connection has ended: the shard forgets it.
+    fn connection_closed(&self, id: u64);
+}
 
 /// Bytes read per syscall: many frames per read under load, a bounded zero-fill per read.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -31,19 +52,17 @@ enum Event {
     Rung,
 }
 
-/// Serves one connection until it closes; then tells every shard and unregisters it.
-pub async fn serve(
+/// Serves connection `me` until it closes; then tells every shard and unregisters it.
+pub async fn serve<H: ConnectionHost>(
     mut conn: Connection,
     entry: Rc<ConnEntry>,
     waiter: DoorbellWaiter,
-    shard: Rc<ShardState>,
-    id: u64,
+    shard: Rc<H>,
+    me: ConnRef,
+    wire: WireLimits,
 ) {
-    let me = ConnRef {
-        shard: shard.id,
-        conn: id,
-    };
-    let decoder = FrameDecoder::new(shard.limits.wire);
+    let id = me.conn;
+    let decoder = FrameDecoder::new(wire);
     let mut rx = bytes::BytesMut::with_capacity(READ_CHUNK_BYTES);
     loop {
         let mut flow = Flow::Continue;
@@ -63,7 +82,7 @@ pub async fn serve(
             }
             session.wants_input()
         };
-        shard.route(me, routed);
+        shard.submit(me, routed);
         let owed = entry.outbox.borrow_mut().split();
         if !owed.is_empty() {
             if let Err(e) = conn.write_all(&owed).await {
@@ -99,6 +118,6 @@ pub async fn serve(
     }
     let mut routed = Vec::new();
     entry.session.borrow_mut().on_closed(&mut routed);
-    shard.route(me, routed);
+    shard.submit(me, routed);
     shard.connection_closed(id);
 }

@@ -1,0 +1,127 @@
+//! Replies and durability: which replies wait for their group commit, what one becomes when its
+//! records did not become durable, and the count of replies held back (shutdown waits for it).
+//!
+//! Contract: plain data and pure functions on one shard; the shell awaits the commit and sends.
+//! A confirm (or a declare-ok) under `fsync = always` means on disk: the reply waits for the
+//! group commit carrying the request's own records. Under `interval` and `never` the records are
+//! staged, the committer makes them durable with the next group commit, and the reply goes now
+//! (the confirm says which policy it was given under).
+
+use weir_protocol::wire::{Durability, ErrorCode};
+
+use crate::broker::host::Refusal;
+use crate::broker::ops::Reply;
+use crate::storage::StorageError;
+
+/// Whether a reply waits for the commit of its request's own records.
+pub fn holds_for_commit(policy: Durability, own_records: bool) -> bool {
+    own_records && policy == Durability::Always
+}
+
+/// A reply whose records did not become durable: every journaled publish in it is refused, and
+/// any other answer becomes the refusal.
+pub fn not_durable(reply: Reply, refusal: Refusal) -> Reply {
+    match reply {
+        Reply::Published(outcomes) => Reply::Published(
+            outcomes
+                .into_iter()
+                .map(|mut o| {
+                    if o.journaled {
+                        o.journaled = false;
+                        o.result = Err(refusal.clone());
+                    }
+                    o
+                })
+                .collect(),
+        ),
+        _ => Reply::Refused(refusal),
+    }
+}
+
+/// What a client is told when the journal cannot take or keep a record.
+pub fn storage_refusal(e: StorageError) -> Refusal {
+    let code = match e {
+        StorageError::NoSpace(_) => ErrorCode::DiskFull,
+        _ => ErrorCode::StorageFailed,
+    };
+    Refusal {
+        code,
+        message: format!("not stored: {e}"),
+    }
+}
+
+/// Replies held back for a commit (or, on the writer, for every copy's acknowledgement).
+#[derive(Debug, Default)]
+pub struct HeldReplies {
+    count: usize,
+}
+
+impl HeldReplies {
+    pub fn hold(&mut self) {
+        self.count += 1;
+    }
+
+    /// A held reply went out; true when it was the last (shutdown may go on).
+    pub fn release(&mut self) -> bool {
+        self.count -= 1;
+        self.count == 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::ops::PublishOutcome;
+
+    fn refusal() -> Refusal {
+        Refusal {
+            code: ErrorCode::StorageFailed,
+            message: "gone".into(),
+        }
+    }
+
+    #[test]
+    fn only_always_holds_and_only_with_records() {
+        assert!(holds_for_commit(Durability::Always, true));
+        assert!(!holds_for_commit(Durability::Always, false));
+        assert!(!holds_for_commit(Durability::Interval, true));
+        assert!(!holds_for_commit(Durability::Never, true));
+    }
+
+    #[test]
+    fn only_journaled_publishes_are_refused() {
+        let outcome = |sequence, journaled| PublishOutcome {
+            sequence,
+            confirm: true,
+            journaled,
+            result: Ok(()),
+            returned: None,
+        };
+        let reply = Reply::Published(vec![outcome(1, true), outcome(2, false)]);
+        let Reply::Published(out) = not_durable(reply, refusal()) else {
+            panic!("still a publish answer");
+        };
+        assert_eq!(out[0].result, Err(refusal()));
+        assert!(!out[0].journaled);
+        assert_eq!(out[1].result, Ok(()));
+        assert!(matches!(
+            not_durable(Reply::Done, refusal()),
+            Reply::Refused(r) if r == refusal()
+        ));
+    }
+
+    #[test]
+    fn the_last_held_reply_says_so() {
+        let mut held = HeldReplies::default();
+        held.hold();
+        held.hold();
+        assert!(!held.release());
+        assert!(!held.is_empty());
+        assert!(held.release());
+        assert!(held.is_empty());
+    }
+}

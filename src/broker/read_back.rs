@@ -1,0 +1,165 @@
+//! What a payload read back from the journal becomes: a filled delivery, a dead letter's bytes,
+//! or, when the read failed, a requeue.
+//!
+//! Contract: pure functions over a record's body the shell has already read (the read itself is
+//! I/O and stays in the shard). A record that decodes as no message, or that does not name the
+//! delivery it was read for, is a broken index (its CRC passed), not a bad disk: that panics,
+//! as it did in the shell. A failed read is a fault the client survives: the message goes back
+//! to its queue and is redelivered.
+
+use bytes::Bytes;
+use weir_protocol::wire::ErrorCode;
+
+use crate::broker::host::{ConnRef, QueueHost, Refusal};
+use crate::broker::ops::WireDelivery;
+use crate::storage::{MessageEnvelope, Position};
+
+/// Splits a message record read back from `position` into its envelope and message bytes.
+pub fn decode_message(position: Position, body: &[u8]) -> (MessageEnvelope<'_>, &[u8]) {
+    MessageEnvelope::decode(body)
+        .unwrap_or_else(|e| panic!("journal record at {position:?} is not a message: {e}"))
+}
+
+/// Fills a cold delivery from its record: exchange, routing key and the producer's bytes.
+pub fn fill_delivery(d: &mut WireDelivery, position: Position, body: &[u8]) {
+    let (envelope, message) = decode_message(position, body);
+    // Checked before write (the entry was made from this record's position), checked after
+    // read: a record that does not name this message is a broken index.
+    assert!(
+        envelope
+            .targets
+            .iter()
+            .any(|t| t.queue == d.queue.as_bytes() && t.queue_seq == d.seq),
+        "journal record at {position:?} does not hold message {} of queue '{}'",
+        d.seq,
+        d.queue
+    );
+    d.exchange = String::from_utf8_lossy(envelope.exchange).into_owned();
+    d.routing_key = String::from_utf8_lossy(envelope.routing_key).into_owned();
+    d.bytes = Bytes::copy_from_slice(message);
+    d.fill = None;
+}
+
+/// A delivery whose payload could not be read: its message goes back to its queue (redelivered
+/// later, so at least once holds).
+pub fn requeue_unread(host: &mut QueueHost, to: ConnRef, d: &WireDelivery) -> Result<(), Refusal> {
+    host.settle(to, &d.queue, d.owner, d.seq, false, true)
+}
+
+/// Keeps the deliveries that were filled; the unread ones were requeued.
+pub fn keep_filled(deliveries: &mut Vec<WireDelivery>) {
+    deliveries.retain(|d| d.fill.is_none());
+}
+
+/// The answer to a `Get` whose message could not be read back.
+pub fn unread_refusal() -> Refusal {
+    Refusal {
+        code: ErrorCode::StorageFailed,
+        message: "the message could not be read back from the journal; it was requeued".into(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::broker::host::{Declare, Stored};
+    use crate::storage::Target;
+    use std::rc::Rc;
+
+    const A: ConnRef = ConnRef { shard: 0, conn: 1 };
+
+    /// A message record body as the journal stores it.
+    pub(crate) fn record(
+        exchange: &str,
+        key: &str,
+        targets: &[(&str, u64)],
+        msg: &[u8],
+    ) -> Vec<u8> {
+        let envelope = MessageEnvelope {
+            exchange: exchange.as_bytes(),
+            routing_key: key.as_bytes(),
+            targets: targets
+                .iter()
+                .map(|(q, s)| Target {
+                    queue: q.as_bytes(),
+                    queue_seq: *s,
+                })
+                .collect(),
+        };
+        let mut body = vec![0; envelope.encoded_len()];
+        envelope.encode(&mut body);
+        body.extend_from_slice(msg);
+        body
+    }
+
+    fn cold(queue: &str, seq: u64) -> WireDelivery {
+        WireDelivery {
+            queue: queue.into(),
+            owner: 7,
+            seq,
+            delivery_count: 1,
+            auto_ack: false,
+            exchange: String::new(),
+            routing_key: String::new(),
+            bytes: Bytes::new(),
+            fill: Some((Position::new(1, 0), 0)),
+        }
+    }
+
+    #[test]
+    fn a_record_fills_its_delivery() {
+        let mut d = cold("q", 3);
+        let body = record("x", "k", &[("p", 9), ("q", 3)], b"hello");
+        fill_delivery(&mut d, Position::new(1, 0), &body);
+        assert_eq!(
+            (&*d.exchange, &*d.routing_key, &d.bytes[..]),
+            ("x", "k", &b"hello"[..])
+        );
+        assert!(d.fill.is_none());
+        let mut ds = vec![d, cold("q", 4)];
+        keep_filled(&mut ds);
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds[0].seq, 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "does not hold message 4")]
+    fn a_record_of_another_message_is_a_broken_index() {
+        let mut d = cold("q", 4);
+        fill_delivery(
+            &mut d,
+            Position::new(1, 0),
+            &record("", "q", &[("q", 3)], b"x"),
+        );
+    }
+
+    #[test]
+    fn an_unread_delivery_is_requeued_and_redelivered() {
+        let mut host = QueueHost::new(0);
+        let declare = Declare {
+            name: "q".into(),
+            ..Default::default()
+        };
+        host.declare(A, declare, 0).unwrap();
+        let msg = Rc::new(Stored::new(
+            Bytes::from_static(b"m"),
+            String::new(),
+            "q".into(),
+            false,
+            None,
+        ));
+        host.publish(A, "q", msg, None, 0).unwrap();
+        let (got, _) = host.get(A, "q", false, 0).unwrap();
+        let got = got.expect("a message");
+        let d = WireDelivery {
+            owner: got.owner,
+            seq: got.seq,
+            ..cold("q", got.seq)
+        };
+        requeue_unread(&mut host, A, &d).unwrap();
+        let (again, _) = host.get(A, "q", false, 0).unwrap();
+        let again = again.expect("requeued");
+        assert_eq!((again.seq, again.delivery_count), (got.seq, 2));
+        assert_eq!(unread_refusal().code, ErrorCode::StorageFailed);
+    }
+}

@@ -1,0 +1,91 @@
+//! The shard's housekeeping timers: expiry (every 100 ms) and segment reclaim (every 500 ms).
+//!
+//! Contract: two tasks on the shard's thread, off the data path. Expiry does not touch the
+//! queues itself: it asks the worker, in the worker's order. Reclaim follows the rule of
+//! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
+//! restatement or a segment deletion that fails is logged and ends the round (the next round
+//! tries again); nothing here can stop the shard.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::broker::ops::Op;
+use crate::broker::reclaim::{ReclaimRound, ReclaimStep};
+use crate::rt;
+
+use super::ShardState;
+
+/// How often a shard settles the expired heads of its queues (dead-lettering them where the
+/// queue says so). A message's TTL is honoured to within this, also in a queue nobody consumes.
+const EXPIRE_EVERY: Duration = Duration::from_millis(100);
+
+/// Asks the worker, in its order, to expire what is due.
+pub(super) async fn expire_forever(state: Rc<ShardState>) {
+    loop {
+        rt::executor::sleep(EXPIRE_EVERY).await;
+        if state.host.borrow().queue_count() == 0 {
+            continue;
+        }
+        state.request_of_own(state.id, 0, Op::Expire);
+    }
+}
+
+/// How often a shard looks for journal segments it can delete. Reclaim is housekeeping: a timer
+/// costs nothing on the data path, and a second's delay only defers freeing disk space.
+const RECLAIM_EVERY: Duration = Duration::from_millis(500);
+
+/// Deletes journal segments as `broker::reclaim` says, one round per tick.
+pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
+    loop {
+        rt::executor::sleep(RECLAIM_EVERY).await;
+        let mut round = ReclaimRound::default();
+        loop {
+            let segments = state.journal.segments();
+            match round.next(&segments, |n| state.liveness.live_in(n)) {
+                ReclaimStep::Stop => break,
+                ReclaimStep::Restate => {
+                    if !restate(&state).await {
+                        break;
+                    }
+                }
+                ReclaimStep::Reclaim(segment) => match state.journal.reclaim(segment).await {
+                    Ok(()) => tracing::debug!(shard = state.id, segment, "reclaimed"),
+                    Err(e) => {
+                        tracing::warn!(shard = state.id, segment, "reclaim: {e}");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Writes every durable queue's declaration and next sequence number (and, on the writer, the
+/// durable exchanges and bindings) again, and commits them. Returns false if the commit failed.
+/// A record the journal refuses ends the restatement there; what was appended is committed.
+async fn restate(state: &ShardState) -> bool {
+    let mut records = state.host.borrow().restatement();
+    if let Some(writer) = &state.control {
+        records.extend(writer.borrow().restatement());
+    }
+    let mut last = None;
+    for record in &records {
+        match state.journal.append_control(&record.encode()) {
+            Ok(a) => last = Some(a),
+            Err(e) => {
+                tracing::warn!(shard = state.id, "reclaim: cannot restate the catalog: {e}");
+                break;
+            }
+        }
+    }
+    if let Some(last) = last {
+        if let Err(e) = state.journal.commit(&last).await {
+            tracing::warn!(
+                shard = state.id,
+                "reclaim: restated catalog not durable: {e}"
+            );
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,221 @@
+//! One shard: a pinned executor's accept loops, connections, queue host and mesh, its copy of
+//! the routing table (and, on shard 0, the control-plane writer), its timers, dead-lettering,
+//! and its orderly shutdown. The shell only drives: every decision it carries out is a pure
+//! state machine under `broker` (dead letters, read-back, eviction, control waits, held
+//! replies, orphan bindings, reclaim), fed the clock as `now_ms`.
+//!
+//! Contract: `run` is the future of one executor thread, pinned to one CPU. Everything it creates
+//! (`ShardState`, its connections' sessions, its `QueueHost`) lives on that thread: `Rc`,
+//! `RefCell`, `Cell`, no locks (`ShardState` is `!Send`, asserted below). Work arrives from this
+//! shard's connections (ops they route), and from other shards over the mesh (requests for
+//! queues this shard owns, replies and pushes for its connections); all of it goes through one
+//! work queue, drained in order, so that a reply that causes a push that causes a requeue never
+//! re-enters a borrowed session.
+//!
+//! The only cross-thread inputs are the mesh and the stop flag set by the signal handler, which
+//! the shard watches on its timer (shutdown is not on the data path: a 20 ms poll costs nothing
+//! that matters and needs no cross-thread wake-up).
+//!
+//! - `run`: start-up (recovery, the routing table's first copy), serving, ordered shutdown.
+//! - `accept`: accept loops and the per-shard connection limit.
+//! - `worker`: the one task that executes requests and hands out replies and pushes.
+//! - `staging`: the journal as the queue host's sink (records staged for the group commit).
+//! - `read_back`: payloads read back from the journal for deliveries and dead letters.
+//! - `routing`: the control-plane writer's side of a change, and this shard's copy.
+//! - `housekeeping`: the expiry and segment-reclaim timers.
+//!
+//! Faults handled: accept errors (file descriptors exhausted, a reset before accept): logged,
+//! then a short back-off, never a crash; connections over `connections_per_shard_max`: told why,
+//! then closed; replies and pushes for connections that have gone: dropped (the owning shard
+//! releases their deliveries when it learns of the close).
+
+mod accept;
+mod housekeeping;
+mod read_back;
+mod routing;
+mod run;
+mod staging;
+mod worker;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::broker::control_wait::ControlWaits;
+use crate::broker::durability::HeldReplies;
+use crate::broker::eviction::Written;
+use crate::broker::host::{ConnRef, Liveness, QueueHost};
+use crate::broker::ops::{Op, Reply};
+use crate::control::{ControlOp, ControlPlane, RoutingCopy, CONTROL_CONN, CONTROL_SHARD};
+use crate::limits::Limits;
+use crate::mesh::{Batch, Mesh, MeshMsg};
+use crate::net::connection::ConnectionHost;
+use crate::net::session::{Routed, SessionCtx};
+use crate::rt::executor::Doorbell;
+use crate::rt::fs::DmaDir;
+use crate::rt::mesh::MeshEnds;
+use crate::rt::net::BoundListener;
+use crate::storage::{Appended, Journal};
+
+pub use crate::net::connection::ConnEntry;
+pub use run::run;
+
+/// What a shard is started with (built on the main thread, moved to the shard's thread).
+pub struct ShardSetup {
+    pub id: u16,
+    /// The shared main listener and this shard's own port.
+    pub listeners: Vec<BoundListener>,
+    pub session: SessionCtx,
+    pub limits: Limits,
+    pub mesh: MeshEnds<Batch>,
+    /// This shard's journal directory (`<data_dir>/shard-<id>`), which must exist.
+    pub journal_dir: PathBuf,
+    /// Told once the shard has recovered its journal (a one-line summary) or why it cannot.
+    pub recovered: std::sync::mpsc::Sender<Result<String, String>>,
+    /// Set by SIGTERM/SIGINT.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The shard's state, shared by its tasks (all on this thread).
+pub struct ShardState {
+    pub id: u16,
+    pub limits: Limits,
+    session: SessionCtx,
+    stopping: Cell<bool>,
+    next_connection: Cell<u64>,
+    connections: RefCell<HashMap<u64, Rc<ConnEntry>>>,
+    /// Rung when a connection closes during shutdown.
+    drained: Doorbell,
+    host: RefCell<QueueHost>,
+    journal: Journal<DmaDir>,
+    /// The newest record appended while executing the current request.
+    appended: Cell<Option<Appended>>,
+    /// Messages the current request journaled.
+    written: RefCell<Written>,
+    mesh: Mesh,
+    /// The host's live-messages-per-segment account (the same `Rc`), for reclaim.
+    liveness: Rc<Liveness>,
+    /// Replies waiting for their group commit; shutdown sends them before closing connections.
+    held: RefCell<HeldReplies>,
+    /// Rung when the worker has emptied the work queue or the last waiting reply went out:
+    /// shutdown waits on it.
+    idle: Doorbell,
+    /// Work for the worker task, in arrival order.
+    work: RefCell<VecDeque<MeshMsg>>,
+    work_bell: Doorbell,
+    /// This shard's copy of the routing table, shared with its sessions.
+    routing: Rc<RoutingCopy>,
+    /// Rung when the start-up copy of the routing table has arrived.
+    routing_bell: Doorbell,
+    /// The control-plane writer: on `CONTROL_SHARD` only.
+    control: Option<RefCell<ControlPlane>>,
+    /// Routing changes sent to every shard, answered once all applied them.
+    control_waits: RefCell<ControlWaits>,
+}
+
+// The per-core boundary as a type fact: a `ShardState` never leaves its thread. (The ambiguous
+// trait trick of `static_assertions::assert_not_impl_any!`: if `ShardState` were `Send`, both
+// impls would apply and the path below would be ambiguous, failing the build.)
+const _: fn() = || {
+    trait AmbiguousIfSend<A> {
+        fn some_item() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    #[allow(dead_code)]
+    struct Invalid;
+    impl<T: ?Sized + Send> AmbiguousIfSend<Invalid> for T {}
+    let _ = <ShardState as AmbiguousIfSend<_>>::some_item;
+};
+
+/// The clock, read by the shell only: the decisions it drives are given `now_ms`.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ConnectionHost for ShardState {
+    fn submit(&self, from: ConnRef, routed: Vec<Routed>) {
+        self.route(from, routed);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.is_stopping()
+    }
+
+    fn connection_closed(&self, id: u64) {
+        self.connection_closed(id);
+    }
+}
+
+impl ShardState {
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    pub fn connection_closed(&self, id: u64) {
+        self.connections.borrow_mut().remove(&id);
+        self.drained.ring();
+    }
+
+    /// Sends a connection's ops to the shards that own their queues.
+    pub fn route(&self, from: ConnRef, routed: Vec<Routed>) {
+        for r in routed {
+            self.send_to(
+                r.shard,
+                MeshMsg::Request {
+                    from,
+                    id: r.id,
+                    op: r.op,
+                },
+            );
+        }
+    }
+
+    /// Hands a batch from a peer to the worker.
+    fn receive(&self, batch: Batch) {
+        self.work.borrow_mut().extend(batch);
+        self.work_bell.ring();
+    }
+
+    fn send_to(&self, shard: u16, msg: MeshMsg) {
+        if shard == self.id {
+            self.work.borrow_mut().push_back(msg);
+            self.work_bell.ring();
+        } else {
+            self.mesh.send(shard, msg);
+        }
+    }
+
+    /// Sends `reply` to request `id` of connection `to`, on whichever shard it lives.
+    fn reply_to(&self, to: ConnRef, id: u64, reply: Reply) {
+        self.send_to(to.shard, MeshMsg::Reply { to, id, reply });
+    }
+
+    /// A held reply went out: the last one lets shutdown go on.
+    fn release_held(&self) {
+        if self.held.borrow_mut().release() {
+            self.idle.ring();
+        }
+    }
+
+    /// A routing change of the shard's own (no client waits for it).
+    fn ask_control(&self, op: ControlOp) {
+        self.request_of_own(CONTROL_SHARD, 0, Op::Control(op));
+    }
+
+    /// A request the shard itself makes (a routing change, its own publish, its expiry tick):
+    /// from `CONTROL_CONN`, so its reply is an acknowledgement (`id` names a control wait) or,
+    /// with `id` 0, nothing anyone waits for.
+    fn request_of_own(&self, to: u16, id: u64, op: Op) {
+        let from = ConnRef {
+            shard: self.id,
+            conn: CONTROL_CONN,
+        };
+        self.send_to(to, MeshMsg::Request { from, id, op });
+    }
+}

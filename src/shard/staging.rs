@@ -1,0 +1,113 @@
+//! The shard's side of the journal for the queue host: records staged for the next group commit.
+//!
+//! Contract: used by the worker while it executes one request, on the shard's thread. It
+//! remembers the newest record the request appended (so the reply can wait for its commit) and
+//! the messages it journaled (so they can be evicted once durable). A record the journal cannot
+//! take is a `Refusal` for the client, never a panic.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use crate::broker::catalog::CatalogRecord;
+use crate::broker::durability::storage_refusal;
+use crate::broker::eviction::Written;
+use crate::broker::host::{Liveness, Refusal, Stored};
+use crate::broker::ops::{JournalSink, PublishItem};
+use crate::broker::queue::Seq;
+use crate::rt::fs::DmaDir;
+use crate::storage::{
+    Appended, Journal, MessageEnvelope, SettleReason, SettleRecord, StorageError, Target,
+};
+
+use super::ShardState;
+
+/// The shard's side of the journal for the queue host: records staged for the next group
+/// commit, remembering the newest so the request's reply can wait for its commit.
+pub(super) struct Staging<'a> {
+    journal: &'a Journal<DmaDir>,
+    appended: &'a Cell<Option<Appended>>,
+    /// Messages journaled by the current request, newest last: evicted after their commit if the
+    /// shard is over its payload budget.
+    written: &'a RefCell<Written>,
+    liveness: &'a Rc<Liveness>,
+}
+
+impl Staging<'_> {
+    fn note(&self, result: Result<Appended, StorageError>) -> Result<(), Refusal> {
+        let a = result.map_err(storage_refusal)?;
+        if self
+            .appended
+            .get()
+            .is_none_or(|prev| prev.commit <= a.commit)
+        {
+            self.appended.set(Some(a));
+        }
+        Ok(())
+    }
+}
+
+impl JournalSink for Staging<'_> {
+    fn message(&mut self, targets: &[(&str, Seq)], msg: &Rc<Stored>) -> Result<(), Refusal> {
+        let envelope = MessageEnvelope {
+            exchange: msg.exchange.as_bytes(),
+            routing_key: msg.routing_key.as_bytes(),
+            targets: targets
+                .iter()
+                .map(|(queue, seq)| Target {
+                    queue: queue.as_bytes(),
+                    queue_seq: *seq,
+                })
+                .collect(),
+        };
+        let payload = msg.payload();
+        let appended = self
+            .journal
+            .append_message(&envelope, &payload)
+            .map_err(storage_refusal)?;
+        msg.set_position(appended.position, appended.len, Some(self.liveness));
+        self.written.borrow_mut().note(targets);
+        self.note(Ok(appended))
+    }
+
+    fn settle(
+        &mut self,
+        queue: &str,
+        reason: SettleReason,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), Refusal> {
+        let record = SettleRecord {
+            queue: queue.as_bytes(),
+            reason,
+            ranges: ranges.to_vec(),
+        };
+        self.note(self.journal.append_settle(&record))
+    }
+
+    fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal> {
+        self.note(self.journal.append_control(&record.encode()))
+    }
+}
+
+impl ShardState {
+    /// The journal sink for the request being executed.
+    pub(super) fn staging(&self) -> Staging<'_> {
+        Staging {
+            journal: &self.journal,
+            appended: &self.appended,
+            written: &self.written,
+            liveness: &self.liveness,
+        }
+    }
+}
+
+/// Room to ask the journal for, per published message: its bytes, the record header and an
+/// envelope (exchange, key, one target).
+pub(super) fn record_room(item: &PublishItem) -> usize {
+    let targets: usize = item.also.iter().map(|q| q.len() + 16).sum();
+    item.bytes.len()
+        + item.exchange.len()
+        + item.routing_key.len()
+        + item.queue.len()
+        + targets
+        + 64
+}

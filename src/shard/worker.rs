@@ -1,0 +1,244 @@
+//! The worker: the one task that executes requests for this shard's queues and hands replies
+//! and pushes to its connections, in arrival order, so a request never runs inside another.
+//!
+//! Contract: one task on the shard's thread; it owns the order of everything the shard does to
+//! its queues. It awaits only journal room (a publish), read-backs (cold payloads) and nothing
+//! else; commits are awaited by detached tasks, so later requests join the next group commit.
+//! Faults handled: a journal that cannot take a request's records (the request is refused or
+//! its settlements logged, see `ops::journal`), a commit that fails (the held reply becomes a
+//! refusal, nothing is evicted), a payload that cannot be read back (requeued, `read_back`),
+//! replies and pushes for connections that have gone (dropped).
+
+use std::rc::Rc;
+
+use bytes::BytesMut;
+
+use crate::broker::durability;
+use crate::broker::host::ConnRef;
+use crate::broker::ops::{self, Op, Pushed, Reply};
+use crate::broker::read_back;
+use crate::control::CONTROL_CONN;
+use crate::mesh::MeshMsg;
+use crate::net::session::{Routed, Session};
+use crate::rt;
+use crate::rt::executor::DoorbellWaiter;
+
+use super::staging::record_room;
+use super::{now_ms, ShardState};
+
+/// The worker: executes requests for this shard's queues and hands replies and pushes to its
+/// connections, in arrival order. One task, so a request never runs inside another.
+pub(super) async fn work_forever(state: Rc<ShardState>, bell: DoorbellWaiter) {
+    loop {
+        loop {
+            let Some(msg) = state.work.borrow_mut().pop_front() else {
+                break;
+            };
+            match msg {
+                MeshMsg::Request { from, id, op } => state.execute(from, id, op).await,
+                other => state.deliver(other),
+            }
+        }
+        state.idle.ring();
+        if !bell.wait().await {
+            return;
+        }
+    }
+}
+
+impl ShardState {
+    /// Executes a request on this shard's queues. Publishes go message by message, each after
+    /// the journal has room for it: the byte bound of the group-commit window is what slows
+    /// producers down, through the mesh and their connections, never a refusal.
+    pub(super) async fn execute(self: &Rc<Self>, from: ConnRef, id: u64, op: Op) {
+        let op = match op {
+            Op::Control(c) => return self.control(from, id, c),
+            Op::Routing(change) => {
+                self.apply_routing(change);
+                let reply = Reply::Done;
+                return self.reply_to(from, id, reply);
+            }
+            op => op,
+        };
+        let now = now_ms();
+        let mut pushes = Vec::new();
+        let reply = match op {
+            Op::Publish(items) => {
+                let mut outcomes = Vec::with_capacity(items.len());
+                for item in items {
+                    self.journal.wait_for_room(record_room(&item)).await;
+                    let mut host = self.host.borrow_mut();
+                    let mut sink = self.staging();
+                    outcomes.push(ops::publish(&mut host, &mut sink, from, item, now));
+                }
+                Reply::Published(outcomes)
+            }
+            op => {
+                let mut host = self.host.borrow_mut();
+                let mut sink = self.staging();
+                let mut reply = ops::execute(&mut host, &mut sink, from, op, now, &mut pushes);
+                if let Reply::ShardStatus(st) = &mut reply {
+                    let j = self.journal.stats();
+                    st.connections = self.connections.borrow().len() as u64;
+                    st.unroutable += self.routing.unroutable.get();
+                    let table = self.routing.table.borrow();
+                    st.exchanges = table.exchange_count() as u64;
+                    st.bindings = table.binding_count() as u64;
+                    st.cache_bytes_max = host.cache().max();
+                    st.journal_commits = j.commits;
+                    st.journal_records = j.records;
+                    st.journal_bytes_written = j.bytes_written;
+                    st.journal_fdatasyncs = j.fdatasyncs;
+                    st.journal_segments = self
+                        .journal
+                        .segments()
+                        .iter()
+                        .filter(|s| !s.reclaimed)
+                        .count() as u64;
+                }
+                reply
+            }
+        };
+        {
+            let mut host = self.host.borrow_mut();
+            let mut sink = self.staging();
+            if let Err(r) = ops::journal(&mut host, &mut sink) {
+                tracing::error!(shard = self.id, "journal: {}", r.message);
+            }
+        }
+        // Only the request's own records hold its reply back; what dispatching settles below
+        // (auto-acks, expiries) is committed with the next group commit without anyone waiting.
+        let own = self.appended.take();
+        let written = std::mem::take(&mut *self.written.borrow_mut());
+        {
+            let mut host = self.host.borrow_mut();
+            let mut sink = self.staging();
+            ops::collect_pushes(
+                &mut host,
+                &mut sink,
+                now,
+                self.limits.wire.deliver_batch_max as usize,
+                &mut pushes,
+            );
+            self.appended.set(None);
+            self.written.borrow_mut().clear();
+        }
+        self.forget_removed_queues();
+        let mut reply = Some(reply);
+        if let Some(Reply::Got(Some(d), _)) = reply.as_mut() {
+            if !self.fill(from, std::slice::from_mut(&mut **d)).await {
+                reply = Some(Reply::Refused(read_back::unread_refusal()));
+            }
+        }
+        // A confirm (or a declare-ok) under fsync = always means on disk: the reply waits for the
+        // group commit carrying this request's own records. Otherwise it goes now, before the
+        // pushes, so a consumer's connection has its ConsumeOk before the deliveries after it.
+        // (Under interval and never the records are staged; the committer makes them durable
+        // with the next group commit, and the confirm says which policy it was given under.)
+        let mut held_reply = None;
+        if durability::holds_for_commit(self.session.durability, own.is_some()) {
+            held_reply = reply.take();
+        }
+        if let Some(reply) = reply.take() {
+            self.reply_to(from, id, reply);
+        }
+        // Payloads spilled to the journal are read back before their deliveries leave.
+        for push in pushes.iter_mut() {
+            if let Pushed::Deliver { to, deliveries, .. } = push {
+                let to = *to;
+                let mut kept = std::mem::take(deliveries);
+                if !self.fill(to, &mut kept).await {
+                    read_back::keep_filled(&mut kept);
+                }
+                *deliveries = kept;
+            }
+        }
+        pushes
+            .retain(|p| !matches!(p, Pushed::Deliver { deliveries, .. } if deliveries.is_empty()));
+        let dead = self.host.borrow_mut().take_dead_letters();
+        if !dead.is_empty() {
+            self.dead_letter(dead).await;
+        }
+        // Deliveries go at once; a consumer may see a message before its publisher's confirm.
+        for push in pushes {
+            let to = push_target(&push);
+            self.send_to(
+                to.shard,
+                MeshMsg::Push {
+                    from_shard: self.id,
+                    push,
+                },
+            );
+        }
+        // Once the records are durable: evict their payloads if over budget, and send the reply
+        // if it waited. Later requests go on meanwhile and join the next commit.
+        let Some(appended) = own else { return };
+        let waiting = held_reply.take();
+        if waiting.is_some() {
+            self.held.borrow_mut().hold();
+        }
+        let state = self.clone();
+        rt::spawn_detached(async move {
+            let result = state.journal.commit(&appended).await;
+            if result.is_ok() {
+                written.evict_if_over_budget(&mut state.host.borrow_mut());
+            }
+            if let Some(reply) = waiting {
+                let reply = match result {
+                    Ok(()) => reply,
+                    Err(e) => durability::not_durable(reply, durability::storage_refusal(e)),
+                };
+                state.reply_to(from, id, reply);
+                state.release_held();
+            }
+        });
+    }
+
+    pub(super) fn deliver(&self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Request { .. } => unreachable!("requests are executed by the worker"),
+            MeshMsg::Reply { to, id, .. } if to.conn == CONTROL_CONN => {
+                if id != 0 {
+                    self.control_applied(id);
+                }
+            }
+            MeshMsg::Reply { to, id, reply } => self.to_connection(to, |session, out, routed| {
+                session.on_reply(id, reply, out, routed);
+            }),
+            MeshMsg::Push { from_shard, push } => {
+                self.to_connection(push_target(&push), |session, out, routed| {
+                    session.on_push(from_shard, push, out, routed);
+                })
+            }
+        }
+    }
+
+    /// Hands something to connection `to`'s session, if it is still here (a connection that has
+    /// gone is dropped: its deliveries are released when the owning shard learns of the close),
+    /// rings it, and sends on what the session routed.
+    fn to_connection(
+        &self,
+        to: ConnRef,
+        give: impl FnOnce(&mut Session, &mut BytesMut, &mut Vec<Routed>),
+    ) {
+        let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
+            return;
+        };
+        let mut routed = Vec::new();
+        give(
+            &mut entry.session.borrow_mut(),
+            &mut entry.outbox.borrow_mut(),
+            &mut routed,
+        );
+        entry.bell.ring();
+        self.route(to, routed);
+    }
+}
+
+/// The connection a push is for.
+fn push_target(push: &Pushed) -> ConnRef {
+    match push {
+        Pushed::Deliver { to, .. } => *to,
+        Pushed::Cancelled(c) => c.to,
+    }
+}
