@@ -12,10 +12,10 @@
 use bytes::Bytes;
 use weir_protocol::wire;
 
-use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
-pub use crate::broker::types::ShardStatus;
 use crate::broker::queue::{OwnerId, Seq};
 use crate::broker::routing::{Binding, ExchangeDecl, RoutingChange};
+pub use crate::broker::types::ShardStatus;
+use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::storage::Position;
 
 /// One unit of work between shards (and, unsent, within one).

@@ -42,6 +42,9 @@ pub trait ConnectionHost {
     fn is_stopping(&self) -> bool;
     /// The connection has ended: the shard forgets it.
     fn connection_closed(&self, id: u64);
+    /// The time, ms since the Unix epoch: read by the shell once per wake-up and passed to the
+    /// session, which never reads a clock itself.
+    fn now_ms(&self) -> u64;
 }
 
 /// Bytes read per syscall: many frames per read under load, a bounded zero-fill per read.
@@ -70,9 +73,12 @@ pub async fn serve<H: ConnectionHost>(
         let wants_input = {
             let mut session = entry.session.borrow_mut();
             let mut out = entry.outbox.borrow_mut();
+            let now_ms = shard.now_ms();
             while flow == Flow::Continue && session.wants_input() {
                 match decoder.decode(&mut rx) {
-                    Ok(Some(frame)) => flow = session.on_frame(&frame, &mut out, &mut routed),
+                    Ok(Some(frame)) => {
+                        flow = session.on_frame_at(now_ms, &frame, &mut out, &mut routed)
+                    }
                     Ok(None) => break,
                     Err(e) => flow = session.on_decode_error(&e, &mut out),
                 }

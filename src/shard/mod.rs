@@ -150,6 +150,10 @@ impl ConnectionHost for ShardState {
     fn connection_closed(&self, id: u64) {
         self.connection_closed(id);
     }
+
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
 }
 
 impl ShardState {

@@ -203,7 +203,7 @@ impl ShardState {
                 }
             }
             MeshMsg::Reply { to, id, reply } => self.to_connection(to, |session, out, routed| {
-                session.on_reply(id, reply, out, routed);
+                session.on_reply_at(now_ms(), id, reply, out, routed);
             }),
             MeshMsg::Push { from_shard, push } => {
                 self.to_connection(push_target(&push), |session, out, routed| {

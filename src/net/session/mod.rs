@@ -19,7 +19,6 @@
 //! - `ledger`: delivery tags, outstanding deliveries, settlements, pushed deliveries.
 //! - `gather`: requests answered by every shard (queue listing, status).
 //! - `replies`: encoding answers and refusals.
-//! - `shell`: wrappers that read the wall clock, for the I/O shell's convenience.
 //!
 //! Faults handled: frames before `Hello`, a second `Hello`, a wrong protocol version, frames only
 //! the broker may send, malformed frames (each gets an `Error` frame; fatal ones close this
@@ -32,7 +31,6 @@ mod gather;
 mod ledger;
 mod publish;
 mod replies;
-mod shell;
 #[cfg(test)]
 mod tests;
 

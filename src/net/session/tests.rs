@@ -1,6 +1,9 @@
 use weir_protocol::wire::Body;
 use weir_protocol::{samples, FrameDecoder};
 
+/// The time every test runs at: the session never reads a clock, so tests are deterministic.
+const NOW_MS: u64 = 1_700_000_000_000;
+
 use super::*;
 use crate::broker::ops::{PublishItem, PublishOutcome};
 use crate::broker::routing::{ExchangeDecl, ExchangeKind};
@@ -59,7 +62,7 @@ fn hello_gets_a_welcome_with_the_shard_layout_and_limits() {
     let mut s = Session::new(ctx(), Rc::default());
     let mut out = BytesMut::new();
     assert_eq!(
-        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
+        s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
         Flow::Continue
     );
     let r = replies(&mut out);
@@ -78,7 +81,12 @@ fn a_wrong_protocol_version_is_refused_and_closed() {
     let mut s = Session::new(ctx(), Rc::default());
     let mut out = BytesMut::new();
     assert_eq!(
-        s.on_frame(&hello(PROTOCOL_VERSION + 1), &mut out, &mut Vec::new()),
+        s.on_frame_at(
+            NOW_MS,
+            &hello(PROTOCOL_VERSION + 1),
+            &mut out,
+            &mut Vec::new()
+        ),
         Flow::Close
     );
     assert_eq!(
@@ -92,7 +100,8 @@ fn anything_before_hello_or_a_second_hello_is_refused_and_closed() {
     let mut s = Session::new(ctx(), Rc::default());
     let mut out = BytesMut::new();
     assert_eq!(
-        s.on_frame(
+        s.on_frame_at(
+            NOW_MS,
             &frame(BodyT::Ping(Box::default())),
             &mut out,
             &mut Vec::new()
@@ -105,10 +114,10 @@ fn anything_before_hello_or_a_second_hello_is_refused_and_closed() {
     );
 
     let mut s = Session::new(ctx(), Rc::default());
-    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
     replies(&mut out);
     assert_eq!(
-        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
+        s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new()),
         Flow::Close
     );
     assert_eq!(
@@ -126,10 +135,10 @@ fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
         }
         let mut s = Session::new(ctx(), Rc::default());
         let mut out = BytesMut::new();
-        s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+        s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
         replies(&mut out);
         let mut routed = Vec::new();
-        let flow = s.on_frame(&frame(body), &mut out, &mut routed);
+        let flow = s.on_frame_at(NOW_MS, &frame(body), &mut out, &mut routed);
         let r = replies(&mut out);
         if !routed.is_empty() {
             // Served by the queue's owning shard: nothing is answered until it replies.
@@ -170,10 +179,11 @@ fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
 fn close_is_answered_then_closes() {
     let mut s = Session::new(ctx(), Rc::default());
     let mut out = BytesMut::new();
-    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
     replies(&mut out);
     assert_eq!(
-        s.on_frame(
+        s.on_frame_at(
+            NOW_MS,
             &frame(BodyT::Close(Box::default())),
             &mut out,
             &mut Vec::new()
@@ -210,7 +220,7 @@ fn routed_session(queues: &[&str]) -> Session {
     *copy.table.borrow_mut() = table;
     let mut s = Session::new(ctx(), Rc::new(copy));
     let mut out = BytesMut::new();
-    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
     s
 }
 
@@ -260,7 +270,7 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
     let mut s = routed_session(&[&q0, &q1, "q-gone-later"]);
     let mut out = BytesMut::new();
     let mut routed = Vec::new();
-    s.on_frame(&publish_to_x("a.b", false), &mut out, &mut routed);
+    s.on_frame_at(NOW_MS, &publish_to_x("a.b", false), &mut out, &mut routed);
     assert!(
         replies(&mut out).is_empty(),
         "nothing is confirmed before the owners answer"
@@ -279,14 +289,16 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
     assert!(items
         .iter()
         .all(|i| i.bytes == items[0].bytes && i.exchange == "x"));
-    s.on_reply(
+    s.on_reply_at(
+        NOW_MS,
         routed[0].id,
         taken(&items[0], true),
         &mut out,
         &mut Vec::new(),
     );
     assert!(replies(&mut out).is_empty(), "one part of two");
-    s.on_reply(
+    s.on_reply_at(
+        NOW_MS,
         routed[1].id,
         taken(&items[1], false),
         &mut out,
@@ -310,13 +322,13 @@ fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed
     let mut s = routed_session(&["q"]);
     let mut out = BytesMut::new();
     let mut routed = Vec::new();
-    s.on_frame(&publish_to_x("b", true), &mut out, &mut routed);
+    s.on_frame_at(NOW_MS, &publish_to_x("b", true), &mut out, &mut routed);
     assert!(routed.is_empty());
     let r = replies(&mut out);
     assert!(matches!(r[0].body, BodyT::Return(_)), "{:?}", r[0]);
     assert!(matches!(r[1].body, BodyT::Confirm(_)), "{:?}", r[1]);
     assert_eq!(s.routing.unroutable.get(), 0);
-    s.on_frame(&publish_to_x("b", false), &mut out, &mut routed);
+    s.on_frame_at(NOW_MS, &publish_to_x("b", false), &mut out, &mut routed);
     let r = replies(&mut out);
     assert_eq!(r.len(), 1);
     assert!(matches!(r[0].body, BodyT::Confirm(_)), "{:?}", r[0]);
@@ -327,7 +339,7 @@ fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed
 fn open_session() -> Session {
     let mut s = Session::new(ctx(), Rc::default());
     let mut out = BytesMut::new();
-    s.on_frame(&hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
     s
 }
 
@@ -342,7 +354,10 @@ fn an_unknown_exchange_kind_is_refused_and_the_connection_goes_on() {
     let mut out = BytesMut::new();
     replies(&mut out);
     let mut routed = Vec::new();
-    assert_eq!(s.on_frame(&declare, &mut out, &mut routed), Flow::Continue);
+    assert_eq!(
+        s.on_frame_at(NOW_MS, &declare, &mut out, &mut routed),
+        Flow::Continue
+    );
     assert!(routed.is_empty());
     let r = replies(&mut out);
     assert_eq!(r[0].request_id, 9);
@@ -351,7 +366,10 @@ fn an_unknown_exchange_kind_is_refused_and_the_connection_goes_on() {
 
     // Before Hello it is just a frame that is not Hello.
     let mut s = Session::new(ctx(), Rc::default());
-    assert_eq!(s.on_frame(&declare, &mut out, &mut Vec::new()), Flow::Close);
+    assert_eq!(
+        s.on_frame_at(NOW_MS, &declare, &mut out, &mut Vec::new()),
+        Flow::Close
+    );
     assert_eq!(
         error_of(&replies(&mut out)[0]),
         (ErrorCode::UnexpectedFrame, true)
@@ -409,7 +427,8 @@ fn status_uptime_is_counted_to_the_time_passed_in() {
     let mut out = BytesMut::new();
     replies(&mut out);
     let mut routed = Vec::new();
-    s.on_frame(
+    s.on_frame_at(
+        NOW_MS,
         &frame(BodyT::GetStatus(Box::default())),
         &mut out,
         &mut routed,
