@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use weir_protocol::wire::{self, BodyT};
 use weir_protocol::{InFrame, PROTOCOL_VERSION};
 
-use crate::conn::{self, Command, Confirmation, ConnHandle, ServerInfo};
+use crate::conn::{self, Command, Confirmation, ConnHandle, RawDelivery, ServerInfo};
 use crate::consumer::{ConsumeOptions, Consumer, Delivery};
 use crate::error::{check_limit, ClientError};
 use crate::message::Message;
@@ -576,7 +576,7 @@ impl Client {
         };
         Ok(ok.delivery().map(|d| {
             let message = reply.message_bytes(d.message());
-            Delivery::new(conn.clone(), &d, message, auto_ack)
+            Delivery::new(conn.clone(), RawDelivery::new(&d, message), auto_ack)
         }))
     }
 

@@ -1,7 +1,8 @@
 //! Consuming: a `Consumer` is a `Stream` of `Delivery`s; each delivery settles itself.
 //!
-//! Contract: the connection's driver task pushes each delivery into its consumer's channel as
-//! the `Deliver` frame is read; the `Consumer` (owned by the application) takes them out. The
+//! Contract: the connection's driver task pushes each delivery, raw (`conn::RawDelivery`), into
+//! its consumer's channel as the `Deliver` frame is read; the `Consumer` (owned by the
+//! application) takes them out and makes each a `Delivery` bound to its connection. The
 //! channel is unbounded because the broker bounds it: at most `prefetch` unacknowledged
 //! deliveries per consumer (an `auto_ack` consumer has no such bound; the broker's own pacing
 //! and TCP are all it gets). A `Delivery` keeps a handle on the connection it came from,
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use weir_protocol::wire::{self, ErrorCode};
 
-use crate::conn::{Command, ConnHandle, Settle};
+use crate::conn::{Command, ConnHandle, RawDelivery, Settle};
 use crate::error::ClientError;
 
 /// How to consume a queue.
@@ -51,19 +52,23 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub(crate) fn new(
-        conn: ConnHandle,
-        d: &wire::Delivery<'_>,
-        message: Bytes,
-        auto_ack: bool,
-    ) -> Delivery {
+    /// Makes the driver's raw delivery public, bound to the connection it came over.
+    pub(crate) fn new(conn: ConnHandle, raw: RawDelivery, auto_ack: bool) -> Delivery {
+        let RawDelivery {
+            delivery_tag,
+            redelivered,
+            delivery_count,
+            exchange,
+            routing_key,
+            message,
+        } = raw;
         Delivery {
             conn,
-            delivery_tag: d.delivery_tag(),
-            redelivered: d.redelivered(),
-            delivery_count: d.delivery_count(),
-            exchange: d.exchange().unwrap_or("").to_string(),
-            routing_key: d.routing_key().unwrap_or("").to_string(),
+            delivery_tag,
+            redelivered,
+            delivery_count,
+            exchange,
+            routing_key,
             message,
             auto_ack,
         }
@@ -354,7 +359,7 @@ pub struct Consumer {
     queue: String,
     shard: u16,
     auto_ack: bool,
-    deliveries: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+    deliveries: mpsc::UnboundedReceiver<Result<RawDelivery, ClientError>>,
     /// The broker no longer knows this consumer (cancelled, or the connection is gone).
     done: bool,
 }
@@ -366,7 +371,7 @@ impl Consumer {
         queue: String,
         shard: u16,
         auto_ack: bool,
-        deliveries: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+        deliveries: mpsc::UnboundedReceiver<Result<RawDelivery, ClientError>>,
     ) -> Consumer {
         Consumer {
             conn,
@@ -430,7 +435,7 @@ impl Consumer {
         if matches!(item, Some(Err(_)) | None) {
             self.done = true;
         }
-        Poll::Ready(item)
+        Poll::Ready(item.map(|r| r.map(|raw| Delivery::new(self.conn.clone(), raw, self.auto_ack))))
     }
 
     /// Stops the consumer and waits for the broker to confirm. Deliveries received but not yet
