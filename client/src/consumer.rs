@@ -41,35 +41,18 @@ pub struct ConsumeOptions {
 /// One message handed to this client, by a consumer or by `get`.
 pub struct Delivery {
     conn: ConnHandle,
-    delivery_tag: u64,
-    redelivered: bool,
-    delivery_count: u32,
-    exchange: String,
-    routing_key: String,
-    /// The `Message` flatbuffer, a slice of the received frame (verified by the decoder).
-    message: Bytes,
+    /// Tag, flags, exchange, routing key and the `Message` flatbuffer (a slice of the received
+    /// frame, verified by the decoder), as the driver read them.
+    raw: RawDelivery,
     auto_ack: bool,
 }
 
 impl Delivery {
     /// Makes the driver's raw delivery public, bound to the connection it came over.
     pub(crate) fn new(conn: ConnHandle, raw: RawDelivery, auto_ack: bool) -> Delivery {
-        let RawDelivery {
-            delivery_tag,
-            redelivered,
-            delivery_count,
-            exchange,
-            routing_key,
-            message,
-        } = raw;
         Delivery {
             conn,
-            delivery_tag,
-            redelivered,
-            delivery_count,
-            exchange,
-            routing_key,
-            message,
+            raw,
             auto_ack,
         }
     }
@@ -79,12 +62,12 @@ impl Delivery {
         // SAFETY: `message` is a slice of a frame that came out of `FrameDecoder::decode`, which
         // verifies every nested message of `Deliver` and `GetOk` frames (weir-protocol's
         // invariant "every nested message is verified at ingress"), and `Bytes` is immutable.
-        unsafe { weir_protocol::message_unchecked(&self.message) }
+        unsafe { weir_protocol::message_unchecked(&self.raw.message) }
     }
 
     /// The message's wire bytes exactly as published: re-publishable as they are.
     pub fn message_bytes(&self) -> &Bytes {
-        &self.message
+        &self.raw.message
     }
 
     /// The message body (empty if it had none).
@@ -164,27 +147,27 @@ impl Delivery {
 
     /// Connection-scoped; what acks name.
     pub fn delivery_tag(&self) -> u64 {
-        self.delivery_tag
+        self.raw.delivery_tag
     }
 
     /// Delivered before (to this or another consumer) and not acked.
     pub fn redelivered(&self) -> bool {
-        self.redelivered
+        self.raw.redelivered
     }
 
     /// Deliveries of this message so far, this one included.
     pub fn delivery_count(&self) -> u32 {
-        self.delivery_count
+        self.raw.delivery_count
     }
 
     /// The exchange it was published to (empty: the default exchange).
     pub fn exchange(&self) -> &str {
-        &self.exchange
+        &self.raw.exchange
     }
 
     /// The routing key it was published with (on the default exchange, the queue's name).
     pub fn routing_key(&self) -> &str {
-        &self.routing_key
+        &self.raw.routing_key
     }
 
     /// Whether the broker settled it as it sent it (auto-ack consumer or `get`).
@@ -223,7 +206,7 @@ impl Delivery {
         }
         let tags = std::iter::once(first)
             .chain(manual)
-            .map(|d| d.delivery_tag)
+            .map(|d| d.raw.delivery_tag)
             .collect();
         let (reply, rx) = oneshot::channel();
         match first.conn.send(Command::Settle {
@@ -259,7 +242,7 @@ impl Delivery {
         if self.auto_ack {
             return Err(ClientError::InvalidArgument(format!(
                 "cannot {what} delivery {}: it was auto-acked",
-                self.delivery_tag
+                self.raw.delivery_tag
             )));
         }
         Ok(())
@@ -269,7 +252,7 @@ impl Delivery {
         let (reply, rx) = oneshot::channel();
         let sent = self.conn.send(Command::Settle {
             kind,
-            tags: vec![self.delivery_tag],
+            tags: vec![self.raw.delivery_tag],
             reply: Some(reply),
         });
         match sent {
@@ -337,12 +320,12 @@ impl std::fmt::Debug for SettleFuture {
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
-            .field("delivery_tag", &self.delivery_tag)
-            .field("redelivered", &self.redelivered)
-            .field("delivery_count", &self.delivery_count)
-            .field("exchange", &self.exchange)
-            .field("routing_key", &self.routing_key)
-            .field("message_bytes", &self.message.len())
+            .field("delivery_tag", &self.raw.delivery_tag)
+            .field("redelivered", &self.raw.redelivered)
+            .field("delivery_count", &self.raw.delivery_count)
+            .field("exchange", &self.raw.exchange)
+            .field("routing_key", &self.raw.routing_key)
+            .field("message_bytes", &self.raw.message.len())
             .field("auto_ack", &self.auto_ack)
             .finish()
     }

@@ -58,6 +58,11 @@ fn schedule(sh: &Shared, p: u32) -> impl Iterator<Item = Slot> + '_ {
 struct Rng(u64);
 
 impl Rng {
+    /// Producer `p`'s own sequence, the same on every run.
+    fn for_producer(p: u32) -> Rng {
+        Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(p) + 1))
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -169,16 +174,76 @@ impl Route {
     }
 }
 
+/// One producer's sending side: its route, its frame count, and where its confirms go.
+struct Outbox<'a> {
+    p: u32,
+    client: &'a Client,
+    route: Route,
+    frames: u64,
+    confirms: mpsc::UnboundedSender<Pending>,
+    sh: &'a Shared,
+    rec: &'a Rec,
+}
+
+impl Outbox<'_> {
+    /// The route index of the next frame, written into its messages' headers.
+    fn next_route(&self) -> u16 {
+        (self.frames % self.route.keys.len() as u64) as u16
+    }
+
+    /// Publishes one frame and hands its confirms to the confirmer; `sent_ns` is when it counts
+    /// as sent (`None`: when the publish returns). A refusal is recorded once per message and
+    /// returned, so the caller can stop on a dead connection.
+    async fn send(
+        &mut self,
+        messages: Vec<Message>,
+        meta: Vec<(u64, u64, usize)>,
+        sent_ns: Option<u64>,
+        epoch: Instant,
+    ) -> Result<(), ClientError> {
+        let n = meta.len() as u64;
+        let (key, queues) = self.route.frame(self.frames);
+        self.frames += 1;
+        match self
+            .client
+            .publish_batch_with(&self.route.options, key, messages)
+            .await
+        {
+            Ok(futures) => {
+                let now = sent_ns.unwrap_or_else(|| now_ns(epoch));
+                self.rec.borrow_mut().count(Count::Sent, now, n);
+                self.sh.sent.fetch_add(n, Ordering::Relaxed);
+                let _ = self.confirms.send((queues, meta, futures));
+                Ok(())
+            }
+            Err(e) => {
+                let mut r = self.rec.borrow_mut();
+                for _ in 0..n {
+                    r.failed(&format!("producer {}: publish: {e}", self.p));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 /// The open-loop producer: every message at its intended time (or at once when late), the
 /// messages due together in one frame of at most `batch`.
 pub(super) async fn producer(p: u32, client: Client, sh: &Shared, epoch: Instant, rec: &Rec) {
     let s = &sh.scenario;
-    let route = Route::new(sh, p);
-    let mut frames = 0u64;
     let (tx, rx) = mpsc::unbounded_channel();
+    let mut outbox = Outbox {
+        p,
+        client: &client,
+        route: Route::new(sh, p),
+        frames: 0,
+        confirms: tx,
+        sh,
+        rec,
+    };
     let confirms = confirmer(p, rx, sh, epoch, rec, None);
     let sending = async {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(p) + 1));
+        let mut rng = Rng::for_producer(p);
         let mut slots = schedule(sh, p).peekable();
         let mut seq = 0u64;
         while let Some(first) = slots.peek().copied() {
@@ -201,7 +266,7 @@ pub(super) async fn producer(p: u32, client: Client, sh: &Shared, epoch: Instant
                             seq,
                             intended_ns: intended,
                             phase: slot.phase as u16,
-                            route: (frames % route.keys.len() as u64) as u16,
+                            route: outbox.next_route(),
                         };
                         messages.push(
                             Message::new(body(&h, rng.size(s.size))).persistent(s.persistent),
@@ -213,32 +278,11 @@ pub(super) async fn producer(p: u32, client: Client, sh: &Shared, epoch: Instant
                     _ => break,
                 }
             }
-            let n = meta.len() as u64;
-            let (key, queues) = route.frame(frames);
-            frames += 1;
-            match client
-                .publish_batch_with(&route.options, key, messages)
-                .await
-            {
-                Ok(futures) => {
-                    let now = now_ns(epoch);
-                    rec.borrow_mut().count(Count::Sent, now, n);
-                    sh.sent.fetch_add(n, Ordering::Relaxed);
-                    let _ = tx.send((queues, meta, futures));
-                }
-                Err(e) => {
-                    let dead = matches!(e, ClientError::Closed(_));
-                    let mut r = rec.borrow_mut();
-                    for _ in 0..n {
-                        r.failed(&format!("producer {p}: publish: {e}"));
-                    }
-                    if dead {
-                        break;
-                    }
-                }
+            if let Err(ClientError::Closed(_)) = outbox.send(messages, meta, None, epoch).await {
+                break;
             }
         }
-        drop(tx);
+        drop(outbox);
     };
     tokio::join!(sending, confirms);
     let _ = client.close().await;
@@ -254,14 +298,21 @@ pub(super) async fn closed_loop_producer(
     rec: &Rec,
 ) {
     let s = &sh.scenario;
-    let route = Route::new(sh, p);
-    let mut frames = 0u64;
     let window = Rc::new(Semaphore::new(s.in_flight as usize));
     let (tx, rx) = mpsc::unbounded_channel();
+    let mut outbox = Outbox {
+        p,
+        client: &client,
+        route: Route::new(sh, p),
+        frames: 0,
+        confirms: tx,
+        sh,
+        rec,
+    };
     let confirms = confirmer(p, rx, sh, epoch, rec, Some(window.clone()));
     let end = epoch + Duration::from_secs_f64(sh.total_s());
     let sending = async {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(p) + 1));
+        let mut rng = Rng::for_producer(p);
         let mut seq = 0u64;
         loop {
             if sh.abort.load(Ordering::Relaxed) || Instant::now() >= end {
@@ -285,38 +336,21 @@ pub(super) async fn closed_loop_producer(
                     seq,
                     intended_ns: now,
                     phase: phase as u16,
-                    route: (frames % route.keys.len() as u64) as u16,
+                    route: outbox.next_route(),
                 };
                 messages.push(Message::new(body(&h, rng.size(s.size))).persistent(s.persistent));
                 meta.push((seq, now, phase));
                 seq += 1;
             }
-            let n = meta.len() as u64;
-            let (key, queues) = route.frame(frames);
-            frames += 1;
-            match client
-                .publish_batch_with(&route.options, key, messages)
-                .await
-            {
-                Ok(futures) => {
-                    rec.borrow_mut().count(Count::Sent, now, n);
-                    sh.sent.fetch_add(n, Ordering::Relaxed);
-                    let _ = tx.send((queues, meta, futures));
-                }
-                Err(e) => {
-                    let dead = matches!(e, ClientError::Closed(_));
-                    let mut r = rec.borrow_mut();
-                    for _ in 0..n {
-                        r.failed(&format!("producer {p}: publish: {e}"));
-                    }
-                    window.add_permits(n as usize);
-                    if dead {
-                        break;
-                    }
+            let n = meta.len();
+            if let Err(e) = outbox.send(messages, meta, Some(now), epoch).await {
+                window.add_permits(n);
+                if matches!(e, ClientError::Closed(_)) {
+                    break;
                 }
             }
         }
-        drop(tx);
+        drop(outbox);
     };
     tokio::join!(sending, confirms);
     let _ = client.close().await;
@@ -333,7 +367,7 @@ pub(super) async fn requests(
 ) {
     let s = &sh.scenario;
     let queue = sh.queue_names[0].clone();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (u64::from(p) + 1));
+    let mut rng = Rng::for_producer(p);
     let mut waiting = Vec::new();
     for (seq, slot) in schedule(&sh, p).enumerate() {
         let seq = seq as u64;
