@@ -22,7 +22,7 @@ use weir_client::{Client, ClientError, Message, PublishFuture, PublishOptions, R
 
 use super::threads::Rec;
 use super::Shared;
-use crate::scenario::{Kind, Size, HEADER_LEN};
+use crate::scenario::{Kind, Scenario, Size, HEADER_LEN};
 use crate::stats::{Count, Header, Metric};
 
 /// One scheduled message: its phase and intended time (s since the epoch).
@@ -77,6 +77,11 @@ impl Rng {
                 min as usize + (self.next() % (u64::from(max - min) + 1)) as usize
             }
         }
+    }
+
+    /// A message carrying `h`, its size drawn from the scenario's, persistent as it says.
+    fn message(&mut self, s: &Scenario, h: &Header) -> Message {
+        Message::new(body(h, self.size(s.size))).persistent(s.persistent)
     }
 }
 
@@ -185,7 +190,27 @@ struct Outbox<'a> {
     rec: &'a Rec,
 }
 
-impl Outbox<'_> {
+impl<'a> Outbox<'a> {
+    /// Producer `p`'s outbox, and the receiving end its confirmer takes.
+    fn open(
+        p: u32,
+        client: &'a Client,
+        sh: &'a Shared,
+        rec: &'a Rec,
+    ) -> (Outbox<'a>, mpsc::UnboundedReceiver<Pending>) {
+        let (confirms, rx) = mpsc::unbounded_channel();
+        let outbox = Outbox {
+            p,
+            client,
+            route: Route::new(sh, p),
+            frames: 0,
+            confirms,
+            sh,
+            rec,
+        };
+        (outbox, rx)
+    }
+
     /// The route index of the next frame, written into its messages' headers.
     fn next_route(&self) -> u16 {
         (self.frames % self.route.keys.len() as u64) as u16
@@ -231,16 +256,7 @@ impl Outbox<'_> {
 /// messages due together in one frame of at most `batch`.
 pub(super) async fn producer(p: u32, client: Client, sh: &Shared, epoch: Instant, rec: &Rec) {
     let s = &sh.scenario;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut outbox = Outbox {
-        p,
-        client: &client,
-        route: Route::new(sh, p),
-        frames: 0,
-        confirms: tx,
-        sh,
-        rec,
-    };
+    let (mut outbox, rx) = Outbox::open(p, &client, sh, rec);
     let confirms = confirmer(p, rx, sh, epoch, rec, None);
     let sending = async {
         let mut rng = Rng::for_producer(p);
@@ -268,9 +284,7 @@ pub(super) async fn producer(p: u32, client: Client, sh: &Shared, epoch: Instant
                             phase: slot.phase as u16,
                             route: outbox.next_route(),
                         };
-                        messages.push(
-                            Message::new(body(&h, rng.size(s.size))).persistent(s.persistent),
-                        );
+                        messages.push(rng.message(s, &h));
                         meta.push((seq, intended, slot.phase));
                         seq += 1;
                         slots.next();
@@ -299,16 +313,7 @@ pub(super) async fn closed_loop_producer(
 ) {
     let s = &sh.scenario;
     let window = Rc::new(Semaphore::new(s.in_flight as usize));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut outbox = Outbox {
-        p,
-        client: &client,
-        route: Route::new(sh, p),
-        frames: 0,
-        confirms: tx,
-        sh,
-        rec,
-    };
+    let (mut outbox, rx) = Outbox::open(p, &client, sh, rec);
     let confirms = confirmer(p, rx, sh, epoch, rec, Some(window.clone()));
     let end = epoch + Duration::from_secs_f64(sh.total_s());
     let sending = async {
@@ -338,7 +343,7 @@ pub(super) async fn closed_loop_producer(
                     phase: phase as u16,
                     route: outbox.next_route(),
                 };
-                messages.push(Message::new(body(&h, rng.size(s.size))).persistent(s.persistent));
+                messages.push(rng.message(s, &h));
                 meta.push((seq, now, phase));
                 seq += 1;
             }
@@ -386,7 +391,7 @@ pub(super) async fn requests(
             phase: slot.phase as u16,
             route: 0,
         };
-        let message = Message::new(body(&h, rng.size(s.size))).persistent(s.persistent);
+        let message = rng.message(s, &h);
         {
             let now = now_ns(epoch);
             let mut r = rec.borrow_mut();
