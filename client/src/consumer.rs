@@ -208,17 +208,7 @@ impl Delivery {
             .chain(manual)
             .map(|d| d.raw.delivery_tag)
             .collect();
-        let (reply, rx) = oneshot::channel();
-        match first.conn.send(Command::Settle {
-            kind: Settle::Ack,
-            tags,
-            reply: Some(reply),
-        }) {
-            Ok(()) => SettleFuture {
-                state: SettleState::Waiting(rx, first.conn.clone()),
-            },
-            Err(e) => SettleFuture::ready(Err(e)),
-        }
+        SettleFuture::send(&first.conn, Settle::Ack, tags)
     }
 
     /// Failed: with `requeue` it goes back to its queue (redelivered), without it it is
@@ -249,18 +239,7 @@ impl Delivery {
     }
 
     fn settle(&self, kind: Settle) -> SettleFuture {
-        let (reply, rx) = oneshot::channel();
-        let sent = self.conn.send(Command::Settle {
-            kind,
-            tags: vec![self.raw.delivery_tag],
-            reply: Some(reply),
-        });
-        match sent {
-            Ok(()) => SettleFuture {
-                state: SettleState::Waiting(rx, self.conn.clone()),
-            },
-            Err(e) => SettleFuture::ready(Err(e)),
-        }
+        SettleFuture::send(&self.conn, kind, vec![self.raw.delivery_tag])
     }
 }
 
@@ -282,6 +261,21 @@ impl SettleFuture {
     fn ready(result: Result<(), ClientError>) -> SettleFuture {
         SettleFuture {
             state: SettleState::Ready(Some(result)),
+        }
+    }
+
+    /// Sends the settlement of `tags` now, asking for the broker's answer.
+    fn send(conn: &ConnHandle, kind: Settle, tags: Vec<u64>) -> SettleFuture {
+        let (reply, rx) = oneshot::channel();
+        match conn.send(Command::Settle {
+            kind,
+            tags,
+            reply: Some(reply),
+        }) {
+            Ok(()) => SettleFuture {
+                state: SettleState::Waiting(rx, conn.clone()),
+            },
+            Err(e) => SettleFuture::ready(Err(e)),
         }
     }
 }
