@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use weir_protocol::wire::{self, BodyT};
 use weir_protocol::{InFrame, PROTOCOL_VERSION};
 
-use crate::conn::{self, Command, Confirmation, ConnHandle, ServerInfo};
+use crate::conn::{self, Command, Confirmation, ConnHandle, RawDelivery, ServerInfo};
 use crate::consumer::{ConsumeOptions, Consumer, Delivery};
 use crate::error::{check_limit, ClientError};
 use crate::message::Message;
@@ -376,37 +376,32 @@ impl Client {
 
     /// Every queue whose name starts with `prefix`, in name order (all pages).
     pub async fn list_queues(&self, prefix: &str) -> Result<Vec<QueueInfo>, ClientError> {
-        // Pages stay small enough that a page of `QueueInfo` tables fits the verifier's table
-        // budget with room to spare (two tables per queue).
-        const PAGE: u32 = 500;
         let conn = &self.inner.conns[0];
         conn.limits()
             .check_name("queue name prefix length", prefix)?;
-        let mut all = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let mut l = wire::ListQueuesT::default();
-            l.prefix = Some(prefix.to_string()).filter(|p| !p.is_empty());
-            l.after = after.take();
-            l.limit = PAGE;
-            let reply = conn.request(BodyT::ListQueues(Box::new(l))).await?;
-            let Some(list) = reply.frame().body_as_queue_list() else {
-                return Err(unexpected(&reply, "ListQueues"));
-            };
-            let list = list.unpack();
-            let page: Vec<QueueInfo> = list
-                .queues
-                .iter()
-                .flatten()
-                .map(QueueInfo::from_wire)
-                .collect();
-            let last = page.last().map(|q| q.name.clone());
-            all.extend(page);
-            match last {
-                Some(last) if list.more => after = Some(last),
-                _ => return Ok(all),
-            }
-        }
+        list_pages(
+            conn,
+            "ListQueues",
+            |after| {
+                let mut l = wire::ListQueuesT::default();
+                l.prefix = Some(prefix.to_string()).filter(|p| !p.is_empty());
+                l.after = after;
+                l.limit = LIST_PAGE;
+                BodyT::ListQueues(Box::new(l))
+            },
+            |reply| {
+                let list = reply.frame().body_as_queue_list()?.unpack();
+                let page = list
+                    .queues
+                    .iter()
+                    .flatten()
+                    .map(QueueInfo::from_wire)
+                    .collect();
+                Some((page, list.more))
+            },
+            |q| &q.name,
+        )
+        .await
     }
 
     /// Publishes one message to the default exchange, `queue` as the routing key. Returns once
@@ -576,7 +571,7 @@ impl Client {
         };
         Ok(ok.delivery().map(|d| {
             let message = reply.message_bytes(d.message());
-            Delivery::new(conn.clone(), &d, message, auto_ack)
+            Delivery::new(conn.clone(), RawDelivery::new(&d, message), auto_ack)
         }))
     }
 
@@ -631,6 +626,36 @@ pub struct BrokerStatus {
     pub queues: u32,
     /// Named counters, e.g. ("shard.0.messages_ready", 12), in shard order.
     pub counters: Vec<(String, u64)>,
+}
+
+/// Entries per page of a listing: small enough that a page of `QueueInfo` (two tables per
+/// queue) or `ExchangeInfo` tables fits the verifier's table budget with room to spare.
+pub(crate) const LIST_PAGE: u32 = 500;
+
+/// Reads a paged listing to its end: `request(after)` asks for the page after the cursor,
+/// `page` reads a reply into its entries and whether more follow (`None`: not the reply
+/// expected), and the last entry's `name` is the next page's cursor.
+pub(crate) async fn list_pages<T>(
+    conn: &ConnHandle,
+    request_name: &str,
+    request: impl Fn(Option<String>) -> BodyT,
+    page: impl Fn(&InFrame) -> Option<(Vec<T>, bool)>,
+    name: impl Fn(&T) -> &String,
+) -> Result<Vec<T>, ClientError> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let reply = conn.request(request(after.take())).await?;
+        let Some((entries, more)) = page(&reply) else {
+            return Err(unexpected(&reply, request_name));
+        };
+        let last = entries.last().map(|e| name(e).clone());
+        all.extend(entries);
+        match last {
+            Some(last) if more => after = Some(last),
+            _ => return Ok(all),
+        }
+    }
 }
 
 pub(crate) fn unexpected(reply: &InFrame, request: &str) -> ClientError {

@@ -1,7 +1,8 @@
 //! Consuming: a `Consumer` is a `Stream` of `Delivery`s; each delivery settles itself.
 //!
-//! Contract: the connection's driver task pushes each delivery into its consumer's channel as
-//! the `Deliver` frame is read; the `Consumer` (owned by the application) takes them out. The
+//! Contract: the connection's driver task pushes each delivery, raw (`conn::RawDelivery`), into
+//! its consumer's channel as the `Deliver` frame is read; the `Consumer` (owned by the
+//! application) takes them out and makes each a `Delivery` bound to its connection. The
 //! channel is unbounded because the broker bounds it: at most `prefetch` unacknowledged
 //! deliveries per consumer (an `auto_ack` consumer has no such bound; the broker's own pacing
 //! and TCP are all it gets). A `Delivery` keeps a handle on the connection it came from,
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use weir_protocol::wire::{self, ErrorCode};
 
-use crate::conn::{Command, ConnHandle, Settle};
+use crate::conn::{Command, ConnHandle, RawDelivery, Settle};
 use crate::error::ClientError;
 
 /// How to consume a queue.
@@ -40,31 +41,18 @@ pub struct ConsumeOptions {
 /// One message handed to this client, by a consumer or by `get`.
 pub struct Delivery {
     conn: ConnHandle,
-    delivery_tag: u64,
-    redelivered: bool,
-    delivery_count: u32,
-    exchange: String,
-    routing_key: String,
-    /// The `Message` flatbuffer, a slice of the received frame (verified by the decoder).
-    message: Bytes,
+    /// Tag, flags, exchange, routing key and the `Message` flatbuffer (a slice of the received
+    /// frame, verified by the decoder), as the driver read them.
+    raw: RawDelivery,
     auto_ack: bool,
 }
 
 impl Delivery {
-    pub(crate) fn new(
-        conn: ConnHandle,
-        d: &wire::Delivery<'_>,
-        message: Bytes,
-        auto_ack: bool,
-    ) -> Delivery {
+    /// Makes the driver's raw delivery public, bound to the connection it came over.
+    pub(crate) fn new(conn: ConnHandle, raw: RawDelivery, auto_ack: bool) -> Delivery {
         Delivery {
             conn,
-            delivery_tag: d.delivery_tag(),
-            redelivered: d.redelivered(),
-            delivery_count: d.delivery_count(),
-            exchange: d.exchange().unwrap_or("").to_string(),
-            routing_key: d.routing_key().unwrap_or("").to_string(),
-            message,
+            raw,
             auto_ack,
         }
     }
@@ -74,12 +62,12 @@ impl Delivery {
         // SAFETY: `message` is a slice of a frame that came out of `FrameDecoder::decode`, which
         // verifies every nested message of `Deliver` and `GetOk` frames (weir-protocol's
         // invariant "every nested message is verified at ingress"), and `Bytes` is immutable.
-        unsafe { weir_protocol::message_unchecked(&self.message) }
+        unsafe { weir_protocol::message_unchecked(&self.raw.message) }
     }
 
     /// The message's wire bytes exactly as published: re-publishable as they are.
     pub fn message_bytes(&self) -> &Bytes {
-        &self.message
+        &self.raw.message
     }
 
     /// The message body (empty if it had none).
@@ -159,27 +147,27 @@ impl Delivery {
 
     /// Connection-scoped; what acks name.
     pub fn delivery_tag(&self) -> u64 {
-        self.delivery_tag
+        self.raw.delivery_tag
     }
 
     /// Delivered before (to this or another consumer) and not acked.
     pub fn redelivered(&self) -> bool {
-        self.redelivered
+        self.raw.redelivered
     }
 
     /// Deliveries of this message so far, this one included.
     pub fn delivery_count(&self) -> u32 {
-        self.delivery_count
+        self.raw.delivery_count
     }
 
     /// The exchange it was published to (empty: the default exchange).
     pub fn exchange(&self) -> &str {
-        &self.exchange
+        &self.raw.exchange
     }
 
     /// The routing key it was published with (on the default exchange, the queue's name).
     pub fn routing_key(&self) -> &str {
-        &self.routing_key
+        &self.raw.routing_key
     }
 
     /// Whether the broker settled it as it sent it (auto-ack consumer or `get`).
@@ -218,19 +206,9 @@ impl Delivery {
         }
         let tags = std::iter::once(first)
             .chain(manual)
-            .map(|d| d.delivery_tag)
+            .map(|d| d.raw.delivery_tag)
             .collect();
-        let (reply, rx) = oneshot::channel();
-        match first.conn.send(Command::Settle {
-            kind: Settle::Ack,
-            tags,
-            reply: Some(reply),
-        }) {
-            Ok(()) => SettleFuture {
-                state: SettleState::Waiting(rx, first.conn.clone()),
-            },
-            Err(e) => SettleFuture::ready(Err(e)),
-        }
+        SettleFuture::send(&first.conn, Settle::Ack, tags)
     }
 
     /// Failed: with `requeue` it goes back to its queue (redelivered), without it it is
@@ -254,25 +232,14 @@ impl Delivery {
         if self.auto_ack {
             return Err(ClientError::InvalidArgument(format!(
                 "cannot {what} delivery {}: it was auto-acked",
-                self.delivery_tag
+                self.raw.delivery_tag
             )));
         }
         Ok(())
     }
 
     fn settle(&self, kind: Settle) -> SettleFuture {
-        let (reply, rx) = oneshot::channel();
-        let sent = self.conn.send(Command::Settle {
-            kind,
-            tags: vec![self.delivery_tag],
-            reply: Some(reply),
-        });
-        match sent {
-            Ok(()) => SettleFuture {
-                state: SettleState::Waiting(rx, self.conn.clone()),
-            },
-            Err(e) => SettleFuture::ready(Err(e)),
-        }
+        SettleFuture::send(&self.conn, kind, vec![self.raw.delivery_tag])
     }
 }
 
@@ -294,6 +261,21 @@ impl SettleFuture {
     fn ready(result: Result<(), ClientError>) -> SettleFuture {
         SettleFuture {
             state: SettleState::Ready(Some(result)),
+        }
+    }
+
+    /// Sends the settlement of `tags` now, asking for the broker's answer.
+    fn send(conn: &ConnHandle, kind: Settle, tags: Vec<u64>) -> SettleFuture {
+        let (reply, rx) = oneshot::channel();
+        match conn.send(Command::Settle {
+            kind,
+            tags,
+            reply: Some(reply),
+        }) {
+            Ok(()) => SettleFuture {
+                state: SettleState::Waiting(rx, conn.clone()),
+            },
+            Err(e) => SettleFuture::ready(Err(e)),
         }
     }
 }
@@ -332,12 +314,12 @@ impl std::fmt::Debug for SettleFuture {
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
-            .field("delivery_tag", &self.delivery_tag)
-            .field("redelivered", &self.redelivered)
-            .field("delivery_count", &self.delivery_count)
-            .field("exchange", &self.exchange)
-            .field("routing_key", &self.routing_key)
-            .field("message_bytes", &self.message.len())
+            .field("delivery_tag", &self.raw.delivery_tag)
+            .field("redelivered", &self.raw.redelivered)
+            .field("delivery_count", &self.raw.delivery_count)
+            .field("exchange", &self.raw.exchange)
+            .field("routing_key", &self.raw.routing_key)
+            .field("message_bytes", &self.raw.message.len())
             .field("auto_ack", &self.auto_ack)
             .finish()
     }
@@ -354,7 +336,7 @@ pub struct Consumer {
     queue: String,
     shard: u16,
     auto_ack: bool,
-    deliveries: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+    deliveries: mpsc::UnboundedReceiver<Result<RawDelivery, ClientError>>,
     /// The broker no longer knows this consumer (cancelled, or the connection is gone).
     done: bool,
 }
@@ -366,7 +348,7 @@ impl Consumer {
         queue: String,
         shard: u16,
         auto_ack: bool,
-        deliveries: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+        deliveries: mpsc::UnboundedReceiver<Result<RawDelivery, ClientError>>,
     ) -> Consumer {
         Consumer {
             conn,
@@ -430,7 +412,7 @@ impl Consumer {
         if matches!(item, Some(Err(_)) | None) {
             self.done = true;
         }
-        Poll::Ready(item)
+        Poll::Ready(item.map(|r| r.map(|raw| Delivery::new(self.conn.clone(), raw, self.auto_ack))))
     }
 
     /// Stops the consumer and waits for the broker to confirm. Deliveries received but not yet

@@ -6,7 +6,7 @@
 
 use weir_protocol::wire::{self, BodyT};
 
-use crate::client::{unexpected, Client};
+use crate::client::{list_pages, unexpected, Client, LIST_PAGE};
 use crate::error::ClientError;
 
 /// How an exchange routes.
@@ -198,41 +198,38 @@ impl Client {
     /// Every exchange whose name starts with `prefix`, in name order (all pages). The default
     /// exchange is not listed.
     pub async fn list_exchanges(&self, prefix: &str) -> Result<Vec<ExchangeInfo>, ClientError> {
-        const PAGE: u32 = 500;
         let conn = self.any_conn();
         conn.limits()
             .check_name("exchange name prefix length", prefix)?;
-        let mut all = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let mut l = wire::ListExchangesT::default();
-            l.prefix = Some(prefix.to_string()).filter(|p| !p.is_empty());
-            l.after = after.take();
-            l.limit = PAGE;
-            let reply = conn.request(BodyT::ListExchanges(Box::new(l))).await?;
-            let Some(list) = reply.frame().body_as_exchange_list() else {
-                return Err(unexpected(&reply, "ListExchanges"));
-            };
-            let list = list.unpack();
-            let page: Vec<ExchangeInfo> = list
-                .exchanges
-                .into_iter()
-                .flatten()
-                .map(|e| ExchangeInfo {
-                    name: e.name.unwrap_or_default(),
-                    kind: ExchangeKind::from_wire(e.kind),
-                    durable: e.durable,
-                    auto_delete: e.auto_delete,
-                    bindings: e.bindings,
-                })
-                .collect();
-            let last = page.last().map(|e| e.name.clone());
-            all.extend(page);
-            match last {
-                Some(last) if list.more => after = Some(last),
-                _ => return Ok(all),
-            }
-        }
+        list_pages(
+            conn,
+            "ListExchanges",
+            |after| {
+                let mut l = wire::ListExchangesT::default();
+                l.prefix = Some(prefix.to_string()).filter(|p| !p.is_empty());
+                l.after = after;
+                l.limit = LIST_PAGE;
+                BodyT::ListExchanges(Box::new(l))
+            },
+            |reply| {
+                let list = reply.frame().body_as_exchange_list()?.unpack();
+                let page = list
+                    .exchanges
+                    .into_iter()
+                    .flatten()
+                    .map(|e| ExchangeInfo {
+                        name: e.name.unwrap_or_default(),
+                        kind: ExchangeKind::from_wire(e.kind),
+                        durable: e.durable,
+                        auto_delete: e.auto_delete,
+                        bindings: e.bindings,
+                    })
+                    .collect();
+                Some((page, list.more))
+            },
+            |e| &e.name,
+        )
+        .await
     }
 
     /// Bindings, optionally only from one exchange and/or only to one queue, sorted by

@@ -102,7 +102,7 @@
 //! [`Delivery::redelivered`]. The client does not reconnect by itself.
 //!
 //! Module map: `client` (routing, the public API), `conn` (one connection's driver task: the
-//! only owner of its socket and pending tables), `consumer` (the delivery stream and
+//! only owner of its socket and pending tables; it hands raw deliveries up), `consumer` (the delivery stream and
 //! settlements), `message` (building messages, limits), `queue` (queue values), `exchange`
 //! (exchanges and bindings), `rpc` (request-reply), `error`.
 
