@@ -34,11 +34,9 @@ use crate::error::{check_limit, ClientError};
 use crate::message::Message;
 use crate::queue::{QueueInfo, QueueOptions};
 
-/// The shard that owns the queue `name` among `shard_count` shards: exactly the broker's
-/// placement policy (`weir::broker::host::placement`), CRC-32 of the name modulo the count.
-pub fn placement(name: &str, shard_count: u16) -> u16 {
-    (crc32fast::hash(name.as_bytes()) % u32::from(shard_count.max(1))) as u16
-}
+/// The shard that owns the queue `name` among `shard_count` shards: CRC-32 of the name modulo
+/// the count. The protocol's one definition, which the broker uses too.
+pub use weir_protocol::placement;
 
 /// How to connect.
 #[derive(Debug, Clone)]
