@@ -1,8 +1,10 @@
 //! Every bound of the storage layer, in one place, each with its reason.
 //!
-//! Contract: plain values, checked once by [`StorageLimits::check`] when a journal opens; a
-//! violated relation is reported with the offending key, never discovered later as a failed
-//! write.
+//! Contract: plain values, any thread, checked once by [`StorageLimits::check`] when a journal
+//! opens; a violated relation is reported with the offending key, never discovered later as a
+//! failed write. The facts of the format the limits are checked against (block size, record and
+//! commit record sizes, the largest segment a position addresses) live in
+//! [`crate::storage::format`].
 
 use crate::storage::error::StorageError;
 pub use crate::storage::format::{BLOCK_BYTES, SECTOR_BYTES};
