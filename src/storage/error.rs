@@ -6,7 +6,7 @@
 
 use std::io;
 
-use crate::storage::segment::Position;
+use crate::storage::format::Position;
 
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]

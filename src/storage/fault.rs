@@ -24,8 +24,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::storage::format::{BLOCK_BYTES, SECTOR_BYTES};
 use crate::storage::io::{IoBuf, SegmentDir, SegmentFile};
-use crate::storage::limits::{BLOCK_BYTES, SECTOR_BYTES};
 
 /// When, relative to the numbered operation, the crash happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,21 +1,14 @@
 //! Every bound of the storage layer, in one place, each with its reason.
 //!
-//! Contract: plain values, checked once by [`StorageLimits::check`] when a journal opens; a
-//! violated relation is reported with the offending key, never discovered later as a failed
-//! write.
+//! Contract: plain values, any thread, checked once by [`StorageLimits::check`] when a journal
+//! opens; a violated relation is reported with the offending key, never discovered later as a
+//! failed write. The facts of the format the limits are checked against (block size, record and
+//! commit record sizes, the largest segment a position addresses) live in
+//! [`crate::storage::format`].
 
 use crate::storage::error::StorageError;
-use crate::storage::record::{COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES};
-
-/// The unit of every write, read and file offset the journal issues. The disk's physical block
-/// is 4096 bytes (its logical block is 512), so 4 KiB writes never make the device read-modify-write
-/// and are valid O_DIRECT I/O on either.
-pub const BLOCK_BYTES: usize = 4096;
-
-/// The unit a torn write is assumed to respect: after a crash each 512-byte sector holds either
-/// its old or its new contents. Only the segment-header rewrite of reclaim relies on it (the header
-/// fits in the first sector); the log itself never rewrites a durable byte.
-pub const SECTOR_BYTES: usize = 512;
+pub use crate::storage::format::{BLOCK_BYTES, SECTOR_BYTES};
+use crate::storage::format::{COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES, SEGMENT_OFFSET_MAX};
 
 /// Bounds of one journal. Relations between them are asserted by [`StorageLimits::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,13 +85,12 @@ impl StorageLimits {
                 ),
             );
         }
-        if self.segment_size_bytes_max > crate::storage::segment::SEGMENT_OFFSET_MAX {
+        if self.segment_size_bytes_max > SEGMENT_OFFSET_MAX {
             return bad(
                 "segment_size_bytes_max",
                 format!(
                     "{} exceeds the {} bytes a position can address inside a segment",
-                    self.segment_size_bytes_max,
-                    crate::storage::segment::SEGMENT_OFFSET_MAX
+                    self.segment_size_bytes_max, SEGMENT_OFFSET_MAX
                 ),
             );
         }

@@ -13,19 +13,22 @@
 //! taking work; the shard must restart and recover, because after a failed fdatasync nobody can
 //! say what is on the disk).
 //!
-//! Modules:
-//! - [`limits`]: every storage bound, with its reason and its relations checked in one place.
-//! - [`error`]: the one error enum of the storage layer.
-//! - [`record`]: the record framing (`length | crc32 | kind | body`) and the record bodies.
-//! - [`segment`]: positions, segment names and the segment header.
+//! Modules, each importing only from the ones listed above it (no cycles):
+//! - [`format`]: the facts of the on-disk format (block, sector, header and record sizes, the
+//!   encoding of a [`Position`]); depends on nothing else here.
 //! - [`io`]: the file seam.
-//! - [`recovery`]: the recovery decision table and the scan that applies it.
-//! - [`journal`]: append, group commit, reads, reclaim and compaction.
+//! - [`error`]: the one error enum of the storage layer.
+//! - [`limits`]: every storage bound, with its reason and its relations checked in one place.
+//! - [`record`]: the record framing (`length | crc32 | kind | body`) and the record bodies.
+//! - [`segment`]: segment names and the segment header.
 //! - [`fault`]: an in-memory directory that loses what was not synced, tears writes and runs out
 //!   of space on command, for tests.
+//! - [`recovery`]: the recovery decision table and the scan that applies it.
+//! - [`journal`]: append, group commit, reads, reclaim and compaction.
 
 pub mod error;
 pub mod fault;
+pub mod format;
 pub mod io;
 pub mod journal;
 pub mod limits;
@@ -34,8 +37,8 @@ pub mod recovery;
 pub mod segment;
 
 pub use error::StorageError;
+pub use format::Position;
 pub use journal::{Appended, CommitId, Journal, ReadRecord, SegmentInfo};
 pub use limits::{JournalConfig, StorageLimits, BLOCK_BYTES, SECTOR_BYTES};
 pub use record::{MessageEnvelope, RecordKind, SettleReason, SettleRecord, Target};
 pub use recovery::{RecoveryReport, TailCut};
-pub use segment::Position;

@@ -19,12 +19,7 @@
 
 use std::fmt;
 
-/// Bytes of `length | crc32 | kind`.
-pub const RECORD_HEADER_BYTES: usize = 9;
-/// Bytes of a commit record's body.
-pub const COMMIT_BODY_BYTES: usize = 24;
-/// Bytes of a whole commit record.
-pub const COMMIT_RECORD_BYTES: usize = RECORD_HEADER_BYTES + COMMIT_BODY_BYTES;
+pub use crate::storage::format::{COMMIT_BODY_BYTES, COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES};
 
 /// What a record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -53,14 +53,15 @@
 use std::fmt;
 
 use crate::storage::error::StorageError;
-use crate::storage::io::{SegmentDir, SegmentFile};
-use crate::storage::limits::{StorageLimits, BLOCK_BYTES};
-use crate::storage::record::{
-    parse_record, CommitRecord, RecordFault, RecordKind, COMMIT_RECORD_BYTES,
+use crate::storage::format::{
+    align_up_to_block, Position, BLOCK_BYTES, COMMIT_RECORD_BYTES, FIRST_COMMIT_OFFSET,
+    FORMAT_VERSION,
 };
+use crate::storage::io::{SegmentDir, SegmentFile};
+use crate::storage::limits::StorageLimits;
+use crate::storage::record::{parse_record, CommitRecord, RecordFault, RecordKind};
 use crate::storage::segment::{
-    parse_segment_file_name, segment_file_name, HeaderFault, Position, SegmentHeader,
-    FIRST_COMMIT_OFFSET, FORMAT_VERSION,
+    parse_segment_file_name, segment_file_name, HeaderFault, SegmentHeader,
 };
 
 /// What the scan found at a commit boundary.
@@ -360,7 +361,7 @@ async fn later_commit<F: SegmentFile>(
     failing_seq: u64,
 ) -> std::io::Result<bool> {
     let block = BLOCK_BYTES as u64;
-    let mut b = from.div_ceil(block) * block;
+    let mut b = align_up_to_block(from);
     while b < file_len {
         let head = win.get(b, COMMIT_RECORD_BYTES).await?;
         if let Ok(r) = parse_record(head, COMMIT_RECORD_BYTES) {
@@ -613,8 +614,7 @@ pub(crate) async fn recover<D: SegmentDir>(
                             chunk: None,
                         }
                     };
-                    pos = (pos + chunk.bytes as u64).div_ceil(BLOCK_BYTES as u64)
-                        * BLOCK_BYTES as u64;
+                    pos = align_up_to_block(pos + chunk.bytes as u64);
                 }
                 Decision::EndOfLog => {
                     assert!(
@@ -719,7 +719,7 @@ mod tests {
 
     #[test]
     fn every_segment_row_decides_as_documented() {
-        use crate::storage::segment::FLAG_RECLAIMED;
+        use crate::storage::format::FLAG_RECLAIMED;
         let good = SegmentHeader {
             version: FORMAT_VERSION,
             shard_id: 3,

@@ -1,8 +1,9 @@
-//! Positions, segment file names and the segment header.
+//! Segment file names and the segment header.
 //!
-//! Contract: pure encoding and decoding; no I/O. A position is `segment number << 40 | offset`,
-//! so positions grow with append order across segments and decode without a lookup; a segment
-//! file is named by the position of its first byte, in hex, so names sort in log order.
+//! Contract: pure encoding and decoding; no I/O, any thread. A segment file is named by the
+//! position of its first byte (see [`crate::storage::format`]), in hex, so names sort in log
+//! order. Faults handled: a header block that is zero, cut short, foreign or fails its checksum
+//! is reported as a [`HeaderFault`]; what to do about it is recovery's decision.
 //!
 //! The header fills block 0 of every segment (the rest of the block is zero):
 //!
@@ -20,47 +21,11 @@
 
 use std::fmt;
 
-use crate::storage::limits::BLOCK_BYTES;
-
-/// Bits of a position that address a byte inside a segment.
-pub const SEGMENT_OFFSET_BITS: u32 = 40;
-/// Largest segment a position can address.
-pub const SEGMENT_OFFSET_MAX: u64 = 1 << SEGMENT_OFFSET_BITS;
-/// Largest segment number (positions are 64 bits).
-pub const SEGMENT_NUMBER_MAX: u32 = (1 << (64 - SEGMENT_OFFSET_BITS)) - 1;
-
-/// Where a record starts in the journal. Ordered like the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Position(pub u64);
-
-impl Position {
-    /// The position of byte `offset` of segment `segment`.
-    pub fn new(segment: u32, offset: u64) -> Position {
-        assert!(
-            segment <= SEGMENT_NUMBER_MAX,
-            "segment number {segment} out of range"
-        );
-        assert!(
-            offset < SEGMENT_OFFSET_MAX,
-            "segment offset {offset} out of range"
-        );
-        Position(((segment as u64) << SEGMENT_OFFSET_BITS) | offset)
-    }
-    /// The segment number.
-    pub fn segment(self) -> u32 {
-        (self.0 >> SEGMENT_OFFSET_BITS) as u32
-    }
-    /// The byte offset inside the segment file.
-    pub fn offset(self) -> u64 {
-        self.0 & (SEGMENT_OFFSET_MAX - 1)
-    }
-}
-
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.segment(), self.offset())
-    }
-}
+use crate::storage::format::BLOCK_BYTES;
+pub use crate::storage::format::{
+    Position, FIRST_COMMIT_OFFSET, FLAG_RECLAIMED, FORMAT_VERSION, HEADER_BYTES, NO_PREVIOUS,
+    SEGMENT_MAGIC, SEGMENT_NUMBER_MAX, SEGMENT_OFFSET_BITS, SEGMENT_OFFSET_MAX,
+};
 
 /// The file name of segment `number`: the hex position of its first byte.
 pub fn segment_file_name(number: u32) -> String {
@@ -76,19 +41,6 @@ pub fn parse_segment_file_name(name: &str) -> Option<u32> {
     let pos = Position(u64::from_str_radix(hex, 16).ok()?);
     (pos.offset() == 0).then_some(pos.segment())
 }
-
-/// First bytes of every segment.
-pub const SEGMENT_MAGIC: [u8; 8] = *b"WEIRJRNL";
-/// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// Header flag: the segment was reclaimed; its data is gone and must not be read.
-pub const FLAG_RECLAIMED: u32 = 1;
-/// Encoded size of the header fields.
-pub const HEADER_BYTES: usize = 52;
-/// Offset of the first commit in a segment: the header owns block 0.
-pub const FIRST_COMMIT_OFFSET: u64 = BLOCK_BYTES as u64;
-/// `prev_end` of the first segment of a journal.
-pub const NO_PREVIOUS: u64 = u64::MAX;
 
 /// The header of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,429 @@
+//! The journal: a shard's append-only log, its group commit, reads by position, reclaim and
+//! compaction.
+//!
+//! Contract: one `Journal` per shard, used only on that shard's thread (`Rc`, `RefCell`). It
+//! owns the segment files of its directory, the staging buffers of the next commit, and the
+//! durable watermark. [`Journal::run_committer`] is the one task that writes: the shard spawns
+//! it next to the journal (`crate::rt::spawn_detached`); tests poll it with a plain `block_on`.
+//!
+//! This file holds the shared state, opening, appending (staging into the next commit), waiting
+//! for a commit, and closing. The rest is split by what it does:
+//! - [`commit`]: the committer task, group commit, segment creation and commit failures;
+//! - [`read`]: reading a durable record back by position, and relocation (compaction);
+//! - [`reclaim`]: the segment list, reclaim and tombstones.
+//!
+//! Segments. A commit never spans segments: a record that does not fit in the current segment
+//! starts the next one, created (preallocated, header written and fdatasynced, directory synced)
+//! by the committer before the first write into it. Each opening of the journal appends into a
+//! fresh segment, and a failed commit abandons the rest of its segment; the next segment's header
+//! records where the previous one's log ends, which is what lets recovery tell a torn tail from
+//! corruption (see `recovery`).
+//!
+//! Faults: out of disk space fails the commit in progress and every staged record with
+//! [`StorageError::NoSpace`] / [`StorageError::Abandoned`], refuses appends until space returns
+//! ([`Journal::reclaim`] or [`Journal::resume_after_no_space`]), and keeps everything committed.
+//! Any other write or fdatasync error stops the journal ([`StorageError::Failed`]): after a failed
+//! fdatasync the contents of the disk are unknown, and only recovery can tell what is there.
+
+mod commit;
+mod read;
+mod reclaim;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use crate::storage::error::StorageError;
+use crate::storage::format::{
+    align_up_to_block, Position, BLOCK_BYTES, COMMIT_RECORD_BYTES, FIRST_COMMIT_OFFSET,
+    RECORD_HEADER_BYTES,
+};
+use crate::storage::io::{IoBuf, SegmentDir, SegmentFile};
+use crate::storage::limits::JournalConfig;
+use crate::storage::record::{seal_record, MessageEnvelope, RecordKind, SettleRecord};
+use crate::storage::recovery::{recover, RecoveryReport};
+use crate::storage::segment::SegmentHeader;
+
+pub use read::ReadRecord;
+pub use reclaim::SegmentInfo;
+
+/// Identifies the commit that carries a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CommitId(pub u64);
+
+/// What `append` returns: where the record is and which commit will make it durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Where the record starts.
+    pub position: Position,
+    /// Its encoded length (header included); a read with this hint takes one I/O.
+    pub len: u32,
+    /// The commit that carries it.
+    pub commit: CommitId,
+}
+
+/// Counters for benchmarks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Commits completed.
+    pub commits: u64,
+    /// Records made durable.
+    pub records: u64,
+    /// Bytes handed to writes (padding and commit records included).
+    pub bytes_written: u64,
+    /// fdatasync calls (commits plus segment creations).
+    pub fdatasyncs: u64,
+    /// Segments created.
+    pub segments_created: u64,
+}
+
+struct Seg<F> {
+    file: Rc<F>,
+    header: SegmentHeader,
+    /// Where its durable log ends (block-aligned): the next commit into it starts here, and the
+    /// next segment's header seals it here.
+    end: u64,
+    reclaimed: bool,
+}
+
+struct StagedChunk<B> {
+    segment: u32,
+    start: u64,
+    buf: B,
+    /// Bytes used in `buf`, the reserved commit record included.
+    used: usize,
+    round: u64,
+    records: u64,
+}
+
+/// Why a commit failed, kept so every waiter of that commit gets the same answer.
+#[derive(Clone, Debug)]
+enum RoundFailure {
+    NoSpace(String),
+    Abandoned(String),
+    Failed(String),
+}
+
+impl RoundFailure {
+    fn error(&self) -> StorageError {
+        match self {
+            RoundFailure::NoSpace(m) => StorageError::NoSpace(m.clone()),
+            RoundFailure::Abandoned(m) => StorageError::Abandoned(m.clone()),
+            RoundFailure::Failed(m) => StorageError::Failed(m.clone()),
+        }
+    }
+}
+
+struct State<D: SegmentDir> {
+    segments: BTreeMap<u32, Seg<D::File>>,
+    /// The segment new records go to, and where the next chunk would start in it.
+    place_segment: u32,
+    place_offset: u64,
+    staged: VecDeque<StagedChunk<D::Buf>>,
+    /// Record bytes staged (the byte bound of the commit window).
+    staged_bytes: u64,
+    /// The commit (round) that appends currently join, if it has not been taken yet.
+    open_round: Option<u64>,
+    next_round: u64,
+    /// Every round below this one has finished, successfully or not.
+    finished_below: u64,
+    failed: BTreeMap<u64, RoundFailure>,
+    next_commit_seq: u64,
+    durable: Position,
+    no_space: Option<String>,
+    poisoned: Option<String>,
+    closing: bool,
+    closed: bool,
+    committer: Option<Waker>,
+    commit_waiters: Vec<Waker>,
+    room_waiters: Vec<Waker>,
+    close_waiters: Vec<Waker>,
+    stats: JournalStats,
+}
+
+struct Inner<D: SegmentDir> {
+    dir: D,
+    config: JournalConfig,
+    state: RefCell<State<D>>,
+}
+
+/// A shard's journal. Cloning shares it.
+pub struct Journal<D: SegmentDir> {
+    inner: Rc<Inner<D>>,
+}
+
+impl<D: SegmentDir> Clone for Journal<D> {
+    fn clone(&self) -> Self {
+        Journal {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<D: SegmentDir + 'static> Journal<D> {
+    /// Recovers the journal in `dir` (see `recovery`), handing every record to `replay` in log
+    /// order, and opens it for appends into a fresh segment.
+    pub async fn open(
+        dir: D,
+        config: JournalConfig,
+        mut replay: impl FnMut(Position, RecordKind, &[u8]),
+    ) -> Result<(Journal<D>, RecoveryReport), StorageError> {
+        config.limits.check()?;
+        let rec = recover(&dir, config.shard_id, &config.limits, &mut replay).await?;
+        let mut segments = BTreeMap::new();
+        let mut durable = Position::default();
+        let mut place_segment = 0;
+        for s in rec.segments {
+            if !s.header.reclaimed() {
+                durable = Position::new(s.number, s.end);
+            }
+            place_segment = s.number + 1;
+            segments.insert(
+                s.number,
+                Seg {
+                    file: Rc::new(s.file),
+                    reclaimed: s.header.reclaimed(),
+                    header: s.header,
+                    end: s.end,
+                },
+            );
+        }
+        let state = State {
+            segments,
+            place_segment,
+            place_offset: FIRST_COMMIT_OFFSET,
+            staged: VecDeque::new(),
+            staged_bytes: 0,
+            open_round: None,
+            next_round: 0,
+            finished_below: 0,
+            failed: BTreeMap::new(),
+            next_commit_seq: rec.next_commit_seq,
+            durable,
+            no_space: None,
+            poisoned: None,
+            closing: false,
+            closed: false,
+            committer: None,
+            commit_waiters: Vec::new(),
+            room_waiters: Vec::new(),
+            close_waiters: Vec::new(),
+            stats: JournalStats::default(),
+        };
+        let journal = Journal {
+            inner: Rc::new(Inner {
+                dir,
+                config,
+                state: RefCell::new(state),
+            }),
+        };
+        Ok((journal, rec.report))
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.inner.config
+    }
+
+    /// Appends a message record: its routing envelope, then the message bytes as received.
+    pub fn append_message(
+        &self,
+        envelope: &MessageEnvelope<'_>,
+        message: &[u8],
+    ) -> Result<Appended, StorageError> {
+        let env_len = envelope.encoded_len();
+        self.append_with(RecordKind::Message, env_len + message.len(), |out| {
+            envelope.encode(&mut out[..env_len]);
+            out[env_len..].copy_from_slice(message);
+        })
+    }
+
+    /// Appends a settle record.
+    pub fn append_settle(&self, settle: &SettleRecord<'_>) -> Result<Appended, StorageError> {
+        self.append_with(RecordKind::Settle, settle.encoded_len(), |out| {
+            settle.encode(out)
+        })
+    }
+
+    /// Appends an opaque control record.
+    pub fn append_control(&self, body: &[u8]) -> Result<Appended, StorageError> {
+        self.append_with(RecordKind::Control, body.len(), |out| {
+            out.copy_from_slice(body)
+        })
+    }
+
+    /// Appends a record of `kind` whose body `fill` writes into the `body_len` bytes it is given.
+    pub fn append_with(
+        &self,
+        kind: RecordKind,
+        body_len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Appended, StorageError> {
+        assert!(
+            kind != RecordKind::Commit,
+            "commit records are the journal's own"
+        );
+        let limits = self.inner.config.limits;
+        let rec_len = RECORD_HEADER_BYTES + body_len;
+        let mut st = self.inner.state.borrow_mut();
+        if let Some(why) = &st.poisoned {
+            return Err(StorageError::Failed(why.clone()));
+        }
+        if st.closing {
+            return Err(StorageError::Closed);
+        }
+        if let Some(why) = &st.no_space {
+            return Err(StorageError::NoSpace(why.clone()));
+        }
+        if rec_len > limits.record_bytes_max as usize {
+            return Err(StorageError::RecordTooLarge {
+                bytes: rec_len,
+                max: limits.record_bytes_max,
+            });
+        }
+        if st.staged_bytes + rec_len as u64 > limits.staged_bytes_max {
+            return Err(StorageError::Backpressure {
+                staged: st.staged_bytes,
+                max: limits.staged_bytes_max,
+            });
+        }
+        let joins_open_chunk = match (st.staged.back(), st.open_round) {
+            (Some(c), Some(r)) => c.round == r && c.used + rec_len <= c.buf.bytes().len(),
+            _ => false,
+        };
+        if !joins_open_chunk {
+            let segment_size = limits.segment_size_bytes_max;
+            let mut segment = st.place_segment;
+            let mut start = st.place_offset;
+            if start + (COMMIT_RECORD_BYTES + rec_len) as u64 > segment_size {
+                segment += 1;
+                start = FIRST_COMMIT_OFFSET;
+            }
+            let same_round =
+                st.open_round.is_some() && st.staged.back().is_some_and(|c| c.segment == segment);
+            let round = if same_round {
+                st.open_round.expect("checked")
+            } else {
+                let r = st.next_round;
+                st.next_round += 1;
+                st.open_round = Some(r);
+                r
+            };
+            let cap = (limits.commit_bytes_max as u64).min(segment_size - start) as usize;
+            assert!(cap.is_multiple_of(BLOCK_BYTES) && cap >= COMMIT_RECORD_BYTES + rec_len);
+            let buf = self.inner.dir.alloc_buf(cap);
+            st.staged.push_back(StagedChunk {
+                segment,
+                start,
+                buf,
+                used: COMMIT_RECORD_BYTES,
+                round,
+                records: 0,
+            });
+            st.place_segment = segment;
+        }
+        let chunk = st.staged.back_mut().expect("a chunk is open");
+        let at = chunk.used;
+        let out = &mut chunk.buf.bytes_mut()[at..at + rec_len];
+        fill(&mut out[RECORD_HEADER_BYTES..]);
+        seal_record(out, kind);
+        chunk.used += rec_len;
+        chunk.records += 1;
+        let appended = Appended {
+            position: Position::new(chunk.segment, chunk.start + at as u64),
+            len: rec_len as u32,
+            commit: CommitId(chunk.round),
+        };
+        st.place_offset = align_up_to_block(chunk.start + chunk.used as u64);
+        st.staged_bytes += rec_len as u64;
+        if let Some(w) = st.committer.take() {
+            w.wake();
+        }
+        Ok(appended)
+    }
+
+    /// Waits until `bytes` more can be staged (the byte bound of the commit window).
+    pub async fn wait_for_room(&self, bytes: usize) {
+        poll_fn(|cx| {
+            let mut st = self.inner.state.borrow_mut();
+            let max = self.inner.config.limits.staged_bytes_max;
+            if st.staged_bytes + bytes as u64 <= max || st.poisoned.is_some() || st.closing {
+                Poll::Ready(())
+            } else {
+                st.room_waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Resolves when the commit carrying `appended` is durable, or with why it never will be.
+    pub async fn commit(&self, appended: &Appended) -> Result<(), StorageError> {
+        let round = appended.commit.0;
+        poll_fn(|cx| {
+            let mut st = self.inner.state.borrow_mut();
+            if round < st.finished_below {
+                return Poll::Ready(match st.failed.get(&round) {
+                    Some(f) => Err(f.error()),
+                    None => Ok(()),
+                });
+            }
+            if let Some(why) = &st.poisoned {
+                return Poll::Ready(Err(StorageError::Failed(why.clone())));
+            }
+            st.commit_waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The durable watermark: every record before it whose commit succeeded is durable. It only
+    /// grows, in append order.
+    pub fn durable_position(&self) -> Position {
+        self.inner.state.borrow().durable
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> JournalStats {
+        self.inner.state.borrow().stats
+    }
+
+    /// Clears the out-of-space state after space was freed outside the journal, so that appends
+    /// are taken again; the next commit tries the disk again.
+    pub fn resume_after_no_space(&self) {
+        self.inner.state.borrow_mut().no_space = None;
+    }
+
+    /// Commits what is staged, stops the committer, closes the segment files and refuses
+    /// further work.
+    pub async fn close(&self) {
+        {
+            let mut st = self.inner.state.borrow_mut();
+            st.closing = true;
+            if let Some(w) = st.committer.take() {
+                w.wake();
+            }
+        }
+        poll_fn(|cx| {
+            let mut st = self.inner.state.borrow_mut();
+            if st.closed {
+                Poll::Ready(())
+            } else {
+                st.close_waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        let segments = std::mem::take(&mut self.inner.state.borrow_mut().segments);
+        for (n, seg) in segments {
+            // A reader still holding the file keeps it open; it is closed when dropped.
+            if let Ok(file) = Rc::try_unwrap(seg.file) {
+                if let Err(e) = file.close().await {
+                    tracing::warn!(segment = n, error = %e, "closing segment file failed");
+                }
+            }
+        }
+    }
+}
