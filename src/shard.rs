@@ -1061,7 +1061,7 @@ pub async fn run(setup: ShardSetup) {
     if let Some(writer) = &state.control {
         let table = writer.borrow().table().clone();
         for shard in 0..state.session.shard_count() {
-            let op = Op::Routing(RoutingChange::Snapshot(Box::new(table.clone())));
+            let op = Op::Routing(RoutingChange::Snapshot(table.snapshot()));
             state.request_of_own(shard, 0, op);
         }
     }
