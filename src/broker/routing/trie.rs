@@ -161,26 +161,29 @@ impl TopicTrie {
         })
     }
 
+    /// `node`'s `#` child (`via` is `VIA_HASH`) or `*` child, made if it has none.
+    fn wildcard_child(&mut self, node: u32, via: u32) -> u32 {
+        let n = &self.nodes[node as usize];
+        let child = if via == VIA_HASH { n.hash } else { n.star };
+        if child != NONE {
+            return child;
+        }
+        let child = self.new_node(node, via);
+        let n = &mut self.nodes[node as usize];
+        *(if via == VIA_HASH {
+            &mut n.hash
+        } else {
+            &mut n.star
+        }) = child;
+        child
+    }
+
     pub(super) fn insert(&mut self, key: &str, queue: QueueId) {
         let mut node = ROOT;
         for w in Self::path(key) {
             node = match w {
-                "#" => match self.nodes[node as usize].hash {
-                    NONE => {
-                        let child = self.new_node(node, VIA_HASH);
-                        self.nodes[node as usize].hash = child;
-                        child
-                    }
-                    child => child,
-                },
-                "*" => match self.nodes[node as usize].star {
-                    NONE => {
-                        let child = self.new_node(node, VIA_STAR);
-                        self.nodes[node as usize].star = child;
-                        child
-                    }
-                    child => child,
-                },
+                "#" => self.wildcard_child(node, VIA_HASH),
+                "*" => self.wildcard_child(node, VIA_STAR),
                 w => {
                     let word = self.words.intern(w);
                     match self.edges.get(&edge(node, word)) {
