@@ -152,9 +152,9 @@ pub async fn run(setup: ShardSetup) {
     // Every shard serves only once it holds the writer's copy of the routing table, so a
     // durable binding routes from the first publish after a restart.
     if let Some(writer) = &state.control {
-        let table = writer.borrow().table().clone();
+        let snapshot = writer.borrow().table().snapshot();
         for shard in 0..state.session.shard_count() {
-            let op = Op::Routing(RoutingChange::Snapshot(Box::new(table.clone())));
+            let op = Op::Routing(RoutingChange::Snapshot(snapshot.clone()));
             state.request_of_own(shard, 0, op);
         }
     }
