@@ -22,7 +22,6 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod inspect;
 pub mod limits;
 pub mod mesh;

@@ -10,7 +10,7 @@
 use weir_protocol::limits::FRAME_OVERHEAD_BYTES_MAX;
 use weir_protocol::WireLimits;
 
-use crate::storage::record::RECORD_HEADER_BYTES;
+use crate::storage::format::RECORD_HEADER_BYTES;
 use crate::storage::StorageLimits;
 
 /// The broker's own bounds (beyond the codec's and the journal's).

@@ -12,7 +12,8 @@ use std::rc::Rc;
 use futures_lite::future::block_on;
 use journal_support::*;
 use weir::storage::fault::{CrashWhen, FaultDir, Image};
-use weir::storage::record::{parse_record, CommitRecord, RecordKind, COMMIT_RECORD_BYTES};
+use weir::storage::format::COMMIT_RECORD_BYTES;
+use weir::storage::record::{parse_record, CommitRecord, RecordKind};
 use weir::storage::segment::parse_segment_file_name;
 use weir::storage::{StorageError, BLOCK_BYTES, SECTOR_BYTES};
 

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 
-use crate::broker::host::{ConnRef, Refusal};
-use crate::broker::ops::Reply;
+use crate::broker::types::{ConnRef, Refusal};
+use crate::mesh::msg::Reply;
 
 /// An answer that is due: `reply` to request `id` of connection `to`.
 #[derive(Debug)]

@@ -13,9 +13,12 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use weir_protocol::WireLimits;
 
-use crate::broker::host::{DeadLetter, MsgRef};
-use crate::broker::ops::{self, PublishItem};
+use crate::broker::host::DeadLetter;
+
+use crate::broker::ops;
 use crate::broker::routing::RoutingTable;
+use crate::broker::stored::MsgRef;
+use crate::mesh::msg::PublishItem;
 use crate::storage::Position;
 
 /// Where a dead letter's bytes are.
@@ -118,7 +121,8 @@ impl DeadLetterPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::host::{placement, Stored};
+    use crate::broker::stored::Stored;
+    use crate::broker::types::placement;
     use std::rc::Rc;
 
     fn letter(exchange: &str, key: Option<&str>, msg: MsgRef) -> DeadLetter {

@@ -9,8 +9,8 @@
 
 use weir_protocol::wire::{Durability, ErrorCode};
 
-use crate::broker::host::Refusal;
-use crate::broker::ops::Reply;
+use crate::broker::types::Refusal;
+use crate::mesh::msg::Reply;
 use crate::storage::StorageError;
 
 /// Whether a reply waits for the commit of its request's own records.
@@ -75,7 +75,7 @@ impl HeldReplies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::ops::PublishOutcome;
+    use crate::mesh::msg::PublishOutcome;
 
     fn refusal() -> Refusal {
         Refusal {

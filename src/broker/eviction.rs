@@ -49,7 +49,8 @@ impl Written {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::host::{Cache, ConnRef, Declare, MsgRef, Stored};
+    use crate::broker::stored::{Cache, MsgRef, Stored};
+    use crate::broker::types::{ConnRef, Declare};
     use crate::storage::Position;
     use bytes::Bytes;
     use std::rc::Rc;

@@ -12,14 +12,12 @@ use bytes::Bytes;
 use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{placement, ConnRef, MsgRef, Outgoing, QueueHost, Refusal, Stored};
+use crate::broker::host::{Outgoing, QueueHost};
 use crate::broker::queue::{OwnerId, Seq};
+use crate::broker::stored::{MsgRef, Stored};
+use crate::broker::types::{placement, ConnRef, Refusal};
+use crate::mesh::msg::{Op, PublishItem, PublishOutcome, Pushed, Reply, WireDelivery};
 use crate::storage::SettleReason;
-
-// The vocabulary moved to `mesh::msg`; re-exported while parallel work lands.
-pub use crate::mesh::msg::{
-    Op, PublishItem, PublishOutcome, Pushed, Reply, SettleItem, ShardStatus, WireDelivery,
-};
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
 /// shard naming all of that shard's queues (stored there once), or one per `targets_max` of

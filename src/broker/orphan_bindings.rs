@@ -5,7 +5,9 @@
 //! (its unbind not yet durable), or removed now (deleted, auto-deleted, its exclusive owner
 //! gone). The writer removes them (`ControlOp::QueueGone`); this only decides which.
 
-use crate::broker::host::{placement, QueueHost};
+use crate::broker::types::placement;
+
+use crate::broker::host::QueueHost;
 use crate::broker::routing::RoutingTable;
 
 /// At start-up: bound queues placed on `shard` that its host does not have (after recovery,
@@ -37,8 +39,8 @@ pub fn removed_with_bindings(table: &RoutingTable, removed: Vec<String>) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::host::{ConnRef, Declare};
     use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind, RoutingChange};
+    use crate::broker::types::{ConnRef, Declare};
 
     fn table(queues: &[&str]) -> RoutingTable {
         let mut t = RoutingTable::default();

@@ -10,8 +10,10 @@
 use bytes::Bytes;
 use weir_protocol::wire::ErrorCode;
 
-use crate::broker::host::{ConnRef, QueueHost, Refusal};
-use crate::broker::ops::WireDelivery;
+use crate::broker::types::{ConnRef, Refusal};
+
+use crate::broker::host::QueueHost;
+use crate::mesh::msg::WireDelivery;
 use crate::storage::{MessageEnvelope, Position};
 
 /// Splits a message record read back from `position` into its envelope and message bytes.
@@ -62,7 +64,8 @@ pub fn unread_refusal() -> Refusal {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::broker::host::{Declare, Stored};
+    use crate::broker::stored::Stored;
+    use crate::broker::types::Declare;
     use crate::storage::Target;
     use std::rc::Rc;
 

@@ -33,7 +33,7 @@ use crate::broker::queue::Seq;
 use crate::broker::routing::RoutingTable;
 use crate::broker::stored::{Cache, MsgRef};
 use crate::broker::types::Declare;
-use crate::storage::record::RECORD_HEADER_BYTES;
+use crate::storage::format::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
 
 struct RebuiltQueue {

@@ -14,7 +14,7 @@ use weir_protocol::wire;
 
 use crate::broker::queue::{OwnerId, Seq};
 use crate::broker::routing::{Binding, ExchangeDecl, RoutingChange};
-pub use crate::broker::types::ShardStatus;
+use crate::broker::types::ShardStatus;
 use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::storage::Position;
 

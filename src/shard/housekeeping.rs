@@ -9,8 +9,8 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::broker::ops::Op;
 use crate::broker::reclaim::{ReclaimRound, ReclaimStep};
+use crate::mesh::msg::Op;
 use crate::rt;
 
 use super::ShardState;

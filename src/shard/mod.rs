@@ -45,15 +45,18 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::broker::control::{ControlPlane, RoutingCopy, CONTROL_CONN, CONTROL_SHARD};
 use crate::broker::control_wait::ControlWaits;
 use crate::broker::durability::HeldReplies;
 use crate::broker::eviction::Written;
-use crate::broker::host::{ConnRef, Liveness, QueueHost};
-use crate::broker::ops::{Op, Reply};
-use crate::control::{ControlOp, ControlPlane, RoutingCopy, CONTROL_CONN, CONTROL_SHARD};
+use crate::broker::host::QueueHost;
+use crate::broker::stored::Liveness;
+use crate::broker::types::ConnRef;
 use crate::limits::Limits;
+use crate::mesh::msg::ControlOp;
+use crate::mesh::msg::{Op, Reply};
 use crate::mesh::{Batch, Mesh, MeshMsg};
-use crate::net::connection::ConnectionHost;
+use crate::net::connection::{ConnEntry, ConnectionHost};
 use crate::net::session::{Routed, SessionCtx};
 use crate::rt::executor::Doorbell;
 use crate::rt::fs::DmaDir;
@@ -61,7 +64,6 @@ use crate::rt::mesh::MeshEnds;
 use crate::rt::net::BoundListener;
 use crate::storage::{Appended, Journal};
 
-pub use crate::net::connection::ConnEntry;
 pub use run::run;
 
 /// What a shard is started with (built on the main thread, moved to the shard's thread).

@@ -8,9 +8,10 @@
 //! once, see `broker::dead_letter`).
 
 use crate::broker::dead_letter::{self, DeadLetterPlan, LetterBody};
-use crate::broker::host::{ConnRef, DeadLetter};
-use crate::broker::ops::{Op, WireDelivery};
+use crate::broker::host::DeadLetter;
 use crate::broker::read_back;
+use crate::broker::types::ConnRef;
+use crate::mesh::msg::{Op, WireDelivery};
 
 use super::ShardState;
 

@@ -12,13 +12,14 @@
 
 use std::rc::Rc;
 
+use crate::broker::control::CONTROL_SHARD;
 use crate::broker::control_wait::Answer;
 use crate::broker::durability::{holds_for_commit, storage_refusal};
-use crate::broker::host::{ConnRef, Refusal};
-use crate::broker::ops::{Op, Reply};
 use crate::broker::orphan_bindings;
 use crate::broker::routing::RoutingChange;
-use crate::control::{ControlOp, CONTROL_SHARD};
+use crate::broker::types::{ConnRef, Refusal};
+use crate::mesh::msg::ControlOp;
+use crate::mesh::msg::{Op, Reply};
 use crate::rt;
 
 use super::ShardState;

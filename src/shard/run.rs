@@ -13,14 +13,14 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::broker::control::{ControlPlane, RoutingCopy, CONTROL_SHARD};
 use crate::broker::control_wait::ControlWaits;
 use crate::broker::durability::HeldReplies;
 use crate::broker::eviction::Written;
-use crate::broker::host::Cache;
-use crate::broker::ops::Op;
 use crate::broker::rebuild::Rebuild;
 use crate::broker::routing::RoutingChange;
-use crate::control::{ControlPlane, RoutingCopy, CONTROL_SHARD};
+use crate::broker::stored::Cache;
+use crate::mesh::msg::Op;
 use crate::mesh::Mesh;
 use crate::rt;
 use crate::rt::executor::{doorbell, DoorbellWaiter};

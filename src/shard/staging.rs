@@ -11,9 +11,11 @@ use std::rc::Rc;
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::durability::storage_refusal;
 use crate::broker::eviction::Written;
-use crate::broker::host::{Liveness, Refusal, Stored};
-use crate::broker::ops::{JournalSink, PublishItem};
+use crate::broker::ops::JournalSink;
 use crate::broker::queue::Seq;
+use crate::broker::stored::{Liveness, Stored};
+use crate::broker::types::Refusal;
+use crate::mesh::msg::PublishItem;
 use crate::rt::fs::DmaDir;
 use crate::storage::{
     Appended, Journal, MessageEnvelope, SettleReason, SettleRecord, StorageError, Target,

@@ -13,11 +13,12 @@ use std::rc::Rc;
 
 use bytes::BytesMut;
 
+use crate::broker::control::CONTROL_CONN;
 use crate::broker::durability;
-use crate::broker::host::ConnRef;
-use crate::broker::ops::{self, Op, Pushed, Reply};
+use crate::broker::ops;
 use crate::broker::read_back;
-use crate::control::CONTROL_CONN;
+use crate::broker::types::ConnRef;
+use crate::mesh::msg::{Op, Pushed, Reply};
 use crate::mesh::MeshMsg;
 use crate::net::session::{Routed, Session};
 use crate::rt;

@@ -7,7 +7,7 @@
 //! [`crate::storage::format`].
 
 use crate::storage::error::StorageError;
-pub use crate::storage::format::{BLOCK_BYTES, SECTOR_BYTES};
+use crate::storage::format::BLOCK_BYTES;
 use crate::storage::format::{COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES, SEGMENT_OFFSET_MAX};
 
 /// Bounds of one journal. Relations between them are asserted by [`StorageLimits::check`].

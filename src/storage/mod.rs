@@ -37,8 +37,8 @@ pub mod recovery;
 pub mod segment;
 
 pub use error::StorageError;
-pub use format::Position;
+pub use format::{Position, BLOCK_BYTES, SECTOR_BYTES};
 pub use journal::{Appended, CommitId, Journal, ReadRecord, SegmentInfo};
-pub use limits::{JournalConfig, StorageLimits, BLOCK_BYTES, SECTOR_BYTES};
+pub use limits::{JournalConfig, StorageLimits};
 pub use record::{MessageEnvelope, RecordKind, SettleReason, SettleRecord, Target};
 pub use recovery::{RecoveryReport, TailCut};

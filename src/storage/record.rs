@@ -17,9 +17,8 @@
 //!   dropped or purged.
 //! - `Control`: an opaque body for the broker's own bookkeeping (declarations, dedup windows).
 
+use crate::storage::format::{COMMIT_BODY_BYTES, COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES};
 use std::fmt;
-
-pub use crate::storage::format::{COMMIT_BODY_BYTES, COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES};
 
 /// What a record is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

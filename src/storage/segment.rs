@@ -22,10 +22,7 @@
 use std::fmt;
 
 use crate::storage::format::BLOCK_BYTES;
-pub use crate::storage::format::{
-    Position, FIRST_COMMIT_OFFSET, FLAG_RECLAIMED, FORMAT_VERSION, HEADER_BYTES, NO_PREVIOUS,
-    SEGMENT_MAGIC, SEGMENT_NUMBER_MAX, SEGMENT_OFFSET_BITS, SEGMENT_OFFSET_MAX,
-};
+use crate::storage::format::{Position, FLAG_RECLAIMED, HEADER_BYTES, SEGMENT_MAGIC};
 
 /// The file name of segment `number`: the hex position of its first byte.
 pub fn segment_file_name(number: u32) -> String {
@@ -148,6 +145,7 @@ impl SegmentHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::format::{FORMAT_VERSION, SEGMENT_NUMBER_MAX};
 
     #[test]
     fn names_round_trip_and_sort_in_log_order() {

@@ -11,8 +11,10 @@ use std::rc::Rc;
 
 use weir_protocol::wire::ErrorCode;
 
-use super::{refuse, ConnRef, ConsumerInfo, MsgRef, QueueHost, Refusal, StoredDelivery};
+use super::{refuse, ConsumerInfo, QueueHost, StoredDelivery};
 use crate::broker::queue::{Delivery, OwnerId};
+use crate::broker::stored::MsgRef;
+use crate::broker::types::{ConnRef, Refusal};
 
 /// A delivery owed to a connection.
 #[derive(Clone, Debug)]

@@ -30,10 +30,10 @@ use crate::broker::catalog::CatalogRecord;
 use crate::broker::queue::{
     Delivery, Overflow, OwnerId, Queue, QueueError, QueuePolicy, Seq, Settled,
 };
+use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
+use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::storage::SettleReason;
 
-pub use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
-pub use crate::broker::types::{placement, Cancelled, ConnRef, Declare, Refusal};
 pub use consumers::Outgoing;
 pub use settle::{DeadLetter, JournalWork};
 

@@ -12,9 +12,11 @@ use std::rc::Rc;
 
 use weir_protocol::wire::ErrorCode;
 
-use super::{ConnRef, Liveness, MsgRef, QueueHost, Refusal};
+use super::QueueHost;
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::queue::{OwnerId, Seq, Settled};
+use crate::broker::stored::{Liveness, MsgRef};
+use crate::broker::types::{ConnRef, Refusal};
 use crate::storage::SettleReason;
 
 /// A message its queue dead-lettered (rejected without requeue, expired, pushed out by overflow,

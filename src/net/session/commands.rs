@@ -14,10 +14,11 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 
 use super::replies::{name, BINDING_LIST_MAX, LIST_PAGE_MAX};
 use super::{ConsumerRef, Flow, Pending, Routed, Session, State};
-use crate::broker::host::Declare;
-use crate::broker::ops::{Op, Reply};
+use crate::broker::control::CONTROL_SHARD;
 use crate::broker::routing::{Binding, ExchangeDecl};
-use crate::control::{ControlOp, CONTROL_SHARD};
+use crate::broker::types::Declare;
+use crate::mesh::msg::ControlOp;
+use crate::mesh::msg::{Op, Reply};
 use crate::net::command::{BindingRef, Command, Consume, DeclareQueue};
 
 impl Session {

@@ -13,7 +13,8 @@ use weir_protocol::wire::{self, BodyT};
 
 use super::replies::LIST_PAGE_MAX;
 use super::{Flow, Pending, Routed, Session};
-use crate::broker::ops::{Op, Reply, ShardStatus};
+use crate::broker::types::ShardStatus;
+use crate::mesh::msg::{Op, Reply};
 
 /// A queue listing waiting for its shards.
 pub(super) struct ListGather {

@@ -18,8 +18,8 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::DeliveryItem;
 
 use super::{Flow, Pending, Routed, Session, State};
-use crate::broker::ops::{Op, Pushed, Reply, SettleItem, WireDelivery};
 use crate::broker::queue::OwnerId;
+use crate::mesh::msg::{Op, Pushed, Reply, SettleItem, WireDelivery};
 use crate::net::command::Settle;
 
 /// A delivery this connection holds, by delivery tag.

@@ -41,11 +41,12 @@ use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::{Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
 
-use crate::broker::host::{placement, Refusal};
-use crate::broker::ops::{Op, Reply};
+use crate::broker::control::{RoutingCopy, CONTROL_SHARD};
 use crate::broker::queue::OwnerId;
 use crate::broker::routing::Binding;
-use crate::control::{ControlOp, RoutingCopy, CONTROL_SHARD};
+use crate::broker::types::{placement, Refusal};
+use crate::mesh::msg::ControlOp;
+use crate::mesh::msg::{Op, Reply};
 use crate::net::command::Command;
 
 use ledger::Outstanding;
