@@ -13,12 +13,12 @@
 //! - `control_wait`: a client's routing change waiting for every shard's copy and its commit.
 //! - `dead_letter`: dead letters planned: which need a read-back, where each routes, which shards.
 //! - `durability`: which replies wait for their commit, what a failed commit makes of them.
-//! - `eviction`: which journaled messages leave memory once durable (the cache's rule).
+//! - `cooling`: which journaled messages leave memory once durable (the cache's rule).
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `routing`: exchanges and bindings, and the queues a routing key reaches (direct, topic, fanout);
 //!   the control-plane writer's authoritative table and every shard's copy.
 //! - `orphan_bindings`: bindings whose queue is gone, for the writer to remove.
-//! - `read_back`: a payload read back from the journal: a filled delivery, or a requeue.
+//! - `read_back`: a payload read back from the journal: a delivery completed from its record, or a requeue.
 //! - `reclaim`: which journal segment goes next, and the catalog restated before the first.
 //! - `rebuild`: a shard's queues rebuilt from its journal's replay (a decision table).
 //! - `stored`: a message as a queue holds it (payload in memory or only in the journal) and
@@ -29,9 +29,9 @@
 pub mod catalog;
 pub mod control;
 pub mod control_wait;
+pub mod cooling;
 pub mod dead_letter;
 pub mod durability;
-pub mod eviction;
 pub mod host;
 pub mod ops;
 pub mod orphan_bindings;

@@ -13,10 +13,10 @@ use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::{Outgoing, QueueHost};
-use crate::broker::queue::{OwnerId, Seq};
+use crate::broker::queue::{HolderId, Seq};
 use crate::broker::stored::{MsgRef, Stored};
 use crate::broker::types::{placement, ConnRef, Refusal};
-use crate::mesh::msg::{Op, PublishItem, PublishOutcome, Pushed, Reply, WireDelivery};
+use crate::mesh::msg::{Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply};
 use crate::storage::SettleReason;
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
@@ -51,11 +51,11 @@ pub fn address(
 /// both in its record, read back before it leaves.
 fn wire_delivery(
     queue: String,
-    owner: OwnerId,
-    d: &crate::broker::queue::Delivery<MsgRef>,
-) -> WireDelivery {
-    // A cold message's envelope and payload are both in its record: filled on read-back.
-    let (bytes, exchange, routing_key, fill) = match &d.msg {
+    holder: HolderId,
+    d: &crate::broker::queue::QueueDelivery<MsgRef>,
+) -> PushedDelivery {
+    // A cold message's envelope and payload are both in its record: taken on read-back.
+    let (bytes, exchange, routing_key, cold) = match &d.msg {
         MsgRef::Hot(s) => {
             let payload = s.payload();
             (payload, s.exchange.clone(), s.routing_key.clone(), None)
@@ -70,16 +70,16 @@ fn wire_delivery(
             Some((*position, *record_len)),
         ),
     };
-    WireDelivery {
+    PushedDelivery {
         queue,
-        owner,
+        holder,
         seq: d.seq,
         delivery_count: d.delivery_count,
         auto_ack: d.auto_ack,
         exchange,
         routing_key,
         bytes,
-        fill,
+        cold,
     }
 }
 
@@ -196,19 +196,19 @@ pub fn execute(
         } => host
             .consume(from, &queue, &tag, prefetch, auto_ack, exclusive)
             .map(Reply::Consumed),
-        Op::Cancel { queue, owner } => host.cancel(from, &queue, owner).map(|()| Reply::Done),
+        Op::Cancel { queue, holder } => host.cancel(from, &queue, holder).map(|()| Reply::Done),
         Op::SetPrefetch {
             queue,
-            owner,
+            holder,
             prefetch,
         } => host
-            .set_prefetch(from, &queue, owner, prefetch)
+            .set_prefetch(from, &queue, holder, prefetch)
             .map(|()| Reply::Done),
         Op::Settle(items) => {
             let failed: Vec<Refusal> = items
                 .into_iter()
                 .filter_map(|s| {
-                    host.settle(from, &s.queue, s.owner, s.seq, s.ack, s.requeue)
+                    host.settle(from, &s.queue, s.holder, s.seq, s.ack, s.requeue)
                         .err()
                 })
                 .collect();
@@ -271,7 +271,7 @@ pub fn publish(
     let durable_target = targets.clone().any(|q| host.is_durable(q) == Some(true));
     let journaled = item.persistent && durable_target;
     if !journaled && !host.cache().has_room(item.bytes.len() as u64) {
-        // A transient message cannot be spilled to the journal: memory is the bound.
+        // A transient message cannot turn cold (it is not in the journal): memory is the bound.
         let message = "this shard holds its cache_bytes_max of message payloads in memory; a non-persistent message \
                        (or one for a non-durable queue) cannot be taken until consumers catch up"
             .to_string();
@@ -374,7 +374,7 @@ pub fn collect_pushes(
                 consumer_tag: group[0].consumer_tag.to_string(),
                 deliveries: group
                     .iter()
-                    .map(|o| wire_delivery(o.queue.to_string(), o.delivery.owner, &o.delivery))
+                    .map(|o| wire_delivery(o.queue.to_string(), o.delivery.holder, &o.delivery))
                     .collect(),
             });
         }

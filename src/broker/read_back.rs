@@ -1,4 +1,4 @@
-//! What a payload read back from the journal becomes: a filled delivery, a dead letter's bytes,
+//! What a payload read back from the journal becomes: a delivery completed from its record, a dead letter's bytes,
 //! or, when the read failed, a requeue.
 //!
 //! Contract: pure functions over a record's body the shell has already read (the read itself is
@@ -13,7 +13,7 @@ use weir_protocol::wire::ErrorCode;
 use crate::broker::types::{ConnRef, Refusal};
 
 use crate::broker::host::QueueHost;
-use crate::mesh::msg::WireDelivery;
+use crate::mesh::msg::PushedDelivery;
 use crate::storage::{MessageEnvelope, Position};
 
 /// Splits a message record read back from `position` into its envelope and message bytes.
@@ -22,8 +22,8 @@ pub fn decode_message(position: Position, body: &[u8]) -> (MessageEnvelope<'_>, 
         .unwrap_or_else(|e| panic!("journal record at {position:?} is not a message: {e}"))
 }
 
-/// Fills a cold delivery from its record: exchange, routing key and the producer's bytes.
-pub fn fill_delivery(d: &mut WireDelivery, position: Position, body: &[u8]) {
+/// Completes a cold delivery from its record: exchange, routing key and the producer's bytes.
+pub fn complete_from_record(d: &mut PushedDelivery, position: Position, body: &[u8]) {
     let (envelope, message) = decode_message(position, body);
     // Checked before write (the entry was made from this record's position), checked after
     // read: a record that does not name this message is a broken index.
@@ -39,18 +39,22 @@ pub fn fill_delivery(d: &mut WireDelivery, position: Position, body: &[u8]) {
     d.exchange = String::from_utf8_lossy(envelope.exchange).into_owned();
     d.routing_key = String::from_utf8_lossy(envelope.routing_key).into_owned();
     d.bytes = Bytes::copy_from_slice(message);
-    d.fill = None;
+    d.cold = None;
 }
 
 /// A delivery whose payload could not be read: its message goes back to its queue (redelivered
 /// later, so at least once holds).
-pub fn requeue_unread(host: &mut QueueHost, to: ConnRef, d: &WireDelivery) -> Result<(), Refusal> {
-    host.settle(to, &d.queue, d.owner, d.seq, false, true)
+pub fn requeue_unread(
+    host: &mut QueueHost,
+    to: ConnRef,
+    d: &PushedDelivery,
+) -> Result<(), Refusal> {
+    host.settle(to, &d.queue, d.holder, d.seq, false, true)
 }
 
-/// Keeps the deliveries that were filled; the unread ones were requeued.
-pub fn keep_filled(deliveries: &mut Vec<WireDelivery>) {
-    deliveries.retain(|d| d.fill.is_none());
+/// Keeps the deliveries that were read back; the unread ones were requeued.
+pub fn keep_filled(deliveries: &mut Vec<PushedDelivery>) {
+    deliveries.retain(|d| d.cold.is_none());
 }
 
 /// The answer to a `Get` whose message could not be read back.
@@ -95,17 +99,17 @@ pub(crate) mod tests {
         body
     }
 
-    fn cold(queue: &str, seq: u64) -> WireDelivery {
-        WireDelivery {
+    fn cold(queue: &str, seq: u64) -> PushedDelivery {
+        PushedDelivery {
             queue: queue.into(),
-            owner: 7,
+            holder: 7,
             seq,
             delivery_count: 1,
             auto_ack: false,
             exchange: String::new(),
             routing_key: String::new(),
             bytes: Bytes::new(),
-            fill: Some((Position::new(1, 0), 0)),
+            cold: Some((Position::new(1, 0), 0)),
         }
     }
 
@@ -113,12 +117,12 @@ pub(crate) mod tests {
     fn a_record_fills_its_delivery() {
         let mut d = cold("q", 3);
         let body = record("x", "k", &[("p", 9), ("q", 3)], b"hello");
-        fill_delivery(&mut d, Position::new(1, 0), &body);
+        complete_from_record(&mut d, Position::new(1, 0), &body);
         assert_eq!(
             (&*d.exchange, &*d.routing_key, &d.bytes[..]),
             ("x", "k", &b"hello"[..])
         );
-        assert!(d.fill.is_none());
+        assert!(d.cold.is_none());
         let mut ds = vec![d, cold("q", 4)];
         keep_filled(&mut ds);
         assert_eq!(ds.len(), 1);
@@ -129,7 +133,7 @@ pub(crate) mod tests {
     #[should_panic(expected = "does not hold message 4")]
     fn a_record_of_another_message_is_a_broken_index() {
         let mut d = cold("q", 4);
-        fill_delivery(
+        complete_from_record(
             &mut d,
             Position::new(1, 0),
             &record("", "q", &[("q", 3)], b"x"),
@@ -154,8 +158,8 @@ pub(crate) mod tests {
         host.publish(A, "q", msg, None, 0).unwrap();
         let (got, _) = host.get(A, "q", false, 0).unwrap();
         let got = got.expect("a message");
-        let d = WireDelivery {
-            owner: got.owner,
+        let d = PushedDelivery {
+            holder: got.holder,
             seq: got.seq,
             ..cold("q", got.seq)
         };

@@ -4,9 +4,9 @@
 //! its payload (the producer's exact bytes) is in memory or, once its journal record is durable
 //! and the shard is over `cache_bytes_max`, only in the journal, from which the shard reads it
 //! back when it is delivered. Every payload held in memory is counted in the shard's `Cache`
-//! from the moment it is stored until it is dropped or evicted (`Drop` keeps the count right
+//! from the moment it is stored until it is dropped or cooled (`Drop` keeps the count right
 //! whoever drops the last reference), so the shard's memory is bounded by the budget, not by its
-//! backlog. Transient payloads cannot be spilled; a publish that would take them past the budget
+//! backlog. Transient payloads cannot turn cold; a publish that would take them past the budget
 //! is refused. Journaled payloads keep at most half the budget in memory (the head of each
 //! backlog, delivered first), so transient ones always have the other half.
 

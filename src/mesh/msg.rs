@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use weir_protocol::wire;
 
-use crate::broker::queue::{OwnerId, Seq};
+use crate::broker::queue::{HolderId, Seq};
 use crate::broker::routing::{Binding, ExchangeDecl, RoutingChange};
 use crate::broker::types::ShardStatus;
 use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
@@ -69,7 +69,7 @@ pub struct PublishOutcome {
 #[derive(Clone, Debug)]
 pub struct SettleItem {
     pub queue: String,
-    pub owner: OwnerId,
+    pub holder: HolderId,
     pub seq: Seq,
     pub ack: bool,
     pub requeue: bool,
@@ -105,11 +105,11 @@ pub enum Op {
     },
     Cancel {
         queue: String,
-        owner: OwnerId,
+        holder: HolderId,
     },
     SetPrefetch {
         queue: String,
-        owner: OwnerId,
+        holder: HolderId,
         prefetch: u32,
     },
     Settle(Vec<SettleItem>),
@@ -131,19 +131,19 @@ pub enum Op {
 
 /// A delivery as it crosses to the consumer's connection.
 #[derive(Clone, Debug)]
-pub struct WireDelivery {
+pub struct PushedDelivery {
     pub queue: String,
-    pub owner: OwnerId,
+    pub holder: HolderId,
     pub seq: Seq,
     pub delivery_count: u32,
     pub auto_ack: bool,
     pub exchange: String,
     pub routing_key: String,
-    /// The message bytes; empty until filled when `fill` is set.
+    /// The message bytes; empty while the message is cold (`cold` is set), until it is read back.
     pub bytes: Bytes,
     /// The message is only in the journal: (record position, record length). The owning shard
     /// reads it back, envelope and payload, before the delivery leaves it.
-    pub fill: Option<(Position, u32)>,
+    pub cold: Option<(Position, u32)>,
 }
 
 /// The owning shard's answer to an `Op`.
@@ -155,8 +155,8 @@ pub enum Reply {
     List(Vec<wire::QueueInfoT>),
     /// Per publish item, in order: taken, refused with why, or returned.
     Published(Vec<PublishOutcome>),
-    Consumed(OwnerId),
-    Got(Option<Box<WireDelivery>>, u64),
+    Consumed(HolderId),
+    Got(Option<Box<PushedDelivery>>, u64),
     /// Done, nothing to say (cancel, settle, connection closed).
     Done,
     /// Settlements that failed, and why.
@@ -171,7 +171,7 @@ pub enum Pushed {
     Deliver {
         to: ConnRef,
         consumer_tag: String,
-        deliveries: Vec<WireDelivery>,
+        deliveries: Vec<PushedDelivery>,
     },
     Cancelled(Cancelled),
 }

@@ -1,4 +1,4 @@
-//! The I/O shell of one connection: read, decode, answer, route, write, on the shard that
+//! The I/O shell of one connection: read, decode, answer, send, write, on the shard that
 //! accepted it.
 //!
 //! Contract: one task per connection on its shard's executor; it owns the socket and the receive
@@ -23,7 +23,7 @@ use bytes::BytesMut;
 use weir_protocol::{FrameDecoder, WireLimits};
 
 use crate::broker::types::ConnRef;
-use crate::net::session::{Flow, Routed, Session};
+use crate::net::session::{Addressed, Flow, Session};
 use crate::rt::executor::{Doorbell, DoorbellWaiter};
 use crate::rt::net::Connection;
 
@@ -37,7 +37,7 @@ pub struct ConnEntry {
 /// What a connection needs of the shard it lives on.
 pub trait ConnectionHost {
     /// Sends the ops a session routed to the shards that own their queues.
-    fn submit(&self, from: ConnRef, routed: Vec<Routed>);
+    fn submit(&self, from: ConnRef, outbound: Vec<Addressed>);
     /// The shard is shutting down: the session tells its peer and closes.
     fn is_stopping(&self) -> bool;
     /// The connection has ended: the shard forgets it.
@@ -69,7 +69,7 @@ pub async fn serve<H: ConnectionHost>(
     let mut rx = bytes::BytesMut::with_capacity(READ_CHUNK_BYTES);
     loop {
         let mut flow = Flow::Continue;
-        let mut routed = Vec::new();
+        let mut outbound = Vec::new();
         let wants_input = {
             let mut session = entry.session.borrow_mut();
             let mut out = entry.outbox.borrow_mut();
@@ -77,7 +77,7 @@ pub async fn serve<H: ConnectionHost>(
             while flow == Flow::Continue && session.wants_input() {
                 match decoder.decode(&mut rx) {
                     Ok(Some(frame)) => {
-                        flow = session.on_frame_at(now_ms, &frame, &mut out, &mut routed)
+                        flow = session.on_frame_at(now_ms, &frame, &mut out, &mut outbound)
                     }
                     Ok(None) => break,
                     Err(e) => flow = session.on_decode_error(&e, &mut out),
@@ -88,7 +88,7 @@ pub async fn serve<H: ConnectionHost>(
             }
             session.wants_input()
         };
-        shard.submit(me, routed);
+        shard.submit(me, outbound);
         let owed = entry.outbox.borrow_mut().split();
         if !owed.is_empty() {
             if let Err(e) = conn.write_all(&owed).await {
@@ -122,8 +122,8 @@ pub async fn serve<H: ConnectionHost>(
             }
         }
     }
-    let mut routed = Vec::new();
-    entry.session.borrow_mut().on_closed(&mut routed);
-    shard.submit(me, routed);
+    let mut outbound = Vec::new();
+    entry.session.borrow_mut().on_closed(&mut outbound);
+    shard.submit(me, outbound);
     shard.connection_closed(id);
 }

@@ -1,13 +1,13 @@
 //! One shard: a pinned executor's accept loops, connections, queue host and mesh, its copy of
 //! the routing table (and, on shard 0, the control-plane writer), its timers, dead-lettering,
 //! and its orderly shutdown. The shell only drives: every decision it carries out is a pure
-//! state machine under `broker` (dead letters, read-back, eviction, control waits, held
+//! state machine under `broker` (dead letters, read-back, cooling, control waits, held
 //! replies, orphan bindings, reclaim), fed the clock as `now_ms`.
 //!
 //! Contract: `run` is the future of one executor thread, pinned to one CPU. Everything it creates
 //! (`ShardState`, its connections' sessions, its `QueueHost`) lives on that thread: `Rc`,
 //! `RefCell`, `Cell`, no locks (`ShardState` is `!Send`, asserted below). Work arrives from this
-//! shard's connections (ops they route), and from other shards over the mesh (requests for
+//! shard's connections (ops they address to it), and from other shards over the mesh (requests for
 //! queues this shard owns, replies and pushes for its connections); all of it goes through one
 //! work queue, drained in order, so that a reply that causes a push that causes a requeue never
 //! re-enters a borrowed session.
@@ -47,8 +47,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::broker::control::{ControlPlane, RoutingCopy, CONTROL_CONN, CONTROL_SHARD};
 use crate::broker::control_wait::ControlWaits;
+use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
-use crate::broker::eviction::Written;
 use crate::broker::host::QueueHost;
 use crate::broker::stored::Liveness;
 use crate::broker::types::ConnRef;
@@ -57,7 +57,7 @@ use crate::mesh::msg::ControlOp;
 use crate::mesh::msg::{Op, Reply};
 use crate::mesh::{Batch, Mesh, MeshMsg};
 use crate::net::connection::{ConnEntry, ConnectionHost};
-use crate::net::session::{Routed, SessionCtx};
+use crate::net::session::{Addressed, SessionCtx};
 use crate::rt::executor::Doorbell;
 use crate::rt::fs::DmaDir;
 use crate::rt::mesh::MeshEnds;
@@ -141,8 +141,8 @@ fn now_ms() -> u64 {
 }
 
 impl ConnectionHost for ShardState {
-    fn submit(&self, from: ConnRef, routed: Vec<Routed>) {
-        self.route(from, routed);
+    fn submit(&self, from: ConnRef, outbound: Vec<Addressed>) {
+        self.send_addressed(from, outbound);
     }
 
     fn is_stopping(&self) -> bool {
@@ -169,8 +169,8 @@ impl ShardState {
     }
 
     /// Sends a connection's ops to the shards that own their queues.
-    pub fn route(&self, from: ConnRef, routed: Vec<Routed>) {
-        for r in routed {
+    pub fn send_addressed(&self, from: ConnRef, outbound: Vec<Addressed>) {
+        for r in outbound {
             self.send_to(
                 r.shard,
                 MeshMsg::Request {

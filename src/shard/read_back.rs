@@ -2,7 +2,7 @@
 //! dead letters, which are republished as their producer sent them.
 //!
 //! Contract: runs in the worker, on the shard's thread; each read is one awaited journal read.
-//! What the record becomes (a filled delivery, a dead letter's publish, a requeue) is decided by
+//! What the record becomes (a delivery completed from its record, a dead letter's publish, a requeue) is decided by
 //! `broker::read_back` and `broker::dead_letter`. Faults handled: a read that fails is logged;
 //! its delivery's message is requeued (redelivered later), its dead letter is dropped (at most
 //! once, see `broker::dead_letter`).
@@ -11,7 +11,7 @@ use crate::broker::dead_letter::{self, DeadLetterPlan, LetterBody};
 use crate::broker::host::DeadLetter;
 use crate::broker::read_back;
 use crate::broker::types::ConnRef;
-use crate::mesh::msg::{Op, WireDelivery};
+use crate::mesh::msg::{Op, PushedDelivery};
 
 use super::ShardState;
 
@@ -46,8 +46,8 @@ impl ShardState {
             let Some((bytes, original_key)) = read else {
                 continue;
             };
-            let routed = plan.add(&d, bytes, original_key, &self.routing.table.borrow());
-            if !routed {
+            let outbound = plan.add(&d, bytes, original_key, &self.routing.table.borrow());
+            if !outbound {
                 self.routing
                     .unroutable
                     .set(self.routing.unroutable.get() + 1);
@@ -60,14 +60,14 @@ impl ShardState {
 
     /// Reads back the payloads of `deliveries` that are only in the journal. A payload that
     /// cannot be read is logged and its message requeued; returns false if any was.
-    pub(super) async fn fill(&self, to: ConnRef, deliveries: &mut [WireDelivery]) -> bool {
+    pub(super) async fn read_back(&self, to: ConnRef, deliveries: &mut [PushedDelivery]) -> bool {
         let mut all = true;
         for d in deliveries.iter_mut() {
-            let Some((position, record_len)) = d.fill else {
+            let Some((position, record_len)) = d.cold else {
                 continue;
             };
             match self.journal.read(position, Some(record_len)).await {
-                Ok(record) => read_back::fill_delivery(d, position, record.body()),
+                Ok(record) => read_back::complete_from_record(d, position, record.body()),
                 Err(e) => {
                     tracing::error!(
                         shard = self.id,

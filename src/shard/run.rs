@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use crate::broker::control::{ControlPlane, RoutingCopy, CONTROL_SHARD};
 use crate::broker::control_wait::ControlWaits;
+use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
-use crate::broker::eviction::Written;
 use crate::broker::rebuild::Rebuild;
 use crate::broker::routing::RoutingChange;
 use crate::broker::stored::Cache;

@@ -2,15 +2,15 @@
 //!
 //! Contract: used by the worker while it executes one request, on the shard's thread. It
 //! remembers the newest record the request appended (so the reply can wait for its commit) and
-//! the messages it journaled (so they can be evicted once durable). A record the journal cannot
+//! the messages it journaled (so they can be cooled once durable). A record the journal cannot
 //! take is a `Refusal` for the client, never a panic.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::broker::catalog::CatalogRecord;
+use crate::broker::cooling::Written;
 use crate::broker::durability::storage_refusal;
-use crate::broker::eviction::Written;
 use crate::broker::ops::JournalSink;
 use crate::broker::queue::Seq;
 use crate::broker::stored::{Liveness, Stored};
@@ -28,7 +28,7 @@ use super::ShardState;
 pub(super) struct Staging<'a> {
     journal: &'a Journal<DmaDir>,
     appended: &'a Cell<Option<Appended>>,
-    /// Messages journaled by the current request, newest last: evicted after their commit if the
+    /// Messages journaled by the current request, newest last: cooled after their commit if the
     /// shard is over its payload budget.
     written: &'a RefCell<Written>,
     liveness: &'a Rc<Liveness>,

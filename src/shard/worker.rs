@@ -6,7 +6,7 @@
 //! else; commits are awaited by detached tasks, so later requests join the next group commit.
 //! Faults handled: a journal that cannot take a request's records (the request is refused or
 //! its settlements logged, see `ops::journal`), a commit that fails (the held reply becomes a
-//! refusal, nothing is evicted), a payload that cannot be read back (requeued, `read_back`),
+//! refusal, nothing is cooled), a payload that cannot be read back (requeued, `read_back`),
 //! replies and pushes for connections that have gone (dropped).
 
 use std::rc::Rc;
@@ -20,7 +20,7 @@ use crate::broker::read_back;
 use crate::broker::types::ConnRef;
 use crate::mesh::msg::{Op, Pushed, Reply};
 use crate::mesh::MeshMsg;
-use crate::net::session::{Routed, Session};
+use crate::net::session::{Addressed, Session};
 use crate::rt;
 use crate::rt::executor::DoorbellWaiter;
 
@@ -127,7 +127,7 @@ impl ShardState {
         self.forget_removed_queues();
         let mut reply = Some(reply);
         if let Some(Reply::Got(Some(d), _)) = reply.as_mut() {
-            if !self.fill(from, std::slice::from_mut(&mut **d)).await {
+            if !self.read_back(from, std::slice::from_mut(&mut **d)).await {
                 reply = Some(Reply::Refused(read_back::unread_refusal()));
             }
         }
@@ -143,12 +143,12 @@ impl ShardState {
         if let Some(reply) = reply.take() {
             self.reply_to(from, id, reply);
         }
-        // Payloads spilled to the journal are read back before their deliveries leave.
+        // Cold payloads are read back before their deliveries leave.
         for push in pushes.iter_mut() {
             if let Pushed::Deliver { to, deliveries, .. } = push {
                 let to = *to;
                 let mut kept = std::mem::take(deliveries);
-                if !self.fill(to, &mut kept).await {
+                if !self.read_back(to, &mut kept).await {
                     read_back::keep_filled(&mut kept);
                 }
                 *deliveries = kept;
@@ -171,7 +171,7 @@ impl ShardState {
                 },
             );
         }
-        // Once the records are durable: evict their payloads if over budget, and send the reply
+        // Once the records are durable: cool their payloads if over budget, and send the reply
         // if it waited. Later requests go on meanwhile and join the next commit.
         let Some(appended) = own else { return };
         let waiting = held_reply.take();
@@ -182,7 +182,7 @@ impl ShardState {
         rt::spawn_detached(async move {
             let result = state.journal.commit(&appended).await;
             if result.is_ok() {
-                written.evict_if_over_budget(&mut state.host.borrow_mut());
+                written.cool_over_budget(&mut state.host.borrow_mut());
             }
             if let Some(reply) = waiting {
                 let reply = match result {
@@ -203,12 +203,12 @@ impl ShardState {
                     self.control_applied(id);
                 }
             }
-            MeshMsg::Reply { to, id, reply } => self.to_connection(to, |session, out, routed| {
-                session.on_reply_at(now_ms(), id, reply, out, routed);
+            MeshMsg::Reply { to, id, reply } => self.to_connection(to, |session, out, outbound| {
+                session.on_reply_at(now_ms(), id, reply, out, outbound);
             }),
             MeshMsg::Push { from_shard, push } => {
-                self.to_connection(push_target(&push), |session, out, routed| {
-                    session.on_push(from_shard, push, out, routed);
+                self.to_connection(push_target(&push), |session, out, outbound| {
+                    session.on_push(from_shard, push, out, outbound);
                 })
             }
         }
@@ -220,19 +220,19 @@ impl ShardState {
     fn to_connection(
         &self,
         to: ConnRef,
-        give: impl FnOnce(&mut Session, &mut BytesMut, &mut Vec<Routed>),
+        give: impl FnOnce(&mut Session, &mut BytesMut, &mut Vec<Addressed>),
     ) {
         let Some(entry) = self.connections.borrow().get(&to.conn).cloned() else {
             return;
         };
-        let mut routed = Vec::new();
+        let mut outbound = Vec::new();
         give(
             &mut entry.session.borrow_mut(),
             &mut entry.outbox.borrow_mut(),
-            &mut routed,
+            &mut outbound,
         );
         entry.bell.ring();
-        self.route(to, routed);
+        self.send_addressed(to, outbound);
     }
 }
 

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use weir_protocol::wire::ErrorCode;
 
 use super::{refuse, ConsumerInfo, QueueHost, StoredDelivery};
-use crate::broker::queue::{Delivery, OwnerId};
+use crate::broker::queue::{HolderId, QueueDelivery};
 use crate::broker::stored::MsgRef;
 use crate::broker::types::{ConnRef, Refusal};
 
@@ -22,7 +22,7 @@ pub struct Outgoing {
     pub to: ConnRef,
     pub consumer_tag: Rc<str>,
     pub queue: Rc<str>,
-    pub delivery: Delivery<MsgRef>,
+    pub delivery: QueueDelivery<MsgRef>,
 }
 
 /// Set in every consumer id and in no connection id, so a consumer and a connection's `Get`s
@@ -38,7 +38,7 @@ impl QueueHost {
         prefetch: u32,
         auto_ack: bool,
         exclusive: bool,
-    ) -> Result<OwnerId, Refusal> {
+    ) -> Result<HolderId, Refusal> {
         let id = CONSUMER_BIT | self.next_consumer;
         let q = self.get_queue(conn, queue)?;
         if exclusive && !q.consumers.is_empty() {
@@ -82,7 +82,7 @@ impl QueueHost {
         &mut self,
         conn: ConnRef,
         queue: &str,
-        consumer: OwnerId,
+        consumer: HolderId,
         prefetch: u32,
     ) -> Result<(), Refusal> {
         let q = self.get_queue(conn, queue)?;
@@ -106,7 +106,12 @@ impl QueueHost {
     /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
     /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
     /// losing its last consumer goes.
-    pub fn cancel(&mut self, conn: ConnRef, queue: &str, consumer: OwnerId) -> Result<(), Refusal> {
+    pub fn cancel(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        consumer: HolderId,
+    ) -> Result<(), Refusal> {
         let q = self.get_queue(conn, queue)?;
         if q.consumers.remove(&consumer).is_none() {
             return refuse(
@@ -156,7 +161,7 @@ impl QueueHost {
                 .dispatch(now_ms, max_per_queue, &mut deliveries, &mut settled);
             let full_round = deliveries.len() == max_per_queue;
             for d in deliveries.drain(..) {
-                let c = &q.consumers[&d.owner];
+                let c = &q.consumers[&d.holder];
                 out.push(Outgoing {
                     to: c.conn,
                     consumer_tag: c.tag.clone(),
@@ -184,7 +189,7 @@ impl QueueHost {
             if q.exclusive == Some(conn) {
                 continue;
             }
-            let mine: Vec<OwnerId> = q
+            let mine: Vec<HolderId> = q
                 .consumers
                 .iter()
                 .filter(|(_, c)| c.conn == conn)
@@ -195,7 +200,7 @@ impl QueueHost {
                 q.consumers.remove(id);
                 q.queue.release(*id, &mut settled);
             }
-            let retired: Vec<OwnerId> = q
+            let retired: Vec<HolderId> = q
                 .retired
                 .iter()
                 .filter(|(_, c)| **c == conn)

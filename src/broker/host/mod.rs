@@ -28,7 +28,7 @@ use weir_protocol::wire::{self, ErrorCode};
 
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::queue::{
-    Delivery, Overflow, OwnerId, Queue, QueueError, QueuePolicy, Seq, Settled,
+    HolderId, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Seq, Settled,
 };
 use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
 use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
@@ -38,7 +38,7 @@ pub use consumers::Outgoing;
 pub use settle::{DeadLetter, JournalWork};
 
 /// A delivery of a stored message.
-pub type StoredDelivery = Delivery<MsgRef>;
+pub type StoredDelivery = QueueDelivery<MsgRef>;
 
 fn refuse<T>(code: ErrorCode, message: String) -> Result<T, Refusal> {
     Err(Refusal { code, message })
@@ -56,10 +56,10 @@ struct Hosted {
     auto_delete: bool,
     arguments: wire::QueueArgumentsT,
     queue: Queue<MsgRef>,
-    consumers: HashMap<OwnerId, ConsumerInfo>,
+    consumers: HashMap<HolderId, ConsumerInfo>,
     /// Cancelled consumers, by the connection they belonged to: what they hold stays ackable
     /// until that connection closes.
-    retired: HashMap<OwnerId, ConnRef>,
+    retired: HashMap<HolderId, ConnRef>,
     had_consumer: bool,
 }
 

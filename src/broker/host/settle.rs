@@ -14,7 +14,7 @@ use weir_protocol::wire::ErrorCode;
 
 use super::QueueHost;
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::queue::{OwnerId, Seq, Settled};
+use crate::broker::queue::{HolderId, Seq, Settled};
 use crate::broker::stored::{Liveness, MsgRef};
 use crate::broker::types::{ConnRef, Refusal};
 use crate::storage::SettleReason;
@@ -53,7 +53,7 @@ impl QueueHost {
         &mut self,
         conn: ConnRef,
         queue: &str,
-        owner: OwnerId,
+        holder: HolderId,
         seq: Seq,
         ack: bool,
         requeue: bool,
@@ -61,9 +61,9 @@ impl QueueHost {
         let q = self.get_queue(conn, queue)?;
         let mut settled = Vec::new();
         let result = if ack {
-            q.queue.ack(owner, seq).map(|s| settled.push(s))
+            q.queue.ack(holder, seq).map(|s| settled.push(s))
         } else {
-            q.queue.nack(owner, seq, requeue, &mut settled)
+            q.queue.nack(holder, seq, requeue, &mut settled)
         };
         result.map_err(|e| Refusal {
             code: ErrorCode::UnknownDeliveryTag,

@@ -26,7 +26,7 @@ use crate::storage::SettleReason;
 pub type Seq = u64;
 
 /// Who holds outstanding deliveries: a consumer, or a connection's `Get`s. Chosen by the shard.
-pub type OwnerId = u64;
+pub type HolderId = u64;
 
 /// What the queue does when a publish would take it past a length limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,8 +58,8 @@ pub struct QueuePolicy {
 
 /// A message handed to a consumer (or a `Get`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Delivery<M> {
-    pub owner: OwnerId,
+pub struct QueueDelivery<M> {
+    pub holder: HolderId,
     pub seq: Seq,
     pub msg: M,
     /// Deliveries so far, this one included. Above 1 means redelivered.
@@ -83,11 +83,11 @@ pub enum QueueError {
     #[error("queue is full ({0})")]
     Full(&'static str),
     #[error("consumer {0} already exists on this queue")]
-    DuplicateConsumer(OwnerId),
+    DuplicateConsumer(HolderId),
     #[error("no consumer {0} on this queue")]
-    UnknownConsumer(OwnerId),
-    #[error("message {seq} is not outstanding for {owner}")]
-    NotOutstanding { owner: OwnerId, seq: Seq },
+    UnknownConsumer(HolderId),
+    #[error("message {seq} is not outstanding for {holder}")]
+    NotOutstanding { holder: HolderId, seq: Seq },
     #[error("prefetch must be at least 1")]
     ZeroPrefetch,
 }
@@ -107,12 +107,12 @@ struct Entry<M> {
 #[derive(Clone, Debug)]
 struct Outstanding<M> {
     entry: Entry<M>,
-    owner: OwnerId,
+    holder: HolderId,
 }
 
 #[derive(Clone, Debug)]
 struct Consumer {
-    id: OwnerId,
+    id: HolderId,
     prefetch: u32,
     in_flight: u32,
     auto_ack: bool,
@@ -414,7 +414,7 @@ impl<M: Clone> Queue<M> {
 
     pub fn add_consumer(
         &mut self,
-        id: OwnerId,
+        id: HolderId,
         prefetch: u32,
         auto_ack: bool,
     ) -> Result<(), QueueError> {
@@ -435,7 +435,7 @@ impl<M: Clone> Queue<M> {
 
     /// Stops dispatching to consumer `id`; what it holds stays outstanding (still ackable)
     /// until `release`. Returns whether it was a consumer.
-    pub fn remove_consumer(&mut self, id: OwnerId) -> bool {
+    pub fn remove_consumer(&mut self, id: HolderId) -> bool {
         let Some(i) = self.consumers.iter().position(|c| c.id == id) else {
             return false;
         };
@@ -449,7 +449,7 @@ impl<M: Clone> Queue<M> {
         true
     }
 
-    pub fn set_prefetch(&mut self, id: OwnerId, prefetch: u32) -> Result<(), QueueError> {
+    pub fn set_prefetch(&mut self, id: HolderId, prefetch: u32) -> Result<(), QueueError> {
         if prefetch == 0 {
             return Err(QueueError::ZeroPrefetch);
         }
@@ -465,12 +465,12 @@ impl<M: Clone> Queue<M> {
     /// Removes consumer `id` (if it is one) and returns every message outstanding for `id`
     /// (consumer or `Get` owner) to ready, to be redelivered; those past `max_deliveries` go to
     /// `settled` instead. Returns how many went back to ready.
-    pub fn release(&mut self, id: OwnerId, settled: &mut Vec<Settled<M>>) -> usize {
+    pub fn release(&mut self, id: HolderId, settled: &mut Vec<Settled<M>>) -> usize {
         self.remove_consumer(id);
         let mut seqs: Vec<Seq> = self
             .outstanding
             .iter()
-            .filter(|(_, o)| o.owner == id)
+            .filter(|(_, o)| o.holder == id)
             .map(|(s, _)| *s)
             .collect();
         seqs.sort_unstable();
@@ -490,7 +490,7 @@ impl<M: Clone> Queue<M> {
         &mut self,
         now_ms: u64,
         max: usize,
-        out: &mut Vec<Delivery<M>>,
+        out: &mut Vec<QueueDelivery<M>>,
         settled: &mut Vec<Settled<M>>,
     ) {
         self.promote(now_ms, settled);
@@ -522,27 +522,27 @@ impl<M: Clone> Queue<M> {
     /// Takes one ready message for `owner` without a consumer (the `Get` request).
     pub fn get(
         &mut self,
-        owner: OwnerId,
+        holder: HolderId,
         auto_ack: bool,
         now_ms: u64,
         settled: &mut Vec<Settled<M>>,
-    ) -> Option<Delivery<M>> {
+    ) -> Option<QueueDelivery<M>> {
         self.promote(now_ms, settled);
         self.expire_head(now_ms, settled);
-        self.hand_out(owner, auto_ack, settled)
+        self.hand_out(holder, auto_ack, settled)
     }
 
     /// Takes the head message for `owner`: settled at once under auto-ack, outstanding otherwise.
     fn hand_out(
         &mut self,
-        owner: OwnerId,
+        holder: HolderId,
         auto_ack: bool,
         settled: &mut Vec<Settled<M>>,
-    ) -> Option<Delivery<M>> {
+    ) -> Option<QueueDelivery<M>> {
         let mut entry = self.pop_ready()?;
         entry.delivery_count += 1;
-        let delivery = Delivery {
-            owner,
+        let delivery = QueueDelivery {
+            holder,
             seq: entry.seq,
             msg: entry.msg.clone(),
             delivery_count: entry.delivery_count,
@@ -560,14 +560,14 @@ impl<M: Clone> Queue<M> {
             });
         } else {
             self.outstanding
-                .insert(entry.seq, Outstanding { entry, owner });
+                .insert(entry.seq, Outstanding { entry, holder });
         }
         Some(delivery)
     }
 
     /// Settles an outstanding delivery as acked.
-    pub fn ack(&mut self, owner: OwnerId, seq: Seq) -> Result<Settled<M>, QueueError> {
-        let o = self.take_outstanding(owner, seq)?;
+    pub fn ack(&mut self, holder: HolderId, seq: Seq) -> Result<Settled<M>, QueueError> {
+        let o = self.take_outstanding(holder, seq)?;
         Ok(Settled {
             seq,
             msg: o.entry.msg,
@@ -580,12 +580,12 @@ impl<M: Clone> Queue<M> {
     /// dead-lettered or dropped.
     pub fn nack(
         &mut self,
-        owner: OwnerId,
+        holder: HolderId,
         seq: Seq,
         requeue: bool,
         settled: &mut Vec<Settled<M>>,
     ) -> Result<(), QueueError> {
-        let o = self.take_outstanding(owner, seq)?;
+        let o = self.take_outstanding(holder, seq)?;
         if requeue {
             self.requeue(o.entry, settled);
         } else {
@@ -619,16 +619,20 @@ impl<M: Clone> Queue<M> {
         n
     }
 
-    fn take_outstanding(&mut self, owner: OwnerId, seq: Seq) -> Result<Outstanding<M>, QueueError> {
+    fn take_outstanding(
+        &mut self,
+        holder: HolderId,
+        seq: Seq,
+    ) -> Result<Outstanding<M>, QueueError> {
         match self.outstanding.get(&seq) {
-            Some(o) if o.owner == owner => {}
-            _ => return Err(QueueError::NotOutstanding { owner, seq }),
+            Some(o) if o.holder == holder => {}
+            _ => return Err(QueueError::NotOutstanding { holder, seq }),
         }
         let o = self.outstanding.remove(&seq).expect("checked above");
-        if let Some(c) = self.consumers.iter_mut().find(|c| c.id == owner) {
+        if let Some(c) = self.consumers.iter_mut().find(|c| c.id == holder) {
             assert!(
                 c.in_flight > 0,
-                "consumer {owner} had no delivery in flight"
+                "consumer {holder} had no delivery in flight"
             );
             c.in_flight -= 1;
         }

@@ -24,8 +24,8 @@ fn competing_consumers_get_a_fair_share_in_publish_order() {
     }
     let (mut out, mut settled) = (Vec::new(), Vec::new());
     q.dispatch(0, usize::MAX, &mut out, &mut settled);
-    let owners: Vec<_> = out.iter().map(|d| d.owner).collect();
-    assert_eq!(owners, vec![1, 2, 3, 1, 2, 3, 1, 2, 3]);
+    let holders: Vec<_> = out.iter().map(|d| d.holder).collect();
+    assert_eq!(holders, vec![1, 2, 3, 1, 2, 3, 1, 2, 3]);
     let seqs: Vec<_> = out.iter().map(|d| d.seq).collect();
     assert_eq!(seqs, (0..9).collect::<Vec<_>>());
     assert!(settled.is_empty());
@@ -50,11 +50,11 @@ fn prefetch_bounds_what_a_consumer_holds_and_acks_restore_credit() {
     assert_eq!(q.stats().outstanding, 3);
     assert_eq!(
         q.ack(8, 0),
-        Err(QueueError::NotOutstanding { owner: 8, seq: 0 })
+        Err(QueueError::NotOutstanding { holder: 8, seq: 0 })
     );
     assert_eq!(
         q.ack(7, 1),
-        Err(QueueError::NotOutstanding { owner: 7, seq: 1 }),
+        Err(QueueError::NotOutstanding { holder: 7, seq: 1 }),
         "acked twice"
     );
 }
@@ -269,8 +269,8 @@ proptest! {
         let mut q: Queue<u64> = Queue::new(policy, 0);
         let mut published = BTreeSet::new();
         let mut settled_seqs = BTreeSet::new();
-        let mut outstanding: BTreeMap<Seq, OwnerId> = BTreeMap::new();
-        let mut prefetch: BTreeMap<OwnerId, u32> = BTreeMap::new();
+        let mut outstanding: BTreeMap<Seq, HolderId> = BTreeMap::new();
+        let mut prefetch: BTreeMap<HolderId, u32> = BTreeMap::new();
         let mut last_first_delivery = None;
         let mut settled = Vec::new();
         let mut out = Vec::new();
@@ -310,14 +310,14 @@ proptest! {
                     prop_assert!(q.ack(0, u64::from(i) + 10_000).is_err());
                 }
                 Op::Ack(i) => {
-                    let (&seq, &owner) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
-                    let s = q.ack(owner, seq).unwrap();
+                    let (&seq, &holder) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    let s = q.ack(holder, seq).unwrap();
                     settled.push(s);
                     outstanding.remove(&seq);
                 }
                 Op::Nack(i, requeue) => {
-                    let (&seq, &owner) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
-                    q.nack(owner, seq, requeue, &mut settled).unwrap();
+                    let (&seq, &holder) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    q.nack(holder, seq, requeue, &mut settled).unwrap();
                     outstanding.remove(&seq);
                 }
                 Op::Get(auto_ack) => {
@@ -329,7 +329,7 @@ proptest! {
             }
             for d in &out {
                 if !d.auto_ack {
-                    prop_assert!(outstanding.insert(d.seq, d.owner).is_none(), "delivered twice at once");
+                    prop_assert!(outstanding.insert(d.seq, d.holder).is_none(), "delivered twice at once");
                 }
                 if d.delivery_count == 1 && !any_delayed {
                     prop_assert!(last_first_delivery < Some(d.seq), "first deliveries out of order");
@@ -341,9 +341,9 @@ proptest! {
                 prop_assert!(settled_seqs.insert(s.seq), "settled twice: {}", s.seq);
                 prop_assert!(!outstanding.contains_key(&s.seq));
             }
-            for (owner, limit) in &prefetch {
-                let held = outstanding.values().filter(|o| *o == owner).count() as u32;
-                prop_assert!(held <= *limit, "consumer {} holds {} over prefetch {}", owner, held, limit);
+            for (holder, limit) in &prefetch {
+                let held = outstanding.values().filter(|o| *o == holder).count() as u32;
+                prop_assert!(held <= *limit, "consumer {} holds {} over prefetch {}", holder, held, limit);
             }
             let stats = q.stats();
             prop_assert_eq!(stats.outstanding, outstanding.len() as u64);

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 
 use super::replies::{name, BINDING_LIST_MAX, LIST_PAGE_MAX};
-use super::{ConsumerRef, Flow, Pending, Routed, Session, State};
+use super::{Addressed, ConsumerRef, Flow, Pending, Session, State};
 use crate::broker::control::CONTROL_SHARD;
 use crate::broker::routing::{Binding, ExchangeDecl};
 use crate::broker::types::Declare;
@@ -29,11 +29,11 @@ impl Session {
         request_id: u64,
         command: Command<'_>,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         match command {
-            Command::Publish(p) => self.publish(now_ms, p, out, routed),
-            Command::Settle(s) => self.settle(request_id, &s, out, routed),
+            Command::Publish(p) => self.publish(now_ms, p, out, outbound),
+            Command::Settle(s) => self.settle(request_id, &s, out, outbound),
             Command::Hello { .. } => self.fail(
                 out,
                 request_id,
@@ -51,7 +51,7 @@ impl Session {
                 self.reply(out, request_id, BodyT::Ok(Box::default()));
                 Flow::Close
             }
-            Command::DeclareQueue(d) => self.declare_queue(request_id, d, out, routed),
+            Command::DeclareQueue(d) => self.declare_queue(request_id, d, out, outbound),
             Command::DeleteQueue {
                 name,
                 if_unused,
@@ -66,39 +66,39 @@ impl Session {
                     request_id,
                     name: name.to_string(),
                 };
-                self.route(routed, self.owner_of(name), op, pending);
+                self.address(outbound, self.owner_of(name), op, pending);
                 Flow::Continue
             }
             Command::PurgeQueue { name } => {
                 let op = Op::Purge {
                     name: name.to_string(),
                 };
-                self.ask_owner(request_id, name, op, routed)
+                self.ask_owner(request_id, name, op, outbound)
             }
             Command::GetQueueInfo { name } => {
                 let op = Op::Info {
                     name: name.to_string(),
                 };
-                self.ask_owner(request_id, name, op, routed)
+                self.ask_owner(request_id, name, op, outbound)
             }
             Command::ListQueues {
                 prefix,
                 after,
                 limit,
-            } => self.list_queues(request_id, prefix, after, limit, routed),
-            Command::GetStatus => self.get_status(request_id, routed),
-            Command::Consume(c) => self.consume(request_id, c, out, routed),
+            } => self.list_queues(request_id, prefix, after, limit, outbound),
+            Command::GetStatus => self.get_status(request_id, outbound),
+            Command::Consume(c) => self.consume(request_id, c, out, outbound),
             Command::Cancel { consumer_tag } => match self.consumers.get(consumer_tag).cloned() {
                 Some(ConsumerRef {
                     shard,
                     queue,
-                    owner: Some(owner),
+                    holder: Some(holder),
                 }) => {
                     self.consumers.remove(consumer_tag);
-                    self.route(
-                        routed,
+                    self.address(
+                        outbound,
                         shard,
-                        Op::Cancel { queue, owner },
+                        Op::Cancel { queue, holder },
                         Pending::Cancel { request_id },
                     );
                     Flow::Continue
@@ -120,14 +120,14 @@ impl Session {
                     Some(ConsumerRef {
                         shard,
                         queue,
-                        owner: Some(owner),
+                        holder: Some(holder),
                     }) => {
                         let op = Op::SetPrefetch {
                             queue,
-                            owner,
+                            holder,
                             prefetch,
                         };
-                        self.route(routed, shard, op, Pending::Reply { request_id });
+                        self.address(outbound, shard, op, Pending::Reply { request_id });
                         Flow::Continue
                     }
                     _ => self.no_consumer(out, request_id, consumer_tag),
@@ -139,7 +139,7 @@ impl Session {
                     queue: queue.to_string(),
                     auto_ack,
                 };
-                self.route(routed, shard, op, Pending::Get { request_id, shard });
+                self.address(outbound, shard, op, Pending::Get { request_id, shard });
                 Flow::Continue
             }
             Command::DeclareExchange {
@@ -158,14 +158,14 @@ impl Session {
                     },
                     passive,
                 };
-                self.control(request_id, op, routed)
+                self.control(request_id, op, outbound)
             }
             Command::DeleteExchange { name, if_unused } => {
                 let op = ControlOp::DeleteExchange {
                     name: name.to_string(),
                     if_unused,
                 };
-                self.control(request_id, op, routed)
+                self.control(request_id, op, outbound)
             }
             Command::Bind(b) => {
                 let binding = binding_of(&b);
@@ -179,12 +179,12 @@ impl Session {
                     request_id,
                     binding,
                 };
-                self.route(routed, shard, op, pending);
+                self.address(outbound, shard, op, pending);
                 Flow::Continue
             }
             Command::Unbind(b) => {
                 let binding = binding_of(&b);
-                self.control(request_id, ControlOp::Unbind { binding }, routed)
+                self.control(request_id, ControlOp::Unbind { binding }, outbound)
             }
             Command::ListExchanges {
                 prefix,
@@ -228,10 +228,10 @@ impl Session {
         request_id: u64,
         queue: &str,
         op: Op,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
-        self.route(
-            routed,
+        self.address(
+            outbound,
             self.owner_of(queue),
             op,
             Pending::Reply { request_id },
@@ -245,9 +245,9 @@ impl Session {
     }
 
     /// Sends a routing change to the control-plane writer; its `Ok` comes once every shard has it.
-    fn control(&mut self, request_id: u64, op: ControlOp, routed: &mut Vec<Routed>) -> Flow {
+    fn control(&mut self, request_id: u64, op: ControlOp, outbound: &mut Vec<Addressed>) -> Flow {
         let pending = Pending::Reply { request_id };
-        self.route(routed, CONTROL_SHARD, Op::Control(op), pending);
+        self.address(outbound, CONTROL_SHARD, Op::Control(op), pending);
         Flow::Continue
     }
 
@@ -256,7 +256,7 @@ impl Session {
         request_id: u64,
         d: DeclareQueue<'_>,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         if d.name.starts_with("weir.") {
             let msg = format!(
@@ -296,8 +296,8 @@ impl Session {
             auto_delete: d.auto_delete,
             arguments,
         };
-        self.route(
-            routed,
+        self.address(
+            outbound,
             shard,
             Op::Declare(declare),
             Pending::Reply { request_id },
@@ -323,7 +323,7 @@ impl Session {
         request_id: u64,
         c: Consume<'_>,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         let prefetch = if c.prefetch == 0 {
             self.ctx.prefetch_default
@@ -356,7 +356,7 @@ impl Session {
             ConsumerRef {
                 shard,
                 queue: queue.clone(),
-                owner: None,
+                holder: None,
             },
         );
         let op = Op::Consume {
@@ -366,7 +366,7 @@ impl Session {
             auto_ack: c.auto_ack,
             exclusive: c.exclusive,
         };
-        self.route(routed, shard, op, Pending::Consume { request_id, tag });
+        self.address(outbound, shard, op, Pending::Consume { request_id, tag });
         Flow::Continue
     }
 
@@ -379,10 +379,10 @@ impl Session {
         out: &mut BytesMut,
     ) {
         match reply {
-            Reply::Consumed(owner) => {
+            Reply::Consumed(holder) => {
                 let shard = match self.consumers.get_mut(&tag) {
                     Some(c) => {
-                        c.owner = Some(owner);
+                        c.holder = Some(holder);
                         c.shard
                     }
                     None => return,
@@ -407,12 +407,12 @@ impl Session {
         mut binding: Binding,
         reply: Reply,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) {
         match reply {
             Reply::Info(info) => {
                 binding.durable = info.durable && !info.exclusive;
-                self.control(request_id, ControlOp::Bind { binding }, routed);
+                self.control(request_id, ControlOp::Bind { binding }, outbound);
             }
             Reply::Refused(r) => self.refuse(out, request_id, r),
             other => tracing::error!(?other, "unexpected reply to a bind's queue check"),

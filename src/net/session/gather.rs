@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT};
 
 use super::replies::LIST_PAGE_MAX;
-use super::{Flow, Pending, Routed, Session};
+use super::{Addressed, Flow, Pending, Session};
 use crate::broker::types::ShardStatus;
 use crate::mesh::msg::{Op, Reply};
 
@@ -38,7 +38,7 @@ impl Session {
         prefix: &str,
         after: &str,
         limit: u32,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         // A page's tables (a QueueInfo and its arguments per queue) must stay within the client
         // decoder's verifier budget: 1000 queues are about 2000 tables.
@@ -64,7 +64,7 @@ impl Session {
                 after: after.clone(),
                 limit: limit + 1,
             };
-            routed.push(Routed { shard, id, op });
+            outbound.push(Addressed { shard, id, op });
         }
         Flow::Continue
     }
@@ -99,7 +99,7 @@ impl Session {
         self.reply(out, request_id, BodyT::QueueList(Box::new(list)));
     }
 
-    pub(super) fn get_status(&mut self, request_id: u64, routed: &mut Vec<Routed>) -> Flow {
+    pub(super) fn get_status(&mut self, request_id: u64, outbound: &mut Vec<Addressed>) -> Flow {
         let shards = self.ctx.shard_count();
         let id = self.next_id();
         let gather = StatusGather {
@@ -109,7 +109,7 @@ impl Session {
         };
         self.pending.insert(id, Pending::Status(gather));
         for shard in 0..shards {
-            routed.push(Routed {
+            outbound.push(Addressed {
                 shard,
                 id,
                 op: Op::Status,

@@ -17,9 +17,9 @@ use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::DeliveryItem;
 
-use super::{Flow, Pending, Routed, Session, State};
-use crate::broker::queue::OwnerId;
-use crate::mesh::msg::{Op, Pushed, Reply, SettleItem, WireDelivery};
+use super::{Addressed, Flow, Pending, Session, State};
+use crate::broker::queue::HolderId;
+use crate::mesh::msg::{Op, Pushed, PushedDelivery, Reply, SettleItem};
 use crate::net::command::Settle;
 
 /// A delivery this connection holds, by delivery tag.
@@ -27,7 +27,7 @@ use crate::net::command::Settle;
 pub(super) struct Outstanding {
     shard: u16,
     queue: String,
-    owner: OwnerId,
+    holder: HolderId,
     seq: u64,
 }
 
@@ -38,7 +38,7 @@ impl Session {
         request_id: u64,
         s: &Settle<'_>,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         let (ack, requeue) = (s.ack, s.requeue);
         let mut by_shard: BTreeMap<u16, Vec<SettleItem>> = BTreeMap::new();
@@ -58,7 +58,7 @@ impl Session {
                 };
                 by_shard.entry(o.shard).or_default().push(SettleItem {
                     queue: o.queue,
-                    owner: o.owner,
+                    holder: o.holder,
                     seq: o.seq,
                     ack,
                     requeue,
@@ -77,7 +77,7 @@ impl Session {
                 Some(wait) => Pending::Settle { request_id, wait },
                 None => Pending::Quiet,
             };
-            self.route(routed, shard, Op::Settle(items), pending);
+            self.address(outbound, shard, Op::Settle(items), pending);
         }
         Flow::Continue
     }
@@ -121,7 +121,7 @@ impl Session {
     }
 
     /// Assigns a delivery tag to a delivery and remembers it unless it was auto-acked.
-    fn take_delivery(&mut self, shard: u16, d: WireDelivery) -> wire::DeliveryT {
+    fn take_delivery(&mut self, shard: u16, d: PushedDelivery) -> wire::DeliveryT {
         let tag = self.next_delivery_tag;
         self.next_delivery_tag += 1;
         let mut t = wire::DeliveryT::default();
@@ -137,7 +137,7 @@ impl Session {
                 Outstanding {
                     shard,
                     queue: d.queue,
-                    owner: d.owner,
+                    holder: d.holder,
                     seq: d.seq,
                 },
             );
@@ -151,7 +151,7 @@ impl Session {
         from_shard: u16,
         pushed: Pushed,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) {
         match pushed {
             Pushed::Deliver {
@@ -166,19 +166,19 @@ impl Session {
                         .filter(|d| !d.auto_ack)
                         .map(|d| SettleItem {
                             queue: d.queue,
-                            owner: d.owner,
+                            holder: d.holder,
                             seq: d.seq,
                             ack: false,
                             requeue: true,
                         })
                         .collect();
                     if !items.is_empty() {
-                        self.route(routed, from_shard, Op::Settle(items), Pending::Quiet);
+                        self.address(outbound, from_shard, Op::Settle(items), Pending::Quiet);
                     }
                     return;
                 }
                 let max = self.ctx.limits.deliver_batch_max as usize;
-                let mut batch: Vec<(u64, WireDelivery)> =
+                let mut batch: Vec<(u64, PushedDelivery)> =
                     Vec::with_capacity(deliveries.len().min(max));
                 for d in deliveries {
                     let tag = self.next_delivery_tag;
@@ -187,7 +187,7 @@ impl Session {
                         let o = Outstanding {
                             shard: from_shard,
                             queue: d.queue.clone(),
-                            owner: d.owner,
+                            holder: d.holder,
                             seq: d.seq,
                         };
                         self.outstanding.insert(tag, o);
@@ -216,7 +216,7 @@ impl Session {
     fn encode_deliver(
         &mut self,
         consumer_tag: &str,
-        batch: &[(u64, WireDelivery)],
+        batch: &[(u64, PushedDelivery)],
         out: &mut BytesMut,
     ) {
         let items = batch.iter().map(|(tag, d)| DeliveryItem {

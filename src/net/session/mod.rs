@@ -5,7 +5,7 @@
 //! Contract: no I/O, no clock, one thread (the connection's shard; `Session` is `!Send`). The
 //! connection's shard hands it each decoded frame, each reply from a queue's owning shard and
 //! each push (deliveries, cancellations), with the time as an argument; it appends the frames
-//! owed to an output buffer and returns the `Routed` ops to send to owning shards. It owns the
+//! owed to an output buffer and returns the `Addressed` ops to send to owning shards. It owns the
 //! connection's protocol state and its side of every delivery: delivery tags are allocated here,
 //! per connection, and mapped back to (owning shard, queue, consumer, queue sequence) on ack.
 //! Publishes to an exchange are routed here, by the shard's copy of the routing table (read, never
@@ -42,7 +42,7 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::{Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
 
 use crate::broker::control::{RoutingCopy, CONTROL_SHARD};
-use crate::broker::queue::OwnerId;
+use crate::broker::queue::HolderId;
 use crate::broker::routing::Binding;
 use crate::broker::types::{placement, Refusal};
 use crate::mesh::msg::ControlOp;
@@ -82,7 +82,7 @@ impl SessionCtx {
 
 /// An op for the shard that owns a queue; its reply comes back to `on_reply` with the same `id`.
 #[derive(Debug)]
-pub struct Routed {
+pub struct Addressed {
     pub shard: u16,
     pub id: u64,
     pub op: Op,
@@ -103,7 +103,7 @@ pub enum Flow {
     Close,
 }
 
-/// What a routed op's reply means to this connection.
+/// What a addressed op's reply means to this connection.
 enum Pending {
     /// Answer the client's request with the reply as it is.
     Reply {
@@ -154,7 +154,7 @@ struct ConsumerRef {
     shard: u16,
     queue: String,
     /// Known once the owning shard answered `Consume`.
-    owner: Option<OwnerId>,
+    holder: Option<HolderId>,
 }
 
 pub struct Session {
@@ -224,14 +224,20 @@ impl Session {
         self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
     }
 
-    fn route(&mut self, routed: &mut Vec<Routed>, shard: u16, op: Op, pending: Pending) -> u64 {
+    fn address(
+        &mut self,
+        outbound: &mut Vec<Addressed>,
+        shard: u16,
+        op: Op,
+        pending: Pending,
+    ) -> u64 {
         let id = self.next_id();
         self.pending.insert(id, pending);
-        routed.push(Routed { shard, id, op });
+        outbound.push(Addressed { shard, id, op });
         id
     }
 
-    /// An id for a routed op or a settlement wait, unique on this connection.
+    /// An id for an addressed op or a settlement wait, unique on this connection.
     fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -248,7 +254,7 @@ impl Session {
         now_ms: u64,
         frame: &InFrame,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         let request_id = frame.request_id();
         match self.state {
@@ -274,13 +280,13 @@ impl Session {
                 }
             },
             State::Open => match Command::parse(frame) {
-                Ok(command) => self.execute(now_ms, request_id, command, out, routed),
+                Ok(command) => self.execute(now_ms, request_id, command, out, outbound),
                 Err(e) => self.fail(out, request_id, e.code(), e.to_string(), false),
             },
         }
     }
 
-    /// Answers a routed op's reply; a reply that is one step of a longer request (a bind's queue
+    /// Answers a addressed op's reply; a reply that is one step of a longer request (a bind's queue
     /// check) routes the next step. `now_ms` (ms since the Unix epoch) dates a `Status`.
     pub fn on_reply_at(
         &mut self,
@@ -288,7 +294,7 @@ impl Session {
         id: u64,
         reply: Reply,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
@@ -313,7 +319,7 @@ impl Session {
                     binding,
                 },
                 reply,
-            ) => self.queue_checked(request_id, binding, reply, out, routed),
+            ) => self.queue_checked(request_id, binding, reply, out, outbound),
             (Pending::DeleteQueue { request_id, name }, Reply::Deleted(messages))
                 if self.routing.table.borrow().has_bindings_to(&name) =>
             {
@@ -322,7 +328,7 @@ impl Session {
                     request_id,
                     messages,
                 };
-                self.route(routed, CONTROL_SHARD, op, pending);
+                self.address(outbound, CONTROL_SHARD, op, pending);
             }
             (Pending::DeleteQueue { request_id, .. }, reply) => {
                 self.on_reply_to(request_id, reply, out)
@@ -356,10 +362,10 @@ impl Session {
     }
 
     /// The connection is gone: every shard releases what it held for it.
-    pub fn on_closed(&mut self, routed: &mut Vec<Routed>) {
+    pub fn on_closed(&mut self, outbound: &mut Vec<Addressed>) {
         self.state = State::Closing;
         for shard in 0..self.ctx.shard_count() {
-            self.route(routed, shard, Op::ConnectionClosed, Pending::Quiet);
+            self.address(outbound, shard, Op::ConnectionClosed, Pending::Quiet);
         }
     }
 

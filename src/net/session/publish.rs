@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 
-use super::{Flow, Pending, Routed, Session};
+use super::{Addressed, Flow, Pending, Session};
 use crate::broker::types::Refusal;
 use crate::mesh::msg::{Op, PublishItem, PublishOutcome};
 use crate::net::command::Publish;
@@ -38,7 +38,7 @@ impl Session {
         now_ms: u64,
         p: Publish<'_>,
         out: &mut BytesMut,
-        routed: &mut Vec<Routed>,
+        outbound: &mut Vec<Addressed>,
     ) -> Flow {
         let confirm = p.confirm;
         if p.producer_id.is_some() {
@@ -82,7 +82,7 @@ impl Session {
                 by_shard.entry(self.owner_of(key)).or_default().push(item);
                 continue;
             }
-            // Routed here, on the publishing shard, by this shard's copy of the table.
+            // Addressed here, on the publishing shard, by this shard's copy of the table.
             let mut queues = std::mem::take(&mut self.route_buf);
             queues.clear();
             let found = {
@@ -133,7 +133,7 @@ impl Session {
         }
         for (shard, items) in by_shard {
             self.unconfirmed += items.len() as u64;
-            self.route(routed, shard, Op::Publish(items), Pending::Publish);
+            self.address(outbound, shard, Op::Publish(items), Pending::Publish);
         }
         Flow::Continue
     }

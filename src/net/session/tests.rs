@@ -137,10 +137,10 @@ fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
         let mut out = BytesMut::new();
         s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
         replies(&mut out);
-        let mut routed = Vec::new();
-        let flow = s.on_frame_at(NOW_MS, &frame(body), &mut out, &mut routed);
+        let mut outbound = Vec::new();
+        let flow = s.on_frame_at(NOW_MS, &frame(body), &mut out, &mut outbound);
         let r = replies(&mut out);
-        if !routed.is_empty() {
+        if !outbound.is_empty() {
             // Served by the queue's owning shard: nothing is answered until it replies.
             assert!(r.is_empty(), "{kind:?} answered before its owner replied");
             assert_eq!(flow, Flow::Continue);
@@ -269,15 +269,15 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
     );
     let mut s = routed_session(&[&q0, &q1, "q-gone-later"]);
     let mut out = BytesMut::new();
-    let mut routed = Vec::new();
-    s.on_frame_at(NOW_MS, &publish_to_x("a.b", false), &mut out, &mut routed);
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_to_x("a.b", false), &mut out, &mut outbound);
     assert!(
         replies(&mut out).is_empty(),
         "nothing is confirmed before the owners answer"
     );
     // One item per owning shard; the one holding two queues names both (stored once).
-    assert_eq!(routed.len(), 2);
-    let items: Vec<PublishItem> = routed
+    assert_eq!(outbound.len(), 2);
+    let items: Vec<PublishItem> = outbound
         .iter()
         .map(|r| match &r.op {
             Op::Publish(items) => items[0].clone(),
@@ -291,7 +291,7 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
         .all(|i| i.bytes == items[0].bytes && i.exchange == "x"));
     s.on_reply_at(
         NOW_MS,
-        routed[0].id,
+        outbound[0].id,
         taken(&items[0], true),
         &mut out,
         &mut Vec::new(),
@@ -299,7 +299,7 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
     assert!(replies(&mut out).is_empty(), "one part of two");
     s.on_reply_at(
         NOW_MS,
-        routed[1].id,
+        outbound[1].id,
         taken(&items[1], false),
         &mut out,
         &mut Vec::new(),
@@ -321,14 +321,14 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
 fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed() {
     let mut s = routed_session(&["q"]);
     let mut out = BytesMut::new();
-    let mut routed = Vec::new();
-    s.on_frame_at(NOW_MS, &publish_to_x("b", true), &mut out, &mut routed);
-    assert!(routed.is_empty());
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_to_x("b", true), &mut out, &mut outbound);
+    assert!(outbound.is_empty());
     let r = replies(&mut out);
     assert!(matches!(r[0].body, BodyT::Return(_)), "{:?}", r[0]);
     assert!(matches!(r[1].body, BodyT::Confirm(_)), "{:?}", r[1]);
     assert_eq!(s.routing.unroutable.get(), 0);
-    s.on_frame_at(NOW_MS, &publish_to_x("b", false), &mut out, &mut routed);
+    s.on_frame_at(NOW_MS, &publish_to_x("b", false), &mut out, &mut outbound);
     let r = replies(&mut out);
     assert_eq!(r.len(), 1);
     assert!(matches!(r[0].body, BodyT::Confirm(_)), "{:?}", r[0]);
@@ -353,12 +353,12 @@ fn an_unknown_exchange_kind_is_refused_and_the_connection_goes_on() {
     let mut s = open_session();
     let mut out = BytesMut::new();
     replies(&mut out);
-    let mut routed = Vec::new();
+    let mut outbound = Vec::new();
     assert_eq!(
-        s.on_frame_at(NOW_MS, &declare, &mut out, &mut routed),
+        s.on_frame_at(NOW_MS, &declare, &mut out, &mut outbound),
         Flow::Continue
     );
-    assert!(routed.is_empty());
+    assert!(outbound.is_empty());
     let r = replies(&mut out);
     assert_eq!(r[0].request_id, 9);
     assert_eq!(error_of(&r[0]), (ErrorCode::InvalidArgument, false));
@@ -402,14 +402,14 @@ fn a_delivery_time_is_judged_against_the_time_passed_in() {
     let mut s = open_session();
     let mut out = BytesMut::new();
     replies(&mut out);
-    let mut routed = Vec::new();
-    s.on_frame_at(9_000, &publish, &mut out, &mut routed);
-    assert_eq!(routed.len(), 1);
+    let mut outbound = Vec::new();
+    s.on_frame_at(9_000, &publish, &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 1);
     assert!(replies(&mut out).is_empty());
 
-    let mut routed = Vec::new();
-    s.on_frame_at(8_999, &publish, &mut out, &mut routed);
-    assert!(routed.is_empty());
+    let mut outbound = Vec::new();
+    s.on_frame_at(8_999, &publish, &mut out, &mut outbound);
+    assert!(outbound.is_empty());
     let r = replies(&mut out);
     let BodyT::Error(e) = &r[0].body else {
         panic!("{:?}", r[0])
@@ -426,15 +426,15 @@ fn status_uptime_is_counted_to_the_time_passed_in() {
     let mut s = open_session();
     let mut out = BytesMut::new();
     replies(&mut out);
-    let mut routed = Vec::new();
+    let mut outbound = Vec::new();
     s.on_frame_at(
         NOW_MS,
         &frame(BodyT::GetStatus(Box::default())),
         &mut out,
-        &mut routed,
+        &mut outbound,
     );
-    assert_eq!(routed.len(), 2, "one per shard");
-    for (i, r) in routed.iter().enumerate() {
+    assert_eq!(outbound.len(), 2, "one per shard");
+    for (i, r) in outbound.iter().enumerate() {
         let st = crate::broker::types::ShardStatus {
             shard: 1 - i as u16,
             queues: 3,

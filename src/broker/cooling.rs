@@ -1,9 +1,9 @@
-//! Which messages leave memory, and when: the payload cache's eviction rule.
+//! Which messages leave memory, and when: the payload cache's cooling rule.
 //!
 //! Contract: plain data on one shard. The shell notes the messages each request journals (as
 //! runs of consecutive sequence numbers per queue: one name per run, not per message) and, once
 //! their records are durable, asks this rule to cool them. Only durable records are cooled (a
-//! cold entry must be readable back), so a failed commit evicts nothing.
+//! cold entry must be readable back), so a failed commit cools nothing.
 
 use crate::broker::host::QueueHost;
 use crate::broker::queue::Seq;
@@ -33,7 +33,7 @@ impl Written {
     /// all: the queue keeps a cold reference to the record, no allocation) while journaled
     /// payloads hold more than their share of `cache_bytes_max`: the head of a backlog,
     /// delivered first, stays in memory; its tail waits on disk.
-    pub fn evict_if_over_budget(&self, host: &mut QueueHost) {
+    pub fn cool_over_budget(&self, host: &mut QueueHost) {
         let cache = host.cache().clone();
         for (queue, first, last) in self.runs.iter().rev() {
             for seq in (*first..=*last).rev() {
@@ -102,7 +102,7 @@ mod tests {
             w.note(&[("q", seq)]);
         }
         assert_eq!(cache.bytes(), 40);
-        w.evict_if_over_budget(&mut host);
+        w.cool_over_budget(&mut host);
         assert_eq!(cache.bytes(), 20);
         let (first, _) = host.get(A, "q", false, 0).unwrap();
         assert!(matches!(first.unwrap().msg, MsgRef::Hot(_)));
