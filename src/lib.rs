@@ -1,20 +1,22 @@
 //! weir: the broker's internals, as a library so that tests and benchmarks reach them.
 //!
 //! The module tree reads as the architecture (DESIGN.md §3, ARCHITECTURE.md):
-//! - `broker`: the state machines (queue, queue host, routing table, journal records of the
-//!   catalog), free of I/O: plain structs that take events and return what to do.
+//! - `broker`: the state machines (queue, queue host, routing table, the control plane, journal
+//!   records of the catalog, and every decision the shard shell drives), free of I/O: plain
+//!   structs that take events and return what to do.
 //! - `cli`: the client commands of the `weir` binary (`queue`, `publish`, `consume`, `status`).
 //! - `config`: `weir serve`'s configuration: defaults, TOML file, `WEIR_*` variables, flags.
-//! - `control`: the control plane: exchanges and bindings, one writer (shard 0), a read copy on
-//!   every shard.
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
 //! - `limits`: every limit of every layer in one registry, with the relations between layers
 //!   asserted.
-//! - `mesh`: what crosses between shards (typed messages, in batches) and how.
-//! - `net`: connections: the session state machine and its I/O shell.
+//! - `mesh`: what crosses between shards: the vocabulary (`mesh::msg`, plain `Send` data) and
+//!   the transport (batches per peer).
+//! - `net`: connections: frames -> typed commands (`command`), the session state machine, and
+//!   its I/O shell (`connection`).
 //! - `rt`: the one door to glommio: executors, tasks, O_DIRECT segment files.
 //! - `server`: `weir serve` on the main thread: CPUs, data-directory layout, listeners, shards.
-//! - `shard`: one pinned executor: accept loops, connections, orderly shutdown.
+//! - `shard`: one pinned executor, the I/O shell that drives the broker's state machines: accept,
+//!   the worker, journal staging, read-back, timers, orderly shutdown.
 //! - `storage`: the journal: segments, records, group commit, recovery, reclaim.
 //!
 //! Arriving with later work: `metrics`.

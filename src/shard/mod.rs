@@ -21,7 +21,7 @@
 //! - `worker`: the one task that executes requests and hands out replies and pushes.
 //! - `staging`: the journal as the queue host's sink (records staged for the group commit).
 //! - `read_back`: payloads read back from the journal for deliveries and dead letters.
-//! - `routing`: the control-plane writer's side of a change, and this shard's copy.
+//! - `control`: the control-plane writer's side of a change, and this shard's routing copy.
 //! - `housekeeping`: the expiry and segment-reclaim timers.
 //!
 //! Faults handled: accept errors (file descriptors exhausted, a reset before accept): logged,
@@ -32,7 +32,7 @@
 mod accept;
 mod housekeeping;
 mod read_back;
-mod routing;
+mod control;
 mod run;
 mod staging;
 mod worker;
