@@ -21,6 +21,23 @@
 //!
 //! Arriving with later work: `metrics`.
 
+/// Fails the build if `$t` is `Send`: the per-core boundary as a type fact. Were `$t` `Send`,
+/// both blanket impls would apply to it and `some_item` could not be inferred.
+macro_rules! assert_not_send {
+    ($t:ty) => {
+        const _: fn() = || {
+            trait AmbiguousIfSend<A> {
+                fn some_item() {}
+            }
+            impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+            #[allow(dead_code)]
+            struct IsSend;
+            impl<T: ?Sized + Send> AmbiguousIfSend<IsSend> for T {}
+            let _ = <$t as AmbiguousIfSend<_>>::some_item;
+        };
+    };
+}
+
 pub mod broker;
 pub mod cli;
 pub mod config;

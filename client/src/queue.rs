@@ -6,15 +6,9 @@
 
 use weir_protocol::wire;
 
-/// What a queue does when a publish would take it past `max_length` or `max_length_bytes`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Overflow {
-    /// Drop (or dead-letter) the oldest ready messages.
-    #[default]
-    DropHead,
-    /// Refuse the new message (`QueueFull`).
-    RejectPublish,
-}
+/// What a publish past `max_length` or `max_length_bytes` does: drop the oldest ready
+/// messages (`DropHead`, the default) or refuse the new one (`RejectPublish`, `QueueFull`).
+pub use weir_protocol::Overflow;
 
 /// Optional behaviour of a queue, fixed when it is declared. `None`: the broker's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,10 +43,7 @@ impl QueueArguments {
         let mut a = wire::QueueArgumentsT::default();
         a.max_length = self.max_length;
         a.max_length_bytes = self.max_length_bytes;
-        a.overflow = match self.overflow {
-            Overflow::DropHead => wire::Overflow::DropHead,
-            Overflow::RejectPublish => wire::Overflow::RejectPublish,
-        };
+        a.overflow = self.overflow.to_wire();
         a.message_ttl_ms = self.message_ttl_ms;
         a.dead_letter_exchange = self.dead_letter_exchange.clone();
         a.dead_letter_routing_key = self.dead_letter_routing_key.clone();
@@ -67,11 +58,7 @@ impl QueueArguments {
         QueueArguments {
             max_length: a.max_length,
             max_length_bytes: a.max_length_bytes,
-            overflow: if a.overflow == wire::Overflow::RejectPublish {
-                Overflow::RejectPublish
-            } else {
-                Overflow::DropHead
-            },
+            overflow: Overflow::from_wire(a.overflow),
             message_ttl_ms: a.message_ttl_ms,
             dead_letter_exchange: a.dead_letter_exchange.clone(),
             dead_letter_routing_key: a.dead_letter_routing_key.clone(),

@@ -51,6 +51,35 @@ pub fn placement(queue: &str, shard_count: u16) -> u16 {
     (crc32fast::hash(queue.as_bytes()) % u32::from(shard_count.max(1))) as u16
 }
 
+/// What a queue does when a publish would take it past a length limit: the broker's rule and the
+/// client's argument, one type for both, mapped to and from the wire here only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest ready messages to make room.
+    #[default]
+    DropHead,
+    /// Refuse the new message (`QueueFull`).
+    RejectPublish,
+}
+
+impl Overflow {
+    /// A value this version does not know reads as the default, `DropHead`.
+    pub fn from_wire(o: wire::Overflow) -> Overflow {
+        if o == wire::Overflow::RejectPublish {
+            Overflow::RejectPublish
+        } else {
+            Overflow::DropHead
+        }
+    }
+
+    pub fn to_wire(self) -> wire::Overflow {
+        match self {
+            Overflow::DropHead => wire::Overflow::DropHead,
+            Overflow::RejectPublish => wire::Overflow::RejectPublish,
+        }
+    }
+}
+
 /// A frame from its parts. The object-API structs are `#[non_exhaustive]`, so crates other than
 /// this one build frames here (bodies start from `XT::default()` and set fields).
 pub fn frame(request_id: u64, body: wire::BodyT) -> wire::FrameT {

@@ -30,9 +30,9 @@
 //! releases their deliveries when it learns of the close).
 
 mod accept;
+mod control;
 mod housekeeping;
 mod read_back;
-mod control;
 mod run;
 mod staging;
 mod worker;
@@ -119,19 +119,8 @@ pub struct ShardState {
     control_waits: RefCell<ControlWaits>,
 }
 
-// The per-core boundary as a type fact: a `ShardState` never leaves its thread. (The ambiguous
-// trait trick of `static_assertions::assert_not_impl_any!`: if `ShardState` were `Send`, both
-// impls would apply and the path below would be ambiguous, failing the build.)
-const _: fn() = || {
-    trait AmbiguousIfSend<A> {
-        fn some_item() {}
-    }
-    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
-    #[allow(dead_code)]
-    struct Invalid;
-    impl<T: ?Sized + Send> AmbiguousIfSend<Invalid> for T {}
-    let _ = <ShardState as AmbiguousIfSend<_>>::some_item;
-};
+// The per-core boundary as a type fact: a `ShardState` never leaves its thread.
+assert_not_send!(ShardState);
 
 /// The clock, read by the shell only: the decisions it drives are given `now_ms`.
 fn now_ms() -> u64 {

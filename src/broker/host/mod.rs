@@ -510,11 +510,7 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
     QueuePolicy {
         max_length: a.max_length,
         max_length_bytes: a.max_length_bytes,
-        overflow: if a.overflow == wire::Overflow::RejectPublish {
-            Overflow::RejectPublish
-        } else {
-            Overflow::DropHead
-        },
+        overflow: Overflow::from_wire(a.overflow),
         message_ttl_ms: a.message_ttl_ms.map(u64::from),
         max_deliveries: a.max_deliveries,
         dead_letter: a.dead_letter_exchange.is_some(),

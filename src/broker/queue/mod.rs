@@ -28,15 +28,8 @@ pub type Seq = u64;
 /// Who holds outstanding deliveries: a consumer, or a connection's `Get`s. Chosen by the shard.
 pub type HolderId = u64;
 
-/// What the queue does when a publish would take it past a length limit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Overflow {
-    /// Drop (or dead-letter) the oldest ready messages to make room.
-    #[default]
-    DropHead,
-    /// Refuse the new message.
-    RejectPublish,
-}
+/// What the queue does when a publish would take it past a length limit (the wire's type).
+pub use weir_protocol::Overflow;
 
 /// The queue's declared behaviour.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -180,18 +180,8 @@ pub struct Session {
 }
 
 // A session lives on its connection's shard and holds that shard's `Rc` routing copy: it must
-// never be moved to another thread. Fails to compile if `Session` ever becomes `Send` (two
-// blanket impls would then apply, and `_IS_SEND` could not be inferred).
-const _: () = {
-    trait AmbiguousIfSend<A> {
-        fn some_item() {}
-    }
-    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
-    #[allow(dead_code)]
-    struct IsSend;
-    impl<T: ?Sized + Send> AmbiguousIfSend<IsSend> for T {}
-    let _ = <Session as AmbiguousIfSend<_>>::some_item;
-};
+// never move to another thread.
+assert_not_send!(Session);
 
 impl Session {
     pub fn new(ctx: SessionCtx, routing: Rc<RoutingCopy>) -> Session {
