@@ -9,59 +9,8 @@ use weir_protocol::wire::{self, BodyT};
 use crate::client::{list_pages, unexpected, Client, LIST_PAGE};
 use crate::error::ClientError;
 
-/// How an exchange routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExchangeKind {
-    /// To the queues whose binding key equals the routing key.
-    Direct,
-    /// By pattern: `.`-separated words; `*` matches exactly one word, `#` zero or more.
-    Topic,
-    /// To every bound queue; keys are ignored.
-    Fanout,
-}
-
-impl ExchangeKind {
-    fn to_wire(self) -> wire::ExchangeKind {
-        match self {
-            ExchangeKind::Direct => wire::ExchangeKind::Direct,
-            ExchangeKind::Topic => wire::ExchangeKind::Topic,
-            ExchangeKind::Fanout => wire::ExchangeKind::Fanout,
-        }
-    }
-
-    fn from_wire(k: wire::ExchangeKind) -> Option<ExchangeKind> {
-        match k {
-            wire::ExchangeKind::Direct => Some(ExchangeKind::Direct),
-            wire::ExchangeKind::Topic => Some(ExchangeKind::Topic),
-            wire::ExchangeKind::Fanout => Some(ExchangeKind::Fanout),
-            _ => None,
-        }
-    }
-
-    /// "direct", "topic" or "fanout".
-    pub fn name(self) -> &'static str {
-        match self {
-            ExchangeKind::Direct => "direct",
-            ExchangeKind::Topic => "topic",
-            ExchangeKind::Fanout => "fanout",
-        }
-    }
-}
-
-impl std::str::FromStr for ExchangeKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "direct" => Ok(ExchangeKind::Direct),
-            "topic" => Ok(ExchangeKind::Topic),
-            "fanout" => Ok(ExchangeKind::Fanout),
-            other => Err(format!(
-                "exchange kind '{other}': expected direct, topic or fanout"
-            )),
-        }
-    }
-}
+/// How an exchange routes (the protocol's type: one mapping to and from the wire).
+pub use weir_protocol::ExchangeKind;
 
 /// How an exchange is declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -80,6 +80,63 @@ impl Overflow {
     }
 }
 
+/// How an exchange routes: the broker's matcher and the client's argument, one type for both,
+/// mapped to and from the wire here only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExchangeKind {
+    /// The binding key equals the routing key.
+    Direct,
+    /// `.`-separated words; in a binding key `*` is one word, `#` zero or more.
+    Topic,
+    /// Every bound queue; keys are ignored.
+    Fanout,
+}
+
+impl ExchangeKind {
+    /// `None` for a value this version does not know: never a guess.
+    pub fn from_wire(k: wire::ExchangeKind) -> Option<ExchangeKind> {
+        match k {
+            wire::ExchangeKind::Direct => Some(ExchangeKind::Direct),
+            wire::ExchangeKind::Topic => Some(ExchangeKind::Topic),
+            wire::ExchangeKind::Fanout => Some(ExchangeKind::Fanout),
+            _ => None,
+        }
+    }
+
+    pub fn to_wire(self) -> wire::ExchangeKind {
+        match self {
+            ExchangeKind::Direct => wire::ExchangeKind::Direct,
+            ExchangeKind::Topic => wire::ExchangeKind::Topic,
+            ExchangeKind::Fanout => wire::ExchangeKind::Fanout,
+        }
+    }
+
+    /// "direct", "topic" or "fanout".
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Fanout => "fanout",
+        }
+    }
+}
+
+/// The names `name` gives, as a CLI or a config file writes them.
+impl std::str::FromStr for ExchangeKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(ExchangeKind::Direct),
+            "topic" => Ok(ExchangeKind::Topic),
+            "fanout" => Ok(ExchangeKind::Fanout),
+            other => Err(format!(
+                "exchange kind '{other}': expected direct, topic or fanout"
+            )),
+        }
+    }
+}
+
 /// A frame from its parts. The object-API structs are `#[non_exhaustive]`, so crates other than
 /// this one build frames here (bodies start from `XT::default()` and set fields).
 pub fn frame(request_id: u64, body: wire::BodyT) -> wire::FrameT {

@@ -5,45 +5,8 @@
 //! what crosses cores inside a `RoutingChange` and what listings hand out. Faults handled: an
 //! exchange kind this broker version does not know converts to `None`, never to a guess.
 
-use weir_protocol::wire;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ExchangeKind {
-    /// The binding key equals the routing key.
-    Direct,
-    /// `.`-separated words; in a binding key `*` is one word, `#` zero or more.
-    Topic,
-    /// Every bound queue; keys are ignored.
-    Fanout,
-}
-
-impl ExchangeKind {
-    /// `None` for a value this broker version does not know.
-    pub fn from_wire(k: wire::ExchangeKind) -> Option<ExchangeKind> {
-        match k {
-            wire::ExchangeKind::Direct => Some(ExchangeKind::Direct),
-            wire::ExchangeKind::Topic => Some(ExchangeKind::Topic),
-            wire::ExchangeKind::Fanout => Some(ExchangeKind::Fanout),
-            _ => None,
-        }
-    }
-
-    pub fn to_wire(self) -> wire::ExchangeKind {
-        match self {
-            ExchangeKind::Direct => wire::ExchangeKind::Direct,
-            ExchangeKind::Topic => wire::ExchangeKind::Topic,
-            ExchangeKind::Fanout => wire::ExchangeKind::Fanout,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ExchangeKind::Direct => "direct",
-            ExchangeKind::Topic => "topic",
-            ExchangeKind::Fanout => "fanout",
-        }
-    }
-}
+/// How an exchange routes: the protocol's type, shared with the client.
+pub use weir_protocol::ExchangeKind;
 
 /// An exchange's declared properties.
 #[derive(Clone, Debug, PartialEq, Eq)]
