@@ -53,7 +53,7 @@ pub fn requeue_unread(
 }
 
 /// Keeps the deliveries that were read back; the unread ones were requeued.
-pub fn keep_filled(deliveries: &mut Vec<PushedDelivery>) {
+pub fn keep_read_back(deliveries: &mut Vec<PushedDelivery>) {
     deliveries.retain(|d| d.cold.is_none());
 }
 
@@ -124,7 +124,7 @@ pub(crate) mod tests {
         );
         assert!(d.cold.is_none());
         let mut ds = vec![d, cold("q", 4)];
-        keep_filled(&mut ds);
+        keep_read_back(&mut ds);
         assert_eq!(ds.len(), 1);
         assert_eq!(ds[0].seq, 3);
     }

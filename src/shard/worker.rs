@@ -149,7 +149,7 @@ impl ShardState {
                 let to = *to;
                 let mut kept = std::mem::take(deliveries);
                 if !self.read_back(to, &mut kept).await {
-                    read_back::keep_filled(&mut kept);
+                    read_back::keep_read_back(&mut kept);
                 }
                 *deliveries = kept;
             }
