@@ -21,7 +21,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use weir::broker::routing::{topic_matches, Binding, ExchangeDecl, ExchangeKind, RoutingTable};
+use weir::broker::routing::{topic_matches, ExchangeKind, RoutingTable};
+use weir::mesh::types::{Binding, ExchangeDecl};
 
 const REGIONS: usize = 20;
 const SERVICES: usize = 50;

@@ -9,7 +9,8 @@
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
 //! - `limits`: every limit of every layer in one registry, with the relations between layers
 //!   asserted.
-//! - `mesh`: what crosses between shards: the vocabulary (`mesh::msg`, plain `Send` data) and
+//! - `mesh`: what crosses between shards, the bottom of the broker's layers: the plain values
+//!   every layer names (`mesh::types`), every message as plain `Send` data (`mesh::msg`), and
 //!   the transport (batches per peer).
 //! - `net`: connections: frames -> typed commands (`command`), the session state machine, and
 //!   its I/O shell (`connection`).

@@ -25,7 +25,7 @@ fn declare_is_idempotent_and_refuses_mismatches_and_reserved_names() {
     assert_eq!(info.name.as_deref(), Some("orders"));
     assert_eq!(
         usize::from(info.shard),
-        usize::from(weir::broker::types::placement(
+        usize::from(weir::mesh::types::placement(
             "orders",
             broker.shard_ports.len() as u16
         ))

@@ -12,8 +12,10 @@
 use weir_protocol::wire::{self, BodyT};
 use weir_protocol::WireLimits;
 
-use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind};
-use crate::broker::types::Declare;
+use crate::mesh::types::{Binding, ExchangeDecl};
+
+use crate::broker::routing::ExchangeKind;
+use crate::mesh::types::Declare;
 
 const TAG_DECLARE_QUEUE: u8 = 1;
 const TAG_DELETE_QUEUE: u8 = 2;

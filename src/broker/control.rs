@@ -21,8 +21,9 @@
 use std::cell::{Cell, RefCell};
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::routing::{Removed, RoutingChange, RoutingError, RoutingTable};
+use crate::broker::routing::{Removed, RoutingError, RoutingTable};
 use crate::mesh::msg::ControlOp;
+use crate::mesh::msg::RoutingChange;
 
 /// Connection id of the control plane itself in `ConnRef`s: replies to it are acknowledgements
 /// of routing changes, not answers for a client.
@@ -201,7 +202,8 @@ pub struct RoutingCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind};
+    use crate::broker::routing::ExchangeKind;
+    use crate::mesh::types::{Binding, ExchangeDecl};
 
     fn decl(name: &str, durable: bool, auto_delete: bool) -> ExchangeDecl {
         ExchangeDecl {

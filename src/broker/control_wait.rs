@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 
-use crate::broker::types::{ConnRef, Refusal};
 use crate::mesh::msg::Reply;
+use crate::mesh::types::{ConnRef, Refusal};
 
 /// An answer that is due: `reply` to request `id` of connection `to`.
 #[derive(Debug)]

@@ -6,7 +6,7 @@
 //! cold entry must be readable back), so a failed commit cools nothing.
 
 use crate::broker::host::QueueHost;
-use crate::broker::queue::Seq;
+use crate::mesh::types::Seq;
 
 /// Messages journaled by one request, newest last.
 #[derive(Debug, Default)]
@@ -50,7 +50,7 @@ impl Written {
 mod tests {
     use super::*;
     use crate::broker::stored::{Cache, MsgRef, Stored};
-    use crate::broker::types::{ConnRef, Declare};
+    use crate::mesh::types::{ConnRef, Declare};
     use crate::storage::Position;
     use bytes::Bytes;
     use std::rc::Rc;

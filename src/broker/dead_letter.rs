@@ -122,7 +122,7 @@ impl DeadLetterPlan {
 mod tests {
     use super::*;
     use crate::broker::stored::Stored;
-    use crate::broker::types::placement;
+    use crate::mesh::types::placement;
     use std::rc::Rc;
 
     fn letter(exchange: &str, key: Option<&str>, msg: MsgRef) -> DeadLetter {

@@ -9,8 +9,8 @@
 
 use weir_protocol::wire::{Durability, ErrorCode};
 
-use crate::broker::types::Refusal;
 use crate::mesh::msg::Reply;
+use crate::mesh::types::Refusal;
 use crate::storage::StorageError;
 
 /// Whether a reply waits for the commit of its request's own records.

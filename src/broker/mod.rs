@@ -8,8 +8,6 @@
 //! - `control`: the control plane: the writer's authoritative routing table (shard 0) and every
 //!   shard's read copy.
 //! - `host`: the queues one shard owns: declarations, consumers by connection, settle accounting.
-//! - `types`: the small plain types every layer names (`ConnRef`, `Refusal`, `Declare`,
-//!   `Cancelled`) and `placement`, free of the other broker modules.
 //! - `control_wait`: a client's routing change waiting for every shard's copy and its commit.
 //! - `dead_letter`: dead letters planned: which need a read-back, where each routes, which shards.
 //! - `durability`: which replies wait for their commit, what a failed commit makes of them.
@@ -41,4 +39,3 @@ pub mod rebuild;
 pub mod reclaim;
 pub mod routing;
 pub mod stored;
-pub mod types;

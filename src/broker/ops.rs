@@ -13,10 +13,10 @@ use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::{Outgoing, QueueHost};
-use crate::broker::queue::{HolderId, Seq};
 use crate::broker::stored::{MsgRef, Stored};
-use crate::broker::types::{placement, ConnRef, Refusal};
 use crate::mesh::msg::{Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply};
+use crate::mesh::types::{placement, ConnRef, Refusal};
+use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per

@@ -5,7 +5,7 @@
 //! (its unbind not yet durable), or removed now (deleted, auto-deleted, its exclusive owner
 //! gone). The writer removes them (`ControlOp::QueueGone`); this only decides which.
 
-use crate::broker::types::placement;
+use crate::mesh::types::placement;
 
 use crate::broker::host::QueueHost;
 use crate::broker::routing::RoutingTable;
@@ -39,8 +39,10 @@ pub fn removed_with_bindings(table: &RoutingTable, removed: Vec<String>) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::routing::{Binding, ExchangeDecl, ExchangeKind, RoutingChange};
-    use crate::broker::types::{ConnRef, Declare};
+    use crate::broker::routing::ExchangeKind;
+    use crate::mesh::msg::RoutingChange;
+    use crate::mesh::types::{Binding, ExchangeDecl};
+    use crate::mesh::types::{ConnRef, Declare};
 
     fn table(queues: &[&str]) -> RoutingTable {
         let mut t = RoutingTable::default();

@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use weir_protocol::wire::ErrorCode;
 
-use crate::broker::types::{ConnRef, Refusal};
+use crate::mesh::types::{ConnRef, Refusal};
 
 use crate::broker::host::QueueHost;
 use crate::mesh::msg::PushedDelivery;
@@ -69,7 +69,7 @@ pub fn unread_refusal() -> Refusal {
 pub(crate) mod tests {
     use super::*;
     use crate::broker::stored::Stored;
-    use crate::broker::types::Declare;
+    use crate::mesh::types::Declare;
     use crate::storage::Target;
     use std::rc::Rc;
 

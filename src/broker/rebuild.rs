@@ -29,10 +29,10 @@ use std::rc::Rc;
 
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::QueueHost;
-use crate::broker::queue::Seq;
 use crate::broker::routing::RoutingTable;
 use crate::broker::stored::{Cache, MsgRef};
-use crate::broker::types::Declare;
+use crate::mesh::types::Declare;
+use crate::mesh::types::Seq;
 use crate::storage::format::RECORD_HEADER_BYTES;
 use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
 
@@ -252,7 +252,7 @@ pub struct RebuildSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::types::ConnRef;
+    use crate::mesh::types::ConnRef;
     use crate::storage::{SettleReason, Target};
 
     fn declare(name: &str) -> Vec<u8> {

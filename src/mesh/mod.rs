@@ -1,5 +1,7 @@
-//! What crosses between shards, and how: typed messages (`msg`), in batches, over the channel
-//! mesh.
+//! What crosses between shards, and how: the plain values every layer names (`types`), every
+//! message as plain `Send` data (`msg`), and the batching over the channel mesh (this module).
+//! The bottom of the broker's layers: `broker`, `net` and `shard` depend on it, it on nothing of
+//! theirs.
 //!
 //! Contract: owned by one shard (its `Mesh`); `send` only appends to the batch for a peer and
 //! rings the flusher, so everything a shard produces while one task runs leaves as one batch:
@@ -11,6 +13,7 @@
 use std::cell::RefCell;
 
 pub mod msg;
+pub mod types;
 
 pub use msg::MeshMsg;
 

@@ -12,10 +12,9 @@
 use bytes::Bytes;
 use weir_protocol::wire;
 
-use crate::broker::queue::{HolderId, Seq};
-use crate::broker::routing::{Binding, ExchangeDecl, RoutingChange};
-use crate::broker::types::ShardStatus;
-use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
+use crate::mesh::types::{
+    Binding, Cancelled, ConnRef, Declare, ExchangeDecl, HolderId, Refusal, Seq, ShardStatus,
+};
 use crate::storage::Position;
 
 /// One unit of work between shards (and, unsent, within one).
@@ -201,6 +200,31 @@ pub enum ControlOp {
     },
 }
 
+/// One change to the table. The control-plane writer validates and applies a change to its
+/// authoritative table, then sends the same change to every shard's copy, which applies it with
+/// `apply` and reaches the same state.
+#[derive(Clone, Debug)]
+pub enum RoutingChange {
+    DeclareExchange(ExchangeDecl),
+    DeleteExchange(String),
+    Bind(Binding),
+    /// `durable` is ignored.
+    Unbind(Binding),
+    /// A queue was deleted: all its bindings go.
+    RemoveQueue(String),
+    /// Replace the whole table (a shard's copy at start-up).
+    Snapshot(RoutingSnapshot),
+}
+
+/// A whole table as owned declarations and bindings, from `RoutingTable::snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingSnapshot {
+    /// In name order.
+    pub(crate) exchanges: Vec<ExchangeDecl>,
+    /// In replay order (see `replay_order`), with their stored `durable` flags.
+    pub(crate) bindings: Vec<Binding>,
+}
+
 // The per-core boundary as a type fact: everything here crosses cores.
 const _: () = {
     fn assert_send<T: Send>() {}
@@ -211,6 +235,8 @@ const _: () = {
         assert_send::<Pushed>();
         assert_send::<PublishItem>();
         assert_send::<ControlOp>();
+        assert_send::<RoutingChange>();
+        assert_send::<RoutingSnapshot>();
     }
     let _ = all_send;
 };

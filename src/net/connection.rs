@@ -22,7 +22,7 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use weir_protocol::{FrameDecoder, WireLimits};
 
-use crate::broker::types::ConnRef;
+use crate::mesh::types::ConnRef;
 use crate::net::session::{Addressed, Flow, Session};
 use crate::rt::executor::{Doorbell, DoorbellWaiter};
 use crate::rt::net::Connection;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::broker::types::ConnRef;
+use crate::mesh::types::ConnRef;
 use crate::net::connection::{self, ConnEntry};
 use crate::net::session::{Session, SessionCtx};
 use crate::rt;

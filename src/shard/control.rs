@@ -16,10 +16,10 @@ use crate::broker::control::CONTROL_SHARD;
 use crate::broker::control_wait::Answer;
 use crate::broker::durability::{holds_for_commit, storage_refusal};
 use crate::broker::orphan_bindings;
-use crate::broker::routing::RoutingChange;
-use crate::broker::types::{ConnRef, Refusal};
 use crate::mesh::msg::ControlOp;
+use crate::mesh::msg::RoutingChange;
 use crate::mesh::msg::{Op, Reply};
+use crate::mesh::types::{ConnRef, Refusal};
 use crate::rt;
 
 use super::ShardState;

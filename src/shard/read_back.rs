@@ -10,8 +10,8 @@
 use crate::broker::dead_letter::{self, DeadLetterPlan, LetterBody};
 use crate::broker::host::DeadLetter;
 use crate::broker::read_back;
-use crate::broker::types::ConnRef;
 use crate::mesh::msg::{Op, PushedDelivery};
+use crate::mesh::types::ConnRef;
 
 use super::ShardState;
 

@@ -12,10 +12,10 @@ use crate::broker::catalog::CatalogRecord;
 use crate::broker::cooling::Written;
 use crate::broker::durability::storage_refusal;
 use crate::broker::ops::JournalSink;
-use crate::broker::queue::Seq;
 use crate::broker::stored::{Liveness, Stored};
-use crate::broker::types::Refusal;
 use crate::mesh::msg::PublishItem;
+use crate::mesh::types::Refusal;
+use crate::mesh::types::Seq;
 use crate::rt::fs::DmaDir;
 use crate::storage::{
     Appended, Journal, MessageEnvelope, SettleReason, SettleRecord, StorageError, Target,

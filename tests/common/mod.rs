@@ -360,6 +360,6 @@ impl Client {
 pub fn queue_on(shard: u16, shards: u16, prefix: &str) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .find(|n| weir::broker::types::placement(n, shards) == shard)
+        .find(|n| weir::mesh::types::placement(n, shards) == shard)
         .unwrap()
 }

@@ -12,9 +12,10 @@ use std::rc::Rc;
 use weir_protocol::wire::ErrorCode;
 
 use super::{refuse, ConsumerInfo, QueueHost, StoredDelivery};
-use crate::broker::queue::{HolderId, QueueDelivery};
+use crate::broker::queue::QueueDelivery;
 use crate::broker::stored::MsgRef;
-use crate::broker::types::{ConnRef, Refusal};
+use crate::mesh::types::HolderId;
+use crate::mesh::types::{ConnRef, Refusal};
 
 /// A delivery owed to a connection.
 #[derive(Clone, Debug)]

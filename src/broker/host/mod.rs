@@ -27,11 +27,10 @@ use std::rc::Rc;
 use weir_protocol::wire::{self, ErrorCode};
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::queue::{
-    HolderId, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Seq, Settled,
-};
+use crate::broker::queue::{Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled};
 use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
-use crate::broker::types::{Cancelled, ConnRef, Declare, Refusal};
+use crate::mesh::types::{Cancelled, ConnRef, Declare, Refusal};
+use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
 pub use consumers::Outgoing;
@@ -477,8 +476,8 @@ impl QueueHost {
     }
 
     /// This host's part of a shard's counters (the shard adds connections and journal figures).
-    pub fn status(&self) -> crate::broker::types::ShardStatus {
-        let mut st = crate::broker::types::ShardStatus {
+    pub fn status(&self) -> crate::mesh::types::ShardStatus {
+        let mut st = crate::mesh::types::ShardStatus {
             shard: self.shard,
             queues: self.queues.len() as u64,
             dropped: self.dropped,

@@ -14,9 +14,10 @@ use weir_protocol::wire::ErrorCode;
 
 use super::QueueHost;
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::queue::{HolderId, Seq, Settled};
+use crate::broker::queue::Settled;
 use crate::broker::stored::{Liveness, MsgRef};
-use crate::broker::types::{ConnRef, Refusal};
+use crate::mesh::types::{ConnRef, Refusal};
+use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
 /// A message its queue dead-lettered (rejected without requeue, expired, pushed out by overflow,

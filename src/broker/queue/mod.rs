@@ -19,14 +19,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
-
-/// A message's sequence number in its queue: assigned at publish, never reused (settle records in
-/// the journal name ranges of them, so a reused number would settle the wrong message).
-pub type Seq = u64;
-
-/// Who holds outstanding deliveries: a consumer, or a connection's `Get`s. Chosen by the shard.
-pub type HolderId = u64;
 
 /// What the queue does when a publish would take it past a length limit (the wire's type).
 pub use weir_protocol::Overflow;

@@ -11,36 +11,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::decl::{Binding, ExchangeDecl};
 use super::error::RoutingError;
 use super::intern::{QueueId, Queues};
 use super::matcher::Matcher;
 use super::table::{Exchange, RoutingTable};
-
-/// One change to the table. The control-plane writer validates and applies a change to its
-/// authoritative table, then sends the same change to every shard's copy, which applies it with
-/// `apply` and reaches the same state.
-#[derive(Clone, Debug)]
-pub enum RoutingChange {
-    DeclareExchange(ExchangeDecl),
-    DeleteExchange(String),
-    Bind(Binding),
-    /// `durable` is ignored.
-    Unbind(Binding),
-    /// A queue was deleted: all its bindings go.
-    RemoveQueue(String),
-    /// Replace the whole table (a shard's copy at start-up).
-    Snapshot(RoutingSnapshot),
-}
-
-/// A whole table as owned declarations and bindings, from `RoutingTable::snapshot`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RoutingSnapshot {
-    /// In name order.
-    exchanges: Vec<ExchangeDecl>,
-    /// In replay order (see `replay_order`), with their stored `durable` flags.
-    bindings: Vec<Binding>,
-}
+use crate::mesh::msg::RoutingSnapshot;
+use crate::mesh::types::Binding;
 
 impl RoutingTable {
     /// The table as values another thread can rebuild it from (`RoutingChange::Snapshot`).

@@ -1,32 +1,14 @@
-//! The routing table's plain values: exchange kinds and declarations, bindings, and what a change
-//! removed.
+//! The routing table's own plain values: exchange kinds, and what a change removed.
+//! (Declarations and bindings, which cross cores inside a `RoutingChange`, are `mesh::types`.)
 //!
-//! Contract: owned data (`String`s, no shared names), `Send`, usable on any thread: these are
-//! what crosses cores inside a `RoutingChange` and what listings hand out. Faults handled: an
-//! exchange kind this broker version does not know converts to `None`, never to a guess.
+//! Contract: owned data (`String`s, no shared names), `Send`, usable on any thread. Faults
+//! handled: an exchange kind this broker version does not know converts to `None`, never to a
+//! guess.
+
+use crate::mesh::types::Binding;
 
 /// How an exchange routes: the protocol's type, shared with the client.
 pub use weir_protocol::ExchangeKind;
-
-/// An exchange's declared properties.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExchangeDecl {
-    pub name: String,
-    pub kind: ExchangeKind,
-    pub durable: bool,
-    /// Deleted when its last binding goes (never merely for having none yet).
-    pub auto_delete: bool,
-}
-
-/// A binding: (exchange, queue, binding key) is its identity. `durable` (its exchange and its
-/// queue are both durable) is decided by the caller and stored with it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Binding {
-    pub exchange: String,
-    pub queue: String,
-    pub key: String,
-    pub durable: bool,
-}
 
 /// What `unbind`, `remove_queue` or `delete_exchange` removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

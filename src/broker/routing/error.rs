@@ -8,7 +8,7 @@ use std::fmt;
 
 use weir_protocol::wire::ErrorCode;
 
-use super::decl::ExchangeDecl;
+use crate::mesh::types::ExchangeDecl;
 
 /// A refused change or route: the schema's code (`NotFound`, `PreconditionFailed`,
 /// `AccessRefused`, `InvalidArgument`) and a sentence for the client.

@@ -8,6 +8,8 @@ use weir_protocol::wire::ErrorCode;
 
 use super::tests::{binding, decl};
 use super::*;
+use crate::mesh::msg::RoutingChange;
+use crate::mesh::types::{Binding, ExchangeDecl};
 
 fn word() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec!["a", "b", "", "*", "#"])

@@ -22,12 +22,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use weir_protocol::wire::ErrorCode;
 
-use super::change::RoutingChange;
-use super::decl::{Binding, ExchangeDecl, Removed};
+use super::decl::Removed;
 use super::error::{describe, differences, not_found, refuse, refuse_default, RoutingError};
 use super::hash::Seeded;
 use super::intern::{Name, QueueId, Queues};
 use super::matcher::Matcher;
+use crate::mesh::msg::RoutingChange;
+use crate::mesh::types::{Binding, ExchangeDecl};
 
 /// Names under this prefix belong to the broker.
 pub const RESERVED_PREFIX: &str = "weir.";

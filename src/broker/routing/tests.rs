@@ -4,6 +4,8 @@ use weir_protocol::wire::{self, ErrorCode};
 
 use super::matcher::Matcher;
 use super::*;
+use crate::mesh::msg::{RoutingChange, RoutingSnapshot};
+use crate::mesh::types::{Binding, ExchangeDecl};
 
 pub(super) fn decl(
     name: &str,

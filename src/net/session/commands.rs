@@ -15,10 +15,10 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 use super::replies::{name, BINDING_LIST_MAX, LIST_PAGE_MAX};
 use super::{Addressed, ConsumerRef, Flow, Pending, Session, State};
 use crate::broker::control::CONTROL_SHARD;
-use crate::broker::routing::{Binding, ExchangeDecl};
-use crate::broker::types::Declare;
 use crate::mesh::msg::ControlOp;
 use crate::mesh::msg::{Op, Reply};
+use crate::mesh::types::Declare;
+use crate::mesh::types::{Binding, ExchangeDecl};
 use crate::net::command::{BindingRef, Command, Consume, DeclareQueue};
 
 impl Session {

@@ -13,8 +13,8 @@ use weir_protocol::wire::{self, BodyT};
 
 use super::replies::LIST_PAGE_MAX;
 use super::{Addressed, Flow, Pending, Session};
-use crate::broker::types::ShardStatus;
 use crate::mesh::msg::{Op, Reply};
+use crate::mesh::types::ShardStatus;
 
 /// A queue listing waiting for its shards.
 pub(super) struct ListGather {

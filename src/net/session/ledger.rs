@@ -18,8 +18,8 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::DeliveryItem;
 
 use super::{Addressed, Flow, Pending, Session, State};
-use crate::broker::queue::HolderId;
 use crate::mesh::msg::{Op, Pushed, PushedDelivery, Reply, SettleItem};
+use crate::mesh::types::HolderId;
 use crate::net::command::Settle;
 
 /// A delivery this connection holds, by delivery tag.

@@ -42,11 +42,11 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::{Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
 
 use crate::broker::control::{RoutingCopy, CONTROL_SHARD};
-use crate::broker::queue::HolderId;
-use crate::broker::routing::Binding;
-use crate::broker::types::{placement, Refusal};
 use crate::mesh::msg::ControlOp;
 use crate::mesh::msg::{Op, Reply};
+use crate::mesh::types::Binding;
+use crate::mesh::types::HolderId;
+use crate::mesh::types::{placement, Refusal};
 use crate::net::command::Command;
 
 use ledger::Outstanding;

@@ -18,8 +18,8 @@ use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 
 use super::{Addressed, Flow, Pending, Session};
-use crate::broker::types::Refusal;
 use crate::mesh::msg::{Op, PublishItem, PublishOutcome};
+use crate::mesh::types::Refusal;
 use crate::net::command::Publish;
 
 /// A publish routed to queues on several shards: confirmed once every shard took its part.

@@ -13,8 +13,8 @@ use weir_protocol::wire::{self, Body, BodyT, ErrorCode};
 use weir_protocol::{WireLimits, PROTOCOL_VERSION};
 
 use super::{Flow, Session, State};
-use crate::broker::types::Refusal;
 use crate::mesh::msg::Reply;
+use crate::mesh::types::Refusal;
 
 /// Most queues in one `QueueList` page: about two tables each, far within the verifier budget a
 /// client's decoder applies (`WireLimits::verifier_tables_max`).

@@ -5,8 +5,9 @@ use weir_protocol::{samples, FrameDecoder};
 const NOW_MS: u64 = 1_700_000_000_000;
 
 use super::*;
-use crate::broker::routing::{ExchangeDecl, ExchangeKind};
+use crate::broker::routing::ExchangeKind;
 use crate::mesh::msg::{PublishItem, PublishOutcome};
+use crate::mesh::types::ExchangeDecl;
 use crate::net::command::broker_only;
 
 fn ctx() -> SessionCtx {
@@ -435,7 +436,7 @@ fn status_uptime_is_counted_to_the_time_passed_in() {
     );
     assert_eq!(outbound.len(), 2, "one per shard");
     for (i, r) in outbound.iter().enumerate() {
-        let st = crate::broker::types::ShardStatus {
+        let st = crate::mesh::types::ShardStatus {
             shard: 1 - i as u16,
             queues: 3,
             ..Default::default()

@@ -1,14 +1,17 @@
-//! Small types every layer above the queue host names: who asked (`ConnRef`), why it was
-//! refused (`Refusal`), what a declaration says (`Declare`), a consumer the host cancelled
-//! (`Cancelled`), a shard's counters (`ShardStatus`), and which shard owns a queue
-//! (`placement`).
+//! The small plain values every layer names, and which cross between shards inside mesh
+//! messages: who asked (`ConnRef`), why it was refused (`Refusal`), what a queue declaration
+//! says (`Declare`), a consumer the host cancelled (`Cancelled`), a shard's counters
+//! (`ShardStatus`), a queue's sequence numbers (`Seq`) and who holds its deliveries
+//! (`HolderId`), an exchange declaration (`ExchangeDecl`) and a binding (`Binding`), and which
+//! shard owns a queue (`placement`).
 //!
-//! Contract: plain data, `Send`, and free of the other broker modules, so the session, the shard,
-//! the mesh and the ops can name them without depending on the host, and the catalog can name a
-//! declaration without a cycle through the host. They cross between shards inside mesh messages,
-//! which is why they hold owned strings and no `Rc`. No faults: nothing here does anything.
+//! Contract: plain data, `Send`, depending on nothing else in the broker, so that the broker's
+//! state machines, the session and the shard name them without depending on one another: the
+//! bottom of the broker's layers, with `mesh::msg` on top. Owned strings, no `Rc`. No faults:
+//! nothing here does anything.
 
 use weir_protocol::wire::{self, ErrorCode};
+use weir_protocol::ExchangeKind;
 
 /// A connection, wherever it lives: its shard and its broker-unique id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +78,33 @@ pub struct ShardStatus {
     pub journal_fdatasyncs: u64,
     /// Segment files in use (not reclaimed).
     pub journal_segments: u64,
+}
+
+/// A message's sequence number in its queue: assigned at publish, never reused (settle records in
+/// the journal name ranges of them, so a reused number would settle the wrong message).
+pub type Seq = u64;
+
+/// Who holds outstanding deliveries: a consumer, or a connection's `Get`s. Chosen by the shard.
+pub type HolderId = u64;
+
+/// An exchange's declared properties.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeDecl {
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    /// Deleted when its last binding goes (never merely for having none yet).
+    pub auto_delete: bool,
+}
+
+/// A binding: (exchange, queue, binding key) is its identity. `durable` (its exchange and its
+/// queue are both durable) is decided by the caller and stored with it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Binding {
+    pub exchange: String,
+    pub queue: String,
+    pub key: String,
+    pub durable: bool,
 }
 
 #[cfg(test)]
