@@ -1,5 +1,5 @@
-//! What a payload read back from the journal becomes: a delivery completed from its record, a dead letter's bytes,
-//! or, when the read failed, a requeue.
+//! What a payload read back from the journal becomes: a delivery completed from its record, a
+//! dead letter's bytes, or, when the read failed, a requeue.
 //!
 //! Contract: pure functions over a record's body the shell has already read (the read itself is
 //! I/O and stays in the shard). A record that decodes as no message, or that does not name the

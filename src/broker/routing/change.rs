@@ -1,8 +1,8 @@
-//! What crosses cores: the changes the control-plane writer sends every shard's copy, and the
-//! snapshot a copy starts from.
+//! Taking and applying what crosses cores: the changes the control-plane writer sends every
+//! shard's copy, and the snapshot a copy starts from (the values themselves are `mesh::msg`'s
+//! `RoutingChange` and `RoutingSnapshot`).
 //!
-//! Contract: plain owned values, `Send` (asserted in `routing`), built on the writer's thread
-//! and applied on the copy's. A table is not `Send`, so a copy never shares the writer's names:
+//! Contract: built on the writer's thread and applied on the copy's. A table is not `Send`, so a copy never shares the writer's names:
 //! it is rebuilt from a `RoutingSnapshot` by the same `declare_exchange` and `bind` the writer
 //! ran, into names of its own thread. The snapshot lists bindings in replay order, not sorted,
 //! so the rebuilt matchers hold their queue lists in the writer's order and the copy routes

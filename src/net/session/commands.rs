@@ -1,4 +1,4 @@
-//! Commands -> state: what each client request does to the session, and the ops it routes.
+//! Commands -> state: what each client request does to the session, and the ops it addresses.
 //!
 //! Contract: runs on the connection's shard, inside `Session::on_frame_at`, only while the
 //! session is open. Requests a queue's owner serves are routed there (answered when it replies,
