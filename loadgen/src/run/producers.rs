@@ -216,6 +216,29 @@ impl<'a> Outbox<'a> {
         (self.frames % self.route.keys.len() as u64) as u16
     }
 
+    /// Makes this producer's next message for the frame being filled: its header (sequence,
+    /// intended send time, phase, route) in the body, and what the confirmer needs of it.
+    fn stage(
+        &self,
+        rng: &mut Rng,
+        seq: &mut u64,
+        intended_ns: u64,
+        phase: usize,
+        messages: &mut Vec<Message>,
+        meta: &mut Vec<(u64, u64, usize)>,
+    ) {
+        let h = Header {
+            producer: self.p,
+            seq: *seq,
+            intended_ns,
+            phase: phase as u16,
+            route: self.next_route(),
+        };
+        messages.push(rng.message(&self.sh.scenario, &h));
+        meta.push((*seq, intended_ns, phase));
+        *seq += 1;
+    }
+
     /// Publishes one frame and hands its confirms to the confirmer; `sent_ns` is when it counts
     /// as sent (`None`: when the publish returns). A refusal is recorded once per message and
     /// returned, so the caller can stop on a dead connection.
@@ -277,16 +300,15 @@ pub(super) async fn producer(p: u32, client: Client, sh: &Shared, epoch: Instant
                 match slots.peek() {
                     Some(slot) if slot.t <= now_s || meta.is_empty() => {
                         let intended = (slot.t * 1e9) as u64;
-                        let h = Header {
-                            producer: p,
-                            seq,
-                            intended_ns: intended,
-                            phase: slot.phase as u16,
-                            route: outbox.next_route(),
-                        };
-                        messages.push(rng.message(s, &h));
-                        meta.push((seq, intended, slot.phase));
-                        seq += 1;
+                        let phase = slot.phase;
+                        outbox.stage(
+                            &mut rng,
+                            &mut seq,
+                            intended,
+                            phase,
+                            &mut messages,
+                            &mut meta,
+                        );
                         slots.next();
                     }
                     _ => break,
@@ -336,16 +358,7 @@ pub(super) async fn closed_loop_producer(
             let mut meta = Vec::new();
             let mut messages = Vec::new();
             for _ in 0..s.batch {
-                let h = Header {
-                    producer: p,
-                    seq,
-                    intended_ns: now,
-                    phase: phase as u16,
-                    route: outbox.next_route(),
-                };
-                messages.push(rng.message(s, &h));
-                meta.push((seq, now, phase));
-                seq += 1;
+                outbox.stage(&mut rng, &mut seq, now, phase, &mut messages, &mut meta);
             }
             let n = meta.len();
             if let Err(e) = outbox.send(messages, meta, Some(now), epoch).await {
