@@ -34,7 +34,8 @@ pub struct ConsumeOptions {
     pub prefetch: u32,
     /// Deliveries are settled as they are sent (at-most-once); `ack` is then a no-op.
     pub auto_ack: bool,
-    /// The queue's only consumer; refused (`ResourceLocked`) if it has another.
+    /// The queue's only consumer; refused (`ResourceLocked`) if it has another, and while it
+    /// runs every other consume of the queue is refused the same way.
     pub exclusive: bool,
 }
 

@@ -1,6 +1,6 @@
 //! Consuming: a stream in publish order, prefetch, ack, nack with requeue, reject, get,
 //! cancel, competing consumers, redelivery when a consumer's client goes away, and a consumer
-//! whose queue is deleted.
+//! whose queue is deleted, and an exclusive consumer keeping others out.
 
 mod common;
 
@@ -436,4 +436,36 @@ async fn widening_a_running_consumers_prefetch_lets_more_deliveries_come() {
     let e = consumer.set_prefetch(0).await.expect_err("refused");
     assert_eq!(e.code(), Some(ErrorCode::InvalidArgument), "{e}");
     within("ack", Delivery::ack_all(&held)).await.expect("ack");
+}
+
+#[tokio::test]
+async fn an_exclusive_consumer_keeps_the_queue_until_it_is_cancelled() {
+    let broker = Broker::start("consume-exclusive", &[]);
+    let (owner, other) = (broker.client().await, broker.client().await);
+    within("declare", owner.declare("solo", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let exclusive = ConsumeOptions {
+        exclusive: true,
+        ..ConsumeOptions::default()
+    };
+    let solo = within("consume", owner.consume("solo", exclusive.clone()))
+        .await
+        .expect("the first, exclusive consumer");
+    // Anyone else, exclusive or not, is refused while it runs, naming the queue.
+    for options in [ConsumeOptions::default(), exclusive.clone()] {
+        let e = within("refused consume", other.consume("solo", options))
+            .await
+            .expect_err("refused while an exclusive consumer runs");
+        assert_eq!(e.code(), Some(ErrorCode::ResourceLocked), "{e}");
+        assert!(e.to_string().contains("'solo'"), "{e}");
+    }
+    let info = within("info", owner.queue_info("solo"))
+        .await
+        .expect("info");
+    assert_eq!(info.consumers, 1);
+    within("cancel", solo.cancel()).await.expect("cancel");
+    within("consume", other.consume("solo", ConsumeOptions::default()))
+        .await
+        .expect("others may consume once it is cancelled");
 }

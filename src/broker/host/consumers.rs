@@ -4,8 +4,9 @@
 //! Contract: part of `QueueHost` (same shard, same data); it reaches the queue map through the
 //! host's own fields. A consumer belongs to one connection (`ConnRef`); a cancelled one is
 //! retired, its deliveries ackable until its connection closes. Faults handled: a consumer tag
-//! already used on the connection, an exclusive consume on a queue with consumers, a consumer not
-//! of this connection: refused, nothing changes.
+//! already used on the connection, an exclusive consume on a queue with consumers, any consume
+//! on a queue with an exclusive consumer, a consumer not of this connection: refused, nothing
+//! changes.
 
 use std::rc::Rc;
 
@@ -42,6 +43,14 @@ impl QueueHost {
     ) -> Result<HolderId, Refusal> {
         let id = CONSUMER_BIT | self.next_consumer;
         let q = self.get_queue(conn, queue)?;
+        // As in AMQP: an exclusive consumer keeps the queue to itself until it is cancelled or
+        // its connection closes, against its own connection too.
+        if q.consumers.values().any(|c| c.exclusive) {
+            return refuse(
+                ErrorCode::ResourceLocked,
+                format!("queue '{queue}' is in exclusive use by another consumer"),
+            );
+        }
         if exclusive && !q.consumers.is_empty() {
             return refuse(
                 ErrorCode::ResourceLocked,
@@ -68,6 +77,7 @@ impl QueueHost {
             ConsumerInfo {
                 conn,
                 tag: Rc::from(tag),
+                exclusive,
             },
         );
         q.had_consumer = true;

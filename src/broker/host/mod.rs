@@ -46,6 +46,8 @@ fn refuse<T>(code: ErrorCode, message: String) -> Result<T, Refusal> {
 struct ConsumerInfo {
     conn: ConnRef,
     tag: Rc<str>,
+    /// Consumed with `exclusive`: while it runs, the queue takes no other consumer.
+    exclusive: bool,
 }
 
 struct Hosted {

@@ -83,6 +83,54 @@ fn an_exclusive_queue_is_its_connections_alone_and_goes_with_it() {
 }
 
 #[test]
+fn an_exclusive_consume_is_refused_on_a_queue_with_consumers() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    h.consume(A, "q", "first", 1, false, false).unwrap();
+    let e = h.consume(B, "q", "solo", 1, false, true).unwrap_err();
+    assert_eq!(e.code, ErrorCode::ResourceLocked);
+    assert!(e.message.contains("'q'"), "{}", e.message);
+    assert_eq!(h.info(A, "q", 0).unwrap().consumers, 1, "nothing changed");
+}
+
+#[test]
+fn an_exclusive_consumer_keeps_others_out_until_it_is_cancelled() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    let solo = h.consume(A, "q", "solo", 1, false, true).unwrap();
+    // Another connection, the same connection, exclusive or not: all refused, nothing changes.
+    for (conn, tag, exclusive) in [(B, "b", false), (B, "b", true), (A, "a2", false)] {
+        let e = h.consume(conn, "q", tag, 1, false, exclusive).unwrap_err();
+        assert_eq!(
+            e.code,
+            ErrorCode::ResourceLocked,
+            "{conn:?} {tag} {exclusive}"
+        );
+        assert!(
+            e.message.contains("'q'") && e.message.contains("exclusive"),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(h.info(A, "q", 0).unwrap().consumers, 1);
+    h.cancel(A, "q", solo).unwrap();
+    h.consume(B, "q", "b", 1, false, false).unwrap();
+}
+
+#[test]
+fn an_exclusive_consumer_lets_others_in_when_its_connection_closes() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    h.consume(B, "q", "solo", 1, false, true).unwrap();
+    assert_eq!(
+        h.consume(A, "q", "a", 1, false, false).unwrap_err().code,
+        ErrorCode::ResourceLocked
+    );
+    h.connection_closed(B);
+    h.consume(A, "q", "a", 1, false, true).unwrap();
+}
+
+#[test]
 fn deliveries_go_to_the_consumers_connection_and_come_back_when_it_dies() {
     let mut h = QueueHost::new(0);
     h.declare(A, declare("q"), 0).unwrap();
