@@ -7,7 +7,8 @@
 //! Nothing here is on the data path.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
-//! exits non-zero with it before serving anything.
+//! exits non-zero with it before serving anything. A panic on any thread, a shard's above all,
+//! aborts the process (fail-stop, `fail_stop_on_panic`).
 
 use std::fs;
 use std::io::Write;
@@ -55,8 +56,24 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { what, source }
 }
 
+/// Fail-stop: after the usual panic report, any panic aborts the whole process. Without it a
+/// panicking shard's thread ends alone: its queues go unserved and its peers drop their batches
+/// for it, while the broker still accepts connections and looks alive. Aborting lets a supervisor
+/// restart it, and recovery from the journal is the one repair. A hook rather than
+/// `panic = "abort"`: it holds in every profile, the debug binary the tests run included, and
+/// changes nothing for the other binaries the workspace's release profile builds.
+fn fail_stop_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("weir serve: a panic ends the broker (fail-stop); restart it to recover");
+        std::process::abort();
+    }));
+}
+
 /// Runs the broker until SIGTERM or SIGINT, then shuts down in order.
 pub fn serve(config: Config) -> Result<(), ServeError> {
+    fail_stop_on_panic();
     let allowed: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()

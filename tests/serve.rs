@@ -217,3 +217,33 @@ fn a_shard_over_its_connection_limit_refuses_with_a_reason() {
         BodyT::Pong(_)
     ));
 }
+
+#[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "WEIR_TEST_PANIC_SHARD exists only in debug builds"
+)]
+fn a_panicking_shard_ends_the_whole_process() {
+    use std::os::unix::process::ExitStatusExt;
+    const SIGABRT: i32 = 6;
+    let serve = weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+        .data_dir(temp_dir("serve-fail-stop"))
+        .args(["--cpus", "0,1"])
+        .env("WEIR_TEST_PANIC_SHARD", "1")
+        .ready_timeout(common::TIMEOUT);
+    let mut broker = serve.start().unwrap_or_else(|e| panic!("{e}"));
+    // Only shard 1 panics (on accepting this); without fail-stop shard 0 would go on serving.
+    let _doomed = std::net::TcpStream::connect((broker.listen.ip(), broker.shard_ports[1]))
+        .expect("connect to shard 1");
+    let status = broker
+        .wait_exit(common::TIMEOUT)
+        .expect("the broker exits when a shard panics, not only that shard's thread");
+    assert_eq!(status.signal(), Some(SIGABRT), "{status}");
+    let stderr = broker.stderr();
+    assert!(stderr.contains("panics on purpose"), "{stderr}");
+    assert!(stderr.contains("fail-stop"), "{stderr}");
+    assert!(
+        std::net::TcpStream::connect(broker.listen).is_err(),
+        "nothing accepts connections after the abort"
+    );
+}

@@ -30,7 +30,17 @@ impl ShardState {
     }
 }
 
+/// Debug builds only: `WEIR_TEST_PANIC_SHARD=N` makes shard N panic when it accepts a
+/// connection, so a black-box test can watch a shard's panic end the process (fail-stop,
+/// `tests/serve.rs`). Release builds have no such door.
+#[cfg(debug_assertions)]
+fn test_panic_requested(shard: u16) -> bool {
+    std::env::var("WEIR_TEST_PANIC_SHARD").is_ok_and(|v| v.parse() == Ok(shard))
+}
+
 pub(super) async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
+    #[cfg(debug_assertions)]
+    let panic_on_accept = test_panic_requested(state.id);
     loop {
         let conn = match listener.accept().await {
             Ok(conn) => conn,
@@ -43,6 +53,13 @@ pub(super) async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
         };
         if state.is_stopping() {
             continue;
+        }
+        #[cfg(debug_assertions)]
+        if panic_on_accept {
+            panic!(
+                "shard {} panics on purpose (WEIR_TEST_PANIC_SHARD)",
+                state.id
+            );
         }
         let id = state.next_connection_id();
         let ctx = SessionCtx {

@@ -43,6 +43,8 @@ pub struct Serve {
     data: DataSpec,
     args: Vec<OsString>,
     rust_log: String,
+    /// Environment variables set for the broker, beside `RUST_LOG`.
+    env: Vec<(OsString, OsString)>,
     stderr_file: Option<PathBuf>,
     ready_timeout: Duration,
     own_process_group: bool,
@@ -65,6 +67,7 @@ impl Serve {
             },
             args: Vec::new(),
             rust_log: "warn".into(),
+            env: Vec::new(),
             stderr_file: None,
             ready_timeout: Duration::from_secs(20),
             own_process_group: false,
@@ -100,6 +103,14 @@ impl Serve {
     /// The broker's `RUST_LOG`.
     pub fn rust_log(mut self, filter: impl Into<String>) -> Serve {
         self.rust_log = filter.into();
+        self
+    }
+
+    /// An environment variable for the broker (for a debug build's test hooks), set per broker
+    /// so that tests running side by side do not share it.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Serve {
+        self.env
+            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
         self
     }
 
@@ -159,6 +170,7 @@ impl Serve {
         .arg(data_dir)
         .args(&self.args)
         .env("RUST_LOG", &self.rust_log)
+        .envs(self.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
         if self.own_process_group {
             cmd.process_group(0);
@@ -343,6 +355,26 @@ impl Broker {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Waits, without signalling it, for the broker to exit by itself: its status, or `None` if
+    /// it still runs after `timeout` (it is left running then, for the drop to kill).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Some(status);
+                }
+                // Polling the exit status: the only wait std offers with a deadline.
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return None,
+            }
         }
     }
 
