@@ -2,8 +2,8 @@
 //!
 //! Contract: runs on the main thread. It checks the CPUs against the process's affinity, locks
 //! the data directory for the process's life (one broker per directory), checks (or records) its
-//! shard layout, binds every listener (so a port in use is one clear error, and port 0 resolves
-//! once for all shards), prints one ready line, starts one pinned
+//! shard layout, binds every listener (so a port in use, by another broker too, is one clear
+//! error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
 //! executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
 //! Nothing here is on the data path.
 //!
@@ -23,7 +23,7 @@ use weir_protocol::wire;
 use crate::config::{Config, ConfigError, FsyncPolicy};
 use crate::net::session::SessionCtx;
 use crate::rt::executor::{spawn_pinned, ExecutorOptions};
-use crate::rt::net::bind_reuseport;
+use crate::rt::net::{bind_reuseport, bind_reuseport_first};
 use crate::shard::{self, ShardSetup};
 
 /// The broker's version, as `Welcome` and `weir --version` report it.
@@ -49,6 +49,8 @@ pub enum ServeError {
     Layout { dir: PathBuf, reason: String },
     #[error("data directory {dir} is in use by another weir ({holder})")]
     DataDirInUse { dir: PathBuf, holder: String },
+    #[error("{what}: address {addr} is in use (by another process?)")]
+    AddrInUse { what: String, addr: SocketAddr },
     #[error("recovery refused: {0}")]
     Recovery(String),
     #[error("shard {shard} failed: {reason}")]
@@ -58,6 +60,17 @@ pub enum ServeError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     let what = what.into();
     move |source| ServeError::Io { what, source }
+}
+
+/// A failed bind of `addr`: a port someone holds is said in words, anything else as it came.
+fn bind_err(what: String, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| match source.kind() {
+        std::io::ErrorKind::AddrInUse => ServeError::AddrInUse { what, addr },
+        _ => ServeError::Io {
+            what: format!("{what} {addr}"),
+            source,
+        },
+    }
 }
 
 /// Runs the broker until SIGTERM or SIGINT, then shuts down in order.
@@ -74,11 +87,13 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     check_layout(&config.data_dir, shard_count)?;
 
     // Bind everything before starting anything.
-    let first = bind_reuseport(config.listen).map_err(io(format!("listen {}", config.listen)))?;
+    let first = bind_reuseport_first(config.listen)
+        .map_err(bind_err("listen".to_string(), config.listen))?;
     let listen = first.local_addr();
     let mut main_listeners = vec![first];
     for _ in 1..shard_count {
-        main_listeners.push(bind_reuseport(listen).map_err(io(format!("listen {listen}")))?);
+        main_listeners
+            .push(bind_reuseport(listen).map_err(bind_err("listen".to_string(), listen))?);
     }
     let mut shard_listeners = Vec::with_capacity(shard_count);
     for i in 0..shard_count {
@@ -88,7 +103,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             config.shard_port_base + i as u16
         };
         let addr = SocketAddr::new(listen.ip(), port);
-        shard_listeners.push(bind_reuseport(addr).map_err(io(format!("shard {i} port {addr}")))?);
+        shard_listeners
+            .push(bind_reuseport_first(addr).map_err(bind_err(format!("shard {i} port"), addr))?);
     }
     let shard_ports: Vec<u16> = shard_listeners
         .iter()

@@ -289,3 +289,35 @@ fn a_crashed_broker_leaves_no_stale_lock_on_its_data_directory() {
     c.handshake();
     assert!(matches!(c.info("kept"), BodyT::QueueInfo(_)));
 }
+
+#[test]
+fn a_port_another_broker_listens_on_is_refused_naming_the_address() {
+    let a = Broker::start(&temp_dir("serve-port-a"), &[]);
+    let dir_b = temp_dir("serve-port-b");
+    let serve_b = |listen: &str, shard_port_base: u16| {
+        let mut cmd = weir_command();
+        cmd.args(["serve", "--listen", listen, "--shard-port-base"])
+            .arg(shard_port_base.to_string())
+            .arg("--data-dir")
+            .arg(&dir_b)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        cmd
+    };
+
+    let (code, err) = expect_refusal(serve_b(&a.listen.to_string(), 0));
+    assert_eq!(code, Some(1), "{err}");
+    let expected = format!(
+        "listen: address {} is in use (by another process?)",
+        a.listen
+    );
+    assert!(err.contains(&expected), "{err}");
+
+    let shard_port = a.shard_ports[0];
+    let (code, err) = expect_refusal(serve_b("127.0.0.1:0", shard_port));
+    assert_eq!(code, Some(1), "{err}");
+    let expected = format!("shard 0 port: address 127.0.0.1:{shard_port} is in use");
+    assert!(err.contains(&expected), "{err}");
+
+    assert_serves(&a, "still-a");
+}
