@@ -1,8 +1,9 @@
 //! `weir serve`: from a checked configuration to running shards, and back to exit 0.
 //!
-//! Contract: runs on the main thread. It checks the CPUs against the process's affinity, checks
-//! (or records) the data directory's shard layout, binds every listener (so a port in use is one
-//! clear error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
+//! Contract: runs on the main thread. It checks the CPUs against the process's affinity, locks
+//! the data directory for the process's life (one broker per directory), checks (or records) its
+//! shard layout, binds every listener (so a port in use, by another broker too, is one clear
+//! error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
 //! executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
 //! Nothing here is on the data path.
 //!
@@ -23,7 +24,7 @@ use weir_protocol::wire;
 use crate::config::{Config, ConfigError, FsyncPolicy};
 use crate::net::session::SessionCtx;
 use crate::rt::executor::{spawn_pinned, ExecutorOptions};
-use crate::rt::net::bind_reuseport;
+use crate::rt::net::{bind_reuseport, bind_reuseport_first};
 use crate::shard::{self, ShardSetup};
 
 /// The broker's version, as `Welcome` and `weir --version` report it.
@@ -33,6 +34,8 @@ pub const BROKER_VERSION: &str = env!("CARGO_PKG_VERSION");
 const LAYOUT_FILE: &str = "layout.toml";
 /// Version of the data directory's layout; a broker refuses a directory of another version.
 const LAYOUT_FORMAT: u32 = 1;
+/// The data directory's lock: held (flock) by the broker serving it, and naming its pid.
+const LOCK_FILE: &str = "weir.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -45,6 +48,10 @@ pub enum ServeError {
     },
     #[error("data directory {dir}: {reason}")]
     Layout { dir: PathBuf, reason: String },
+    #[error("data directory {dir} is in use by another weir ({holder})")]
+    DataDirInUse { dir: PathBuf, holder: String },
+    #[error("{what}: address {addr} is in use (by another process?)")]
+    AddrInUse { what: String, addr: SocketAddr },
     #[error("recovery refused: {0}")]
     Recovery(String),
     #[error("shard {shard} failed: {reason}")]
@@ -71,6 +78,17 @@ fn fail_stop_on_panic() {
     }));
 }
 
+/// A failed bind of `addr`: a port someone holds is said in words, anything else as it came.
+fn bind_err(what: String, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| match source.kind() {
+        std::io::ErrorKind::AddrInUse => ServeError::AddrInUse { what, addr },
+        _ => ServeError::Io {
+            what: format!("{what} {addr}"),
+            source,
+        },
+    }
+}
+
 /// Runs the broker until SIGTERM or SIGINT, then shuts down in order.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     fail_stop_on_panic();
@@ -81,14 +99,18 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .collect();
     let cpus = config.shard_cpus(&allowed)?;
     let shard_count = cpus.len();
+    // Held until the shards have stopped: the kernel drops it when the process ends, however.
+    let _lock = lock_data_dir(&config.data_dir)?;
     check_layout(&config.data_dir, shard_count)?;
 
     // Bind everything before starting anything.
-    let first = bind_reuseport(config.listen).map_err(io(format!("listen {}", config.listen)))?;
+    let first = bind_reuseport_first(config.listen)
+        .map_err(bind_err("listen".to_string(), config.listen))?;
     let listen = first.local_addr();
     let mut main_listeners = vec![first];
     for _ in 1..shard_count {
-        main_listeners.push(bind_reuseport(listen).map_err(io(format!("listen {listen}")))?);
+        main_listeners
+            .push(bind_reuseport(listen).map_err(bind_err("listen".to_string(), listen))?);
     }
     let mut shard_listeners = Vec::with_capacity(shard_count);
     for i in 0..shard_count {
@@ -98,7 +120,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             config.shard_port_base + i as u16
         };
         let addr = SocketAddr::new(listen.ip(), port);
-        shard_listeners.push(bind_reuseport(addr).map_err(io(format!("shard {i} port {addr}")))?);
+        shard_listeners
+            .push(bind_reuseport_first(addr).map_err(bind_err(format!("shard {i} port"), addr))?);
     }
     let shard_ports: Vec<u16> = shard_listeners
         .iter()
@@ -228,6 +251,51 @@ fn ready_line(config: &Config, listen: SocketAddr, shard_ports: &[u16], cpus: &[
     let _ = out.flush();
 }
 
+/// Creates the data directory if missing and takes its lock, or refuses a directory another
+/// broker serves: two brokers on one journal would overwrite each other's confirmed messages.
+/// The lock is an advisory `flock` on `LOCK_FILE`, held as long as the returned file is open;
+/// the kernel drops it when the process dies, so a crash (SIGKILL) leaves no stale lock. The
+/// holder's pid is written into the file for the refusal to name.
+fn lock_data_dir(dir: &Path) -> Result<fs::File, ServeError> {
+    use std::os::fd::AsRawFd;
+
+    fs::create_dir_all(dir).map_err(io(format!("creating data directory {}", dir.display())))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    // SAFETY: flock(2) on a file descriptor we own and keep open; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(ServeError::Io {
+                what: format!("locking {}", path.display()),
+                source: e,
+            });
+        }
+        // The holder writes its pid just after it locks: it may not be there yet.
+        let holder = fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .map_or_else(
+                || "pid not yet recorded".to_string(),
+                |pid| format!("pid {pid}"),
+            );
+        return Err(ServeError::DataDirInUse {
+            dir: dir.to_path_buf(),
+            holder,
+        });
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .map_err(io(format!("writing {}", path.display())))?;
+    Ok(file)
+}
+
 /// Creates the data directory on first start and records its shard count; later starts must
 /// match it, because each shard's journal holds the queues placed on it.
 fn check_layout(dir: &Path, shards: usize) -> Result<(), ServeError> {
@@ -284,6 +352,24 @@ fn check_layout(dir: &Path, shards: usize) -> Result<(), ServeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_is_locked_while_its_lock_is_held() {
+        let dir = std::env::temp_dir().join(format!("weir-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let held = lock_data_dir(&dir).unwrap();
+        // flock locks an open file, not a process: a second open is refused like another broker.
+        let err = lock_data_dir(&dir).unwrap_err().to_string();
+        let expected = format!(
+            "data directory {} is in use by another weir (pid {})",
+            dir.display(),
+            std::process::id()
+        );
+        assert_eq!(err, expected);
+        drop(held);
+        drop(lock_data_dir(&dir).unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_data_directory_remembers_its_shard_count() {

@@ -2,6 +2,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
 use common::{temp_dir, weir_command, Broker, Client};
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::PROTOCOL_VERSION;
@@ -246,4 +249,105 @@ fn a_panicking_shard_ends_the_whole_process() {
         std::net::TcpStream::connect(broker.listen).is_err(),
         "nothing accepts connections after the abort"
     );
+}
+
+/// Runs a `weir serve` expected to refuse to start: its exit code and stderr. One that starts
+/// instead (prints its ready line) is killed and fails the test rather than hang it.
+fn expect_refusal(mut cmd: Command) -> (Option<i32>, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.starts_with(weir_testkit::READY_PREFIX) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the second broker started: {line}");
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A queue declared through one connection is seen through fresh ones: the broker is the one
+/// listening, whichever connection the kernel hands it.
+fn assert_serves(broker: &Broker, queue: &str) {
+    let mut c = broker.connect();
+    c.handshake();
+    c.declare(queue);
+    for _ in 0..4 {
+        let mut fresh = broker.connect();
+        fresh.handshake();
+        let info = fresh.info(queue);
+        assert!(matches!(info, BodyT::QueueInfo(_)), "{queue}: {info:?}");
+    }
+}
+
+#[test]
+fn a_second_broker_on_a_data_directory_in_use_is_refused_naming_the_holder() {
+    let dir = temp_dir("serve-dirlock");
+    let a = Broker::start(&dir, &[]);
+    assert_serves(&a, "before");
+    let b = weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+        .data_dir(&dir)
+        .command();
+    let (code, err) = expect_refusal(b);
+    assert_eq!(code, Some(1), "{err}");
+    let expected = format!(
+        "data directory {} is in use by another weir (pid {})",
+        dir.display(),
+        a.pid().unwrap()
+    );
+    assert!(err.contains(&expected), "{err}");
+    assert_serves(&a, "after");
+}
+
+#[test]
+fn a_crashed_broker_leaves_no_stale_lock_on_its_data_directory() {
+    let dir = temp_dir("serve-stalelock");
+    let a = Broker::start(&dir, &[]);
+    assert_serves(&a, "kept");
+    let dir = a.crash();
+    let b = Broker::start(&dir, &[]);
+    let mut c = b.connect();
+    c.handshake();
+    assert!(matches!(c.info("kept"), BodyT::QueueInfo(_)));
+}
+
+#[test]
+fn a_port_another_broker_listens_on_is_refused_naming_the_address() {
+    let a = Broker::start(&temp_dir("serve-port-a"), &[]);
+    let dir_b = temp_dir("serve-port-b");
+    let serve_b = |listen: &str, shard_port_base: u16| {
+        let mut cmd = weir_command();
+        cmd.args(["serve", "--listen", listen, "--shard-port-base"])
+            .arg(shard_port_base.to_string())
+            .arg("--data-dir")
+            .arg(&dir_b)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        cmd
+    };
+
+    let (code, err) = expect_refusal(serve_b(&a.listen.to_string(), 0));
+    assert_eq!(code, Some(1), "{err}");
+    let expected = format!(
+        "listen: address {} is in use (by another process?)",
+        a.listen
+    );
+    assert!(err.contains(&expected), "{err}");
+
+    let shard_port = a.shard_ports[0];
+    let (code, err) = expect_refusal(serve_b("127.0.0.1:0", shard_port));
+    assert_eq!(code, Some(1), "{err}");
+    let expected = format!("shard 0 port: address 127.0.0.1:{shard_port} is in use");
+    assert!(err.contains(&expected), "{err}");
+
+    assert_serves(&a, "still-a");
 }

@@ -1,11 +1,12 @@
 //! TCP on glommio: listeners bound before the shards start, connections read into `BytesMut`.
 //!
-//! Contract: `bind_reuseport` runs on the main thread before any executor exists, so that a bad
-//! address or a port in use is reported once, clearly, and so that port 0 is resolved once and
-//! shared: every shard's listener on the main address is bound to the same port with
-//! SO_REUSEPORT and the kernel spreads connections across them. The bound sockets (`Send`) are
-//! handed to the shards, which turn them into glommio listeners on their own executor
-//! (`Listener::from_bound`). Everything else here runs on an executor thread.
+//! Contract: `bind_reuseport_first` and `bind_reuseport` run on the main thread before any
+//! executor exists, so that a bad address or a port in use (by anyone else, another broker
+//! included) is reported once, clearly, and so that port 0 is resolved once and shared: every
+//! shard's listener on the main address is bound to the same port with SO_REUSEPORT and the
+//! kernel spreads connections across them. The bound sockets (`Send`) are handed to the shards,
+//! which turn them into glommio listeners on their own executor (`Listener::from_bound`).
+//! Everything else here runs on an executor thread.
 //!
 //! glommio's TCP is readiness-based: a read or write first tries the syscall and arms an io_uring
 //! poll only on EAGAIN. It has no vectored write, so a connection coalesces its frames into one
@@ -33,7 +34,27 @@ impl BoundListener {
     }
 }
 
+/// Binds the first listening socket on `addr` (SO_REUSEPORT, as `bind_reuseport`), refusing
+/// with `AddrInUse` an address some other socket already listens on.
+///
+/// SO_REUSEPORT lets any socket of the same user join a port, another broker's included: two
+/// brokers would share it and the kernel would spread each one's clients across both. So a fixed
+/// port is first bound by a probe without SO_REUSEPORT, which the kernel refuses while anyone
+/// listens there, and closed before the real bind. The probe keeps SO_REUSEADDR so that the
+/// connections of a broker just restarted, still in TIME_WAIT, do not block it. Port 0 needs no
+/// probe: the kernel picks a port nobody holds. Not caught: another process binding the port
+/// between the probe and the bind (two brokers started at the same instant).
+pub fn bind_reuseport_first(addr: SocketAddr) -> io::Result<BoundListener> {
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&SockAddr::from(addr))?;
+    }
+    bind_reuseport(addr)
+}
+
 /// Binds a listening socket with SO_REUSEPORT, so that one listener per shard can share `addr`.
+/// Only for an address whose first socket `bind_reuseport_first` bound.
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<BoundListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_port(true)?;
