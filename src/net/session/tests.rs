@@ -6,7 +6,7 @@ const NOW_MS: u64 = 1_700_000_000_000;
 
 use super::*;
 use crate::broker::routing::ExchangeKind;
-use crate::mesh::msg::{PublishItem, PublishOutcome};
+use crate::mesh::msg::{PublishItem, PublishOutcome, PushedDelivery};
 use crate::mesh::types::ExchangeDecl;
 use crate::net::command::broker_only;
 
@@ -419,6 +419,106 @@ fn a_delivery_time_is_judged_against_the_time_passed_in() {
     assert_eq!(
         e.sequences.as_deref(),
         Some(&[wire::RangeT { first: 7, last: 7 }][..])
+    );
+}
+
+/// An `Ack` (request id 9) of the inclusive tag ranges given.
+fn ack(ranges: &[(u64, u64)]) -> InFrame {
+    let mut a = wire::AckT::default();
+    a.ranges = ranges
+        .iter()
+        .map(|&(first, last)| wire::RangeT { first, last })
+        .collect();
+    frame(BodyT::Ack(Box::new(a)))
+}
+
+/// A session holding one outstanding delivery, tag 1: a `Get` of queue `q`, seq 5, answered.
+fn session_holding_tag_1() -> Session {
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    let mut outbound = Vec::new();
+    let mut g = wire::GetT::default();
+    g.queue = "q".into();
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::Get(Box::new(g))),
+        &mut out,
+        &mut outbound,
+    );
+    let d = PushedDelivery {
+        queue: "q".into(),
+        holder: 3,
+        seq: 5,
+        delivery_count: 1,
+        auto_ack: false,
+        exchange: String::new(),
+        routing_key: "q".into(),
+        bytes: Encoder::new(WireLimits::DEFAULT)
+            .message(&Default::default(), b"m")
+            .unwrap(),
+        cold: None,
+    };
+    let reply = Reply::Got(Some(Box::new(d)), 0);
+    s.on_reply_at(NOW_MS, outbound[0].id, reply, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    assert!(
+        matches!(&r[..], [f] if matches!(&f.body, BodyT::GetOk(ok) if ok.delivery.as_ref().unwrap().delivery_tag == 1)),
+        "{r:?}"
+    );
+    s
+}
+
+#[test]
+fn a_settle_naming_an_unknown_tag_settles_nothing_and_the_known_one_stays_outstanding() {
+    let mut s = session_holding_tag_1();
+    let mut out = BytesMut::new();
+
+    // Tag 1 is held, 99 is not: the whole frame is refused, as an unknown tag always was.
+    let mut outbound = Vec::new();
+    let flow = s.on_frame_at(NOW_MS, &ack(&[(1, 1), (99, 99)]), &mut out, &mut outbound);
+    assert_eq!(flow, Flow::Continue);
+    assert!(outbound.is_empty(), "nothing settled: {outbound:?}");
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (r[0].request_id, error_of(&r[0])),
+        (9, (ErrorCode::UnknownDeliveryTag, false))
+    );
+
+    // Tag 1 is still held: acked now, it goes to its owner once and is answered.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 1)]), &mut out, &mut outbound);
+    assert!(replies(&mut out).is_empty(), "answered once the owner is");
+    let [Addressed {
+        shard,
+        id,
+        op: Op::Settle(items),
+    }] = &outbound[..]
+    else {
+        panic!("{outbound:?}")
+    };
+    assert_eq!(*shard, placement("q", 2));
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (i.queue.as_str(), i.holder, i.seq, i.ack))
+            .collect::<Vec<_>>(),
+        vec![("q", 3, 5, true)]
+    );
+    s.on_reply_at(NOW_MS, *id, Reply::Done, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    assert!(
+        matches!(r[..], [ref f] if matches!(f.body, BodyT::Ok(_))),
+        "{r:?}"
+    );
+
+    // Settled exactly once: a second ack of it is an unknown tag.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 1)]), &mut out, &mut outbound);
+    assert!(outbound.is_empty());
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnknownDeliveryTag, false)
     );
 }
 
