@@ -416,3 +416,64 @@ fn delayed_messages_and_idempotent_producers_are_refused_until_they_are_honoured
     };
     assert_eq!(i.messages_ready, 1, "only the message for now was taken");
 }
+
+#[test]
+fn a_refused_settle_or_reused_sequence_changes_nothing_the_client_can_see() {
+    let broker = Broker::start(&temp_dir("q-atomic"), &[]);
+    let mut c = broker.connect();
+    c.handshake();
+    c.declare("q");
+    c.publish("q", 1, &[b"one", b"two"], false);
+    c.await_confirms(1, 2);
+
+    // 2 again: refused by sequence, the connection goes on and 3 is taken.
+    c.publish("q", 2, &[b"two again", b"three"], false);
+    let others = c.await_confirms(3, 3);
+    let [f] = &others[..] else {
+        panic!("{others:?}")
+    };
+    let BodyT::Error(e) = &f.body else {
+        panic!("{f:?}")
+    };
+    assert_eq!(
+        (e.code, e.sequences.clone(), e.close),
+        (
+            ErrorCode::InvalidArgument,
+            Some(vec![wire::RangeT { first: 2, last: 2 }]),
+            false
+        )
+    );
+    assert!(
+        e.message
+            .as_deref()
+            .unwrap()
+            .contains("publish sequence 2 is not above the last one, 2"),
+        "{e:?}"
+    );
+
+    let mut g = wire::GetT::default();
+    g.queue = "q".into();
+    let BodyT::GetOk(ok) = c.request(BodyT::Get(Box::new(g))) else {
+        panic!()
+    };
+    assert_eq!(ok.messages_ready, 2, "two again was not stored");
+    let tag = ok.delivery.expect("a message").delivery_tag;
+
+    // A known tag beside an unknown one: the frame is refused whole and the known one is held.
+    let mut a = wire::AckT::default();
+    a.ranges = [tag, 999]
+        .map(|t| wire::RangeT { first: t, last: t })
+        .to_vec();
+    assert!(
+        matches!(c.request(BodyT::Ack(Box::new(a))), BodyT::Error(e) if e.code == ErrorCode::UnknownDeliveryTag && !e.close)
+    );
+    let BodyT::QueueInfo(i) = c.info("q") else {
+        panic!()
+    };
+    assert_eq!((i.messages_ready, i.messages_unacked), (2, 1));
+    c.ack(&[tag]);
+    let BodyT::QueueInfo(i) = c.info("q") else {
+        panic!()
+    };
+    assert_eq!((i.messages_ready, i.messages_unacked), (2, 0), "acked once");
+}

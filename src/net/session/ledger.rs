@@ -6,7 +6,8 @@
 //! to every shard it touches, grouped. Deliveries pushed by owning shards are encoded straight
 //! from their `Bytes`, in batches of at most `deliver_batch_max`.
 //!
-//! Faults handled: settling tags this connection does not hold (`UnknownDeliveryTag`),
+//! Faults handled: settling tags this connection does not hold (`UnknownDeliveryTag`, and
+//! nothing in that frame is settled),
 //! deliveries for a consumer cancelled meanwhile or a closing connection (requeued at their
 //! owner, never shown to the client), a settlement an owner refused (reported once, with the
 //! first refusal).
@@ -41,6 +42,20 @@ impl Session {
         outbound: &mut Vec<Addressed>,
     ) -> Flow {
         let (ack, requeue) = (s.ack, s.requeue);
+        // The whole frame is judged before any of it is applied: a refused frame settles nothing,
+        // so every delivery it named is still outstanding and can be settled again. Judged
+        // against what was outstanding when the frame came, so a tag named twice in one frame
+        // is settled once, not refused.
+        if let Some((first, last)) = s
+            .tags
+            .ranges()
+            .find(|&(first, last)| self.outstanding.range(first..=last).next().is_none())
+        {
+            let msg = format!(
+                "no outstanding delivery in tags {first}..={last}; nothing in this frame was settled"
+            );
+            return self.fail(out, request_id, ErrorCode::UnknownDeliveryTag, msg, false);
+        }
         let mut by_shard: BTreeMap<u16, Vec<SettleItem>> = BTreeMap::new();
         for (first, last) in s.tags.ranges() {
             let tags: Vec<u64> = self
@@ -48,10 +63,6 @@ impl Session {
                 .range(first..=last)
                 .map(|(t, _)| *t)
                 .collect();
-            if tags.is_empty() {
-                let msg = format!("no outstanding delivery in tags {first}..={last}");
-                return self.fail(out, request_id, ErrorCode::UnknownDeliveryTag, msg, false);
-            }
             for tag in tags {
                 let Some(o) = self.outstanding.remove(&tag) else {
                     continue; // listed above

@@ -173,7 +173,10 @@ pub struct Session {
     /// The shard's routing table copy: publishes to an exchange are routed here, on the
     /// publishing shard, with no hop.
     routing: Rc<RoutingCopy>,
-    /// Publishes split across shards, by sequence number.
+    /// The last publish sequence this connection let through its order check (whatever became
+    /// of that publish): sequences must strictly increase, so each keys one confirm and split.
+    last_sequence: Option<u64>,
+    /// Publishes split across shards, by sequence number (unique: see `last_sequence`).
     splits: HashMap<u64, Split>,
     /// Reused by every routed publish: the queues of one message.
     route_buf: Vec<String>,
@@ -199,6 +202,7 @@ impl Session {
             next_name: 1,
             unconfirmed: 0,
             routing,
+            last_sequence: None,
             splits: HashMap::new(),
             route_buf: Vec::new(),
         }

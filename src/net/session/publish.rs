@@ -7,7 +7,8 @@
 //! `Split`, confirmed once, when its last part is in. Every routed message counts against
 //! `publishes_in_flight_max` until its outcome comes back.
 //!
-//! Faults handled: idempotent publishing asked for (refused, not served yet), delivery times past
+//! Faults handled: idempotent publishing asked for (refused, not served yet), a sequence number
+//! not above the connection's last one (refused: confirms are keyed by it), delivery times past
 //! `delay_ms_max`, unknown exchanges (each an `Error` naming the refused sequence ranges),
 //! unroutable messages (returned if mandatory, else counted; confirmed either way), a part of a
 //! split refused by its shard (the whole message is refused).
@@ -52,12 +53,26 @@ impl Session {
             self.fail_sequences(out, ErrorCode::InvalidArgument, msg, seqs);
             return Flow::Continue;
         }
+        // The sequences refused for their order, and the last one taken when the first was.
+        let mut out_of_order: Vec<u64> = Vec::new();
+        let mut first_out_of_order: Option<(u64, u64)> = None;
         let mut delayed: Vec<u64> = Vec::new();
         let mut by_shard: BTreeMap<u16, Vec<PublishItem>> = BTreeMap::new();
         let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut unroutable: Vec<u64> = Vec::new();
         let mut returned: Vec<wire::ReturnedT> = Vec::new();
         for entry in p.entries() {
+            // Sequences key confirms and the parts of a split: a reused one would be merged with
+            // the publish that holds it. Refused as an entry, like every field refusal here: it
+            // is never stored, so its `Error` names it exactly, and the publishes before it keep
+            // their own confirms. Every entry that passes advances the mark, whatever becomes of
+            // it, since the rule is about the client's numbering.
+            if let Some(last) = self.last_sequence.filter(|&last| entry.sequence <= last) {
+                first_out_of_order.get_or_insert((entry.sequence, last));
+                out_of_order.push(entry.sequence);
+                continue;
+            }
+            self.last_sequence = Some(entry.sequence);
             let (exchange, key, deliver_at_ms) =
                 (entry.exchange, entry.routing_key, entry.deliver_at_ms);
             if deliver_at_ms.is_some_and(|t| t > now_ms.saturating_add(self.ctx.delay_ms_max)) {
@@ -119,6 +134,13 @@ impl Session {
         if !unroutable.is_empty() {
             // Nothing to store, so nothing to wait for: confirmed at once, as AMQP does.
             self.confirm(out, unroutable, wire::Durability::Transient);
+        }
+        if let Some((first, last)) = first_out_of_order {
+            let msg = format!(
+                "publish sequence {first} is not above the last one, {last}: sequences must \
+                 strictly increase on a connection"
+            );
+            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, out_of_order);
         }
         if !delayed.is_empty() {
             let msg = format!(

@@ -6,7 +6,7 @@ const NOW_MS: u64 = 1_700_000_000_000;
 
 use super::*;
 use crate::broker::routing::ExchangeKind;
-use crate::mesh::msg::{PublishItem, PublishOutcome};
+use crate::mesh::msg::{PublishItem, PublishOutcome, PushedDelivery};
 use crate::mesh::types::ExchangeDecl;
 use crate::net::command::broker_only;
 
@@ -225,14 +225,14 @@ fn routed_session(queues: &[&str]) -> Session {
     s
 }
 
-fn publish_to_x(key: &str, mandatory: bool) -> InFrame {
+fn publish_to_x(sequence: u64, key: &str, mandatory: bool) -> InFrame {
     let mut enc = Encoder::new(WireLimits::DEFAULT);
     let message = enc
         .message(&weir_protocol::MessageProps::default(), b"body")
         .unwrap();
     let mut buf = BytesMut::new();
     let item = weir_protocol::PublishItem {
-        sequence: 7,
+        sequence,
         exchange: "x",
         routing_key: key,
         mandatory,
@@ -271,7 +271,12 @@ fn a_message_routed_to_two_shards_is_confirmed_once_both_took_it() {
     let mut s = routed_session(&[&q0, &q1, "q-gone-later"]);
     let mut out = BytesMut::new();
     let mut outbound = Vec::new();
-    s.on_frame_at(NOW_MS, &publish_to_x("a.b", false), &mut out, &mut outbound);
+    s.on_frame_at(
+        NOW_MS,
+        &publish_to_x(7, "a.b", false),
+        &mut out,
+        &mut outbound,
+    );
     assert!(
         replies(&mut out).is_empty(),
         "nothing is confirmed before the owners answer"
@@ -323,13 +328,18 @@ fn unroutable_messages_are_returned_if_mandatory_else_counted_and_both_confirmed
     let mut s = routed_session(&["q"]);
     let mut out = BytesMut::new();
     let mut outbound = Vec::new();
-    s.on_frame_at(NOW_MS, &publish_to_x("b", true), &mut out, &mut outbound);
+    s.on_frame_at(NOW_MS, &publish_to_x(7, "b", true), &mut out, &mut outbound);
     assert!(outbound.is_empty());
     let r = replies(&mut out);
     assert!(matches!(r[0].body, BodyT::Return(_)), "{:?}", r[0]);
     assert!(matches!(r[1].body, BodyT::Confirm(_)), "{:?}", r[1]);
     assert_eq!(s.routing.unroutable.get(), 0);
-    s.on_frame_at(NOW_MS, &publish_to_x("b", false), &mut out, &mut outbound);
+    s.on_frame_at(
+        NOW_MS,
+        &publish_to_x(8, "b", false),
+        &mut out,
+        &mut outbound,
+    );
     let r = replies(&mut out);
     assert_eq!(r.len(), 1);
     assert!(matches!(r[0].body, BodyT::Confirm(_)), "{:?}", r[0]);
@@ -377,39 +387,45 @@ fn an_unknown_exchange_kind_is_refused_and_the_connection_goes_on() {
     );
 }
 
+/// A `Publish` to queue `q` on the default exchange, one entry per sequence.
+fn publish_to_q(sequences: &[u64], props: &weir_protocol::MessageProps) -> InFrame {
+    let mut enc = Encoder::new(WireLimits::DEFAULT);
+    let message = enc.message(props, b"body").unwrap();
+    let mut buf = BytesMut::new();
+    let items = sequences
+        .iter()
+        .map(|&sequence| weir_protocol::PublishItem {
+            sequence,
+            exchange: "",
+            routing_key: "q",
+            mandatory: false,
+            message: &message,
+        });
+    enc.publish(&mut buf, 0, None, true, items).unwrap();
+    FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap()
+}
+
 #[test]
 fn a_delivery_time_is_judged_against_the_time_passed_in() {
-    let mut enc = Encoder::new(WireLimits::DEFAULT);
     let props = weir_protocol::MessageProps {
         deliver_at_ms: Some(10_000),
         ..Default::default()
     };
-    let message = enc.message(&props, b"body").unwrap();
-    let mut buf = BytesMut::new();
-    let item = weir_protocol::PublishItem {
-        sequence: 7,
-        exchange: "",
-        routing_key: "q",
-        mandatory: false,
-        message: &message,
-    };
-    enc.publish(&mut buf, 0, None, true, [item]).unwrap();
-    let publish = FrameDecoder::new(WireLimits::DEFAULT)
-        .decode(&mut buf)
-        .unwrap()
-        .unwrap();
 
     // delay_ms_max is 1000: within it at 9000, past it at 8999.
     let mut s = open_session();
     let mut out = BytesMut::new();
     replies(&mut out);
     let mut outbound = Vec::new();
-    s.on_frame_at(9_000, &publish, &mut out, &mut outbound);
+    s.on_frame_at(9_000, &publish_to_q(&[6], &props), &mut out, &mut outbound);
     assert_eq!(outbound.len(), 1);
     assert!(replies(&mut out).is_empty());
 
     let mut outbound = Vec::new();
-    s.on_frame_at(8_999, &publish, &mut out, &mut outbound);
+    s.on_frame_at(8_999, &publish_to_q(&[7], &props), &mut out, &mut outbound);
     assert!(outbound.is_empty());
     let r = replies(&mut out);
     let BodyT::Error(e) = &r[0].body else {
@@ -420,6 +436,247 @@ fn a_delivery_time_is_judged_against_the_time_passed_in() {
         e.sequences.as_deref(),
         Some(&[wire::RangeT { first: 7, last: 7 }][..])
     );
+    assert!(
+        e.message.as_deref().unwrap().contains("deliver_at_ms"),
+        "{e:?}"
+    );
+}
+
+/// An `Ack` (request id 9) of the inclusive tag ranges given.
+fn ack(ranges: &[(u64, u64)]) -> InFrame {
+    let mut a = wire::AckT::default();
+    a.ranges = ranges
+        .iter()
+        .map(|&(first, last)| wire::RangeT { first, last })
+        .collect();
+    frame(BodyT::Ack(Box::new(a)))
+}
+
+/// A session holding one outstanding delivery, tag 1: a `Get` of queue `q`, seq 5, answered.
+fn session_holding_tag_1() -> Session {
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    let mut outbound = Vec::new();
+    let mut g = wire::GetT::default();
+    g.queue = "q".into();
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::Get(Box::new(g))),
+        &mut out,
+        &mut outbound,
+    );
+    let d = PushedDelivery {
+        queue: "q".into(),
+        holder: 3,
+        seq: 5,
+        delivery_count: 1,
+        auto_ack: false,
+        exchange: String::new(),
+        routing_key: "q".into(),
+        bytes: Encoder::new(WireLimits::DEFAULT)
+            .message(&Default::default(), b"m")
+            .unwrap(),
+        cold: None,
+    };
+    let reply = Reply::Got(Some(Box::new(d)), 0);
+    s.on_reply_at(NOW_MS, outbound[0].id, reply, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    assert!(
+        matches!(&r[..], [f] if matches!(&f.body, BodyT::GetOk(ok) if ok.delivery.as_ref().unwrap().delivery_tag == 1)),
+        "{r:?}"
+    );
+    s
+}
+
+#[test]
+fn a_settle_naming_an_unknown_tag_settles_nothing_and_the_known_one_stays_outstanding() {
+    let mut s = session_holding_tag_1();
+    let mut out = BytesMut::new();
+
+    // Tag 1 is held, 99 is not: the whole frame is refused, as an unknown tag always was.
+    let mut outbound = Vec::new();
+    let flow = s.on_frame_at(NOW_MS, &ack(&[(1, 1), (99, 99)]), &mut out, &mut outbound);
+    assert_eq!(flow, Flow::Continue);
+    assert!(outbound.is_empty(), "nothing settled: {outbound:?}");
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (r[0].request_id, error_of(&r[0])),
+        (9, (ErrorCode::UnknownDeliveryTag, false))
+    );
+
+    // Tag 1 is still held: acked now, it goes to its owner once and is answered.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 1)]), &mut out, &mut outbound);
+    assert!(replies(&mut out).is_empty(), "answered once the owner is");
+    let [Addressed {
+        shard,
+        id,
+        op: Op::Settle(items),
+    }] = &outbound[..]
+    else {
+        panic!("{outbound:?}")
+    };
+    assert_eq!(*shard, placement("q", 2));
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (i.queue.as_str(), i.holder, i.seq, i.ack))
+            .collect::<Vec<_>>(),
+        vec![("q", 3, 5, true)]
+    );
+    s.on_reply_at(NOW_MS, *id, Reply::Done, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    assert!(
+        matches!(r[..], [ref f] if matches!(f.body, BodyT::Ok(_))),
+        "{r:?}"
+    );
+
+    // Settled exactly once: a second ack of it is an unknown tag.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 1)]), &mut out, &mut outbound);
+    assert!(outbound.is_empty());
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnknownDeliveryTag, false)
+    );
+}
+
+/// The owner's answer to a publish: every item it was sent taken (journaled).
+fn all_taken(op: &Op) -> Reply {
+    let Op::Publish(items) = op else {
+        panic!("{op:?}")
+    };
+    Reply::Published(
+        items
+            .iter()
+            .map(|p| PublishOutcome {
+                sequence: p.sequence,
+                confirm: true,
+                journaled: true,
+                result: Ok(()),
+                returned: None,
+            })
+            .collect(),
+    )
+}
+
+fn sequences_of(f: &wire::FrameT) -> Vec<(u64, u64)> {
+    let ranges = match &f.body {
+        BodyT::Confirm(c) => &c.ranges,
+        BodyT::Error(e) => e.sequences.as_ref().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    ranges.iter().map(|r| (r.first, r.last)).collect()
+}
+
+#[test]
+fn a_repeated_or_decreasing_publish_sequence_is_refused_and_the_others_are_confirmed() {
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let props = weir_protocol::MessageProps::default();
+
+    // 3 repeats the one before it in its own frame; 4 is fine.
+    let mut outbound = Vec::new();
+    s.on_frame_at(
+        NOW_MS,
+        &publish_to_q(&[3, 3, 4], &props),
+        &mut out,
+        &mut outbound,
+    );
+    // 4 repeats the last frame's, 2 is below it, 5 is fine.
+    s.on_frame_at(
+        NOW_MS,
+        &publish_to_q(&[4, 2, 5], &props),
+        &mut out,
+        &mut outbound,
+    );
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 2, "{r:?}");
+    for (f, (seqs, first, last)) in r
+        .iter()
+        .zip([(vec![(3, 3)], 3, 3), (vec![(2, 2), (4, 4)], 4, 4)])
+    {
+        let BodyT::Error(e) = &f.body else {
+            panic!("{f:?}")
+        };
+        assert_eq!(
+            (f.request_id, e.code, e.close),
+            (0, ErrorCode::InvalidArgument, false)
+        );
+        assert_eq!(sequences_of(f), seqs);
+        let message = e.message.as_deref().unwrap();
+        assert!(
+            message.contains(&format!(
+                "publish sequence {first} is not above the last one, {last}"
+            )),
+            "{message}"
+        );
+    }
+    // Only the accepted ones went to the owner, each once.
+    let sent: Vec<u64> = outbound
+        .iter()
+        .flat_map(|a| match &a.op {
+            Op::Publish(items) => items.iter().map(|i| i.sequence).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(sent, vec![3, 4, 5]);
+    for a in &outbound {
+        s.on_reply_at(NOW_MS, a.id, all_taken(&a.op), &mut out, &mut Vec::new());
+    }
+    let confirmed: Vec<(u64, u64)> = replies(&mut out).iter().flat_map(sequences_of).collect();
+    assert_eq!(confirmed, vec![(3, 4), (5, 5)]);
+    assert!(s.wants_input());
+}
+
+/// A reused sequence on a message split across shards must not count as one of the parts of
+/// the split that holds that sequence.
+#[test]
+fn a_reused_sequence_does_not_complete_a_split_publish() {
+    let (q0, q1) = (
+        (0..)
+            .map(|i| format!("q{i}"))
+            .find(|q| placement(q, 2) == 0)
+            .unwrap(),
+        (0..)
+            .map(|i| format!("q{i}"))
+            .find(|q| placement(q, 2) == 1)
+            .unwrap(),
+    );
+    let mut s = routed_session(&[&q0, &q1]);
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut first = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_to_x(7, "a.b", false), &mut out, &mut first);
+    assert_eq!(first.len(), 2, "split across both shards");
+    let mut again = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_to_x(7, "a.b", false), &mut out, &mut again);
+    assert!(again.is_empty(), "the reuse of 7 is not sent: {again:?}");
+    let r = replies(&mut out);
+    assert_eq!(error_of(&r[0]), (ErrorCode::InvalidArgument, false));
+    assert_eq!(sequences_of(&r[0]), vec![(7, 7)]);
+    // One part of the first publish in: not confirmed yet.
+    s.on_reply_at(
+        NOW_MS,
+        first[0].id,
+        all_taken(&first[0].op),
+        &mut out,
+        &mut Vec::new(),
+    );
+    assert!(replies(&mut out).is_empty());
+    s.on_reply_at(
+        NOW_MS,
+        first[1].id,
+        all_taken(&first[1].op),
+        &mut out,
+        &mut Vec::new(),
+    );
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(sequences_of(&r[0]), vec![(7, 7)]);
+    assert!(matches!(r[0].body, BodyT::Confirm(_)));
 }
 
 #[test]
