@@ -5,9 +5,12 @@
 //! by `Limits::check` before any shard starts; the error names the offending key and the reason.
 //! Each layer keeps its own bounds next to their reasons (`WireLimits` for the codec,
 //! `StorageLimits` for the journal); this registry adds the broker's own and checks that the
-//! layers agree with each other: a message the wire accepts must fit a journal record.
+//! layers agree with each other: a message the wire accepts must fit a journal record, and one
+//! `Deliver` frame.
 
-use weir_protocol::limits::FRAME_OVERHEAD_BYTES_MAX;
+use weir_protocol::limits::{
+    deliver_frame_bytes_max, delivery_bytes_max, FRAME_OVERHEAD_BYTES_MAX,
+};
 use weir_protocol::WireLimits;
 
 use crate::storage::format::RECORD_HEADER_BYTES;
@@ -148,6 +151,7 @@ impl Limits {
                 ),
             ));
         }
+        self.check_one_delivery_fits_a_frame()?;
         let record_room = u64::from(self.storage.record_bytes_max) - RECORD_HEADER_BYTES as u64;
         if u64::from(self.wire.message_size_max) + self.envelope_bytes_max() > record_room {
             return Err(LimitError::new(
@@ -182,6 +186,27 @@ impl Limits {
                 format!(
                     "{} cannot hold even one message of message_size_max {}",
                     self.broker.cache_bytes_max, self.wire.message_size_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A delivery of one message of `message_size_max`, with exchange name, routing key and
+    /// consumer tag of the longest name, fits one `Deliver` frame: the session splits a push into
+    /// frames but cannot split a message, so a maximal one that did not fit would never reach its
+    /// consumer.
+    fn check_one_delivery_fits_a_frame(&self) -> Result<(), LimitError> {
+        let name = self.wire.name_length_max as usize;
+        let bytes = deliver_frame_bytes_max(name)
+            + delivery_bytes_max(self.wire.message_size_max as usize, name, name);
+        if bytes as u64 > u64::from(self.wire.frame_size_max) {
+            return Err(LimitError::new(
+                "limits.message_size_max",
+                format!(
+                    "a delivery of one message of {} bytes, with names of name_length_max {}, \
+                     takes up to {} bytes: over frame_size_max {}",
+                    self.wire.message_size_max, name, bytes, self.wire.frame_size_max
                 ),
             ));
         }
@@ -227,6 +252,18 @@ mod tests {
         let err = limits.check().unwrap_err();
         assert_eq!(err.key, "limits.message_size_max", "{err}");
         assert!(err.reason.contains("record_bytes_max"), "{err}");
+    }
+
+    #[test]
+    fn a_message_limit_whose_delivery_overflows_a_frame_is_refused() {
+        // The codec's own relation (64 KiB of frame overhead) already refuses this: the
+        // broker's check is asserted directly, as the last word should the codec's loosen.
+        let mut limits = Limits::DEFAULT;
+        limits.wire.message_size_max = limits.wire.frame_size_max - 512;
+        let err = limits.check_one_delivery_fits_a_frame().unwrap_err();
+        assert_eq!(err.key, "limits.message_size_max", "{err}");
+        assert!(err.reason.contains("frame_size_max"), "{err}");
+        Limits::DEFAULT.check_one_delivery_fits_a_frame().unwrap();
     }
 
     #[test]

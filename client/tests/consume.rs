@@ -469,3 +469,61 @@ async fn an_exclusive_consumer_keeps_the_queue_until_it_is_cancelled() {
         .await
         .expect("others may consume once it is cancelled");
 }
+
+#[tokio::test]
+async fn a_backlog_larger_than_a_frame_is_delivered_whole_across_several_frames() {
+    // 20 messages of 900 KB: each under the broker's message_size_max (960 KiB), together over
+    // the 16 MiB frame_size_max, so the one push that hands them all to a new consumer must
+    // leave in more than one Deliver frame.
+    const COUNT: usize = 20;
+    const BODY_BYTES: usize = 900 * 1000;
+    let broker = Broker::start("consume-large-backlog", &[]);
+    let client = broker.client().await;
+    within("declare", client.declare("large", QueueOptions::default()))
+        .await
+        .expect("declare");
+    let body = |i: usize| vec![b'a' + i as u8; BODY_BYTES];
+    let mut confirms = Vec::new();
+    for i in 0..COUNT {
+        let f = within("publish", client.publish("large", Message::new(body(i))))
+            .await
+            .expect("queued");
+        confirms.push(f);
+    }
+    for f in confirms {
+        within("confirm", f).await.expect("confirmed");
+    }
+    let info = within("info", client.queue_info("large"))
+        .await
+        .expect("info");
+    assert_eq!(info.messages_ready, COUNT as u64);
+
+    // Consumed only now, so the broker pushes the whole backlog at once.
+    let mut consumer = within("consume", client.consume("large", prefetch(COUNT as u32)))
+        .await
+        .expect("consume");
+    let mut got = Vec::new();
+    for i in 0..COUNT {
+        let d = match tokio::time::timeout(common::TIMEOUT, consumer.recv()).await {
+            Ok(d) => d
+                .expect("the stream ended")
+                .expect("a delivery, not an error"),
+            Err(_) => panic!(
+                "delivery {i} of {COUNT} never came within {:?}: deliveries over frame_size_max \
+                 together were not split into frames",
+                common::TIMEOUT
+            ),
+        };
+        assert_eq!(d.body().len(), BODY_BYTES, "delivery {i}");
+        assert!(
+            d.body().iter().all(|&b| b == b'a' + i as u8),
+            "delivery {i} out of order"
+        );
+        got.push(d);
+    }
+    within("ack", Delivery::ack_all(&got)).await.expect("ack");
+    let info = within("info", client.queue_info("large"))
+        .await
+        .expect("info");
+    assert_eq!((info.messages_ready, info.messages_unacked), (0, 0));
+}

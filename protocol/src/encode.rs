@@ -16,7 +16,7 @@
 use bytes::{Bytes, BytesMut};
 use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
 
-use crate::limits::{WireLimits, FRAME_PREFIX_BYTES};
+use crate::limits::{deliver_frame_bytes_max, delivery_bytes_max, WireLimits, FRAME_PREFIX_BYTES};
 use crate::wire::{self, Body, Durability, FrameT, Range};
 use crate::ProtocolError;
 
@@ -171,7 +171,8 @@ impl Encoder {
         self.finish(request_id, Body::Publish, body.as_union_value(), out)
     }
 
-    /// Appends a `Deliver` of `items` to the consumer `consumer_tag`.
+    /// Appends a `Deliver` of `items` to the consumer `consumer_tag`, all in one frame: refused
+    /// if they do not fit it. A batch of any size goes out with `deliver_prefix`.
     pub fn deliver<'a>(
         &mut self,
         out: &mut BytesMut,
@@ -224,6 +225,37 @@ impl Encoder {
             },
         );
         self.finish(0, Body::Deliver, body.as_union_value(), out)
+    }
+
+    /// Appends one `Deliver` frame holding the longest prefix of `items` that fits it: at most
+    /// `deliver_batch_max` deliveries whose bound (`limits::delivery_bytes_max`) keeps the frame
+    /// within `frame_size_max`, and always at least the first. Returns how many it encoded, so a
+    /// batch of any size leaves, in order, by calling this until every item is out. Fails,
+    /// appending nothing, only when the first delivery cannot be encoded even alone (a message
+    /// over `message_size_max`, or names too long for a frame): what becomes of it is the
+    /// caller's choice.
+    pub fn deliver_prefix(
+        &mut self,
+        out: &mut BytesMut,
+        consumer_tag: &str,
+        items: &[DeliveryItem<'_>],
+    ) -> Result<usize, ProtocolError> {
+        let budget = self.limits.frame_size_max as usize;
+        let mut bytes = deliver_frame_bytes_max(consumer_tag.len());
+        let mut count = 0;
+        for item in items.iter().take(self.limits.deliver_batch_max as usize) {
+            bytes += delivery_bytes_max(
+                item.message.len(),
+                item.exchange.len(),
+                item.routing_key.len(),
+            );
+            if count > 0 && bytes > budget {
+                break;
+            }
+            count += 1;
+        }
+        self.deliver(out, consumer_tag, items[..count].iter().copied())?;
+        Ok(count)
     }
 
     /// Appends a `Confirm` push.

@@ -4,7 +4,8 @@
 //! in order; each delivery not auto-acked is remembered by tag as (owning shard, queue,
 //! consumer, queue sequence) until the client acks, nacks or rejects it, and a settlement goes
 //! to every shard it touches, grouped. Deliveries pushed by owning shards are encoded straight
-//! from their `Bytes`, in batches of at most `deliver_batch_max`.
+//! from their `Bytes`, in as many `Deliver` frames as they need, each within `deliver_batch_max`
+//! and `frame_size_max`: a push of any size reaches the client whole and in order.
 //!
 //! Faults handled: settling tags this connection does not hold (`UnknownDeliveryTag`, and
 //! nothing in that frame is settled),
@@ -188,29 +189,57 @@ impl Session {
                     }
                     return;
                 }
-                let max = self.ctx.limits.deliver_batch_max as usize;
-                let mut batch: Vec<(u64, PushedDelivery)> =
-                    Vec::with_capacity(deliveries.len().min(max));
-                for d in deliveries {
-                    let tag = self.next_delivery_tag;
-                    self.next_delivery_tag += 1;
-                    if !d.auto_ack {
+                // Tags are given in order before encoding (each frame carries its own), but a
+                // delivery is remembered under its tag only once a frame carrying it is out:
+                // the client can settle only what it was shown.
+                let first_tag = self.next_delivery_tag;
+                self.next_delivery_tag += deliveries.len() as u64;
+                let items: Vec<DeliveryItem<'_>> = deliveries
+                    .iter()
+                    .zip(first_tag..)
+                    .map(|(d, tag)| DeliveryItem {
+                        delivery_tag: tag,
+                        redelivered: d.delivery_count > 1,
+                        delivery_count: d.delivery_count,
+                        exchange: &d.exchange,
+                        routing_key: &d.routing_key,
+                        message: &d.bytes,
+                    })
+                    .collect();
+                let mut unsent: Vec<usize> = Vec::new();
+                let mut at = 0;
+                while at < items.len() {
+                    match self
+                        .encoder
+                        .deliver_prefix(out, &consumer_tag, &items[at..])
+                    {
+                        Ok(count) => at += count,
+                        Err(e) => {
+                            // Only a delivery no frame holds even alone: the limits' relations
+                            // rule that out for any message the broker accepted under them. It
+                            // stays held by this connection at its owner, which requeues it
+                            // when the connection closes: never lost, and never bounced
+                            // straight back here in a loop.
+                            tracing::error!(
+                                queue = %deliveries[at].queue,
+                                "cannot encode a delivery: {e}"
+                            );
+                            unsent.push(at);
+                            at += 1;
+                        }
+                    }
+                }
+                drop(items);
+                for (index, (d, tag)) in deliveries.into_iter().zip(first_tag..).enumerate() {
+                    if !d.auto_ack && !unsent.contains(&index) {
                         let o = Outstanding {
                             shard: from_shard,
-                            queue: d.queue.clone(),
+                            queue: d.queue,
                             holder: d.holder,
                             seq: d.seq,
                         };
                         self.outstanding.insert(tag, o);
                     }
-                    batch.push((tag, d));
-                    if batch.len() == max {
-                        self.encode_deliver(&consumer_tag, &batch, out);
-                        batch.clear();
-                    }
-                }
-                if !batch.is_empty() {
-                    self.encode_deliver(&consumer_tag, &batch, out);
                 }
             }
             Pushed::Cancelled(c) => {
@@ -221,25 +250,6 @@ impl Session {
                 cc.message = Some(c.message);
                 self.reply(out, 0, BodyT::ConsumerCancelled(Box::new(cc)));
             }
-        }
-    }
-
-    fn encode_deliver(
-        &mut self,
-        consumer_tag: &str,
-        batch: &[(u64, PushedDelivery)],
-        out: &mut BytesMut,
-    ) {
-        let items = batch.iter().map(|(tag, d)| DeliveryItem {
-            delivery_tag: *tag,
-            redelivered: d.delivery_count > 1,
-            delivery_count: d.delivery_count,
-            exchange: &d.exchange,
-            routing_key: &d.routing_key,
-            message: &d.bytes,
-        });
-        if let Err(e) = self.encoder.deliver(out, consumer_tag, items) {
-            tracing::error!("cannot encode a delivery: {e}");
         }
     }
 }

@@ -6,7 +6,7 @@ const NOW_MS: u64 = 1_700_000_000_000;
 
 use super::*;
 use crate::broker::routing::ExchangeKind;
-use crate::mesh::msg::{PublishItem, PublishOutcome, PushedDelivery};
+use crate::mesh::msg::{PublishItem, PublishOutcome, Pushed, PushedDelivery};
 use crate::mesh::types::ExchangeDecl;
 use crate::net::command::broker_only;
 
@@ -714,4 +714,99 @@ fn status_uptime_is_counted_to_the_time_passed_in() {
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(names[0], "shard.0.connections", "shards in order");
+}
+
+#[test]
+fn a_push_several_frames_large_leaves_whole_in_frames_within_the_limit_and_in_order() {
+    // Small frames, so a push several frames large stays small in memory.
+    let limits = WireLimits {
+        frame_size_max: 256 * 1024,
+        message_size_max: 192 * 1024,
+        ..WireLimits::DEFAULT
+    };
+    let mut s = Session::new(SessionCtx { limits, ..ctx() }, Rc::default());
+    let mut out = BytesMut::new();
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut outbound);
+    let mut c = wire::ConsumeT::default();
+    c.queue = "q".into();
+    c.consumer_tag = Some("c".into());
+    c.prefetch = 100;
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::Consume(Box::new(c))),
+        &mut out,
+        &mut outbound,
+    );
+    let (owner, consume) = (outbound[0].shard, outbound[0].id);
+    s.on_reply_at(NOW_MS, consume, Reply::Consumed(3), &mut out, &mut outbound);
+    out.clear();
+    outbound.clear();
+
+    // 30 messages of 100 KB: about 12 frames' worth, pushed at once.
+    let messages: Vec<Vec<u8>> = (0..30).map(|_| samples::message_bytes(100_000)).collect();
+    let deliveries = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| PushedDelivery {
+            queue: "q".into(),
+            holder: 3,
+            seq: 1000 + i as u64,
+            delivery_count: 1,
+            auto_ack: false,
+            exchange: String::new(),
+            routing_key: "q".into(),
+            bytes: bytes::Bytes::copy_from_slice(m),
+            cold: None,
+        })
+        .collect();
+    let pushed = Pushed::Deliver {
+        to: crate::mesh::types::ConnRef { shard: 1, conn: 42 },
+        consumer_tag: "c".into(),
+        deliveries,
+    };
+    s.on_push(owner, pushed, &mut out, &mut outbound);
+
+    let decoder = FrameDecoder::new(limits);
+    let mut frames = 0;
+    let mut tags = Vec::new();
+    while !out.is_empty() {
+        let whole = out.len();
+        let f = decoder.decode(&mut out).unwrap().expect("a whole frame");
+        let len = whole - out.len() - weir_protocol::limits::FRAME_PREFIX_BYTES;
+        assert!(
+            len <= limits.frame_size_max as usize,
+            "a frame of {len} bytes"
+        );
+        frames += 1;
+        for (d, message) in f.deliveries() {
+            let i = tags.len();
+            assert_eq!(message.as_ref(), messages[i].as_slice(), "delivery {i}");
+            tags.push(d.delivery_tag());
+        }
+    }
+    assert!(frames > 4, "{frames} frames");
+    assert_eq!(
+        tags,
+        (1..=30).collect::<Vec<u64>>(),
+        "every delivery, in order"
+    );
+
+    // Every tag shown is held: acking them all settles every message at its owner.
+    let mut ack = wire::AckT::default();
+    ack.ranges = vec![wire::RangeT { first: 1, last: 30 }];
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::Ack(Box::new(ack))),
+        &mut out,
+        &mut outbound,
+    );
+    let settled: Vec<u64> = outbound
+        .iter()
+        .flat_map(|a| match &a.op {
+            Op::Settle(items) => items.iter().map(|i| i.seq).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(settled, (1000..1030).collect::<Vec<u64>>());
 }
