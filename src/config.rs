@@ -149,6 +149,7 @@ struct FileLimits {
     exchanges_max: Option<u32>,
     bindings_max: Option<u32>,
     delay_ms_max: Option<u64>,
+    handshake_timeout_ms: Option<u64>,
     cache_bytes_max: Option<u64>,
 }
 
@@ -286,6 +287,7 @@ impl Config {
             s.staged_bytes_max = l.staged_bytes_max.unwrap_or(s.staged_bytes_max);
             b.cache_bytes_max = l.cache_bytes_max.unwrap_or(b.cache_bytes_max);
             b.delay_ms_max = l.delay_ms_max.unwrap_or(b.delay_ms_max);
+            b.handshake_timeout_ms = l.handshake_timeout_ms.unwrap_or(b.handshake_timeout_ms);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }
@@ -477,6 +479,10 @@ mod tests {
         assert!(err.reason.contains("unknown field `fsync_typo`"), "{err}");
         let err = load_file("[limits]\nprefetch_default = 0\n").unwrap_err();
         assert_eq!(err.key, "limits.prefetch_default", "{err}");
+        let err = load_file("[limits]\nhandshake_timeout_ms = 0\n").unwrap_err();
+        assert_eq!(err.key, "limits.handshake_timeout_ms", "{err}");
+        let c = load_file("[limits]\nhandshake_timeout_ms = 300\n").unwrap();
+        assert_eq!(c.limits.broker.handshake_timeout_ms, 300);
         let err = load_file("[limits]\nmessage_size_max = 16000000\n").unwrap_err();
         assert_eq!(err.key, "limits.message_size_max", "{err}");
         let err = load_file("cpus = [0, 0]\n").unwrap_err();

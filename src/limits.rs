@@ -48,6 +48,10 @@ pub struct BrokerLimits {
     /// Furthest a delayed message's delivery time may be from its publish, ms: a delayed
     /// message holds its journal segment (and every later one) until it is delivered.
     pub delay_ms_max: u64,
+    /// Longest a connection may take to send `Hello`, ms; then it gets an `Error` and is closed.
+    /// A connection that never speaks still holds its buffers and a slot of
+    /// `connections_per_shard_max`: silent sockets would otherwise crowd out real clients.
+    pub handshake_timeout_ms: u64,
 }
 
 impl BrokerLimits {
@@ -63,6 +67,7 @@ impl BrokerLimits {
         exchanges_max: 10_000,
         bindings_max: 1_000_000,
         delay_ms_max: 7 * 24 * 3_600_000,
+        handshake_timeout_ms: 10_000,
     };
 }
 
@@ -127,6 +132,7 @@ impl Limits {
                 "limits.mesh_channel_capacity",
                 u64::from(b.mesh_channel_capacity),
             ),
+            ("limits.handshake_timeout_ms", b.handshake_timeout_ms),
         ];
         for (key, value) in positive {
             if value == 0 {

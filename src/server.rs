@@ -173,6 +173,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 delay_ms_max: config.limits.broker.delay_ms_max,
                 connection_id: 0,
                 started_ms,
+                accepted_ms: 0,
+                handshake_timeout_ms: config.limits.broker.handshake_timeout_ms,
             },
             limits: config.limits,
             mesh,

@@ -222,6 +222,30 @@ fn a_shard_over_its_connection_limit_refuses_with_a_reason() {
 }
 
 #[test]
+fn a_connection_without_hello_by_the_deadline_is_told_and_closed() {
+    let dir = temp_dir("serve-hello-deadline");
+    let config = dir.join("weir.toml");
+    std::fs::write(&config, "[limits]\nhandshake_timeout_ms = 300\n").unwrap();
+    let broker = Broker::start(&dir, &["--config", config.to_str().unwrap()]);
+    // Says Hello in time: stays open past the deadline.
+    let mut talker = broker.connect();
+    talker.handshake();
+    // Never says anything: closed (the harness's read timeout bounds the wait).
+    let mut silent = Client::connect(broker.listen);
+    let e = silent.expect_error(ErrorCode::ConnectionLimit);
+    assert_eq!(e.message.as_deref(), Some("no Hello within 300 ms"));
+    assert!(e.close);
+    silent.expect_closed();
+    // The silent one's deadline has passed, so the talker's has too; sleeping longer still
+    // makes the condition certain (it creates it, it does not wait for the broker).
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    assert!(matches!(
+        talker.request(BodyT::Ping(Box::default())),
+        BodyT::Pong(_)
+    ));
+}
+
+#[test]
 #[cfg_attr(
     not(debug_assertions),
     ignore = "WEIR_TEST_PANIC_SHARD exists only in debug builds"

@@ -6,6 +6,8 @@
 //! `ConnEntry` the shard also holds, because replies and deliveries from other shards land there while this
 //! task waits; the task writes the whole outbox in one write. It waits for whichever comes first:
 //! bytes from the peer, or its doorbell (rung when something was queued for it, or at shutdown).
+//! Until the session has its `Hello` it also waits for the handshake deadline, so a peer that
+//! never speaks is closed without sending a byte.
 //! While the session has `publishes_in_flight_max` publishes unconfirmed it does not read at all,
 //! so a fast producer is slowed by TCP, not buffered.
 //!
@@ -18,13 +20,14 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use weir_protocol::{FrameDecoder, WireLimits};
 
 use crate::mesh::types::ConnRef;
 use crate::net::session::{Addressed, Flow, Session};
-use crate::rt::executor::{Doorbell, DoorbellWaiter};
+use crate::rt::executor::{sleep, Doorbell, DoorbellWaiter};
 use crate::rt::net::Connection;
 
 /// A connection as its shard sees it: its session and the bytes owed to it.
@@ -53,6 +56,8 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 enum Event {
     Read(std::io::Result<usize>),
     Rung,
+    /// The session's handshake deadline came.
+    Deadline,
 }
 
 /// Serves connection `me` until it closes; then tells every shard and unregisters it.
@@ -70,7 +75,7 @@ pub async fn serve<H: ConnectionHost>(
     loop {
         let mut flow = Flow::Continue;
         let mut outbound = Vec::new();
-        let wants_input = {
+        let (wants_input, deadline) = {
             let mut session = entry.session.borrow_mut();
             let mut out = entry.outbox.borrow_mut();
             let now_ms = shard.now_ms();
@@ -83,10 +88,17 @@ pub async fn serve<H: ConnectionHost>(
                     Err(e) => flow = session.on_decode_error(&e, &mut out),
                 }
             }
+            if flow == Flow::Continue {
+                flow = session.on_tick_at(now_ms, &mut out);
+            }
             if flow == Flow::Continue && shard.is_stopping() {
                 flow = session.on_shutdown(&mut out);
             }
-            session.wants_input()
+            // Only until `Hello`: an open connection waits on no timer.
+            let deadline = session
+                .handshake_deadline()
+                .map(|d| Duration::from_millis(d.saturating_sub(now_ms)));
+            (session.wants_input(), deadline)
         };
         shard.submit(me, outbound);
         let owed = entry.outbox.borrow_mut().split();
@@ -107,6 +119,19 @@ pub async fn serve<H: ConnectionHost>(
             waiter.wait().await;
             Event::Rung
         };
+        // A peer that sends nothing must still be closed at its deadline.
+        let rung = async {
+            match deadline {
+                Some(after) => {
+                    let timer = async {
+                        sleep(after).await;
+                        Event::Deadline
+                    };
+                    futures_lite::future::or(rung, timer).await
+                }
+                None => rung.await,
+            }
+        };
         let event = if wants_input {
             let read = async { Event::Read(conn.read_buf(&mut rx, READ_CHUNK_BYTES).await) };
             futures_lite::future::or(read, rung).await
@@ -115,7 +140,7 @@ pub async fn serve<H: ConnectionHost>(
         };
         match event {
             Event::Read(Ok(0)) => break,
-            Event::Read(Ok(_)) | Event::Rung => {}
+            Event::Read(Ok(_)) | Event::Rung | Event::Deadline => {}
             Event::Read(Err(e)) => {
                 tracing::debug!(connection = id, "read failed: {e}");
                 break;

@@ -64,6 +64,7 @@ pub(super) async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
         let id = state.next_connection_id();
         let ctx = SessionCtx {
             connection_id: id,
+            accepted_ms: super::now_ms(),
             ..state.session.clone()
         };
         let mut session = Session::new(ctx, state.routing.clone());

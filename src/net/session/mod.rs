@@ -20,7 +20,8 @@
 //! - `gather`: requests answered by every shard (queue listing, status).
 //! - `replies`: encoding answers and refusals.
 //!
-//! Faults handled: frames before `Hello`, a second `Hello`, a wrong protocol version, frames only
+//! Faults handled: frames before `Hello`, no `Hello` within `handshake_timeout_ms` (closed),
+//! a second `Hello`, a wrong protocol version, frames only
 //! the broker may send, malformed frames (each gets an `Error` frame; fatal ones close this
 //! connection and nothing else), acks of unknown delivery tags, deliveries for a consumer that
 //! was cancelled meanwhile (requeued), frame types this broker does not serve yet (an `Error`
@@ -72,6 +73,10 @@ pub struct SessionCtx {
     pub connection_id: u64,
     /// When the broker started, ms since the Unix epoch (for `Status.uptime_ms`).
     pub started_ms: u64,
+    /// When this connection was accepted, ms since the Unix epoch: its `Hello` is due within
+    /// `handshake_timeout_ms` of it.
+    pub accepted_ms: u64,
+    pub handshake_timeout_ms: u64,
 }
 
 impl SessionCtx {
@@ -210,6 +215,28 @@ impl Session {
 
     pub fn is_open(&self) -> bool {
         self.state == State::Open
+    }
+
+    /// When the connection is closed unless `Hello` has arrived, ms since the Unix epoch; `None`
+    /// once it has, so an open connection needs no timer.
+    pub fn handshake_deadline(&self) -> Option<u64> {
+        (self.state == State::AwaitingHello).then(|| {
+            self.ctx
+                .accepted_ms
+                .saturating_add(self.ctx.handshake_timeout_ms)
+        })
+    }
+
+    /// The shell's timer fired (or it woke for another reason) at `now_ms`: a connection still
+    /// without `Hello` past its deadline is told why and closed.
+    pub fn on_tick_at(&mut self, now_ms: u64, out: &mut BytesMut) -> Flow {
+        match self.handshake_deadline() {
+            Some(deadline) if now_ms >= deadline => {
+                let msg = format!("no Hello within {} ms", self.ctx.handshake_timeout_ms);
+                self.fail(out, 0, ErrorCode::ConnectionLimit, msg, true)
+            }
+            _ => Flow::Continue,
+        }
     }
 
     /// False while the connection has `publishes_in_flight_max` publishes unconfirmed: the

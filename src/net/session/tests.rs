@@ -24,6 +24,8 @@ fn ctx() -> SessionCtx {
         delay_ms_max: 1000,
         connection_id: 42,
         started_ms: 0,
+        accepted_ms: NOW_MS,
+        handshake_timeout_ms: 10_000,
     }
 }
 
@@ -74,6 +76,40 @@ fn hello_gets_a_welcome_with_the_shard_layout_and_limits() {
     assert_eq!((w.shard, w.shard_count, w.connection_id), (1, 2, 42));
     assert_eq!(w.shard_ports.as_deref(), Some(&[7001, 7002][..]));
     assert_eq!(w.limits.as_ref().unwrap().publishes_in_flight_max, 100);
+    assert!(s.is_open());
+}
+
+#[test]
+fn no_hello_by_the_deadline_is_refused_and_closed() {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    let deadline = NOW_MS + 10_000;
+    assert_eq!(s.handshake_deadline(), Some(deadline));
+    assert_eq!(s.on_tick_at(deadline - 1, &mut out), Flow::Continue);
+    assert!(out.is_empty());
+    assert_eq!(s.on_tick_at(deadline, &mut out), Flow::Close);
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(error_of(&r[0]), (ErrorCode::ConnectionLimit, true));
+    let BodyT::Error(e) = &r[0].body else {
+        unreachable!()
+    };
+    assert_eq!(e.message.as_deref(), Some("no Hello within 10000 ms"));
+    // Closing: no second error, no timer.
+    assert_eq!(s.handshake_deadline(), None);
+    assert_eq!(s.on_tick_at(deadline + 1, &mut out), Flow::Continue);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn after_hello_the_handshake_deadline_is_gone() {
+    let mut s = Session::new(ctx(), Rc::default());
+    let mut out = BytesMut::new();
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut Vec::new());
+    out.clear();
+    assert_eq!(s.handshake_deadline(), None);
+    assert_eq!(s.on_tick_at(NOW_MS + 60_000, &mut out), Flow::Continue);
+    assert!(out.is_empty());
     assert!(s.is_open());
 }
 
