@@ -269,10 +269,8 @@ fn a_panicking_shard_ends_the_whole_process() {
     let stderr = broker.stderr();
     assert!(stderr.contains("panics on purpose"), "{stderr}");
     assert!(stderr.contains("fail-stop"), "{stderr}");
-    assert!(
-        std::net::TcpStream::connect(broker.listen).is_err(),
-        "nothing accepts connections after the abort"
-    );
+    // No "nothing listens on its port any more" check: the process is gone (its exit status
+    // says so), and a test running alongside may already have been given the freed port.
 }
 
 /// Runs a `weir serve` expected to refuse to start: its exit code and stderr. One that starts
