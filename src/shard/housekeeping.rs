@@ -3,13 +3,14 @@
 //! Contract: two tasks on the shard's thread, off the data path. Expiry does not touch the
 //! queues itself: it asks the worker, in the worker's order. Reclaim follows the rule of
 //! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
-//! restatement or a segment deletion that fails is logged and ends the round (the next round
-//! tries again); nothing here can stop the shard.
+//! restatement that fails (a record refused, say for a full disk, or its commit failed) is logged
+//! and told to the round, which then deletes nothing; a segment deletion that fails is logged and
+//! ends the round. The next round tries again; nothing here can stop the shard.
 
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::broker::reclaim::{ReclaimRound, ReclaimStep};
+use crate::broker::reclaim::{ReclaimRound, ReclaimStep, Restatement};
 use crate::mesh::msg::Op;
 use crate::rt;
 
@@ -43,11 +44,7 @@ pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
             let segments = state.journal.segments();
             match round.next(&segments, |n| state.liveness.live_in(n)) {
                 ReclaimStep::Stop => break,
-                ReclaimStep::Restate => {
-                    if !restate(&state).await {
-                        break;
-                    }
-                }
+                ReclaimStep::Restate => round.restated(restate(&state).await),
                 ReclaimStep::Reclaim(segment) => match state.journal.reclaim(segment).await {
                     Ok(()) => tracing::debug!(shard = state.id, segment, "reclaimed"),
                     Err(e) => {
@@ -61,9 +58,12 @@ pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
 }
 
 /// Writes every durable queue's declaration and next sequence number (and, on the writer, the
-/// durable exchanges and bindings) again, and commits them. Returns false if the commit failed.
-/// A record the journal refuses ends the restatement there; what was appended is committed.
-async fn restate(state: &ShardState) -> bool {
+/// durable exchanges and bindings) again, and commits them. Durable only if every record was
+/// appended and the commit carrying the last one succeeded (commits complete in order, so that
+/// one covers the rest); nothing to restate is trivially durable. A record the journal refuses
+/// ends the restatement as incomplete: what was appended before it is staged and goes with a
+/// later commit, harmlessly, since a restatement only repeats what is true.
+async fn restate(state: &ShardState) -> Restatement {
     let mut records = state.host.borrow().restatement();
     if let Some(writer) = &state.control {
         records.extend(writer.borrow().restatement());
@@ -73,8 +73,11 @@ async fn restate(state: &ShardState) -> bool {
         match state.journal.append_control(&record.encode()) {
             Ok(a) => last = Some(a),
             Err(e) => {
-                tracing::warn!(shard = state.id, "reclaim: cannot restate the catalog: {e}");
-                break;
+                tracing::warn!(
+                    shard = state.id,
+                    "reclaim: cannot restate the catalog, deleting nothing this round: {e}"
+                );
+                return Restatement::Incomplete;
             }
         }
     }
@@ -82,10 +85,10 @@ async fn restate(state: &ShardState) -> bool {
         if let Err(e) = state.journal.commit(&last).await {
             tracing::warn!(
                 shard = state.id,
-                "reclaim: restated catalog not durable: {e}"
+                "reclaim: restated catalog not durable, deleting nothing this round: {e}"
             );
-            return false;
+            return Restatement::Incomplete;
         }
     }
-    true
+    Restatement::Durable
 }
