@@ -3,70 +3,15 @@
 //! fault-layer ENOSPC tests in journal_faults.rs always run).
 
 mod journal_support;
+mod loop_mount;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use journal_support::body;
+use loop_mount::small_filesystem;
 use weir::rt::fs::DmaDir;
 use weir::rt::{run_on_executor, spawn_detached, Pinning};
 use weir::storage::{Journal, JournalConfig, StorageError, StorageLimits};
-
-struct Mounted {
-    mount: PathBuf,
-    loop_dev: String,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(&self.mount)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        }
-        let _ = Command::new("losetup")
-            .args(["-d", &self.loop_dev])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// A freshly made 24 MiB ext4 filesystem, mounted; or why not.
-fn small_filesystem() -> Result<Mounted, String> {
-    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let image = tmp.path().join("fs.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(24 << 20))
-        .map_err(|e| e.to_string())?;
-    let image_s = image.to_string_lossy().to_string();
-    run("mkfs.ext4", &["-q", "-F", "-m", "0", &image_s])?;
-    let loop_dev = run("losetup", &["--find", "--show", &image_s])?;
-    let mount = tmp.path().join("mnt");
-    std::fs::create_dir(&mount).map_err(|e| e.to_string())?;
-    let m = Mounted {
-        mount: mount.clone(),
-        loop_dev: loop_dev.clone(),
-        _tmp: tmp,
-    };
-    run("mount", &[&loop_dev, &mount.to_string_lossy()])?;
-    Ok(m)
-}
 
 fn config() -> JournalConfig {
     JournalConfig {
