@@ -175,18 +175,6 @@ fn confirms_say_which_fsync_policy_they_were_given_under() {
     );
 }
 
-fn journal_segments(c: &mut Client) -> u64 {
-    let BodyT::Status(st) = c.request(BodyT::GetStatus(Box::default())) else {
-        panic!("no Status")
-    };
-    st.counters
-        .unwrap()
-        .into_iter()
-        .filter(|c| c.name.ends_with(".journal.segments"))
-        .map(|c| c.value)
-        .sum()
-}
-
 #[test]
 fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
     let dir = temp_dir("dur-reclaim");
@@ -220,7 +208,7 @@ fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
         c.publish("r", 1 + batch * 500, &bodies, false);
         c.await_confirms(1 + batch * 500, 500 + batch * 500);
     }
-    let before = journal_segments(&mut c);
+    let before = c.journal_segments();
     assert!(
         before >= 3,
         "6 MB in 2 MiB segments made only {before} segments"
@@ -244,10 +232,10 @@ fn settled_segments_are_reclaimed_and_what_they_declared_survives_a_crash() {
 
     // Reclaim is housekeeping on a timer: wait for it, bounded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let mut after = journal_segments(&mut c);
+    let mut after = c.journal_segments();
     while after > 2 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
-        after = journal_segments(&mut c);
+        after = c.journal_segments();
     }
     assert!(
         after <= 2,

@@ -30,18 +30,6 @@ fn start(
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn journal_segments(c: &mut Client) -> u64 {
-    let BodyT::Status(st) = c.request(BodyT::GetStatus(Box::default())) else {
-        panic!("no Status")
-    };
-    st.counters
-        .unwrap()
-        .into_iter()
-        .filter(|c| c.name.ends_with(".journal.segments"))
-        .map(|c| c.value)
-        .sum()
-}
-
 /// Publishes `bodies` from `first`; returns whether all were confirmed (false: refused for a
 /// full disk).
 fn publish_batch(c: &mut Client, first: u64, bodies: &[&[u8]]) -> bool {
@@ -106,7 +94,7 @@ fn a_reclaim_round_on_a_full_disk_keeps_the_durable_queue_and_its_messages() {
         confirmed_batches += 1;
     }
     let confirmed = confirmed_batches * bodies.len() as u64;
-    let segments = journal_segments(&mut c);
+    let segments = c.journal_segments();
     assert!(segments >= 3, "the disk filled after {segments} segments");
 
     // Ack all but the last batch's messages: the old segments hold nothing live any more.
@@ -132,7 +120,7 @@ fn a_reclaim_round_on_a_full_disk_keeps_the_durable_queue_and_its_messages() {
             .unwrap_or_default()
             .matches("reclaim: cannot restate the catalog")
             .count();
-        if journal_segments(&mut c) < segments || refusals >= 2 {
+        if c.journal_segments() < segments || refusals >= 2 {
             break;
         }
         assert!(

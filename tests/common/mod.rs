@@ -228,6 +228,19 @@ impl Client {
         self.request(BodyT::GetQueueInfo(Box::new(g)))
     }
 
+    /// Journal segment files in use, summed over every shard (from `GetStatus`).
+    pub fn journal_segments(&mut self) -> u64 {
+        let BodyT::Status(st) = self.request(BodyT::GetStatus(Box::default())) else {
+            panic!("no Status")
+        };
+        st.counters
+            .expect("Status carries counters")
+            .into_iter()
+            .filter(|c| c.name.ends_with(".journal.segments"))
+            .map(|c| c.value)
+            .sum()
+    }
+
     /// Publishes one message per body to the default exchange (`queue` as the routing key),
     /// with sequence numbers starting at `first_seq`.
     pub fn publish(&mut self, queue: &str, first_seq: u64, bodies: &[&[u8]], mandatory: bool) {
