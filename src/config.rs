@@ -151,6 +151,8 @@ struct FileLimits {
     delay_ms_max: Option<u64>,
     handshake_timeout_ms: Option<u64>,
     cache_bytes_max: Option<u64>,
+    outbox_bytes_max: Option<u64>,
+    consumer_timeout_ms: Option<u64>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -288,6 +290,8 @@ impl Config {
             b.cache_bytes_max = l.cache_bytes_max.unwrap_or(b.cache_bytes_max);
             b.delay_ms_max = l.delay_ms_max.unwrap_or(b.delay_ms_max);
             b.handshake_timeout_ms = l.handshake_timeout_ms.unwrap_or(b.handshake_timeout_ms);
+            b.outbox_bytes_max = l.outbox_bytes_max.unwrap_or(b.outbox_bytes_max);
+            b.consumer_timeout_ms = l.consumer_timeout_ms.unwrap_or(b.consumer_timeout_ms);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }

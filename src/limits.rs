@@ -52,6 +52,20 @@ pub struct BrokerLimits {
     /// A connection that never speaks still holds its buffers and a slot of
     /// `connections_per_shard_max`: silent sockets would otherwise crowd out real clients.
     pub handshake_timeout_ms: u64,
+    /// Bytes of deliveries on their way to one connection from one owning shard: dispatched
+    /// and not yet written to its socket (crossing the mesh, read back from the journal,
+    /// encoded in the connection's outbox, in the write under way), counted as each delivery's
+    /// message, names and a fixed per-delivery overhead. At the bound the owner stops
+    /// dispatching to that connection's consumers, auto-ack ones included, until the
+    /// connection has written what it holds: a consumer that never reads its socket costs at
+    /// most this (plus one delivery) per owning shard, not its prefetch or its queue's backlog.
+    pub outbox_bytes_max: u64,
+    /// Longest a delivery may stay unacked, ms, before its consumer is cancelled (a
+    /// `ConsumerCancelled` naming this limit) and every delivery it holds goes back to its
+    /// queue, for other consumers (RabbitMQ's `consumer_timeout`, and its default of 30
+    /// minutes). A consumer that takes messages and never acks would otherwise keep them from
+    /// everyone for as long as its connection lives. 0 turns the timeout off.
+    pub consumer_timeout_ms: u64,
 }
 
 impl BrokerLimits {
@@ -68,6 +82,8 @@ impl BrokerLimits {
         bindings_max: 1_000_000,
         delay_ms_max: 7 * 24 * 3_600_000,
         handshake_timeout_ms: 10_000,
+        outbox_bytes_max: 8 << 20,
+        consumer_timeout_ms: 30 * 60_000,
     };
 }
 
@@ -195,6 +211,7 @@ impl Limits {
                 ),
             ));
         }
+        self.check_one_delivery_fits_an_outbox()?;
         Ok(())
     }
 
@@ -213,6 +230,27 @@ impl Limits {
                     "a delivery of one message of {} bytes, with names of name_length_max {}, \
                      takes up to {} bytes: over frame_size_max {}",
                     self.wire.message_size_max, name, bytes, self.wire.frame_size_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    /// One `Deliver` frame carrying one message of `message_size_max` fits the outbox bound:
+    /// below it, a connection could be owed a delivery its owner would never send.
+    fn check_one_delivery_fits_an_outbox(&self) -> Result<(), LimitError> {
+        let name = self.wire.name_length_max as usize;
+        let bytes = deliver_frame_bytes_max(name)
+            + delivery_bytes_max(self.wire.message_size_max as usize, name, name);
+        if (bytes as u64) > self.broker.outbox_bytes_max {
+            return Err(LimitError::new(
+                "limits.outbox_bytes_max",
+                format!(
+                    "{} cannot hold one Deliver frame of a message of message_size_max {} \
+                     ({} bytes with names of name_length_max {})",
+                    self.broker.outbox_bytes_max, self.wire.message_size_max, bytes, name
                 ),
             ));
         }
@@ -270,6 +308,15 @@ mod tests {
         assert_eq!(err.key, "limits.message_size_max", "{err}");
         assert!(err.reason.contains("frame_size_max"), "{err}");
         Limits::DEFAULT.check_one_delivery_fits_a_frame().unwrap();
+    }
+
+    #[test]
+    fn an_outbox_smaller_than_one_delivery_frame_is_refused() {
+        let mut limits = Limits::DEFAULT;
+        limits.broker.outbox_bytes_max = u64::from(limits.wire.message_size_max);
+        let err = limits.check().unwrap_err();
+        assert_eq!(err.key, "limits.outbox_bytes_max", "{err}");
+        assert!(err.reason.contains("Deliver frame"), "{err}");
     }
 
     #[test]

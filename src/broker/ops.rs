@@ -80,6 +80,7 @@ fn wire_delivery(
         routing_key,
         bytes,
         cold,
+        charge: 0,
     }
 }
 
@@ -233,6 +234,15 @@ pub fn execute(
             host.expire(now_ms);
             Ok(Reply::Done)
         }
+        Op::DeliveriesWritten { bytes } => {
+            host.outbox_written(from, bytes);
+            Ok(Reply::Done)
+        }
+        Op::ConsumerTimeouts { timeout_ms } => {
+            let cancelled = host.time_out_consumers(now_ms, timeout_ms);
+            pushes.extend(cancelled.into_iter().map(Pushed::TimedOut));
+            Ok(Reply::Done)
+        }
         Op::Control(_) | Op::Routing(_) => Err(Refusal {
             code: wire::ErrorCode::Internal,
             message: "routing changes are served by the shard, not its queue host".into(),
@@ -374,7 +384,10 @@ pub fn collect_pushes(
                 consumer_tag: group[0].consumer_tag.to_string(),
                 deliveries: group
                     .iter()
-                    .map(|o| wire_delivery(o.queue.to_string(), o.delivery.holder, &o.delivery))
+                    .map(|o| PushedDelivery {
+                        charge: o.charge,
+                        ..wire_delivery(o.queue.to_string(), o.delivery.holder, &o.delivery)
+                    })
                     .collect(),
             });
         }

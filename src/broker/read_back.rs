@@ -43,12 +43,14 @@ pub fn complete_from_record(d: &mut PushedDelivery, position: Position, body: &[
 }
 
 /// A delivery whose payload could not be read: its message goes back to its queue (redelivered
-/// later, so at least once holds).
+/// later, so at least once holds), and its charge back to its connection's outbox account
+/// (it will never be written).
 pub fn requeue_unread(
     host: &mut QueueHost,
     to: ConnRef,
     d: &PushedDelivery,
 ) -> Result<(), Refusal> {
+    host.outbox_written(to, u64::from(d.charge));
     host.settle(to, &d.queue, d.holder, d.seq, false, true)
 }
 
@@ -110,6 +112,7 @@ pub(crate) mod tests {
             routing_key: String::new(),
             bytes: Bytes::new(),
             cold: Some((Position::new(1, 0), 0)),
+            charge: 0,
         }
     }
 

@@ -126,6 +126,17 @@ pub enum Op {
     Routing(RoutingChange),
     /// The shard's own timer: settle (or dead-letter) the expired heads of its queues.
     Expire,
+    /// The connection wrote (or dropped unsent) deliveries this shard charged to it, `bytes` of
+    /// their charges (`PushedDelivery::charge`): room for more under `outbox_bytes_max`. Sent
+    /// with request id 0; nobody waits for its reply.
+    DeliveriesWritten {
+        bytes: u64,
+    },
+    /// The shard's own timer: cancel consumers holding a delivery longer than `timeout_ms`
+    /// (`consumer_timeout_ms`) and requeue what they hold.
+    ConsumerTimeouts {
+        timeout_ms: u64,
+    },
 }
 
 /// A delivery as it crosses to the consumer's connection.
@@ -143,6 +154,9 @@ pub struct PushedDelivery {
     /// The message is only in the journal: (record position, record length). The owning shard
     /// reads it back, envelope and payload, before the delivery leaves it.
     pub cold: Option<(Position, u32)>,
+    /// What the owner charged the connection's outbox account for it (0 for a `Get`): the
+    /// connection hands it back once the delivery is written (`Op::DeliveriesWritten`).
+    pub charge: u32,
 }
 
 /// The owning shard's answer to an `Op`.
@@ -173,6 +187,9 @@ pub enum Pushed {
         deliveries: Vec<PushedDelivery>,
     },
     Cancelled(Cancelled),
+    /// The owner cancelled a consumer past `consumer_timeout_ms` and took back every delivery it
+    /// held (requeued): the connection's delivery tags for them are void.
+    TimedOut(Cancelled),
 }
 
 /// A change asked of the writer.

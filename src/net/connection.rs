@@ -9,7 +9,9 @@
 //! Until the session has its `Hello` it also waits for the handshake deadline, so a peer that
 //! never speaks is closed without sending a byte.
 //! While the session has `publishes_in_flight_max` publishes unconfirmed it does not read at all,
-//! so a fast producer is slowed by TCP, not buffered.
+//! so a fast producer is slowed by TCP, not buffered. Deliveries are bounded from the other end:
+//! once a write is done the session hands their charges back to their owners
+//! (`outbox_bytes_max`), so a peer that never reads stops being sent more.
 //!
 //! Faults handled: the peer closing or resetting (the task ends; every shard releases what the
 //! connection held), a malformed frame (an `Error` frame, then this connection closes; other
@@ -102,12 +104,20 @@ pub async fn serve<H: ConnectionHost>(
         };
         shard.submit(me, outbound);
         let owed = entry.outbox.borrow_mut().split();
+        let charges = entry.session.borrow_mut().take_unwritten();
         if !owed.is_empty() {
             if let Err(e) = conn.write_all(&owed).await {
                 tracing::debug!(connection = id, "write failed: {e}");
                 break;
             }
         }
+        // Written: the deliveries' owners may send that much more (`outbox_bytes_max`).
+        let mut outbound = Vec::new();
+        entry
+            .session
+            .borrow_mut()
+            .on_written(charges, &mut outbound);
+        shard.submit(me, outbound);
         if flow == Flow::Close {
             let _ = conn.close().await;
             break;

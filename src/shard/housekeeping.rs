@@ -1,7 +1,10 @@
-//! The shard's housekeeping timers: expiry (every 100 ms) and segment reclaim (every 500 ms).
+//! The shard's housekeeping timers: expiry (every 100 ms), consumer timeouts (on the expiry
+//! timer, every quarter of `consumer_timeout_ms` but at most every second) and segment reclaim
+//! (every 500 ms).
 //!
-//! Contract: two tasks on the shard's thread, off the data path. Expiry does not touch the
-//! queues itself: it asks the worker, in the worker's order. Reclaim follows the rule of
+//! Contract: two tasks on the shard's thread, off the data path. Expiry and consumer timeouts
+//! do not touch the queues themselves: they ask the worker, in the worker's order, and the host
+//! decides with the worker's `now_ms`. Reclaim follows the rule of
 //! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
 //! restatement that fails (a record refused, say for a full disk, or its commit failed) is logged
 //! and told to the round, which then deletes nothing; a segment deletion that fails is logged and
@@ -20,14 +23,29 @@ use super::ShardState;
 /// queue says so). A message's TTL is honoured to within this, also in a queue nobody consumes.
 const EXPIRE_EVERY: Duration = Duration::from_millis(100);
 
-/// Asks the worker, in its order, to expire what is due.
+/// Expiry ticks between two looks for consumers past `timeout_ms`: a quarter of the timeout,
+/// so a stuck consumer is cancelled within 1.25 times it, but at most once a second, since the
+/// look passes over every outstanding delivery.
+fn timeout_ticks(timeout_ms: u64) -> u64 {
+    (timeout_ms / 4 / EXPIRE_EVERY.as_millis() as u64).clamp(1, 10)
+}
+
+/// Asks the worker, in its order, to expire what is due and to cancel consumers past
+/// `consumer_timeout_ms` (0: never).
 pub(super) async fn expire_forever(state: Rc<ShardState>) {
+    let timeout_ms = state.limits.broker.consumer_timeout_ms;
+    let every = timeout_ticks(timeout_ms);
+    let mut tick = 0u64;
     loop {
         rt::executor::sleep(EXPIRE_EVERY).await;
         if state.host.borrow().queue_count() == 0 {
             continue;
         }
         state.request_of_own(state.id, 0, Op::Expire);
+        tick += 1;
+        if timeout_ms > 0 && tick.is_multiple_of(every) {
+            state.request_of_own(state.id, 0, Op::ConsumerTimeouts { timeout_ms });
+        }
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn run(setup: ShardSetup) {
     )
     .await;
     let routing_table = rebuild.take_routing();
-    let (journal, host, line) = match opened {
+    let (journal, mut host, line) = match opened {
         Ok((journal, report)) => match rebuild.finish(
             setup.id,
             Cache::new(setup.limits.broker.cache_bytes_max),
@@ -92,6 +92,7 @@ pub async fn run(setup: ShardSetup) {
         }
     };
     rt::spawn_detached(journal.clone().run_committer());
+    host.set_outbox_bytes_max(setup.limits.broker.outbox_bytes_max);
     let host_liveness = host.liveness().clone();
     let (routing_bell, routing_waiter) = doorbell();
     let control = (setup.id == CONTROL_SHARD).then(|| {

@@ -240,6 +240,6 @@ impl ShardState {
 fn push_target(push: &Pushed) -> ConnRef {
     match push {
         Pushed::Deliver { to, .. } => *to,
-        Pushed::Cancelled(c) => c.to,
+        Pushed::Cancelled(c) | Pushed::TimedOut(c) => c.to,
     }
 }

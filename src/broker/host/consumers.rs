@@ -7,16 +7,28 @@
 //! already used on the connection, an exclusive consume on a queue with consumers, any consume
 //! on a queue with an exclusive consumer, a consumer not of this connection: refused, nothing
 //! changes.
+//!
+//! Two guards against a consumer that stops: the outbox account and the consumer timeout.
+//! - Every delivery dispatched to a connection is charged to that connection's account here
+//!   (`charge_of`: message, names, a fixed overhead) until the connection says it wrote it to
+//!   its socket (`outbox_written`, from `Op::DeliveriesWritten`). While the account holds
+//!   `outbox_bytes_max` no consumer of that connection is offered a message, auto-ack ones
+//!   included; a write that brings it back under the bound lets dispatch resume. So what one
+//!   connection can have in flight from this shard, wherever it is (mesh, read-back, outbox,
+//!   kernel write), is at most `outbox_bytes_max` plus one delivery.
+//! - A consumer holding a delivery longer than `consumer_timeout_ms` is cancelled
+//!   (`time_out_consumers`) and all it holds goes back to ready, for the others.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use weir_protocol::wire::ErrorCode;
 
-use super::{refuse, ConsumerInfo, QueueHost, StoredDelivery};
+use super::{refuse, ConsumerInfo, Hosted, QueueHost, StoredDelivery};
 use crate::broker::queue::QueueDelivery;
 use crate::broker::stored::MsgRef;
 use crate::mesh::types::HolderId;
-use crate::mesh::types::{ConnRef, Refusal};
+use crate::mesh::types::{Cancelled, ConnRef, Refusal};
 
 /// A delivery owed to a connection.
 #[derive(Clone, Debug)]
@@ -25,6 +37,80 @@ pub struct Outgoing {
     pub consumer_tag: Rc<str>,
     pub queue: Rc<str>,
     pub delivery: QueueDelivery<MsgRef>,
+    /// What it was charged to `to`'s outbox account: handed back once written.
+    pub charge: u32,
+}
+
+/// Bytes counted per delivery beyond its message and names: the encoded delivery's own fields
+/// and the owned values it crosses the mesh in, a generous round figure.
+pub const DELIVERY_OVERHEAD_BYTES: u32 = 256;
+
+/// What a delivery of `msg` to a consumer tagged `tag` costs its connection's account until it
+/// is written: its message and names (a cold message's record holds both), and the overhead.
+pub fn charge_of(msg: &MsgRef, tag: &str) -> u32 {
+    let held = match msg {
+        MsgRef::Hot(s) => s.len() as usize + s.exchange.len() + s.routing_key.len(),
+        MsgRef::Cold { record_len, .. } => *record_len as usize,
+    };
+    (held + tag.len()).min(u32::MAX as usize) as u32 + DELIVERY_OVERHEAD_BYTES
+}
+
+/// Each connection's deliveries dispatched and not yet written, in bytes (`charge_of`).
+#[derive(Debug)]
+pub(super) struct Outboxes {
+    max: u64,
+    by_conn: HashMap<ConnRef, Outbox>,
+}
+
+#[derive(Debug, Default)]
+struct Outbox {
+    bytes: u64,
+    /// A delivery was held back for it: its consumers' queues need a dispatch once it drains.
+    blocked: bool,
+}
+
+impl Default for Outboxes {
+    fn default() -> Self {
+        Outboxes {
+            max: u64::MAX,
+            by_conn: HashMap::new(),
+        }
+    }
+}
+
+impl Outboxes {
+    /// Charges `bytes` to `conn` if its account is under the bound (so at most one delivery
+    /// past it); otherwise marks it blocked and refuses.
+    fn charge(&mut self, conn: ConnRef, bytes: u32) -> bool {
+        let a = self.by_conn.entry(conn).or_default();
+        if a.bytes >= self.max {
+            a.blocked = true;
+            return false;
+        }
+        a.bytes += u64::from(bytes);
+        true
+    }
+
+    /// `conn` wrote `bytes` of what it was charged. True if that unblocked it.
+    fn written(&mut self, conn: ConnRef, bytes: u64) -> bool {
+        let Some(a) = self.by_conn.get_mut(&conn) else {
+            return false; // closed meanwhile: its account went with it
+        };
+        assert!(
+            a.bytes >= bytes,
+            "connection {conn:?} wrote {bytes} bytes of deliveries but was charged {}",
+            a.bytes
+        );
+        a.bytes -= bytes;
+        let unblocked = a.blocked && a.bytes < self.max;
+        if unblocked {
+            a.blocked = false;
+        }
+        if a.bytes == 0 && !a.blocked {
+            self.by_conn.remove(&conn);
+        }
+        unblocked
+    }
 }
 
 /// Set in every consumer id and in no connection id, so a consumer and a connection's `Get`s
@@ -158,7 +244,8 @@ impl QueueHost {
         Ok((d, ready))
     }
 
-    /// Every delivery consumers are owed now, at most `max_per_queue` from each queue.
+    /// Every delivery consumers are owed now, at most `max_per_queue` from each queue, and only
+    /// to connections whose outbox account has room.
     pub fn take_deliveries(&mut self, now_ms: u64, max_per_queue: usize, out: &mut Vec<Outgoing>) {
         let dirty = std::mem::take(&mut self.dirty);
         let mut deliveries = Vec::new();
@@ -168,8 +255,15 @@ impl QueueHost {
                 continue;
             };
             deliveries.clear();
-            q.queue
-                .dispatch(now_ms, max_per_queue, &mut deliveries, &mut settled);
+            let Hosted {
+                queue, consumers, ..
+            } = &mut *q;
+            let outboxes = &mut self.outboxes;
+            let take = |holder: HolderId, msg: &MsgRef| {
+                let c = &consumers[&holder];
+                outboxes.charge(c.conn, charge_of(msg, &c.tag))
+            };
+            queue.dispatch_within(now_ms, max_per_queue, take, &mut deliveries, &mut settled);
             let full_round = deliveries.len() == max_per_queue;
             for d in deliveries.drain(..) {
                 let c = &q.consumers[&d.holder];
@@ -177,6 +271,7 @@ impl QueueHost {
                     to: c.conn,
                     consumer_tag: c.tag.clone(),
                     queue: q.name.clone(),
+                    charge: charge_of(&d.msg, &c.tag),
                     delivery: d,
                 });
             }
@@ -187,6 +282,76 @@ impl QueueHost {
                 self.dirty.insert(name);
             }
         }
+    }
+
+    /// Sets the outbox bound (`outbox_bytes_max`); unbounded until set.
+    pub fn set_outbox_bytes_max(&mut self, max: u64) {
+        self.outboxes.max = max;
+    }
+
+    /// Connection `conn` wrote `bytes` of the deliveries charged to it (or dropped them unsent).
+    /// If that brings a blocked connection under the bound, its consumers' queues are owed a
+    /// dispatch again.
+    pub fn outbox_written(&mut self, conn: ConnRef, bytes: u64) {
+        if !self.outboxes.written(conn, bytes) {
+            return;
+        }
+        for (name, q) in &self.queues {
+            if q.consumers.values().any(|c| c.conn == conn) {
+                self.dirty.insert(name.clone());
+            }
+        }
+    }
+
+    /// Cancels every consumer holding a delivery handed out more than `timeout_ms` ago (0: never)
+    /// and puts everything it holds back in its queue, for the other consumers; returns the
+    /// cancellations to tell their connections. A retired (cancelled) consumer's overdue
+    /// deliveries go back too.
+    pub fn time_out_consumers(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<Cancelled> {
+        if timeout_ms == 0 {
+            return Vec::new();
+        }
+        let mut cancelled = Vec::new();
+        let mut released = Vec::new();
+        let mut gone = Vec::new();
+        for (name, q) in self.queues.iter_mut() {
+            let overdue = q.queue.overdue(now_ms, timeout_ms);
+            if overdue.is_empty() {
+                continue;
+            }
+            let mut settled = Vec::new();
+            let mut cancelled_here = false;
+            for (holder, seq) in overdue {
+                if let Some(c) = q.consumers.remove(&holder) {
+                    cancelled_here = true;
+                    cancelled.push(Cancelled {
+                        to: c.conn,
+                        consumer_tag: c.tag.to_string(),
+                        message: format!(
+                            "message {seq} of queue '{name}' was not acked within \
+                             consumer_timeout_ms = {timeout_ms}; the consumer was cancelled \
+                             and its deliveries requeued"
+                        ),
+                    });
+                } else if q.retired.remove(&holder).is_none() {
+                    continue; // a connection's `Get`s: settled by their own request
+                }
+                q.queue.release(holder, &mut settled);
+            }
+            released.push((name.clone(), settled));
+            if cancelled_here && q.auto_delete && q.consumers.is_empty() {
+                gone.push(name.clone());
+            } else {
+                self.dirty.insert(name.clone());
+            }
+        }
+        for (name, settled) in released {
+            self.note_settled(&name, settled);
+        }
+        for name in gone {
+            self.remove(&name, "was auto-deleted");
+        }
+        cancelled
     }
 
     /// Releases what `conn`'s consumers, retired consumers and `Get`s hold on every queue but
@@ -233,6 +398,108 @@ impl QueueHost {
         for (name, settled) in released {
             self.note_settled(&name, settled);
         }
+        // What was on its way to it went with the connection.
+        self.outboxes.by_conn.remove(&conn);
         gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::stored::Stored;
+    use crate::mesh::types::Declare;
+    use bytes::Bytes;
+
+    const A: ConnRef = ConnRef { shard: 0, conn: 1 };
+    const B: ConnRef = ConnRef { shard: 1, conn: 2 };
+
+    fn host_with(messages: usize, body: usize) -> QueueHost {
+        let mut h = QueueHost::new(0);
+        let declare = Declare {
+            name: "q".into(),
+            ..Default::default()
+        };
+        h.declare(A, declare, 0).unwrap();
+        for _ in 0..messages {
+            let m = Stored::new(
+                Bytes::from(vec![0; body]),
+                String::new(),
+                "q".into(),
+                false,
+                None,
+            );
+            h.publish(A, "q", Rc::new(m), None, 0).unwrap();
+        }
+        h
+    }
+
+    fn owed(h: &mut QueueHost, now_ms: u64) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        while h.has_work() {
+            let before = out.len();
+            h.take_deliveries(now_ms, 16, &mut out);
+            if out.len() == before {
+                break;
+            }
+        }
+        out
+    }
+
+    /// A connection that writes nothing gets one delivery past its outbox bound, auto-ack or
+    /// not; the other connection's consumer gets the rest; once it writes, it gets more.
+    #[test]
+    fn a_connection_that_writes_nothing_is_sent_no_more_than_its_outbox() {
+        let mut h = host_with(20, 1000);
+        let one = charge_of(
+            &MsgRef::Hot(Rc::new(Stored::new(
+                Bytes::from(vec![0; 1000]),
+                String::new(),
+                "q".into(),
+                false,
+                None,
+            ))),
+            "slow",
+        );
+        h.set_outbox_bytes_max(u64::from(one) * 3);
+        h.consume(A, "q", "slow", 1000, true, false).unwrap();
+        h.consume(B, "q", "fast", 1000, false, false).unwrap();
+        let out = owed(&mut h, 0);
+        let to_a: Vec<&Outgoing> = out.iter().filter(|o| o.to == A).collect();
+        assert_eq!(to_a.len(), 3, "three charges fill the bound exactly");
+        assert!(to_a.iter().all(|o| o.charge == one));
+        // B's consumer is bounded too: it has written nothing either.
+        assert_eq!(out.iter().filter(|o| o.to == B).count(), 3);
+        assert!(owed(&mut h, 0).is_empty());
+        h.outbox_written(B, u64::from(one) * 3);
+        let out = owed(&mut h, 0);
+        assert_eq!((out.len(), out[0].to), (3, B));
+        h.outbox_written(A, u64::from(one));
+        let out = owed(&mut h, 0);
+        assert_eq!((out.len(), out[0].to), (1, A));
+        // A closed connection's account goes with it; a late hand-back changes nothing.
+        h.connection_closed(A);
+        h.outbox_written(A, u64::from(one));
+    }
+
+    #[test]
+    fn a_consumer_past_its_timeout_is_cancelled_and_what_it_held_goes_to_another() {
+        let mut h = host_with(3, 10);
+        let stuck = h.consume(A, "q", "stuck", 10, false, false).unwrap();
+        assert_eq!(owed(&mut h, 1_000).len(), 3);
+        assert!(h.time_out_consumers(1_500, 500).is_empty());
+        assert!(h.time_out_consumers(99_999, 0).is_empty(), "0 is off");
+        let cancelled = h.time_out_consumers(1_501, 500);
+        assert_eq!(cancelled.len(), 1);
+        assert_eq!((cancelled[0].to, &*cancelled[0].consumer_tag), (A, "stuck"));
+        assert!(cancelled[0].message.contains("consumer_timeout_ms = 500"));
+        h.consume(B, "q", "other", 10, false, false).unwrap();
+        let out = owed(&mut h, 2_000);
+        assert_eq!(out.len(), 3);
+        assert!(out
+            .iter()
+            .all(|o| o.to == B && o.delivery.delivery_count == 2));
+        let refused = h.settle(A, "q", stuck, out[0].delivery.seq, true, false);
+        assert_eq!(refused.unwrap_err().code, ErrorCode::UnknownDeliveryTag);
     }
 }

@@ -33,7 +33,7 @@ use crate::mesh::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
-pub use consumers::Outgoing;
+pub use consumers::{charge_of, Outgoing};
 pub use settle::{DeadLetter, JournalWork};
 
 /// A delivery of a stored message.
@@ -121,6 +121,8 @@ pub struct QueueHost {
     cache: Rc<Cache>,
     /// Live messages per journal segment (for reclaim).
     liveness: Rc<Liveness>,
+    /// Deliveries on their way to each connection, against `outbox_bytes_max`.
+    outboxes: consumers::Outboxes,
 }
 
 impl QueueHost {
@@ -151,6 +153,7 @@ impl QueueHost {
             dead_lettered: 0,
             settles: Vec::new(),
             catalog: Vec::new(),
+            outboxes: consumers::Outboxes::default(),
         }
     }
 

@@ -144,14 +144,15 @@ impl QueueHost {
         &self.liveness
     }
 
-    /// Moves the ready message `seq` of `queue` out of memory once its record is durable: the
-    /// entry keeps only the record's position (no allocation), and the payload and envelope are
-    /// freed. Returns whether it did.
+    /// Moves the message `seq` of `queue`, waiting or delivered and unacked, out of memory once
+    /// its record is durable: the entry keeps only the record's position (no allocation), and
+    /// the payload and envelope are freed (a delivery on its way keeps its own reference to the
+    /// payload until it is written; the outbox bound counts it). Returns whether it did.
     pub fn cool(&mut self, queue: &str, seq: Seq) -> bool {
         let Some(q) = self.queues.get_mut(queue) else {
             return false;
         };
-        let Some(msg) = q.queue.ready_mut(seq) else {
+        let Some(msg) = q.queue.held_mut(seq) else {
             return false;
         };
         let MsgRef::Hot(stored) = msg else {

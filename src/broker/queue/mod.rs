@@ -95,6 +95,8 @@ struct Entry<M> {
 struct Outstanding<M> {
     entry: Entry<M>,
     holder: HolderId,
+    /// When it was handed out: `overdue` measures `consumer_timeout_ms` from here.
+    delivered_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -480,24 +482,40 @@ impl<M: Clone> Queue<M> {
         out: &mut Vec<QueueDelivery<M>>,
         settled: &mut Vec<Settled<M>>,
     ) {
+        self.dispatch_within(now_ms, max, |_, _| true, out, settled)
+    }
+
+    /// As `dispatch`, offering each message only to consumers `take(consumer, message)`
+    /// accepts (and charges, when it accepts): their connection's room for deliveries in
+    /// flight. A consumer refused is skipped for that message, as one without prefetch credit.
+    pub fn dispatch_within(
+        &mut self,
+        now_ms: u64,
+        max: usize,
+        mut take: impl FnMut(HolderId, &M) -> bool,
+        out: &mut Vec<QueueDelivery<M>>,
+        settled: &mut Vec<Settled<M>>,
+    ) {
         self.promote(now_ms, settled);
         let mut sent = 0;
         while sent < max {
             self.expire_head(now_ms, settled);
-            if self.ready.is_empty() {
+            let Some(head) = self.ready.front() else {
                 return;
-            }
+            };
             let n = self.consumers.len();
             let Some(offset) = (0..n).find(|k| {
                 let c = &self.consumers[(self.cursor + k) % n];
-                c.in_flight < c.prefetch
+                c.in_flight < c.prefetch && take(c.id, &head.msg)
             }) else {
                 return;
             };
             let i = (self.cursor + offset) % n;
             self.cursor = (i + 1) % n;
             let (id, auto_ack) = (self.consumers[i].id, self.consumers[i].auto_ack);
-            let delivery = self.hand_out(id, auto_ack, settled).expect("not empty");
+            let delivery = self
+                .hand_out(id, auto_ack, now_ms, settled)
+                .expect("not empty");
             if !auto_ack {
                 self.consumers[i].in_flight += 1;
             }
@@ -516,7 +534,7 @@ impl<M: Clone> Queue<M> {
     ) -> Option<QueueDelivery<M>> {
         self.promote(now_ms, settled);
         self.expire_head(now_ms, settled);
-        self.hand_out(holder, auto_ack, settled)
+        self.hand_out(holder, auto_ack, now_ms, settled)
     }
 
     /// Takes the head message for `owner`: settled at once under auto-ack, outstanding otherwise.
@@ -524,6 +542,7 @@ impl<M: Clone> Queue<M> {
         &mut self,
         holder: HolderId,
         auto_ack: bool,
+        now_ms: u64,
         settled: &mut Vec<Settled<M>>,
     ) -> Option<QueueDelivery<M>> {
         let mut entry = self.pop_ready()?;
@@ -546,8 +565,12 @@ impl<M: Clone> Queue<M> {
                 reason: SettleReason::Acked,
             });
         } else {
-            self.outstanding
-                .insert(entry.seq, Outstanding { entry, holder });
+            let o = Outstanding {
+                entry,
+                holder,
+                delivered_ms: now_ms,
+            };
+            self.outstanding.insert(o.entry.seq, o);
         }
         Some(delivery)
     }
@@ -604,6 +627,34 @@ impl<M: Clone> Queue<M> {
             });
         }
         n
+    }
+
+    /// The message `seq`, waiting or outstanding, to change how it is held (see
+    /// `QueueHost::cool`): a delivered message can leave memory as a waiting one can, since its
+    /// redelivery, if it comes back, reads it back like any cold message.
+    pub fn held_mut(&mut self, seq: Seq) -> Option<&mut M> {
+        if self.outstanding.contains_key(&seq) {
+            return self.outstanding.get_mut(&seq).map(|o| &mut o.entry.msg);
+        }
+        self.ready_mut(seq)
+    }
+
+    /// Holders with a delivery handed out more than `timeout_ms` before `now_ms`, each with its
+    /// oldest such delivery's sequence number, in holder order. One pass over the outstanding
+    /// deliveries: their number is bounded by the consumers' prefetch.
+    pub fn overdue(&self, now_ms: u64, timeout_ms: u64) -> Vec<(HolderId, Seq)> {
+        let mut oldest: BTreeMap<HolderId, (u64, Seq)> = BTreeMap::new();
+        for (seq, o) in &self.outstanding {
+            if now_ms.saturating_sub(o.delivered_ms) <= timeout_ms {
+                continue;
+            }
+            let slot = oldest.entry(o.holder).or_insert((o.delivered_ms, *seq));
+            *slot = (*slot).min((o.delivered_ms, *seq));
+        }
+        oldest
+            .into_iter()
+            .map(|(holder, (_, seq))| (holder, seq))
+            .collect()
     }
 
     fn take_outstanding(

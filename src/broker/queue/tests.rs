@@ -354,3 +354,42 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_consumer_whose_connection_has_no_room_is_skipped_for_the_others() {
+    let mut q = Queue::new(QueuePolicy::default(), 0);
+    publish_n(&mut q, 6, 0);
+    q.add_consumer(1, 100, true).unwrap();
+    q.add_consumer(2, 100, false).unwrap();
+    let (mut out, mut settled) = (Vec::new(), Vec::new());
+    // Consumer 1 (auto-ack: no prefetch bound at all) has room for one message only.
+    let mut room_of_1 = 1;
+    let take = |holder: HolderId, _: &u64| {
+        if holder != 1 {
+            return true;
+        }
+        let ok = room_of_1 > 0;
+        room_of_1 -= i32::from(ok);
+        ok
+    };
+    q.dispatch_within(0, usize::MAX, take, &mut out, &mut settled);
+    let holders: Vec<_> = out.iter().map(|d| d.holder).collect();
+    assert_eq!(holders, vec![1, 2, 2, 2, 2, 2]);
+}
+
+#[test]
+fn a_holder_is_overdue_once_a_delivery_is_older_than_the_timeout() {
+    let mut q = Queue::new(QueuePolicy::default(), 0);
+    publish_n(&mut q, 3, 0);
+    q.add_consumer(1, 1, false).unwrap();
+    q.add_consumer(2, 1, false).unwrap();
+    let (mut out, mut settled) = (Vec::new(), Vec::new());
+    q.dispatch(1_000, usize::MAX, &mut out, &mut settled);
+    assert_eq!(q.overdue(1_500, 500), vec![]);
+    q.ack(2, 1).unwrap();
+    q.dispatch(1_400, usize::MAX, &mut out, &mut settled);
+    // Consumer 1's delivery is 501 ms old; consumer 2's newer one only 101.
+    assert_eq!(q.overdue(1_501, 500), vec![(1, 0)]);
+    assert_eq!(q.release(1, &mut settled), 1);
+    assert_eq!(q.overdue(2_000, 500), vec![(2, 2)]);
+}

@@ -173,6 +173,8 @@ impl Session {
             } => {
                 if !self.consumers.contains_key(&consumer_tag) || self.state != State::Open {
                     // Cancelled meanwhile: these go back to their queue for someone else.
+                    let charged = deliveries.iter().map(|d| u64::from(d.charge)).sum();
+                    self.hand_back(outbound, from_shard, charged);
                     let items: Vec<SettleItem> = deliveries
                         .into_iter()
                         .filter(|d| !d.auto_ack)
@@ -230,6 +232,16 @@ impl Session {
                     }
                 }
                 drop(items);
+                let (mut queued, mut unsent_charge) = (0, 0);
+                for (index, d) in deliveries.iter().enumerate() {
+                    if unsent.contains(&index) {
+                        unsent_charge += u64::from(d.charge);
+                    } else {
+                        queued += u64::from(d.charge);
+                    }
+                }
+                *self.unwritten.entry(from_shard).or_default() += queued;
+                self.hand_back(outbound, from_shard, unsent_charge);
                 for (index, (d, tag)) in deliveries.into_iter().zip(first_tag..).enumerate() {
                     if !d.auto_ack && !unsent.contains(&index) {
                         let o = Outstanding {
@@ -250,6 +262,45 @@ impl Session {
                 cc.message = Some(c.message);
                 self.reply(out, 0, BodyT::ConsumerCancelled(Box::new(cc)));
             }
+            Pushed::TimedOut(c) => {
+                // Its owner requeued all it held: those tags are no longer this client's to
+                // settle (an ack of one now is `UnknownDeliveryTag`, not a silent no-op).
+                if let Some(r) = self.consumers.remove(&c.consumer_tag) {
+                    if let Some(holder) = r.holder {
+                        self.outstanding.retain(|_, o| {
+                            !(o.shard == from_shard && o.holder == holder && o.queue == r.queue)
+                        });
+                    }
+                }
+                let mut cc = wire::ConsumerCancelledT::default();
+                cc.consumer_tag = Some(c.consumer_tag);
+                cc.code = ErrorCode::LimitExceeded;
+                cc.message = Some(c.message);
+                self.reply(out, 0, BodyT::ConsumerCancelled(Box::new(cc)));
+            }
+        }
+    }
+
+    /// The shell takes the outbox to write it: the charges of what it holds, by owning shard,
+    /// to hand to `on_written` once that write is done.
+    pub fn take_unwritten(&mut self) -> BTreeMap<u16, u64> {
+        std::mem::take(&mut self.unwritten)
+    }
+
+    /// A write is done: its deliveries' charges go back to their owners, which may dispatch
+    /// that much more to this connection.
+    pub fn on_written(&mut self, written: BTreeMap<u16, u64>, outbound: &mut Vec<Addressed>) {
+        for (shard, bytes) in written {
+            self.hand_back(outbound, shard, bytes);
+        }
+    }
+
+    /// Tells `shard` that `bytes` of what it charged this connection are no longer held here.
+    fn hand_back(&mut self, outbound: &mut Vec<Addressed>, shard: u16, bytes: u64) {
+        if bytes > 0 {
+            // Id 0: no reply is awaited, so nothing is pending for it.
+            let op = Op::DeliveriesWritten { bytes };
+            outbound.push(Addressed { shard, id: 0, op });
         }
     }
 }

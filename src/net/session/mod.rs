@@ -185,6 +185,9 @@ pub struct Session {
     splits: HashMap<u64, Split>,
     /// Reused by every routed publish: the queues of one message.
     route_buf: Vec<String>,
+    /// Charges of the deliveries encoded into the outbox since the shell last took it, by
+    /// owning shard: handed back to each owner once the write carrying them is done.
+    unwritten: BTreeMap<u16, u64>,
 }
 
 // A session lives on its connection's shard and holds that shard's `Rc` routing copy: it must
@@ -210,6 +213,7 @@ impl Session {
             last_sequence: None,
             splits: HashMap::new(),
             route_buf: Vec::new(),
+            unwritten: BTreeMap::new(),
         }
     }
 

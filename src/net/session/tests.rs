@@ -513,6 +513,7 @@ fn session_holding_tag_1() -> Session {
             .message(&Default::default(), b"m")
             .unwrap(),
         cold: None,
+        charge: 0,
     };
     let reply = Reply::Got(Some(Box::new(d)), 0);
     s.on_reply_at(NOW_MS, outbound[0].id, reply, &mut out, &mut Vec::new());
@@ -794,6 +795,7 @@ fn a_push_several_frames_large_leaves_whole_in_frames_within_the_limit_and_in_or
             routing_key: "q".into(),
             bytes: bytes::Bytes::copy_from_slice(m),
             cold: None,
+            charge: 100,
         })
         .collect();
     let pushed = Pushed::Deliver {
@@ -845,4 +847,118 @@ fn a_push_several_frames_large_leaves_whole_in_frames_within_the_limit_and_in_or
         })
         .collect();
     assert_eq!(settled, (1000..1030).collect::<Vec<u64>>());
+}
+
+/// A session with consumer "c" (holder 3) on queue "q", its `ConsumeOk` sent; returns the
+/// session and the consumer's owning shard.
+fn consuming() -> (Session, u16) {
+    let mut s = Session::new(ctx(), Rc::default());
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    s.on_frame_at(NOW_MS, &hello(PROTOCOL_VERSION), &mut out, &mut outbound);
+    let mut c = wire::ConsumeT::default();
+    c.queue = "q".into();
+    c.consumer_tag = Some("c".into());
+    c.prefetch = 100;
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::Consume(Box::new(c))),
+        &mut out,
+        &mut outbound,
+    );
+    let (owner, consume) = (outbound[0].shard, outbound[0].id);
+    s.on_reply_at(NOW_MS, consume, Reply::Consumed(3), &mut out, &mut outbound);
+    (s, owner)
+}
+
+fn pushed(seqs: std::ops::Range<u64>, charge: u32) -> Pushed {
+    let deliveries = seqs
+        .map(|seq| PushedDelivery {
+            queue: "q".into(),
+            holder: 3,
+            seq,
+            delivery_count: 1,
+            auto_ack: false,
+            exchange: String::new(),
+            routing_key: "q".into(),
+            bytes: Encoder::new(WireLimits::DEFAULT)
+                .message(&Default::default(), b"m")
+                .unwrap(),
+            cold: None,
+            charge,
+        })
+        .collect();
+    Pushed::Deliver {
+        to: crate::mesh::types::ConnRef { shard: 0, conn: 42 },
+        consumer_tag: "c".into(),
+        deliveries,
+    }
+}
+
+fn handed_back(outbound: &[Addressed]) -> Vec<(u16, u64)> {
+    outbound
+        .iter()
+        .filter_map(|a| match a.op {
+            Op::DeliveriesWritten { bytes } => Some((a.shard, bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn delivery_charges_go_back_to_their_owner_only_once_written() {
+    let (mut s, owner) = consuming();
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    s.on_push(owner, pushed(10..13, 500), &mut out, &mut outbound);
+    assert!(handed_back(&outbound).is_empty(), "encoded is not written");
+    let charges = s.take_unwritten();
+    s.on_push(owner, pushed(13..14, 500), &mut out, &mut outbound);
+    s.on_written(charges, &mut outbound);
+    assert_eq!(handed_back(&outbound), vec![(owner, 1500)]);
+    assert!(outbound.iter().all(|a| a.id == 0), "nobody waits for it");
+    outbound.clear();
+    let charges = s.take_unwritten();
+    s.on_written(charges, &mut outbound);
+    assert_eq!(handed_back(&outbound), vec![(owner, 500)]);
+}
+
+#[test]
+fn a_consumer_timed_out_by_its_owner_loses_its_tags_and_is_told_why() {
+    let (mut s, owner) = consuming();
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    s.on_push(owner, pushed(10..12, 1), &mut out, &mut outbound);
+    out.clear();
+    let cancelled = crate::mesh::types::Cancelled {
+        to: crate::mesh::types::ConnRef { shard: 0, conn: 42 },
+        consumer_tag: "c".into(),
+        message: "not acked within consumer_timeout_ms = 5".into(),
+    };
+    s.on_push(owner, Pushed::TimedOut(cancelled), &mut out, &mut outbound);
+    let r = replies(&mut out);
+    match &r[0].body {
+        BodyT::ConsumerCancelled(c) => {
+            assert_eq!(c.code, ErrorCode::LimitExceeded);
+            assert!(c
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("consumer_timeout_ms"));
+        }
+        other => panic!("{other:?}"),
+    }
+    outbound.clear();
+    let mut ack = wire::AckT::default();
+    ack.ranges = vec![wire::RangeT { first: 1, last: 2 }];
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::Ack(Box::new(ack))),
+        &mut out,
+        &mut outbound,
+    );
+    assert!(outbound.is_empty(), "nothing to settle: {outbound:?}");
+    assert!(
+        matches!(&replies(&mut out)[0].body, BodyT::Error(e) if e.code == ErrorCode::UnknownDeliveryTag)
+    );
+    // A delivery still on its way for it goes back, and so does its charge.
+    s.on_push(owner, pushed(20..21, 7), &mut out, &mut outbound);
+    assert_eq!(handed_back(&outbound), vec![(owner, 7)]);
 }
