@@ -57,8 +57,10 @@ pub struct BrokerLimits {
     /// encoded in the connection's outbox, in the write under way), counted as each delivery's
     /// message, names and a fixed per-delivery overhead. At the bound the owner stops
     /// dispatching to that connection's consumers, auto-ack ones included, until the
-    /// connection has written what it holds: a consumer that never reads its socket costs at
-    /// most this (plus one delivery) per owning shard, not its prefetch or its queue's backlog.
+    /// connection has written what it holds: a consumer that never reads its socket has at most
+    /// this (plus one delivery) per owning shard on its way, not its prefetch or its queue's
+    /// backlog. (Encoding briefly holds a second copy of a push, and the session's encoder keeps
+    /// its largest frame's buffer: both bounded by this and `frame_size_max`.)
     pub outbox_bytes_max: u64,
     /// Longest a delivery may stay unacked, ms, before its consumer is cancelled (a
     /// `ConsumerCancelled` naming this limit) and every delivery it holds goes back to its
