@@ -52,6 +52,35 @@ pub struct BrokerLimits {
     /// A connection that never speaks still holds its buffers and a slot of
     /// `connections_per_shard_max`: silent sockets would otherwise crowd out real clients.
     pub handshake_timeout_ms: u64,
+    /// Messages one shard's queues hold at once: ready, delayed and outstanding, each queue's
+    /// entry counted (a message routed to two queues of the shard is two entries). Every entry
+    /// stays in memory whether its payload is hot or cold (`broker::queue`: 48 bytes inline,
+    /// about 60 bytes of RSS per entry measured with the `VecDeque`'s growth, see
+    /// ARCHITECTURE.md "Bounded memory"), so this, times that, bounds the index: the default,
+    /// 4 Mi entries, is about 256 MiB per shard. A publish that would pass it is refused
+    /// (`LimitExceeded`, by sequence) until consumers catch up; recovery restores whatever the
+    /// journal holds, even past it.
+    pub queued_messages_max: u64,
+    /// Requests other than publishes one connection may have waiting on shards (a listing
+    /// gathered from every shard is one; a settlement touching k shards is k). Past it the broker
+    /// stops reading the connection until answers come back (TCP backpressure): each pending
+    /// request holds its op, its place in the owner's work queue and, for a peer that does not
+    /// read, its answer in the outbox, so a pipelining client cannot queue unbounded work.
+    pub requests_in_flight_max: u32,
+    /// Consumers one connection may hold; a further `Consume` is refused (`LimitExceeded`).
+    /// Each consumer is state at its queue's owner and in the session, and holds up to its
+    /// prefetch of outstanding deliveries: this times `prefetch_max` bounds a connection's
+    /// unacked deliveries.
+    pub consumers_per_connection_max: u32,
+    /// Queues one shard owns, of every kind (durable, transient, exclusive, server-named);
+    /// declaring a new one past it is refused (`LimitExceeded`). Each queue is state, and
+    /// each durable one a catalog record re-stated before every reclaim round.
+    pub queues_per_shard_max: u32,
+    /// Unacked `Get` deliveries one connection may hold (asked and not yet answered ones
+    /// included). A `Get` has no prefetch window of its own, so without this a client could
+    /// hold a whole backlog outstanding; past it a `Get` is refused (`LimitExceeded`) until
+    /// the connection settles some.
+    pub gets_unacked_max: u32,
 }
 
 impl BrokerLimits {
@@ -68,6 +97,11 @@ impl BrokerLimits {
         bindings_max: 1_000_000,
         delay_ms_max: 7 * 24 * 3_600_000,
         handshake_timeout_ms: 10_000,
+        queued_messages_max: 4 << 20,
+        requests_in_flight_max: 1024,
+        consumers_per_connection_max: 1024,
+        queues_per_shard_max: 100_000,
+        gets_unacked_max: 65_536,
     };
 }
 
@@ -133,6 +167,20 @@ impl Limits {
                 u64::from(b.mesh_channel_capacity),
             ),
             ("limits.handshake_timeout_ms", b.handshake_timeout_ms),
+            ("limits.queued_messages_max", b.queued_messages_max),
+            (
+                "limits.requests_in_flight_max",
+                u64::from(b.requests_in_flight_max),
+            ),
+            (
+                "limits.consumers_per_connection_max",
+                u64::from(b.consumers_per_connection_max),
+            ),
+            (
+                "limits.queues_per_shard_max",
+                u64::from(b.queues_per_shard_max),
+            ),
+            ("limits.gets_unacked_max", u64::from(b.gets_unacked_max)),
         ];
         for (key, value) in positive {
             if value == 0 {
