@@ -54,10 +54,11 @@ pub struct BrokerLimits {
     pub handshake_timeout_ms: u64,
     /// Messages one shard's queues hold at once: ready, delayed and outstanding, each queue's
     /// entry counted (a message routed to two queues of the shard is two entries). Every entry
-    /// stays in memory whether its payload is hot or cold (`broker::queue`: 48 bytes inline,
-    /// about 60 bytes of RSS per entry measured with the `VecDeque`'s growth, see
-    /// ARCHITECTURE.md "Bounded memory"), so this, times that, bounds the index: the default,
-    /// 4 Mi entries, is about 256 MiB per shard. A publish that would pass it is refused
+    /// stays in memory whether its payload is hot or cold: 48 bytes inline in its queue's ready
+    /// list, measured as 48 B of RSS per cold message (a million after a restart, over an empty
+    /// broker); the list grows by doubling, so 48 to 96 B per entry. This, times that, bounds
+    /// the index: the default, 4 Mi entries, is 192 to 384 MiB per shard (outstanding entries,
+    /// bounded by prefetch, cost about twice as much). A publish that would pass it is refused
     /// (`LimitExceeded`, by sequence) until consumers catch up; recovery restores whatever the
     /// journal holds, even past it.
     pub queued_messages_max: u64,
