@@ -153,6 +153,11 @@ struct FileLimits {
     cache_bytes_max: Option<u64>,
     outbox_bytes_max: Option<u64>,
     consumer_timeout_ms: Option<u64>,
+    queued_messages_max: Option<u64>,
+    requests_in_flight_max: Option<u32>,
+    consumers_per_connection_max: Option<u32>,
+    queues_per_shard_max: Option<u32>,
+    gets_unacked_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -292,6 +297,14 @@ impl Config {
             b.handshake_timeout_ms = l.handshake_timeout_ms.unwrap_or(b.handshake_timeout_ms);
             b.outbox_bytes_max = l.outbox_bytes_max.unwrap_or(b.outbox_bytes_max);
             b.consumer_timeout_ms = l.consumer_timeout_ms.unwrap_or(b.consumer_timeout_ms);
+            b.queued_messages_max = l.queued_messages_max.unwrap_or(b.queued_messages_max);
+            set(&mut b.requests_in_flight_max, l.requests_in_flight_max);
+            set(
+                &mut b.consumers_per_connection_max,
+                l.consumers_per_connection_max,
+            );
+            set(&mut b.queues_per_shard_max, l.queues_per_shard_max);
+            set(&mut b.gets_unacked_max, l.gets_unacked_max);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }
@@ -487,6 +500,32 @@ mod tests {
         assert_eq!(err.key, "limits.handshake_timeout_ms", "{err}");
         let c = load_file("[limits]\nhandshake_timeout_ms = 300\n").unwrap();
         assert_eq!(c.limits.broker.handshake_timeout_ms, 300);
+        for key in [
+            "queued_messages_max",
+            "requests_in_flight_max",
+            "consumers_per_connection_max",
+            "queues_per_shard_max",
+            "gets_unacked_max",
+        ] {
+            let err = load_file(&format!("[limits]\n{key} = 0\n")).unwrap_err();
+            assert_eq!(err.key, format!("limits.{key}"), "{err}");
+        }
+        let c = load_file(
+            "[limits]\nqueued_messages_max = 7\nrequests_in_flight_max = 6\n\
+             consumers_per_connection_max = 5\nqueues_per_shard_max = 4\ngets_unacked_max = 3\n",
+        )
+        .unwrap();
+        let b = c.limits.broker;
+        assert_eq!(
+            (
+                b.queued_messages_max,
+                b.requests_in_flight_max,
+                b.consumers_per_connection_max,
+                b.queues_per_shard_max,
+                b.gets_unacked_max
+            ),
+            (7, 6, 5, 4, 3)
+        );
         let err = load_file("[limits]\nmessage_size_max = 16000000\n").unwrap_err();
         assert_eq!(err.key, "limits.message_size_max", "{err}");
         let err = load_file("cpus = [0, 0]\n").unwrap_err();

@@ -68,6 +68,36 @@ pub struct BrokerLimits {
     /// minutes). A consumer that takes messages and never acks would otherwise keep them from
     /// everyone for as long as its connection lives. 0 turns the timeout off.
     pub consumer_timeout_ms: u64,
+    /// Messages one shard's queues hold at once: ready, delayed and outstanding, each queue's
+    /// entry counted (a message routed to two queues of the shard is two entries). Every entry
+    /// stays in memory whether its payload is hot or cold: 48 bytes inline in its queue's ready
+    /// list, measured as 48 B of RSS per cold message (a million after a restart, over an empty
+    /// broker); the list grows by doubling, so 48 to 96 B per entry. This, times that, bounds
+    /// the index: the default, 4 Mi entries, is 192 to 384 MiB per shard (outstanding entries,
+    /// bounded by prefetch, cost about twice as much). A publish that would pass it is refused
+    /// (`LimitExceeded`, by sequence) until consumers catch up; recovery restores whatever the
+    /// journal holds, even past it.
+    pub queued_messages_max: u64,
+    /// Requests other than publishes one connection may have waiting on shards (a listing
+    /// gathered from every shard is one; a settlement touching k shards is k). Past it the broker
+    /// stops reading the connection until answers come back (TCP backpressure): each pending
+    /// request holds its op, its place in the owner's work queue and, for a peer that does not
+    /// read, its answer in the outbox, so a pipelining client cannot queue unbounded work.
+    pub requests_in_flight_max: u32,
+    /// Consumers one connection may hold; a further `Consume` is refused (`LimitExceeded`).
+    /// Each consumer is state at its queue's owner and in the session, and holds up to its
+    /// prefetch of outstanding deliveries: this times `prefetch_max` bounds a connection's
+    /// unacked deliveries.
+    pub consumers_per_connection_max: u32,
+    /// Queues one shard owns, of every kind (durable, transient, exclusive, server-named);
+    /// declaring a new one past it is refused (`LimitExceeded`). Each queue is state, and
+    /// each durable one a catalog record re-stated before every reclaim round.
+    pub queues_per_shard_max: u32,
+    /// Unacked `Get` deliveries one connection may hold (asked and not yet answered ones
+    /// included). A `Get` has no prefetch window of its own, so without this a client could
+    /// hold a whole backlog outstanding; past it a `Get` is refused (`LimitExceeded`) until
+    /// the connection settles some.
+    pub gets_unacked_max: u32,
 }
 
 impl BrokerLimits {
@@ -86,6 +116,11 @@ impl BrokerLimits {
         handshake_timeout_ms: 10_000,
         outbox_bytes_max: 8 << 20,
         consumer_timeout_ms: 30 * 60_000,
+        queued_messages_max: 4 << 20,
+        requests_in_flight_max: 1024,
+        consumers_per_connection_max: 1024,
+        queues_per_shard_max: 100_000,
+        gets_unacked_max: 65_536,
     };
 }
 
@@ -151,6 +186,20 @@ impl Limits {
                 u64::from(b.mesh_channel_capacity),
             ),
             ("limits.handshake_timeout_ms", b.handshake_timeout_ms),
+            ("limits.queued_messages_max", b.queued_messages_max),
+            (
+                "limits.requests_in_flight_max",
+                u64::from(b.requests_in_flight_max),
+            ),
+            (
+                "limits.consumers_per_connection_max",
+                u64::from(b.consumers_per_connection_max),
+            ),
+            (
+                "limits.queues_per_shard_max",
+                u64::from(b.queues_per_shard_max),
+            ),
+            ("limits.gets_unacked_max", u64::from(b.gets_unacked_max)),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -175,6 +175,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 started_ms,
                 accepted_ms: 0,
                 handshake_timeout_ms: config.limits.broker.handshake_timeout_ms,
+                requests_in_flight_max: config.limits.broker.requests_in_flight_max,
+                consumers_per_connection_max: config.limits.broker.consumers_per_connection_max,
+                gets_unacked_max: config.limits.broker.gets_unacked_max,
             },
             limits: config.limits,
             mesh,
@@ -218,6 +221,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             let _ = handle.join();
         }
         return Err(ServeError::Recovery(reason));
+    }
+    // The replay's scratch (every recovered message passed through a map) is freed by now, but
+    // glibc keeps freed small chunks resident: about 80 bytes per recovered message, measured.
+    // Hand them back before serving, so memory after a restart is the index, not its history.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory, taking each arena's lock; no pointer moves.
+    unsafe {
+        libc::malloc_trim(0);
     }
     ready_line(&config, listen, &shard_ports, &cpus);
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::host::{Outgoing, QueueHost};
+use crate::broker::host::{Outgoing, QueueHost, PURGE_STEP};
 use crate::broker::stored::{MsgRef, Stored};
 use crate::mesh::msg::{Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply};
 use crate::mesh::types::{placement, ConnRef, Refusal};
@@ -173,7 +173,7 @@ pub fn execute(
                 pushes.extend(cancelled.into_iter().map(Pushed::Cancelled));
                 Reply::Deleted(n)
             }),
-        Op::Purge { name } => host.purge(from, &name).map(Reply::Purged),
+        Op::Purge { name } => purge(host, sink, from, &name).map(Reply::Purged),
         Op::Info { name } => host
             .info(from, &name, now_ms)
             .map(|i| Reply::Info(Box::new(i))),
@@ -254,6 +254,25 @@ pub fn execute(
     }
 }
 
+/// Purges a queue in steps of `PURGE_STEP`, each step's settle records handed to the journal
+/// before the next is gathered: a deep queue's purge holds one step of them, never all.
+fn purge(
+    host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
+    from: ConnRef,
+    name: &str,
+) -> Result<u64, Refusal> {
+    let mut total = 0;
+    loop {
+        let (n, more) = host.purge_step(from, name, PURGE_STEP)?;
+        total += n;
+        if !more {
+            return Ok(total);
+        }
+        journal(host, sink)?;
+    }
+}
+
 /// Accepts one published message into its target queues, journaling it once (one record
 /// naming every durable target) if it is persistent and any target is durable. The shard calls
 /// it per message so it can wait for journal room in between.
@@ -298,6 +317,10 @@ pub fn publish(
     if from_exchange && targets.clone().all(|q| host.is_durable(q).is_none()) {
         host.unroutable += u64::from(!item.mandatory);
         return outcome(false, Ok(()), item.mandatory.then_some(item));
+    }
+    // Every entry's index stays in memory, hot or cold: `queued_messages_max` is its bound.
+    if let Err(r) = host.index_room(1 + item.also.len() as u64) {
+        return outcome(false, Err(r), None);
     }
     // Only a mandatory message may have to come back whole (a `Return`); the others give their
     // envelope strings to the queue instead of a copy.

@@ -17,6 +17,7 @@ use crate::broker::control::{ControlPlane, RoutingCopy, CONTROL_SHARD};
 use crate::broker::control_wait::ControlWaits;
 use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
+use crate::broker::host::HostLimits;
 use crate::broker::rebuild::Rebuild;
 use crate::broker::stored::Cache;
 use crate::mesh::msg::Op;
@@ -64,7 +65,11 @@ pub async fn run(setup: ShardSetup) {
             Cache::new(setup.limits.broker.cache_bytes_max),
             now_ms(),
         ) {
-            Ok((host, summary)) => {
+            Ok((mut host, summary)) => {
+                host.set_limits(HostLimits {
+                    queues_per_shard_max: setup.limits.broker.queues_per_shard_max,
+                    queued_messages_max: setup.limits.broker.queued_messages_max,
+                });
                 let cut = report
                     .cut
                     .map(|c| format!(", cut a torn tail: {c:?}"))

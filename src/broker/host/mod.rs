@@ -12,6 +12,12 @@
 //! connection held; `settle` keeps the books of what leaves a queue (journal settles, dead
 //! letters, drop counts, expiry, the liveness of journal segments as messages cool).
 //!
+//! What grows with clients is bounded here (`HostLimits`): the queues of the shard
+//! (`queues_per_shard_max`, a declare past it refused) and the entries of every queue's index
+//! (`queued_messages_max`, counted in one `IndexCount`; `index_room` refuses a publish past it).
+//! A purge goes in steps of at most `PURGE_STEP` messages (`purge_step`), the caller journaling
+//! each step's settlements before the next, so purging a deep queue never gathers every entry.
+//!
 //! Faults handled: every refused request is a `Refusal` carrying the schema's error code and a
 //! sentence; nothing is half-applied. A connection that goes away releases everything it held:
 //! its consumers, its outstanding deliveries (back to ready, redelivered), its exclusive queues.
@@ -27,7 +33,9 @@ use std::rc::Rc;
 use weir_protocol::wire::{self, ErrorCode};
 
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::queue::{Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled};
+use crate::broker::queue::{
+    IndexCount, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled,
+};
 use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
 use crate::mesh::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::mesh::types::{HolderId, Seq};
@@ -91,6 +99,25 @@ impl Hosted {
     }
 }
 
+/// Messages one purge step settles: its settlements (about 64 bytes each while they wait for
+/// the journal) are handed on before the next step, so a purge holds about 1 MiB at most.
+pub const PURGE_STEP: usize = 16_384;
+
+/// The host's share of `BrokerLimits` (reasons there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostLimits {
+    pub queues_per_shard_max: u32,
+    pub queued_messages_max: u64,
+}
+
+impl HostLimits {
+    /// No bound: state-machine tests that are not about limits.
+    pub const UNBOUNDED: HostLimits = HostLimits {
+        queues_per_shard_max: u32::MAX,
+        queued_messages_max: u64::MAX,
+    };
+}
+
 /// The queues of one shard.
 pub struct QueueHost {
     shard: u16,
@@ -123,6 +150,9 @@ pub struct QueueHost {
     liveness: Rc<Liveness>,
     /// Deliveries on their way to each connection, against `outbox_bytes_max`.
     outboxes: consumers::Outboxes,
+    /// Entries of every queue here (ready, delayed, outstanding), against `queued_messages_max`.
+    index: IndexCount,
+    limits: HostLimits,
 }
 
 impl QueueHost {
@@ -154,7 +184,36 @@ impl QueueHost {
             settles: Vec::new(),
             catalog: Vec::new(),
             outboxes: consumers::Outboxes::default(),
+            index: IndexCount::default(),
+            limits: HostLimits::UNBOUNDED,
         }
+    }
+
+    /// Bounds this host's queues and index (the shard sets them once, after recovery: what the
+    /// journal holds comes back even past them).
+    pub fn set_limits(&mut self, limits: HostLimits) {
+        self.limits = limits;
+    }
+
+    /// Entries every queue here holds: the size of the shard's index.
+    pub fn index_entries(&self) -> u64 {
+        self.index.get()
+    }
+
+    /// Whether `entries` more queue entries fit under `queued_messages_max`; the refusal names
+    /// the limit.
+    pub fn index_room(&self, entries: u64) -> Result<(), Refusal> {
+        let max = self.limits.queued_messages_max;
+        if self.index.get().saturating_add(entries) <= max {
+            return Ok(());
+        }
+        refuse(
+            ErrorCode::LimitExceeded,
+            format!(
+                "this shard's queues hold queued_messages_max = {max} messages (each one's index \
+                 stays in memory); no more can be taken until consumers catch up"
+            ),
+        )
     }
 
     /// Every durable queue's declaration and next sequence number: written again before the
@@ -217,7 +276,7 @@ impl QueueHost {
     ) {
         let policy = policy_of(&d.arguments);
         let ttl = policy.message_ttl_ms;
-        let mut queue = Queue::new(policy, next_seq);
+        let mut queue = Queue::counted(policy, next_seq, self.index.clone());
         for (seq, bytes, msg, deliver_at) in messages {
             if let Some(segment) = msg.cold_segment() {
                 self.liveness.add(segment);
@@ -286,6 +345,16 @@ impl QueueHost {
         if d.passive {
             return refuse(ErrorCode::NotFound, format!("queue '{}' not found", d.name));
         }
+        let max = self.limits.queues_per_shard_max;
+        if self.queues.len() >= max as usize {
+            return refuse(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "queue '{}': shard {shard} already owns queues_per_shard_max = {max} queues",
+                    d.name
+                ),
+            );
+        }
         let a = &d.arguments;
         if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
             return refuse(
@@ -313,7 +382,7 @@ impl QueueHost {
             exclusive: d.exclusive.then_some(conn),
             auto_delete: d.auto_delete,
             arguments: d.arguments,
-            queue: Queue::new(policy, 0),
+            queue: Queue::counted(policy, 0, self.index.clone()),
             consumers: HashMap::new(),
             retired: HashMap::new(),
             had_consumer: false,
@@ -374,13 +443,34 @@ impl QueueHost {
         (s.ready + s.outstanding, cancelled)
     }
 
+    /// Purges every waiting message of a queue at once (state-machine tests; the shard purges
+    /// with `purge_step`).
     pub fn purge(&mut self, conn: ConnRef, name: &str) -> Result<u64, Refusal> {
+        let mut total = 0;
+        loop {
+            let (n, more) = self.purge_step(conn, name, usize::MAX)?;
+            total += n;
+            if !more {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Purges at most `max` waiting messages of a queue, their settlements noted for the
+    /// journal; returns how many, and whether more wait. The caller journals each step's
+    /// settlements before it takes the next, so memory holds one step of them.
+    pub fn purge_step(
+        &mut self,
+        conn: ConnRef,
+        name: &str,
+        max: usize,
+    ) -> Result<(u64, bool), Refusal> {
         let q = self.get_queue(conn, name)?;
         let mut settled = Vec::new();
-        let n = q.queue.purge(&mut settled) as u64;
+        let n = q.queue.purge_some(max, &mut settled);
         let name = q.name.clone();
         self.note_settled(&name, settled);
-        Ok(n)
+        Ok((n as u64, n == max))
     }
 
     pub fn info(

@@ -304,3 +304,68 @@ fn a_cold_message_costs_one_inline_entry() {
         crate::broker::queue::entry_size::<MsgRef>()
     );
 }
+
+fn bounded(queues: u32, messages: u64) -> QueueHost {
+    let mut h = QueueHost::new(0);
+    h.set_limits(HostLimits {
+        queues_per_shard_max: queues,
+        queued_messages_max: messages,
+    });
+    h
+}
+
+#[test]
+fn a_declare_past_queues_per_shard_max_is_refused_and_a_redeclare_is_not() {
+    let mut h = bounded(2, u64::MAX);
+    h.declare(A, declare("a"), 0).unwrap();
+    h.declare(A, declare("b"), 0).unwrap();
+    let e = h.declare(A, declare("c"), 0).unwrap_err();
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("queues_per_shard_max = 2"), "{e:?}");
+    h.declare(B, declare("a"), 0).unwrap();
+    h.delete(A, "a", false, false).unwrap();
+    h.declare(A, declare("c"), 0).unwrap();
+}
+
+#[test]
+fn the_index_counts_every_entry_until_it_leaves_and_refuses_past_its_limit() {
+    let mut h = bounded(10, 3);
+    h.declare(A, declare("a"), 0).unwrap();
+    h.declare(A, declare("b"), 0).unwrap();
+    for _ in 0..2 {
+        h.index_room(1).unwrap();
+        h.publish(A, "a", msg(b"m"), None, 0).unwrap();
+    }
+    h.index_room(1).unwrap();
+    h.publish(A, "b", msg(b"m"), None, 0).unwrap();
+    let e = h.index_room(1).unwrap_err();
+    assert_eq!(e.code, ErrorCode::LimitExceeded);
+    assert!(e.message.contains("queued_messages_max = 3"), "{e:?}");
+    // A Get holds its entry outstanding; its ack lets it go.
+    let (d, _) = h.get(A, "a", false, 0).unwrap();
+    assert_eq!(h.index_entries(), 3);
+    h.settle(A, "a", A.conn, d.unwrap().seq, true, false)
+        .unwrap();
+    assert_eq!(h.index_entries(), 2);
+    h.purge(A, "a").unwrap();
+    assert_eq!(h.index_entries(), 1);
+    h.delete(A, "b", false, false).unwrap();
+    assert_eq!(h.index_entries(), 0);
+    h.index_room(3).unwrap();
+}
+
+#[test]
+fn a_purge_in_steps_settles_each_step_and_says_when_it_is_done() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    for _ in 0..5 {
+        h.publish(A, "q", msg(b"m"), None, 0).unwrap();
+    }
+    h.take_journal_work();
+    assert_eq!(h.purge_step(A, "q", 2).unwrap(), (2, true));
+    assert_eq!(h.take_journal_work().settles.len(), 2);
+    assert_eq!(h.purge_step(A, "q", 2).unwrap(), (2, true));
+    assert_eq!(h.purge_step(A, "q", 2).unwrap(), (1, false));
+    assert_eq!(h.take_journal_work().settles.len(), 3);
+    assert_eq!(h.index_entries(), 0);
+}

@@ -12,12 +12,20 @@
 //! `Settled`, after which the queue forgets it). The property test
 //! in `tests.rs` checks that against a model after every event.
 //!
+//! Every entry the queue holds is counted in its `IndexCount` (shared by all the queues of a
+//! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
+//! shard's index is bounded by that count (`limits.queued_messages_max`), whatever the payloads.
+//! A purge goes in steps (`purge_some`), so a deep queue's purge never gathers every entry at
+//! once; the ready list gives back its memory as it shrinks.
+//!
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
 //! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages
 //! go back to ready, to be redelivered with their delivery count), poison messages (past
 //! `max_deliveries` they are dead-lettered or dropped instead of requeued).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
 
 use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
@@ -112,6 +120,13 @@ pub fn entry_size<M>() -> usize {
     std::mem::size_of::<Entry<M>>()
 }
 
+/// Entries held by the queues sharing it (one shard's): ready, delayed and outstanding.
+pub type IndexCount = Rc<Cell<u64>>;
+
+/// A ready list at least this long keeps its allocation; a longer one gives back half of it
+/// when it falls under a quarter full (each element moved at most once per halving).
+const READY_KEPT_CAPACITY: usize = 4096;
+
 /// Counters a `QueueInfo` reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -140,13 +155,20 @@ pub struct Queue<M> {
     /// Index into `consumers` of the next consumer to offer a message to (round robin).
     cursor: usize,
     next_seq: Seq,
+    index: IndexCount,
 }
 
 impl<M: Clone> Queue<M> {
     /// An empty queue whose first message gets sequence number `next_seq` (0 for a new queue;
     /// after recovery, one past every number the journal mentions).
     pub fn new(policy: QueuePolicy, next_seq: Seq) -> Queue<M> {
+        Queue::counted(policy, next_seq, IndexCount::default())
+    }
+
+    /// As `new`, its entries counted in `index` (shared with the shard's other queues).
+    pub fn counted(policy: QueuePolicy, next_seq: Seq, index: IndexCount) -> Queue<M> {
         Queue {
+            index,
             policy,
             ready: VecDeque::new(),
             ready_bytes: 0,
@@ -237,6 +259,7 @@ impl<M: Clone> Queue<M> {
             self.ready.back().is_none_or(|last| last.seq < seq),
             "restore out of order at seq {seq}"
         );
+        self.counted_in();
         self.push_ready(Entry {
             seq,
             msg,
@@ -269,6 +292,7 @@ impl<M: Clone> Queue<M> {
             enqueued_ms: deliver_at_ms,
             deadline_ms,
         };
+        self.counted_in();
         self.delay(deliver_at_ms, entry);
         self.next_seq = self.next_seq.max(seq + 1);
     }
@@ -316,6 +340,7 @@ impl<M: Clone> Queue<M> {
     ) -> Entry<M> {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.counted_in();
         let ttl = [self.policy.message_ttl_ms, expiration_ms]
             .into_iter()
             .flatten()
@@ -390,11 +415,13 @@ impl<M: Clone> Queue<M> {
         if self.ready.back().is_some_and(|e| e.seq == seq) {
             let e = self.ready.pop_back().expect("checked");
             self.ready_bytes -= u64::from(e.bytes);
+            self.counted_out(1);
             return true;
         }
         if seq + 1 == self.next_seq {
             if let Some(e) = self.delayed.remove(&seq) {
                 self.due.retain(|&(_, s)| s != e.seq);
+                self.counted_out(1);
                 return true;
             }
         }
@@ -555,15 +582,7 @@ impl<M: Clone> Queue<M> {
             auto_ack,
         };
         if auto_ack {
-            let Entry {
-                seq, msg, bytes, ..
-            } = entry;
-            settled.push(Settled {
-                seq,
-                msg,
-                bytes,
-                reason: SettleReason::Acked,
-            });
+            settled.push(self.leave(entry, SettleReason::Acked));
         } else {
             let o = Outstanding {
                 entry,
@@ -578,12 +597,7 @@ impl<M: Clone> Queue<M> {
     /// Settles an outstanding delivery as acked.
     pub fn ack(&mut self, holder: HolderId, seq: Seq) -> Result<Settled<M>, QueueError> {
         let o = self.take_outstanding(holder, seq)?;
-        Ok(Settled {
-            seq,
-            msg: o.entry.msg,
-            bytes: o.entry.bytes,
-            reason: SettleReason::Acked,
-        })
+        Ok(self.leave(o.entry, SettleReason::Acked))
     }
 
     /// A failed delivery: back to ready with `requeue` (unless past `max_deliveries`), otherwise
@@ -607,24 +621,27 @@ impl<M: Clone> Queue<M> {
     /// Settles every ready and delayed message as purged; outstanding deliveries are untouched.
     /// Returns how many were purged.
     pub fn purge(&mut self, settled: &mut Vec<Settled<M>>) -> usize {
-        let n = self.ready.len() + self.delayed.len();
-        self.due.clear();
-        let delayed = std::mem::take(&mut self.delayed);
-        for e in delayed.into_values() {
-            settled.push(Settled {
-                seq: e.seq,
-                msg: e.msg,
-                bytes: e.bytes,
-                reason: SettleReason::Purged,
-            });
+        self.purge_some(usize::MAX, settled)
+    }
+
+    /// Settles at most `max` waiting messages as purged, delayed ones first (by sequence), then
+    /// ready ones from the head; outstanding deliveries are untouched. Returns how many it
+    /// purged: fewer than `max` means none is left waiting. A caller purging a deep queue hands
+    /// each step's settlements on before it takes the next, so memory holds one step's worth.
+    pub fn purge_some(&mut self, max: usize, settled: &mut Vec<Settled<M>>) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some((seq, e)) = self.delayed.pop_first() else {
+                break;
+            };
+            self.due.remove(&(e.enqueued_ms, seq));
+            settled.push(self.leave(e, SettleReason::Purged));
+            n += 1;
         }
-        while let Some(e) = self.pop_ready() {
-            settled.push(Settled {
-                seq: e.seq,
-                msg: e.msg,
-                bytes: e.bytes,
-                reason: SettleReason::Purged,
-            });
+        while n < max {
+            let Some(e) = self.pop_ready() else { break };
+            settled.push(self.leave(e, SettleReason::Purged));
+            n += 1;
         }
         n
     }
@@ -655,6 +672,16 @@ impl<M: Clone> Queue<M> {
             .into_iter()
             .map(|(holder, (_, seq))| (holder, seq))
             .collect()
+    }
+
+    /// Entries this queue holds: ready, delayed and outstanding.
+    pub fn len(&self) -> usize {
+        self.ready.len() + self.delayed.len() + self.outstanding.len()
+    }
+
+    /// Whether the queue holds no entry at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn take_outstanding(
@@ -712,12 +739,7 @@ impl<M: Clone> Queue<M> {
             } else {
                 SettleReason::Expired
             };
-            settled.push(Settled {
-                seq: e.seq,
-                msg: e.msg,
-                bytes: e.bytes,
-                reason,
-            });
+            settled.push(self.leave(e, reason));
         }
     }
 
@@ -727,12 +749,22 @@ impl<M: Clone> Queue<M> {
         } else {
             SettleReason::Dropped
         };
+        self.leave(e, reason)
+    }
+
+    /// An entry leaves the queue for good: uncounted, and handed back as settled.
+    fn leave(&self, e: Entry<M>, reason: SettleReason) -> Settled<M> {
+        self.counted_out(1);
         Settled {
             seq: e.seq,
             msg: e.msg,
             bytes: e.bytes,
             reason,
         }
+    }
+
+    fn counted_in(&self) {
+        self.index.set(self.index.get() + 1);
     }
 
     fn push_ready(&mut self, entry: Entry<M>) {
@@ -743,7 +775,26 @@ impl<M: Clone> Queue<M> {
     fn pop_ready(&mut self) -> Option<Entry<M>> {
         let e = self.ready.pop_front()?;
         self.ready_bytes -= u64::from(e.bytes);
+        let capacity = self.ready.capacity();
+        if capacity > READY_KEPT_CAPACITY && self.ready.len() < capacity / 4 {
+            // A drained backlog gives its index memory back instead of keeping its peak.
+            self.ready.shrink_to(capacity / 2);
+        }
         Some(e)
+    }
+}
+
+impl<M> Queue<M> {
+    fn counted_out(&self, n: u64) {
+        self.index.set(self.index.get() - n);
+    }
+}
+
+impl<M> Drop for Queue<M> {
+    /// A queue deleted with its messages: they leave the shard's index with it.
+    fn drop(&mut self) {
+        let held = self.ready.len() + self.delayed.len() + self.outstanding.len();
+        self.counted_out(held as u64);
     }
 }
 

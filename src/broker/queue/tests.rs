@@ -266,7 +266,8 @@ proptest! {
     #[test]
     fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12) {
         let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), ..Default::default() };
-        let mut q: Queue<u64> = Queue::new(policy, 0);
+        let index = IndexCount::default();
+        let mut q: Queue<u64> = Queue::counted(policy, 0, index.clone());
         let mut published = BTreeSet::new();
         let mut settled_seqs = BTreeSet::new();
         let mut outstanding: BTreeMap<Seq, HolderId> = BTreeMap::new();
@@ -325,7 +326,8 @@ proptest! {
                         out.push(d);
                     }
                 }
-                Op::Purge => { q.purge(&mut settled); }
+                // In steps, as the host purges a deep queue.
+                Op::Purge => while q.purge_some(3, &mut settled) == 3 {},
             }
             for d in &out {
                 if !d.auto_ack {
@@ -348,10 +350,13 @@ proptest! {
             let stats = q.stats();
             prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
             prop_assert_eq!(stats.ready + stats.delayed + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
+            prop_assert_eq!(index.get(), stats.ready + stats.delayed + stats.outstanding, "the shard's index count");
             if matches!(op, Op::Publish) {
                 prop_assert!(stats.ready <= max_length, "a publish left {} ready over max_length {}", stats.ready, max_length);
             }
         }
+        drop(q);
+        prop_assert_eq!(index.get(), 0, "a dropped queue leaves the index count");
     }
 }
 

@@ -6,8 +6,9 @@
 //! routing table are answered at once from the shard's copy.
 //!
 //! Faults handled: requests the broker refuses before routing anything (reserved or misplaced
-//! queue names, prefetch out of range, unknown or duplicate consumer tags), each answered with
-//! an `Error` frame; the connection goes on.
+//! queue names, prefetch out of range, unknown or duplicate consumer tags, a consumer past
+//! `consumers_per_connection_max`, a `Get` past `gets_unacked_max`), each answered with an
+//! `Error` frame; the connection goes on.
 
 use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
@@ -134,6 +135,10 @@ impl Session {
                 }
             }
             Command::Get { queue, auto_ack } => {
+                if let Some(msg) = self.get_window_refusal() {
+                    return self.fail(out, request_id, ErrorCode::LimitExceeded, msg, false);
+                }
+                self.get_asked();
                 let shard = self.owner_of(queue);
                 let op = Op::Get {
                     queue: queue.to_string(),
@@ -347,6 +352,13 @@ impl Session {
         if self.consumers.contains_key(&tag) {
             let msg = format!("consumer tag '{tag}' is in use on this connection");
             return self.fail(out, request_id, ErrorCode::DuplicateConsumerTag, msg, false);
+        }
+        let max = self.ctx.consumers_per_connection_max;
+        if self.consumers.len() >= max as usize {
+            let msg = format!(
+                "this connection holds consumers_per_connection_max = {max} consumers; cancel one first"
+            );
+            return self.fail(out, request_id, ErrorCode::LimitExceeded, msg, false);
         }
         let queue = c.queue.to_string();
         let shard = self.owner_of(&queue);

@@ -7,6 +7,10 @@
 //! from their `Bytes`, in as many `Deliver` frames as they need, each within `deliver_batch_max`
 //! and `frame_size_max`: a push of any size reaches the client whole and in order.
 //!
+//! A `Get` has no prefetch window, so the ledger keeps one for it (`GetWindow`): the `Get`s
+//! asked and not answered plus the `Get` deliveries held unacked stay within `gets_unacked_max`,
+//! and a `Get` past it is refused (`LimitExceeded`) until the client settles some.
+//!
 //! Faults handled: settling tags this connection does not hold (`UnknownDeliveryTag`, and
 //! nothing in that frame is settled),
 //! deliveries for a consumer cancelled meanwhile or a closing connection (requeued at their
@@ -31,9 +35,36 @@ pub(super) struct Outstanding {
     queue: String,
     holder: HolderId,
     seq: u64,
+    /// Delivered by a `Get` (counted in the `GetWindow` until settled).
+    get: bool,
+}
+
+/// The `Get`s a connection holds: asked and not answered yet, and delivered and not settled.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct GetWindow {
+    asked: u32,
+    held: u32,
 }
 
 impl Session {
+    /// Whether another `Get` fits the connection's window; the refusal names the limit.
+    pub(super) fn get_window_refusal(&self) -> Option<String> {
+        let max = self.ctx.gets_unacked_max;
+        let w = self.gets;
+        (w.asked + w.held >= max).then(|| {
+            format!(
+                "this connection holds gets_unacked_max = {max} Get deliveries unacked or asked \
+                 ({} unacked); settle some before the next Get",
+                w.held
+            )
+        })
+    }
+
+    /// A `Get` was sent to its queue's owner.
+    pub(super) fn get_asked(&mut self) {
+        self.gets.asked += 1;
+    }
+
     /// Acks, nacks or rejects the deliveries named; answered (if asked) once every shard is.
     pub(super) fn settle(
         &mut self,
@@ -68,6 +99,7 @@ impl Session {
                 let Some(o) = self.outstanding.remove(&tag) else {
                     continue; // listed above
                 };
+                self.gets.held -= u32::from(o.get);
                 by_shard.entry(o.shard).or_default().push(SettleItem {
                     queue: o.queue,
                     holder: o.holder,
@@ -120,6 +152,7 @@ impl Session {
 
     /// The owner's answer to `Get`: at most one delivery, tagged here.
     pub(super) fn got(&mut self, request_id: u64, shard: u16, reply: Reply, out: &mut BytesMut) {
+        self.gets.asked -= 1;
         match reply {
             Reply::Got(d, ready) => {
                 let mut ok = wire::GetOkT::default();
@@ -144,6 +177,7 @@ impl Session {
         t.routing_key = Some(d.routing_key).filter(|k| !k.is_empty());
         t.message = d.bytes.to_vec();
         if !d.auto_ack {
+            self.gets.held += 1;
             self.outstanding.insert(
                 tag,
                 Outstanding {
@@ -151,6 +185,7 @@ impl Session {
                     queue: d.queue,
                     holder: d.holder,
                     seq: d.seq,
+                    get: true,
                 },
             );
         }
@@ -249,6 +284,7 @@ impl Session {
                             queue: d.queue,
                             holder: d.holder,
                             seq: d.seq,
+                            get: false,
                         };
                         self.outstanding.insert(tag, o);
                     }

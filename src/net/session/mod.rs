@@ -77,6 +77,12 @@ pub struct SessionCtx {
     /// `handshake_timeout_ms` of it.
     pub accepted_ms: u64,
     pub handshake_timeout_ms: u64,
+    /// Requests but publishes waiting on shards, past which the connection is not read.
+    pub requests_in_flight_max: u32,
+    /// Consumers this connection may hold; a further `Consume` is refused.
+    pub consumers_per_connection_max: u32,
+    /// Unacked (and asked) `Get` deliveries this connection may hold; a further `Get` is refused.
+    pub gets_unacked_max: u32,
 }
 
 impl SessionCtx {
@@ -188,6 +194,11 @@ pub struct Session {
     /// Charges of the deliveries encoded into the outbox since the shell last took it, by
     /// owning shard: handed back to each owner once the write carrying them is done.
     unwritten: BTreeMap<u16, u64>,
+    /// Entries of `pending` that are publishes: the others are requests in flight, bounded by
+    /// `requests_in_flight_max`.
+    publish_ops: usize,
+    /// The `Get`s this connection holds unacked or waits for, bounded by `gets_unacked_max`.
+    gets: ledger::GetWindow,
 }
 
 // A session lives on its connection's shard and holds that shard's `Rc` routing copy: it must
@@ -214,6 +225,8 @@ impl Session {
             splits: HashMap::new(),
             route_buf: Vec::new(),
             unwritten: BTreeMap::new(),
+            publish_ops: 0,
+            gets: ledger::GetWindow::default(),
         }
     }
 
@@ -243,10 +256,17 @@ impl Session {
         }
     }
 
-    /// False while the connection has `publishes_in_flight_max` publishes unconfirmed: the
-    /// connection stops reading until confirms catch up (TCP backpressure on the producer).
+    /// False while the connection has `publishes_in_flight_max` publishes unconfirmed, or
+    /// `requests_in_flight_max` other requests unanswered: the connection stops reading until
+    /// answers catch up (TCP backpressure on the client).
     pub fn wants_input(&self) -> bool {
         self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
+            && self.requests_in_flight() < self.ctx.requests_in_flight_max as usize
+    }
+
+    /// Requests other than publishes waiting on shards.
+    fn requests_in_flight(&self) -> usize {
+        self.pending.len() - self.publish_ops
     }
 
     fn address(
@@ -257,6 +277,7 @@ impl Session {
         pending: Pending,
     ) -> u64 {
         let id = self.next_id();
+        self.publish_ops += usize::from(matches!(pending, Pending::Publish));
         self.pending.insert(id, pending);
         outbound.push(Addressed { shard, id, op });
         id
@@ -324,6 +345,7 @@ impl Session {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
+        self.publish_ops -= usize::from(matches!(pending, Pending::Publish));
         match (pending, reply) {
             (Pending::Quiet, Reply::SettleFailed(f)) => {
                 for r in f {

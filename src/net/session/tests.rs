@@ -26,6 +26,9 @@ fn ctx() -> SessionCtx {
         started_ms: 0,
         accepted_ms: NOW_MS,
         handshake_timeout_ms: 10_000,
+        requests_in_flight_max: 1000,
+        consumers_per_connection_max: 1000,
+        gets_unacked_max: 1000,
     }
 }
 
@@ -961,4 +964,139 @@ fn a_consumer_timed_out_by_its_owner_loses_its_tags_and_is_told_why() {
     // A delivery still on its way for it goes back, and so does its charge.
     s.on_push(owner, pushed(20..21, 7), &mut out, &mut outbound);
     assert_eq!(handed_back(&outbound), vec![(owner, 7)]);
+}
+
+fn get_q() -> InFrame {
+    let mut g = wire::GetT::default();
+    g.queue = "q".into();
+    frame(BodyT::Get(Box::new(g)))
+}
+
+fn info_q() -> InFrame {
+    let mut g = wire::GetQueueInfoT::default();
+    g.name = "q".into();
+    frame(BodyT::GetQueueInfo(Box::new(g)))
+}
+
+fn consume_q(tag: &str) -> InFrame {
+    let mut c = wire::ConsumeT::default();
+    c.queue = "q".into();
+    c.consumer_tag = Some(tag.into());
+    frame(BodyT::Consume(Box::new(c)))
+}
+
+fn session_with(ctx: SessionCtx) -> Session {
+    let mut s = Session::new(ctx, Rc::default());
+    s.on_frame_at(
+        NOW_MS,
+        &hello(PROTOCOL_VERSION),
+        &mut BytesMut::new(),
+        &mut Vec::new(),
+    );
+    s
+}
+
+#[test]
+fn past_requests_in_flight_max_the_connection_is_not_read_until_one_is_answered() {
+    let mut s = session_with(SessionCtx {
+        requests_in_flight_max: 2,
+        ..ctx()
+    });
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    s.on_frame_at(NOW_MS, &info_q(), &mut out, &mut outbound);
+    assert!(s.wants_input(), "one request of two in flight");
+    // Publishes in flight are bounded by publishes_in_flight_max, not by this.
+    s.on_frame_at(
+        NOW_MS,
+        &publish_to_q(&[1], &Default::default()),
+        &mut out,
+        &mut outbound,
+    );
+    assert!(s.wants_input(), "a publish is not a request in flight");
+    s.on_frame_at(NOW_MS, &info_q(), &mut out, &mut outbound);
+    assert!(!s.wants_input(), "two requests in flight: stop reading");
+    let info = outbound
+        .iter()
+        .find(|a| matches!(a.op, Op::Info { .. }))
+        .unwrap()
+        .id;
+    let reply = Reply::Info(Box::default());
+    s.on_reply_at(NOW_MS, info, reply, &mut out, &mut Vec::new());
+    assert!(s.wants_input(), "one answered: read again");
+}
+
+#[test]
+fn a_consume_past_consumers_per_connection_max_is_refused_naming_the_limit() {
+    let mut s = session_with(SessionCtx {
+        consumers_per_connection_max: 1,
+        ..ctx()
+    });
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    s.on_frame_at(NOW_MS, &consume_q("a"), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 1, "the first consumer goes to its owner");
+    s.on_frame_at(NOW_MS, &consume_q("b"), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 1, "the second is refused here");
+    let r = replies(&mut out);
+    assert_eq!(error_of(&r[0]), (ErrorCode::LimitExceeded, false));
+    let BodyT::Error(e) = &r[0].body else {
+        unreachable!()
+    };
+    assert!(
+        e.message
+            .as_deref()
+            .unwrap()
+            .contains("consumers_per_connection_max = 1"),
+        "{e:?}"
+    );
+    // The owner refused the first: its place is free again.
+    let refused = Reply::Refused(Refusal {
+        code: ErrorCode::NotFound,
+        message: "no queue".into(),
+    });
+    s.on_reply_at(NOW_MS, outbound[0].id, refused, &mut out, &mut Vec::new());
+    s.on_frame_at(NOW_MS, &consume_q("b"), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 2, "{:?}", replies(&mut out));
+}
+
+#[test]
+fn a_get_past_gets_unacked_max_is_refused_until_one_is_settled() {
+    let mut s = session_holding_tag_1();
+    s.ctx.gets_unacked_max = 2;
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    // One held unacked, one asked and not answered: the window is full.
+    s.on_frame_at(NOW_MS, &get_q(), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 1);
+    s.on_frame_at(NOW_MS, &get_q(), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 1, "refused, not sent");
+    let r = replies(&mut out);
+    assert_eq!(error_of(&r[0]), (ErrorCode::LimitExceeded, false));
+    let BodyT::Error(e) = &r[0].body else {
+        unreachable!()
+    };
+    assert!(
+        e.message
+            .as_deref()
+            .unwrap()
+            .contains("gets_unacked_max = 2"),
+        "{e:?}"
+    );
+    // The asked one finds the queue empty: one place frees.
+    s.on_reply_at(
+        NOW_MS,
+        outbound[0].id,
+        Reply::Got(None, 0),
+        &mut out,
+        &mut Vec::new(),
+    );
+    s.on_frame_at(NOW_MS, &get_q(), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 2, "{:?}", replies(&mut out));
+    s.on_frame_at(NOW_MS, &get_q(), &mut out, &mut outbound);
+    assert_eq!(outbound.len(), 2, "full again");
+    // Acking tag 1 frees another.
+    s.on_frame_at(NOW_MS, &ack(&[(1, 1)]), &mut out, &mut outbound);
+    s.on_frame_at(NOW_MS, &get_q(), &mut out, &mut outbound);
+    assert!(
+        matches!(outbound.last().unwrap().op, Op::Get { .. }),
+        "{outbound:?}"
+    );
 }
