@@ -550,3 +550,34 @@ fn a_crash_at_every_operation_of_reclaim_leaves_a_recoverable_journal_missing_on
         }
     }
 }
+
+#[test]
+fn records_staged_behind_a_commit_that_ran_out_of_space_are_told_no_space_too() {
+    let dir = FaultDir::new();
+    dir.set_yield_each_op(true);
+    // Not even the first segment can be preallocated.
+    dir.set_space_bytes_max(Some(4096));
+    block_on(async {
+        let (j, _) = open(dir.clone(), small_config()).await.expect("opens");
+        with_committer(&j, async {
+            let first = j.append_control(b"first").expect("staged");
+            // Append until a record lands in the next commit: the first one is in flight then.
+            let behind = loop {
+                futures_lite::future::yield_now().await;
+                let a = j.append_control(b"behind").expect("staged while in flight");
+                if a.commit != first.commit {
+                    break a;
+                }
+            };
+            let failed = j.commit(&first).await.expect_err("no room");
+            assert!(matches!(failed, StorageError::NoSpace(_)), "got {failed}");
+            let abandoned = j.commit(&behind).await.expect_err("abandoned");
+            assert!(
+                matches!(abandoned, StorageError::NoSpace(_)),
+                "a record abandoned behind a full disk is told the disk is full, got {abandoned}"
+            );
+            j.close().await;
+        })
+        .await;
+    });
+}

@@ -6,22 +6,57 @@
 //! group commit carrying the request's own records. Under `interval` and `never` the records are
 //! staged, the committer makes them durable with the next group commit, and the reply goes now
 //! (the confirm says which policy it was given under).
+//!
+//! A request's records may span several commits (a publish waits for journal room between its
+//! messages), and a failed commit fails only what it and the commits after it carried: each
+//! published message is answered by its own record's commit (`published`). A settlement whose
+//! commit failed is answered `SettleFailed`, never `Ok` (`not_durable`).
+
+use std::collections::BTreeMap;
 
 use weir_protocol::wire::{Durability, ErrorCode};
 
-use crate::mesh::msg::Reply;
+use crate::mesh::msg::{PublishOutcome, Reply};
 use crate::mesh::types::Refusal;
-use crate::storage::StorageError;
+use crate::storage::{CommitId, StorageError};
 
 /// Whether a reply waits for the commit of its request's own records.
 pub fn holds_for_commit(policy: Durability, own_records: bool) -> bool {
     own_records && policy == Durability::Always
 }
 
-/// A reply whose records did not become durable: every journaled publish in it is refused, and
+/// A publish's answers once its commits finished: a journaled message whose own commit (`rounds`,
+/// one per outcome) failed is refused with that commit's refusal; the others keep their answer
+/// (durable ones are never refused for a later commit's failure).
+pub fn published(
+    outcomes: Vec<PublishOutcome>,
+    rounds: &[Option<CommitId>],
+    results: &BTreeMap<CommitId, Result<(), Refusal>>,
+) -> Vec<PublishOutcome> {
+    outcomes
+        .into_iter()
+        .zip(rounds.iter().copied().chain(std::iter::repeat(None)))
+        .map(|(mut o, round)| {
+            let failed = round.and_then(|r| results.get(&r)?.as_ref().err());
+            if let (true, Some(refusal)) = (o.journaled, failed) {
+                o.journaled = false;
+                o.result = Err(refusal.clone());
+            }
+            o
+        })
+        .collect()
+}
+
+/// A reply whose records did not become durable: every journaled publish in it is refused, a
+/// settlement's answer says it failed (`SettleFailed`: what it settled is outstanding again), and
 /// any other answer becomes the refusal.
 pub fn not_durable(reply: Reply, refusal: Refusal) -> Reply {
     match reply {
+        Reply::Done => Reply::SettleFailed(vec![refusal]),
+        Reply::SettleFailed(mut failed) => {
+            failed.insert(0, refusal);
+            Reply::SettleFailed(failed)
+        }
         Reply::Published(outcomes) => Reply::Published(
             outcomes
                 .into_iter()
@@ -109,9 +144,51 @@ mod tests {
         assert!(!out[0].journaled);
         assert_eq!(out[1].result, Ok(()));
         assert!(matches!(
-            not_durable(Reply::Done, refusal()),
+            not_durable(Reply::Purged(3), refusal()),
             Reply::Refused(r) if r == refusal()
         ));
+    }
+
+    #[test]
+    fn a_settlement_not_durable_is_answered_as_failed() {
+        assert!(matches!(
+            not_durable(Reply::Done, refusal()),
+            Reply::SettleFailed(f) if f == vec![refusal()]
+        ));
+        let unknown = Refusal {
+            code: ErrorCode::UnknownDeliveryTag,
+            message: "no".into(),
+        };
+        assert!(matches!(
+            not_durable(Reply::SettleFailed(vec![unknown.clone()]), refusal()),
+            Reply::SettleFailed(f) if f == vec![refusal(), unknown]
+        ));
+    }
+
+    #[test]
+    fn each_message_is_answered_by_its_own_commit() {
+        let outcome = |sequence, journaled| PublishOutcome {
+            sequence,
+            confirm: true,
+            journaled,
+            result: Ok(()),
+            returned: None,
+        };
+        let full = Refusal {
+            code: ErrorCode::DiskFull,
+            message: "full".into(),
+        };
+        let results = BTreeMap::from([(CommitId(4), Ok(())), (CommitId(5), Err(full.clone()))]);
+        let out = published(
+            vec![outcome(1, true), outcome(2, false), outcome(3, true)],
+            &[Some(CommitId(4)), None, Some(CommitId(5))],
+            &results,
+        );
+        assert_eq!(out[0].result, Ok(()), "durable in an earlier commit");
+        assert!(out[0].journaled);
+        assert_eq!(out[1].result, Ok(()), "not journaled at all");
+        assert_eq!(out[2].result, Err(full));
+        assert!(!out[2].journaled);
     }
 
     #[test]

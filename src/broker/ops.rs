@@ -5,6 +5,13 @@
 //! deliveries into `Pushed` messages per connection; `address` groups a routed message's queues
 //! by owning shard; `journal` hands the host's durable changes to a `JournalSink` (the shard's
 //! journal, or nothing in tests). Message bytes stay `Bytes`: a reference count, never a copy.
+//!
+//! What needs a durable record is journaled before it takes effect: a published message is
+//! retracted if its record is refused, and held back from consumers until its commit is durable
+//! when the sink says so (fsync = always); an ack or a nack without requeue of a journaled
+//! message is applied only once its settle record was taken (and, under always, is taken out of
+//! its queue until the commit decides: `QueueHost::settle_when_durable`). A record refused is a
+//! refusal for the client (`DiskFull` on a full disk), never an `Ok` for something not kept.
 
 use std::rc::Rc;
 
@@ -12,12 +19,15 @@ use bytes::Bytes;
 use weir_protocol::wire;
 
 use crate::broker::catalog::CatalogRecord;
+use crate::broker::host::SettlePlan;
 use crate::broker::host::{Outgoing, QueueHost, PURGE_STEP};
 use crate::broker::stored::{MsgRef, Stored};
-use crate::mesh::msg::{Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply};
+use crate::mesh::msg::{
+    Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply, SettleItem,
+};
 use crate::mesh::types::{placement, ConnRef, Refusal};
 use crate::mesh::types::{HolderId, Seq};
-use crate::storage::SettleReason;
+use crate::storage::{CommitId, SettleReason};
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
 /// shard naming all of that shard's queues (stored there once), or one per `targets_max` of
@@ -86,16 +96,24 @@ fn wire_delivery(
 
 /// Where the host's durable changes go: the shard's journal (records staged for the next group
 /// commit; the shard waits for that commit before it answers), or nothing in tests.
+///
+/// `message` and `settle` answer with the commit round that must be durable before the change
+/// may be seen (fsync = always), or `None` when it may be seen at once (the weaker policies,
+/// or no journal).
 pub trait JournalSink {
     /// A message accepted into durable queues, each under its sequence number: one record.
-    fn message(&mut self, targets: &[(&str, Seq)], msg: &Rc<Stored>) -> Result<(), Refusal>;
+    fn message(
+        &mut self,
+        targets: &[(&str, Seq)],
+        msg: &Rc<Stored>,
+    ) -> Result<Option<CommitId>, Refusal>;
     /// Settled ranges of a queue's sequence numbers.
     fn settle(
         &mut self,
         queue: &str,
         reason: SettleReason,
         ranges: &[(u64, u64)],
-    ) -> Result<(), Refusal>;
+    ) -> Result<Option<CommitId>, Refusal>;
     /// A durable declaration or deletion.
     fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal>;
 }
@@ -104,11 +122,16 @@ pub trait JournalSink {
 pub struct NoJournal;
 
 impl JournalSink for NoJournal {
-    fn message(&mut self, _: &[(&str, Seq)], _: &Rc<Stored>) -> Result<(), Refusal> {
-        Ok(())
+    fn message(&mut self, _: &[(&str, Seq)], _: &Rc<Stored>) -> Result<Option<CommitId>, Refusal> {
+        Ok(None)
     }
-    fn settle(&mut self, _: &str, _: SettleReason, _: &[(u64, u64)]) -> Result<(), Refusal> {
-        Ok(())
+    fn settle(
+        &mut self,
+        _: &str,
+        _: SettleReason,
+        _: &[(u64, u64)],
+    ) -> Result<Option<CommitId>, Refusal> {
+        Ok(None)
     }
     fn catalog(&mut self, _: &CatalogRecord) -> Result<(), Refusal> {
         Ok(())
@@ -117,27 +140,18 @@ impl JournalSink for NoJournal {
 
 /// Hands the host's journal work to the sink: catalog records, then settle records with
 /// consecutive sequence numbers of one queue and reason merged into ranges. A catalog record that
-/// cannot be journaled fails the op (the declaration would not survive a restart); a settle record
-/// that cannot is logged (the message is redelivered after a restart: at least once still holds).
+/// cannot be journaled fails the op (the declaration would not survive a restart). The settle
+/// records here are those made while dispatching (auto-acks, expiry, overflow, a requeue past
+/// `max_deliveries`, purge): at least once, so one that cannot be journaled is logged (the message
+/// is redelivered after a restart). Client acks and nacks are journaled before they apply
+/// (`settle`).
 pub fn journal(host: &mut QueueHost, sink: &mut dyn JournalSink) -> Result<(), Refusal> {
     let work = host.take_journal_work();
     for record in &work.catalog {
         sink.catalog(record)?;
     }
-    let mut i = 0;
-    while i < work.settles.len() {
-        let (queue, _, reason) = &work.settles[i];
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        while let Some((q, seq, r)) = work.settles.get(i) {
-            if q != queue || r != reason {
-                break;
-            }
-            match ranges.last_mut() {
-                Some(last) if last.1 + 1 == *seq => last.1 = *seq,
-                _ => ranges.push((*seq, *seq)),
-            }
-            i += 1;
-        }
+    for (range, ranges) in settle_groups(&work.settles, |s| (&*s.0, s.1, s.2)) {
+        let (queue, _, reason) = &work.settles[range.start];
         if let Err(e) = sink.settle(queue, *reason, &ranges) {
             tracing::warn!(
                 queue = &**queue,
@@ -147,6 +161,93 @@ pub fn journal(host: &mut QueueHost, sink: &mut dyn JournalSink) -> Result<(), R
         }
     }
     Ok(())
+}
+
+/// A run of settlements of one queue and reason: where it is in its list, and its sequence
+/// numbers as ranges (one settle record).
+type SettleRun = (std::ops::Range<usize>, Vec<(u64, u64)>);
+
+/// Splits `items` into runs of one queue and reason, each with its sequence numbers merged into
+/// ranges where consecutive: one settle record per run.
+fn settle_groups<'a, T>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> (&'a str, Seq, SettleReason),
+) -> Vec<SettleRun> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let (queue, _, reason) = key(&items[i]);
+        let start = i;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        while let Some(item) = items.get(i) {
+            let (q, seq, r) = key(item);
+            if q != queue || r != reason {
+                break;
+            }
+            match ranges.last_mut() {
+                Some(last) if last.1 + 1 == seq => last.1 = seq,
+                _ => ranges.push((seq, seq)),
+            }
+            i += 1;
+        }
+        out.push((start..i, ranges));
+    }
+    out
+}
+
+/// A connection's acks and nacks. Each is checked first (one not outstanding for its holder is
+/// refused, `UnknownDeliveryTag`, the others go on); one that needs a settle record is applied only
+/// once the journal took the record, and under fsync = always only once that record's commit is
+/// durable (taken out of its queue meanwhile, its consumer's credit given back). A record the
+/// journal refuses refuses those settlements, which stay outstanding for the same holder.
+fn settle(
+    host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
+    from: ConnRef,
+    items: Vec<SettleItem>,
+) -> Reply {
+    let mut failed: Vec<Refusal> = Vec::new();
+    let mut recorded: Vec<(SettleItem, SettleReason)> = Vec::new();
+    for s in items {
+        match host.settle_plan(from, &s.queue, s.holder, s.seq, s.ack, s.requeue) {
+            Err(r) => failed.push(r),
+            Ok(SettlePlan::Now) => {
+                if let Err(r) = host.settle(from, &s.queue, s.holder, s.seq, s.ack, s.requeue) {
+                    failed.push(r);
+                }
+            }
+            Ok(SettlePlan::Record(reason)) => recorded.push((s, reason)),
+        }
+    }
+    recorded
+        .sort_by(|a, b| (&a.0.queue, a.1 as u8, a.0.seq).cmp(&(&b.0.queue, b.1 as u8, b.0.seq)));
+    for (range, ranges) in settle_groups(&recorded, |(s, r)| (s.queue.as_str(), s.seq, *r)) {
+        let group = &recorded[range];
+        let (first, reason) = &group[0];
+        let applied = match sink.settle(&first.queue, *reason, &ranges) {
+            Err(r) => {
+                failed.extend(group.iter().map(|_| r.clone()));
+                continue;
+            }
+            Ok(round) => round,
+        };
+        for (s, _) in group {
+            let result = match applied {
+                Some(round) => {
+                    host.settle_when_durable(round, from, &s.queue, s.holder, s.seq, s.ack)
+                }
+                None => host.settle_journaled(from, &s.queue, s.holder, s.seq, s.ack),
+            };
+            if let Err(r) = result {
+                failed.push(r);
+            }
+        }
+    }
+    if failed.is_empty() {
+        Reply::Done
+    } else {
+        Reply::SettleFailed(failed)
+    }
 }
 
 /// Applies `op` from `from` to the host; the reply goes back to `from`, the pushes to whoever
@@ -205,20 +306,7 @@ pub fn execute(
         } => host
             .set_prefetch(from, &queue, holder, prefetch)
             .map(|()| Reply::Done),
-        Op::Settle(items) => {
-            let failed: Vec<Refusal> = items
-                .into_iter()
-                .filter_map(|s| {
-                    host.settle(from, &s.queue, s.holder, s.seq, s.ack, s.requeue)
-                        .err()
-                })
-                .collect();
-            Ok(if failed.is_empty() {
-                Reply::Done
-            } else {
-                Reply::SettleFailed(failed)
-            })
-        }
+        Op::Settle(items) => Ok(settle(host, sink, from, items)),
         Op::Get { queue, auto_ack } => {
             host.get(from, &queue, auto_ack, now_ms).map(|(d, ready)| {
                 let d = d.map(|d| Box::new(wire_delivery(queue.clone(), from.conn, &d)));
@@ -366,12 +454,18 @@ pub fn publish(
         .filter(|(q, _)| journaled && host.is_durable(q) == Some(true))
         .collect();
     if !durable.is_empty() {
-        if let Err(r) = sink.message(&durable, &stored) {
-            // Not durable, so not accepted: it must not be delivered or confirmed.
-            for (q, seq) in taken {
-                host.retract(q, seq);
+        match sink.message(&durable, &stored) {
+            Err(r) => {
+                // Not durable, so not accepted: it must not be delivered or confirmed.
+                for (q, seq) in taken {
+                    host.retract(q, seq);
+                }
+                return outcome(false, Err(r), None);
             }
-            return outcome(false, Err(r), None);
+            // Not deliverable from any of its queues before it is durable, nor ever if its
+            // commit fails (then its publish is refused).
+            Ok(Some(round)) => host.hold_until_durable(round, &taken),
+            Ok(None) => {}
         }
     }
     match refused {
@@ -419,5 +513,331 @@ pub fn collect_pushes(
     // Auto-acked and expired messages were settled while dispatching.
     if let Err(r) = journal(host, sink) {
         tracing::error!("journal: {}", r.message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The durability rules of `execute` and `publish`, against a sink that plays the journal:
+    //! it refuses records (a full disk), or names the commit round they wait for (fsync =
+    //! always), whose outcome the test then decides.
+    use super::*;
+    use crate::broker::queue::QueueDelivery;
+    use crate::mesh::types::Declare;
+    use weir_protocol::wire::ErrorCode;
+
+    const A: ConnRef = ConnRef { shard: 0, conn: 1 };
+    const B: ConnRef = ConnRef { shard: 0, conn: 2 };
+    const ROUND: CommitId = CommitId(7);
+
+    /// A journal that is full (`refuse`), or puts every record in commit `round`.
+    struct Sink {
+        refuse: bool,
+        round: Option<CommitId>,
+        settles: usize,
+    }
+
+    impl Sink {
+        fn full() -> Sink {
+            Sink {
+                refuse: true,
+                round: None,
+                settles: 0,
+            }
+        }
+
+        fn waiting() -> Sink {
+            Sink {
+                refuse: false,
+                round: Some(ROUND),
+                settles: 0,
+            }
+        }
+
+        fn result(&self) -> Result<Option<CommitId>, Refusal> {
+            if self.refuse {
+                return Err(Refusal {
+                    code: ErrorCode::DiskFull,
+                    message: "full".into(),
+                });
+            }
+            Ok(self.round)
+        }
+    }
+
+    impl JournalSink for Sink {
+        fn message(
+            &mut self,
+            _: &[(&str, Seq)],
+            _: &Rc<Stored>,
+        ) -> Result<Option<CommitId>, Refusal> {
+            self.result()
+        }
+        fn settle(
+            &mut self,
+            _: &str,
+            _: SettleReason,
+            _: &[(u64, u64)],
+        ) -> Result<Option<CommitId>, Refusal> {
+            self.settles += 1;
+            self.result()
+        }
+        fn catalog(&mut self, _: &CatalogRecord) -> Result<(), Refusal> {
+            Ok(())
+        }
+    }
+
+    fn host() -> QueueHost {
+        let mut h = QueueHost::new(0);
+        let d = Declare {
+            name: "q".into(),
+            durable: true,
+            ..Default::default()
+        };
+        h.declare(A, d, 0).unwrap();
+        h
+    }
+
+    fn item(sequence: u64, persistent: bool) -> PublishItem {
+        PublishItem {
+            sequence,
+            queue: "q".into(),
+            also: Vec::new(),
+            exchange: String::new(),
+            routing_key: "q".into(),
+            mandatory: false,
+            confirm: true,
+            persistent,
+            bytes: Bytes::from(format!("m{sequence}")),
+            expiration_ms: None,
+            deliver_at_ms: None,
+        }
+    }
+
+    /// The (holder, queue seq) of every delivery dispatched now.
+    fn dispatch(h: &mut QueueHost) -> Vec<(HolderId, Seq)> {
+        let mut pushes = Vec::new();
+        collect_pushes(h, &mut NoJournal, 0, 100, &mut pushes);
+        pushes
+            .into_iter()
+            .flat_map(|p| match p {
+                Pushed::Deliver { deliveries, .. } => deliveries,
+                _ => Vec::new(),
+            })
+            .map(|d| (d.holder, d.seq))
+            .collect()
+    }
+
+    fn ack(h: &mut QueueHost, sink: &mut dyn JournalSink, holder: HolderId, seq: Seq) -> Reply {
+        let item = SettleItem {
+            queue: "q".into(),
+            holder,
+            seq,
+            ack: true,
+            requeue: false,
+        };
+        execute(h, sink, A, Op::Settle(vec![item]), 0, &mut Vec::new())
+    }
+
+    fn counts(h: &mut QueueHost) -> (u64, u64) {
+        let i = h.info(A, "q", 0).unwrap();
+        (i.messages_ready, i.messages_unacked)
+    }
+
+    fn get(h: &mut QueueHost, conn: ConnRef) -> Option<QueueDelivery<MsgRef>> {
+        h.get(conn, "q", false, 0).unwrap().0
+    }
+
+    #[test]
+    fn an_ack_whose_record_the_journal_refuses_is_refused_and_stays_outstanding() {
+        let mut h = host();
+        publish(&mut h, &mut NoJournal, A, item(1, true), 0);
+        let holder = h.consume(A, "q", "c", 10, false, false).unwrap();
+        assert_eq!(dispatch(&mut h), vec![(holder, 0)]);
+
+        let reply = ack(&mut h, &mut Sink::full(), holder, 0);
+        assert!(
+            matches!(&reply, Reply::SettleFailed(f) if f[0].code == ErrorCode::DiskFull),
+            "{reply:?}"
+        );
+        assert_eq!(counts(&mut h), (0, 1), "still outstanding");
+        assert!(get(&mut h, B).is_none(), "nobody else gets it meanwhile");
+        // The client may ack it again, and it is settled then.
+        assert!(matches!(
+            ack(&mut h, &mut NoJournal, holder, 0),
+            Reply::Done
+        ));
+        assert_eq!(counts(&mut h), (0, 0));
+    }
+
+    #[test]
+    fn an_ack_waits_for_its_commit_and_comes_back_if_it_fails() {
+        let mut h = host();
+        for s in 1..=2 {
+            publish(&mut h, &mut NoJournal, A, item(s, true), 0);
+        }
+        let holder = h.consume(A, "q", "c", 1, false, false).unwrap();
+        assert_eq!(dispatch(&mut h), vec![(holder, 0)]);
+
+        let mut sink = Sink::waiting();
+        assert!(matches!(ack(&mut h, &mut sink, holder, 0), Reply::Done));
+        assert_eq!(sink.settles, 1, "journaled before it applies");
+        // Its credit is back at once: the next message goes while the record is committed.
+        assert_eq!(dispatch(&mut h), vec![(holder, 1)]);
+        assert_eq!(h.pending_rounds_through(ROUND), vec![ROUND]);
+
+        // The commit failed: outstanding again for the same holder, so acked again later.
+        assert!(h.commit_resolved(ROUND, false));
+        assert_eq!(counts(&mut h), (0, 2));
+        assert!(h.pending_rounds_through(ROUND).is_empty());
+        assert!(matches!(
+            ack(&mut h, &mut NoJournal, holder, 0),
+            Reply::Done
+        ));
+        assert_eq!(counts(&mut h), (0, 1));
+
+        // A commit that succeeds settles it; it is not outstanding any more.
+        assert!(matches!(ack(&mut h, &mut sink, holder, 1), Reply::Done));
+        assert!(h.commit_resolved(ROUND, true));
+        assert_eq!(counts(&mut h), (0, 0));
+        let again = ack(&mut h, &mut NoJournal, holder, 1);
+        assert!(
+            matches!(&again, Reply::SettleFailed(f) if f[0].code == ErrorCode::UnknownDeliveryTag),
+            "{again:?}"
+        );
+        assert!(!h.commit_resolved(ROUND, true), "resolved once");
+    }
+
+    #[test]
+    fn an_ack_whose_commit_fails_after_its_connection_closed_is_redelivered() {
+        let mut h = host();
+        publish(&mut h, &mut NoJournal, A, item(1, true), 0);
+        let holder = h.consume(A, "q", "c", 1, false, false).unwrap();
+        assert_eq!(dispatch(&mut h), vec![(holder, 0)]);
+        assert!(matches!(
+            ack(&mut h, &mut Sink::waiting(), holder, 0),
+            Reply::Done
+        ));
+        h.connection_closed(A);
+        h.commit_resolved(ROUND, false);
+        assert_eq!(
+            counts(&mut h),
+            (1, 0),
+            "back to ready, not stuck with a gone holder"
+        );
+        let d = get(&mut h, B).expect("redelivered");
+        assert_eq!((d.seq, d.delivery_count), (0, 2));
+    }
+
+    #[test]
+    fn a_transient_message_and_a_requeue_need_no_record() {
+        let mut h = host();
+        publish(&mut h, &mut NoJournal, A, item(1, false), 0);
+        publish(&mut h, &mut NoJournal, A, item(2, true), 0);
+        let holder = h.consume(A, "q", "c", 10, false, false).unwrap();
+        assert_eq!(dispatch(&mut h).len(), 2);
+        let mut sink = Sink::full();
+        assert!(matches!(ack(&mut h, &mut sink, holder, 0), Reply::Done));
+        let nack = SettleItem {
+            queue: "q".into(),
+            holder,
+            seq: 1,
+            ack: false,
+            requeue: true,
+        };
+        let reply = execute(
+            &mut h,
+            &mut sink,
+            A,
+            Op::Settle(vec![nack]),
+            0,
+            &mut Vec::new(),
+        );
+        assert!(matches!(reply, Reply::Done));
+        assert_eq!(sink.settles, 0);
+        assert_eq!(counts(&mut h), (1, 0));
+    }
+
+    #[test]
+    fn a_message_is_not_delivered_before_its_commit_nor_ever_if_it_fails() {
+        let mut h = host();
+        let holder = h.consume(A, "q", "c", 10, false, false).unwrap();
+        let mut sink = Sink::waiting();
+        let o = publish(&mut h, &mut sink, A, item(1, true), 0);
+        assert!(o.journaled && o.result.is_ok());
+        // A transient message behind it waits too: the queue keeps its order.
+        publish(&mut h, &mut sink, A, item(2, false), 0);
+        assert!(dispatch(&mut h).is_empty(), "delivered before durable");
+        assert!(get(&mut h, B).is_none());
+        assert!(h.commit_resolved(ROUND, true));
+        assert_eq!(dispatch(&mut h), vec![(holder, 0), (holder, 1)]);
+
+        // Its commit fails: taken out, never delivered; what came after it is not held back.
+        let o = publish(&mut h, &mut sink, A, item(3, true), 0);
+        assert!(o.journaled);
+        publish(&mut h, &mut sink, A, item(4, false), 0);
+        assert!(dispatch(&mut h).is_empty());
+        assert!(h.commit_resolved(ROUND, false));
+        assert_eq!(dispatch(&mut h), vec![(holder, 3)]);
+        assert_eq!(counts(&mut h), (0, 3));
+    }
+
+    #[test]
+    fn a_requeued_message_is_not_held_behind_one_waiting_for_its_commit() {
+        let mut h = host();
+        publish(&mut h, &mut NoJournal, A, item(1, true), 0);
+        let holder = h.consume(A, "q", "c", 1, false, false).unwrap();
+        assert_eq!(dispatch(&mut h), vec![(holder, 0)]);
+        publish(&mut h, &mut Sink::waiting(), A, item(2, true), 0);
+        let nack = SettleItem {
+            queue: "q".into(),
+            holder,
+            seq: 0,
+            ack: false,
+            requeue: true,
+        };
+        execute(
+            &mut h,
+            &mut NoJournal,
+            A,
+            Op::Settle(vec![nack]),
+            0,
+            &mut Vec::new(),
+        );
+        assert_eq!(dispatch(&mut h), vec![(holder, 0)], "redelivered at once");
+        assert_eq!(counts(&mut h), (1, 1), "the held one waits");
+    }
+
+    #[test]
+    fn a_refused_message_record_takes_it_back_from_every_queue() {
+        let mut h = host();
+        h.consume(A, "q", "c", 10, false, false).unwrap();
+        let o = publish(&mut h, &mut Sink::full(), A, item(1, true), 0);
+        assert_eq!(o.result.map_err(|r| r.code), Err(ErrorCode::DiskFull));
+        assert!(!o.journaled);
+        assert!(dispatch(&mut h).is_empty());
+        assert_eq!(counts(&mut h), (0, 0));
+    }
+
+    #[test]
+    fn a_deleted_queue_forgets_what_waited_for_a_commit() {
+        let mut h = host();
+        publish(&mut h, &mut NoJournal, A, item(1, true), 0);
+        let holder = h.consume(A, "q", "c", 1, false, false).unwrap();
+        dispatch(&mut h);
+        ack(&mut h, &mut Sink::waiting(), holder, 0);
+        publish(&mut h, &mut Sink::waiting(), A, item(2, true), 0);
+        h.delete(A, "q", false, false).unwrap();
+        assert!(h.pending_rounds_through(ROUND).is_empty());
+        // Declared again: a late failure of that commit touches nothing of the new queue.
+        let d = Declare {
+            name: "q".into(),
+            durable: true,
+            ..Default::default()
+        };
+        h.declare(A, d, 0).unwrap();
+        publish(&mut h, &mut NoJournal, A, item(3, true), 0);
+        assert!(!h.commit_resolved(ROUND, false));
+        assert_eq!(counts(&mut h), (1, 0));
     }
 }

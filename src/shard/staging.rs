@@ -2,8 +2,10 @@
 //!
 //! Contract: used by the worker while it executes one request, on the shard's thread. It
 //! remembers the newest record the request appended (so the reply can wait for its commit) and
-//! the messages it journaled (so they can be cooled once durable). A record the journal cannot
-//! take is a `Refusal` for the client, never a panic.
+//! the messages it journaled (so they can be cooled once durable). Under fsync = always it tells
+//! the host which commit round a message or a settlement waits for (`JournalSink`), so neither is
+//! seen before it is durable. A record the journal cannot take is a `Refusal` for the client
+//! (`DiskFull` on a full disk), never a panic.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -17,8 +19,10 @@ use crate::mesh::msg::PublishItem;
 use crate::mesh::types::Refusal;
 use crate::mesh::types::Seq;
 use crate::rt::fs::DmaDir;
+use weir_protocol::wire::Durability;
+
 use crate::storage::{
-    Appended, Journal, MessageEnvelope, SettleReason, SettleRecord, StorageError, Target,
+    Appended, CommitId, Journal, MessageEnvelope, SettleReason, SettleRecord, StorageError, Target,
 };
 
 use super::ShardState;
@@ -32,10 +36,12 @@ pub(super) struct Staging<'a> {
     /// shard is over its payload budget.
     written: &'a RefCell<Written>,
     liveness: &'a Rc<Liveness>,
+    /// fsync = always: what is journaled waits for its commit before it is seen.
+    hold: bool,
 }
 
 impl Staging<'_> {
-    fn note(&self, result: Result<Appended, StorageError>) -> Result<(), Refusal> {
+    fn note(&self, result: Result<Appended, StorageError>) -> Result<Option<CommitId>, Refusal> {
         let a = result.map_err(storage_refusal)?;
         if self
             .appended
@@ -44,12 +50,16 @@ impl Staging<'_> {
         {
             self.appended.set(Some(a));
         }
-        Ok(())
+        Ok(self.hold.then_some(a.commit))
     }
 }
 
 impl JournalSink for Staging<'_> {
-    fn message(&mut self, targets: &[(&str, Seq)], msg: &Rc<Stored>) -> Result<(), Refusal> {
+    fn message(
+        &mut self,
+        targets: &[(&str, Seq)],
+        msg: &Rc<Stored>,
+    ) -> Result<Option<CommitId>, Refusal> {
         let envelope = MessageEnvelope {
             exchange: msg.exchange.as_bytes(),
             routing_key: msg.routing_key.as_bytes(),
@@ -76,7 +86,7 @@ impl JournalSink for Staging<'_> {
         queue: &str,
         reason: SettleReason,
         ranges: &[(u64, u64)],
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<CommitId>, Refusal> {
         let record = SettleRecord {
             queue: queue.as_bytes(),
             reason,
@@ -87,6 +97,7 @@ impl JournalSink for Staging<'_> {
 
     fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal> {
         self.note(self.journal.append_control(&record.encode()))
+            .map(|_| ())
     }
 }
 
@@ -98,6 +109,7 @@ impl ShardState {
             appended: &self.appended,
             written: &self.written,
             liveness: &self.liveness,
+            hold: self.session.durability == Durability::Always,
         }
     }
 }

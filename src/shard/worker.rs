@@ -4,11 +4,18 @@
 //! Contract: one task on the shard's thread; it owns the order of everything the shard does to
 //! its queues. It awaits only journal room (a publish), read-backs (cold payloads) and nothing
 //! else; commits are awaited by detached tasks, so later requests join the next group commit.
-//! Faults handled: a journal that cannot take a request's records (the request is refused or
-//! its settlements logged, see `ops::journal`), a commit that fails (the held reply becomes a
-//! refusal, nothing is cooled), a payload that cannot be read back (requeued, `read_back`),
-//! replies and pushes for connections that have gone (dropped).
+//! Faults handled: a journal that cannot take a request's records (the request, or the part of it
+//! that needed them, is refused: `ops`; dispatching's own settlements are logged), a commit that
+//! fails (the held reply becomes a refusal for what that commit carried and no more, its held
+//! messages are taken out of their queues, its acks put back outstanding, nothing is cooled), a
+//! payload that cannot be read back (requeued, `read_back`), replies and pushes for connections
+//! that have gone (dropped).
+//!
+//! Under fsync = always a journaled message is not deliverable, nor an ack applied, before the
+//! commit carrying its record is durable: the commit's waiter resolves it in the host
+//! (`resolve_commits`) and asks the worker to dispatch what that made owed.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::BytesMut;
@@ -18,11 +25,12 @@ use crate::broker::durability;
 use crate::broker::ops;
 use crate::broker::read_back;
 use crate::mesh::msg::{Op, Pushed, Reply};
-use crate::mesh::types::ConnRef;
+use crate::mesh::types::{ConnRef, Refusal};
 use crate::mesh::MeshMsg;
 use crate::net::session::{Addressed, Session};
 use crate::rt;
 use crate::rt::executor::DoorbellWaiter;
+use crate::storage::CommitId;
 
 use super::staging::record_room;
 use super::{now_ms, ShardState};
@@ -63,6 +71,9 @@ impl ShardState {
         };
         let now = now_ms();
         let mut pushes = Vec::new();
+        // The commit round of each journaled message of a publish: a request whose messages
+        // span several commits gets each message's own commit's outcome.
+        let mut rounds: Vec<Option<CommitId>> = Vec::new();
         let reply = match op {
             Op::Publish(items) => {
                 let mut outcomes = Vec::with_capacity(items.len());
@@ -70,7 +81,11 @@ impl ShardState {
                     self.journal.wait_for_room(record_room(&item)).await;
                     let mut host = self.host.borrow_mut();
                     let mut sink = self.staging();
-                    outcomes.push(ops::publish(&mut host, &mut sink, from, item, now));
+                    let outcome = ops::publish(&mut host, &mut sink, from, item, now);
+                    // Its record is the newest the request appended.
+                    let round = self.appended.get().map(|a| a.commit);
+                    rounds.push(round.filter(|_| outcome.journaled));
+                    outcomes.push(outcome);
                 }
                 Reply::Published(outcomes)
             }
@@ -160,7 +175,9 @@ impl ShardState {
         if !dead.is_empty() {
             self.dead_letter(dead).await;
         }
-        // Deliveries go at once; a consumer may see a message before its publisher's confirm.
+        // Deliveries go at once. Under fsync = always the host held back every message whose
+        // record is not durable yet (it becomes deliverable when its commit is); otherwise a
+        // consumer may see a message before its publisher's confirm.
         for push in pushes {
             let to = push_target(&push);
             self.send_to(
@@ -181,18 +198,63 @@ impl ShardState {
         let state = self.clone();
         rt::spawn_detached(async move {
             let result = state.journal.commit(&appended).await;
+            // Every commit up to this one has finished: resolve each round something waits
+            // for (held messages, settlements), by its own outcome.
+            let outcomes = state.resolve_commits(appended.commit, &rounds).await;
             if result.is_ok() {
                 written.cool_over_budget(&mut state.host.borrow_mut());
             }
             if let Some(reply) = waiting {
-                let reply = match result {
-                    Ok(()) => reply,
-                    Err(e) => durability::not_durable(reply, durability::storage_refusal(e)),
+                let reply = match (reply, result) {
+                    (Reply::Published(published), _) => {
+                        Reply::Published(durability::published(published, &rounds, &outcomes))
+                    }
+                    (reply, Ok(())) => reply,
+                    (reply, Err(e)) => {
+                        durability::not_durable(reply, durability::storage_refusal(e))
+                    }
                 };
                 state.reply_to(from, id, reply);
                 state.release_held();
             }
         });
+    }
+
+    /// Resolves in the host every commit round up to `newest` (which has finished) that it
+    /// waits for, or that `rounds` names: held messages become deliverable or are taken out,
+    /// settlements are made or put back; then the worker dispatches what that made owed.
+    /// Returns each round's outcome.
+    async fn resolve_commits(
+        &self,
+        newest: CommitId,
+        rounds: &[Option<CommitId>],
+    ) -> BTreeMap<CommitId, Result<(), Refusal>> {
+        let mut wanted = self.host.borrow().pending_rounds_through(newest);
+        wanted.extend(rounds.iter().flatten().copied());
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut outcomes = BTreeMap::new();
+        let mut changed = false;
+        for round in wanted {
+            // Finished already: this does not wait.
+            let result = self.journal.commit_round(round).await;
+            changed |= self
+                .host
+                .borrow_mut()
+                .commit_resolved(round, result.is_ok());
+            outcomes.insert(round, result.map_err(durability::storage_refusal));
+        }
+        if changed {
+            self.dispatch_owed();
+        }
+        outcomes
+    }
+
+    /// Has the worker dispatch what the host owes, in its order: an empty settlement of the
+    /// shard's own, since every request the worker executes ends by dispatching (and by
+    /// publishing what was dead-lettered); its answer goes to nobody.
+    fn dispatch_owed(&self) {
+        self.request_of_own(self.id, 0, Op::Settle(Vec::new()));
     }
 
     pub(super) fn deliver(&self, msg: MeshMsg) {

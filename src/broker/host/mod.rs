@@ -10,7 +10,8 @@
 //! This file holds the queue map and what changes it: declarations, deletion, purge, info, list,
 //! publish, recovery. `consumers` serves consumers and `Get`s and releases what a closed
 //! connection held; `settle` keeps the books of what leaves a queue (journal settles, dead
-//! letters, drop counts, expiry, the liveness of journal segments as messages cool).
+//! letters, drop counts, expiry, the liveness of journal segments as messages cool) and of what
+//! waits for a commit (held messages, acks taken out until their record is durable).
 //!
 //! What grows with clients is bounded here (`HostLimits`): the queues of the shard
 //! (`queues_per_shard_max`, a declare past it refused) and the entries of every queue's index
@@ -39,10 +40,11 @@ use crate::broker::queue::{
 use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
 use crate::mesh::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::mesh::types::{HolderId, Seq};
+use crate::storage::CommitId;
 use crate::storage::SettleReason;
 
 pub use consumers::{charge_of, Outgoing};
-pub use settle::{DeadLetter, JournalWork};
+pub use settle::{DeadLetter, JournalWork, SettlePlan};
 
 /// A delivery of a stored message.
 pub type StoredDelivery = QueueDelivery<MsgRef>;
@@ -70,6 +72,8 @@ struct Hosted {
     /// until that connection closes.
     retired: HashMap<HolderId, ConnRef>,
     had_consumer: bool,
+    /// Messages whose record's commit is not durable yet (fsync = always): not deliverable.
+    held: BTreeSet<Seq>,
 }
 
 impl Hosted {
@@ -153,6 +157,10 @@ pub struct QueueHost {
     /// Entries of every queue here (ready, delayed, outstanding), against `queued_messages_max`.
     index: IndexCount,
     limits: HostLimits,
+    /// Held messages by the commit round carrying their record (`hold_until_durable`).
+    unconfirmed: BTreeMap<CommitId, Vec<(Rc<str>, Seq)>>,
+    /// Acks and nacks whose settle record's commit round is not durable yet.
+    settling: BTreeMap<CommitId, Vec<settle::Pending>>,
 }
 
 impl QueueHost {
@@ -186,6 +194,8 @@ impl QueueHost {
             outboxes: consumers::Outboxes::default(),
             index: IndexCount::default(),
             limits: HostLimits::UNBOUNDED,
+            unconfirmed: BTreeMap::new(),
+            settling: BTreeMap::new(),
         }
     }
 
@@ -266,6 +276,20 @@ impl QueueHost {
         }
     }
 
+    /// Holds a just-published message back in each queue of `taken` until the commit `round`
+    /// carrying its record is durable (`commit_resolved`): under fsync = always a consumer is
+    /// never handed a message a crash could still lose, nor one whose publish is then refused.
+    pub fn hold_until_durable(&mut self, round: CommitId, taken: &[(&str, Seq)]) {
+        let pending = self.unconfirmed.entry(round).or_default();
+        for (queue, seq) in taken {
+            if let Some(q) = self.queues.get_mut(*queue) {
+                q.held.insert(*seq);
+                q.queue.set_hold(q.held.first().copied());
+                pending.push((q.name.clone(), *seq));
+            }
+        }
+    }
+
     /// Puts back a durable queue and its messages, recovered from the journal.
     pub fn restore_queue(
         &mut self,
@@ -303,6 +327,7 @@ impl QueueHost {
             consumers: HashMap::new(),
             retired: HashMap::new(),
             had_consumer: false,
+            held: BTreeSet::new(),
         };
         self.queues.insert(name, hosted);
     }
@@ -386,6 +411,7 @@ impl QueueHost {
             consumers: HashMap::new(),
             retired: HashMap::new(),
             had_consumer: false,
+            held: BTreeSet::new(),
         };
         let info = q.info(shard, now_ms);
         self.queues.insert(name, q);
@@ -422,6 +448,7 @@ impl QueueHost {
             return (0, Vec::new());
         };
         self.removed.push(name.to_string());
+        self.forget_pending(name);
         for segment in q.queue.messages().filter_map(MsgRef::cold_segment) {
             self.liveness.sub(segment);
         }
@@ -556,6 +583,7 @@ impl QueueHost {
     /// A connection went away: its consumers and `Get`s release their deliveries (redelivered
     /// later), its exclusive queues are deleted, auto-delete queues left without consumers go.
     pub fn connection_closed(&mut self, conn: ConnRef) {
+        self.release_settling(conn);
         let mut gone = self.release_connection(conn);
         gone.extend(
             self.queues

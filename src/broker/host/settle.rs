@@ -7,6 +7,19 @@
 //! live (`Liveness`) until nothing refers to its record, so reclaim never takes a record still
 //! needed. Faults handled: an ack or nack for a delivery that is not outstanding for its owner is
 //! refused (`UnknownDeliveryTag`), nothing changes.
+//!
+//! Durability of what a request changed, under fsync = always (`ops` decides, the shard tells the
+//! outcome of each commit round through `commit_resolved`): an ack, or a nack without requeue, of
+//! a journaled message is taken out of its queue while its settle record is not durable
+//! (`settle_when_durable`: its consumer's credit is given back at once) and settled only once
+//! that commit is; if the commit fails it is put back, outstanding for the same holder (or ready,
+//! if the holder's connection closed meanwhile), so an ack the client is told failed is never
+//! applied. A journaled message is held in its queues, not deliverable, until its record's commit
+//! is durable (`QueueHost::hold_until_durable`), and taken out again if that commit fails: a
+//! refused publish is never delivered. Settlements made while dispatching (auto-acks, expiry,
+//! overflow, a requeue past `max_deliveries`) stay at least once: applied at once, their records
+//! journaled with the next commit, a record that cannot be is logged (redelivered after a
+//! restart).
 
 use std::rc::Rc;
 
@@ -14,11 +27,31 @@ use weir_protocol::wire::ErrorCode;
 
 use super::QueueHost;
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::queue::Settled;
+use crate::broker::queue::{Settled, Taken};
 use crate::broker::stored::{Liveness, MsgRef};
 use crate::mesh::types::{ConnRef, Refusal};
 use crate::mesh::types::{HolderId, Seq};
-use crate::storage::SettleReason;
+use crate::storage::{CommitId, SettleReason};
+
+/// An ack or nack waiting for its settle record's commit.
+#[derive(Debug)]
+pub(super) struct Pending {
+    queue: Rc<str>,
+    conn: ConnRef,
+    taken: Taken<MsgRef>,
+    ack: bool,
+    /// The holder's connection closed meanwhile: if the commit fails, it goes back to ready.
+    released: bool,
+}
+
+/// How a settlement is to be made (`QueueHost::settle_plan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettlePlan {
+    /// Nothing needs journaling first (a transient message, or a requeue): settled at once.
+    Now,
+    /// Its settle record, with this reason, must be journaled first.
+    Record(SettleReason),
+}
 
 /// A message its queue dead-lettered (rejected without requeue, expired, pushed out by overflow,
 /// past `max_deliveries`): the shard publishes it to `exchange` with `routing_key` (the queue's
@@ -59,6 +92,174 @@ impl QueueHost {
         ack: bool,
         requeue: bool,
     ) -> Result<(), Refusal> {
+        self.settle_with(conn, queue, holder, seq, ack, requeue, true)
+    }
+
+    /// As `settle`, for a settlement whose record the caller has journaled already.
+    pub fn settle_journaled(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        holder: HolderId,
+        seq: Seq,
+        ack: bool,
+    ) -> Result<(), Refusal> {
+        self.settle_with(conn, queue, holder, seq, ack, false, false)
+    }
+
+    /// Checks a settlement without applying it, and says whether its record must be journaled
+    /// first (an ack, or a nack without requeue, of a journaled message) and with which reason.
+    pub fn settle_plan(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        holder: HolderId,
+        seq: Seq,
+        ack: bool,
+        requeue: bool,
+    ) -> Result<SettlePlan, Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let Some(msg) = q.queue.outstanding_for(holder, seq) else {
+            return Err(Refusal {
+                code: ErrorCode::UnknownDeliveryTag,
+                message: crate::broker::queue::QueueError::NotOutstanding { holder, seq }
+                    .to_string(),
+            });
+        };
+        Ok(if (!ack && requeue) || !msg.journaled() {
+            SettlePlan::Now
+        } else {
+            SettlePlan::Record(q.queue.settle_reason(ack))
+        })
+    }
+
+    /// Takes an outstanding delivery out for an ack (or a nack without requeue) whose settle
+    /// record goes with commit `round`; `commit_resolved` settles it or puts it back.
+    pub fn settle_when_durable(
+        &mut self,
+        round: CommitId,
+        conn: ConnRef,
+        queue: &str,
+        holder: HolderId,
+        seq: Seq,
+        ack: bool,
+    ) -> Result<(), Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let taken = q.queue.take(holder, seq).map_err(|e| Refusal {
+            code: ErrorCode::UnknownDeliveryTag,
+            message: e.to_string(),
+        })?;
+        let name = q.name.clone();
+        self.settling.entry(round).or_default().push(Pending {
+            queue: name.clone(),
+            conn,
+            taken,
+            ack,
+            released: false,
+        });
+        // Its credit came back: the consumer may be owed more.
+        self.dirty.insert(name);
+        Ok(())
+    }
+
+    /// The commit rounds up to `round` that something here waits for.
+    pub fn pending_rounds_through(&self, round: CommitId) -> Vec<CommitId> {
+        let mut rounds: Vec<CommitId> = self
+            .unconfirmed
+            .range(..=round)
+            .map(|(r, _)| *r)
+            .chain(self.settling.range(..=round).map(|(r, _)| *r))
+            .collect();
+        rounds.sort_unstable();
+        rounds.dedup();
+        rounds
+    }
+
+    /// Commit `round` is durable, or failed: the messages it held become deliverable, or are
+    /// taken out (never accepted); the settlements waiting for it are made, or put back. Each
+    /// round is resolved once, by whichever waiter gets there first. Returns whether anything
+    /// changed (then dispatching may be owed).
+    pub fn commit_resolved(&mut self, round: CommitId, durable: bool) -> bool {
+        let mut changed = false;
+        for (queue, seq) in self.unconfirmed.remove(&round).unwrap_or_default() {
+            let Some(q) = self.queues.get_mut(&queue) else {
+                continue;
+            };
+            q.held.remove(&seq);
+            if !durable {
+                q.queue.remove_waiting(seq);
+            }
+            q.queue.set_hold(q.held.first().copied());
+            self.dirty.insert(queue);
+            changed = true;
+        }
+        for p in self.settling.remove(&round).unwrap_or_default() {
+            let Some(q) = self.queues.get_mut(&p.queue) else {
+                self.dispose(p);
+                continue;
+            };
+            let mut settled = Vec::new();
+            let journal = if durable {
+                settled.push(q.queue.finish(p.taken, p.ack));
+                false
+            } else {
+                q.queue.put_back(p.taken, p.released, &mut settled);
+                true // only a requeue past max_deliveries, settled as dispatching does
+            };
+            self.note_settled_with(&p.queue, settled, journal);
+            self.dirty.insert(p.queue);
+            changed = true;
+        }
+        changed
+    }
+
+    /// A queue went: what waited for a commit in it is forgotten (a queue declared again under
+    /// the name must not see it).
+    pub(super) fn forget_pending(&mut self, queue: &str) {
+        self.unconfirmed.retain(|_, held| {
+            held.retain(|(q, _)| &**q != queue);
+            !held.is_empty()
+        });
+        let mut gone = Vec::new();
+        self.settling.retain(|_, pending| {
+            let (this, rest): (Vec<Pending>, Vec<Pending>) = std::mem::take(pending)
+                .into_iter()
+                .partition(|p| &*p.queue == queue);
+            gone.extend(this);
+            *pending = rest;
+            !pending.is_empty()
+        });
+        for p in gone {
+            self.dispose(p);
+        }
+    }
+
+    /// A connection closed: what it was settling goes back to ready if its commit fails.
+    pub(super) fn release_settling(&mut self, conn: ConnRef) {
+        for p in self.settling.values_mut().flatten() {
+            if p.conn == conn {
+                p.released = true;
+            }
+        }
+    }
+
+    fn dispose(&self, p: Pending) {
+        if let Some(segment) = p.taken.msg().cold_segment() {
+            self.liveness.sub(segment);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn settle_with(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        holder: HolderId,
+        seq: Seq,
+        ack: bool,
+        requeue: bool,
+        journal: bool,
+    ) -> Result<(), Refusal> {
         let q = self.get_queue(conn, queue)?;
         let mut settled = Vec::new();
         let result = if ack {
@@ -71,7 +272,7 @@ impl QueueHost {
             message: e.to_string(),
         })?;
         let name = q.name.clone();
-        self.note_settled(&name, settled);
+        self.note_settled_with(&name, settled, journal);
         self.dirty.insert(name);
         Ok(())
     }
@@ -79,13 +280,18 @@ impl QueueHost {
     /// Counts what was settled and remembers the settlements of journaled messages, and the
     /// messages to dead-letter.
     pub(super) fn note_settled(&mut self, queue: &Rc<str>, settled: Vec<Settled<MsgRef>>) {
+        self.note_settled_with(queue, settled, true)
+    }
+
+    /// As `note_settled`; `journal` false when the settle records are journaled already.
+    fn note_settled_with(&mut self, queue: &Rc<str>, settled: Vec<Settled<MsgRef>>, journal: bool) {
         let target = self.queues.get(queue).and_then(|q| {
             let a = &q.arguments;
             let exchange = a.dead_letter_exchange.clone()?;
             Some((exchange, a.dead_letter_routing_key.clone()))
         });
         for s in settled {
-            if s.msg.journaled() {
+            if journal && s.msg.journaled() {
                 self.settles.push((queue.clone(), s.seq, s.reason));
             }
             match (&target, s.reason) {

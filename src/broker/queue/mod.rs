@@ -10,7 +10,11 @@
 //! (waiting, in sequence order), delayed (its delivery time still to come), outstanding
 //! (delivered to one owner, not yet settled), or settled (handed back to the caller in a
 //! `Settled`, after which the queue forgets it). The property test
-//! in `tests.rs` checks that against a model after every event.
+//! in `tests.rs` checks that against a model after every event. One more place, outside the
+//! queue: a delivery `take`n for a settlement whose record is not durable yet is the caller's
+//! until it hands it back to `finish` (settled) or `put_back` (outstanding or ready again).
+//! Waiting messages from the `set_hold` sequence number on are not handed out (nor expired) yet:
+//! their records are not durable.
 //!
 //! Every entry the queue holds is counted in its `IndexCount` (shared by all the queues of a
 //! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
@@ -156,6 +160,34 @@ pub struct Queue<M> {
     cursor: usize,
     next_seq: Seq,
     index: IndexCount,
+    /// Waiting messages from this sequence number on are not deliverable yet: their records'
+    /// commit is not durable (`hold_from`). Nothing older is ever behind it, see `set_hold`.
+    hold: Option<Seq>,
+}
+
+/// An outstanding delivery taken out of its queue for a settlement whose record is not durable
+/// yet: its holder's credit is given back at once; `finish` settles it once the record is
+/// durable, `put_back` makes it outstanding again if it never will be.
+#[derive(Clone, Debug)]
+pub struct Taken<M> {
+    holder: HolderId,
+    entry: Entry<M>,
+    /// When it was handed out: a put-back delivery keeps its age for `consumer_timeout_ms`.
+    delivered_ms: u64,
+}
+
+impl<M> Taken<M> {
+    pub fn seq(&self) -> Seq {
+        self.entry.seq
+    }
+
+    pub fn holder(&self) -> HolderId {
+        self.holder
+    }
+
+    pub fn msg(&self) -> &M {
+        &self.entry.msg
+    }
 }
 
 impl<M: Clone> Queue<M> {
@@ -178,6 +210,7 @@ impl<M: Clone> Queue<M> {
             consumers: Vec::new(),
             cursor: 0,
             next_seq,
+            hold: None,
         }
     }
 
@@ -527,6 +560,9 @@ impl<M: Clone> Queue<M> {
         let mut sent = 0;
         while sent < max {
             self.expire_head(now_ms, settled);
+            if self.head_held() {
+                return;
+            }
             let Some(head) = self.ready.front() else {
                 return;
             };
@@ -561,6 +597,9 @@ impl<M: Clone> Queue<M> {
     ) -> Option<QueueDelivery<M>> {
         self.promote(now_ms, settled);
         self.expire_head(now_ms, settled);
+        if self.head_held() {
+            return None;
+        }
         self.hand_out(holder, auto_ack, now_ms, settled)
     }
 
@@ -732,7 +771,7 @@ impl<M: Clone> Queue<M> {
     }
 
     fn expire_head(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
-        while self.ready.front().is_some_and(|e| e.deadline_ms <= now_ms) {
+        while self.ready.front().is_some_and(|e| e.deadline_ms <= now_ms) && !self.head_held() {
             let e = self.pop_ready().expect("not empty");
             let reason = if self.policy.dead_letter {
                 SettleReason::DeadLettered
@@ -765,6 +804,98 @@ impl<M: Clone> Queue<M> {
 
     fn counted_in(&self) {
         self.index.set(self.index.get() + 1);
+    }
+
+    /// Holds back every waiting message from `from` on (`None`: none): they are not handed out,
+    /// nor expired, until the hold moves past them. The caller holds only messages newer than
+    /// any it ever let go, so a requeued message is never behind the hold.
+    pub fn set_hold(&mut self, from: Option<Seq>) {
+        self.hold = from;
+    }
+
+    fn head_held(&self) -> bool {
+        self.hold
+            .is_some_and(|h| self.ready.front().is_some_and(|e| e.seq >= h))
+    }
+
+    /// Takes back the waiting (ready or delayed) message `seq`, wherever it is: its record's
+    /// commit failed, so it was never accepted. Returns whether it was there.
+    pub fn remove_waiting(&mut self, seq: Seq) -> bool {
+        let at = self.ready.partition_point(|e| e.seq < seq);
+        if self.ready.get(at).is_some_and(|e| e.seq == seq) {
+            let e = self.ready.remove(at).expect("checked");
+            self.ready_bytes -= u64::from(e.bytes);
+            self.counted_out(1);
+            return true;
+        }
+        if let Some(e) = self.delayed.remove(&seq) {
+            self.due.retain(|&(_, s)| s != e.seq);
+            self.counted_out(1);
+            return true;
+        }
+        false
+    }
+
+    /// The message `seq` if it is outstanding for `holder`.
+    pub fn outstanding_for(&self, holder: HolderId, seq: Seq) -> Option<&M> {
+        self.outstanding
+            .get(&seq)
+            .filter(|o| o.holder == holder)
+            .map(|o| &o.entry.msg)
+    }
+
+    /// How an ack (or a nack without requeue) of one of this queue's messages is settled.
+    pub fn settle_reason(&self, ack: bool) -> SettleReason {
+        match (ack, self.policy.dead_letter) {
+            (true, _) => SettleReason::Acked,
+            (false, true) => SettleReason::DeadLettered,
+            (false, false) => SettleReason::Dropped,
+        }
+    }
+
+    /// Takes an outstanding delivery out for a settlement (see `Taken`); its holder's credit is
+    /// given back now. A taken entry is not counted in the index while it is out (the queue may
+    /// be dropped meanwhile); `put_back` counts it again.
+    pub fn take(&mut self, holder: HolderId, seq: Seq) -> Result<Taken<M>, QueueError> {
+        let o = self.take_outstanding(holder, seq)?;
+        self.counted_out(1);
+        Ok(Taken {
+            holder,
+            entry: o.entry,
+            delivered_ms: o.delivered_ms,
+        })
+    }
+
+    /// Settles a taken delivery: acked, or (a nack without requeue) dead-lettered or dropped.
+    pub fn finish(&self, t: Taken<M>, ack: bool) -> Settled<M> {
+        let reason = self.settle_reason(ack);
+        Settled {
+            seq: t.entry.seq,
+            msg: t.entry.msg,
+            bytes: t.entry.bytes,
+            reason,
+        }
+    }
+
+    /// Puts a taken delivery back: outstanding for its holder again (its consumer, if still
+    /// here, takes the credit back), or, if that holder has been released meanwhile (its
+    /// connection closed), back to ready to be redelivered.
+    pub fn put_back(&mut self, t: Taken<M>, released: bool, settled: &mut Vec<Settled<M>>) {
+        self.counted_in();
+        if released {
+            self.requeue(t.entry, settled);
+            return;
+        }
+        if let Some(c) = self.consumers.iter_mut().find(|c| c.id == t.holder) {
+            c.in_flight += 1;
+        }
+        let seq = t.entry.seq;
+        let o = Outstanding {
+            entry: t.entry,
+            holder: t.holder,
+            delivered_ms: t.delivered_ms,
+        };
+        self.outstanding.insert(seq, o);
     }
 
     fn push_ready(&mut self, entry: Entry<M>) {

@@ -23,7 +23,7 @@
 //! under 2% once commits carry 256 KiB).
 //!
 //! Faults handled: a full disk (an error or a short O_DIRECT write) fails the round with
-//! `NoSpace` and abandons what was staged after it; any other write error, and every failed
+//! `NoSpace` and abandons what was staged after it (failed with `NoSpace` too); any other write error, and every failed
 //! fdatasync, poisons the journal (`Failed`). A segment whose creation ran out of space is
 //! removed again so the next try starts clean.
 
@@ -140,8 +140,13 @@ impl<D: SegmentDir + 'static> Journal<D> {
     fn fail_round(&self, st: &mut State<D>, round: u64, segment: u32, failure: RoundFailure) {
         tracing::error!(round, segment, ?failure, "journal commit failed");
         st.failed.insert(round, failure.clone());
-        let abandoned =
-            RoundFailure::Abandoned(format!("an earlier commit failed: {}", failure.error()));
+        // What was staged after a commit that ran out of space failed for a full disk too, and
+        // is told so (a client hears `DiskFull`, not a storage failure).
+        let why = format!("an earlier commit failed: {}", failure.error());
+        let abandoned = match &failure {
+            RoundFailure::NoSpace(_) => RoundFailure::NoSpace(why),
+            RoundFailure::Abandoned(_) | RoundFailure::Failed(_) => RoundFailure::Abandoned(why),
+        };
         for c in st.staged.drain(..) {
             st.failed
                 .entry(c.round)

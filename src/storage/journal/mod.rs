@@ -20,7 +20,8 @@
 //! corruption (see `recovery`).
 //!
 //! Faults: out of disk space fails the commit in progress and every staged record with
-//! [`StorageError::NoSpace`] / [`StorageError::Abandoned`], refuses appends until space returns
+//! [`StorageError::NoSpace`] (the records staged after it too: a full disk is what they are told),
+//! refuses appends until space returns
 //! ([`Journal::reclaim`] or [`Journal::resume_after_no_space`]), and keeps everything committed.
 //! Any other write or fdatasync error stops the journal ([`StorageError::Failed`]): after a failed
 //! fdatasync the contents of the disk are unknown, and only recovery can tell what is there.
@@ -361,7 +362,13 @@ impl<D: SegmentDir + 'static> Journal<D> {
 
     /// Resolves when the commit carrying `appended` is durable, or with why it never will be.
     pub async fn commit(&self, appended: &Appended) -> Result<(), StorageError> {
-        let round = appended.commit.0;
+        self.commit_round(appended.commit).await
+    }
+
+    /// Resolves when commit `commit` is durable, or with why it never will be; at once for one
+    /// that has finished (every commit before a finished one has finished too).
+    pub async fn commit_round(&self, commit: CommitId) -> Result<(), StorageError> {
+        let round = commit.0;
         poll_fn(|cx| {
             let mut st = self.inner.state.borrow_mut();
             if round < st.finished_below {

@@ -1,0 +1,265 @@
+//! A full disk never breaks an answer: the real broker with its data on a small ext4 image,
+//! loop-mounted, under the default `fsync = always`. Needs root, a loop device, mkfs.ext4 and
+//! mount; where any is missing each test prints why and skips (the rules themselves are
+//! unit-tested in `broker::ops` and `broker::durability`).
+//!
+//! - An ack whose settle record cannot be journaled is answered `DiskFull`, not `Ok`, and its
+//!   delivery stays with its consumer: nobody else gets it while that consumer's connection
+//!   lives, it is redelivered when it closes, and it is still there after a restart.
+//! - Publishing to a consumed queue until the disk fills: every refusal is `DiskFull`, no
+//!   refused message is ever delivered or left in the queue, every confirmed one is delivered.
+
+mod common;
+mod loop_mount;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{temp_dir, Client, TIMEOUT};
+use loop_mount::{small_filesystem, Mounted};
+use weir_protocol::wire::{self, BodyT, ErrorCode};
+use weir_protocol::WireLimits;
+
+const BODY_BYTES: usize = 4096;
+const BATCH: u64 = 250;
+
+/// Of the 24 MiB filesystem, what is taken before the broker starts: less to fill (a faster
+/// test), and room to give back before a restart.
+const BALLAST_BYTES: usize = 12 << 20;
+
+/// The small filesystem with `BALLAST_BYTES` taken in `ballast`; or none, said loudly.
+fn filesystem(test: &str) -> Option<Mounted> {
+    match small_filesystem() {
+        Ok(fs) => {
+            std::fs::write(fs.mount.join("ballast"), vec![1u8; BALLAST_BYTES]).expect("ballast");
+            Some(fs)
+        }
+        Err(why) => {
+            println!(
+                "SKIPPED (nothing tested): {test} needs a loop-mounted ext4 filesystem \
+                 (root, losetup, mkfs.ext4, mount): {why}"
+            );
+            None
+        }
+    }
+}
+
+fn start(data: &std::path::Path, dir: &str) -> weir_testkit::Broker {
+    let outside = temp_dir(dir);
+    let config = outside.join("weir.toml");
+    std::fs::write(
+        &config,
+        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\n",
+    )
+    .unwrap();
+    weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+        .data_dir(data)
+        .args(["--config", config.to_str().unwrap()])
+        .rust_log("warn")
+        .stderr_to_file(outside.join("weir.log"))
+        .ready_timeout(TIMEOUT)
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A body that names its publish sequence number.
+fn body(seq: u64) -> Vec<u8> {
+    let mut b = format!("m{seq:08}").into_bytes();
+    b.resize(BODY_BYTES, b'.');
+    b
+}
+
+fn seq_of(body: &[u8]) -> u64 {
+    std::str::from_utf8(&body[1..9]).unwrap().parse().unwrap()
+}
+
+/// What became of each publish sequence: confirmed, or refused with a code.
+#[derive(Default)]
+struct Answers {
+    confirmed: BTreeSet<u64>,
+    refused: BTreeMap<u64, ErrorCode>,
+}
+
+/// Publishes `BATCH` messages to `queue` from sequence `first` and reads every answer; returns
+/// whether any was refused.
+fn publish_batch(c: &mut Client, queue: &str, first: u64, answers: &mut Answers) -> bool {
+    let bodies: Vec<Vec<u8>> = (first..first + BATCH).map(body).collect();
+    let refs: Vec<&[u8]> = bodies.iter().map(|b| b.as_slice()).collect();
+    c.publish(queue, first, &refs, false);
+    let mut refused = false;
+    let answered = |a: &Answers| {
+        (first..first + BATCH).all(|s| a.confirmed.contains(&s) || a.refused.contains_key(&s))
+    };
+    while !answered(answers) {
+        let f = c.recv().expect("closed while publishing");
+        match f.body {
+            BodyT::Confirm(cf) => {
+                for r in cf.ranges {
+                    answers.confirmed.extend(r.first..=r.last);
+                }
+            }
+            BodyT::Error(e) => {
+                refused = true;
+                for r in e.sequences.unwrap_or_default() {
+                    for s in r.first..=r.last {
+                        answers.refused.insert(s, e.code);
+                    }
+                }
+            }
+            other => panic!("publishing: {other:?}"),
+        }
+    }
+    refused
+}
+
+/// Publishes to `queue` until the disk is full (a batch had refusals), then one batch more;
+/// returns every answer.
+fn fill(c: &mut Client, queue: &str) -> Answers {
+    let mut answers = Answers::default();
+    let mut next = 1;
+    loop {
+        assert!(next < 100_000, "the 24 MiB filesystem never filled");
+        let refused = publish_batch(c, queue, next, &mut answers);
+        next += BATCH;
+        if refused {
+            break;
+        }
+    }
+    publish_batch(c, queue, next, &mut answers);
+    answers
+}
+
+fn get(c: &mut Client, queue: &str) -> wire::GetOkT {
+    let mut g = wire::GetT::default();
+    g.queue = queue.to_string();
+    match c.request(BodyT::Get(Box::new(g))) {
+        BodyT::GetOk(ok) => *ok,
+        other => panic!("get: {other:?}"),
+    }
+}
+
+#[test]
+fn an_ack_on_a_full_disk_is_refused_and_its_delivery_stays_with_its_consumer() {
+    let Some(fs) = filesystem("the full-disk ack test") else {
+        return;
+    };
+    // Room given back before the restart: opening the journal starts a fresh segment.
+    let ballast = fs.mount.join("ballast");
+    let data = fs.mount.join("data");
+    let mut broker = start(&data, "disk-full-ack");
+
+    let mut first = Client::connect(broker.listen);
+    first.handshake();
+    first.declare("q");
+    first.declare("fill");
+    let held = body(0);
+    first.publish("q", 1, &[held.as_slice()], false);
+    first.await_confirms(1, 1);
+    first.consume("q", "first", 10, false);
+    let got = first.deliveries(1);
+    assert_eq!(got[0].body, held);
+
+    let mut filler = Client::connect(broker.listen);
+    filler.handshake();
+    let answers = fill(&mut filler, "fill");
+    assert!(!answers.refused.is_empty());
+
+    // The ack cannot be journaled: it is refused, not answered Ok.
+    let mut ack = wire::AckT::default();
+    ack.ranges = vec![wire::RangeT {
+        first: got[0].delivery_tag,
+        last: got[0].delivery_tag,
+    }];
+    match first.request(BodyT::Ack(Box::new(ack))) {
+        BodyT::Error(e) => assert_eq!(e.code, ErrorCode::DiskFull, "{e:?}"),
+        other => panic!("an ack that could not be journaled was answered {other:?}"),
+    }
+
+    // Still the first consumer's: nobody else gets it while its connection lives...
+    let mut second = Client::connect(broker.listen);
+    second.handshake();
+    let ok = get(&mut second, "q");
+    assert!(ok.delivery.is_none(), "handed out while still held");
+    let BodyT::QueueInfo(info) = second.info("q") else {
+        panic!("no info")
+    };
+    assert_eq!(info.messages_unacked, 1, "the refused ack was applied");
+    // ...and it is redelivered once that connection closes.
+    second.consume("q", "second", 10, false);
+    drop(first);
+    let again = second.deliveries(1);
+    assert_eq!(again[0].body, held);
+    assert!(again[0].redelivered);
+
+    // Never acked, so it survives a restart.
+    broker.kill();
+    broker.keep_data();
+    drop((second, filler));
+    drop(broker);
+    std::fs::remove_file(&ballast).expect("ballast");
+    let broker = start(&data, "disk-full-ack-restarted");
+    let mut c = Client::connect(broker.listen);
+    c.handshake();
+    let BodyT::QueueInfo(info) = c.info("q") else {
+        panic!("the durable queue is gone")
+    };
+    assert_eq!(
+        info.messages_ready, 1,
+        "the unacked message did not survive"
+    );
+}
+
+#[test]
+fn on_a_full_disk_no_refused_publish_is_delivered_and_every_confirmed_one_is() {
+    let Some(fs) = filesystem("the full-disk publish test") else {
+        return;
+    };
+    let data = fs.mount.join("data");
+    let broker = start(&data, "disk-full-publish");
+    let mut consumer = Client::connect(broker.listen);
+    consumer.handshake();
+    consumer.declare("q");
+    consumer.consume("q", "c", 65_535, false);
+
+    let mut producer = Client::connect(broker.listen);
+    producer.handshake();
+    let answers = fill(&mut producer, "q");
+    let codes: BTreeSet<_> = answers.refused.values().map(|c| format!("{c:?}")).collect();
+    assert!(
+        answers.refused.values().all(|c| *c == ErrorCode::DiskFull),
+        "a full disk must always be DiskFull, got {codes:?}"
+    );
+    assert!(!answers.confirmed.is_empty());
+
+    // Every confirmed message reaches the consumer; no refused one ever does.
+    let mut delivered = BTreeSet::new();
+    while !answers.confirmed.is_subset(&delivered) {
+        let f = consumer.recv().expect("closed while consuming");
+        let BodyT::Deliver(d) = f.body else {
+            panic!("expected deliveries, got {f:?}")
+        };
+        for x in d.deliveries {
+            let m = weir_protocol::verify_message(&x.message, &WireLimits::DEFAULT)
+                .unwrap()
+                .unpack();
+            let seq = seq_of(&m.body.unwrap_or_default());
+            assert!(
+                !answers.refused.contains_key(&seq),
+                "message {seq} was refused ({:?}) and delivered",
+                answers.refused[&seq]
+            );
+            assert!(delivered.insert(seq), "message {seq} delivered twice");
+        }
+    }
+    // And the queue holds exactly the confirmed ones (all delivered, unacked): no refused one
+    // waits in it to be delivered later.
+    let BodyT::QueueInfo(info) = producer.info("q") else {
+        panic!("no info")
+    };
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked),
+        (0, answers.confirmed.len() as u64),
+        "{} confirmed, {} refused",
+        answers.confirmed.len(),
+        answers.refused.len()
+    );
+}
