@@ -151,6 +151,10 @@ struct FileLimits {
     delay_ms_max: Option<u64>,
     handshake_timeout_ms: Option<u64>,
     cache_bytes_max: Option<u64>,
+    publish_bytes_in_flight_max: Option<u64>,
+    work_bytes_max: Option<u64>,
+    mesh_outgoing_bytes_max: Option<u64>,
+    message_copy_bytes_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -288,6 +292,14 @@ impl Config {
             b.cache_bytes_max = l.cache_bytes_max.unwrap_or(b.cache_bytes_max);
             b.delay_ms_max = l.delay_ms_max.unwrap_or(b.delay_ms_max);
             b.handshake_timeout_ms = l.handshake_timeout_ms.unwrap_or(b.handshake_timeout_ms);
+            b.publish_bytes_in_flight_max = l
+                .publish_bytes_in_flight_max
+                .unwrap_or(b.publish_bytes_in_flight_max);
+            b.work_bytes_max = l.work_bytes_max.unwrap_or(b.work_bytes_max);
+            b.mesh_outgoing_bytes_max = l
+                .mesh_outgoing_bytes_max
+                .unwrap_or(b.mesh_outgoing_bytes_max);
+            set(&mut b.message_copy_bytes_max, l.message_copy_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }

@@ -52,6 +52,25 @@ pub struct BrokerLimits {
     /// A connection that never speaks still holds its buffers and a slot of
     /// `connections_per_shard_max`: silent sockets would otherwise crowd out real clients.
     pub handshake_timeout_ms: u64,
+    /// Bytes of messages a connection may have published and not yet had confirmed (or refused).
+    /// Past it the broker stops reading the connection, as at `publishes_in_flight_max`: a count
+    /// alone lets 64 KiB messages pin 4 GiB per connection. At least one frame holding a message
+    /// of `message_size_max`, so any message the wire accepts can be in flight.
+    pub publish_bytes_in_flight_max: u64,
+    /// Bytes of work queued for a shard's worker (requests, replies and pushes, payloads
+    /// included, from its connections and its peers). Past it the shard stops receiving from the
+    /// mesh, so the channels fill and the peers' flushers wait, and its connections stop reading:
+    /// backpressure reaches the senders instead of the queue growing.
+    pub work_bytes_max: u64,
+    /// Bytes a shard has queued for its peers and not yet handed to a mesh channel. Past it the
+    /// shard's connections stop reading: a slow peer slows its producers, not the sender's heap.
+    pub mesh_outgoing_bytes_max: u64,
+    /// Messages up to this size are copied out of the connection's receive buffer when
+    /// published; larger ones stay slices of it. A slice keeps its whole receive chunk (64 KiB, or
+    /// one large frame) alive while the message is in memory, so 100-byte messages arriving one
+    /// per read would hold 64 KiB each; a copy of a few KiB is cheaper than that pin. A larger
+    /// message pins at most its chunk, a few times its own size.
+    pub message_copy_bytes_max: u32,
 }
 
 impl BrokerLimits {
@@ -68,6 +87,10 @@ impl BrokerLimits {
         bindings_max: 1_000_000,
         delay_ms_max: 7 * 24 * 3_600_000,
         handshake_timeout_ms: 10_000,
+        publish_bytes_in_flight_max: 16 << 20,
+        work_bytes_max: 16 << 20,
+        mesh_outgoing_bytes_max: 16 << 20,
+        message_copy_bytes_max: 16 * 1024,
     };
 }
 
@@ -184,6 +207,32 @@ impl Limits {
                 return Err(LimitError::new(key, "must be at least 1".into()));
             }
         }
+        // Each byte bound stops intake only once exceeded, so one maximal message always gets
+        // through; below one frame of it the bound would throttle every large publish to one
+        // message at a time.
+        let one_frame = u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX);
+        for (key, value) in [
+            (
+                "limits.publish_bytes_in_flight_max",
+                self.broker.publish_bytes_in_flight_max,
+            ),
+            ("limits.work_bytes_max", self.broker.work_bytes_max),
+            (
+                "limits.mesh_outgoing_bytes_max",
+                self.broker.mesh_outgoing_bytes_max,
+            ),
+        ] {
+            if value < one_frame {
+                return Err(LimitError::new(
+                    key,
+                    format!(
+                        "{value} cannot hold one frame of a message of message_size_max {} \
+                         ({one_frame} bytes)",
+                        self.wire.message_size_max
+                    ),
+                ));
+            }
+        }
         if u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX)
             > self.broker.cache_bytes_max
         {
@@ -270,6 +319,23 @@ mod tests {
         assert_eq!(err.key, "limits.message_size_max", "{err}");
         assert!(err.reason.contains("frame_size_max"), "{err}");
         Limits::DEFAULT.check_one_delivery_fits_a_frame().unwrap();
+    }
+
+    #[test]
+    fn byte_bounds_below_one_maximal_frame_are_refused() {
+        let mut limits = Limits::DEFAULT;
+        limits.broker.publish_bytes_in_flight_max = u64::from(limits.wire.message_size_max);
+        let err = limits.check().unwrap_err();
+        assert_eq!(err.key, "limits.publish_bytes_in_flight_max", "{err}");
+        let mut limits = Limits::DEFAULT;
+        limits.broker.work_bytes_max = 1024;
+        assert_eq!(limits.check().unwrap_err().key, "limits.work_bytes_max");
+        let mut limits = Limits::DEFAULT;
+        limits.broker.mesh_outgoing_bytes_max = 1024;
+        assert_eq!(
+            limits.check().unwrap_err().key,
+            "limits.mesh_outgoing_bytes_max"
+        );
     }
 
     #[test]

@@ -175,6 +175,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 started_ms,
                 accepted_ms: 0,
                 handshake_timeout_ms: config.limits.broker.handshake_timeout_ms,
+                publish_bytes_in_flight_max: config.limits.broker.publish_bytes_in_flight_max,
+                message_copy_bytes_max: config.limits.broker.message_copy_bytes_max,
             },
             limits: config.limits,
             mesh,

@@ -77,6 +77,10 @@ pub struct SessionCtx {
     /// `handshake_timeout_ms` of it.
     pub accepted_ms: u64,
     pub handshake_timeout_ms: u64,
+    /// Bytes of unconfirmed publishes past which the connection stops reading.
+    pub publish_bytes_in_flight_max: u64,
+    /// Messages up to this size are copied out of the receive buffer (`limits.rs` says why).
+    pub message_copy_bytes_max: u32,
 }
 
 impl SessionCtx {
@@ -116,7 +120,10 @@ enum Pending {
     },
     List(gather::ListGather),
     Status(gather::StatusGather),
-    Publish,
+    /// Message bytes the publish counts against `publish_bytes_in_flight_max` until answered.
+    Publish {
+        bytes: u64,
+    },
     Consume {
         request_id: u64,
         tag: String,
@@ -175,6 +182,8 @@ pub struct Session {
     consumers: HashMap<String, ConsumerRef>,
     next_name: u64,
     unconfirmed: u64,
+    /// Message bytes of the publishes in `unconfirmed`.
+    unconfirmed_bytes: u64,
     /// The shard's routing table copy: publishes to an exchange are routed here, on the
     /// publishing shard, with no hop.
     routing: Rc<RoutingCopy>,
@@ -206,6 +215,7 @@ impl Session {
             consumers: HashMap::new(),
             next_name: 1,
             unconfirmed: 0,
+            unconfirmed_bytes: 0,
             routing,
             last_sequence: None,
             splits: HashMap::new(),
@@ -239,10 +249,13 @@ impl Session {
         }
     }
 
-    /// False while the connection has `publishes_in_flight_max` publishes unconfirmed: the
-    /// connection stops reading until confirms catch up (TCP backpressure on the producer).
+    /// False while the connection has `publishes_in_flight_max` publishes, or
+    /// `publish_bytes_in_flight_max` bytes of them, unconfirmed: the connection stops reading
+    /// until confirms catch up (TCP backpressure on the producer). Checked before each frame, so
+    /// the bytes in flight exceed the bound by at most one frame.
     pub fn wants_input(&self) -> bool {
         self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
+            && self.unconfirmed_bytes < self.ctx.publish_bytes_in_flight_max
     }
 
     fn address(
@@ -327,8 +340,13 @@ impl Session {
                 }
             }
             (Pending::Quiet, _) => {}
-            (Pending::Publish, Reply::Published(outcomes)) => self.published(outcomes, out),
-            (Pending::Publish, other) => tracing::error!(?other, "unexpected reply to a publish"),
+            (Pending::Publish { bytes }, Reply::Published(outcomes)) => {
+                self.unconfirmed_bytes -= bytes;
+                self.published(outcomes, out)
+            }
+            (Pending::Publish { .. }, other) => {
+                tracing::error!(?other, "unexpected reply to a publish")
+            }
             (Pending::List(gather), reply) => self.gathered_list(id, gather, reply, out),
             (Pending::Status(gather), reply) => {
                 self.gathered_status(now_ms, id, gather, reply, out)
