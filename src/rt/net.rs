@@ -91,9 +91,12 @@ impl Listener {
     }
 }
 
-/// One non-blocking `recv` into `buf`'s spare capacity; the bytes received become part of it.
-fn recv_into_spare(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+/// One non-blocking `recv` of at most `max` bytes into `buf`'s spare capacity; the bytes
+/// received become part of it.
+fn recv_into_spare(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
+    let len = max.min(spare.len());
+    let spare = &mut spare[..len];
     // SAFETY: the kernel writes at most `spare.len()` bytes into memory we own exclusively; what
     // it wrote (`n` bytes, counted by the kernel) is initialized and ends up in `buf`.
     let n = unsafe {
@@ -140,7 +143,7 @@ impl Connection {
             if buf.capacity() - buf.len() < chunk {
                 buf.reserve(chunk);
             }
-            match recv_into_spare(self.stream.as_raw_fd(), buf) {
+            match recv_into_spare(self.stream.as_raw_fd(), buf, chunk) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -162,7 +162,10 @@ impl ConnectionHost for ShardState {
     }
 
     fn park(&self, id: u64) {
-        self.parked.borrow_mut().push(id);
+        let mut parked = self.parked.borrow_mut();
+        if !parked.contains(&id) {
+            parked.push(id); // once: a parked connection may wake for other reasons and park again
+        }
     }
 }
 
