@@ -158,6 +158,10 @@ struct FileLimits {
     consumers_per_connection_max: Option<u32>,
     queues_per_shard_max: Option<u32>,
     gets_unacked_max: Option<u32>,
+    publish_bytes_in_flight_max: Option<u64>,
+    work_bytes_max: Option<u64>,
+    mesh_outgoing_bytes_max: Option<u64>,
+    message_copy_bytes_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -305,6 +309,14 @@ impl Config {
             );
             set(&mut b.queues_per_shard_max, l.queues_per_shard_max);
             set(&mut b.gets_unacked_max, l.gets_unacked_max);
+            b.publish_bytes_in_flight_max = l
+                .publish_bytes_in_flight_max
+                .unwrap_or(b.publish_bytes_in_flight_max);
+            b.work_bytes_max = l.work_bytes_max.unwrap_or(b.work_bytes_max);
+            b.mesh_outgoing_bytes_max = l
+                .mesh_outgoing_bytes_max
+                .unwrap_or(b.mesh_outgoing_bytes_max);
+            set(&mut b.message_copy_bytes_max, l.message_copy_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }

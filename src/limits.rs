@@ -98,6 +98,25 @@ pub struct BrokerLimits {
     /// hold a whole backlog outstanding; past it a `Get` is refused (`LimitExceeded`) until
     /// the connection settles some.
     pub gets_unacked_max: u32,
+    /// Bytes of messages a connection may have published and not yet had confirmed (or refused).
+    /// Past it the broker stops reading the connection, as at `publishes_in_flight_max`: a count
+    /// alone lets 64 KiB messages pin 4 GiB per connection. At least one frame holding a message
+    /// of `message_size_max`, so any message the wire accepts can be in flight.
+    pub publish_bytes_in_flight_max: u64,
+    /// Bytes of work queued for a shard's worker (requests, replies and pushes, payloads
+    /// included, from its connections and its peers). Past it the shard stops receiving from the
+    /// mesh, so the channels fill and the peers' flushers wait, and its connections stop reading:
+    /// backpressure reaches the senders instead of the queue growing.
+    pub work_bytes_max: u64,
+    /// Bytes a shard has queued for its peers and not yet handed to a mesh channel. Past it the
+    /// shard's connections stop reading: a slow peer slows its producers, not the sender's heap.
+    pub mesh_outgoing_bytes_max: u64,
+    /// Messages up to this size are copied out of the connection's receive buffer when
+    /// published; larger ones stay slices of it. A slice keeps its whole receive chunk (64 KiB, or
+    /// one large frame) alive while the message is in memory, so 100-byte messages arriving one
+    /// per read would hold 64 KiB each; a copy of a few KiB is cheaper than that pin. A larger
+    /// message pins at most its chunk, a few times its own size.
+    pub message_copy_bytes_max: u32,
 }
 
 impl BrokerLimits {
@@ -121,6 +140,10 @@ impl BrokerLimits {
         consumers_per_connection_max: 1024,
         queues_per_shard_max: 100_000,
         gets_unacked_max: 65_536,
+        publish_bytes_in_flight_max: 16 << 20,
+        work_bytes_max: 16 << 20,
+        mesh_outgoing_bytes_max: 16 << 20,
+        message_copy_bytes_max: 16 * 1024,
     };
 }
 
@@ -251,6 +274,32 @@ impl Limits {
                 return Err(LimitError::new(key, "must be at least 1".into()));
             }
         }
+        // Each byte bound stops intake only once exceeded, so one maximal message always gets
+        // through; below one frame of it the bound would throttle every large publish to one
+        // message at a time.
+        let one_frame = u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX);
+        for (key, value) in [
+            (
+                "limits.publish_bytes_in_flight_max",
+                self.broker.publish_bytes_in_flight_max,
+            ),
+            ("limits.work_bytes_max", self.broker.work_bytes_max),
+            (
+                "limits.mesh_outgoing_bytes_max",
+                self.broker.mesh_outgoing_bytes_max,
+            ),
+        ] {
+            if value < one_frame {
+                return Err(LimitError::new(
+                    key,
+                    format!(
+                        "{value} cannot hold one frame of a message of message_size_max {} \
+                         ({one_frame} bytes)",
+                        self.wire.message_size_max
+                    ),
+                ));
+            }
+        }
         if u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX)
             > self.broker.cache_bytes_max
         {
@@ -368,6 +417,23 @@ mod tests {
         let err = limits.check().unwrap_err();
         assert_eq!(err.key, "limits.outbox_bytes_max", "{err}");
         assert!(err.reason.contains("Deliver frame"), "{err}");
+    }
+
+    #[test]
+    fn byte_bounds_below_one_maximal_frame_are_refused() {
+        let mut limits = Limits::DEFAULT;
+        limits.broker.publish_bytes_in_flight_max = u64::from(limits.wire.message_size_max);
+        let err = limits.check().unwrap_err();
+        assert_eq!(err.key, "limits.publish_bytes_in_flight_max", "{err}");
+        let mut limits = Limits::DEFAULT;
+        limits.broker.work_bytes_max = 1024;
+        assert_eq!(limits.check().unwrap_err().key, "limits.work_bytes_max");
+        let mut limits = Limits::DEFAULT;
+        limits.broker.mesh_outgoing_bytes_max = 1024;
+        assert_eq!(
+            limits.check().unwrap_err().key,
+            "limits.mesh_outgoing_bytes_max"
+        );
     }
 
     #[test]

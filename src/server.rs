@@ -178,6 +178,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 requests_in_flight_max: config.limits.broker.requests_in_flight_max,
                 consumers_per_connection_max: config.limits.broker.consumers_per_connection_max,
                 gets_unacked_max: config.limits.broker.gets_unacked_max,
+                publish_bytes_in_flight_max: config.limits.broker.publish_bytes_in_flight_max,
+                message_copy_bytes_max: config.limits.broker.message_copy_bytes_max,
             },
             limits: config.limits,
             mesh,

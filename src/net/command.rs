@@ -4,7 +4,7 @@
 //! `InFrame`s, this module turns each into a typed `Command`, and the session turns commands
 //! into state. A command borrows its frame: names are `&str` into the receive buffer and a
 //! publish's messages are handed out as `Bytes` slices of it, so parsing copies and allocates
-//! nothing.
+//! nothing, but for the small messages a caller asks to have copied out (`Publish::entries`).
 //!
 //! Faults handled: only what the decoder has not already checked (it verified the flatbuffer,
 //! the body type, batch sizes, name lengths, nested messages and range order). What is left is
@@ -170,13 +170,22 @@ pub struct PublishEntry<'a> {
     /// Absent, or not after the epoch: delivered at once.
     pub deliver_at_ms: Option<u64>,
     pub expiration_ms: Option<u64>,
-    /// The message as a slice of the receive buffer: what is stored and delivered.
+    /// The message, a slice of the receive buffer or (if small) a copy: what is stored and
+    /// delivered.
     pub bytes: Bytes,
 }
 
 impl<'a> Publish<'a> {
-    pub fn entries(&self) -> impl Iterator<Item = PublishEntry<'a>> + 'a {
-        self.frame.publish_entries().map(|(e, bytes)| {
+    /// The entries in frame order. A message of at most `copy_bytes_max` bytes is copied out of
+    /// the receive buffer (the one copy parsing makes, and only by request): a slice would keep
+    /// the whole receive chunk alive as long as the message is in memory.
+    pub fn entries(&self, copy_bytes_max: usize) -> impl Iterator<Item = PublishEntry<'a>> + 'a {
+        self.frame.publish_entries().map(move |(e, bytes)| {
+            let bytes = if bytes.len() <= copy_bytes_max {
+                Bytes::copy_from_slice(&bytes)
+            } else {
+                bytes
+            };
             // Verified at ingress by the decoder, like the frame around it.
             let message = e.message_nested_flatbuffer();
             PublishEntry {

@@ -2,16 +2,21 @@
 //! accepted it.
 //!
 //! Contract: one task per connection on its shard's executor; it owns the socket and the receive
-//! buffer (frames are sliced out of it without copying). The session and the outbox live in a
+//! buffer (frames are sliced out of it without copying; an idle connection holds none, see
+//! `rt::net::Connection::read_buf`). The session and the outbox live in a
 //! `ConnEntry` the shard also holds, because replies and deliveries from other shards land there while this
 //! task waits; the task writes the whole outbox in one write. It waits for whichever comes first:
 //! bytes from the peer, or its doorbell (rung when something was queued for it, or at shutdown).
 //! Until the session has its `Hello` it also waits for the handshake deadline, so a peer that
 //! never speaks is closed without sending a byte.
-//! While the session has `publishes_in_flight_max` publishes unconfirmed it does not read at all,
-//! so a fast producer is slowed by TCP, not buffered. Deliveries are bounded from the other end:
-//! once a write is done the session hands their charges back to their owners
-//! (`outbox_bytes_max`), so a peer that never reads stops being sent more.
+//! While the session has `publishes_in_flight_max` publishes (or `publish_bytes_in_flight_max`
+//! bytes of them) unconfirmed, or its shard has no room for more work (`ConnectionHost::has_room`),
+//! it does not read at all, so a fast producer is slowed by TCP, not buffered. Fair service: it
+//! takes in one read (at most `READ_CHUNK_BYTES` with what was left over) per turn, then yields,
+//! so one connection's flood cannot starve the shard's worker or its other connections.
+//! Deliveries are bounded from the other end: once a write is done the session hands their
+//! charges back to their owners (`outbox_bytes_max`), so a peer that never reads stops being sent
+//! more.
 //!
 //! Faults handled: the peer closing or resetting (the task ends; every shard releases what the
 //! connection held), a malformed frame (an `Error` frame, then this connection closes; other
@@ -50,9 +55,14 @@ pub trait ConnectionHost {
     /// The time, ms since the Unix epoch: read by the shell once per wake-up and passed to the
     /// session, which never reads a clock itself.
     fn now_ms(&self) -> u64;
+    /// Whether the shard takes more input (its queued work within its byte bounds).
+    fn has_room(&self) -> bool;
+    /// Connection `id` stopped reading for want of room: ring its doorbell when there is some.
+    fn park(&self, id: u64);
 }
 
-/// Bytes read per syscall: many frames per read under load, a bounded zero-fill per read.
+/// Room reserved for a read: many frames per read under load. Also the most a connection takes
+/// in per turn (fair service): after each read it yields to the shard's other tasks.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 enum Event {
@@ -73,7 +83,8 @@ pub async fn serve<H: ConnectionHost>(
 ) {
     let id = me.conn;
     let decoder = FrameDecoder::new(wire);
-    let mut rx = bytes::BytesMut::with_capacity(READ_CHUNK_BYTES);
+    // Empty until bytes arrive: `read_buf` reserves room only when there is something to read.
+    let mut rx = bytes::BytesMut::new();
     loop {
         let mut flow = Flow::Continue;
         let mut outbound = Vec::new();
@@ -81,7 +92,7 @@ pub async fn serve<H: ConnectionHost>(
             let mut session = entry.session.borrow_mut();
             let mut out = entry.outbox.borrow_mut();
             let now_ms = shard.now_ms();
-            while flow == Flow::Continue && session.wants_input() {
+            while flow == Flow::Continue && session.wants_input() && shard.has_room() {
                 match decoder.decode(&mut rx) {
                     Ok(Some(frame)) => {
                         flow = session.on_frame_at(now_ms, &frame, &mut out, &mut outbound)
@@ -100,7 +111,11 @@ pub async fn serve<H: ConnectionHost>(
             let deadline = session
                 .handshake_deadline()
                 .map(|d| Duration::from_millis(d.saturating_sub(now_ms)));
-            (session.wants_input(), deadline)
+            let room = shard.has_room();
+            if !room {
+                shard.park(id); // rung when the shard has room again
+            }
+            (session.wants_input() && room, deadline)
         };
         shard.submit(me, outbound);
         let owed = entry.outbox.borrow_mut().split();
@@ -150,7 +165,10 @@ pub async fn serve<H: ConnectionHost>(
         };
         match event {
             Event::Read(Ok(0)) => break,
-            Event::Read(Ok(_)) | Event::Rung | Event::Deadline => {}
+            // Fair service: a connection whose peer keeps its socket full would otherwise find
+            // every read ready and never give the worker or other connections a turn.
+            Event::Read(Ok(_)) => futures_lite::future::yield_now().await,
+            Event::Rung | Event::Deadline => {}
             Event::Read(Err(e)) => {
                 tracing::debug!(connection = id, "read failed: {e}");
                 break;

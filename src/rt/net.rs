@@ -9,15 +9,17 @@
 //! Everything else here runs on an executor thread.
 //!
 //! glommio's TCP is readiness-based: a read or write first tries the syscall and arms an io_uring
-//! poll only on EAGAIN. It has no vectored write, so a connection coalesces its frames into one
-//! buffer and writes it whole.
+//! poll only on EAGAIN. Reads here do the same by hand (a `recv` into uninitialized room, then
+//! glommio's `peek` as the readiness wait), because glommio's reads want an initialized buffer.
+//! It has no vectored write, so a connection coalesces its frames into one buffer and writes it
+//! whole.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// A listening socket bound on the main thread, waiting to be adopted by a shard.
@@ -89,16 +91,29 @@ impl Listener {
     }
 }
 
-/// Cuts a buffer back to `len` when dropped: what was not read is not data.
-struct TruncateOnDrop<'a> {
-    buf: &'a mut BytesMut,
-    len: usize,
-}
-
-impl Drop for TruncateOnDrop<'_> {
-    fn drop(&mut self) {
-        self.buf.truncate(self.len);
+/// One non-blocking `recv` of at most `max` bytes into `buf`'s spare capacity; the bytes
+/// received become part of it.
+fn recv_into_spare(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    let len = max.min(spare.len());
+    let spare = &mut spare[..len];
+    // SAFETY: the kernel writes at most `spare.len()` bytes into memory we own exclusively; what
+    // it wrote (`n` bytes, counted by the kernel) is initialized and ends up in `buf`.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast::<libc::c_void>(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
+    let n = n as usize;
+    // SAFETY: the first `n` bytes of the spare capacity were just written by `recv`.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// One accepted TCP connection.
@@ -115,19 +130,33 @@ impl Connection {
     /// Returns 0 at end of stream. This is the one copy on the way in: kernel to `buf`; frames
     /// are then sliced out of `buf` without copying.
     ///
-    /// The read target must be an initialized slice (futures' `AsyncRead`), so the room is
-    /// zero-filled first: a memset of at most `chunk` bytes per read, bounded and cheap next to
-    /// the syscall, in exchange for no `unsafe` over uninitialized memory.
+    /// The kernel writes straight into `buf`'s spare capacity (`recv`, non-blocking): no
+    /// zero-fill, so a read touches only the pages it fills. While no byte is pending and `buf`
+    /// holds nothing, `buf` lets go of its allocation and the connection waits for readiness
+    /// (glommio's `peek` of one byte), so an idle connection holds no receive room; room for
+    /// `chunk` bytes is reserved only when bytes are there to read.
     ///
     /// Cancel-safe: if the future is dropped before the read completes (a connection racing its
-    /// read against other events), `buf` is left exactly as it was.
+    /// read against other events), `buf` holds exactly the bytes it held.
     pub async fn read_buf(&mut self, buf: &mut BytesMut, chunk: usize) -> io::Result<usize> {
-        let start = buf.len();
-        buf.resize(start + chunk, 0);
-        let mut guard = TruncateOnDrop { buf, len: start };
-        let n = self.stream.read(&mut guard.buf[start..]).await?;
-        guard.len = start + n;
-        Ok(n)
+        loop {
+            if buf.capacity() - buf.len() < chunk {
+                buf.reserve(chunk);
+            }
+            match recv_into_spare(self.stream.as_raw_fd(), buf, chunk) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+            let mut probe = [0u8; 1];
+            if self.stream.peek(&mut probe).await? == 0 {
+                return Ok(0); // end of stream
+            }
+        }
     }
 
     /// Writes all of `bytes`.

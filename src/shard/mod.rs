@@ -10,7 +10,11 @@
 //! shard's connections (ops they address to it), and from other shards over the mesh (requests for
 //! queues this shard owns, replies and pushes for its connections); all of it goes through one
 //! work queue, drained in order, so that a reply that causes a push that causes a requeue never
-//! re-enters a borrowed session.
+//! re-enters a borrowed session. The work queue and the outgoing mesh queues are bounded in bytes
+//! (`work_bytes_max`, `mesh_outgoing_bytes_max`): past either, the mesh receivers stop taking
+//! batches (so the peers' flushers wait on full channels) and the shard's connections stop
+//! reading, until the worker or the flusher has made room. The worker itself never waits for
+//! room (its replies and pushes always queue), so draining never depends on a peer draining.
 //!
 //! The only cross-thread inputs are the mesh and the stop flag set by the signal handler, which
 //! the shard watches on its timer (shutdown is not on the data path: a 20 ms poll costs nothing
@@ -106,9 +110,16 @@ pub struct ShardState {
     /// Rung when the worker has emptied the work queue or the last waiting reply went out:
     /// shutdown waits on it.
     idle: Doorbell,
-    /// Work for the worker task, in arrival order.
-    work: RefCell<VecDeque<MeshMsg>>,
+    /// Work for the worker task, in arrival order, each with its `mesh::weight`.
+    work: RefCell<VecDeque<(usize, MeshMsg)>>,
+    /// The sum of the weights in `work`: over `work_bytes_max`, the shard takes no more.
+    work_bytes: Cell<usize>,
     work_bell: Doorbell,
+    /// Connections that stopped reading because the shard had no room (`has_room`), rung when
+    /// it has again.
+    parked: RefCell<Vec<u64>>,
+    /// Mesh receivers waiting for room, rung with the parked connections.
+    room_waiters: RefCell<Vec<Doorbell>>,
     /// This shard's copy of the routing table, shared with its sessions.
     routing: Rc<RoutingCopy>,
     /// Rung when the start-up copy of the routing table has arrived.
@@ -145,6 +156,17 @@ impl ConnectionHost for ShardState {
     fn now_ms(&self) -> u64 {
         now_ms()
     }
+
+    fn has_room(&self) -> bool {
+        self.has_room()
+    }
+
+    fn park(&self, id: u64) {
+        let mut parked = self.parked.borrow_mut();
+        if !parked.contains(&id) {
+            parked.push(id); // once: a parked connection may wake for other reasons and park again
+        }
+    }
 }
 
 impl ShardState {
@@ -173,14 +195,70 @@ impl ShardState {
 
     /// Hands a batch from a peer to the worker.
     fn receive(&self, batch: Batch) {
-        self.work.borrow_mut().extend(batch);
+        for msg in batch {
+            self.push_work(msg);
+        }
+    }
+
+    fn push_work(&self, msg: MeshMsg) {
+        let weight = crate::mesh::weight(&msg);
+        self.work_bytes.set(self.work_bytes.get() + weight);
+        self.work.borrow_mut().push_back((weight, msg));
         self.work_bell.ring();
+    }
+
+    /// The worker's next piece of work, if any; taking it may make room for more.
+    fn next_work(&self) -> Option<MeshMsg> {
+        let (weight, msg) = self.work.borrow_mut().pop_front()?;
+        self.work_bytes.set(self.work_bytes.get() - weight);
+        self.room_made();
+        Some(msg)
+    }
+
+    /// Whether the shard takes more input from its connections and peers: its work queue and
+    /// its outgoing mesh queues are within `work_bytes_max` and `mesh_outgoing_bytes_max`. Each
+    /// intake is checked before it is taken, so a bound is exceeded by at most what one intake
+    /// brings (a batch, or one read's frames of each connection).
+    fn has_room(&self) -> bool {
+        let b = &self.limits.broker;
+        (self.work_bytes.get() as u64) <= b.work_bytes_max
+            && (self.mesh.outgoing_bytes() as u64) <= b.mesh_outgoing_bytes_max
+    }
+
+    /// Work or outgoing bytes went down: if that made room, wake whoever waits for it.
+    fn room_made(&self) {
+        if self.parked.borrow().is_empty() && self.room_waiters.borrow().is_empty() {
+            return;
+        }
+        if !self.has_room() {
+            return;
+        }
+        let parked = std::mem::take(&mut *self.parked.borrow_mut());
+        {
+            let connections = self.connections.borrow();
+            for id in parked {
+                if let Some(entry) = connections.get(&id) {
+                    entry.bell.ring();
+                }
+            }
+        }
+        for bell in std::mem::take(&mut *self.room_waiters.borrow_mut()) {
+            bell.ring();
+        }
+    }
+
+    /// Waits until the shard has room for more work (a mesh receiver, between batches).
+    async fn room(&self) {
+        while !self.has_room() {
+            let (bell, waiter) = crate::rt::executor::doorbell();
+            self.room_waiters.borrow_mut().push(bell);
+            waiter.wait().await;
+        }
     }
 
     fn send_to(&self, shard: u16, msg: MeshMsg) {
         if shard == self.id {
-            self.work.borrow_mut().push_back(msg);
-            self.work_bell.ring();
+            self.push_work(msg);
         } else {
             self.mesh.send(shard, msg);
         }

@@ -41,7 +41,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Runs a shard until the stop flag is set and its connections have closed.
 pub async fn run(setup: ShardSetup) {
     let (senders, receivers) = setup.mesh.connect().await;
-    let (mesh, flush_waiter) = Mesh::new(senders);
+    let (mesh, flush_waiter) = Mesh::new(senders, setup.limits.broker.mesh_batch_max as usize);
     let (drained, drained_waiter) = doorbell();
     let (work_bell, work_waiter) = doorbell();
     let (idle, idle_waiter) = doorbell();
@@ -134,7 +134,10 @@ pub async fn run(setup: ShardSetup) {
         liveness: host_liveness,
         mesh,
         work: RefCell::new(VecDeque::new()),
+        work_bytes: Cell::new(0),
         work_bell,
+        parked: RefCell::new(Vec::new()),
+        room_waiters: RefCell::new(Vec::new()),
         routing: Rc::new(RoutingCopy::default()),
         routing_bell,
         control,
@@ -146,14 +149,15 @@ pub async fn run(setup: ShardSetup) {
     tasks.push(rt::spawn(housekeeping::expire_forever(state.clone())));
     let flusher = state.clone();
     tasks.push(rt::spawn(async move {
-        flusher.mesh.flush_forever(flush_waiter).await
+        let sent = || flusher.room_made();
+        flusher.mesh.flush_forever(flush_waiter, sent).await
     }));
     for receiver in receivers.into_iter().flatten() {
-        let s = state.clone();
-        tasks.push(rt::spawn(crate::mesh::receive_forever(
-            receiver,
-            move |batch| s.receive(batch),
-        )));
+        let (s, r) = (state.clone(), state.clone());
+        tasks.push(rt::spawn(async move {
+            let room = || r.room();
+            crate::mesh::receive_forever(receiver, move |batch| s.receive(batch), room).await
+        }));
     }
     // Every shard serves only once it holds the writer's copy of the routing table, so a
     // durable binding routes from the first publish after a restart.

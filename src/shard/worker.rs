@@ -40,7 +40,7 @@ use super::{now_ms, ShardState};
 pub(super) async fn work_forever(state: Rc<ShardState>, bell: DoorbellWaiter) {
     loop {
         loop {
-            let Some(msg) = state.work.borrow_mut().pop_front() else {
+            let Some(msg) = state.next_work() else {
                 break;
             };
             match msg {

@@ -83,6 +83,10 @@ pub struct SessionCtx {
     pub consumers_per_connection_max: u32,
     /// Unacked (and asked) `Get` deliveries this connection may hold; a further `Get` is refused.
     pub gets_unacked_max: u32,
+    /// Bytes of unconfirmed publishes past which the connection stops reading.
+    pub publish_bytes_in_flight_max: u64,
+    /// Messages up to this size are copied out of the receive buffer (`limits.rs` says why).
+    pub message_copy_bytes_max: u32,
 }
 
 impl SessionCtx {
@@ -122,7 +126,10 @@ enum Pending {
     },
     List(gather::ListGather),
     Status(gather::StatusGather),
-    Publish,
+    /// Message bytes the publish counts against `publish_bytes_in_flight_max` until answered.
+    Publish {
+        bytes: u64,
+    },
     Consume {
         request_id: u64,
         tag: String,
@@ -181,6 +188,8 @@ pub struct Session {
     consumers: HashMap<String, ConsumerRef>,
     next_name: u64,
     unconfirmed: u64,
+    /// Message bytes of the publishes in `unconfirmed`.
+    unconfirmed_bytes: u64,
     /// The shard's routing table copy: publishes to an exchange are routed here, on the
     /// publishing shard, with no hop.
     routing: Rc<RoutingCopy>,
@@ -220,6 +229,7 @@ impl Session {
             consumers: HashMap::new(),
             next_name: 1,
             unconfirmed: 0,
+            unconfirmed_bytes: 0,
             routing,
             last_sequence: None,
             splits: HashMap::new(),
@@ -256,11 +266,14 @@ impl Session {
         }
     }
 
-    /// False while the connection has `publishes_in_flight_max` publishes unconfirmed, or
-    /// `requests_in_flight_max` other requests unanswered: the connection stops reading until
-    /// answers catch up (TCP backpressure on the client).
+    /// False while the connection has `publishes_in_flight_max` publishes, or
+    /// `publish_bytes_in_flight_max` bytes of them, unconfirmed, or `requests_in_flight_max`
+    /// other requests unanswered: the connection stops reading until answers catch up (TCP
+    /// backpressure on the client). Checked before each frame, so the bytes in flight exceed the
+    /// bound by at most one frame.
     pub fn wants_input(&self) -> bool {
         self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
+            && self.unconfirmed_bytes < self.ctx.publish_bytes_in_flight_max
             && self.requests_in_flight() < self.ctx.requests_in_flight_max as usize
     }
 
@@ -277,7 +290,7 @@ impl Session {
         pending: Pending,
     ) -> u64 {
         let id = self.next_id();
-        self.publish_ops += usize::from(matches!(pending, Pending::Publish));
+        self.publish_ops += usize::from(matches!(pending, Pending::Publish { .. }));
         self.pending.insert(id, pending);
         outbound.push(Addressed { shard, id, op });
         id
@@ -345,7 +358,7 @@ impl Session {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
-        self.publish_ops -= usize::from(matches!(pending, Pending::Publish));
+        self.publish_ops -= usize::from(matches!(pending, Pending::Publish { .. }));
         match (pending, reply) {
             (Pending::Quiet, Reply::SettleFailed(f)) => {
                 for r in f {
@@ -353,8 +366,13 @@ impl Session {
                 }
             }
             (Pending::Quiet, _) => {}
-            (Pending::Publish, Reply::Published(outcomes)) => self.published(outcomes, out),
-            (Pending::Publish, other) => tracing::error!(?other, "unexpected reply to a publish"),
+            (Pending::Publish { bytes }, Reply::Published(outcomes)) => {
+                self.unconfirmed_bytes -= bytes;
+                self.published(outcomes, out)
+            }
+            (Pending::Publish { .. }, other) => {
+                tracing::error!(?other, "unexpected reply to a publish")
+            }
             (Pending::List(gather), reply) => self.gathered_list(id, gather, reply, out),
             (Pending::Status(gather), reply) => {
                 self.gathered_status(now_ms, id, gather, reply, out)

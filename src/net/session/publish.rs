@@ -2,10 +2,12 @@
 //! and confirming it by sequence number once its owners took it.
 //!
 //! Contract: runs on the connection's shard. Messages go on as `Bytes` slices of the receive
-//! buffer (a reference count per shard, never a copy). Publishes to an exchange are routed here
-//! by the shard's routing copy (read only). A message whose queues sit on several shards is a
-//! `Split`, confirmed once, when its last part is in. Every routed message counts against
-//! `publishes_in_flight_max` until its outcome comes back.
+//! buffer (a reference count per shard, never a copy), except those of at most
+//! `message_copy_bytes_max`, copied out so that they do not pin a receive chunk. Publishes to an
+//! exchange are routed here by the shard's routing copy (read only). A message whose queues sit
+//! on several shards is a `Split`, confirmed once, when its last part is in. Every routed message
+//! counts against `publishes_in_flight_max`, and its bytes (once per shard it goes to) against
+//! `publish_bytes_in_flight_max`, until its outcome comes back.
 //!
 //! Faults handled: idempotent publishing asked for (refused, not served yet), a sequence number
 //! not above the connection's last one (refused: confirms are keyed by it), delivery times past
@@ -45,7 +47,7 @@ impl Session {
         if p.producer_id.is_some() {
             // Refused rather than ignored: a producer that asks for de-duplication must not be
             // told yes by a broker that would store its re-sends twice.
-            let seqs = p.entries().map(|e| e.sequence).collect();
+            let seqs = p.entries(0).map(|e| e.sequence).collect();
             let msg =
                 "producer_id: idempotent publishing is not served by this broker version yet; \
                        publish without it (at least once)"
@@ -61,7 +63,7 @@ impl Session {
         let mut no_exchange: BTreeMap<String, Vec<u64>> = BTreeMap::new();
         let mut unroutable: Vec<u64> = Vec::new();
         let mut returned: Vec<wire::ReturnedT> = Vec::new();
-        for entry in p.entries() {
+        for entry in p.entries(self.ctx.message_copy_bytes_max as usize) {
             // Sequences key confirms and the parts of a split: a reused one would be merged with
             // the publish that holds it. Refused as an entry, like every field refusal here: it
             // is never stored, so its `Error` names it exactly, and the publishes before it keep
@@ -154,8 +156,15 @@ impl Session {
             self.fail_sequences(out, ErrorCode::NotFound, msg, seqs);
         }
         for (shard, items) in by_shard {
+            let bytes = items.iter().map(|i| i.bytes.len() as u64).sum();
             self.unconfirmed += items.len() as u64;
-            self.address(outbound, shard, Op::Publish(items), Pending::Publish);
+            self.unconfirmed_bytes += bytes;
+            self.address(
+                outbound,
+                shard,
+                Op::Publish(items),
+                Pending::Publish { bytes },
+            );
         }
         Flow::Continue
     }

@@ -29,6 +29,8 @@ fn ctx() -> SessionCtx {
         requests_in_flight_max: 1000,
         consumers_per_connection_max: 1000,
         gets_unacked_max: 1000,
+        publish_bytes_in_flight_max: 1 << 20,
+        message_copy_bytes_max: 1024,
     }
 }
 
@@ -1099,4 +1101,77 @@ fn a_get_past_gets_unacked_max_is_refused_until_one_is_settled() {
         matches!(outbound.last().unwrap().op, Op::Get { .. }),
         "{outbound:?}"
     );
+}
+
+/// A publish frame of one message of `size` bytes to queue `q`.
+fn publish_sized(sequence: u64, size: usize) -> InFrame {
+    let mut enc = Encoder::new(WireLimits::DEFAULT);
+    let message = enc
+        .message(&weir_protocol::MessageProps::default(), &vec![7u8; size])
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let item = weir_protocol::PublishItem {
+        sequence,
+        exchange: "",
+        routing_key: "q",
+        mandatory: false,
+        message: &message,
+    };
+    enc.publish(&mut buf, 0, None, true, std::iter::once(item))
+        .unwrap();
+    FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn unconfirmed_publish_bytes_stop_input_until_their_outcomes_come_back() {
+    // publish_bytes_in_flight_max is 1 MiB, publishes_in_flight_max 100: bytes bind first.
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    let mut outbound = Vec::new();
+    for seq in 1..=3 {
+        s.on_frame_at(
+            NOW_MS,
+            &publish_sized(seq, 300 << 10),
+            &mut out,
+            &mut outbound,
+        );
+        assert!(s.wants_input(), "{seq} x 300 KiB is within 1 MiB");
+    }
+    s.on_frame_at(
+        NOW_MS,
+        &publish_sized(4, 300 << 10),
+        &mut out,
+        &mut outbound,
+    );
+    assert!(!s.wants_input(), "1.2 MiB unconfirmed is over the bound");
+    let first = outbound.remove(0);
+    s.on_reply_at(
+        NOW_MS,
+        first.id,
+        all_taken(&first.op),
+        &mut out,
+        &mut Vec::new(),
+    );
+    assert!(s.wants_input(), "900 KiB unconfirmed again");
+}
+
+#[test]
+fn small_messages_are_copied_out_of_the_frame_and_large_ones_stay_slices_of_it() {
+    // message_copy_bytes_max is 1024.
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    for (seq, size, copied) in [(1, 100, true), (2, 4096, false)] {
+        let frame = publish_sized(seq, size);
+        let mut outbound = Vec::new();
+        s.on_frame_at(NOW_MS, &frame, &mut out, &mut outbound);
+        let Op::Publish(items) = &outbound[0].op else {
+            panic!("{:?}", outbound[0].op)
+        };
+        let whole = frame.bytes().as_ptr_range();
+        let inside = whole.contains(&items[0].bytes.as_ptr());
+        assert_eq!(inside, !copied, "message of {size} B");
+    }
 }

@@ -127,18 +127,21 @@ impl<D: SegmentDir + 'static> Journal<D> {
             dir.remove(&name)
                 .await
                 .map_err(|e| StorageError::io("removing", dir.describe(&name), e))?;
+            // Forgotten as soon as its file is gone, not after the directory sync: meanwhile no
+            // status counts, and no read looks for, a file that is no longer there.
+            next = {
+                let mut st = self.inner.state.borrow_mut();
+                st.segments.remove(&n);
+                let active = Self::active_segments(&st);
+                st.segments
+                    .iter()
+                    .next()
+                    .filter(|(k, s)| s.reclaimed && !active.contains(k))
+                    .map(|(&k, _)| k)
+            };
             dir.sync()
                 .await
                 .map_err(|e| StorageError::io("syncing directory of", dir.describe(&name), e))?;
-            let mut st = self.inner.state.borrow_mut();
-            st.segments.remove(&n);
-            let active = Self::active_segments(&st);
-            next = st
-                .segments
-                .iter()
-                .next()
-                .filter(|(k, s)| s.reclaimed && !active.contains(k))
-                .map(|(&k, _)| k);
         }
         Ok(())
     }
