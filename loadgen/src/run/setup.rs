@@ -15,7 +15,7 @@ use crate::scenario::{ExchangeType, Kind};
 
 /// Declares the scenario's queues (and fanout exchange); returns the queue names by index and
 /// the exchange name ("" when there is none).
-pub(super) async fn declare(
+pub(crate) async fn declare(
     admin: &Client,
     cfg: &RunConfig,
 ) -> Result<(Vec<String>, String), String> {
@@ -109,7 +109,7 @@ pub(super) async fn declare(
     }
 }
 
-pub(super) async fn cleanup(admin: &Client, cfg: &RunConfig, queues: &[String], exchange: &str) {
+pub(crate) async fn cleanup(admin: &Client, cfg: &RunConfig, queues: &[String], exchange: &str) {
     if cfg.keep_queues {
         return;
     }
