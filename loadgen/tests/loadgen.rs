@@ -204,6 +204,8 @@ size = { min = 32, max = 4096 }
 batch = 4
 prefetch = 50
 ack_batch = 8
+# Slower than the producers: a backlog is replayed at every restart.
+consumer_rate = 80
 
 [[phases]]
 name = "steady"
