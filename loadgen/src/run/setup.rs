@@ -1,7 +1,8 @@
 //! Setup and teardown on the broker: the scenario's queues, exchange and bindings.
 //!
 //! Contract: runs on the coordinator (main) thread with its admin `Client`, before any load
-//! thread starts (`declare`) and after every one has been joined (`cleanup`). It owns the
+//! thread starts (`declare`) and after every one has been joined (`cleanup`); `--chaos`
+//! (`crate::chaos`) uses the same two, so both modes name and declare alike. It owns the
 //! naming of what a run creates (`<prefix>-<i>`, `<prefix>-requests`, `<prefix>-<kind>`).
 //!
 //! Faults handled: a declaration or binding the broker refuses ends the run before it starts,
