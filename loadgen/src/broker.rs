@@ -119,7 +119,8 @@ fn build_with_cargo_if_run_by_it(exe_dir: &Path) {
 
 /// A running `weir serve`, stopped and cleaned up when dropped.
 pub struct SpawnedBroker {
-    broker: Broker,
+    /// `None` only while a restart is under way (and after a failed one).
+    broker: Option<Broker>,
     /// The address from its ready line.
     pub listen: String,
     /// Its whole ready line.
@@ -146,33 +147,53 @@ impl SpawnedBroker {
         Ok(SpawnedBroker {
             listen: broker.listen.to_string(),
             ready_line: broker.ready_line.clone(),
-            broker,
+            broker: Some(broker),
         })
     }
 
     /// The broker's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.broker.pid()
+        self.broker.as_ref().and_then(Broker::pid)
     }
 
     /// The temporary data directory.
     pub fn data_dir(&self) -> Option<&Path> {
-        Some(&self.broker.data_dir)
+        self.broker.as_ref().map(|b| b.data_dir.as_path())
+    }
+
+    /// `--chaos`: SIGKILL (no shutdown at all, as in a crash), then the same broker on the same
+    /// data directory, waiting for its ready line (new ports: `listen` changes). On the main
+    /// thread only, like `start`. A broker that does not come back is an error; its data
+    /// directory is removed then (the error carries its stderr).
+    pub fn kill_and_restart(&mut self) -> Result<(), String> {
+        let broker = self
+            .broker
+            .take()
+            .ok_or_else(|| "the broker did not come back from an earlier restart".to_string())?;
+        let broker = broker.restart().map_err(|e| e.to_string())?;
+        self.listen = broker.listen.to_string();
+        self.ready_line = broker.ready_line.clone();
+        self.broker = Some(broker);
+        Ok(())
     }
 
     /// SIGTERM, wait (SIGKILL past `STOP_TIMEOUT`), remove the data directory. Returns the
     /// broker's exit status as words and its stderr tail.
     pub fn stop(mut self) -> (String, String) {
         let status = self.finish();
-        (status, self.broker.stderr())
+        let stderr = self.broker.as_mut().map(Broker::stderr).unwrap_or_default();
+        (status, stderr)
     }
 
     fn finish(&mut self) -> String {
-        let status = self.broker.stop(STOP_TIMEOUT).to_string();
-        if let Err(e) = self.broker.remove_data() {
+        let Some(broker) = self.broker.as_mut() else {
+            return "gone (a restart failed)".to_string();
+        };
+        let status = broker.stop(STOP_TIMEOUT).to_string();
+        if let Err(e) = broker.remove_data() {
             eprintln!(
                 "weir-loadgen: could not remove the broker's data directory {}: {e}",
-                self.broker.data_dir.display()
+                broker.data_dir.display()
             );
         }
         status

@@ -5,13 +5,15 @@
 //! (`--spawn-broker`), runs the scenario (`run`: pinned load threads, each its own tokio
 //! current-thread runtime), prints the report, writes `--out` files and pictures, and stops the
 //! broker. It owns the spawned broker: every exit path, error and Ctrl-C included, stops it and
-//! removes its data directory (the broker value's `Drop`).
+//! removes its data directory (the broker value's `Drop`). With `--chaos` it also SIGKILLs and
+//! restarts that broker during the run (`chaos`), always from this thread.
 //!
 //! Exit codes: 0 the run completed and the check passed; 1 an error (broker unreachable, bad
 //! profile, files); 2 bad flags or a refused scenario; 3 a confirmed message was lost; 4 the run
 //! did not complete cleanly (the queues never drained, publishes failed, or it was stopped).
 
 mod broker;
+mod chaos;
 mod plot;
 mod report;
 mod run;
@@ -111,6 +113,17 @@ struct Args {
     /// No progress line, even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// SIGKILL the spawned broker at random moments of the publishing phases and restart it on
+    /// the same data (implies --spawn-broker); producers and consumers reconnect. Reports lost,
+    /// duplicated and resurrected messages and each restart's time (SIGKILL to ready).
+    #[arg(long)]
+    chaos: bool,
+    /// --chaos: how many SIGKILLs.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    chaos_kills: u32,
+    /// --chaos: the seed of the kill moments and message sizes (default: from the clock; printed).
+    #[arg(long)]
+    chaos_seed: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -173,6 +186,21 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
         keep_queues: args.keep_queues,
         progress,
     };
+
+    if args.chaos {
+        if args.compare.is_some() {
+            return Err(Failure::Usage(
+                "--chaos and --compare do not go together".into(),
+            ));
+        }
+        chaos::check(&sc).map_err(Failure::Usage)?;
+        let extra: Vec<String> = args
+            .fsync
+            .iter()
+            .flat_map(|f| ["--fsync".to_string(), f.clone()])
+            .collect();
+        return chaos_run(args, &config, args.profile.as_deref(), &extra, abort);
+    }
 
     if let Some(spec) = &args.compare {
         let sides: Vec<&str> = spec.split(',').map(str::trim).collect();
@@ -354,6 +382,66 @@ fn one_run(
         code = EXIT_INCOMPLETE;
     }
     Ok((res, code))
+}
+
+/// `--chaos`: a spawned broker, killed and restarted during the run; the report and
+/// `chaos.json` say whether the durability promise held.
+fn chaos_run(
+    args: &Args,
+    config: &RunConfig,
+    profile: Option<&Path>,
+    extra: &[String],
+    abort: Arc<AtomicBool>,
+) -> Result<u8, Failure> {
+    let seed = args.chaos_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
+    let mut broker = SpawnedBroker::start(&bin, profile, extra).map_err(Failure::Error)?;
+    println!("broker ready: {}", broker.ready_line);
+    println!(
+        "running {} ({}) with {} SIGKILLs, --chaos-seed {seed}",
+        config.name, config.scenario.description, args.chaos_kills
+    );
+    let chaos = chaos::Chaos {
+        kills: args.chaos_kills,
+        seed,
+    };
+    let outcome = chaos::run(config, chaos, &mut broker, abort);
+    let (status, stderr) = broker.stop();
+    if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
+        println!("broker {status}");
+        if !stderr.trim().is_empty() {
+            println!("broker stderr (tail):\n{}", stderr.trim_end());
+        }
+    }
+    let report = outcome.map_err(Failure::Error)?;
+    print!("{}", report.summary());
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("chaos.json");
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Error(format!("encoding chaos.json: {e}")))?;
+        std::fs::write(&path, json + "\n")
+            .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(if !report.promise_kept() {
+        let line = format!(
+            "!!! LOSS: {} confirmed message(s) lost, {} resurrected, {} never published !!!",
+            report.lost, report.resurrected, report.never_published
+        );
+        println!("{line}");
+        eprintln!("{line}");
+        EXIT_LOSS
+    } else if !report.drained || report.aborted || report.other_failures > 0 {
+        EXIT_INCOMPLETE
+    } else {
+        0
+    })
 }
 
 fn apply_flags(sc: &mut scenario::Scenario, args: &Args) {

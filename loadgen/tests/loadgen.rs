@@ -189,6 +189,89 @@ rate = 0
     assert!(!Path::new(data).exists(), "{data} was left behind");
 }
 
+#[test]
+fn chaos_sigkills_and_restarts_the_broker_and_every_confirmed_message_is_delivered() {
+    let dir = temp_dir("lg-chaos-");
+    let scenario = write_scenario(
+        dir.path(),
+        "chaos.toml",
+        r#"
+description = "a short run with kills for the test suite"
+producers = 2
+consumers = 2
+queues = 2
+size = { min = 32, max = 4096 }
+batch = 4
+prefetch = 50
+ack_batch = 8
+# Slower than the producers: a backlog is replayed at every restart.
+consumer_rate = 80
+
+[[phases]]
+name = "steady"
+duration_s = 3
+rate = 200
+
+[[phases]]
+name = "quiet"
+duration_s = 30
+rate = 0
+"#,
+    );
+    let out_dir = dir.path().join("out");
+    let child = loadgen()
+        .arg("--scenario")
+        .arg(&scenario)
+        .args(["--chaos", "--chaos-kills", "3", "--chaos-seed", "11"])
+        .arg("--weir-bin")
+        .arg(weir_testkit::weir_binary())
+        .arg("--out")
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weir-loadgen");
+    let out = wait(Running(Some(child)));
+    assert!(out.status.success(), "{}", show(&out));
+    let text = std::fs::read_to_string(out_dir.join("chaos.json")).expect("chaos.json written");
+    let r: serde_json::Value = serde_json::from_str(&text).expect("chaos.json is JSON");
+    assert_eq!(
+        r["kills"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        show(&out)
+    );
+    for k in r["kills"].as_array().into_iter().flatten() {
+        assert!(k["recovery_ms"].as_f64().unwrap_or(0.0) > 0.0, "{k}");
+    }
+    assert_eq!(r["lost"], 0, "{}", show(&out));
+    assert_eq!(r["resurrected"], 0, "{}", show(&out));
+    assert_eq!(r["never_published"], 0, "{}", show(&out));
+    assert_eq!(r["drained"], true, "{}", show(&out));
+    let confirmed = r["confirmed"].as_u64().unwrap_or(0);
+    assert!(confirmed > 0, "{}", show(&out));
+    assert!(
+        r["delivered"].as_u64().unwrap_or(0) >= confirmed,
+        "every confirmed message delivered: {}",
+        show(&out)
+    );
+    assert!(
+        r["reconnects"].as_u64().unwrap_or(0) > 0,
+        "the clients reconnected"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("lost 0,") && stdout.contains("recovery (SIGKILL -> ready): p50"),
+        "{}",
+        show(&out)
+    );
+    let data = r["data_dir"].as_str().expect("data_dir");
+    assert!(
+        !data.is_empty() && !Path::new(data).exists(),
+        "{data} was left behind"
+    );
+}
+
 /// Standard base64 (the interval log's encoding), decoded without another dependency.
 fn base64_decode(text: &str) -> Vec<u8> {
     let value = |c: u8| -> u32 {

@@ -9,7 +9,9 @@
 //! SIGKILLs and reaps it and removes its data directory (journal segments are 64 MiB
 //! preallocated files: a suite that kept them would fill a disk), unless it was kept
 //! ([`Broker::keep_data`]) or the thread is panicking: then the broker's stderr is printed and
-//! the directory stays for a look.
+//! the directory stays for a look. [`Serve::start_and_kill_within`] is a crash during start-up
+//! (SIGKILL at most a given time after the start, before or just after the ready line), for
+//! crash loops that kill during recovery too.
 //!
 //! Faults handled: a binary that will not run, and a broker that exits, prints something else or
 //! prints nothing in time instead of its ready line ([`StartError`], carrying its stderr; a
@@ -155,6 +157,30 @@ impl Serve {
             DataSpec::Dir(dir) => self.command_on(dir),
             DataSpec::Temp { .. } => panic!("Serve::command needs Serve::data_dir"),
         }
+    }
+
+    /// A crash during start-up: runs the broker on its given data directory
+    /// ([`Serve::data_dir`]), waits at most `after` for its ready line, then SIGKILLs and reaps
+    /// it, whether it was ready or not. `Ok(true)`: it had printed its ready line (the kill came
+    /// just after it was ready), `Ok(false)`: it was still recovering (or had exited: a broker
+    /// that fails to start is found by the next [`Serve::start`]). The directory is kept, for
+    /// the next start; stderr is discarded. `after` is a kill point, not a synchronisation: the
+    /// caller checks whatever state the kill left, wherever it landed.
+    pub fn start_and_kill_within(&self, after: Duration) -> Result<bool, StartError> {
+        let mut cmd = self.command();
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(|source| StartError::Io {
+            what: format!("starting {}", self.bin.display()),
+            source,
+        })?;
+        let ready = first_line_then_drain(child.stdout.take());
+        let was_ready = matches!(
+            ready.recv_timeout(after),
+            Ok(line) if line.starts_with(READY_PREFIX)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(was_ready)
     }
 
     fn command_on(&self, data_dir: &Path) -> Command {

@@ -43,6 +43,8 @@ mod sampling;
 mod setup;
 mod threads;
 
+pub(crate) use setup::{cleanup, declare};
+
 /// What to run, and where.
 #[derive(Debug, Clone)]
 pub struct RunConfig {

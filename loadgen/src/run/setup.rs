@@ -1,7 +1,8 @@
 //! Setup and teardown on the broker: the scenario's queues, exchange and bindings.
 //!
 //! Contract: runs on the coordinator (main) thread with its admin `Client`, before any load
-//! thread starts (`declare`) and after every one has been joined (`cleanup`). It owns the
+//! thread starts (`declare`) and after every one has been joined (`cleanup`); `--chaos`
+//! (`crate::chaos`) uses the same two, so both modes name and declare alike. It owns the
 //! naming of what a run creates (`<prefix>-<i>`, `<prefix>-requests`, `<prefix>-<kind>`).
 //!
 //! Faults handled: a declaration or binding the broker refuses ends the run before it starts,
@@ -15,7 +16,7 @@ use crate::scenario::{ExchangeType, Kind};
 
 /// Declares the scenario's queues (and fanout exchange); returns the queue names by index and
 /// the exchange name ("" when there is none).
-pub(super) async fn declare(
+pub(crate) async fn declare(
     admin: &Client,
     cfg: &RunConfig,
 ) -> Result<(Vec<String>, String), String> {
@@ -109,7 +110,7 @@ pub(super) async fn declare(
     }
 }
 
-pub(super) async fn cleanup(admin: &Client, cfg: &RunConfig, queues: &[String], exchange: &str) {
+pub(crate) async fn cleanup(admin: &Client, cfg: &RunConfig, queues: &[String], exchange: &str) {
     if cfg.keep_queues {
         return;
     }
