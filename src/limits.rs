@@ -60,7 +60,10 @@ pub struct BrokerLimits {
     /// connection has written what it holds: a consumer that never reads its socket has at most
     /// this (plus one delivery) per owning shard on its way, not its prefetch or its queue's
     /// backlog. (Encoding briefly holds a second copy of a push, and the session's encoder keeps
-    /// its largest frame's buffer: both bounded by this and `frame_size_max`.)
+    /// its largest frame's buffer: both bounded by this and `frame_size_max`.) The answers a
+    /// connection's session makes at once (listings of exchanges and bindings, pongs, refusals)
+    /// are bounded by it too: past it in unwritten bytes the connection stops decoding until its
+    /// outbox is written, so a client that pipelines listings and never reads is slowed by TCP.
     pub outbox_bytes_max: u64,
     /// Longest a delivery may stay unacked, ms, before its consumer is cancelled (a
     /// `ConsumerCancelled` naming this limit) and every delivery it holds goes back to its

@@ -87,6 +87,9 @@ pub struct SessionCtx {
     pub publish_bytes_in_flight_max: u64,
     /// Messages up to this size are copied out of the receive buffer (`limits.rs` says why).
     pub message_copy_bytes_max: u32,
+    /// Bytes of the connection's outbox not yet written past which it stops reading: answers
+    /// made here at once (listings, pongs, refusals) are bounded by it like deliveries are.
+    pub outbox_bytes_max: u64,
 }
 
 impl SessionCtx {
@@ -275,6 +278,14 @@ impl Session {
         self.unconfirmed < u64::from(self.ctx.publishes_in_flight_max)
             && self.unconfirmed_bytes < self.ctx.publish_bytes_in_flight_max
             && self.requests_in_flight() < self.ctx.requests_in_flight_max as usize
+    }
+
+    /// As `wants_input`, with the connection's outbox holding `unwritten` bytes: false past
+    /// `outbox_bytes_max`, so a client that asks for listings (answered here, at once) and never
+    /// reads them is slowed by TCP instead of filling the outbox. Checked before each frame: the
+    /// outbox exceeds the bound by at most one answer.
+    pub fn wants_input_beside(&self, unwritten: usize) -> bool {
+        self.wants_input() && unwritten as u64 <= self.ctx.outbox_bytes_max
     }
 
     /// Requests other than publishes waiting on shards.

@@ -31,6 +31,7 @@ fn ctx() -> SessionCtx {
         gets_unacked_max: 1000,
         publish_bytes_in_flight_max: 1 << 20,
         message_copy_bytes_max: 1024,
+        outbox_bytes_max: 1 << 20,
     }
 }
 
@@ -1174,4 +1175,27 @@ fn small_messages_are_copied_out_of_the_frame_and_large_ones_stay_slices_of_it()
         let inside = whole.contains(&items[0].bytes.as_ptr());
         assert_eq!(inside, !copied, "message of {size} B");
     }
+}
+
+#[test]
+fn past_outbox_bytes_max_of_unwritten_answers_the_connection_is_not_read() {
+    let mut s = session_with(SessionCtx {
+        outbox_bytes_max: 4096,
+        ..ctx()
+    });
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    // Listings are answered here, at once: nothing is in flight, only the outbox grows.
+    let mut frames = 0;
+    while s.wants_input_beside(out.len()) {
+        let list = frame(BodyT::ListExchanges(Box::default()));
+        s.on_frame_at(NOW_MS, &list, &mut out, &mut outbound);
+        frames += 1;
+        assert!(frames < 10_000, "never stopped reading");
+    }
+    assert!(outbound.is_empty());
+    assert!(s.wants_input(), "nothing else holds it back");
+    assert!(out.len() > 4096, "stops only past the bound");
+    // Written: read again.
+    out.clear();
+    assert!(s.wants_input_beside(out.len()));
 }
