@@ -140,9 +140,13 @@ enum Pending {
     Cancel {
         request_id: u64,
     },
+    /// A client's settlement sent to one owner: its tags (in the order of the op's items), kept
+    /// aside until the owner answers, so those it refused for a storage reason come back.
     Settle {
         request_id: u64,
-        wait: u64,
+        /// Set when the client asked for an answer (given once every owner answered).
+        wait: Option<u64>,
+        tags: ledger::SettledTags,
     },
     Get {
         request_id: u64,
@@ -371,8 +375,8 @@ impl Session {
         };
         self.publish_ops -= usize::from(matches!(pending, Pending::Publish { .. }));
         match (pending, reply) {
-            (Pending::Quiet, Reply::SettleFailed(f)) => {
-                for r in f {
+            (Pending::Quiet, Reply::Settled(o)) => {
+                for r in o.refusals {
                     self.fail(out, 0, r.code, r.message, false);
                 }
             }
@@ -430,9 +434,14 @@ impl Session {
                     self.reply(out, request_id, BodyT::Ok(Box::default()));
                 }
             },
-            (Pending::Settle { request_id, wait }, reply) => {
-                self.settled(request_id, wait, reply, out)
-            }
+            (
+                Pending::Settle {
+                    request_id,
+                    wait,
+                    tags,
+                },
+                reply,
+            ) => self.settled(request_id, wait, tags, reply, out),
             (Pending::Get { request_id, shard }, reply) => self.got(request_id, shard, reply, out),
         }
     }
