@@ -60,13 +60,18 @@ pub struct BrokerLimits {
     /// connection has written what it holds: a consumer that never reads its socket has at most
     /// this (plus one delivery) per owning shard on its way, not its prefetch or its queue's
     /// backlog. (Encoding briefly holds a second copy of a push, and the session's encoder keeps
-    /// its largest frame's buffer: both bounded by this and `frame_size_max`.)
+    /// its largest frame's buffer: both bounded by this and `frame_size_max`.) The answers a
+    /// connection's session makes at once (listings of exchanges and bindings, pongs, refusals)
+    /// are bounded by it too: past it in unwritten bytes the connection stops decoding until its
+    /// outbox is written, so a client that pipelines listings and never reads is slowed by TCP.
     pub outbox_bytes_max: u64,
     /// Longest a delivery may stay unacked, ms, before its consumer is cancelled (a
     /// `ConsumerCancelled` naming this limit) and every delivery it holds goes back to its
     /// queue, for other consumers (RabbitMQ's `consumer_timeout`, and its default of 30
     /// minutes). A consumer that takes messages and never acks would otherwise keep them from
-    /// everyone for as long as its connection lives. 0 turns the timeout off.
+    /// everyone for as long as its connection lives. A `Get` delivery held unacked this long
+    /// goes back too (there is no consumer to cancel; the connection is not told, and its late
+    /// ack of it is `UnknownDeliveryTag`). 0 turns the timeout off.
     pub consumer_timeout_ms: u64,
     /// Messages one shard's queues hold at once: ready, delayed and outstanding, each queue's
     /// entry counted (a message routed to two queues of the shard is two entries). Every entry
@@ -96,7 +101,11 @@ pub struct BrokerLimits {
     /// Unacked `Get` deliveries one connection may hold (asked and not yet answered ones
     /// included). A `Get` has no prefetch window of its own, so without this a client could
     /// hold a whole backlog outstanding; past it a `Get` is refused (`LimitExceeded`) until
-    /// the connection settles some.
+    /// the connection settles some. This also bounds the bytes of `Get` answers on their way to
+    /// a connection, which are not charged to its `outbox_bytes_max` account: each answers one
+    /// request the connection asked within this window, so at most `gets_unacked_max` of them,
+    /// one message of at most `message_size_max` each, are in flight or in its outbox at once
+    /// (and once the outbox is past `outbox_bytes_max` the connection asks for no more).
     pub gets_unacked_max: u32,
     /// Bytes of messages a connection may have published and not yet had confirmed (or refused).
     /// Past it the broker stops reading the connection, as at `publishes_in_flight_max`: a count

@@ -180,6 +180,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 gets_unacked_max: config.limits.broker.gets_unacked_max,
                 publish_bytes_in_flight_max: config.limits.broker.publish_bytes_in_flight_max,
                 message_copy_bytes_max: config.limits.broker.message_copy_bytes_max,
+                outbox_bytes_max: config.limits.broker.outbox_bytes_max,
             },
             limits: config.limits,
             mesh,

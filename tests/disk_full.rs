@@ -5,7 +5,9 @@
 //!
 //! - An ack whose settle record cannot be journaled is answered `DiskFull`, not `Ok`, and its
 //!   delivery stays with its consumer: nobody else gets it while that consumer's connection
-//!   lives, it is redelivered when it closes, and it is still there after a restart.
+//!   lives, it is redelivered when it closes, and it is still there after a restart. Its tag
+//!   stays the client's: a retry of the same ack is judged again (refused again while the
+//!   journal has no room), not answered `UnknownDeliveryTag`.
 //! - Publishing to a consumed queue until the disk fills: every refusal is `DiskFull`, no
 //!   refused message is ever delivered or left in the queue, every confirmed one is delivered.
 
@@ -169,9 +171,16 @@ fn an_ack_on_a_full_disk_is_refused_and_its_delivery_stays_with_its_consumer() {
         first: got[0].delivery_tag,
         last: got[0].delivery_tag,
     }];
-    match first.request(BodyT::Ack(Box::new(ack))) {
+    match first.request(BodyT::Ack(Box::new(ack.clone()))) {
         BodyT::Error(e) => assert_eq!(e.code, ErrorCode::DiskFull, "{e:?}"),
         other => panic!("an ack that could not be journaled was answered {other:?}"),
+    }
+    // Its tag is still this connection's: the same ack retried goes to the queue's owner again
+    // and is refused for the same reason (before: the session had dropped the tag with the
+    // refused settlement, so a retry was an unknown tag and the delivery could never be acked).
+    match first.request(BodyT::Ack(Box::new(ack))) {
+        BodyT::Error(e) => assert_eq!(e.code, ErrorCode::DiskFull, "the retry: {e:?}"),
+        other => panic!("the retried ack was answered {other:?}"),
     }
 
     // Still the first consumer's: nobody else gets it while its connection lives...

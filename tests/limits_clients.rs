@@ -314,6 +314,58 @@ fn a_client_pipelining_requests_without_reading_costs_at_most_its_requests_in_fl
     );
 }
 
+/// A client that pipelines listings the session answers at once (no shard is asked, so
+/// `requests_in_flight_max` does not stop it) and never reads them: the connection stops
+/// decoding while its outbox holds more than `outbox_bytes_max`, so what the broker holds for it
+/// is about that bound (before: every answer of one 64 KiB read, about 1400 listings of
+/// 84 KiB each, some 115 MiB, and gigabytes for larger answers).
+#[test]
+fn a_client_pipelining_local_listings_without_reading_costs_at_most_its_outbox_bound() {
+    const OUTBOX: u64 = 2 * MIB;
+    let broker = broker("lim-outbox", &format!("outbox_bytes_max = {OUTBOX}"));
+    let mut c = open(&broker);
+    // 300 exchanges with long names: one listing answers about 84 KiB.
+    for i in 0..300 {
+        let mut x = wire::DeclareExchangeT::default();
+        x.name = format!("{i:03}-{}", "x".repeat(240));
+        x.kind = wire::ExchangeKind::Direct;
+        assert!(matches!(
+            c.request(BodyT::DeclareExchange(Box::new(x))),
+            BodyT::Ok(_)
+        ));
+    }
+    let (before, _) = rss(&broker);
+    // 3000 listings in one write (about 120 KiB), and their answers never read.
+    let mut encoder = weir_protocol::Encoder::new(weir_protocol::WireLimits::DEFAULT);
+    let mut out = bytes::BytesMut::new();
+    for id in 1_000..4_000 {
+        let body = BodyT::ListExchanges(Box::default());
+        encoder
+            .encode(&weir_protocol::frame(id, body), &mut out)
+            .unwrap();
+    }
+    c.send_raw(&out);
+    // Another connection's request, answered after what the shard took from the first before it.
+    let mut other = open(&broker);
+    assert!(matches!(
+        other.request(BodyT::GetStatus(Box::default())),
+        BodyT::Status(_)
+    ));
+    let (after, _) = rss(&broker);
+    eprintln!(
+        "3000 pipelined exchange listings of ~84 KiB, unread, outbox_bytes_max {} KiB: RSS \
+         before {} KiB, after {} KiB",
+        OUTBOX / 1024,
+        before / 1024,
+        after / 1024
+    );
+    // The outbox bound, one answer past it, what the sockets hold, and the encoder's buffer.
+    assert!(
+        after.saturating_sub(before) < 4 * OUTBOX + 16 * MIB,
+        "RSS grew from {before} to {after} for one client that does not read"
+    );
+}
+
 /// The number behind `queued_messages_max`'s reason: RSS per queued message, cold (after a
 /// restart) and hot. A measurement, not a check: `cargo test -p weir --test limits_clients
 /// measure_ -- --ignored --nocapture` (a debug broker takes about a minute per million).

@@ -173,3 +173,44 @@ fn a_consumer_past_its_timeout_is_cancelled_and_its_deliveries_go_to_another() {
     let tags: Vec<u64> = got.iter().map(|g| g.delivery_tag).collect();
     other.ack(&tags);
 }
+
+/// A `Get` delivery held unacked past `consumer_timeout_ms` goes back to its queue, to another
+/// consumer, marked redelivered; the connection that got it has no consumer to cancel and is
+/// told nothing, and its late ack of it is `UnknownDeliveryTag`. Before, a `Get` delivery was
+/// never timed out: the other consumer got nothing while the getter's connection lived.
+#[test]
+fn a_get_held_past_the_timeout_goes_to_another_consumer() {
+    let broker = start(
+        "get-timeout",
+        "consumer_timeout_ms = 300\nmessage_size_max = 65536\n",
+    );
+    let mut producer = connect(&broker);
+    producer.declare("work");
+    producer.publish("work", 1, &[b"the job".as_slice()], false);
+    producer.await_confirms(1, 1);
+
+    let mut getter = connect(&broker);
+    let mut g = weir_protocol::wire::GetT::default();
+    g.queue = "work".into();
+    let tag = match getter.request(BodyT::Get(Box::new(g))) {
+        BodyT::GetOk(ok) => ok.delivery.expect("the job").delivery_tag,
+        other => panic!("get: {other:?}"),
+    };
+
+    let mut other = connect(&broker);
+    other.consume("work", "other", 10, false);
+    let got = other.deliveries(1);
+    assert_eq!(got[0].body, b"the job");
+    assert!(got[0].redelivered && got[0].delivery_count == 2);
+
+    let mut ack = weir_protocol::wire::AckT::default();
+    ack.ranges = vec![weir_protocol::wire::RangeT {
+        first: tag,
+        last: tag,
+    }];
+    match getter.request(BodyT::Ack(Box::new(ack))) {
+        BodyT::Error(e) => assert_eq!(e.code, weir_protocol::wire::ErrorCode::UnknownDeliveryTag),
+        other => panic!("an ack of a timed-out Get was answered {other:?}"),
+    }
+    other.ack(&[got[0].delivery_tag]);
+}

@@ -10,7 +10,7 @@
 //! A request's records may span several commits (a publish waits for journal room between its
 //! messages), and a failed commit fails only what it and the commits after it carried: each
 //! published message is answered by its own record's commit (`published`). A settlement whose
-//! commit failed is answered `SettleFailed`, never `Ok` (`not_durable`).
+//! commit failed is answered as failed, never `Ok`, naming what is outstanding again (`not_durable`).
 
 use std::collections::BTreeMap;
 
@@ -48,14 +48,17 @@ pub fn published(
 }
 
 /// A reply whose records did not become durable: every journaled publish in it is refused, a
-/// settlement's answer says it failed (`SettleFailed`: what it settled is outstanding again), and
+/// settlement's answer says it failed (`Settled` with the refusal first, and what waited for the
+/// commit kept: outstanding again at the owner, so the connection keeps those tags), and
 /// any other answer becomes the refusal.
 pub fn not_durable(reply: Reply, refusal: Refusal) -> Reply {
     match reply {
-        Reply::Done => Reply::SettleFailed(vec![refusal]),
-        Reply::SettleFailed(mut failed) => {
-            failed.insert(0, refusal);
-            Reply::SettleFailed(failed)
+        Reply::Settled(mut o) => {
+            o.refusals.insert(0, refusal);
+            let waiting = std::mem::take(&mut o.waiting);
+            o.kept.extend(waiting);
+            o.kept.sort_unstable();
+            Reply::Settled(o)
         }
         Reply::Published(outcomes) => Reply::Published(
             outcomes
@@ -110,7 +113,7 @@ impl HeldReplies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::msg::PublishOutcome;
+    use crate::mesh::msg::{PublishOutcome, SettleOutcome};
 
     fn refusal() -> Refusal {
         Refusal {
@@ -151,17 +154,30 @@ mod tests {
 
     #[test]
     fn a_settlement_not_durable_is_answered_as_failed() {
+        let waited = SettleOutcome {
+            waiting: vec![0, 2],
+            ..SettleOutcome::default()
+        };
         assert!(matches!(
-            not_durable(Reply::Done, refusal()),
-            Reply::SettleFailed(f) if f == vec![refusal()]
+            not_durable(Reply::Settled(waited), refusal()),
+            Reply::Settled(o) if o == SettleOutcome {
+                refusals: vec![refusal()],
+                kept: vec![0, 2],
+                waiting: vec![],
+            }
         ));
         let unknown = Refusal {
             code: ErrorCode::UnknownDeliveryTag,
             message: "no".into(),
         };
+        let failed = SettleOutcome {
+            refusals: vec![unknown.clone()],
+            kept: vec![],
+            waiting: vec![1],
+        };
         assert!(matches!(
-            not_durable(Reply::SettleFailed(vec![unknown.clone()]), refusal()),
-            Reply::SettleFailed(f) if f == vec![refusal(), unknown]
+            not_durable(Reply::Settled(failed), refusal()),
+            Reply::Settled(o) if o.refusals == vec![refusal(), unknown] && o.kept == vec![1]
         ));
     }
 

@@ -23,7 +23,7 @@ use crate::broker::host::SettlePlan;
 use crate::broker::host::{Outgoing, QueueHost, PURGE_STEP};
 use crate::broker::stored::{MsgRef, Stored};
 use crate::mesh::msg::{
-    Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply, SettleItem,
+    Op, PublishItem, PublishOutcome, Pushed, PushedDelivery, Reply, SettleItem, SettleOutcome,
 };
 use crate::mesh::types::{placement, ConnRef, Refusal};
 use crate::mesh::types::{HolderId, Seq};
@@ -198,56 +198,56 @@ fn settle_groups<'a, T>(
 /// A connection's acks and nacks. Each is checked first (one not outstanding for its holder is
 /// refused, `UnknownDeliveryTag`, the others go on); one that needs a settle record is applied only
 /// once the journal took the record, and under fsync = always only once that record's commit is
-/// durable (taken out of its queue meanwhile, its consumer's credit given back). A record the
-/// journal refuses refuses those settlements, which stay outstanding for the same holder.
+/// durable (taken out of its queue meanwhile, its consumer's credit given back: `waiting` in the
+/// answer). A record the journal refuses refuses those settlements, which stay outstanding for the
+/// same holder (`kept` in the answer, so the connection keeps their tags for a retry).
 fn settle(
     host: &mut QueueHost,
     sink: &mut dyn JournalSink,
     from: ConnRef,
     items: Vec<SettleItem>,
 ) -> Reply {
-    let mut failed: Vec<Refusal> = Vec::new();
-    let mut recorded: Vec<(SettleItem, SettleReason)> = Vec::new();
-    for s in items {
+    let mut outcome = SettleOutcome::default();
+    let mut recorded: Vec<(u32, SettleItem, SettleReason)> = Vec::new();
+    for (index, s) in (0u32..).zip(items) {
         match host.settle_plan(from, &s.queue, s.holder, s.seq, s.ack, s.requeue) {
-            Err(r) => failed.push(r),
+            Err(r) => outcome.refusals.push(r),
             Ok(SettlePlan::Now) => {
                 if let Err(r) = host.settle(from, &s.queue, s.holder, s.seq, s.ack, s.requeue) {
-                    failed.push(r);
+                    outcome.refusals.push(r);
                 }
             }
-            Ok(SettlePlan::Record(reason)) => recorded.push((s, reason)),
+            Ok(SettlePlan::Record(reason)) => recorded.push((index, s, reason)),
         }
     }
     recorded
-        .sort_by(|a, b| (&a.0.queue, a.1 as u8, a.0.seq).cmp(&(&b.0.queue, b.1 as u8, b.0.seq)));
-    for (range, ranges) in settle_groups(&recorded, |(s, r)| (s.queue.as_str(), s.seq, *r)) {
+        .sort_by(|a, b| (&a.1.queue, a.2 as u8, a.1.seq).cmp(&(&b.1.queue, b.2 as u8, b.1.seq)));
+    for (range, ranges) in settle_groups(&recorded, |(_, s, r)| (s.queue.as_str(), s.seq, *r)) {
         let group = &recorded[range];
-        let (first, reason) = &group[0];
+        let (_, first, reason) = &group[0];
         let applied = match sink.settle(&first.queue, *reason, &ranges) {
             Err(r) => {
-                failed.extend(group.iter().map(|_| r.clone()));
+                outcome.refusals.extend(group.iter().map(|_| r.clone()));
+                outcome.kept.extend(group.iter().map(|(index, ..)| *index));
                 continue;
             }
             Ok(round) => round,
         };
-        for (s, _) in group {
+        for (index, s, _) in group {
             let result = match applied {
-                Some(round) => {
-                    host.settle_when_durable(round, from, &s.queue, s.holder, s.seq, s.ack)
-                }
+                Some(round) => host
+                    .settle_when_durable(round, from, &s.queue, s.holder, s.seq, s.ack)
+                    .map(|()| outcome.waiting.push(*index)),
                 None => host.settle_journaled(from, &s.queue, s.holder, s.seq, s.ack),
             };
             if let Err(r) = result {
-                failed.push(r);
+                outcome.refusals.push(r);
             }
         }
     }
-    if failed.is_empty() {
-        Reply::Done
-    } else {
-        Reply::SettleFailed(failed)
-    }
+    outcome.kept.sort_unstable();
+    outcome.waiting.sort_unstable();
+    Reply::Settled(outcome)
 }
 
 /// Applies `op` from `from` to the host; the reply goes back to `from`, the pushes to whoever
@@ -628,6 +628,11 @@ mod tests {
             .collect()
     }
 
+    /// Every settlement of the answer was made (or waits for its commit).
+    fn done(reply: &Reply) -> bool {
+        matches!(reply, Reply::Settled(o) if o.is_ok() && o.kept.is_empty())
+    }
+
     fn ack(h: &mut QueueHost, sink: &mut dyn JournalSink, holder: HolderId, seq: Seq) -> Reply {
         let item = SettleItem {
             queue: "q".into(),
@@ -657,16 +662,13 @@ mod tests {
 
         let reply = ack(&mut h, &mut Sink::full(), holder, 0);
         assert!(
-            matches!(&reply, Reply::SettleFailed(f) if f[0].code == ErrorCode::DiskFull),
+            matches!(&reply, Reply::Settled(o) if o.refusals[0].code == ErrorCode::DiskFull && o.kept == [0]),
             "{reply:?}"
         );
         assert_eq!(counts(&mut h), (0, 1), "still outstanding");
         assert!(get(&mut h, B).is_none(), "nobody else gets it meanwhile");
         // The client may ack it again, and it is settled then.
-        assert!(matches!(
-            ack(&mut h, &mut NoJournal, holder, 0),
-            Reply::Done
-        ));
+        assert!(done(&ack(&mut h, &mut NoJournal, holder, 0)));
         assert_eq!(counts(&mut h), (0, 0));
     }
 
@@ -680,7 +682,12 @@ mod tests {
         assert_eq!(dispatch(&mut h), vec![(holder, 0)]);
 
         let mut sink = Sink::waiting();
-        assert!(matches!(ack(&mut h, &mut sink, holder, 0), Reply::Done));
+        let reply = ack(&mut h, &mut sink, holder, 0);
+        assert!(done(&reply), "{reply:?}");
+        assert!(
+            matches!(&reply, Reply::Settled(o) if o.waiting == [0]),
+            "waits for its commit: {reply:?}"
+        );
         assert_eq!(sink.settles, 1, "journaled before it applies");
         // Its credit is back at once: the next message goes while the record is committed.
         assert_eq!(dispatch(&mut h), vec![(holder, 1)]);
@@ -690,19 +697,16 @@ mod tests {
         assert!(h.commit_resolved(ROUND, false));
         assert_eq!(counts(&mut h), (0, 2));
         assert!(h.pending_rounds_through(ROUND).is_empty());
-        assert!(matches!(
-            ack(&mut h, &mut NoJournal, holder, 0),
-            Reply::Done
-        ));
+        assert!(done(&ack(&mut h, &mut NoJournal, holder, 0)));
         assert_eq!(counts(&mut h), (0, 1));
 
         // A commit that succeeds settles it; it is not outstanding any more.
-        assert!(matches!(ack(&mut h, &mut sink, holder, 1), Reply::Done));
+        assert!(done(&ack(&mut h, &mut sink, holder, 1)));
         assert!(h.commit_resolved(ROUND, true));
         assert_eq!(counts(&mut h), (0, 0));
         let again = ack(&mut h, &mut NoJournal, holder, 1);
         assert!(
-            matches!(&again, Reply::SettleFailed(f) if f[0].code == ErrorCode::UnknownDeliveryTag),
+            matches!(&again, Reply::Settled(o) if o.refusals[0].code == ErrorCode::UnknownDeliveryTag && o.kept.is_empty()),
             "{again:?}"
         );
         assert!(!h.commit_resolved(ROUND, true), "resolved once");
@@ -714,10 +718,7 @@ mod tests {
         publish(&mut h, &mut NoJournal, A, item(1, true), 0);
         let holder = h.consume(A, "q", "c", 1, false, false).unwrap();
         assert_eq!(dispatch(&mut h), vec![(holder, 0)]);
-        assert!(matches!(
-            ack(&mut h, &mut Sink::waiting(), holder, 0),
-            Reply::Done
-        ));
+        assert!(done(&ack(&mut h, &mut Sink::waiting(), holder, 0)));
         h.connection_closed(A);
         h.commit_resolved(ROUND, false);
         assert_eq!(
@@ -737,7 +738,7 @@ mod tests {
         let holder = h.consume(A, "q", "c", 10, false, false).unwrap();
         assert_eq!(dispatch(&mut h).len(), 2);
         let mut sink = Sink::full();
-        assert!(matches!(ack(&mut h, &mut sink, holder, 0), Reply::Done));
+        assert!(done(&ack(&mut h, &mut sink, holder, 0)));
         let nack = SettleItem {
             queue: "q".into(),
             holder,
@@ -753,7 +754,7 @@ mod tests {
             0,
             &mut Vec::new(),
         );
-        assert!(matches!(reply, Reply::Done));
+        assert!(done(&reply), "{reply:?}");
         assert_eq!(sink.settles, 0);
         assert_eq!(counts(&mut h), (1, 0));
     }

@@ -74,6 +74,27 @@ pub struct SettleItem {
     pub requeue: bool,
 }
 
+/// What became of an `Op::Settle`'s items, by their index in its list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SettleOutcome {
+    /// Why settlements failed, in the order they did; empty when every one was made.
+    pub refusals: Vec<Refusal>,
+    /// The items refused for a storage reason (their record could not be journaled, or its
+    /// commit failed): still outstanding at the owner for the same holder, so the connection
+    /// keeps their delivery tags and the client may settle them again.
+    pub kept: Vec<u32>,
+    /// The items whose settle record waits for a commit: made once it is durable, `kept` if it
+    /// fails (`durability::not_durable`). Empty in the answer a connection gets.
+    pub waiting: Vec<u32>,
+}
+
+impl SettleOutcome {
+    /// Every settlement was made.
+    pub fn is_ok(&self) -> bool {
+        self.refusals.is_empty()
+    }
+}
+
 /// What a connection asks of the shard that owns a queue.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -170,10 +191,10 @@ pub enum Reply {
     Published(Vec<PublishOutcome>),
     Consumed(HolderId),
     Got(Option<Box<PushedDelivery>>, u64),
-    /// Done, nothing to say (cancel, settle, connection closed).
+    /// Done, nothing to say (cancel, connection closed).
     Done,
-    /// Settlements that failed, and why.
-    SettleFailed(Vec<Refusal>),
+    /// The answer to `Op::Settle`: what failed, and which settlements are outstanding again.
+    Settled(SettleOutcome),
     Refused(Refusal),
     ShardStatus(Box<ShardStatus>),
 }

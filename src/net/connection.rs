@@ -11,7 +11,9 @@
 //! never speaks is closed without sending a byte.
 //! While the session has `publishes_in_flight_max` publishes (or `publish_bytes_in_flight_max`
 //! bytes of them) unconfirmed, or its shard has no room for more work (`ConnectionHost::has_room`),
-//! it does not read at all, so a fast producer is slowed by TCP, not buffered. Fair service: it
+//! it does not read at all, so a fast producer is slowed by TCP, not buffered; nor does it decode
+//! further while its outbox holds more than `outbox_bytes_max` (answers the session makes at once,
+//! such as listings, of a client that never reads): it writes them first. Fair service: it
 //! takes in one read (at most `READ_CHUNK_BYTES` with what was left over) per turn, then yields,
 //! so one connection's flood cannot starve the shard's worker or its other connections.
 //! Deliveries are bounded from the other end: once a write is done the session hands their
@@ -88,11 +90,17 @@ pub async fn serve<H: ConnectionHost>(
     loop {
         let mut flow = Flow::Continue;
         let mut outbound = Vec::new();
+        let mut outbox_full = false;
         let (wants_input, deadline) = {
             let mut session = entry.session.borrow_mut();
             let mut out = entry.outbox.borrow_mut();
             let now_ms = shard.now_ms();
-            while flow == Flow::Continue && session.wants_input() && shard.has_room() {
+            while flow == Flow::Continue && shard.has_room() {
+                if !session.wants_input_beside(out.len()) {
+                    // The outbox is full of answers: write them, then decode the rest.
+                    outbox_full = session.wants_input();
+                    break;
+                }
                 match decoder.decode(&mut rx) {
                     Ok(Some(frame)) => {
                         flow = session.on_frame_at(now_ms, &frame, &mut out, &mut outbound)
@@ -137,8 +145,8 @@ pub async fn serve<H: ConnectionHost>(
             let _ = conn.close().await;
             break;
         }
-        if !entry.outbox.borrow().is_empty() {
-            continue; // more was queued while we wrote
+        if outbox_full || !entry.outbox.borrow().is_empty() {
+            continue; // more was queued while we wrote, or left to decode
         }
         let rung = async {
             waiter.wait().await;

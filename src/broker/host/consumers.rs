@@ -17,7 +17,14 @@
 //!   connection can have in flight from this shard, wherever it is (mesh, read-back, outbox,
 //!   kernel write), is at most `outbox_bytes_max` plus one delivery.
 //! - A consumer holding a delivery longer than `consumer_timeout_ms` is cancelled
-//!   (`time_out_consumers`) and all it holds goes back to ready, for the others.
+//!   (`time_out_consumers`) and all it holds goes back to ready, for the others. A `Get`
+//!   delivery held unacked that long goes back too (alone: the connection's newer `Get`s stay
+//!   with it); there is no consumer to cancel and the connection is not told, so its later ack
+//!   of it is `UnknownDeliveryTag`.
+//!
+//! `Get` replies are not charged to the outbox account: one answers one request, and the
+//! connection holds at most `gets_unacked_max` `Get`s asked or unacked (`limits.rs` says why that
+//! bounds their bytes).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -334,7 +341,12 @@ impl QueueHost {
                         ),
                     });
                 } else if q.retired.remove(&holder).is_none() {
-                    continue; // a connection's `Get`s: settled by their own request
+                    // A connection's `Get`s: no consumer to cancel, so only the overdue ones
+                    // go back; the connection is not told (its later ack of one is
+                    // `UnknownDeliveryTag`, and frees its `gets_unacked_max` window).
+                    q.queue
+                        .release_overdue(holder, now_ms, timeout_ms, &mut settled);
+                    continue;
                 }
                 q.queue.release(holder, &mut settled);
             }
@@ -501,5 +513,26 @@ mod tests {
             .all(|o| o.to == B && o.delivery.delivery_count == 2));
         let refused = h.settle(A, "q", stuck, out[0].delivery.seq, true, false);
         assert_eq!(refused.unwrap_err().code, ErrorCode::UnknownDeliveryTag);
+    }
+
+    #[test]
+    fn a_get_past_the_timeout_goes_back_alone_and_nothing_is_cancelled() {
+        let mut h = host_with(3, 10);
+        let old = h.get(A, "q", false, 1_000).unwrap().0.expect("a message");
+        let new = h.get(A, "q", false, 1_400).unwrap().0.expect("a message");
+        assert!(h.time_out_consumers(1_500, 500).is_empty());
+        // No consumer to cancel, so nothing to tell; the overdue one is ready again.
+        assert!(h.time_out_consumers(1_501, 500).is_empty());
+        let i = h.info(A, "q", 0).unwrap();
+        assert_eq!((i.messages_ready, i.messages_unacked), (2, 1));
+        h.consume(B, "q", "other", 10, false, false).unwrap();
+        let out = owed(&mut h, 1_600);
+        assert!(out
+            .iter()
+            .any(|o| o.delivery.seq == old.seq && o.to == B && o.delivery.delivery_count == 2));
+        // The newer one is still the connection's; the overdue one is not.
+        let refused = h.settle(A, "q", A.conn, old.seq, true, false);
+        assert_eq!(refused.unwrap_err().code, ErrorCode::UnknownDeliveryTag);
+        h.settle(A, "q", A.conn, new.seq, true, false).unwrap();
     }
 }

@@ -713,6 +713,35 @@ impl<M: Clone> Queue<M> {
             .collect()
     }
 
+    /// Returns to ready (or to `settled`, past `max_deliveries`) every message outstanding for
+    /// `holder` that was handed out more than `timeout_ms` before `now_ms`, and only those: a
+    /// `Get` holder's overdue deliveries, while its newer ones stay with it. Returns how many
+    /// went back to ready.
+    pub fn release_overdue(
+        &mut self,
+        holder: HolderId,
+        now_ms: u64,
+        timeout_ms: u64,
+        settled: &mut Vec<Settled<M>>,
+    ) -> usize {
+        let seqs: Vec<Seq> = self
+            .outstanding
+            .iter()
+            .filter(|(_, o)| {
+                o.holder == holder && now_ms.saturating_sub(o.delivered_ms) > timeout_ms
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        let mut requeued = 0;
+        for seq in seqs {
+            let o = self.outstanding.remove(&seq).expect("listed above");
+            if self.requeue(o.entry, settled) {
+                requeued += 1;
+            }
+        }
+        requeued
+    }
+
     /// Entries this queue holds: ready, delayed and outstanding.
     pub fn len(&self) -> usize {
         self.ready.len() + self.delayed.len() + self.outstanding.len()

@@ -15,7 +15,9 @@
 //! nothing in that frame is settled),
 //! deliveries for a consumer cancelled meanwhile or a closing connection (requeued at their
 //! owner, never shown to the client), a settlement an owner refused (reported once, with the
-//! first refusal).
+//! first refusal). A settlement's tags are kept aside until its owners answer: those an owner
+//! refused for a storage reason (a full disk: the delivery is still outstanding there) are
+//! outstanding here again, so the client can retry the same ack under the same tag.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +40,9 @@ pub(super) struct Outstanding {
     /// Delivered by a `Get` (counted in the `GetWindow` until settled).
     get: bool,
 }
+
+/// A settlement's tags and what they stood for, in the order of its `Op::Settle` items.
+pub(super) type SettledTags = Vec<(u64, Outstanding)>;
 
 /// The `Get`s a connection holds: asked and not answered yet, and delivered and not settled.
 #[derive(Clone, Copy, Debug, Default)]
@@ -88,7 +93,7 @@ impl Session {
             );
             return self.fail(out, request_id, ErrorCode::UnknownDeliveryTag, msg, false);
         }
-        let mut by_shard: BTreeMap<u16, Vec<SettleItem>> = BTreeMap::new();
+        let mut by_shard: BTreeMap<u16, (Vec<SettleItem>, SettledTags)> = BTreeMap::new();
         for (first, last) in s.tags.ranges() {
             let tags: Vec<u64> = self
                 .outstanding
@@ -100,13 +105,15 @@ impl Session {
                     continue; // listed above
                 };
                 self.gets.held -= u32::from(o.get);
-                by_shard.entry(o.shard).or_default().push(SettleItem {
-                    queue: o.queue,
+                let (items, tags) = by_shard.entry(o.shard).or_default();
+                items.push(SettleItem {
+                    queue: o.queue.clone(),
                     holder: o.holder,
                     seq: o.seq,
                     ack,
                     requeue,
                 });
+                tags.push((tag, o));
             }
         }
         // A settlement that asked for a reply is answered once every shard it touched answered.
@@ -116,23 +123,50 @@ impl Session {
                 .insert(wait, (by_shard.len() as u16, None));
             wait
         });
-        for (shard, items) in by_shard {
-            let pending = match wait {
-                Some(wait) => Pending::Settle { request_id, wait },
-                None => Pending::Quiet,
+        for (shard, (items, tags)) in by_shard {
+            let pending = Pending::Settle {
+                request_id,
+                wait,
+                tags,
             };
             self.address(outbound, shard, Op::Settle(items), pending);
         }
         Flow::Continue
     }
 
-    /// One shard's answer to a settlement that asked for a reply.
-    pub(super) fn settled(&mut self, request_id: u64, wait: u64, reply: Reply, out: &mut BytesMut) {
+    /// One shard's answer to a settlement: the tags it kept outstanding (refused for a storage
+    /// reason) are this connection's again, to settle later; the client is answered (if it
+    /// asked) once every shard is, or told of each refusal (if it did not).
+    pub(super) fn settled(
+        &mut self,
+        request_id: u64,
+        wait: Option<u64>,
+        tags: SettledTags,
+        reply: Reply,
+        out: &mut BytesMut,
+    ) {
+        let mut refusals = match reply {
+            Reply::Settled(o) => {
+                self.restore(tags, &o.kept);
+                o.refusals
+            }
+            Reply::Refused(r) => vec![r],
+            other => {
+                tracing::error!(?other, "unexpected reply to a settlement");
+                Vec::new()
+            }
+        };
+        let Some(wait) = wait else {
+            for r in refusals {
+                self.fail(out, 0, r.code, r.message, false);
+            }
+            return;
+        };
         let Some((remaining, failure)) = self.settle_waits.get_mut(&wait) else {
             return;
         };
-        if let Reply::SettleFailed(mut f) = reply {
-            failure.get_or_insert_with(|| f.remove(0));
+        if !refusals.is_empty() {
+            failure.get_or_insert_with(|| refusals.remove(0));
         }
         *remaining -= 1;
         if *remaining > 0 {
@@ -146,6 +180,21 @@ impl Session {
             Some(r) => self.refuse(out, request_id, r),
             None => {
                 self.reply(out, request_id, BodyT::Ok(Box::default()));
+            }
+        }
+    }
+
+    /// Puts back the tags at `kept` (indices into `tags`): their owner still holds those
+    /// deliveries for this connection. A tag given out again meanwhile cannot be: tags are never
+    /// reused.
+    fn restore(&mut self, tags: SettledTags, kept: &[u32]) {
+        if self.state != State::Open {
+            return; // its owner requeues them when the connection's close reaches it
+        }
+        for (index, (tag, o)) in (0u32..).zip(tags) {
+            if kept.binary_search(&index).is_ok() {
+                self.gets.held += u32::from(o.get);
+                self.outstanding.insert(tag, o);
             }
         }
     }

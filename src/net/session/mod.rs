@@ -87,6 +87,9 @@ pub struct SessionCtx {
     pub publish_bytes_in_flight_max: u64,
     /// Messages up to this size are copied out of the receive buffer (`limits.rs` says why).
     pub message_copy_bytes_max: u32,
+    /// Bytes of the connection's outbox not yet written past which it stops reading: answers
+    /// made here at once (listings, pongs, refusals) are bounded by it like deliveries are.
+    pub outbox_bytes_max: u64,
 }
 
 impl SessionCtx {
@@ -137,9 +140,13 @@ enum Pending {
     Cancel {
         request_id: u64,
     },
+    /// A client's settlement sent to one owner: its tags (in the order of the op's items), kept
+    /// aside until the owner answers, so those it refused for a storage reason come back.
     Settle {
         request_id: u64,
-        wait: u64,
+        /// Set when the client asked for an answer (given once every owner answered).
+        wait: Option<u64>,
+        tags: ledger::SettledTags,
     },
     Get {
         request_id: u64,
@@ -277,6 +284,14 @@ impl Session {
             && self.requests_in_flight() < self.ctx.requests_in_flight_max as usize
     }
 
+    /// As `wants_input`, with the connection's outbox holding `unwritten` bytes: false past
+    /// `outbox_bytes_max`, so a client that asks for listings (answered here, at once) and never
+    /// reads them is slowed by TCP instead of filling the outbox. Checked before each frame: the
+    /// outbox exceeds the bound by at most one answer.
+    pub fn wants_input_beside(&self, unwritten: usize) -> bool {
+        self.wants_input() && unwritten as u64 <= self.ctx.outbox_bytes_max
+    }
+
     /// Requests other than publishes waiting on shards.
     fn requests_in_flight(&self) -> usize {
         self.pending.len() - self.publish_ops
@@ -360,8 +375,8 @@ impl Session {
         };
         self.publish_ops -= usize::from(matches!(pending, Pending::Publish { .. }));
         match (pending, reply) {
-            (Pending::Quiet, Reply::SettleFailed(f)) => {
-                for r in f {
+            (Pending::Quiet, Reply::Settled(o)) => {
+                for r in o.refusals {
                     self.fail(out, 0, r.code, r.message, false);
                 }
             }
@@ -419,9 +434,14 @@ impl Session {
                     self.reply(out, request_id, BodyT::Ok(Box::default()));
                 }
             },
-            (Pending::Settle { request_id, wait }, reply) => {
-                self.settled(request_id, wait, reply, out)
-            }
+            (
+                Pending::Settle {
+                    request_id,
+                    wait,
+                    tags,
+                },
+                reply,
+            ) => self.settled(request_id, wait, tags, reply, out),
             (Pending::Get { request_id, shard }, reply) => self.got(request_id, shard, reply, out),
         }
     }

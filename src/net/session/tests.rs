@@ -31,6 +31,7 @@ fn ctx() -> SessionCtx {
         gets_unacked_max: 1000,
         publish_bytes_in_flight_max: 1 << 20,
         message_copy_bytes_max: 1024,
+        outbox_bytes_max: 1 << 20,
     }
 }
 
@@ -567,7 +568,8 @@ fn a_settle_naming_an_unknown_tag_settles_nothing_and_the_known_one_stays_outsta
             .collect::<Vec<_>>(),
         vec![("q", 3, 5, true)]
     );
-    s.on_reply_at(NOW_MS, *id, Reply::Done, &mut out, &mut Vec::new());
+    let done = Reply::Settled(Default::default());
+    s.on_reply_at(NOW_MS, *id, done, &mut out, &mut Vec::new());
     let r = replies(&mut out);
     assert!(
         matches!(r[..], [ref f] if matches!(f.body, BodyT::Ok(_))),
@@ -1174,4 +1176,95 @@ fn small_messages_are_copied_out_of_the_frame_and_large_ones_stay_slices_of_it()
         let inside = whole.contains(&items[0].bytes.as_ptr());
         assert_eq!(inside, !copied, "message of {size} B");
     }
+}
+
+#[test]
+fn past_outbox_bytes_max_of_unwritten_answers_the_connection_is_not_read() {
+    let mut s = session_with(SessionCtx {
+        outbox_bytes_max: 4096,
+        ..ctx()
+    });
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    // Listings are answered here, at once: nothing is in flight, only the outbox grows.
+    let mut frames = 0;
+    while s.wants_input_beside(out.len()) {
+        let list = frame(BodyT::ListExchanges(Box::default()));
+        s.on_frame_at(NOW_MS, &list, &mut out, &mut outbound);
+        frames += 1;
+        assert!(frames < 10_000, "never stopped reading");
+    }
+    assert!(outbound.is_empty());
+    assert!(s.wants_input(), "nothing else holds it back");
+    assert!(out.len() > 4096, "stops only past the bound");
+    // Written: read again.
+    out.clear();
+    assert!(s.wants_input_beside(out.len()));
+}
+
+/// The seqs of the one `Settle` in `outbound`, and its id.
+fn settle_sent(outbound: &[Addressed]) -> (u64, Vec<u64>) {
+    let [Addressed {
+        id,
+        op: Op::Settle(items),
+        ..
+    }] = outbound
+    else {
+        panic!("{outbound:?}")
+    };
+    (*id, items.iter().map(|i| i.seq).collect())
+}
+
+#[test]
+fn tags_an_owner_refused_for_a_storage_reason_can_be_settled_again() {
+    let (mut s, owner) = consuming();
+    let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
+    s.on_push(owner, pushed(10..13, 0), &mut out, &mut outbound);
+    replies(&mut out);
+    // Tags 1..=3 acked in one frame; the owner journals 11's record, refuses 10's and 12's
+    // (a full disk), which it keeps outstanding.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 3)]), &mut out, &mut outbound);
+    let (id, seqs) = settle_sent(&outbound);
+    assert_eq!(seqs, vec![10, 11, 12]);
+    let full = Refusal {
+        code: ErrorCode::DiskFull,
+        message: "out of disk space".into(),
+    };
+    let reply = Reply::Settled(crate::mesh::msg::SettleOutcome {
+        refusals: vec![full.clone(), full],
+        kept: vec![0, 2],
+        waiting: vec![],
+    });
+    s.on_reply_at(NOW_MS, id, reply, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(
+        (r[0].request_id, error_of(&r[0])),
+        (9, (ErrorCode::DiskFull, false))
+    );
+
+    // Tag 2 was settled: an unknown tag now.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(2, 2)]), &mut out, &mut outbound);
+    assert!(outbound.is_empty(), "{outbound:?}");
+    assert_eq!(
+        error_of(&replies(&mut out)[0]),
+        (ErrorCode::UnknownDeliveryTag, false)
+    );
+    // Tags 1 and 3 are held again: the retry under the same tags goes to the owner.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 3)]), &mut out, &mut outbound);
+    let (id, seqs) = settle_sent(&outbound);
+    assert_eq!(seqs, vec![10, 12]);
+    let done = Reply::Settled(Default::default());
+    s.on_reply_at(NOW_MS, id, done, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    assert!(
+        matches!(r[..], [ref f] if matches!(f.body, BodyT::Ok(_))),
+        "{r:?}"
+    );
+    // Applied this time: nothing is left to settle.
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &ack(&[(1, 3)]), &mut out, &mut outbound);
+    assert!(outbound.is_empty(), "{outbound:?}");
 }
