@@ -8,7 +8,9 @@
 //! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
 //! restatement that fails (a record refused, say for a full disk, or its commit failed) is logged
 //! and told to the round, which then deletes nothing; a segment deletion that fails is logged and
-//! ends the round. The next round tries again; nothing here can stop the shard.
+//! ends the round. The next round tries again; nothing here can stop the shard. After each
+//! round, a disk reserve spent on a full disk is made again if there is room
+//! (`storage::journal::reserve`), which is when the journal takes message records again.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -70,6 +72,13 @@ pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
                         break;
                     }
                 },
+            }
+        }
+        // A reserve spent on a full disk is made again once the round freed room for it; until
+        // then the journal refuses message records.
+        if state.journal.reserve_missing() {
+            if let Err(why) = state.journal.restore_reserve().await {
+                tracing::debug!(shard = state.id, "reclaim: {why}");
             }
         }
     }
