@@ -442,7 +442,8 @@ impl<D: SegmentDir + 'static> Journal<D> {
     }
 
     /// Clears the out-of-space state after space was freed outside the journal, so that appends
-    /// are taken again; the next commit tries the disk again.
+    /// are taken again; the next commit tries the disk again. A spent disk reserve still keeps
+    /// message records out until [`Journal::restore_reserve`] has made it again.
     pub fn resume_after_no_space(&self) {
         self.inner.state.borrow_mut().no_space = None;
     }

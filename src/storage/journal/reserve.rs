@@ -8,8 +8,8 @@
 //! committer): so acks, nacks, purges, deletes and reclaim's restatement of the catalog become
 //! durable on a full disk, and reclaim can delete the segments they free. Message records stay
 //! refused until the reserve is whole again: [`Journal::restore_reserve`], which the reclaim
-//! timer calls each round while it is missing, makes it again once there is room, and only then
-//! are messages taken. So a segment made from the reserve never holds a message record, and a
+//! timer calls while it is missing (after a round that deleted segments, and every 10 s), makes
+//! it again once there is room, and only then are messages taken. So a segment made from the reserve never holds a message record, and a
 //! full disk empties itself as consumers drain it.
 //!
 //! Decisions, at open and after (also in `src/storage/README.md`):
@@ -18,10 +18,10 @@
 //! |---|---|---|
 //! | V1 | `reserve_bytes` 0 | no reserve: a full disk refuses every append until space returns |
 //! | V2 | open: the file is there, at least `reserve_bytes` long | use it |
-//! | V3 | open: missing or short (a crash while making or spending it) | make it again; out of room: start with message records refused, said in the log, and try again each reclaim round |
+//! | V3 | open: missing or short (a crash while making or spending it) | make it again; out of room: start with message records refused, said in the log, and try again later (V6) |
 //! | V4 | a segment creation runs out of space; no message record in its commit or staged | remove the reserve, sync the directory, create the segment again; message records refused from then on |
 //! | V5 | the same with message records | fail the commit `NoSpace`, as without a reserve |
-//! | V6 | reserve missing, a reclaim round ran | make it again; out of room: remove what was made, message records still refused |
+//! | V6 | reserve missing, a reclaim round deleted segments (or 10 s passed) | make it again; out of room: remove what was made, message records still refused |
 //!
 //! Faults handled: a failed removal of the reserve fails the commit with the `NoSpace` that
 //! asked for it (the file's fate is left to V3/V6); a reserve that cannot be made for any reason
