@@ -162,6 +162,7 @@ struct FileLimits {
     work_bytes_max: Option<u64>,
     mesh_outgoing_bytes_max: Option<u64>,
     message_copy_bytes_max: Option<u32>,
+    reserve_bytes: Option<u64>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -317,6 +318,8 @@ impl Config {
                 .mesh_outgoing_bytes_max
                 .unwrap_or(b.mesh_outgoing_bytes_max);
             set(&mut b.message_copy_bytes_max, l.message_copy_bytes_max);
+            // Two segments unless set: the reserve is counted in segments, whatever their size.
+            s.reserve_bytes = l.reserve_bytes.unwrap_or(2 * s.segment_size_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.
             w.verifier_tables_max = 4 * w.publish_batch_max.max(w.deliver_batch_max) as usize + 64;
         }
@@ -604,5 +607,15 @@ mod tests {
             }
         }
         assert!(n >= 3, "expected at least 3 profiles in tuning/, found {n}");
+    }
+
+    #[test]
+    fn the_disk_reserve_is_two_segments_unless_set_and_at_least_one() {
+        let c = load_file("[limits]\nsegment_size_bytes_max = 2097152\n").unwrap();
+        assert_eq!(c.limits.storage.reserve_bytes, 2 * 2097152);
+        let c = load_file("[limits]\nreserve_bytes = 0\n").unwrap();
+        assert_eq!(c.limits.storage.reserve_bytes, 0);
+        let err = load_file("[limits]\nreserve_bytes = 4096\n").unwrap_err();
+        assert!(err.to_string().contains("reserve_bytes"), "{err}");
     }
 }

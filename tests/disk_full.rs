@@ -48,9 +48,11 @@ fn filesystem(test: &str) -> Option<Mounted> {
 fn start(data: &std::path::Path, dir: &str) -> weir_testkit::Broker {
     let outside = temp_dir(dir);
     let config = outside.join("weir.toml");
+    // No disk reserve: these tests are about a disk full for every record, acks included (with
+    // the default reserve, acks spend it: tests/disk_full_drain.rs).
     std::fs::write(
         &config,
-        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\n",
+        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\nreserve_bytes = 0\n",
     )
     .unwrap();
     weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))

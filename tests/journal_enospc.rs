@@ -22,6 +22,7 @@ fn config() -> JournalConfig {
             commit_bytes_max: 64 << 10,
             staged_bytes_max: 256 << 10,
             read_window_bytes: 128 << 10,
+            reserve_bytes: 0,
         },
     }
 }

@@ -438,6 +438,7 @@ fn every_limit_relation_names_its_key() {
             "read_window_bytes",
             StorageLimits {
                 read_window_bytes: 1 << 20,
+                reserve_bytes: 0,
                 ..ok
             },
         ),

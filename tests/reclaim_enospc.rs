@@ -66,9 +66,11 @@ fn a_reclaim_round_on_a_full_disk_keeps_the_durable_queue_and_its_messages() {
     };
     let outside = temp_dir("reclaim-enospc");
     let config = outside.join("weir.toml");
+    // No disk reserve: the restatement must find the disk full too (with the default reserve it
+    // spends it and succeeds: tests/disk_full_drain.rs).
     std::fs::write(
         &config,
-        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\n",
+        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\nreserve_bytes = 0\n",
     )
     .unwrap();
     let log = outside.join("weir.log");

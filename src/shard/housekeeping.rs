@@ -8,7 +8,10 @@
 //! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
 //! restatement that fails (a record refused, say for a full disk, or its commit failed) is logged
 //! and told to the round, which then deletes nothing; a segment deletion that fails is logged and
-//! ends the round. The next round tries again; nothing here can stop the shard.
+//! ends the round. The next round tries again; nothing here can stop the shard. After a round
+//! that deleted segments (and every 10 s), a disk reserve spent on a full disk is made again if
+//! there is room (`storage::journal::reserve`), which is when the journal takes message records
+//! again.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -53,10 +56,17 @@ pub(super) async fn expire_forever(state: Rc<ShardState>) {
 /// costs nothing on the data path, and a second's delay only defers freeing disk space.
 const RECLAIM_EVERY: Duration = Duration::from_millis(500);
 
+/// Reclaim ticks between two tries to make a missing disk reserve again when no round deleted
+/// anything (10 s): the room was freed outside the broker, which is rare.
+const RESERVE_RETRY_TICKS: u64 = 20;
+
 /// Deletes journal segments as `broker::reclaim` says, one round per tick.
 pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
+    let mut tick = 0u64;
     loop {
         rt::executor::sleep(RECLAIM_EVERY).await;
+        tick += 1;
+        let mut freed = false;
         let mut round = ReclaimRound::default();
         loop {
             let segments = state.journal.segments();
@@ -64,12 +74,24 @@ pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
                 ReclaimStep::Stop => break,
                 ReclaimStep::Restate => round.restated(restate(&state).await),
                 ReclaimStep::Reclaim(segment) => match state.journal.reclaim(segment).await {
-                    Ok(()) => tracing::debug!(shard = state.id, segment, "reclaimed"),
+                    Ok(()) => {
+                        freed = true;
+                        tracing::debug!(shard = state.id, segment, "reclaimed")
+                    }
                     Err(e) => {
                         tracing::warn!(shard = state.id, segment, "reclaim: {e}");
                         break;
                     }
                 },
+            }
+        }
+        // A reserve spent on a full disk is made again once a round freed room for it; until
+        // then the journal refuses message records. Tried after a round that deleted segments,
+        // and now and then otherwise (room freed outside the broker): a try on a full disk holds
+        // what it could allocate until it gives up, which a settle commit may need meanwhile.
+        if state.journal.reserve_missing() && (freed || tick.is_multiple_of(RESERVE_RETRY_TICKS)) {
+            if let Err(why) = state.journal.restore_reserve().await {
+                tracing::debug!(shard = state.id, "reclaim: {why}");
             }
         }
     }

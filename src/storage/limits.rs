@@ -33,6 +33,14 @@ pub struct StorageLimits {
     /// Size of the sequential reads of recovery. Larger reads reach the disk's bandwidth; it must
     /// hold a whole commit chunk so that a chunk is validated from one buffer.
     pub read_window_bytes: u32,
+    /// Disk kept back for the records that free disk (`reserve`, a preallocated file in the
+    /// journal's directory; 0: none). On a full disk, message records are refused but settle and
+    /// control records (acks, nacks, purges, deletes, reclaim's restatement of the catalog) may
+    /// spend it to create the segment they need: without it a full disk refuses the very acks
+    /// and restatement that reclaim needs, and the broker stays full. At least one segment (a
+    /// segment is created whole); the default is two: one for the restatement and a burst of
+    /// settle records, one more while reclaim catches up.
+    pub reserve_bytes: u64,
 }
 
 impl StorageLimits {
@@ -44,6 +52,7 @@ impl StorageLimits {
         commit_bytes_max: 1 << 20,
         staged_bytes_max: 8 << 20,
         read_window_bytes: 2 << 20,
+        reserve_bytes: 2 * (64 << 20),
     };
 
     /// Checks every relation; the error names the offending key and why.
@@ -112,6 +121,19 @@ impl StorageLimits {
                     "{} must be a multiple of {block} holding a whole commit chunk plus a block \
                      (commit_bytes_max {})",
                     self.read_window_bytes, self.commit_bytes_max
+                ),
+            );
+        }
+        if self.reserve_bytes != 0
+            && (self.reserve_bytes < self.segment_size_bytes_max
+                || !self.reserve_bytes.is_multiple_of(block))
+        {
+            return bad(
+                "reserve_bytes",
+                format!(
+                    "{} must be 0 or a multiple of {block} holding one whole segment \
+                     (segment_size_bytes_max {}): a smaller reserve can never make room for one",
+                    self.reserve_bytes, self.segment_size_bytes_max
                 ),
             );
         }

@@ -31,6 +31,7 @@
 //! | S8 | header flagged reclaimed | skip its data (all of it was settled) |
 //! | S9 | first commit sequence differs from the one the previous segment ends with | refuse |
 //! | S10 | a file name that is not a segment name | ignore it (reported) |
+//! | S11 | the disk reserve (`reserve`) | not a segment: left to the journal (`journal::reserve`) |
 //!
 //! # Commit rows (at each commit boundary inside a segment)
 //!
@@ -61,7 +62,7 @@ use crate::storage::io::{SegmentDir, SegmentFile};
 use crate::storage::limits::StorageLimits;
 use crate::storage::record::{parse_record, CommitRecord, RecordFault, RecordKind};
 use crate::storage::segment::{
-    parse_segment_file_name, segment_file_name, HeaderFault, SegmentHeader,
+    parse_segment_file_name, segment_file_name, HeaderFault, SegmentHeader, RESERVE_FILE_NAME,
 };
 
 /// What the scan found at a commit boundary.
@@ -413,6 +414,7 @@ pub(crate) async fn recover<D: SegmentDir>(
     for name in names {
         match parse_segment_file_name(&name) {
             Some(n) => numbers.push(n),
+            None if name == RESERVE_FILE_NAME => {} // S11: the journal's, checked after recovery
             None => report.ignored_files.push(name), // S10
         }
     }

@@ -24,6 +24,10 @@ use std::fmt;
 use crate::storage::format::BLOCK_BYTES;
 use crate::storage::format::{Position, FLAG_RECLAIMED, HEADER_BYTES, SEGMENT_MAGIC};
 
+/// Name of the journal's disk reserve (`journal::reserve`): not a segment; recovery passes it
+/// over without reporting it.
+pub const RESERVE_FILE_NAME: &str = "reserve";
+
 /// The file name of segment `number`: the hex position of its first byte.
 pub fn segment_file_name(number: u32) -> String {
     format!("{:016x}.seg", Position::new(number, 0).0)

@@ -24,6 +24,7 @@ pub fn small_config() -> JournalConfig {
             commit_bytes_max: 8 << 10,
             staged_bytes_max: 16 << 10,
             read_window_bytes: 16 << 10,
+            reserve_bytes: 0,
         },
     }
 }

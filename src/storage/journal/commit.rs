@@ -25,7 +25,8 @@
 //! Faults handled: a full disk (an error or a short O_DIRECT write) fails the round with
 //! `NoSpace` and abandons what was staged after it (failed with `NoSpace` too); any other write error, and every failed
 //! fdatasync, poisons the journal (`Failed`). A segment whose creation ran out of space is
-//! removed again so the next try starts clean.
+//! removed again so the next try starts clean; if its commit holds no message record, the
+//! disk reserve is spent and the creation tried once more (`reserve`).
 
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -189,7 +190,17 @@ impl<D: SegmentDir + 'static> Journal<D> {
         let segment_size = self.inner.config.limits.segment_size_bytes_max;
         let exists = self.inner.state.borrow().segments.contains_key(&segment);
         if !exists {
-            self.create_segment(segment).await?;
+            let has_messages = chunks.iter().any(|c| c.messages > 0);
+            match self.create_segment(segment).await {
+                // A full disk: a commit of records that free disk may spend the reserve.
+                Err(RoundFailure::NoSpace(why)) => {
+                    if !self.spend_reserve(has_messages, &why).await {
+                        return Err(RoundFailure::NoSpace(why));
+                    }
+                    self.create_segment(segment).await?;
+                }
+                other => other?,
+            }
         }
         let (file, seg_end, seq) = {
             let st = self.inner.state.borrow();

@@ -10,7 +10,8 @@
 //! for a commit, and closing. The rest is split by what it does:
 //! - [`commit`]: the committer task, group commit, segment creation and commit failures;
 //! - [`read`]: reading a durable record back by position, and relocation (compaction);
-//! - [`reclaim`]: the segment list, reclaim and tombstones.
+//! - [`reclaim`]: the segment list, reclaim and tombstones;
+//! - [`reserve`]: the disk reserve, spent by the records that free disk and made again after.
 //!
 //! Segments. A commit never spans segments: a record that does not fit in the current segment
 //! starts the next one, created (preallocated, header written and fdatasynced, directory synced)
@@ -23,12 +24,17 @@
 //! [`StorageError::NoSpace`] (the records staged after it too: a full disk is what they are told),
 //! refuses appends until space returns
 //! ([`Journal::reclaim`] or [`Journal::resume_after_no_space`]), and keeps everything committed.
+//! With a reserve (`reserve_bytes`), only message records are refused meanwhile: settle and
+//! control records are taken, and the commit that needs a new segment for them may spend the
+//! reserve ([`reserve`]), so acks and reclaim's restatement still become durable and reclaim can
+//! free the disk; message records are taken again once the reserve is whole again.
 //! Any other write or fdatasync error stops the journal ([`StorageError::Failed`]): after a failed
 //! fdatasync the contents of the disk are unknown, and only recovery can tell what is there.
 
 mod commit;
 mod read;
 mod reclaim;
+mod reserve;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -97,6 +103,8 @@ struct StagedChunk<B> {
     used: usize,
     round: u64,
     records: u64,
+    /// Message records among them: a commit with none may spend the reserve.
+    messages: u64,
 }
 
 /// Why a commit failed, kept so every waiter of that commit gets the same answer.
@@ -134,6 +142,7 @@ struct State<D: SegmentDir> {
     next_commit_seq: u64,
     durable: Position,
     no_space: Option<String>,
+    reserve: Reserve,
     poisoned: Option<String>,
     closing: bool,
     closed: bool,
@@ -142,6 +151,19 @@ struct State<D: SegmentDir> {
     room_waiters: Vec<Waker>,
     close_waiters: Vec<Waker>,
     stats: JournalStats,
+}
+
+/// Where the disk reserve stands (see [`reserve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reserve {
+    /// `reserve_bytes` is 0: a full disk refuses every append, as without a reserve.
+    Off,
+    /// The file is there, whole: a commit of settle and control records may spend it.
+    Present,
+    /// Spent, or never made: message records are refused until it is made again.
+    Missing,
+    /// Being made again (by the reclaim timer's task): nobody spends it meanwhile.
+    Making,
 }
 
 struct Inner<D: SegmentDir> {
@@ -204,6 +226,11 @@ impl<D: SegmentDir + 'static> Journal<D> {
             next_commit_seq: rec.next_commit_seq,
             durable,
             no_space: None,
+            reserve: if config.limits.reserve_bytes == 0 {
+                Reserve::Off
+            } else {
+                Reserve::Missing
+            },
             poisoned: None,
             closing: false,
             closed: false,
@@ -220,6 +247,7 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 state: RefCell::new(state),
             }),
         };
+        journal.open_reserve().await;
         Ok((journal, rec.report))
     }
 
@@ -275,8 +303,22 @@ impl<D: SegmentDir + 'static> Journal<D> {
         if st.closing {
             return Err(StorageError::Closed);
         }
-        if let Some(why) = &st.no_space {
-            return Err(StorageError::NoSpace(why.clone()));
+        if kind == RecordKind::Message {
+            if matches!(st.reserve, Reserve::Missing | Reserve::Making) {
+                return Err(StorageError::NoSpace(format!(
+                    "the disk reserve ({} bytes) is spent: message records wait until reclaim \
+                     frees room to make it again",
+                    limits.reserve_bytes
+                )));
+            }
+            if let Some(why) = &st.no_space {
+                return Err(StorageError::NoSpace(why.clone()));
+            }
+        } else if let Some(why) = &st.no_space {
+            // Records that free disk go on while a reserve can be spent for them.
+            if st.reserve == Reserve::Off {
+                return Err(StorageError::NoSpace(why.clone()));
+            }
         }
         if rec_len > limits.record_bytes_max as usize {
             return Err(StorageError::RecordTooLarge {
@@ -322,6 +364,7 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 used: COMMIT_RECORD_BYTES,
                 round,
                 records: 0,
+                messages: 0,
             });
             st.place_segment = segment;
         }
@@ -332,6 +375,7 @@ impl<D: SegmentDir + 'static> Journal<D> {
         seal_record(out, kind);
         chunk.used += rec_len;
         chunk.records += 1;
+        chunk.messages += u64::from(kind == RecordKind::Message);
         let appended = Appended {
             position: Position::new(chunk.segment, chunk.start + at as u64),
             len: rec_len as u32,
@@ -398,7 +442,8 @@ impl<D: SegmentDir + 'static> Journal<D> {
     }
 
     /// Clears the out-of-space state after space was freed outside the journal, so that appends
-    /// are taken again; the next commit tries the disk again.
+    /// are taken again; the next commit tries the disk again. A spent disk reserve still keeps
+    /// message records out until [`Journal::restore_reserve`] has made it again.
     pub fn resume_after_no_space(&self) {
         self.inner.state.borrow_mut().no_space = None;
     }

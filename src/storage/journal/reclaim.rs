@@ -10,7 +10,8 @@
 //! Faults handled: a poisoned journal refuses reclaim (`Failed`); a failed remove, write, sync or
 //! truncate is returned as `Io`. The tombstone header is rewritten in place inside the first
 //! sector, so a torn rewrite leaves either the old or the new header whole. A successful reclaim
-//! means space came back, so it clears the out-of-space state.
+//! means space came back, so it clears the out-of-space state (a spent reserve still keeps
+//! message records out until it is made again).
 
 use super::{Journal, State};
 use crate::storage::error::StorageError;
@@ -114,7 +115,8 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 s.end = 0;
             }
         }
-        // Space came back: take appends again.
+        // Space came back: take appends again (message records once the reserve, if spent, is
+        // made again: `restore_reserve`).
         self.inner.state.borrow_mut().no_space = None;
         Ok(())
     }
