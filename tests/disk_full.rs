@@ -274,3 +274,69 @@ fn on_a_full_disk_no_refused_publish_is_delivered_and_every_confirmed_one_is() {
         answers.refused.len()
     );
 }
+
+#[test]
+fn once_room_is_freed_outside_the_broker_a_refused_ack_retried_under_its_tag_is_kept() {
+    let Some(fs) = filesystem("the full-disk ack retry test") else {
+        return;
+    };
+    let ballast = fs.mount.join("ballast");
+    let data = fs.mount.join("data");
+    let mut broker = start(&data, "disk-full-ack-retry");
+
+    let mut c = Client::connect(broker.listen);
+    c.handshake();
+    c.declare("q");
+    c.declare("fill");
+    c.publish("q", 1, &[body(0).as_slice()], false);
+    c.await_confirms(1, 1);
+    c.consume("q", "c", 10, false);
+    let got = c.deliveries(1);
+    let mut filler = Client::connect(broker.listen);
+    filler.handshake();
+    assert!(!fill(&mut filler, "fill").refused.is_empty());
+
+    let mut ack = wire::AckT::default();
+    ack.ranges = vec![wire::RangeT {
+        first: got[0].delivery_tag,
+        last: got[0].delivery_tag,
+    }];
+    match c.request(BodyT::Ack(Box::new(ack.clone()))) {
+        BodyT::Error(e) => assert_eq!(e.code, ErrorCode::DiskFull, "{e:?}"),
+        other => panic!("an ack that could not be journaled was answered {other:?}"),
+    }
+    // An operator frees room. The broker notices on its own (its reclaim timer tells the journal
+    // to try the disk again), so the same ack, retried under the same tag, is kept: answered Ok.
+    std::fs::remove_file(&ballast).expect("ballast");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match c.request(BodyT::Ack(Box::new(ack.clone()))) {
+            BodyT::Ok(_) => break,
+            BodyT::Error(e) if e.code == ErrorCode::DiskFull => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "room was freed, yet the ack is still refused: {e:?}"
+                );
+                // Polling an answer that changes on the broker's own timer, not synchronising.
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            other => panic!("the retried ack was answered {other:?}"),
+        }
+    }
+    // Answered Ok, so it is on disk: not redelivered after a crash.
+    broker.kill();
+    broker.keep_data();
+    drop((c, filler));
+    drop(broker);
+    let broker = start(&data, "disk-full-ack-retry-restarted");
+    let mut c = Client::connect(broker.listen);
+    c.handshake();
+    let BodyT::QueueInfo(info) = c.info("q") else {
+        panic!("the durable queue is gone")
+    };
+    assert_eq!(
+        (info.messages_ready, info.messages_unacked),
+        (0, 0),
+        "an ack answered Ok came back after a restart"
+    );
+}

@@ -93,6 +93,11 @@ pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
             if let Err(why) = state.journal.restore_reserve().await {
                 tracing::debug!(shard = state.id, "reclaim: {why}");
             }
+        } else if tick.is_multiple_of(RESERVE_RETRY_TICKS) {
+            // Without a reserve to make (none configured, or it is whole), room freed outside the
+            // broker is noticed the same way: the journal tries the disk again with its next
+            // commit, instead of refusing every record until a restart.
+            state.journal.resume_after_no_space();
         }
     }
 }
