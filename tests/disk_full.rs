@@ -16,8 +16,8 @@ mod loop_mount;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{temp_dir, Client, TIMEOUT};
-use loop_mount::{small_filesystem, Mounted};
+use common::Client;
+use loop_mount::{seq_of, Mounted};
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::WireLimits;
 
@@ -30,50 +30,21 @@ const BALLAST_BYTES: usize = 12 << 20;
 
 /// The small filesystem with `BALLAST_BYTES` taken in `ballast`; or none, said loudly.
 fn filesystem(test: &str) -> Option<Mounted> {
-    match small_filesystem() {
-        Ok(fs) => {
-            std::fs::write(fs.mount.join("ballast"), vec![1u8; BALLAST_BYTES]).expect("ballast");
-            Some(fs)
-        }
-        Err(why) => {
-            println!(
-                "SKIPPED (nothing tested): {test} needs a loop-mounted ext4 filesystem \
-                 (root, losetup, mkfs.ext4, mount): {why}"
-            );
-            None
-        }
-    }
+    loop_mount::with_ballast(test, BALLAST_BYTES)
 }
 
 fn start(data: &std::path::Path, dir: &str) -> weir_testkit::Broker {
-    let outside = temp_dir(dir);
-    let config = outside.join("weir.toml");
     // No disk reserve: these tests are about a disk full for every record, acks included (with
     // the default reserve, acks spend it: tests/disk_full_drain.rs).
-    std::fs::write(
-        &config,
-        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\nreserve_bytes = 0\n",
+    common::start_on_data_dir(
+        data,
+        dir,
+        "segment_size_bytes_max = 2097152\nreserve_bytes = 0",
     )
-    .unwrap();
-    weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
-        .data_dir(data)
-        .args(["--config", config.to_str().unwrap()])
-        .rust_log("warn")
-        .stderr_to_file(outside.join("weir.log"))
-        .ready_timeout(TIMEOUT)
-        .start()
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A body that names its publish sequence number.
 fn body(seq: u64) -> Vec<u8> {
-    let mut b = format!("m{seq:08}").into_bytes();
-    b.resize(BODY_BYTES, b'.');
-    b
-}
-
-fn seq_of(body: &[u8]) -> u64 {
-    std::str::from_utf8(&body[1..9]).unwrap().parse().unwrap()
+    loop_mount::numbered_body(seq, BODY_BYTES)
 }
 
 /// What became of each publish sequence: confirmed, or refused with a code.

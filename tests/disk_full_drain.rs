@@ -16,8 +16,8 @@ mod loop_mount;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, Client, TIMEOUT};
-use loop_mount::small_filesystem;
+use common::{Client, TIMEOUT};
+use loop_mount::seq_of;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
 
 const BODY_BYTES: usize = 4096;
@@ -28,33 +28,12 @@ const BALLAST_BYTES: usize = 8 << 20;
 const ACK_TAGS: usize = 20;
 
 fn start(data: &std::path::Path, dir: &str) -> weir_testkit::Broker {
-    let outside = temp_dir(dir);
-    let config = outside.join("weir.toml");
     // The reserve is left at its default: two segments (4 MiB here).
-    std::fs::write(
-        &config,
-        "cpus = [0]\n[limits]\nsegment_size_bytes_max = 2097152\n",
-    )
-    .unwrap();
-    weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
-        .data_dir(data)
-        .args(["--config", config.to_str().unwrap()])
-        .rust_log("warn")
-        .stderr_to_file(outside.join("weir.log"))
-        .ready_timeout(TIMEOUT)
-        .start()
-        .unwrap_or_else(|e| panic!("{e}"))
+    common::start_on_data_dir(data, dir, "segment_size_bytes_max = 2097152")
 }
 
-/// A body that names its publish sequence number.
 fn body(seq: u64) -> Vec<u8> {
-    let mut b = format!("m{seq:08}").into_bytes();
-    b.resize(BODY_BYTES, b'.');
-    b
-}
-
-fn seq_of(body: &[u8]) -> u64 {
-    std::str::from_utf8(&body[1..9]).unwrap().parse().unwrap()
+    loop_mount::numbered_body(seq, BODY_BYTES)
 }
 
 /// Publishes `count` messages to `queue` from sequence `first`; returns the confirmed ones and
@@ -87,17 +66,9 @@ fn publish_batch(c: &mut Client, queue: &str, first: u64, count: u64) -> (BTreeS
 
 #[test]
 fn on_a_full_disk_consumers_drain_the_queue_every_ack_is_ok_and_publishes_come_back() {
-    let fs = match small_filesystem() {
-        Ok(fs) => fs,
-        Err(why) => {
-            println!(
-                "SKIPPED (nothing tested): the full-disk drain test needs a loop-mounted ext4 \
-                 filesystem (root, losetup, mkfs.ext4, mount): {why}"
-            );
-            return;
-        }
+    let Some(fs) = loop_mount::with_ballast("the full-disk drain test", BALLAST_BYTES) else {
+        return;
     };
-    std::fs::write(fs.mount.join("ballast"), vec![1u8; BALLAST_BYTES]).expect("ballast");
     let data = fs.mount.join("data");
     let mut broker = start(&data, "disk-full-drain");
     let mut producer = Client::connect(broker.listen);

@@ -178,23 +178,13 @@ fn a_publish_past_queued_messages_max_is_refused_by_sequence_and_taken_once_drai
 
 /// The broker's VmRSS and VmHWM (peak since the last `reset_peak`), bytes.
 fn rss(broker: &weir_testkit::Broker) -> (u64, u64) {
-    let pid = broker.pid().expect("running");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let m = broker.memory().expect("the broker's memory");
+    (m.rss_bytes, m.peak_rss_bytes)
 }
 
 /// Resets the broker's peak RSS (VmHWM) to its current RSS (`clear_refs`, value 5).
 fn reset_peak(broker: &weir_testkit::Broker) {
-    let pid = broker.pid().expect("running");
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    broker.reset_peak_memory().expect("clear_refs");
 }
 
 fn publish_backlog(c: &mut Client, queue: &str, n: u64) {

@@ -21,18 +21,7 @@ const MIB: u64 = 1024 * KIB;
 
 /// The broker's resident set, bytes.
 fn rss(broker: &Broker) -> u64 {
-    let pid = broker.pid().expect("the broker runs");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS in /proc status");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in kB");
-    kib * KIB
+    broker.memory().expect("the broker's memory").rss_bytes
 }
 
 fn start(name: &str, limits: &str, extra: &[&str]) -> Broker {

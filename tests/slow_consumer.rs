@@ -13,14 +13,7 @@ const MIB: u64 = 1 << 20;
 
 /// The broker's resident set, bytes.
 fn rss_bytes(broker: &Broker) -> u64 {
-    let pid = broker.pid().expect("the broker is running");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kib * 1024
+    broker.memory().expect("the broker's memory").rss_bytes
 }
 
 fn start(name: &str, limits: &str) -> Broker {

@@ -345,6 +345,14 @@ impl fmt::Display for Stopped {
     }
 }
 
+/// A broker's memory, bytes: its resident set now and at its peak (since start or
+/// `Broker::reset_peak_memory`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
 /// A running `weir serve`.
 pub struct Broker {
     /// The client port, from the ready line.
@@ -366,6 +374,36 @@ pub struct Broker {
 impl Broker {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The broker's memory as the kernel counts it (`/proc/<pid>/status`): what tests of the
+    /// broker's memory bounds assert on.
+    pub fn memory(&self) -> io::Result<Memory> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other("the broker was already stopped"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kib| kib * 1024)
+                .ok_or_else(|| io::Error::other(format!("no {name} in /proc/{pid}/status")))
+        };
+        Ok(Memory {
+            rss_bytes: field("VmRSS:")?,
+            peak_rss_bytes: field("VmHWM:")?,
+        })
+    }
+
+    /// Resets the broker's peak resident set (`VmHWM`) to its current one (`clear_refs`, 5), so
+    /// a later `memory()` says the peak of what came after.
+    pub fn reset_peak_memory(&self) -> io::Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other("the broker was already stopped"))?;
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
     }
 
     /// Sends SIGTERM (the broker's orderly shutdown) and returns at once.

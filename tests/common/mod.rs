@@ -376,3 +376,19 @@ pub fn queue_on(shard: u16, shards: u16, prefix: &str) -> String {
         .find(|n| weir::mesh::types::placement(n, shards) == shard)
         .unwrap()
 }
+
+/// A one-shard broker with its data in `data` (e.g. on a loop-mounted small filesystem) and its config and log
+/// in a temporary directory `name` outside it, with `limits` (lines of the `[limits]` table).
+pub fn start_on_data_dir(data: &std::path::Path, name: &str, limits: &str) -> weir_testkit::Broker {
+    let outside = temp_dir(name);
+    let config = outside.join("weir.toml");
+    std::fs::write(&config, format!("cpus = [0]\n[limits]\n{limits}\n")).unwrap();
+    weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+        .data_dir(data)
+        .args(["--config", config.to_str().unwrap()])
+        .rust_log("warn")
+        .stderr_to_file(outside.join("weir.log"))
+        .ready_timeout(TIMEOUT)
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"))
+}

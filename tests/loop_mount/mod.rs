@@ -1,5 +1,7 @@
 //! A small real ext4 filesystem on a loop device, for tests where a full disk is the point.
 //! Needs root (mkfs.ext4, losetup, mount); callers skip, saying so, when it cannot be made.
+//! Each test file compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -58,4 +60,34 @@ pub fn small_filesystem() -> Result<Mounted, String> {
     };
     run("mount", &[&loop_dev, &mount.to_string_lossy()])?;
     Ok(m)
+}
+
+/// The small filesystem with `ballast_bytes` taken by a file `ballast` (less to fill, and room to
+/// give back later); or none, with a loud line saying that `test` tested nothing and why.
+pub fn with_ballast(test: &str, ballast_bytes: usize) -> Option<Mounted> {
+    match small_filesystem() {
+        Ok(fs) => {
+            std::fs::write(fs.mount.join("ballast"), vec![1u8; ballast_bytes]).expect("ballast");
+            Some(fs)
+        }
+        Err(why) => {
+            println!(
+                "SKIPPED (nothing tested): {test} needs a loop-mounted ext4 filesystem \
+                 (root, losetup, mkfs.ext4, mount): {why}"
+            );
+            None
+        }
+    }
+}
+
+/// A body of `bytes` that names its publish sequence number (read back by `seq_of`).
+pub fn numbered_body(seq: u64, bytes: usize) -> Vec<u8> {
+    let mut b = format!("m{seq:08}").into_bytes();
+    b.resize(bytes, b'.');
+    b
+}
+
+/// The sequence number a `numbered_body` names.
+pub fn seq_of(body: &[u8]) -> u64 {
+    std::str::from_utf8(&body[1..9]).unwrap().parse().unwrap()
 }
