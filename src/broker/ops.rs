@@ -142,14 +142,25 @@ impl JournalSink for NoJournal {
 /// consecutive sequence numbers of one queue and reason merged into ranges. A catalog record that
 /// cannot be journaled fails the op (the declaration would not survive a restart). The settle
 /// records here are those made while dispatching (auto-acks, expiry, overflow, a requeue past
-/// `max_deliveries`, purge): at least once, so one that cannot be journaled is logged (the message
-/// is redelivered after a restart). Client acks and nacks are journaled before they apply
-/// (`settle`).
+/// `max_deliveries`): at least once, so one that cannot be journaled is logged (the message is
+/// redelivered after a restart). Client acks and nacks are journaled before they apply
+/// (`settle`); a purge's records are journaled strictly (`purge_step`).
 pub fn journal(host: &mut QueueHost, sink: &mut dyn JournalSink) -> Result<(), Refusal> {
+    journal_settles(host, sink, false)
+}
+
+/// As `journal`, but a settle record the sink refuses fails it too: for settlements a client
+/// asked for and is answered about (a purge), which must not be answered as done if not kept.
+fn journal_settles(
+    host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
+    strict: bool,
+) -> Result<(), Refusal> {
     let work = host.take_journal_work();
     for record in &work.catalog {
         sink.catalog(record)?;
     }
+    let mut refused = None;
     for (range, ranges) in settle_groups(&work.settles, |s| (&*s.0, s.1, s.2)) {
         let (queue, _, reason) = &work.settles[range.start];
         if let Err(e) = sink.settle(queue, *reason, &ranges) {
@@ -158,9 +169,13 @@ pub fn journal(host: &mut QueueHost, sink: &mut dyn JournalSink) -> Result<(), R
                 "settlement not journaled (redelivered after a restart): {}",
                 e.message
             );
+            refused.get_or_insert(e);
         }
     }
-    Ok(())
+    match refused {
+        Some(e) if strict => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// A run of settlements of one queue and reason: where it is in its list, and its sequence
@@ -342,23 +357,52 @@ pub fn execute(
     }
 }
 
-/// Purges a queue in steps of `PURGE_STEP`, each step's settle records handed to the journal
-/// before the next is gathered: a deep queue's purge holds one step of them, never all.
+/// Purges a queue in steps of `PURGE_STEP` (`purge_step`). The shard's worker runs the steps
+/// itself, waiting for journal room before each; this runs them back to back (tests, and any
+/// sink that never waits).
 fn purge(
     host: &mut QueueHost,
     sink: &mut dyn JournalSink,
     from: ConnRef,
     name: &str,
 ) -> Result<u64, Refusal> {
-    let mut total = 0;
+    let mut purged = 0;
     loop {
-        let (n, more) = host.purge_step(from, name, PURGE_STEP)?;
-        total += n;
+        let (n, more) = purge_step(host, sink, from, name, purged)?;
+        purged += n;
         if !more {
-            return Ok(total);
+            return Ok(purged);
         }
-        journal(host, sink)?;
     }
+}
+
+/// Journal room one purge step's settle record may need: a range per message at worst (a queue
+/// with gaps in its sequence numbers), plus the record's header and the queue's name.
+pub const PURGE_STEP_RECORD_BYTES_MAX: usize = PURGE_STEP * 16 + 512;
+
+/// One step of a purge of `name`: at most `PURGE_STEP` messages settled and their settle record
+/// handed to the journal before the next step is gathered, so a deep queue's purge holds one
+/// step of them, never all. Returns how many, and whether more may be left. A purge is a
+/// client's request, answered with a count: a settle record the journal refuses fails it (the
+/// refusal says how many `purged_before` this step were settled, and that this step's may come
+/// back after a restart), never a count that is not kept.
+pub fn purge_step(
+    host: &mut QueueHost,
+    sink: &mut dyn JournalSink,
+    from: ConnRef,
+    name: &str,
+    purged_before: u64,
+) -> Result<(u64, bool), Refusal> {
+    let (n, more) = host.purge_step(from, name, PURGE_STEP)?;
+    journal_settles(host, sink, true).map_err(|e| Refusal {
+        code: e.code,
+        message: format!(
+            "purge of '{name}' stopped after {purged_before} messages: the settle record of the \
+             next {n} was not journaled (they may come back after a restart): {}",
+            e.message
+        ),
+    })?;
+    Ok((n, more))
 }
 
 /// Accepts one published message into its target queues, journaling it once (one record
@@ -651,6 +695,30 @@ mod tests {
 
     fn get(h: &mut QueueHost, conn: ConnRef) -> Option<QueueDelivery<MsgRef>> {
         h.get(conn, "q", false, 0).unwrap().0
+    }
+
+    #[test]
+    fn a_purge_whose_settle_record_the_journal_refuses_is_refused_not_counted() {
+        let mut h = host();
+        for s in 1..=3 {
+            publish(&mut h, &mut NoJournal, A, item(s, true), 0);
+        }
+        let purge = || Op::Purge { name: "q".into() };
+        let reply = execute(&mut h, &mut Sink::full(), A, purge(), 0, &mut Vec::new());
+        match &reply {
+            Reply::Refused(r) => {
+                assert_eq!(r.code, ErrorCode::DiskFull);
+                assert!(r.message.contains("stopped after 0 messages"), "{r:?}");
+                assert!(r.message.contains("next 3"), "{r:?}");
+            }
+            other => panic!("a purge not journaled was answered {other:?}"),
+        }
+        // A journal with room: answered with the count.
+        for s in 4..=5 {
+            publish(&mut h, &mut NoJournal, A, item(s, true), 0);
+        }
+        let reply = execute(&mut h, &mut NoJournal, A, purge(), 0, &mut Vec::new());
+        assert!(matches!(reply, Reply::Purged(2)), "{reply:?}");
     }
 
     #[test]

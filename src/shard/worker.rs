@@ -89,6 +89,23 @@ impl ShardState {
                 }
                 Reply::Published(outcomes)
             }
+            // A purge goes step by step, each after the journal has room for its settle record:
+            // a deep queue's purge is slowed by the commit window, never refused by it.
+            Op::Purge { name } => {
+                let mut purged = 0;
+                loop {
+                    self.journal
+                        .wait_for_room(ops::PURGE_STEP_RECORD_BYTES_MAX)
+                        .await;
+                    let mut host = self.host.borrow_mut();
+                    let mut sink = self.staging();
+                    match ops::purge_step(&mut host, &mut sink, from, &name, purged) {
+                        Ok((n, true)) => purged += n,
+                        Ok((n, false)) => break Reply::Purged(purged + n),
+                        Err(r) => break Reply::Refused(r),
+                    }
+                }
+            }
             op => {
                 let mut host = self.host.borrow_mut();
                 let mut sink = self.staging();
