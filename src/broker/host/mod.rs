@@ -91,7 +91,10 @@ impl Hosted {
         i.bytes_ready = s.ready_bytes;
         i.consumers = s.consumers;
         i.messages_delayed = s.delayed;
-        i.oldest_ready_age_ms = s.oldest_ready_ms.map(|t| now_ms.saturating_sub(t));
+        i.oldest_ready_age_ms = self
+            .queue
+            .oldest_ready_ms()
+            .map(|t| now_ms.saturating_sub(t));
         i
     }
 

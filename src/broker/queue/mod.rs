@@ -138,8 +138,6 @@ pub struct QueueStats {
     pub ready_bytes: u64,
     pub outstanding: u64,
     pub consumers: u32,
-    /// When the oldest ready message was accepted, if there is one.
-    pub oldest_ready_ms: Option<u64>,
     /// Messages whose delivery time has not come yet.
     pub delayed: u64,
 }
@@ -223,15 +221,22 @@ impl<M: Clone> Queue<M> {
         self.next_seq
     }
 
+    /// The queue's counts, O(1): read on every dispatch round.
     pub fn stats(&self) -> QueueStats {
         QueueStats {
             ready: self.ready.len() as u64,
             ready_bytes: self.ready_bytes,
             outstanding: self.outstanding.len() as u64,
             consumers: self.consumers.len() as u32,
-            oldest_ready_ms: self.ready.iter().map(|e| e.enqueued_ms).min(),
             delayed: self.delayed.len() as u64,
         }
+    }
+
+    /// When the oldest ready message was accepted, if there is one. A scan of the ready list (a
+    /// delayed message counts from its delivery time, so once promoted it sits, younger, ahead of
+    /// older ones), so only for a queue's info, never on the dispatch path.
+    pub fn oldest_ready_ms(&self) -> Option<u64> {
+        self.ready.iter().map(|e| e.enqueued_ms).min()
     }
 
     /// Accepts a message, or refuses it (`Full`) under `Overflow::RejectPublish`. Under
