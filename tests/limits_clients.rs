@@ -182,6 +182,26 @@ fn rss(broker: &weir_testkit::Broker) -> (u64, u64) {
     (m.rss_bytes, m.peak_rss_bytes)
 }
 
+/// Sends `count` requests made by `body` in one write on `c` and never reads their answers; then
+/// another connection's request is answered (after whatever the shard took from `c` before it).
+/// Returns the broker's RSS then.
+fn pipelined_unread(broker: &Broker, c: &mut Client, count: u64, body: fn() -> BodyT) -> u64 {
+    let mut encoder = weir_protocol::Encoder::new(weir_protocol::WireLimits::DEFAULT);
+    let mut out = bytes::BytesMut::new();
+    for id in 1_000..1_000 + count {
+        encoder
+            .encode(&weir_protocol::frame(id, body()), &mut out)
+            .unwrap();
+    }
+    c.send_raw(&out);
+    let mut other = open(broker);
+    assert!(matches!(
+        other.request(BodyT::GetStatus(Box::default())),
+        BodyT::Status(_)
+    ));
+    rss(broker).0
+}
+
 /// Resets the broker's peak RSS (VmHWM) to its current RSS (`clear_refs`, value 5).
 fn reset_peak(broker: &weir_testkit::Broker) {
     broker.reset_peak_memory().expect("clear_refs");
@@ -276,22 +296,7 @@ fn a_client_pipelining_requests_without_reading_costs_at_most_its_requests_in_fl
     }
     let (before, _) = rss(&broker);
     // 1000 listings in one write (about 50 KiB), and their answers never read.
-    let mut encoder = weir_protocol::Encoder::new(weir_protocol::WireLimits::DEFAULT);
-    let mut out = bytes::BytesMut::new();
-    for id in 1_000..2_000 {
-        let body = BodyT::ListQueues(Box::default());
-        encoder
-            .encode(&weir_protocol::frame(id, body), &mut out)
-            .unwrap();
-    }
-    c.send_raw(&out);
-    // Another connection's request, answered after what the shard took from the first before it.
-    let mut other = open(&broker);
-    assert!(matches!(
-        other.request(BodyT::GetStatus(Box::default())),
-        BodyT::Status(_)
-    ));
-    let (after, _) = rss(&broker);
+    let after = pipelined_unread(&broker, &mut c, 1000, || BodyT::ListQueues(Box::default()));
     eprintln!(
         "1000 pipelined listings, unread: RSS before {} KiB, after {} KiB",
         before / 1024,
@@ -326,22 +331,9 @@ fn a_client_pipelining_local_listings_without_reading_costs_at_most_its_outbox_b
     }
     let (before, _) = rss(&broker);
     // 3000 listings in one write (about 120 KiB), and their answers never read.
-    let mut encoder = weir_protocol::Encoder::new(weir_protocol::WireLimits::DEFAULT);
-    let mut out = bytes::BytesMut::new();
-    for id in 1_000..4_000 {
-        let body = BodyT::ListExchanges(Box::default());
-        encoder
-            .encode(&weir_protocol::frame(id, body), &mut out)
-            .unwrap();
-    }
-    c.send_raw(&out);
-    // Another connection's request, answered after what the shard took from the first before it.
-    let mut other = open(&broker);
-    assert!(matches!(
-        other.request(BodyT::GetStatus(Box::default())),
-        BodyT::Status(_)
-    ));
-    let (after, _) = rss(&broker);
+    let after = pipelined_unread(&broker, &mut c, 3000, || {
+        BodyT::ListExchanges(Box::default())
+    });
     eprintln!(
         "3000 pipelined exchange listings of ~84 KiB, unread, outbox_bytes_max {} KiB: RSS \
          before {} KiB, after {} KiB",
