@@ -77,9 +77,11 @@ impl<D: SegmentDir + 'static> Journal<D> {
             Ok(()) => {
                 st.reserve = Reserve::Present;
                 st.no_space = None;
+                // At a first start this is the reserve's making; after a full disk, its remaking.
                 tracing::info!(
                     shard = self.inner.config.shard_id,
-                    "journal: disk reserve made again; message records are taken again"
+                    bytes = self.inner.config.limits.reserve_bytes,
+                    "journal: disk reserve made; message records are taken"
                 );
                 Ok(())
             }
