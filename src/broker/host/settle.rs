@@ -181,6 +181,9 @@ impl QueueHost {
     /// changed (then dispatching may be owed).
     pub fn commit_resolved(&mut self, round: CommitId, durable: bool) -> bool {
         let mut changed = false;
+        // A round holds many messages of few queues (in runs): each queue's hold is moved and its
+        // dispatch asked for once per run, not once per message.
+        let mut touched: Vec<Rc<str>> = Vec::new();
         for (queue, seq) in self.unconfirmed.remove(&round).unwrap_or_default() {
             let Some(q) = self.queues.get_mut(&queue) else {
                 continue;
@@ -189,7 +192,14 @@ impl QueueHost {
             if !durable {
                 q.queue.remove_waiting(seq);
             }
-            q.queue.set_hold(q.held.first().copied());
+            if touched.last() != Some(&queue) {
+                touched.push(queue);
+            }
+        }
+        for queue in touched {
+            if let Some(q) = self.queues.get_mut(&queue) {
+                q.queue.set_hold(q.held.first().copied());
+            }
             self.dirty.insert(queue);
             changed = true;
         }

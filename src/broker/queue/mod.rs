@@ -458,7 +458,8 @@ impl<M: Clone> Queue<M> {
         }
         if seq + 1 == self.next_seq {
             if let Some(e) = self.delayed.remove(&seq) {
-                self.due.retain(|&(_, s)| s != e.seq);
+                let was_due = self.due.remove(&(e.enqueued_ms, seq));
+                debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
                 self.counted_out(1);
                 return true;
             }
@@ -678,7 +679,8 @@ impl<M: Clone> Queue<M> {
             let Some((seq, e)) = self.delayed.pop_first() else {
                 break;
             };
-            self.due.remove(&(e.enqueued_ms, seq));
+            let was_due = self.due.remove(&(e.enqueued_ms, seq));
+            debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
             settled.push(self.leave(e, SettleReason::Purged));
             n += 1;
         }
@@ -863,7 +865,8 @@ impl<M: Clone> Queue<M> {
             return true;
         }
         if let Some(e) = self.delayed.remove(&seq) {
-            self.due.retain(|&(_, s)| s != e.seq);
+            let was_due = self.due.remove(&(e.enqueued_ms, seq));
+            debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
             self.counted_out(1);
             return true;
         }
