@@ -34,6 +34,7 @@
 //! releases their deliveries when it learns of the close).
 
 mod accept;
+mod confirmer;
 mod control;
 mod housekeeping;
 mod read_back;
@@ -107,6 +108,10 @@ pub struct ShardState {
     liveness: Rc<Liveness>,
     /// Replies waiting for their group commit; shutdown sends them before closing connections.
     held: RefCell<HeldReplies>,
+    /// Requests whose records are staged, in commit order, for the confirmer.
+    awaiting: RefCell<confirmer::Awaiting>,
+    /// Rung when a request joins `awaiting`.
+    confirm_bell: Doorbell,
     /// Rung when the worker has emptied the work queue or the last waiting reply went out:
     /// shutdown waits on it.
     idle: Doorbell,

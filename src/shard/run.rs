@@ -29,7 +29,7 @@ use crate::rt::fs::DmaDir;
 use crate::rt::net::Listener;
 use crate::storage::{Journal, JournalConfig};
 
-use super::{accept, housekeeping, now_ms, worker, ShardSetup, ShardState};
+use super::{accept, confirmer, housekeeping, now_ms, worker, ShardSetup, ShardState};
 
 /// How often a shard looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
@@ -45,6 +45,7 @@ pub async fn run(setup: ShardSetup) {
     let (drained, drained_waiter) = doorbell();
     let (work_bell, work_waiter) = doorbell();
     let (idle, idle_waiter) = doorbell();
+    let (confirm_bell, confirm_waiter) = doorbell();
 
     // Recover before serving: the journal's replay rebuilds the queues this shard owns.
     let mut rebuild = Rebuild::new();
@@ -130,6 +131,8 @@ pub async fn run(setup: ShardSetup) {
         appended: Cell::new(None),
         written: RefCell::new(Written::default()),
         held: RefCell::new(HeldReplies::default()),
+        awaiting: RefCell::new(Default::default()),
+        confirm_bell,
         idle,
         liveness: host_liveness,
         mesh,
@@ -145,6 +148,10 @@ pub async fn run(setup: ShardSetup) {
     });
     let mut tasks = Vec::new();
     tasks.push(rt::spawn(worker::work_forever(state.clone(), work_waiter)));
+    tasks.push(rt::spawn(confirmer::confirm_forever(
+        state.clone(),
+        confirm_waiter,
+    )));
     tasks.push(rt::spawn(housekeeping::reclaim_forever(state.clone())));
     tasks.push(rt::spawn(housekeeping::expire_forever(state.clone())));
     let flusher = state.clone();

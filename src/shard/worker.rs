@@ -28,10 +28,10 @@ use crate::mesh::msg::{Op, Pushed, Reply};
 use crate::mesh::types::{ConnRef, Refusal};
 use crate::mesh::MeshMsg;
 use crate::net::session::{Addressed, Session};
-use crate::rt;
 use crate::rt::executor::DoorbellWaiter;
 use crate::storage::CommitId;
 
+use super::confirmer::AwaitingCommit;
 use super::staging::record_room;
 use super::{now_ms, ShardState};
 
@@ -208,32 +208,17 @@ impl ShardState {
         // Once the records are durable: cool their payloads if over budget, and send the reply
         // if it waited. Later requests go on meanwhile and join the next commit.
         let Some(appended) = own else { return };
-        let waiting = held_reply.take();
-        if waiting.is_some() {
+        let reply = held_reply.take();
+        if reply.is_some() {
             self.held.borrow_mut().hold();
         }
-        let state = self.clone();
-        rt::spawn_detached(async move {
-            let result = state.journal.commit(&appended).await;
-            // Every commit up to this one has finished: resolve each round something waits
-            // for (held messages, settlements), by its own outcome.
-            let outcomes = state.resolve_commits(appended.commit, &rounds).await;
-            if result.is_ok() {
-                written.cool_over_budget(&mut state.host.borrow_mut());
-            }
-            if let Some(reply) = waiting {
-                let reply = match (reply, result) {
-                    (Reply::Published(published), _) => {
-                        Reply::Published(durability::published(published, &rounds, &outcomes))
-                    }
-                    (reply, Ok(())) => reply,
-                    (reply, Err(e)) => {
-                        durability::not_durable(reply, durability::storage_refusal(e))
-                    }
-                };
-                state.reply_to(from, id, reply);
-                state.release_held();
-            }
+        self.await_commit(AwaitingCommit {
+            commit: appended.commit,
+            from,
+            id,
+            reply,
+            rounds,
+            written,
         });
     }
 
@@ -241,7 +226,7 @@ impl ShardState {
     /// waits for, or that `rounds` names: held messages become deliverable or are taken out,
     /// settlements are made or put back; then the worker dispatches what that made owed.
     /// Returns each round's outcome.
-    async fn resolve_commits(
+    pub(super) async fn resolve_commits(
         &self,
         newest: CommitId,
         rounds: &[Option<CommitId>],

@@ -430,6 +430,13 @@ impl<D: SegmentDir + 'static> Journal<D> {
         .await
     }
 
+    /// Whether commit `commit` has finished (made durable, or failed), so that
+    /// [`Journal::commit_round`] answers it without waiting.
+    pub fn round_finished(&self, commit: CommitId) -> bool {
+        let st = self.inner.state.borrow();
+        commit.0 < st.finished_below || st.poisoned.is_some()
+    }
+
     /// The durable watermark: every record before it whose commit succeeded is durable. It only
     /// grows, in append order.
     pub fn durable_position(&self) -> Position {
