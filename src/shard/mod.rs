@@ -43,7 +43,7 @@ mod staging;
 mod worker;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
@@ -55,6 +55,7 @@ use crate::broker::control_wait::ControlWaits;
 use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
 use crate::broker::host::QueueHost;
+use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::Liveness;
 use crate::limits::Limits;
 use crate::mesh::msg::ControlOp;
@@ -94,7 +95,7 @@ pub struct ShardState {
     session: SessionCtx,
     stopping: Cell<bool>,
     next_connection: Cell<u64>,
-    connections: RefCell<HashMap<u64, Rc<ConnEntry>>>,
+    connections: RefCell<FastMap<u64, Rc<ConnEntry>>>,
     /// Rung when a connection closes during shutdown.
     drained: Doorbell,
     host: RefCell<QueueHost>,

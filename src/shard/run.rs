@@ -8,7 +8,7 @@
 //! not drain at shutdown (dropped after `SHUTDOWN_GRACE`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
 use crate::broker::host::HostLimits;
 use crate::broker::rebuild::Rebuild;
+use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::Cache;
 use crate::mesh::msg::Op;
 use crate::mesh::msg::RoutingChange;
@@ -124,7 +125,7 @@ pub async fn run(setup: ShardSetup) {
         session: setup.session,
         stopping: Cell::new(false),
         next_connection: Cell::new(1),
-        connections: RefCell::new(HashMap::new()),
+        connections: RefCell::new(FastMap::default()),
         drained,
         host: RefCell::new(host),
         journal,

@@ -26,13 +26,13 @@
 //! connection holds at most `gets_unacked_max` `Get`s asked or unacked (`limits.rs` says why that
 //! bounds their bytes).
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use weir_protocol::wire::ErrorCode;
 
 use super::{refuse, ConsumerInfo, Hosted, QueueHost, StoredDelivery};
 use crate::broker::queue::QueueDelivery;
+use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::MsgRef;
 use crate::mesh::types::HolderId;
 use crate::mesh::types::{Cancelled, ConnRef, Refusal};
@@ -66,7 +66,7 @@ pub fn charge_of(msg: &MsgRef, tag: &str) -> u32 {
 #[derive(Debug)]
 pub(super) struct Outboxes {
     max: u64,
-    by_conn: HashMap<ConnRef, Outbox>,
+    by_conn: FastMap<ConnRef, Outbox>,
 }
 
 #[derive(Debug, Default)]
@@ -80,7 +80,7 @@ impl Default for Outboxes {
     fn default() -> Self {
         Outboxes {
             max: u64::MAX,
-            by_conn: HashMap::new(),
+            by_conn: FastMap::default(),
         }
     }
 }

@@ -37,6 +37,7 @@ use crate::broker::catalog::CatalogRecord;
 use crate::broker::queue::{
     IndexCount, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled,
 };
+use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
 use crate::mesh::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::mesh::types::{HolderId, Seq};
@@ -67,7 +68,7 @@ struct Hosted {
     auto_delete: bool,
     arguments: wire::QueueArgumentsT,
     queue: Queue<MsgRef>,
-    consumers: HashMap<HolderId, ConsumerInfo>,
+    consumers: FastMap<HolderId, ConsumerInfo>,
     /// Cancelled consumers, by the connection they belonged to: what they hold stays ackable
     /// until that connection closes.
     retired: HashMap<HolderId, ConnRef>,
@@ -327,7 +328,7 @@ impl QueueHost {
             auto_delete: d.auto_delete,
             arguments: d.arguments,
             queue,
-            consumers: HashMap::new(),
+            consumers: FastMap::default(),
             retired: HashMap::new(),
             had_consumer: false,
             held: BTreeSet::new(),
@@ -411,7 +412,7 @@ impl QueueHost {
             auto_delete: d.auto_delete,
             arguments: d.arguments,
             queue: Queue::counted(policy, 0, self.index.clone()),
-            consumers: HashMap::new(),
+            consumers: FastMap::default(),
             retired: HashMap::new(),
             had_consumer: false,
             held: BTreeSet::new(),

@@ -28,9 +28,10 @@
 //! `max_deliveries` they are dead-lettered or dropped instead of requeued).
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 
+use crate::broker::routing::hash::FastMap;
 use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
@@ -152,7 +153,7 @@ pub struct Queue<M> {
     /// (`promote`): at the next dispatch, `Get` or expiry tick.
     delayed: BTreeMap<Seq, Entry<M>>,
     due: BTreeSet<(u64, Seq)>,
-    outstanding: HashMap<Seq, Outstanding<M>>,
+    outstanding: FastMap<Seq, Outstanding<M>>,
     consumers: Vec<Consumer>,
     /// Index into `consumers` of the next consumer to offer a message to (round robin).
     cursor: usize,
@@ -204,7 +205,7 @@ impl<M: Clone> Queue<M> {
             ready_bytes: 0,
             delayed: BTreeMap::new(),
             due: BTreeSet::new(),
-            outstanding: HashMap::new(),
+            outstanding: FastMap::default(),
             consumers: Vec::new(),
             cursor: 0,
             next_seq,

@@ -13,7 +13,7 @@
 mod change;
 mod decl;
 mod error;
-mod hash;
+pub(crate) mod hash;
 mod intern;
 mod matcher;
 mod table;

@@ -43,6 +43,7 @@ use weir_protocol::wire::{self, BodyT, ErrorCode};
 use weir_protocol::{Encoder, InFrame, ProtocolError, WireLimits, PROTOCOL_VERSION};
 
 use crate::broker::control::{RoutingCopy, CONTROL_SHARD};
+use crate::broker::routing::hash::FastMap;
 use crate::mesh::msg::ControlOp;
 use crate::mesh::msg::{Op, Reply};
 use crate::mesh::types::Binding;
@@ -187,9 +188,9 @@ pub struct Session {
     state: State,
     encoder: Encoder,
     next_id: u64,
-    pending: HashMap<u64, Pending>,
+    pending: FastMap<u64, Pending>,
     /// Settlements that asked for a reply, by wait id: shards yet to answer, the first failure.
-    settle_waits: HashMap<u64, (u16, Option<Refusal>)>,
+    settle_waits: FastMap<u64, (u16, Option<Refusal>)>,
     next_delivery_tag: u64,
     outstanding: BTreeMap<u64, Outstanding>,
     consumers: HashMap<String, ConsumerRef>,
@@ -204,7 +205,7 @@ pub struct Session {
     /// of that publish): sequences must strictly increase, so each keys one confirm and split.
     last_sequence: Option<u64>,
     /// Publishes split across shards, by sequence number (unique: see `last_sequence`).
-    splits: HashMap<u64, Split>,
+    splits: FastMap<u64, Split>,
     /// Reused by every routed publish: the queues of one message.
     route_buf: Vec<String>,
     /// Charges of the deliveries encoded into the outbox since the shell last took it, by
@@ -229,8 +230,8 @@ impl Session {
             state: State::AwaitingHello,
             encoder,
             next_id: 1,
-            pending: HashMap::new(),
-            settle_waits: HashMap::new(),
+            pending: FastMap::default(),
+            settle_waits: FastMap::default(),
             next_delivery_tag: 1,
             outstanding: BTreeMap::new(),
             consumers: HashMap::new(),
@@ -239,7 +240,7 @@ impl Session {
             unconfirmed_bytes: 0,
             routing,
             last_sequence: None,
-            splits: HashMap::new(),
+            splits: FastMap::default(),
             route_buf: Vec::new(),
             unwritten: BTreeMap::new(),
             publish_ops: 0,
