@@ -373,11 +373,27 @@ impl Session {
     }
 
     /// A write is done: its deliveries' charges go back to their owners, which may dispatch
-    /// that much more to this connection.
+    /// that much more to this connection, once they add up to `hand_back_bytes_min` per owner.
+    /// A write per delivery (one ack per delivery gets one delivery per write) must not cost a
+    /// request to the owner each. Holding some back only tightens the bound, and never stalls
+    /// a consumer: an owner refuses more only while its account holds `outbox_bytes_max`, and
+    /// what is held back here is less than that, so the rest is unwritten and its write will
+    /// hand everything back.
     pub fn on_written(&mut self, written: BTreeMap<u16, u64>, outbound: &mut Vec<Addressed>) {
+        let min = self.hand_back_bytes_min();
         for (shard, bytes) in written {
-            self.hand_back(outbound, shard, bytes);
+            let held = self.written.entry(shard).or_default();
+            *held += bytes;
+            if *held >= min {
+                let bytes = std::mem::take(held);
+                self.hand_back(outbound, shard, bytes);
+            }
         }
+    }
+
+    /// A sixteenth of `outbox_bytes_max`: a hand-back per 512 KiB of deliveries by default.
+    fn hand_back_bytes_min(&self) -> u64 {
+        self.ctx.outbox_bytes_max / 16
     }
 
     /// Tells `shard` that `bytes` of what it charged this connection are no longer held here.

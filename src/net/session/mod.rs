@@ -211,6 +211,9 @@ pub struct Session {
     /// Charges of the deliveries encoded into the outbox since the shell last took it, by
     /// owning shard: handed back to each owner once the write carrying them is done.
     unwritten: BTreeMap<u16, u64>,
+    /// Charges written and not yet handed back, by owning shard: they go back in amounts of
+    /// `hand_back_bytes_min`, not one `DeliveriesWritten` per write.
+    written: BTreeMap<u16, u64>,
     /// Entries of `pending` that are publishes: the others are requests in flight, bounded by
     /// `requests_in_flight_max`.
     publish_ops: usize,
@@ -243,6 +246,7 @@ impl Session {
             splits: FastMap::default(),
             route_buf: Vec::new(),
             unwritten: BTreeMap::new(),
+            written: BTreeMap::new(),
             publish_ops: 0,
             gets: ledger::GetWindow::default(),
         }

@@ -914,18 +914,21 @@ fn handed_back(outbound: &[Addressed]) -> Vec<(u16, u64)> {
 #[test]
 fn delivery_charges_go_back_to_their_owner_only_once_written() {
     let (mut s, owner) = consuming();
+    // ctx(): outbox_bytes_max = 1 MiB, so charges go back in amounts of 64 KiB.
     let (mut out, mut outbound) = (BytesMut::new(), Vec::new());
-    s.on_push(owner, pushed(10..13, 500), &mut out, &mut outbound);
+    s.on_push(owner, pushed(10..13, 16 << 10), &mut out, &mut outbound);
     assert!(handed_back(&outbound).is_empty(), "encoded is not written");
     let charges = s.take_unwritten();
-    s.on_push(owner, pushed(13..14, 500), &mut out, &mut outbound);
+    s.on_push(owner, pushed(13..14, 16 << 10), &mut out, &mut outbound);
     s.on_written(charges, &mut outbound);
-    assert_eq!(handed_back(&outbound), vec![(owner, 1500)]);
-    assert!(outbound.iter().all(|a| a.id == 0), "nobody waits for it");
-    outbound.clear();
+    assert!(
+        handed_back(&outbound).is_empty(),
+        "48 KiB written: held until 64 KiB add up, not one hand-back per write"
+    );
     let charges = s.take_unwritten();
     s.on_written(charges, &mut outbound);
-    assert_eq!(handed_back(&outbound), vec![(owner, 500)]);
+    assert_eq!(handed_back(&outbound), vec![(owner, 64 << 10)]);
+    assert!(outbound.iter().all(|a| a.id == 0), "nobody waits for it");
 }
 
 #[test]
