@@ -177,6 +177,33 @@ impl SpawnedBroker {
         Ok(())
     }
 
+    /// `drain-after-restart`: SIGTERM (the broker's orderly shutdown) and wait for its exit
+    /// (SIGKILL past `STOP_TIMEOUT`), keeping the data directory for `start_again`. Returns the
+    /// exit as words ("stopped by SIGTERM (exit status: 0)" when it went as it should).
+    pub fn terminate(&mut self) -> Result<String, String> {
+        let broker = self
+            .broker
+            .as_mut()
+            .ok_or_else(|| "the broker did not come back from an earlier restart".to_string())?;
+        Ok(broker.stop(STOP_TIMEOUT).to_string())
+    }
+
+    /// After `terminate`: the same broker (binary, profile, flags) on the same data directory,
+    /// waiting for its ready line (new ephemeral ports: `listen` changes). On the main thread
+    /// only, like `start`. A broker that does not come back is an error (its stderr in it).
+    pub fn start_again(&mut self) -> Result<(), String> {
+        let broker = self
+            .broker
+            .take()
+            .ok_or_else(|| "the broker did not come back from an earlier restart".to_string())?;
+        // `restart` SIGKILLs first: a no-op here, `terminate` reaped the process already.
+        let broker = broker.restart().map_err(|e| e.to_string())?;
+        self.listen = broker.listen.to_string();
+        self.ready_line = broker.ready_line.clone();
+        self.broker = Some(broker);
+        Ok(())
+    }
+
     /// SIGTERM, wait (SIGKILL past `STOP_TIMEOUT`), remove the data directory. Returns the
     /// broker's exit status as words and its stderr tail.
     pub fn stop(mut self) -> (String, String) {

@@ -36,7 +36,7 @@ use weir_client::{PublishFuture, PublishOptions};
 
 use crate::broker::SpawnedBroker;
 use crate::run::{cleanup, declare, RunConfig};
-use crate::scenario::{Kind, Scenario, Size, HEADER_LEN};
+use crate::scenario::{Idiom, Kind, Scenario, Size, HEADER_LEN};
 use crate::stats::Header;
 
 /// How often a dead connection is retried while the broker restarts.
@@ -205,6 +205,20 @@ pub fn check(s: &Scenario) -> Result<(), String> {
     if !s.durable || !s.persistent {
         return Err(
             "--chaos: needs durable queues and persistent messages (a crash loses the others by design)"
+                .into(),
+        );
+    }
+    if s.kind == Kind::DrainAfterRestart {
+        return Err(
+            "--chaos: kind = \"drain-after-restart\" restarts the broker itself; run it with \
+             --spawn-broker alone"
+                .into(),
+        );
+    }
+    if s.idiom == Idiom::PerMessage {
+        return Err(
+            "--chaos: idiom = \"per-message\" is not run under --chaos (its acks always ask for \
+             an answer there, to tell a resurrection from a redelivery); use idiom = \"batch\""
                 .into(),
         );
     }

@@ -6,7 +6,9 @@
 //! current-thread runtime), prints the report, writes `--out` files and pictures, and stops the
 //! broker. It owns the spawned broker: every exit path, error and Ctrl-C included, stops it and
 //! removes its data directory (the broker value's `Drop`). With `--chaos` it also SIGKILLs and
-//! restarts that broker during the run (`chaos`), always from this thread.
+//! restarts that broker during the run (`chaos`), always from this thread; a
+//! `drain-after-restart` scenario (`restart`) stops it and starts it again on the same data
+//! between a fill and its drain, also from this thread, and only with `--spawn-broker`.
 //!
 //! Exit codes: 0 the run completed and the check passed; 1 an error (broker unreachable, bad
 //! profile, files); 2 bad flags or a refused scenario; 3 a confirmed message was lost; 4 the run
@@ -16,6 +18,7 @@ mod broker;
 mod chaos;
 mod plot;
 mod report;
+mod restart;
 mod run;
 mod scenario;
 mod stats;
@@ -42,7 +45,8 @@ const EXIT_INCOMPLETE: u8 = 4;
 #[command(name = "weir-loadgen", version, about, long_about = None)]
 struct Args {
     /// A shipped scenario's name (steady, spike, sawtooth, diurnal, drain, fanout, topic, rpc,
-    /// max) or a path to a scenario file.
+    /// max, max-per-message, max-batch, steady-5k, steady-20k, drain-after-restart) or a path
+    /// to a scenario file.
     #[arg(long, default_value = "spike")]
     scenario: String,
     /// List the shipped scenarios and exit.
@@ -95,7 +99,7 @@ struct Args {
     /// Multiply every publish rate and the consumers' cap.
     #[arg(long, default_value_t = 1.0)]
     rate_scale: f64,
-    /// Multiply every phase's duration.
+    /// Multiply every phase's duration (drain-after-restart: its backlog).
     #[arg(long, default_value_t = 1.0)]
     duration_scale: f64,
     /// Load threads (default: one per `[loadgen] cpus` entry of the profile, else 1).
@@ -186,6 +190,23 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
         keep_queues: args.keep_queues,
         progress,
     };
+
+    if sc.kind == scenario::Kind::DrainAfterRestart {
+        if args.chaos || args.compare.is_some() {
+            return Err(Failure::Usage(format!(
+                "scenario {name}: kind = \"drain-after-restart\" restarts the broker itself: \
+                 run it with --spawn-broker alone (not --chaos, not --compare)"
+            )));
+        }
+        if !args.spawn_broker {
+            return Err(Failure::Usage(format!(
+                "scenario {name}: kind = \"drain-after-restart\" stops and restarts the broker \
+                 it loads, so it runs only with --spawn-broker (it never stops a broker it did \
+                 not start)"
+            )));
+        }
+        return restart_run(args, &config, &machine, &mut pin_notes, abort);
+    }
 
     if args.chaos {
         if args.compare.is_some() {
@@ -284,28 +305,7 @@ fn one_run(
         let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
         let b = SpawnedBroker::start(&bin, profile, extra).map_err(Failure::Error)?;
         config.addr = b.listen.clone();
-        let cpus = profile
-            .and_then(|p| Profile::load(p).ok())
-            .map(|p| p.broker_cpus)
-            .unwrap_or_else(|| "all (no profile)".into());
-        broker_setup = format!(
-            "spawned {} ({}, pid {}), {}; shards pinned by the broker to cpus {}{}; \
-             data in {} (removed at the end)",
-            bin.path.display(),
-            bin.how,
-            b.pid().unwrap_or(0),
-            profile.map_or("no profile".to_string(), |p| format!(
-                "profile {}",
-                p.display()
-            )),
-            cpus,
-            if extra.is_empty() {
-                String::new()
-            } else {
-                format!("; flags {}", extra.join(" "))
-            },
-            b.data_dir().map_or("?".into(), |d| d.display().to_string())
-        );
+        broker_setup = spawned_setup(&bin, &b, profile, extra);
         println!("broker ready: {}", b.ready_line);
         spawned = Some(b);
     } else {
@@ -382,6 +382,111 @@ fn one_run(
         code = EXIT_INCOMPLETE;
     }
     Ok((res, code))
+}
+
+/// How a spawned broker was started and pinned, for the report.
+fn spawned_setup(
+    bin: &broker::WeirBin,
+    b: &SpawnedBroker,
+    profile: Option<&Path>,
+    extra: &[String],
+) -> String {
+    let cpus = profile
+        .and_then(|p| Profile::load(p).ok())
+        .map(|p| p.broker_cpus)
+        .unwrap_or_else(|| "all (no profile)".into());
+    format!(
+        "spawned {} ({}, pid {}), {}; shards pinned by the broker to cpus {}{}; \
+         data in {} (removed at the end)",
+        bin.path.display(),
+        bin.how,
+        b.pid().unwrap_or(0),
+        profile.map_or("no profile".to_string(), |p| format!(
+            "profile {}",
+            p.display()
+        )),
+        cpus,
+        if extra.is_empty() {
+            String::new()
+        } else {
+            format!("; flags {}", extra.join(" "))
+        },
+        b.data_dir().map_or("?".into(), |d| d.display().to_string())
+    )
+}
+
+/// `kind = "drain-after-restart"`: the spawned broker, stopped and started again between a
+/// fill and its drain (`restart`); the report and `results.json` say how fast each drain went
+/// against a raw O_DIRECT read of the journal.
+fn restart_run(
+    args: &Args,
+    config: &RunConfig,
+    machine: &str,
+    pin_notes: &mut Vec<String>,
+    abort: Arc<AtomicBool>,
+) -> Result<u8, Failure> {
+    let extra: Vec<String> = args
+        .fsync
+        .iter()
+        .flat_map(|f| ["--fsync".to_string(), f.clone()])
+        .collect();
+    let profile = args.profile.as_deref();
+    let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
+    let mut broker = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
+    let setup = spawned_setup(&bin, &broker, profile, &extra);
+    println!("broker ready: {}", broker.ready_line);
+    println!(
+        "running {} ({}) against {}",
+        config.name, config.scenario.description, broker.listen
+    );
+    let outcome = restart::run(config, &mut broker, &setup, machine, abort);
+    let (status, stderr) = broker.stop();
+    if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
+        println!("broker {status}");
+        if !stderr.trim().is_empty() {
+            println!("broker stderr (tail):\n{}", stderr.trim_end());
+        }
+    }
+    let mut report = outcome.map_err(Failure::Error)?;
+    report.loadgen_pinning.append(pin_notes);
+    let text = report.summary();
+    print!("{text}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
+        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
+        }
+        println!("wrote results.json, summary.txt to {}", dir.display());
+    }
+    let c = &report.check;
+    Ok(if c.lost > 0 {
+        let line = format!(
+            "!!! LOSS: {} confirmed message(s) were never delivered (lost {}, delivered {} of {} confirmed) !!!",
+            c.lost, c.lost, c.delivered_unique, c.confirmed
+        );
+        println!("{line}");
+        eprintln!("{line}");
+        EXIT_LOSS
+    } else if !report.drained || report.aborted || report.publish_failures > 0 || c.duplicated > 0 {
+        let why = if report.aborted {
+            "stopped by a signal"
+        } else if !report.drained {
+            "a drain did not finish"
+        } else if c.duplicated > 0 {
+            "messages were delivered twice"
+        } else {
+            "some publishes failed"
+        };
+        println!("incomplete run: {why}");
+        EXIT_INCOMPLETE
+    } else {
+        0
+    })
 }
 
 /// `--chaos`: a spawned broker, killed and restarted during the run; the report and

@@ -261,11 +261,11 @@ fn ms(us: u64) -> String {
 
 /// A description of the workload: what every number depends on.
 pub fn workload_line(s: &Scenario) -> String {
-    let mut w =
-        format!(
-        "kind {}, {} producer(s), {} consumer(s), {} queue(s), body {}, batch {}, prefetch {}, \
-         ack batch {}, {} messages, {} queues",
-        format!("{:?}", s.kind).to_lowercase(),
+    let mut w = format!(
+        "kind {}, idiom {}, {} producer(s), {} consumer(s), {} queue(s), body {}, batch {}, \
+         prefetch {}, ack batch {}, {} messages, {} queues",
+        s.kind.name(),
+        s.idiom.name(),
         s.producers,
         s.consumers,
         s.queues,
@@ -273,7 +273,11 @@ pub fn workload_line(s: &Scenario) -> String {
         s.batch,
         s.prefetch,
         s.ack_batch,
-        if s.persistent { "persistent" } else { "transient" },
+        if s.persistent {
+            "persistent"
+        } else {
+            "transient"
+        },
         if s.durable { "durable" } else { "transient" },
     );
     if let Some(x) = &s.exchange {
@@ -291,7 +295,7 @@ pub fn workload_line(s: &Scenario) -> String {
     if let Some(p) = s.process_ms {
         let _ = write!(w, ", {p} ms of work per message");
     }
-    if s.kind == Kind::Max {
+    if matches!(s.kind, Kind::Max | Kind::DrainAfterRestart) {
         let _ = write!(w, ", {} unconfirmed per producer", s.in_flight);
     }
     w

@@ -31,6 +31,49 @@ pub enum Kind {
     Rpc,
     /// Closed loop: producers publish as fast as their confirm window allows.
     Max,
+    /// A backlog published with no consumer, drained hot; published again, the spawned broker
+    /// restarted (SIGTERM, then the same data directory), drained cold from disk; and the
+    /// journal's segment files read raw with O_DIRECT for comparison (`crate::restart`).
+    #[serde(rename = "drain-after-restart")]
+    DrainAfterRestart,
+}
+
+impl Kind {
+    /// As written in scenario files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Queue => "queue",
+            Kind::Fanout => "fanout",
+            Kind::Rpc => "rpc",
+            Kind::Max => "max",
+            Kind::DrainAfterRestart => "drain-after-restart",
+        }
+    }
+}
+
+/// How the load calls the client: the way a benchmark batches, or the way applications use a
+/// broker (the speed issue's "per-message idiom").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Idiom {
+    /// The messages due together go in one `publish_batch_with` call (up to `batch`); deliveries
+    /// are acked `ack_batch` at a time with one `Delivery::ack_all` each.
+    #[default]
+    Batch,
+    /// One `publish_with` call per message, its confirm future kept (pipelined: up to
+    /// `in_flight` unconfirmed in a closed loop); one `Delivery::ack` per delivery, its future
+    /// dropped (the ack is sent, its answer not awaited). Needs `batch = 1` and `ack_batch = 1`.
+    PerMessage,
+}
+
+impl Idiom {
+    /// As written in scenario files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Idiom::Batch => "batch",
+            Idiom::PerMessage => "per-message",
+        }
+    }
 }
 
 /// The message body size.
@@ -181,6 +224,9 @@ fn default_request_timeout() -> f64 {
     30.0
 }
 
+/// `drain-after-restart`: the backlog when the scenario gives none.
+pub const DEFAULT_BACKLOG: u64 = 100_000;
+
 /// A workload, as written in `loadgen/scenarios/*.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -188,9 +234,12 @@ pub struct Scenario {
     /// One line saying what it shows.
     #[serde(default)]
     pub description: String,
-    /// Queue (default), fanout, rpc or max.
+    /// Queue (default), fanout, rpc, max or drain-after-restart.
     #[serde(default)]
     pub kind: Kind,
+    /// How producers and consumers call the client: `batch` (default) or `per-message`.
+    #[serde(default)]
+    pub idiom: Idiom,
     /// Publishing clients (requesters for rpc); each its own connection.
     #[serde(default = "default_one")]
     pub producers: u32,
@@ -236,7 +285,11 @@ pub struct Scenario {
     /// `rpc`: longest wait for one reply.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_s: f64,
-    /// The phases, in order.
+    /// `drain-after-restart`: messages in the backlog (default `DEFAULT_BACKLOG`), all
+    /// producers together; `--duration-scale` scales it.
+    pub backlog: Option<u64>,
+    /// The phases, in order (none for `drain-after-restart`: its steps are fixed).
+    #[serde(default)]
     pub phases: Vec<Phase>,
 }
 
@@ -268,6 +321,17 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ("fanout", include_str!("../scenarios/fanout.toml")),
     ("rpc", include_str!("../scenarios/rpc.toml")),
     ("max", include_str!("../scenarios/max.toml")),
+    (
+        "max-per-message",
+        include_str!("../scenarios/max-per-message.toml"),
+    ),
+    ("max-batch", include_str!("../scenarios/max-batch.toml")),
+    ("steady-5k", include_str!("../scenarios/steady-5k.toml")),
+    ("steady-20k", include_str!("../scenarios/steady-20k.toml")),
+    (
+        "drain-after-restart",
+        include_str!("../scenarios/drain-after-restart.toml"),
+    ),
     ("topic", include_str!("../scenarios/topic.toml")),
 ];
 
@@ -386,10 +450,7 @@ impl Scenario {
             if !matches!(self.kind, Kind::Queue | Kind::Max) {
                 return refuse(
                     "exchange",
-                    format!(
-                        "not used by kind = \"{}\"",
-                        format!("{:?}", self.kind).to_lowercase()
-                    ),
+                    format!("not used by kind = \"{}\"", self.kind.name()),
                 );
             }
             if x.binding_keys.is_empty() {
@@ -472,8 +533,40 @@ impl Scenario {
         if self.in_flight == 0 {
             return refuse("in_flight", "must be >= 1");
         }
-        if self.kind == Kind::Max && self.in_flight < self.batch {
+        let closed_loop = matches!(self.kind, Kind::Max | Kind::DrainAfterRestart);
+        if closed_loop && self.in_flight < self.batch {
             return refuse("in_flight", format!("must be >= batch ({})", self.batch));
+        }
+        if self.idiom == Idiom::PerMessage {
+            if self.kind == Kind::Rpc {
+                return refuse(
+                    "idiom",
+                    "not used by kind = \"rpc\" (requests are one call each already)",
+                );
+            }
+            for (key, v) in [("batch", self.batch), ("ack_batch", self.ack_batch)] {
+                if v != 1 {
+                    return refuse(
+                        "idiom",
+                        format!(
+                            "\"per-message\" is one publish call per message and one ack per \
+                             delivery, so {key} must be 1 (got {v}); use idiom = \"batch\" to batch"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.kind == Kind::DrainAfterRestart {
+            return self.check_drain_after_restart();
+        }
+        if let Some(b) = self.backlog {
+            return refuse(
+                "backlog",
+                format!(
+                    "not used by kind = \"{}\" (only by \"drain-after-restart\"; got {b})",
+                    self.kind.name()
+                ),
+            );
         }
         if let Some(r) = self.consumer_rate {
             positive("consumer_rate", r)?;
@@ -504,6 +597,57 @@ impl Scenario {
             return refuse("phases", "no phase publishes anything (every rate is 0)");
         }
         Ok(())
+    }
+
+    /// `drain-after-restart`'s own rules: a backlog that survives a restart, and nothing that
+    /// its fixed steps (fill, drain, fill, restart, drain) would ignore.
+    fn check_drain_after_restart(&self) -> Result<(), Refusal> {
+        let why = "not used by kind = \"drain-after-restart\" (its steps are fixed: fill, drain, \
+                   fill, restart, drain)";
+        if !self.phases.is_empty() {
+            return refuse("phases", why);
+        }
+        for (key, set) in [
+            ("exchange", self.exchange.is_some()),
+            ("consumers_start", self.consumers_start.is_some()),
+            ("consumer_rate", self.consumer_rate.is_some()),
+            ("process_ms", self.process_ms.is_some()),
+        ] {
+            if set {
+                return refuse(key, why);
+            }
+        }
+        if self.producers < self.queues {
+            return refuse(
+                "producers",
+                format!(
+                    "must be >= queues ({}) so that every queue gets a backlog",
+                    self.queues
+                ),
+            );
+        }
+        for (key, on) in [("durable", self.durable), ("persistent", self.persistent)] {
+            if !on {
+                return refuse(
+                    key,
+                    "must be true: the backlog has to outlive the broker's restart",
+                );
+            }
+        }
+        positive("drain_timeout_s", self.drain_timeout_s)?;
+        let backlog = self.backlog();
+        if backlog < u64::from(self.producers) {
+            return refuse(
+                "backlog",
+                format!("must be >= producers ({}), got {backlog}", self.producers),
+            );
+        }
+        Ok(())
+    }
+
+    /// `drain-after-restart`: messages in the backlog, all producers together.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.unwrap_or(DEFAULT_BACKLOG)
     }
 
     fn check_phase(&self, i: usize, p: &Phase) -> Result<(), Refusal> {
@@ -604,8 +748,12 @@ impl Scenario {
         }
     }
 
-    /// Multiplies every phase's duration (and cycle period) by `f`.
+    /// Multiplies every phase's duration (and cycle period) by `f`; for `drain-after-restart`,
+    /// its backlog (at least 1 message).
     pub fn scale_durations(&mut self, f: f64) {
+        if self.kind == Kind::DrainAfterRestart {
+            self.backlog = Some(((self.backlog() as f64 * f).round() as u64).max(1));
+        }
         for p in &mut self.phases {
             p.duration_s *= f;
             if let Some(t) = &mut p.period_s {

@@ -430,3 +430,171 @@ fn an_invalid_scenario_file_is_refused_with_the_key_and_the_reason() {
         show(&out)
     );
 }
+
+#[test]
+fn drain_after_restart_drains_a_backlog_before_and_after_a_restart_without_loss() {
+    let dir = temp_dir("lg-restart-");
+    let scenario = write_scenario(
+        dir.path(),
+        "restart.toml",
+        r#"
+description = "a tiny drain-after-restart for the test suite"
+kind = "drain-after-restart"
+idiom = "per-message"
+size = 1024
+in_flight = 200
+prefetch = 200
+backlog = 2000
+drain_timeout_s = 45
+"#,
+    );
+    let out_dir = dir.path().join("out");
+    let child = loadgen()
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--spawn-broker")
+        .arg("--weir-bin")
+        .arg(weir_testkit::weir_binary())
+        .arg("--out")
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weir-loadgen");
+    let out = wait(Running(Some(child)));
+    assert!(out.status.success(), "{}", show(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("raw O_DIRECT read  "), "{}", show(&out));
+    assert!(stdout.contains("vs raw read"), "{}", show(&out));
+    let r = results(&out_dir);
+    // Two fills of 2000, each drained once: once hot, once from disk after the restart.
+    let check = &r["check"];
+    assert_eq!(check["lost"], 0, "{}", show(&out));
+    assert_eq!(check["duplicated"], 0, "{}", show(&out));
+    assert_eq!(check["confirmed"], 4000, "{}", show(&out));
+    assert_eq!(check["delivered_unique"], 4000, "{}", show(&out));
+    assert_eq!(check["deliveries"], 4000, "{}", show(&out));
+    for step in ["hot_fill", "hot_drain", "cold_fill", "cold_drain"] {
+        assert_eq!(r[step]["messages"], 2000, "{step}: {}", show(&out));
+        assert_eq!(r[step]["bytes"], 2000 * 1024, "{step}: {}", show(&out));
+        assert!(r[step]["mb_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{step}");
+    }
+    assert_eq!(r["drained"], true, "{}", show(&out));
+    assert!(
+        r["stopped"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("stopped by SIGTERM (exit status: 0)"),
+        "a graceful stop: {}",
+        show(&out)
+    );
+    let raw = &r["raw_read"];
+    if raw["error"].is_null() {
+        // The backlog's bodies are in the segments read: at least 2000 KiB of them.
+        assert!(raw["files"].as_u64().unwrap_or(0) >= 1, "{raw}");
+        assert!(raw["bytes"].as_u64().unwrap_or(0) >= 2000 * 1024, "{raw}");
+    } else {
+        // Only a file system that refuses O_DIRECT excuses it; the report says so.
+        assert!(
+            stdout.contains("raw O_DIRECT read  not done:"),
+            "{}",
+            show(&out)
+        );
+    }
+    let setup = r["broker_setup"].as_str().unwrap_or_default();
+    let data = setup
+        .split("data in ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .expect("the data directory is named in broker_setup");
+    assert!(!Path::new(data).exists(), "{data} was left behind");
+}
+
+#[test]
+fn drain_after_restart_is_refused_without_spawn_broker() {
+    let out = loadgen()
+        .args(["--scenario", "drain-after-restart", "--addr", "127.0.0.1:1"])
+        .output()
+        .expect("run weir-loadgen");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("drain-after-restart") && stderr.contains("only with --spawn-broker"),
+        "{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn the_per_message_idiom_runs_closed_loop_without_loss_and_refuses_a_batch_flag() {
+    let dir = temp_dir("lg-per-message-");
+    let scenario = write_scenario(
+        dir.path(),
+        "pm.toml",
+        r#"
+description = "one publish call per message, one ack per delivery, for the test suite"
+kind = "max"
+idiom = "per-message"
+size = 1024
+in_flight = 100
+prefetch = 100
+
+[[phases]]
+name = "max"
+duration_s = 1
+"#,
+    );
+    let out_dir = dir.path().join("out");
+    let child = loadgen()
+        .arg("--scenario")
+        .arg(&scenario)
+        .arg("--spawn-broker")
+        .arg("--weir-bin")
+        .arg(weir_testkit::weir_binary())
+        .arg("--out")
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weir-loadgen");
+    let out = wait(Running(Some(child)));
+    assert!(out.status.success(), "{}", show(&out));
+    let r = results(&out_dir);
+    assert_eq!(r["settings"]["idiom"], "per-message");
+    let check = &r["check"];
+    assert!(
+        check["confirmed"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        show(&out)
+    );
+    assert_eq!(check["lost"], 0, "{}", show(&out));
+    assert_eq!(check["duplicated"], 0, "{}", show(&out));
+    assert_eq!(
+        check["confirmed"],
+        check["delivered_unique"],
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        r["backlog"]["drained"],
+        true,
+        "every ack landed: {}",
+        show(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("idiom per-message"), "{}", show(&out));
+
+    let out = loadgen()
+        .arg("--scenario")
+        .arg(&scenario)
+        .args(["--batch", "8"])
+        .output()
+        .expect("run weir-loadgen");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("idiom: \"per-message\"") && stderr.contains("batch must be 1 (got 8)"),
+        "{}",
+        show(&out)
+    );
+}

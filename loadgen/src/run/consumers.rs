@@ -3,7 +3,8 @@
 //! Contract: tasks on a load thread's runtime, one per consumer role, each with its own
 //! `Client`. A consumer subscribes when its first phase starts (unless the thread already did),
 //! is paced by `consumer_rate` / `process_ms`, records end-to-end latency and the loss ledger,
-//! and acks with `ack_all` in groups of `ack_batch` (or after 5 ms idle); for rpc it answers
+//! and acks with `ack_all` in groups of `ack_batch` (or after 5 ms idle), or with `idiom =
+//! "per-message"` each delivery with its own `Delivery::ack` (not awaited); for rpc it answers
 //! each request on its `reply_to`. It stops at the coordinator's stop signal, acks what it
 //! holds, cancels and closes.
 //!
@@ -21,7 +22,7 @@ use weir_client::{Client, Consumer, Delivery, Message};
 use super::producers::now_ns;
 use super::threads::{subscribe, Rec};
 use super::Shared;
-use crate::scenario::Kind;
+use crate::scenario::{Idiom, Kind};
 use crate::stats::{Count, Header, Metric};
 
 /// A consumer (or, for rpc, a server): takes deliveries, paced by `consumer_rate` /
@@ -108,6 +109,12 @@ pub(super) async fn consume(
         sh.delivered.fetch_add(1, Ordering::Relaxed);
         if s.kind == Kind::Rpc {
             reply(&client, &d).await;
+        }
+        if s.idiom == Idiom::PerMessage {
+            // As an application acks: each delivery on its own, the answer not awaited
+            // (dropping the future forgoes the answer, not the ack).
+            drop(d.ack());
+            continue;
         }
         unacked.push(d);
         if unacked.len() >= s.ack_batch as usize {

@@ -4,7 +4,10 @@
 //! `Client`. An open-loop producer sends each message at its intended time from the schedule
 //! (at once if late, the messages already due together, up to `batch` per frame); its latencies
 //! count from the intended time, so a stall that delays sending is in the numbers. A
-//! closed-loop producer (`max`) keeps `in_flight` messages unconfirmed. Confirms are awaited in
+//! closed-loop producer (`max`) keeps `in_flight` messages unconfirmed. With `idiom =
+//! "per-message"` every message is its own `publish_with` call (as applications publish), its
+//! confirm future kept and awaited by the confirmer; with `"batch"` a frame's messages go in one
+//! `publish_batch_with` call. Confirms are awaited in
 //! publish order by a companion task that records latencies and the loss ledger. A requester
 //! sends each request at its intended time, each awaited by its own task.
 //!
@@ -22,7 +25,7 @@ use weir_client::{Client, ClientError, Message, PublishFuture, PublishOptions, R
 
 use super::threads::Rec;
 use super::Shared;
-use crate::scenario::{Kind, Scenario, Size, HEADER_LEN};
+use crate::scenario::{Idiom, Kind, Scenario, Size, HEADER_LEN};
 use crate::stats::{Count, Header, Metric};
 
 /// One scheduled message: its phase and intended time (s since the epoch).
@@ -252,11 +255,34 @@ impl<'a> Outbox<'a> {
         let n = meta.len() as u64;
         let (key, queues) = self.route.frame(self.frames);
         self.frames += 1;
-        match self
-            .client
-            .publish_batch_with(&self.route.options, key, messages)
-            .await
-        {
+        let published = match self.sh.scenario.idiom {
+            Idiom::Batch => {
+                self.client
+                    .publish_batch_with(&self.route.options, key, messages)
+                    .await
+            }
+            // As an application publishes: one call per message, its confirm future kept. The
+            // scenario check holds `batch` at 1 for this idiom, so a frame is one message and a
+            // failure below is that message's (never a part of a frame after some were sent).
+            Idiom::PerMessage => {
+                let mut futures = Vec::with_capacity(messages.len());
+                let mut failed = None;
+                for m in messages {
+                    match self.client.publish_with(&self.route.options, key, m).await {
+                        Ok(f) => futures.push(f),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    None => Ok(futures),
+                    Some(e) => Err(e),
+                }
+            }
+        };
+        match published {
             Ok(futures) => {
                 let now = sent_ns.unwrap_or_else(|| now_ns(epoch));
                 self.rec.borrow_mut().count(Count::Sent, now, n);

@@ -211,3 +211,116 @@ fn scaling_keeps_the_shape() {
     );
     assert_eq!(s.consumer_rate, Some(5.0));
 }
+
+#[test]
+fn the_speed_scenarios_say_what_the_issue_measures() {
+    let get = |name: &str| {
+        let (_, text) = SHIPPED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("{name} is shipped"));
+        parse(name, text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    for name in [
+        "max-per-message",
+        "max-batch",
+        "steady-5k",
+        "steady-20k",
+        "drain-after-restart",
+    ] {
+        let s = get(name);
+        assert_eq!(s.size, Size::Fixed(1024), "{name}");
+        assert_eq!((s.producers, s.consumers, s.queues), (1, 1, 1), "{name}");
+        assert_eq!(s.prefetch, 1000, "{name}");
+        assert!(s.persistent && s.durable, "{name}");
+    }
+    let m = get("max-per-message");
+    assert_eq!(
+        (m.kind, m.idiom, m.batch, m.ack_batch),
+        (Kind::Max, Idiom::PerMessage, 1, 1)
+    );
+    assert_eq!(m.in_flight, 1000);
+    let b = get("max-batch");
+    assert_eq!(
+        (b.kind, b.idiom, b.batch, b.ack_batch),
+        (Kind::Max, Idiom::Batch, 64, 64)
+    );
+    assert_eq!(b.in_flight, 1000);
+    for (name, rate) in [("steady-5k", 5000.0), ("steady-20k", 20000.0)] {
+        let s = get(name);
+        assert_eq!(
+            (s.kind, s.idiom),
+            (Kind::Queue, Idiom::PerMessage),
+            "{name}"
+        );
+        assert_eq!(s.phases.len(), 1);
+        assert_eq!(s.phases[0].mean_rate(), rate, "{name}");
+    }
+    let mut d = get("drain-after-restart");
+    assert_eq!(
+        (d.kind, d.idiom),
+        (Kind::DrainAfterRestart, Idiom::PerMessage)
+    );
+    assert_eq!(d.backlog(), DEFAULT_BACKLOG);
+    assert!(d.phases.is_empty());
+    d.scale_durations(0.02);
+    assert_eq!(d.backlog(), 2000, "--duration-scale scales the backlog");
+    // `max` keeps its meaning: the older closed loop, batches of 64.
+    let old = get("max");
+    assert_eq!((old.idiom, old.batch, old.producers), (Idiom::Batch, 64, 2));
+}
+
+#[test]
+fn a_bad_idiom_is_refused_naming_the_key() {
+    let phase = "[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n";
+    let e = refused(&format!("{BASE}idiom = \"permessage\"\n{phase}"));
+    assert!(
+        e.contains("idiom") && e.contains("unknown variant `permessage`"),
+        "{e}"
+    );
+    let e = refused(&format!(
+        "{BASE}idiom = \"per-message\"\nbatch = 64\n{phase}"
+    ));
+    assert!(
+        e.contains("idiom: \"per-message\"") && e.contains("batch must be 1 (got 64)"),
+        "{e}"
+    );
+    let e = refused(&format!(
+        "{BASE}idiom = \"per-message\"\nprefetch = 100\nack_batch = 8\n{phase}"
+    ));
+    assert!(
+        e.contains("idiom:") && e.contains("ack_batch must be 1 (got 8)"),
+        "{e}"
+    );
+    let e = refused(&format!(
+        "{BASE}kind = \"rpc\"\nidiom = \"per-message\"\n{phase}"
+    ));
+    assert!(e.contains("idiom: not used by kind = \"rpc\""), "{e}");
+    let s = ok(&format!("{BASE}idiom = \"per-message\"\n{phase}"));
+    assert_eq!(s.idiom, Idiom::PerMessage);
+    assert_eq!(
+        ok(&format!("{BASE}{phase}")).idiom,
+        Idiom::Batch,
+        "the default"
+    );
+}
+
+#[test]
+fn drain_after_restart_refuses_what_its_steps_would_ignore() {
+    let k = "kind = \"drain-after-restart\"\n";
+    let phase = "[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n";
+    let s = ok(&format!("{BASE}{k}backlog = 500\n"));
+    assert_eq!(s.backlog(), 500);
+    for (line, want) in [
+        (phase, "phases: not used by kind = \"drain-after-restart\""),
+        ("durable = false\n", "durable: must be true"),
+        ("persistent = false\n", "persistent: must be true"),
+        ("backlog = 1\n", "backlog: must be >= producers (2)"),
+        ("consumer_rate = 10\n", "consumer_rate: not used by kind"),
+    ] {
+        let e = refused(&format!("{BASE}{k}{line}"));
+        assert!(e.contains(want), "{line:?}: {e}");
+    }
+    let e = refused(&format!("{BASE}backlog = 500\n{phase}"));
+    assert!(e.contains("backlog: not used by kind = \"queue\""), "{e}");
+}
