@@ -263,6 +263,20 @@ impl Client {
         self.inner.conns.iter().map(ConnHandle::unconfirmed).sum()
     }
 
+    /// Frames this client has sent the broker, over all its connections (handshakes excluded).
+    /// Adjacent publishes and settlements queued while a connection was busy leave merged, so
+    /// under load this grows far slower than the number of calls: the cost coalescing saves.
+    pub fn frames_sent(&self) -> u64 {
+        self.inner.conns.iter().map(ConnHandle::frames_sent).sum()
+    }
+
+    /// Frames this client has sent that asked the broker for an answer (requests, and the
+    /// settlements some caller still awaited), over all its connections. An `ack` whose future
+    /// was dropped before it left asks none, as in AMQP.
+    pub fn answers_asked(&self) -> u64 {
+        self.inner.conns.iter().map(ConnHandle::answers_asked).sum()
+    }
+
     /// The shard whose connection carries traffic for `queue`: its owner in shard-aware mode.
     pub fn connection_shard_for(&self, queue: &str) -> u16 {
         self.conn_for(queue).info().shard

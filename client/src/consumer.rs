@@ -182,7 +182,11 @@ impl Delivery {
     /// once the broker answers that the ack is durable (or refuses it, e.g. `UnknownDeliveryTag`).
     /// So `d.ack().await?` settles one at a time, while keeping the futures and awaiting them
     /// later lets many acks share one group commit; dropping the future forgoes the answer, not
-    /// the ack. An auto-acked delivery needs no ack: the future is ready at once.
+    /// the ack. Acks queued while the connection is busy leave merged, as one frame of tag
+    /// ranges; one whose future was dropped before it left asks the broker for no answer at all
+    /// (AMQP's ack), and the awaited ones share one answer that is each one's own (a tag the
+    /// broker no longer holds is never merged, so it alone gets `UnknownDeliveryTag`). An
+    /// auto-acked delivery needs no ack: the future is ready at once.
     pub fn ack(&self) -> SettleFuture {
         if self.auto_ack {
             return SettleFuture::ready(Ok(()));
@@ -190,8 +194,9 @@ impl Delivery {
         self.settle(Settle::Ack)
     }
 
-    /// Acks many deliveries in one frame (their tags as ranges) for one answer from the broker:
-    /// far cheaper than one `ack` each, which costs a frame and an answer per message. They must
+    /// Acks many deliveries in one frame (their tags as ranges) for one answer from the broker,
+    /// judged whole: if a range of them names no delivery the broker still holds, none is
+    /// settled. They must
     /// have come over one connection, as every delivery of one `Consumer` does; auto-acked ones
     /// are skipped. Sent when called, like `ack`.
     pub fn ack_all(deliveries: &[Delivery]) -> SettleFuture {
@@ -340,6 +345,11 @@ pub struct Consumer {
     deliveries: mpsc::UnboundedReceiver<Result<RawDelivery, ClientError>>,
     /// The broker no longer knows this consumer (cancelled, or the connection is gone).
     done: bool,
+    /// The stream's ending error, when `recv_many` took it along with deliveries: the next call
+    /// returns it.
+    ended: Option<ClientError>,
+    /// `recv_many`'s scratch, kept for its allocation.
+    scratch: Vec<Result<RawDelivery, ClientError>>,
 }
 
 impl Consumer {
@@ -359,6 +369,8 @@ impl Consumer {
             auto_ack,
             deliveries,
             done: false,
+            ended: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -405,10 +417,61 @@ impl Consumer {
         std::future::poll_fn(|cx| self.poll_delivery(cx)).await
     }
 
+    /// Every delivery already arrived, up to `max`, appended to `buf` in queue order; waits
+    /// only while none has. Returns how many it appended: 0 once the stream has ended (or with
+    /// `max` 0). The error that ends the stream comes alone, after the deliveries before it.
+    /// Cancel-safe. Settle what it took in one frame with [`Delivery::ack_all`], or one by one:
+    /// `ack` calls made together are merged into one frame anyway.
+    pub async fn recv_many(
+        &mut self,
+        buf: &mut Vec<Delivery>,
+        max: usize,
+    ) -> Result<usize, ClientError> {
+        if let Some(e) = self.ended.take() {
+            return Err(e);
+        }
+        if max == 0 {
+            return Ok(0);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        // `recv_many` is cancel-safe: nothing is taken unless it returns.
+        let n = self.deliveries.recv_many(&mut scratch, max).await;
+        if n == 0 {
+            self.done = true;
+            self.scratch = scratch;
+            return Ok(0);
+        }
+        let before = buf.len();
+        for item in scratch.drain(..) {
+            match item {
+                Ok(raw) => buf.push(Delivery::new(self.conn.clone(), raw, self.auto_ack)),
+                Err(e) => {
+                    // Nothing follows the error that ends a stream.
+                    self.done = true;
+                    self.ended = Some(e);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        let taken = buf.len() - before;
+        match self.ended.take() {
+            Some(e) if taken == 0 => Err(e),
+            ended => {
+                self.ended = ended;
+                Ok(taken)
+            }
+        }
+    }
+
     fn poll_delivery(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Delivery, ClientError>>> {
+        if let Some(e) = self.ended.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let item = std::task::ready!(self.deliveries.poll_recv(cx));
         if matches!(item, Some(Err(_)) | None) {
             self.done = true;

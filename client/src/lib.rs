@@ -11,6 +11,14 @@
 //! placement function as the broker's), so the common path never crosses cores in the broker.
 //! `ClientOptions::single_connection()` uses one connection and lets the broker forward.
 //!
+//! The per-message idiom is cheap without batching by hand: `publish` calls and `ack`s made
+//! while a connection is busy are merged as they leave, adjacent publishes to one route into one
+//! `Publish` frame and adjacent acks into one `Ack` of tag ranges, which asks the broker for no
+//! answer unless some caller still awaits its `SettleFuture` (drop it for AMQP's fire-and-forget
+//! ack; awaited ones each get their own exact answer). [`Consumer::recv_many`] takes every
+//! delivery already arrived in one call and [`Delivery::ack_all`] acks a batch in one frame;
+//! [`Client::frames_sent`] counts the frames that left.
+//!
 //! # Example
 //!
 //! A durable queue, 1000 persistent messages published in batches with their confirms

@@ -13,7 +13,7 @@
 
 use bytes::Bytes;
 use weir_protocol::wire::{self, ErrorCode, Range};
-use weir_protocol::{InFrame, PublishItem};
+use weir_protocol::{InFrame, ProtocolError, PublishItem};
 
 use super::driver::Driver;
 use super::{ConfirmTx, Confirmation};
@@ -25,6 +25,7 @@ pub(super) struct PendingPublish {
 }
 
 impl Driver {
+    /// One `Publish` frame of `messages`; each confirm awaits its message's sequence.
     pub(super) fn publish(
         &mut self,
         exchange: &str,
@@ -33,6 +34,27 @@ impl Driver {
         messages: &[Bytes],
         confirms: Vec<ConfirmTx>,
     ) {
+        match self.encode_publish(exchange, routing_key, mandatory, messages) {
+            Ok(first) => self.await_confirms(first, confirms),
+            Err(e) => {
+                // Nothing was written: the permits come back now.
+                self.handle.shared.permits.add_permits(confirms.len());
+                for confirm in confirms {
+                    let _ = confirm.send(Err(ClientError::Protocol(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// Encodes one `Publish` frame of `messages`, numbering them from the next sequence, and
+    /// returns the first; on an error nothing is written and no sequence is used.
+    pub(super) fn encode_publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        messages: &[Bytes],
+    ) -> Result<u64, ProtocolError> {
         let first = self.next_sequence;
         let items = messages.iter().enumerate().map(|(i, m)| PublishItem {
             sequence: first + i as u64,
@@ -41,26 +63,22 @@ impl Driver {
             mandatory,
             message: m,
         });
-        match self.encoder.publish(&mut self.out, 0, None, true, items) {
-            Ok(_) => {
-                self.next_sequence += messages.len() as u64;
-                for (i, confirm) in confirms.into_iter().enumerate() {
-                    self.publishes.insert(
-                        first + i as u64,
-                        PendingPublish {
-                            confirm,
-                            returned: None,
-                        },
-                    );
-                }
-            }
-            Err(e) => {
-                // Nothing was written: the permits come back now.
-                self.handle.shared.permits.add_permits(confirms.len());
-                for confirm in confirms {
-                    let _ = confirm.send(Err(ClientError::Protocol(e.clone())));
-                }
-            }
+        self.encoder.publish(&mut self.out, 0, None, true, items)?;
+        self.count_frame(0);
+        self.next_sequence += messages.len() as u64;
+        Ok(first)
+    }
+
+    /// Keeps one pending publish per confirm, from sequence `first` on.
+    pub(super) fn await_confirms(&mut self, first: u64, confirms: Vec<ConfirmTx>) {
+        for (i, confirm) in confirms.into_iter().enumerate() {
+            self.publishes.insert(
+                first + i as u64,
+                PendingPublish {
+                    confirm,
+                    returned: None,
+                },
+            );
         }
     }
 

@@ -54,6 +54,8 @@ pub(super) struct ConsumerSlot {
     auto_ack: bool,
     /// A `Cancel` was sent for it.
     cancelling: bool,
+    /// Its key in `Driver::held`.
+    id: u32,
 }
 
 impl ConsumerSlot {
@@ -71,12 +73,14 @@ impl Driver {
         let id = self.request_id();
         match self.encode(id, BodyT::Consume(Box::new(body))) {
             Ok(()) => {
+                self.next_slot = self.next_slot.wrapping_add(1);
                 self.consumers.insert(
                     tag.clone(),
                     ConsumerSlot {
                         deliveries: Some(deliveries),
                         auto_ack,
                         cancelling: false,
+                        id: self.next_slot,
                     },
                 );
                 self.requests.insert(id, Pending::Consume { tag, reply });
@@ -126,9 +130,14 @@ impl Driver {
         if tags.is_empty() {
             return;
         }
+        for t in tags {
+            self.held.remove(t);
+        }
         let ranges = weir_protocol::ranges_of(tags.to_vec());
         // Fire-and-forget: a failure could only be a tag the broker already forgot.
-        let _ = self.encoder.nack(&mut self.out, 0, &ranges, true);
+        if self.encoder.nack(&mut self.out, 0, &ranges, true).is_ok() {
+            self.count_frame(0);
+        }
     }
 
     /// A settlement; with a reply it asks the broker for an `Ok` once it is durable.
@@ -157,6 +166,9 @@ impl Driver {
                     .map(drop)
             }
         };
+        if result.is_ok() {
+            self.count_frame(id);
+        }
         match (result, reply) {
             (Ok(()), Some(reply)) => {
                 self.requests.insert(id, Pending::Reply(reply));
@@ -180,6 +192,9 @@ impl Driver {
                         Some(tx) => tx.send(Ok(RawDelivery::new(&d, message))).is_ok(),
                         None => false,
                     };
+                    if sent && !slot.auto_ack {
+                        self.held.insert(d.delivery_tag(), slot.id);
+                    }
                     if !sent {
                         // Its stream is gone (dropped, or `consume` was abandoned before it
                         // returned): requeue, and stop the consumer, or the broker would hand
@@ -204,10 +219,16 @@ impl Driver {
     /// The broker cancelled a consumer (its queue was deleted, say): its stream ends with why.
     pub(super) fn on_consumer_cancelled(&mut self, c: wire::ConsumerCancelled<'_>) {
         let tag = c.consumer_tag().unwrap_or("").to_string();
-        if let Some(ConsumerSlot {
+        let Some(slot) = self.consumers.remove(&tag) else {
+            return;
+        };
+        // The broker may have forgotten its deliveries (a consumer timeout requeues them): their
+        // settlements must be judged alone.
+        self.held.retain(|_, id| *id != slot.id);
+        if let ConsumerSlot {
             deliveries: Some(tx),
             ..
-        }) = self.consumers.remove(&tag)
+        } = slot
         {
             let _ = tx.send(Err(ClientError::ConsumerCancelled {
                 tag,

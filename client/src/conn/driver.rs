@@ -5,7 +5,8 @@
 //! `confirms`, deliveries and consumer cancels to `consumers`), takes `Command`s from the
 //! handles and encodes them into one output buffer, and writes that buffer as the socket takes
 //! it. Priorities are fixed (write, then read, then new commands) so a busy peer never starves
-//! what we owe it; commands queued together leave in one write.
+//! what we owe it; commands queued together leave in one write, adjacent publishes and
+//! settlements merged into one frame each (`coalesce`).
 //!
 //! Faults handled: EOF (expected after our `Close`, `Eof` otherwise), I/O errors, fatal decode
 //! errors (an unknown body type is skipped), an `Error` frame with `close = true`, the last
@@ -14,6 +15,7 @@
 //! fails the commands still queued.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 use weir_protocol::wire::{Body, BodyT};
 use weir_protocol::{Encoder, FrameDecoder, InFrame, WireLimits};
 
+use super::coalesce::Run;
 use super::confirms::PendingPublish;
 use super::consumers::ConsumerSlot;
 use super::requests::Pending;
@@ -39,6 +42,12 @@ pub(super) struct Driver {
     pub(super) requests: HashMap<u64, Pending>,
     pub(super) publishes: BTreeMap<u64, PendingPublish>,
     pub(super) consumers: HashMap<String, ConsumerSlot>,
+    /// Delivery tags handed to a consumer (not auto-acked) and named by no frame sent since,
+    /// by the consumer's slot id: the tags whose settlements may merge (`coalesce`).
+    pub(super) held: HashMap<u64, u32>,
+    pub(super) next_slot: u32,
+    /// Adjacent commands of one drain being merged into one frame.
+    pub(super) run: Run,
     /// A `Close` was sent: the broker closing the socket is the expected answer.
     closing: bool,
     /// `Command::Shutdown` arrived.
@@ -60,6 +69,9 @@ impl Driver {
             requests: HashMap::new(),
             publishes: BTreeMap::new(),
             consumers: HashMap::new(),
+            held: HashMap::new(),
+            next_slot: 0,
+            run: Run::Empty,
             closing: false,
             shutdown: false,
         }
@@ -113,16 +125,20 @@ impl Driver {
                 },
                 command = commands.recv(), if self.out.len() < OUT_HIGH_WATER_BYTES => {
                     match command {
-                        Some(c) => self.on_command(c),
+                        Some(c) => self.take(c),
                         None => self.shutdown = true,
                     }
-                    // Everything already queued joins this write.
-                    while !self.shutdown && self.out.len() < OUT_HIGH_WATER_BYTES {
+                    // Everything already queued joins this write, adjacent publishes and
+                    // settlements merged into one frame each (`coalesce`).
+                    while !self.shutdown
+                        && self.out.len() + self.run.bytes() < OUT_HIGH_WATER_BYTES
+                    {
                         match commands.try_recv() {
-                            Ok(c) => self.on_command(c),
+                            Ok(c) => self.take(c),
                             Err(_) => break,
                         }
                     }
+                    self.flush_run();
                     if self.shutdown {
                         return CloseReason::Local;
                     }
@@ -131,7 +147,16 @@ impl Driver {
         }
     }
 
-    fn on_command(&mut self, command: Command) {
+    /// Counts a frame encoded into the output buffer; `request_id` non-zero: it asks an answer.
+    pub(super) fn count_frame(&self, request_id: u64) {
+        let shared = &self.handle.shared;
+        shared.frames_sent.fetch_add(1, Ordering::Relaxed);
+        if request_id != 0 {
+            shared.answers_asked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn on_command(&mut self, command: Command) {
         match command {
             Command::Request { body, reply } => {
                 let id = self.request_id();
@@ -248,6 +273,11 @@ impl Driver {
             match pending {
                 Pending::Reply(reply) | Pending::Consume { reply, .. } => {
                     let _ = reply.send(Err(err()));
+                }
+                Pending::Group(replies) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(err()));
+                    }
                 }
                 Pending::Cancel {
                     reply: Some(reply), ..

@@ -10,6 +10,7 @@
 //! `Welcome` that is inconsistent (another protocol version, missing or unusable limits, shard
 //! ports that do not match the shard count): `UnexpectedReply`, the connection dropped.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
@@ -87,6 +88,8 @@ pub(crate) async fn open(
         ),
         info,
         closed: OnceLock::new(),
+        frames_sent: AtomicU64::new(0),
+        answers_asked: AtomicU64::new(0),
     });
     let handle = ConnHandle { tx, shared };
     let driver = Driver::new(handle.clone(), limits, rx);

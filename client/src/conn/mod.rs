@@ -9,6 +9,18 @@
 //! queued together leave in one write. Sequence numbers are assigned by the driver as it encodes,
 //! which is what makes them strictly increasing in wire order.
 //!
+//! Coalescing (`coalesce`): while the driver is busy (writing, reading, or not yet scheduled),
+//! commands queue behind it, and the next drain merges runs of adjacent ones: publishes with
+//! one exchange, routing key and mandatory flag become one `Publish` frame (within
+//! `publish_batch_max` and `frame_size_max`; one confirm future per message as before), and acks
+//! (or nacks with one `requeue`) become one frame of tag ranges. A merged settlement asks the
+//! broker for an answer only if some caller still holds its `SettleFuture` (a dropped one asks
+//! none, as an AMQP ack), and that one answer goes to every waiter of the run. Only adjacent
+//! commands merge, so frames leave in call order; only settlements of tags the broker surely
+//! holds merge, so the broker's all-or-nothing judgement of a settlement frame gives every
+//! caller the answer it would have had alone. `frames_sent` and `answers_asked` count the
+//! result.
+//!
 //! Memory is bounded where the peer could grow it: the unconfirmed publishes of a connection are
 //! bounded by a semaphore of `publishes_in_flight_max` permits, taken by the publisher before
 //! its command is queued and given back by the driver as confirms (or refusals) arrive; the
@@ -27,9 +39,11 @@
 //! shares with them), `handshake` (TCP, `Hello`/`Welcome`, spawning the driver), `driver` (the
 //! task's read/write/command loop, frame dispatch, failing everything at the end), `requests`
 //! (request ids and the replies they await), `confirms` (publish sequences, confirms, returns
-//! and refusals), `consumers` (consumer slots, delivery push routing, cancels, settlements).
+//! and refusals), `consumers` (consumer slots, delivery push routing, cancels, settlements),
+//! `coalesce` (merging adjacent publishes and settlements into one frame each).
 //! Deliveries leave this module as `RawDelivery`; it does not depend on the consumer module.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -41,6 +55,7 @@ use weir_protocol::InFrame;
 use crate::error::{ClientError, CloseReason};
 use crate::message::Limits;
 
+mod coalesce;
 mod confirms;
 mod consumers;
 mod driver;
@@ -145,6 +160,10 @@ struct Shared {
     permits: Semaphore,
     /// Set once, by the driver, as it stops.
     closed: OnceLock<CloseReason>,
+    /// Frames the driver has encoded for the broker: what coalescing saves, readable by users.
+    frames_sent: AtomicU64,
+    /// Of those, the frames that asked the broker for an answer (a non-zero request id).
+    answers_asked: AtomicU64,
 }
 
 /// A handle on one connection's driver task.
@@ -224,6 +243,16 @@ impl ConnHandle {
         let max = self.shared.info.limits.publishes_in_flight_max as usize;
         max.min(Semaphore::MAX_PERMITS)
             .saturating_sub(self.shared.permits.available_permits())
+    }
+
+    /// Frames this connection has encoded for the broker (every kind, handshake excluded).
+    pub(crate) fn frames_sent(&self) -> u64 {
+        self.shared.frames_sent.load(Ordering::Relaxed)
+    }
+
+    /// Frames this connection has sent that asked the broker for an answer.
+    pub(crate) fn answers_asked(&self) -> u64 {
+        self.shared.answers_asked.load(Ordering::Relaxed)
     }
 
     pub(crate) fn shutdown(&self) {

@@ -12,6 +12,7 @@
 use weir_protocol::wire::BodyT;
 use weir_protocol::InFrame;
 
+use super::coalesce::answer_group;
 use super::driver::Driver;
 use super::Reply;
 use crate::error::ClientError;
@@ -19,6 +20,8 @@ use crate::error::ClientError;
 /// What a request id is waiting for.
 pub(super) enum Pending {
     Reply(Reply),
+    /// A merged settlement: its one answer goes to every caller still waiting on it.
+    Group(Vec<Reply>),
     /// The consumer is registered; a refusal unregisters it.
     Consume {
         tag: String,
@@ -42,6 +45,7 @@ impl Driver {
     pub(super) fn encode(&mut self, request_id: u64, body: BodyT) -> Result<(), ClientError> {
         self.encoder
             .encode(&weir_protocol::frame(request_id, body), &mut self.out)?;
+        self.count_frame(request_id);
         Ok(())
     }
 
@@ -50,6 +54,7 @@ impl Driver {
             Some(Pending::Reply(reply)) => {
                 let _ = reply.send(result);
             }
+            Some(Pending::Group(replies)) => answer_group(replies, result),
             Some(Pending::Consume { tag, reply }) => {
                 let refused = result.is_err();
                 if refused {
