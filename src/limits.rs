@@ -126,6 +126,16 @@ pub struct BrokerLimits {
     /// per read would hold 64 KiB each; a copy of a few KiB is cheaper than that pin. A larger
     /// message pins at most its chunk, a few times its own size.
     pub message_copy_bytes_max: u32,
+    /// Bytes of read-ahead windows a shard's journal keeps for reading cold messages back. A
+    /// cold backlog is read back in the order it was written, so a read that misses takes a
+    /// window (up to 1 MiB, where the disk's bandwidth saturates) from the message's block and
+    /// the messages after it are served from memory: one disk read per window instead of one per
+    /// message (a drain after a restart went from one 4 KiB read per 1 KiB message to one read
+    /// per ~900). The windows are payload memory, so they are taken out of the payload cache's
+    /// budget: a shard spends the smaller of this and a quarter of `cache_bytes_max` on them
+    /// (`Limits::read_ahead_bytes`), and its payloads the rest, so `cache_bytes_max` still bounds
+    /// both. 0 turns read-ahead off (one read per cold message).
+    pub read_ahead_bytes_max: u64,
 }
 
 impl BrokerLimits {
@@ -153,6 +163,7 @@ impl BrokerLimits {
         work_bytes_max: 16 << 20,
         mesh_outgoing_bytes_max: 16 << 20,
         message_copy_bytes_max: 16 * 1024,
+        read_ahead_bytes_max: 4 << 20,
     };
 }
 
@@ -187,6 +198,19 @@ impl Limits {
             + (2 + NAME_BYTES_MAX as u64)
             + 2
             + u64::from(self.broker.targets_per_message_max) * per_target
+    }
+
+    /// The bytes of read-ahead windows a shard keeps: `read_ahead_bytes_max`, at most a quarter
+    /// of `cache_bytes_max`, whose budget they are taken out of (`payload_cache_bytes`).
+    pub fn read_ahead_bytes(&self) -> u64 {
+        self.broker
+            .read_ahead_bytes_max
+            .min(self.broker.cache_bytes_max / 4)
+    }
+
+    /// The payload cache's budget: `cache_bytes_max` less the read-ahead windows.
+    pub fn payload_cache_bytes(&self) -> u64 {
+        self.broker.cache_bytes_max - self.read_ahead_bytes()
     }
 
     /// Checks every layer and the relations between them; the error names the key and the reason.
@@ -321,6 +345,32 @@ impl Limits {
             ));
         }
         self.check_one_delivery_fits_an_outbox()?;
+        let block = crate::storage::BLOCK_BYTES as u64;
+        if self.broker.read_ahead_bytes_max != 0 && self.broker.read_ahead_bytes_max < block {
+            return Err(LimitError::new(
+                "limits.read_ahead_bytes_max",
+                format!(
+                    "{} cannot hold one {block}-byte block of the journal (0 turns read-ahead off)",
+                    self.broker.read_ahead_bytes_max
+                ),
+            ));
+        }
+        // What the windows leave of the cache must still take one message (transient payloads
+        // cannot turn cold).
+        if u64::from(self.wire.message_size_max) + u64::from(FRAME_OVERHEAD_BYTES_MAX)
+            > self.payload_cache_bytes()
+        {
+            return Err(LimitError::new(
+                "limits.read_ahead_bytes_max",
+                format!(
+                    "cache_bytes_max {} less {} of read-ahead cannot hold one message of \
+                     message_size_max {}",
+                    self.broker.cache_bytes_max,
+                    self.read_ahead_bytes(),
+                    self.wire.message_size_max
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -442,6 +492,22 @@ mod tests {
         assert_eq!(
             limits.check().unwrap_err().key,
             "limits.mesh_outgoing_bytes_max"
+        );
+    }
+
+    #[test]
+    fn read_ahead_is_taken_out_of_the_cache_and_at_most_a_quarter_of_it() {
+        let mut limits = Limits::DEFAULT;
+        assert_eq!(limits.read_ahead_bytes(), 4 << 20);
+        assert_eq!(limits.payload_cache_bytes(), (256 << 20) - (4 << 20));
+        limits.broker.cache_bytes_max = 8 << 20;
+        assert_eq!(limits.read_ahead_bytes(), 2 << 20);
+        limits.broker.read_ahead_bytes_max = 0;
+        assert_eq!(limits.payload_cache_bytes(), 8 << 20);
+        limits.broker.read_ahead_bytes_max = 100;
+        assert_eq!(
+            limits.check().unwrap_err().key,
+            "limits.read_ahead_bytes_max"
         );
     }
 

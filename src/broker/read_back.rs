@@ -1,5 +1,6 @@
 //! What a payload read back from the journal becomes: a delivery completed from its record, a
-//! dead letter's bytes, or, when the read failed, a requeue.
+//! dead letter's bytes, or, when the read failed, a requeue; and which pushes wait for the
+//! read-back task (`goes_behind`).
 //!
 //! Contract: pure functions over a record's body the shell has already read (the read itself is
 //! I/O and stays in the shard). A record that decodes as no message, or that does not name the
@@ -13,7 +14,7 @@ use weir_protocol::wire::ErrorCode;
 use crate::mesh::types::{ConnRef, Refusal};
 
 use crate::broker::host::QueueHost;
-use crate::mesh::msg::PushedDelivery;
+use crate::mesh::msg::{Pushed, PushedDelivery};
 use crate::storage::{MessageEnvelope, Position};
 
 /// Splits a message record read back from `position` into its envelope and message bytes.
@@ -52,6 +53,15 @@ pub fn requeue_unread(
 ) -> Result<(), Refusal> {
     host.outbox_written(to, u64::from(d.charge));
     host.settle(to, &d.queue, d.holder, d.seq, false, true)
+}
+
+/// Whether a push goes to the read-back task rather than straight to its connection: it needs
+/// a payload read back, or the task holds `held` earlier pushes, which a push must not pass
+/// (a connection gets its pushes in the order its owner made them: deliveries in sequence
+/// order, a cancellation after the deliveries before it).
+pub fn goes_behind(push: &Pushed, held: usize) -> bool {
+    held > 0
+        || matches!(push, Pushed::Deliver { deliveries, .. } if deliveries.iter().any(|d| d.cold.is_some()))
 }
 
 /// Keeps the deliveries that were read back; the unread ones were requeued.

@@ -78,6 +78,10 @@ pub struct ShardStatus {
     pub journal_fdatasyncs: u64,
     /// Segment files in use (not reclaimed).
     pub journal_segments: u64,
+    /// Disk reads issued to read records back by position (cold deliveries, `Get`s, dead
+    /// letters), and the records they served: with read-ahead, far fewer reads than records.
+    pub read_back_reads: u64,
+    pub read_back_records: u64,
 }
 
 /// A message's sequence number in its queue: assigned at publish, never reused (settle records in

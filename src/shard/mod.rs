@@ -24,7 +24,8 @@
 //! - `accept`: accept loops and the per-shard connection limit.
 //! - `worker`: the one task that executes requests and hands out replies and pushes.
 //! - `staging`: the journal as the queue host's sink (records staged for the group commit).
-//! - `read_back`: payloads read back from the journal for deliveries and dead letters.
+//! - `read_back`: payloads read back from the journal for deliveries (by a task of their own,
+//!   so the worker never waits for a delivery's read) and dead letters.
 //! - `control`: the control-plane writer's side of a change, and this shard's routing copy.
 //! - `housekeeping`: the expiry and segment-reclaim timers.
 //!
@@ -134,6 +135,8 @@ pub struct ShardState {
     control: Option<RefCell<ControlPlane>>,
     /// Routing changes sent to every shard, answered once all applied them.
     control_waits: RefCell<ControlWaits>,
+    /// Pushes waiting for the read-back task (their cold payloads), in order.
+    read_backs: read_back::ReadBackFifo,
 }
 
 // The per-core boundary as a type fact: a `ShardState` never leaves its thread.

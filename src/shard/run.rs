@@ -64,7 +64,7 @@ pub async fn run(setup: ShardSetup) {
     let (journal, mut host, line) = match opened {
         Ok((journal, report)) => match rebuild.finish(
             setup.id,
-            Cache::new(setup.limits.broker.cache_bytes_max),
+            Cache::new(setup.limits.payload_cache_bytes()),
             now_ms(),
         ) {
             Ok((mut host, summary)) => {
@@ -99,6 +99,8 @@ pub async fn run(setup: ShardSetup) {
         }
     };
     rt::spawn_detached(journal.clone().run_committer());
+    journal.set_read_ahead_bytes_max(setup.limits.read_ahead_bytes());
+    let (read_backs, read_back_waiter) = super::read_back::ReadBackFifo::new();
     host.set_outbox_bytes_max(setup.limits.broker.outbox_bytes_max);
     let host_liveness = host.liveness().clone();
     let (routing_bell, routing_waiter) = doorbell();
@@ -146,6 +148,7 @@ pub async fn run(setup: ShardSetup) {
         routing_bell,
         control,
         control_waits: RefCell::new(ControlWaits::default()),
+        read_backs,
     });
     let mut tasks = Vec::new();
     tasks.push(rt::spawn(worker::work_forever(state.clone(), work_waiter)));
@@ -167,6 +170,10 @@ pub async fn run(setup: ShardSetup) {
             crate::mesh::receive_forever(receiver, move |batch| s.receive(batch), room).await
         }));
     }
+    tasks.push(rt::spawn(super::read_back::read_back_forever(
+        state.clone(),
+        read_back_waiter,
+    )));
     // Every shard serves only once it holds the writer's copy of the routing table, so a
     // durable binding routes from the first publish after a restart.
     if let Some(writer) = &state.control {

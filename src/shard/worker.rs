@@ -2,8 +2,10 @@
 //! and pushes to its connections, in arrival order, so a request never runs inside another.
 //!
 //! Contract: one task on the shard's thread; it owns the order of everything the shard does to
-//! its queues. It awaits only journal room (a publish), read-backs (cold payloads) and nothing
-//! else; commits are awaited by detached tasks, so later requests join the next group commit.
+//! its queues. It awaits only journal room (a publish), the read-back of a `Get`'s or a dead
+//! letter's cold payload, and nothing else: deliveries' cold payloads are read by the read-back
+//! task (`read_back`), and commits are awaited by detached tasks, so later requests join the
+//! next group commit.
 //! Faults handled: a journal that cannot take a request's records (the request, or the part of it
 //! that needed them, is refused: `ops`; dispatching's own settlements are logged), a commit that
 //! fails (the held reply becomes a refusal for what that commit carried and no more, its held
@@ -128,6 +130,9 @@ impl ShardState {
                         .iter()
                         .filter(|s| !s.reclaimed)
                         .count() as u64;
+                    let r = self.journal.read_back_stats();
+                    st.read_back_reads = r.reads;
+                    st.read_back_records = r.records;
                 }
                 reply
             }
@@ -175,35 +180,14 @@ impl ShardState {
         if let Some(reply) = reply.take() {
             self.reply_to(from, id, reply);
         }
-        // Cold payloads are read back before their deliveries leave.
-        for push in pushes.iter_mut() {
-            if let Pushed::Deliver { to, deliveries, .. } = push {
-                let to = *to;
-                let mut kept = std::mem::take(deliveries);
-                if !self.read_back(to, &mut kept).await {
-                    read_back::keep_read_back(&mut kept);
-                }
-                *deliveries = kept;
-            }
-        }
-        pushes
-            .retain(|p| !matches!(p, Pushed::Deliver { deliveries, .. } if deliveries.is_empty()));
+        // Deliveries go at once, or, with cold payloads, once the read-back task has read them
+        // (the worker does not wait for it). Under fsync = always the host held back every
+        // message whose record is not durable yet (it becomes deliverable when its commit is);
+        // otherwise a consumer may see a message before its publisher's confirm.
+        self.send_pushes(pushes);
         let dead = self.host.borrow_mut().take_dead_letters();
         if !dead.is_empty() {
             self.dead_letter(dead).await;
-        }
-        // Deliveries go at once. Under fsync = always the host held back every message whose
-        // record is not durable yet (it becomes deliverable when its commit is); otherwise a
-        // consumer may see a message before its publisher's confirm.
-        for push in pushes {
-            let to = push_target(&push);
-            self.send_to(
-                to.shard,
-                MeshMsg::Push {
-                    from_shard: self.id,
-                    push,
-                },
-            );
         }
         // Once the records are durable: cool their payloads if over budget, and send the reply
         // if it waited. Later requests go on meanwhile and join the next commit.
@@ -276,6 +260,18 @@ impl ShardState {
                 })
             }
         }
+    }
+
+    /// Sends a push to its connection, on whichever shard it lives.
+    pub(super) fn send_push(&self, push: Pushed) {
+        let to = push_target(&push);
+        self.send_to(
+            to.shard,
+            MeshMsg::Push {
+                from_shard: self.id,
+                push,
+            },
+        );
     }
 
     /// Hands something to connection `to`'s session, if it is still here (a connection that has

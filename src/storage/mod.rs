@@ -38,7 +38,7 @@ pub mod segment;
 
 pub use error::StorageError;
 pub use format::{Position, BLOCK_BYTES, SECTOR_BYTES};
-pub use journal::{Appended, CommitId, Journal, ReadRecord, SegmentInfo};
+pub use journal::{Appended, CommitId, Journal, ReadAheadStats, ReadRecord, SegmentInfo};
 pub use limits::{JournalConfig, StorageLimits};
 pub use record::{MessageEnvelope, RecordKind, SettleReason, SettleRecord, Target};
 pub use recovery::{RecoveryReport, TailCut};

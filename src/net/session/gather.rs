@@ -173,6 +173,8 @@ impl Session {
                 ("journal.bytes_written", s.journal_bytes_written),
                 ("journal.fdatasyncs", s.journal_fdatasyncs),
                 ("journal.segments", s.journal_segments),
+                ("read_back.reads", s.read_back_reads),
+                ("read_back.records", s.read_back_records),
             ];
             for (name, value) in fields {
                 let mut c = wire::CounterT::default();

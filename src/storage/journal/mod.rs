@@ -10,6 +10,7 @@
 //! for a commit, and closing. The rest is split by what it does:
 //! - [`commit`]: the committer task, group commit, segment creation and commit failures;
 //! - [`read`]: reading a durable record back by position, and relocation (compaction);
+//! - [`read_ahead`]: the windows of durable log that reads by position are served from;
 //! - [`reclaim`]: the segment list, reclaim and tombstones;
 //! - [`reserve`]: the disk reserve, spent by the records that free disk and made again after.
 //!
@@ -33,6 +34,7 @@
 
 mod commit;
 mod read;
+mod read_ahead;
 mod reclaim;
 mod reserve;
 
@@ -54,6 +56,7 @@ use crate::storage::recovery::{recover, RecoveryReport};
 use crate::storage::segment::SegmentHeader;
 
 pub use read::ReadRecord;
+pub use read_ahead::{ReadAheadStats, WINDOW_BYTES_MAX as READ_AHEAD_WINDOW_BYTES_MAX};
 pub use reclaim::SegmentInfo;
 
 /// Identifies the commit that carries a record.
@@ -170,6 +173,9 @@ struct Inner<D: SegmentDir> {
     dir: D,
     config: JournalConfig,
     state: RefCell<State<D>>,
+    /// Windows of durable log kept for reads by position (`read`), off until the owner sets a
+    /// bound.
+    read_ahead: RefCell<read_ahead::ReadAhead<<D::File as SegmentFile>::ReadBuf>>,
 }
 
 /// A shard's journal. Cloning shares it.
@@ -245,6 +251,7 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 dir,
                 config,
                 state: RefCell::new(state),
+                read_ahead: RefCell::new(read_ahead::ReadAhead::new(0)),
             }),
         };
         journal.open_reserve().await;

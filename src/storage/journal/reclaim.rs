@@ -84,6 +84,8 @@ impl<D: SegmentDir + 'static> Journal<D> {
             let oldest = st.segments.keys().next().copied() == Some(number);
             (seg.file.clone(), seg.header, oldest)
         };
+        // Nothing in it is needed any more: its windows go now, before its bytes do.
+        self.inner.read_ahead.borrow_mut().drop_segment(number);
         let dir = &self.inner.dir;
         let name = segment_file_name(number);
         let path = dir.describe(&name);
