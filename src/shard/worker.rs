@@ -4,7 +4,7 @@
 //! Contract: one task on the shard's thread; it owns the order of everything the shard does to
 //! its queues. It awaits only journal room (a publish), the read-back of a `Get`'s or a dead
 //! letter's cold payload, and nothing else: deliveries' cold payloads are read by the read-back
-//! task (`read_back`), and commits are awaited by detached tasks, so later requests join the
+//! task (`read_back`), and commits by the confirmer (`confirmer`), so later requests join the
 //! next group commit.
 //! Faults handled: a journal that cannot take a request's records (the request, or the part of it
 //! that needed them, is refused: `ops`; dispatching's own settlements are logged), a commit that
