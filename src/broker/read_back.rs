@@ -143,6 +143,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_push_goes_behind_the_read_back_task_when_it_reads_or_holds_earlier_ones() {
+        let push = |d: PushedDelivery| Pushed::Deliver {
+            to: A,
+            consumer_tag: "c".into(),
+            deliveries: vec![d],
+        };
+        let hot = PushedDelivery {
+            cold: None,
+            ..cold("q", 1)
+        };
+        assert!(goes_behind(&push(cold("q", 1)), 0), "needs a read");
+        assert!(!goes_behind(&push(hot.clone()), 0), "nothing to wait for");
+        assert!(goes_behind(&push(hot), 1), "must not pass an earlier push");
+        let cancelled = Pushed::Cancelled(crate::mesh::types::Cancelled {
+            to: A,
+            consumer_tag: "c".into(),
+            message: String::new(),
+        });
+        assert!(goes_behind(&cancelled, 2) && !goes_behind(&cancelled, 0));
+    }
+
+    #[test]
     #[should_panic(expected = "does not hold message 4")]
     fn a_record_of_another_message_is_a_broken_index() {
         let mut d = cold("q", 4);
