@@ -2,14 +2,16 @@
 //!
 //! - publish of one message with a 1 KiB body: encode (message + frame), decode+verify;
 //! - publish of a batch of 100 messages with 100 B bodies: the same, per message;
-//! - zero-copy slicing of every message's bytes out of a decoded batch.
+//! - zero-copy slicing of every message's bytes out of a decoded batch;
+//! - deliver of 1 and of 64 messages with 1 KiB bodies: the broker's side of the delivery path
+//!   (`Encoder::deliver` into a connection's outbox), per delivery.
 //!
 //! Run: `cargo bench --bench codec`. Frame overheads are printed first (bytes on the wire beyond
 //! the bodies), so a report can quote both from one run.
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use weir_protocol::{Encoder, FrameDecoder, MessageProps, PublishItem, WireLimits};
+use weir_protocol::{DeliveryItem, Encoder, FrameDecoder, MessageProps, PublishItem, WireLimits};
 
 const ROUTING_KEY: &str = "orders.eu.created";
 
@@ -34,6 +36,19 @@ fn items(messages: &[Bytes]) -> impl Iterator<Item = PublishItem<'_>> {
         message: m,
     })
 }
+
+fn deliveries(messages: &[Bytes]) -> impl Iterator<Item = DeliveryItem<'_>> {
+    messages.iter().enumerate().map(|(i, m)| DeliveryItem {
+        delivery_tag: i as u64 + 1,
+        redelivered: false,
+        delivery_count: 1,
+        exchange: "",
+        routing_key: ROUTING_KEY,
+        message: m,
+    })
+}
+
+const CONSUMER_TAG: &str = "ctag-1";
 
 fn report_overheads() {
     let mut enc = Encoder::new(WireLimits::DEFAULT);
@@ -101,6 +116,47 @@ fn codec(c: &mut Criterion) {
                 }
                 n
             })
+        });
+        group.finish();
+    }
+
+    for (name, count) in [("deliver_1x1KiB", 1usize), ("deliver_64x1KiB", 64)] {
+        let mut group = c.benchmark_group(name);
+        group.throughput(Throughput::Elements(count as u64));
+        let body = vec![0x5a; 1024];
+        let messages: Vec<Bytes> = (0..count)
+            .map(|_| enc.message(&MessageProps::default(), &body).unwrap())
+            .collect();
+        let mut out = BytesMut::new();
+        enc.deliver(&mut out, CONSUMER_TAG, deliveries(&messages))
+            .unwrap();
+        let frame_len = out.len();
+        let overhead = frame_len - count * messages[0].len();
+        println!(
+            "overhead: deliver of {count} x {} B message (1 KiB body, routing key {} B): frame {frame_len} B, \
+             {overhead} B beyond the messages = {:.1} B per delivery",
+            messages[0].len(),
+            ROUTING_KEY.len(),
+            overhead as f64 / count as f64,
+        );
+        // The outbox is emptied by each socket write: encode into a cleared buffer, as a
+        // connection does between writes.
+        out.reserve(frame_len * 2);
+        group.bench_function("encode_frame", |b| {
+            b.iter(|| {
+                out.clear();
+                enc.deliver(&mut out, CONSUMER_TAG, deliveries(&messages))
+                    .unwrap();
+                std::hint::black_box(out.len())
+            })
+        });
+        let frame = out.clone();
+        group.bench_function("decode_verify", |b| {
+            b.iter_batched(
+                || BytesMut::from(&frame[..]),
+                |mut buf| decoder.decode(&mut buf).unwrap().unwrap(),
+                BatchSize::SmallInput,
+            )
         });
         group.finish();
     }

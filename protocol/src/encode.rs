@@ -3,15 +3,20 @@
 //!
 //! Contract: no I/O and no runtime. An `Encoder` is owned by one task; it keeps one
 //! `FlatBufferBuilder` whose buffer is reused across frames (it grows to the largest frame
-//! encoded, at most `frame_size_max`). Every method either appends exactly one whole
+//! encoded through it, at most `frame_size_max`). Every method either appends exactly one whole
 //! length-prefixed frame to `out` or appends nothing and returns an error.
 //!
 //! Two paths:
 //! - `encode(&FrameT)`: any frame, through the generated object API. Control frames are rare
 //!   and small; their owned strings cost nothing that matters.
-//! - `publish`, `deliver`, `confirm`, `ack`, `nack`, `message`: the data path, from borrowed
-//!   slices, with no allocation beyond the builder's reused buffer. A message's bytes are copied
-//!   once into the builder and once into `out` (see ARCHITECTURE.md, "every copy").
+//! - `publish`, `confirm`, `ack`, `nack`, `message`: the data path, from borrowed slices, with
+//!   no allocation beyond the builder's reused buffer. A published message's bytes are copied
+//!   once into the builder and once into `out`.
+//! - `deliver`, `deliver_prefix`: the broker's hot path, without the builder. The frame is laid
+//!   out front to back and written straight into `out` (`deliver.rs`), so a delivered message's
+//!   bytes are copied once, from the stored message into the outbox (see ARCHITECTURE.md, "the
+//!   delivery path: every copy and hop"). `deliver` gathers its items into a reused list first
+//!   (the layout needs their count); `deliver_prefix` writes from the caller's slice.
 
 use bytes::{Bytes, BytesMut};
 use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
@@ -19,6 +24,8 @@ use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
 use crate::limits::{deliver_frame_bytes_max, delivery_bytes_max, WireLimits, FRAME_PREFIX_BYTES};
 use crate::wire::{self, Body, Durability, FrameT, Range};
 use crate::ProtocolError;
+
+mod deliver;
 
 /// One message of a `Publish` batch, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +90,8 @@ pub struct Encoder {
     limits: WireLimits,
     // Scratch lists of child offsets, kept to reuse their allocation.
     publish_entries: Vec<WIPOffset<wire::PublishEntry<'static>>>,
-    deliveries: Vec<WIPOffset<wire::Delivery<'static>>>,
+    /// Emptied after each use; see `relabel`.
+    delivery_items: Vec<DeliveryItem<'static>>,
     headers: Vec<WIPOffset<wire::Header<'static>>>,
 }
 
@@ -93,7 +101,7 @@ impl Encoder {
             fbb: FlatBufferBuilder::with_capacity(4096),
             limits,
             publish_entries: Vec::new(),
-            deliveries: Vec::new(),
+            delivery_items: Vec::new(),
             headers: Vec::new(),
         }
     }
@@ -179,52 +187,17 @@ impl Encoder {
         consumer_tag: &str,
         items: impl IntoIterator<Item = DeliveryItem<'a>>,
     ) -> Result<usize, ProtocolError> {
-        self.fbb.reset();
-        let mut deliveries = std::mem::take(&mut self.deliveries);
-        deliveries.clear();
-        for (index, item) in items.into_iter().enumerate() {
-            if index as u32 >= self.limits.deliver_batch_max {
-                self.deliveries = deliveries;
-                return Err(ProtocolError::BatchTooLarge {
-                    what: "deliver",
-                    count: index + 1,
-                    max: self.limits.deliver_batch_max,
-                });
-            }
-            if let Err(e) = self.check_message_size(index, item.message) {
-                self.deliveries = deliveries;
-                return Err(e);
-            }
-            let message = Some(self.fbb.create_vector(item.message));
-            let exchange = self.optional_string(item.exchange);
-            let routing_key = self.optional_string(item.routing_key);
-            deliveries.push(wire::Delivery::create(
-                &mut self.fbb,
-                &wire::DeliveryArgs {
-                    delivery_tag: item.delivery_tag,
-                    redelivered: item.redelivered,
-                    delivery_count: item.delivery_count,
-                    exchange,
-                    routing_key,
-                    message,
-                },
-            ));
-        }
-        if deliveries.is_empty() {
-            self.deliveries = deliveries;
-            return Err(ProtocolError::Invalid("deliver batch is empty".into()));
-        }
-        let deliveries_vec = Some(self.fbb.create_vector(&deliveries));
-        self.deliveries = deliveries;
-        let consumer_tag = self.optional_string(consumer_tag);
-        let body = wire::Deliver::create(
-            &mut self.fbb,
-            &wire::DeliverArgs {
-                consumer_tag,
-                deliveries: deliveries_vec,
-            },
+        // The frame is laid out before it is written, so the items are gathered first; one more
+        // than the batch limit is enough to refuse an oversized batch as the builder path did.
+        let mut gathered = relabel(std::mem::take(&mut self.delivery_items));
+        gathered.extend(
+            items
+                .into_iter()
+                .take(self.limits.deliver_batch_max as usize + 1),
         );
-        self.finish(0, Body::Deliver, body.as_union_value(), out)
+        let result = deliver::deliver(&self.limits, out, consumer_tag, &gathered);
+        self.delivery_items = relabel(gathered);
+        result
     }
 
     /// Appends one `Deliver` frame holding the longest prefix of `items` that fits it: at most
@@ -254,7 +227,7 @@ impl Encoder {
             }
             count += 1;
         }
-        self.deliver(out, consumer_tag, items[..count].iter().copied())?;
+        deliver::deliver(&self.limits, out, consumer_tag, &items[..count])?;
         Ok(count)
     }
 
@@ -363,14 +336,7 @@ impl Encoder {
     }
 
     fn check_message_size(&self, index: usize, message: &[u8]) -> Result<(), ProtocolError> {
-        if message.len() > self.limits.message_size_max as usize {
-            return Err(ProtocolError::MessageTooLarge {
-                index,
-                len: message.len(),
-                max: self.limits.message_size_max,
-            });
-        }
-        Ok(())
+        check_message_size(&self.limits, index, message)
     }
 
     fn finish(
@@ -405,6 +371,33 @@ impl Encoder {
         out.extend_from_slice(data);
         Ok(data.len())
     }
+}
+
+fn check_message_size(
+    limits: &WireLimits,
+    index: usize,
+    message: &[u8],
+) -> Result<(), ProtocolError> {
+    if message.len() > limits.message_size_max as usize {
+        return Err(ProtocolError::MessageTooLarge {
+            index,
+            len: message.len(),
+            max: limits.message_size_max,
+        });
+    }
+    Ok(())
+}
+
+/// An emptied list of borrowed items under another lifetime, keeping its allocation: the
+/// encoder's scratch list outlives every call's borrows. Collecting a `vec::IntoIter` into a
+/// `Vec` of a type of the same layout reuses the allocation (std's in-place collection); were it
+/// not to, this would only allocate, never be unsound.
+fn relabel<'b>(mut items: Vec<DeliveryItem<'_>>) -> Vec<DeliveryItem<'b>> {
+    items.clear();
+    items
+        .into_iter()
+        .map(|_| unreachable!("the list was emptied"))
+        .collect()
 }
 
 impl std::fmt::Debug for Encoder {
