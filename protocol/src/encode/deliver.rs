@@ -17,17 +17,19 @@
 //! routing key, pad, message vector (length + the message's bytes); pad the frame to 8
 //! ```
 //!
-//! A Delivery vtable is written by the first delivery of its shape (which names are present)
-//! and shared by the later ones, as the builder shares identical vtables. Positions are computed
-//! before anything is written (`Walk`), so every offset is known when its slot is written and
-//! nothing is patched afterwards. Field slots come from the
-//! generated code's `VT_*` constants: a schema change that moves or drops a field breaks the
-//! build, not the wire. Alignment is relative to the frame's first byte (its length prefix), as
-//! the verifier checks it (`InFrame` keeps the prefix for that reason).
+//! A Delivery vtable is written by the first delivery of its shape (which fields are present,
+//! and the table's phase: `DeliveryShape`) and shared by the later ones, as the builder shares
+//! identical vtables. Positions are computed before anything is written (`Walk`), so every
+//! offset is known when its slot is written and nothing is patched afterwards. Field slots come
+//! from the generated code's `VT_*` constants: a schema change that moves or drops a field
+//! breaks the build, not the wire. Alignment is relative to the frame's first byte (its length
+//! prefix), as the verifier checks it (`InFrame` keeps the prefix for that reason).
 //!
-//! Defaults: scalars are always written (the builder omits those equal to their default; both
-//! read the same), empty names are absent (as the builder path writes them: absent and empty
-//! read the same), and the message vector is always present (it is `required`).
+//! Defaults: `delivery_tag` and `delivery_count` are always written (the builder omits a 0;
+//! both read the same), `redelivered` only when true, empty names are absent (as the builder
+//! path writes them: absent and empty read the same), and the message vector is always present
+//! (it is `required`). A batch therefore takes the bytes the builder's frame took, give or take
+//! alignment padding.
 
 use bytes::{BufMut, BytesMut};
 use flatbuffers::VOffsetT;
@@ -132,18 +134,12 @@ const DELIVER_VT: usize = align_up(FRAME_TABLE + FRAME_TABLE_LEN, 2);
 const DELIVER_TABLE: usize = align_up(DELIVER_VT + DELIVER_VT_LEN, U32);
 const HEAD_LEN: usize = DELIVER_TABLE + DELIVER_TABLE_LEN;
 
-// A Delivery table, 8-aligned: soffset, delivery_count (uint), delivery_tag (ulong, at 8 so it is
-// 8-aligned), exchange, routing_key and message (uoffsets), redelivered (bool).
-const DELIVERY_COUNT: usize = 4;
-const DELIVERY_TAG: usize = 8;
-const DELIVERY_EXCHANGE: usize = 16;
-const DELIVERY_ROUTING_KEY: usize = 20;
-const DELIVERY_MESSAGE: usize = 24;
-const DELIVERY_REDELIVERED: usize = 28;
-const DELIVERY_TABLE_LEN: usize = 29;
-/// The table's bytes with the padding that keeps what follows 4-aligned.
-const DELIVERY_TABLE_BYTES: usize = align_up(DELIVERY_TABLE_LEN, U32);
-const DELIVERY_ALIGN: usize = 8;
+// A Delivery table, 4-aligned, laid out by its shape (`DeliveryShape`): soffset, then
+// delivery_tag (ulong) and delivery_count (uint) in the order that puts the ulong on a multiple
+// of 8 (the table's phase: a table at 8n holds the count first, one at 8n + 4 the tag first),
+// then the message's offset and those of the names present, then redelivered if true. Two
+// phases: a table starts where the previous message ended, 4-aligned, without padding to 8.
+// Absent fields take no bytes, as in the builder's tables.
 const DELIVERY_VT_LEN: usize = vtable_len(&[
     Delivery::VT_DELIVERY_TAG,
     Delivery::VT_REDELIVERED,
@@ -152,29 +148,75 @@ const DELIVERY_VT_LEN: usize = vtable_len(&[
     Delivery::VT_ROUTING_KEY,
     Delivery::VT_MESSAGE,
 ]);
-/// With both names present; an empty name's slot is zeroed (absent).
-const DELIVERY_VTABLE: [u8; DELIVERY_VT_LEN] = vtable(
-    DELIVERY_TABLE_LEN,
-    &[
-        (Delivery::VT_DELIVERY_TAG, DELIVERY_TAG),
-        (Delivery::VT_REDELIVERED, DELIVERY_REDELIVERED),
-        (Delivery::VT_DELIVERY_COUNT, DELIVERY_COUNT),
-        (Delivery::VT_EXCHANGE, DELIVERY_EXCHANGE),
-        (Delivery::VT_ROUTING_KEY, DELIVERY_ROUTING_KEY),
-        (Delivery::VT_MESSAGE, DELIVERY_MESSAGE),
-    ],
-);
+/// Shapes: exchange present (1), routing key present (2), redelivered (4), phase (8).
+const DELIVERY_SHAPES: usize = 16;
+
+/// Where each field of a Delivery table of one shape is, from the table's start; 0: absent.
+#[derive(Debug, Clone, Copy)]
+struct DeliveryShape {
+    tag: usize,
+    count: usize,
+    message: usize,
+    exchange: usize,
+    routing_key: usize,
+    redelivered: usize,
+    /// The table's bytes with the padding that keeps what follows 4-aligned.
+    bytes: usize,
+    vtable: [u8; DELIVERY_VT_LEN],
+}
+
+const fn delivery_shape(shape: usize) -> DeliveryShape {
+    let phase = shape >> 3;
+    let (tag, count) = if phase == 0 { (8, 4) } else { (4, 12) };
+    let message = 16;
+    // No closures in a const fn: each present field in turn takes the next bytes.
+    let mut len = message + U32;
+    let routing_key = if shape & 2 != 0 { len } else { 0 };
+    len += if shape & 2 != 0 { U32 } else { 0 };
+    let exchange = if shape & 1 != 0 { len } else { 0 };
+    len += if shape & 1 != 0 { U32 } else { 0 };
+    let redelivered = if shape & 4 != 0 { len } else { 0 };
+    len += if shape & 4 != 0 { 1 } else { 0 };
+    DeliveryShape {
+        tag,
+        count,
+        message,
+        exchange,
+        routing_key,
+        redelivered,
+        bytes: align_up(len, U32),
+        vtable: vtable(
+            len,
+            &[
+                (Delivery::VT_DELIVERY_TAG, tag),
+                (Delivery::VT_REDELIVERED, redelivered),
+                (Delivery::VT_DELIVERY_COUNT, count),
+                (Delivery::VT_EXCHANGE, exchange),
+                (Delivery::VT_ROUTING_KEY, routing_key),
+                (Delivery::VT_MESSAGE, message),
+            ],
+        ),
+    }
+}
+
+const DELIVERY_SHAPE: [DeliveryShape; DELIVERY_SHAPES] = {
+    let mut shapes = [delivery_shape(0); DELIVERY_SHAPES];
+    let mut i = 0;
+    while i < DELIVERY_SHAPES {
+        shapes[i] = delivery_shape(i);
+        // A table at 8n + 4 * phase has its ulong on a multiple of 8.
+        assert!((shapes[i].tag + 4 * (i >> 3)).is_multiple_of(8));
+        assert!(shapes[i].count.is_multiple_of(4) && shapes[i].bytes <= 32);
+        i += 1;
+    }
+    shapes
+};
 
 // What the layout relies on, checked at compile time.
 const _: () = {
     assert!(FRAME_TABLE.is_multiple_of(U32) && DELIVER_TABLE.is_multiple_of(U32));
     assert!(FRAME_VT.is_multiple_of(2) && DELIVER_VT.is_multiple_of(2));
     assert!(DELIVERY_VT_LEN.is_multiple_of(2));
-    // A Delivery's table starts DELIVERY_VT_LEN after its (2-aligned) vtable, at a multiple of 8,
-    // so its ulong at DELIVERY_TAG is 8-aligned.
-    assert!(DELIVERY_TAG.is_multiple_of(8) && DELIVERY_COUNT.is_multiple_of(4));
-    assert!(DELIVERY_EXCHANGE.is_multiple_of(4) && DELIVERY_ROUTING_KEY.is_multiple_of(4));
-    assert!(DELIVERY_MESSAGE.is_multiple_of(4) && DELIVERY_REDELIVERED < DELIVERY_TABLE_LEN);
 };
 
 /// Where a string of `len` bytes starting at `at` ends, padded so the next object is 4-aligned:
@@ -191,6 +233,8 @@ struct DeliveryLayout {
     /// The vtable is written right before the table (the first delivery of its shape).
     own_vtable: bool,
     table: usize,
+    /// Index into `DELIVERY_SHAPE`.
+    shape: usize,
     /// Absent (0) when the name is empty.
     exchange: usize,
     routing_key: usize,
@@ -198,39 +242,46 @@ struct DeliveryLayout {
     message: usize,
 }
 
-/// Lays deliveries out one after another. Deliveries of one shape (which names are present)
-/// share one vtable, as the builder shares identical vtables: 16 bytes a delivery otherwise.
-/// Every pass over the items (checking, the offsets vector, writing) walks them alike.
+/// Lays deliveries out one after another. Deliveries of one shape share one vtable, as the
+/// builder shares identical vtables: 16 bytes a delivery otherwise. Every pass over the items
+/// (checking, the offsets vector, writing) walks them alike.
 #[derive(Debug, Clone, Copy)]
 struct Walk {
     /// Just past the previous delivery's message (or the offsets vector, before the first).
     at: usize,
-    /// By shape (`exchange present | routing_key present << 1`): where its vtable is, 0 before
-    /// the first delivery of that shape.
-    vtables: [usize; 4],
+    /// By shape: where its vtable is, 0 before the first delivery of that shape.
+    vtables: [usize; DELIVERY_SHAPES],
 }
 
 impl Walk {
     fn from(at: usize) -> Self {
         Walk {
             at,
-            vtables: [0; 4],
+            vtables: [0; DELIVERY_SHAPES],
         }
     }
 
     /// The layout of `item`, placed at the first suitably aligned position after the previous.
     fn next(&mut self, item: &DeliveryItem<'_>) -> DeliveryLayout {
-        let shape =
-            usize::from(!item.exchange.is_empty()) | usize::from(!item.routing_key.is_empty()) << 1;
-        let own_vtable = self.vtables[shape] == 0;
-        let table = if own_vtable {
-            let table = align_up(self.at + DELIVERY_VT_LEN, DELIVERY_ALIGN);
-            self.vtables[shape] = table - DELIVERY_VT_LEN;
-            table
+        let fields = usize::from(!item.exchange.is_empty())
+            | usize::from(!item.routing_key.is_empty()) << 1
+            | usize::from(item.redelivered) << 2;
+        let shape_at = |table: usize| fields | (table % 8 / 4) << 3;
+        let table = align_up(self.at, U32);
+        let shared = self.vtables[shape_at(table)];
+        let (vtable, own_vtable, table) = if shared != 0 {
+            (shared, false, table)
         } else {
-            align_up(self.at, DELIVERY_ALIGN)
+            let vtable = align_up(self.at, 2);
+            let table = align_up(vtable + DELIVERY_VT_LEN, U32);
+            let slot = &mut self.vtables[shape_at(table)];
+            if *slot == 0 {
+                *slot = vtable;
+            }
+            (vtable, true, table)
         };
-        let mut next = table + DELIVERY_TABLE_BYTES;
+        let shape = shape_at(table);
+        let mut next = table + DELIVERY_SHAPE[shape].bytes;
         let mut string = |s: &str| {
             if s.is_empty() {
                 return 0;
@@ -244,9 +295,10 @@ impl Walk {
         let message = align_up(next + U32, MESSAGE_ALIGN) - U32;
         self.at = message + U32 + item.message.len();
         DeliveryLayout {
-            vtable: self.vtables[shape],
+            vtable,
             own_vtable,
             table,
+            shape,
             exchange,
             routing_key,
             message,
@@ -394,33 +446,28 @@ impl Writer<'_> {
     }
 
     fn delivery(&mut self, layout: &DeliveryLayout, item: &DeliveryItem<'_>) {
-        let mut vt = DELIVERY_VTABLE;
-        let mut table = [0u8; DELIVERY_TABLE_BYTES];
+        let shape = &DELIVERY_SHAPE[layout.shape];
+        let mut table = [0u8; 32];
         put_u32(&mut table, 0, (layout.table - layout.vtable) as u32);
-        put_u32(&mut table, DELIVERY_COUNT, item.delivery_count);
-        table[DELIVERY_TAG..DELIVERY_TAG + 8].copy_from_slice(&item.delivery_tag.to_le_bytes());
-        let mut offset = |slot: VOffsetT, field: usize, target: usize| {
-            if target == 0 {
-                let slot = slot as usize;
-                vt[slot..slot + 2].copy_from_slice(&0u16.to_le_bytes());
-            } else {
+        put_u32(&mut table, shape.count, item.delivery_count);
+        table[shape.tag..shape.tag + 8].copy_from_slice(&item.delivery_tag.to_le_bytes());
+        let mut offset = |field: usize, target: usize| {
+            if field != 0 {
                 put_u32(&mut table, field, (target - (layout.table + field)) as u32);
             }
         };
-        offset(Delivery::VT_EXCHANGE, DELIVERY_EXCHANGE, layout.exchange);
-        offset(
-            Delivery::VT_ROUTING_KEY,
-            DELIVERY_ROUTING_KEY,
-            layout.routing_key,
-        );
-        offset(Delivery::VT_MESSAGE, DELIVERY_MESSAGE, layout.message);
-        table[DELIVERY_REDELIVERED] = u8::from(item.redelivered);
+        offset(shape.exchange, layout.exchange);
+        offset(shape.routing_key, layout.routing_key);
+        offset(shape.message, layout.message);
+        if shape.redelivered != 0 {
+            table[shape.redelivered] = 1;
+        }
         if layout.own_vtable {
             self.fill_to(layout.vtable);
-            self.out.put_slice(&vt);
+            self.out.put_slice(&shape.vtable);
         }
         self.fill_to(layout.table);
-        self.out.put_slice(&table);
+        self.out.put_slice(&table[..shape.bytes]);
         if layout.exchange != 0 {
             self.string(item.exchange);
         }
