@@ -20,7 +20,7 @@
 //!    `ops::journal`, `ops::collect_pushes` (nothing yet: the message is held for its commit),
 //!    the removed-queue check, the reply held for the commit.
 //! 3. The commit: the journal's own committer (`Journal::run_committer`) writes the round (to a
-//!    directory that drops the bytes: `NullDir`), then the commit wait the worker spawns runs:
+//!    directory that drops the bytes: `NullDir`), then the confirmer (`shard::confirmer`) runs:
 //!    `resolve_commits` (`pending_rounds_through`, `commit_round`, `QueueHost::commit_resolved`),
 //!    `dispatch_owed` (an empty `Op::Settle` of the shard's own, executed by the worker: that
 //!    dispatches the `Deliver` push), cooling, and the `Published` reply
@@ -41,8 +41,11 @@
 //! mesh hop (none: one shard), the client (its encoding and decoding run outside the counted
 //! part: `broker_turn` is the only function whose cost `callgrind.sh` collects), and what the
 //! shard runs on timers (expiry, reclaim, housekeeping). The clock is read where the shell reads
-//! it. Each message takes its own connection turns, worker rounds and commits (nothing is
-//! coalesced across messages): the per-message idiom at its least batched.
+//! it. By default each message takes its own connection turns, worker rounds and commits
+//! (nothing is coalesced across messages): the per-message idiom at its least batched. With
+//! `WEIR_BENCH_WINDOW=K`, K messages (still one publish frame and one ack frame each) arrive
+//! together, as from a producer with K unconfirmed: they share connection turns and commits, as
+//! they do in the running broker under a pipelined load.
 //!
 //! Kept in step with `src/shard/worker.rs`, `src/shard/staging.rs`, `src/shard/mod.rs` and
 //! `src/net/connection.rs` by hand: when they change what runs per message, change `Shard`
@@ -54,7 +57,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
@@ -72,6 +75,7 @@ use weir::broker::host::{HostLimits, QueueHost};
 use weir::broker::ops::{self, JournalSink};
 use weir::broker::orphan_bindings;
 use weir::broker::rebuild::Rebuild;
+use weir::broker::routing::hash::FastMap;
 use weir::broker::stored::{Cache, Liveness, Stored};
 use weir::limits::Limits;
 use weir::mesh::msg::{Op, PublishItem, Pushed, Reply};
@@ -353,7 +357,7 @@ struct Shard {
     liveness: Rc<Liveness>,
     held: RefCell<HeldReplies>,
     routing: Rc<RoutingCopy>,
-    connections: RefCell<HashMap<u64, Rc<Conn>>>,
+    connections: RefCell<FastMap<u64, Rc<Conn>>>,
     work: RefCell<VecDeque<(usize, MeshMsg)>>,
     work_bytes: Cell<usize>,
     commit_waits: RefCell<VecDeque<CommitWait>>,
@@ -395,7 +399,7 @@ impl Shard {
             liveness,
             held: RefCell::new(HeldReplies::default()),
             routing,
-            connections: RefCell::new(HashMap::new()),
+            connections: RefCell::new(FastMap::default()),
             work: RefCell::new(VecDeque::new()),
             work_bytes: Cell::new(0),
             commit_waits: RefCell::new(VecDeque::new()),
@@ -642,37 +646,57 @@ impl Shard {
         });
     }
 
-    /// The committer runs until it waits for records, then every commit wait whose commit has
-    /// finished runs (the detached task of `ShardState::execute`).
+    /// The committer runs until the oldest waiting request's commit has finished, then every
+    /// request whose commit has finished is answered with one resolution of their rounds (the
+    /// confirmer, `shard::confirmer`).
     fn commit_turn(&self) -> bool {
-        let mut progress = false;
-        loop {
-            let Some(w) = self.commit_waits.borrow_mut().pop_front() else {
-                break;
-            };
-            progress = true;
-            let appended = w.appended;
-            let mut result = pin!(self.journal.commit(&appended));
-            let result = loop {
-                if let Poll::Ready(r) = poll_once(result.as_mut()) {
-                    break r;
-                }
-                assert!(poll_once(self.committer.borrow_mut().as_mut()).is_pending());
-            };
-            self.commit_done(w, result);
+        let Some(oldest) = self.commit_waits.borrow().front().map(|w| w.appended) else {
+            return false;
+        };
+        let mut wait = pin!(self.journal.commit(&oldest));
+        while poll_once(wait.as_mut()).is_pending() {
+            assert!(poll_once(self.committer.borrow_mut().as_mut()).is_pending());
         }
-        progress
+        let mut batch = Vec::new();
+        while let Some(w) = {
+            let mut waits = self.commit_waits.borrow_mut();
+            let finished = waits
+                .front()
+                .is_some_and(|w| self.journal.round_finished(w.appended.commit));
+            if finished {
+                waits.pop_front()
+            } else {
+                None
+            }
+        } {
+            batch.push(w);
+        }
+        let newest = batch.last().expect("the oldest finished").appended.commit;
+        let rounds: Vec<Option<CommitId>> = batch
+            .iter()
+            .flat_map(|w| w.rounds.iter().copied())
+            .collect();
+        let outcomes = self.resolve_commits(newest, &rounds);
+        for w in batch {
+            let result = ready(self.journal.commit_round(w.appended.commit));
+            self.commit_done(w, result, &outcomes);
+        }
+        true
     }
 
-    fn commit_done(&self, w: CommitWait, result: Result<(), StorageError>) {
-        let outcomes = self.resolve_commits(w.appended.commit, &w.rounds);
+    fn commit_done(
+        &self,
+        w: CommitWait,
+        result: Result<(), StorageError>,
+        outcomes: &BTreeMap<CommitId, Result<(), Refusal>>,
+    ) {
         if result.is_ok() {
             w.written.cool_over_budget(&mut self.host.borrow_mut());
         }
         if let Some(reply) = w.waiting {
             let reply = match (reply, result) {
                 (Reply::Published(published), _) => {
-                    Reply::Published(durability::published(published, &w.rounds, &outcomes))
+                    Reply::Published(durability::published(published, &w.rounds, outcomes))
                 }
                 (reply, Ok(())) => reply,
                 (reply, Err(e)) => durability::not_durable(reply, durability::storage_refusal(e)),
@@ -913,20 +937,26 @@ impl Run {
         written
     }
 
-    /// One message: published, confirmed, delivered, acked.
-    fn message(&mut self) {
+    /// `window` messages, each its own publish frame, arriving together (a producer with that
+    /// many unconfirmed): published, confirmed, delivered; then each delivery acked in its own
+    /// frame, the acks arriving together. A window of 1 is one message at a time.
+    fn messages(&mut self, window: u64) {
         let entry = self.shard.conn(self.conn);
-        self.client.publish(&mut entry.rx.borrow_mut());
+        for _ in 0..window {
+            self.client.publish(&mut entry.rx.borrow_mut());
+        }
         let written = self.turn(&entry);
         let tags = self.client.read(written);
         assert_eq!(
-            tags.len(),
-            1,
+            tags.len() as u64,
+            window,
             "each message is delivered once, after its commit"
         );
-        self.client.ack(&mut entry.rx.borrow_mut(), tags[0]);
+        for tag in tags {
+            self.client.ack(&mut entry.rx.borrow_mut(), tag);
+        }
         let written = self.turn(&entry);
-        self.acked += 1;
+        self.acked += window;
         assert!(
             self.client.read(written).is_empty(),
             "an unasked ack is not answered"
@@ -949,6 +979,15 @@ impl Run {
     }
 }
 
+/// Messages in flight together (`WEIR_BENCH_WINDOW`, default 1: one at a time).
+fn window() -> u64 {
+    std::env::var("WEIR_BENCH_WINDOW")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .filter(|&w| w > 0)
+        .unwrap_or(1)
+}
+
 fn messages_to_run() -> u64 {
     std::env::args()
         .skip(1)
@@ -959,14 +998,19 @@ fn messages_to_run() -> u64 {
 
 fn main() {
     let n = messages_to_run();
+    let window = window();
+    assert!(
+        n.is_multiple_of(window) && WARM_UP.is_multiple_of(window),
+        "WEIR_BENCH_WINDOW must divide {WARM_UP} and the message count"
+    );
     let mut run = Run::new();
-    for _ in 0..WARM_UP {
-        run.message();
+    for _ in 0..WARM_UP / window {
+        run.messages(window);
     }
     let allocs_before = run.broker_allocs;
     let start = Instant::now();
-    for _ in 0..n {
-        run.message();
+    for _ in 0..n / window {
+        run.messages(window);
     }
     let elapsed = start.elapsed();
     let allocs = run.broker_allocs - allocs_before;
@@ -989,7 +1033,7 @@ fn main() {
     let per = |x: f64| x / n as f64;
     println!(
         "per_message: {n} messages of {BODY_BYTES} B (after {WARM_UP} of warm-up), one shard, \
-         fsync = always, one publish + one ack frame each: {:.0} ns/message, \
+         fsync = always, one publish + one ack frame each, {window} at a time: {:.0} ns/message, \
          {:.1} broker heap allocations/message, {:.2} commits/message",
         per(elapsed.as_nanos() as f64),
         per(allocs as f64),

@@ -150,14 +150,12 @@ pub async fn run(setup: ShardSetup) {
         control_waits: RefCell::new(ControlWaits::default()),
         read_backs,
     });
-    let mut tasks = Vec::new();
-    tasks.push(rt::spawn(worker::work_forever(state.clone(), work_waiter)));
-    tasks.push(rt::spawn(confirmer::confirm_forever(
-        state.clone(),
-        confirm_waiter,
-    )));
-    tasks.push(rt::spawn(housekeeping::reclaim_forever(state.clone())));
-    tasks.push(rt::spawn(housekeeping::expire_forever(state.clone())));
+    let mut tasks = vec![
+        rt::spawn(worker::work_forever(state.clone(), work_waiter)),
+        rt::spawn(confirmer::confirm_forever(state.clone(), confirm_waiter)),
+        rt::spawn(housekeeping::reclaim_forever(state.clone())),
+        rt::spawn(housekeeping::expire_forever(state.clone())),
+    ];
     let flusher = state.clone();
     tasks.push(rt::spawn(async move {
         let sent = || flusher.room_made();

@@ -12,10 +12,10 @@ use std::hash::{BuildHasher, Hasher};
 /// A map on the data path keyed by numbers or names a client chose (request ids, publish
 /// sequences, delivery sequences, connections): the seeded hash, several times cheaper than
 /// SipHash on short keys, and as safe against keys aimed at one bucket (the seed is random).
-pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, Seeded>;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, Seeded>;
 
 #[derive(Clone, Debug)]
-pub(crate) struct Seeded {
+pub struct Seeded {
     seed: u64,
 }
 
@@ -34,7 +34,7 @@ impl BuildHasher for Seeded {
     }
 }
 
-pub(crate) struct SeededHasher {
+pub struct SeededHasher {
     state: u64,
 }
 

@@ -13,7 +13,7 @@
 mod change;
 mod decl;
 mod error;
-pub(crate) mod hash;
+pub mod hash;
 mod intern;
 mod matcher;
 mod table;
