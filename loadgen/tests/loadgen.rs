@@ -36,6 +36,23 @@ fn results(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("results.json is JSON")
 }
 
+/// Runs `scenario` against a spawned debug broker, its report to `out_dir`, to the end.
+fn run_spawned(scenario: &Path, out_dir: &Path) -> Output {
+    let child = loadgen()
+        .arg("--scenario")
+        .arg(scenario)
+        .arg("--spawn-broker")
+        .arg("--weir-bin")
+        .arg(weir_testkit::weir_binary())
+        .arg("--out")
+        .arg(out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start weir-loadgen");
+    wait(Running(Some(child)))
+}
+
 fn show(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -110,19 +127,7 @@ rate = 0
 "#,
     );
     let out_dir = dir.path().join("out");
-    let child = loadgen()
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--spawn-broker")
-        .arg("--weir-bin")
-        .arg(weir_testkit::weir_binary())
-        .arg("--out")
-        .arg(&out_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start weir-loadgen");
-    let out = wait(Running(Some(child)));
+    let out = run_spawned(&scenario, &out_dir);
     assert!(out.status.success(), "{}", show(&out));
     let r = results(&out_dir);
     let steady = &r["phases"][0];
@@ -449,19 +454,7 @@ drain_timeout_s = 45
 "#,
     );
     let out_dir = dir.path().join("out");
-    let child = loadgen()
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--spawn-broker")
-        .arg("--weir-bin")
-        .arg(weir_testkit::weir_binary())
-        .arg("--out")
-        .arg(&out_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start weir-loadgen");
-    let out = wait(Running(Some(child)));
+    let out = run_spawned(&scenario, &out_dir);
     assert!(out.status.success(), "{}", show(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("raw O_DIRECT read  "), "{}", show(&out));
@@ -545,19 +538,7 @@ duration_s = 1
 "#,
     );
     let out_dir = dir.path().join("out");
-    let child = loadgen()
-        .arg("--scenario")
-        .arg(&scenario)
-        .arg("--spawn-broker")
-        .arg("--weir-bin")
-        .arg(weir_testkit::weir_binary())
-        .arg("--out")
-        .arg(&out_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start weir-loadgen");
-    let out = wait(Running(Some(child)));
+    let out = run_spawned(&scenario, &out_dir);
     assert!(out.status.success(), "{}", show(&out));
     let r = results(&out_dir);
     assert_eq!(r["settings"]["idiom"], "per-message");
