@@ -38,6 +38,25 @@ async fn take(consumer: &mut Consumer, n: usize) -> (Vec<Delivery>, usize) {
     (all, largest)
 }
 
+/// `n` confirmed messages on queue `name`, delivered to one consumer (prefetch 10) and held.
+async fn held(client: &Client, name: &str, n: usize) -> (Consumer, Vec<Delivery>) {
+    within("declare", client.declare(name, QueueOptions::default()))
+        .await
+        .expect("declare");
+    let messages = (0..n).map(|i| Message::new(format!("{name} {i}")));
+    let futures = within("publish", client.publish_batch(name, messages))
+        .await
+        .expect("queued");
+    for f in futures {
+        within("confirm", f).await.expect("confirmed");
+    }
+    let mut consumer = within("consume", client.consume(name, prefetch(10)))
+        .await
+        .expect("consume");
+    let (d, _) = take(&mut consumer, n).await;
+    (consumer, d)
+}
+
 fn body_str(d: &Delivery) -> String {
     String::from_utf8_lossy(d.body()).into_owned()
 }
@@ -147,22 +166,7 @@ async fn per_delivery_acks_whose_futures_are_dropped_merge_into_few_frames_that_
 async fn awaited_acks_each_get_their_own_answer_even_when_merged_with_a_bad_one() {
     let broker = Broker::start("coalesce-exact", &[]);
     let client = broker.client().await;
-    within("declare", client.declare("exact", QueueOptions::default()))
-        .await
-        .expect("declare");
-    let futures = within(
-        "publish",
-        client.publish_batch("exact", (0..6).map(|i| Message::new(format!("e {i}")))),
-    )
-    .await
-    .expect("queued");
-    for f in futures {
-        within("confirm", f).await.expect("confirmed");
-    }
-    let mut consumer = within("consume", client.consume("exact", prefetch(10)))
-        .await
-        .expect("consume");
-    let (d, _) = take(&mut consumer, 6).await;
+    let (_consumer, d) = held(&client, "exact", 6).await;
 
     // One at a time: resolves once the broker says the ack is durable.
     within("ack", d[0].ack()).await.expect("acked");
@@ -338,22 +342,7 @@ async fn recv_many_takes_every_delivery_already_arrived_then_the_ending_error() 
 async fn a_stale_ack_nobody_awaits_does_not_keep_the_good_ones_queued_with_it_from_settling() {
     let broker = Broker::start("coalesce-stale", &[]);
     let client = broker.client().await;
-    within("declare", client.declare("stale", QueueOptions::default()))
-        .await
-        .expect("declare");
-    let futures = within(
-        "publish",
-        client.publish_batch("stale", (0..5).map(|i| Message::new(format!("s {i}")))),
-    )
-    .await
-    .expect("queued");
-    for f in futures {
-        within("confirm", f).await.expect("confirmed");
-    }
-    let mut consumer = within("consume", client.consume("stale", prefetch(10)))
-        .await
-        .expect("consume");
-    let (d, _) = take(&mut consumer, 5).await;
+    let (_consumer, d) = held(&client, "stale", 5).await;
     within("ack", d[0].ack()).await.expect("acked");
     within("ack", d[1].ack()).await.expect("acked");
 
