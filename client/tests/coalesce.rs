@@ -38,8 +38,8 @@ async fn take(consumer: &mut Consumer, n: usize) -> (Vec<Delivery>, usize) {
     (all, largest)
 }
 
-/// `n` confirmed messages on queue `name`, delivered to one consumer (prefetch 10) and held.
-async fn held(client: &Client, name: &str, n: usize) -> (Consumer, Vec<Delivery>) {
+/// Declares queue `name` and publishes `n` messages to it ("NAME 0", "NAME 1", ...), confirmed.
+async fn publish_confirmed(client: &Client, name: &str, n: usize) {
     within("declare", client.declare(name, QueueOptions::default()))
         .await
         .expect("declare");
@@ -50,7 +50,17 @@ async fn held(client: &Client, name: &str, n: usize) -> (Consumer, Vec<Delivery>
     for f in futures {
         within("confirm", f).await.expect("confirmed");
     }
-    let mut consumer = within("consume", client.consume(name, prefetch(10)))
+}
+
+/// `n` confirmed messages on queue `name`, delivered to one consumer with `prefetch` and held.
+async fn held(
+    client: &Client,
+    name: &str,
+    n: usize,
+    prefetch_max: u32,
+) -> (Consumer, Vec<Delivery>) {
+    publish_confirmed(client, name, n).await;
+    let mut consumer = within("consume", client.consume(name, prefetch(prefetch_max)))
         .await
         .expect("consume");
     let (d, _) = take(&mut consumer, n).await;
@@ -127,22 +137,7 @@ async fn per_delivery_acks_whose_futures_are_dropped_merge_into_few_frames_that_
     const N: usize = 1000;
     let broker = Broker::start("coalesce-ack", &[]);
     let client = broker.client().await;
-    within("declare", client.declare("acks", QueueOptions::default()))
-        .await
-        .expect("declare");
-    let futures = within(
-        "publish",
-        client.publish_batch("acks", (0..N).map(|i| Message::new(format!("a {i}")))),
-    )
-    .await
-    .expect("queued");
-    for f in futures {
-        within("confirm", f).await.expect("confirmed");
-    }
-    let mut consumer = within("consume", client.consume("acks", prefetch(N as u32)))
-        .await
-        .expect("consume");
-    let (deliveries, _) = take(&mut consumer, N).await;
+    let (_consumer, deliveries) = held(&client, "acks", N, N as u32).await;
 
     let (frames, answers) = (client.frames_sent(), client.answers_asked());
     for d in &deliveries {
@@ -166,7 +161,7 @@ async fn per_delivery_acks_whose_futures_are_dropped_merge_into_few_frames_that_
 async fn awaited_acks_each_get_their_own_answer_even_when_merged_with_a_bad_one() {
     let broker = Broker::start("coalesce-exact", &[]);
     let client = broker.client().await;
-    let (_consumer, d) = held(&client, "exact", 6).await;
+    let (_consumer, d) = held(&client, "exact", 6, 10).await;
 
     // One at a time: resolves once the broker says the ack is durable.
     within("ack", d[0].ack()).await.expect("acked");
@@ -276,18 +271,7 @@ async fn recv_many_takes_every_delivery_already_arrived_then_the_ending_error() 
     const N: usize = 50;
     let broker = Broker::start("coalesce-recv-many", &[]);
     let client = broker.client().await;
-    within("declare", client.declare("many", QueueOptions::default()))
-        .await
-        .expect("declare");
-    let futures = within(
-        "publish",
-        client.publish_batch("many", (0..N).map(|i| Message::new(format!("r {i}")))),
-    )
-    .await
-    .expect("queued");
-    for f in futures {
-        within("confirm", f).await.expect("confirmed");
-    }
+    publish_confirmed(&client, "many", N).await;
     let mut consumer = within("consume", client.consume("many", prefetch(100)))
         .await
         .expect("consume");
@@ -311,7 +295,7 @@ async fn recv_many_takes_every_delivery_already_arrived_then_the_ending_error() 
         .expect("deliveries");
     assert_eq!(got, N, "every delivery already arrived, in one call");
     let bodies: Vec<String> = buf.iter().map(body_str).collect();
-    let want: Vec<String> = (0..N).map(|i| format!("r {i}")).collect();
+    let want: Vec<String> = (0..N).map(|i| format!("many {i}")).collect();
     assert_eq!(bodies, want);
     // A limit is a limit.
     assert_eq!(
@@ -342,7 +326,7 @@ async fn recv_many_takes_every_delivery_already_arrived_then_the_ending_error() 
 async fn a_stale_ack_nobody_awaits_does_not_keep_the_good_ones_queued_with_it_from_settling() {
     let broker = Broker::start("coalesce-stale", &[]);
     let client = broker.client().await;
-    let (_consumer, d) = held(&client, "stale", 5).await;
+    let (_consumer, d) = held(&client, "stale", 5, 10).await;
     within("ack", d[0].ack()).await.expect("acked");
     within("ack", d[1].ack()).await.expect("acked");
 

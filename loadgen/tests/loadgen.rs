@@ -36,6 +36,15 @@ fn results(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("results.json is JSON")
 }
 
+/// Runs `cmd`, which must be refused before any load (exit code 2); returns its output and
+/// standard error.
+fn refused(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().expect("run weir-loadgen");
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 /// Runs `scenario` against a spawned debug broker, its report to `out_dir`, to the end.
 fn run_spawned(scenario: &Path, out_dir: &Path) -> Output {
     let child = loadgen()
@@ -404,13 +413,9 @@ fn an_invalid_scenario_file_is_refused_with_the_key_and_the_reason() {
         "producers = 1\n[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n\
          [[phases]]\nname = \"b\"\nduration_s = 1\nrate = -5\n",
     );
-    let out = loadgen()
-        .arg("--scenario")
-        .arg(&bad)
-        .output()
-        .expect("run weir-loadgen");
-    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = loadgen();
+    cmd.arg("--scenario").arg(&bad);
+    let (out, stderr) = refused(&mut cmd);
     assert!(
         stderr.contains("scenario bad.toml: phases[1].rate: must be >= 0 (got -5)"),
         "{}",
@@ -422,13 +427,9 @@ fn an_invalid_scenario_file_is_refused_with_the_key_and_the_reason() {
         "unknown.toml",
         "producers = 1\nconsumer_rat = 10\n[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n",
     );
-    let out = loadgen()
-        .arg("--scenario")
-        .arg(&unknown)
-        .output()
-        .expect("run weir-loadgen");
-    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = loadgen();
+    cmd.arg("--scenario").arg(&unknown);
+    let (out, stderr) = refused(&mut cmd);
     assert!(
         stderr.contains("unknown.toml") && stderr.contains("unknown field `consumer_rat`"),
         "{}",
@@ -505,12 +506,9 @@ drain_timeout_s = 45
 
 #[test]
 fn drain_after_restart_is_refused_without_spawn_broker() {
-    let out = loadgen()
-        .args(["--scenario", "drain-after-restart", "--addr", "127.0.0.1:1"])
-        .output()
-        .expect("run weir-loadgen");
-    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = loadgen();
+    cmd.args(["--scenario", "drain-after-restart", "--addr", "127.0.0.1:1"]);
+    let (out, stderr) = refused(&mut cmd);
     assert!(
         stderr.contains("drain-after-restart") && stderr.contains("only with --spawn-broker"),
         "{}",
@@ -565,14 +563,9 @@ duration_s = 1
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("idiom per-message"), "{}", show(&out));
 
-    let out = loadgen()
-        .arg("--scenario")
-        .arg(&scenario)
-        .args(["--batch", "8"])
-        .output()
-        .expect("run weir-loadgen");
-    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut cmd = loadgen();
+    cmd.arg("--scenario").arg(&scenario).args(["--batch", "8"]);
+    let (out, stderr) = refused(&mut cmd);
     assert!(
         stderr.contains("idiom: \"per-message\"") && stderr.contains("batch must be 1 (got 8)"),
         "{}",
