@@ -69,6 +69,8 @@ fn arguments() -> QueueArgumentsT {
         shard: Some(1),
         priority_max: 9,
         expires_ms: Some(3_600_000),
+        single_active_consumer: true,
+        retry_delays_ms: Some(vec![1_000, 5_000, 30_000]),
     }
 }
 
@@ -86,6 +88,9 @@ fn queue_info(name: &str) -> QueueInfoT {
         bytes_ready: 1 << 33,
         consumers: 4,
         oldest_ready_age_ms: Some(1_500),
+        messages_retrying: 2,
+        expires_in_ms: Some(60_000),
+        active_consumer: s("worker-1"),
     }
 }
 
@@ -97,6 +102,15 @@ fn delivery(tag: u64) -> DeliveryT {
         exchange: s("orders"),
         routing_key: s("orders.eu.created"),
         message: message_bytes(100),
+        deaths: Some(vec![DeathT {
+            queue: s("orders.work"),
+            reason: DeathReason::Expired,
+            count: 3,
+            exchange: s("orders"),
+            routing_key: s("orders.eu.created"),
+            first_time_ms: 1_700_000_000_000,
+            last_time_ms: 1_700_000_060_000,
+        }]),
     }
 }
 
@@ -267,6 +281,7 @@ pub fn bodies() -> Vec<BodyT> {
             prefetch: 64,
             auto_ack: true,
             exclusive: true,
+            priority: -3,
         })),
         BodyT::ConsumeOk(Box::new(ConsumeOkT {
             consumer_tag: s("worker-1"),
@@ -292,10 +307,12 @@ pub fn bodies() -> Vec<BodyT> {
         BodyT::Nack(Box::new(NackT {
             ranges: ranges(),
             requeue: false,
+            delay_ms: Some(5_000),
         })),
         BodyT::Reject(Box::new(RejectT {
             delivery_tag: 43,
             requeue: false,
+            delay_ms: Some(1_000),
         })),
         BodyT::Get(Box::new(GetT {
             queue: "orders".into(),

@@ -16,7 +16,7 @@ pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 pub const ENUM_MAX_ERROR_CODE: u16 = 99;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
   ErrorCode::None,
   ErrorCode::ProtocolVersion,
   ErrorCode::MalformedFrame,
@@ -39,6 +39,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
   ErrorCode::NoRoute,
   ErrorCode::Deleted,
   ErrorCode::StorageFailed,
+  ErrorCode::SequenceOutOfWindow,
   ErrorCode::Internal,
 ];
 
@@ -96,6 +97,9 @@ impl ErrorCode {
   pub const Deleted: Self = Self(33);
   /// The broker could not make the message durable (I/O error); it was not stored.
   pub const StorageFailed: Self = Self(34);
+  /// An idempotent producer re-sent a sequence older than the broker's window for it: the broker
+  /// cannot tell a duplicate from a new message, so it refuses it rather than store it twice.
+  pub const SequenceOutOfWindow: Self = Self(35);
   /// A bug or an unexpected state in the broker; the message says what.
   pub const Internal: Self = Self(99);
 
@@ -124,6 +128,7 @@ impl ErrorCode {
     Self::NoRoute,
     Self::Deleted,
     Self::StorageFailed,
+    Self::SequenceOutOfWindow,
     Self::Internal,
   ];
   /// Returns the variant's name or "" if unknown.
@@ -151,6 +156,7 @@ impl ErrorCode {
       Self::NoRoute => Some("NoRoute"),
       Self::Deleted => Some("Deleted"),
       Self::StorageFailed => Some("StorageFailed"),
+      Self::SequenceOutOfWindow => Some("SequenceOutOfWindow"),
       Self::Internal => Some("Internal"),
       _ => None,
     }
@@ -481,6 +487,108 @@ impl<'a> ::flatbuffers::Verifiable for ExchangeKind {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for ExchangeKind {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_DEATH_REASON: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_DEATH_REASON: u8 = 4;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_DEATH_REASON: [DeathReason; 5] = [
+  DeathReason::Rejected,
+  DeathReason::Expired,
+  DeathReason::MaxLength,
+  DeathReason::DeliveryLimit,
+  DeathReason::RetriesExhausted,
+];
+
+/// Why a message was dead-lettered.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct DeathReason(pub u8);
+#[allow(non_upper_case_globals)]
+impl DeathReason {
+  /// Nacked or rejected without requeue.
+  pub const Rejected: Self = Self(0);
+  /// Its time to live ran out.
+  pub const Expired: Self = Self(1);
+  /// Dropped from the head by `max_length` or `max_length_bytes`.
+  pub const MaxLength: Self = Self(2);
+  /// Delivered `max_deliveries` times without an ack.
+  pub const DeliveryLimit: Self = Self(3);
+  /// Failed after the last of the queue's `retry_delays_ms`.
+  pub const RetriesExhausted: Self = Self(4);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Rejected,
+    Self::Expired,
+    Self::MaxLength,
+    Self::DeliveryLimit,
+    Self::RetriesExhausted,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Rejected => Some("Rejected"),
+      Self::Expired => Some("Expired"),
+      Self::MaxLength => Some("MaxLength"),
+      Self::DeliveryLimit => Some("DeliveryLimit"),
+      Self::RetriesExhausted => Some("RetriesExhausted"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for DeathReason {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for DeathReason {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for DeathReason {
+    type Output = DeathReason;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for DeathReason {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for DeathReason {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for DeathReason {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
@@ -4282,6 +4390,8 @@ impl<'a> QueueArguments<'a> {
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 18;
   pub const VT_PRIORITY_MAX: ::flatbuffers::VOffsetT = 20;
   pub const VT_EXPIRES_MS: ::flatbuffers::VOffsetT = 22;
+  pub const VT_SINGLE_ACTIVE_CONSUMER: ::flatbuffers::VOffsetT = 24;
+  pub const VT_RETRY_DELAYS_MS: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4295,12 +4405,14 @@ impl<'a> QueueArguments<'a> {
     let mut builder = QueueArgumentsBuilder::new(_fbb);
     if let Some(x) = args.max_length_bytes { builder.add_max_length_bytes(x); }
     if let Some(x) = args.max_length { builder.add_max_length(x); }
+    if let Some(x) = args.retry_delays_ms { builder.add_retry_delays_ms(x); }
     if let Some(x) = args.expires_ms { builder.add_expires_ms(x); }
     if let Some(x) = args.max_deliveries { builder.add_max_deliveries(x); }
     if let Some(x) = args.dead_letter_routing_key { builder.add_dead_letter_routing_key(x); }
     if let Some(x) = args.dead_letter_exchange { builder.add_dead_letter_exchange(x); }
     if let Some(x) = args.message_ttl_ms { builder.add_message_ttl_ms(x); }
     if let Some(x) = args.shard { builder.add_shard(x); }
+    builder.add_single_active_consumer(args.single_active_consumer);
     builder.add_priority_max(args.priority_max);
     builder.add_overflow(args.overflow);
     builder.finish()
@@ -4321,6 +4433,10 @@ impl<'a> QueueArguments<'a> {
     let shard = self.shard();
     let priority_max = self.priority_max();
     let expires_ms = self.expires_ms();
+    let single_active_consumer = self.single_active_consumer();
+    let retry_delays_ms = self.retry_delays_ms().map(|x| {
+      x.into_iter().collect()
+    });
     QueueArgumentsT {
       max_length,
       max_length_bytes,
@@ -4332,6 +4448,8 @@ impl<'a> QueueArguments<'a> {
       shard,
       priority_max,
       expires_ms,
+      single_active_consumer,
+      retry_delays_ms,
     }
   }
 
@@ -4417,6 +4535,25 @@ impl<'a> QueueArguments<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(QueueArguments::VT_EXPIRES_MS, None)}
   }
+  /// Only one consumer receives at a time (the earliest attached, or the highest `priority`); the
+  /// others wait and the next takes over, in order, when it goes.
+  #[inline]
+  pub fn single_active_consumer(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(QueueArguments::VT_SINGLE_ACTIVE_CONSUMER, Some(false)).unwrap()}
+  }
+  /// Retry policy: a delivery nacked with `requeue` comes back after `retry_delays_ms[n - 1]`
+  /// ms on its n-th failure; after the last delay it is dead-lettered (or dropped) with reason
+  /// `RetriesExhausted`. Empty or absent: a requeued message is ready again at once.
+  #[inline]
+  pub fn retry_delays_ms(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(QueueArguments::VT_RETRY_DELAYS_MS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for QueueArguments<'_> {
@@ -4435,6 +4572,8 @@ impl ::flatbuffers::Verifiable for QueueArguments<'_> {
      .visit_field::<u16>("shard", Self::VT_SHARD, false)?
      .visit_field::<u8>("priority_max", Self::VT_PRIORITY_MAX, false)?
      .visit_field::<u32>("expires_ms", Self::VT_EXPIRES_MS, false)?
+     .visit_field::<bool>("single_active_consumer", Self::VT_SINGLE_ACTIVE_CONSUMER, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("retry_delays_ms", Self::VT_RETRY_DELAYS_MS, false)?
      .finish();
     Ok(())
   }
@@ -4450,6 +4589,8 @@ pub struct QueueArgumentsArgs<'a> {
     pub shard: Option<u16>,
     pub priority_max: u8,
     pub expires_ms: Option<u32>,
+    pub single_active_consumer: bool,
+    pub retry_delays_ms: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
 }
 impl<'a> Default for QueueArgumentsArgs<'a> {
   #[inline]
@@ -4465,6 +4606,8 @@ impl<'a> Default for QueueArgumentsArgs<'a> {
       shard: None,
       priority_max: 0,
       expires_ms: None,
+      single_active_consumer: false,
+      retry_delays_ms: None,
     }
   }
 }
@@ -4515,6 +4658,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueArgumentsBuilder<'a, 'b,
     self.fbb_.push_slot_always::<u32>(QueueArguments::VT_EXPIRES_MS, expires_ms);
   }
   #[inline]
+  pub fn add_single_active_consumer(&mut self, single_active_consumer: bool) {
+    self.fbb_.push_slot::<bool>(QueueArguments::VT_SINGLE_ACTIVE_CONSUMER, single_active_consumer, false);
+  }
+  #[inline]
+  pub fn add_retry_delays_ms(&mut self, retry_delays_ms: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueArguments::VT_RETRY_DELAYS_MS, retry_delays_ms);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueArgumentsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     QueueArgumentsBuilder {
@@ -4542,6 +4693,8 @@ impl ::core::fmt::Debug for QueueArguments<'_> {
       ds.field("shard", &self.shard());
       ds.field("priority_max", &self.priority_max());
       ds.field("expires_ms", &self.expires_ms());
+      ds.field("single_active_consumer", &self.single_active_consumer());
+      ds.field("retry_delays_ms", &self.retry_delays_ms());
       ds.finish()
   }
 }
@@ -4558,6 +4711,8 @@ pub struct QueueArgumentsT {
   pub shard: Option<u16>,
   pub priority_max: u8,
   pub expires_ms: Option<u32>,
+  pub single_active_consumer: bool,
+  pub retry_delays_ms: Option<alloc::vec::Vec<u32>>,
 }
 impl Default for QueueArgumentsT {
   fn default() -> Self {
@@ -4572,6 +4727,8 @@ impl Default for QueueArgumentsT {
       shard: None,
       priority_max: 0,
       expires_ms: None,
+      single_active_consumer: false,
+      retry_delays_ms: None,
     }
   }
 }
@@ -4594,6 +4751,10 @@ impl QueueArgumentsT {
     let shard = self.shard;
     let priority_max = self.priority_max;
     let expires_ms = self.expires_ms;
+    let single_active_consumer = self.single_active_consumer;
+    let retry_delays_ms = self.retry_delays_ms.as_ref().map(|x|{
+      _fbb.create_vector(x)
+    });
     QueueArguments::create(_fbb, &QueueArgumentsArgs{
       max_length,
       max_length_bytes,
@@ -4605,6 +4766,8 @@ impl QueueArgumentsT {
       shard,
       priority_max,
       expires_ms,
+      single_active_consumer,
+      retry_delays_ms,
     })
   }
 }
@@ -5591,6 +5754,9 @@ impl<'a> QueueInfo<'a> {
   pub const VT_BYTES_READY: ::flatbuffers::VOffsetT = 22;
   pub const VT_CONSUMERS: ::flatbuffers::VOffsetT = 24;
   pub const VT_OLDEST_READY_AGE_MS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_MESSAGES_RETRYING: ::flatbuffers::VOffsetT = 28;
+  pub const VT_EXPIRES_IN_MS: ::flatbuffers::VOffsetT = 30;
+  pub const VT_ACTIVE_CONSUMER: ::flatbuffers::VOffsetT = 32;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5602,11 +5768,14 @@ impl<'a> QueueInfo<'a> {
     args: &'args QueueInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<QueueInfo<'bldr>> {
     let mut builder = QueueInfoBuilder::new(_fbb);
+    if let Some(x) = args.expires_in_ms { builder.add_expires_in_ms(x); }
+    builder.add_messages_retrying(args.messages_retrying);
     if let Some(x) = args.oldest_ready_age_ms { builder.add_oldest_ready_age_ms(x); }
     builder.add_bytes_ready(args.bytes_ready);
     builder.add_messages_delayed(args.messages_delayed);
     builder.add_messages_unacked(args.messages_unacked);
     builder.add_messages_ready(args.messages_ready);
+    if let Some(x) = args.active_consumer { builder.add_active_consumer(x); }
     builder.add_consumers(args.consumers);
     if let Some(x) = args.arguments { builder.add_arguments(x); }
     if let Some(x) = args.name { builder.add_name(x); }
@@ -5634,6 +5803,11 @@ impl<'a> QueueInfo<'a> {
     let bytes_ready = self.bytes_ready();
     let consumers = self.consumers();
     let oldest_ready_age_ms = self.oldest_ready_age_ms();
+    let messages_retrying = self.messages_retrying();
+    let expires_in_ms = self.expires_in_ms();
+    let active_consumer = self.active_consumer().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
     QueueInfoT {
       name,
       durable,
@@ -5647,6 +5821,9 @@ impl<'a> QueueInfo<'a> {
       bytes_ready,
       consumers,
       oldest_ready_age_ms,
+      messages_retrying,
+      expires_in_ms,
+      active_consumer,
     }
   }
 
@@ -5741,6 +5918,31 @@ impl<'a> QueueInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(QueueInfo::VT_OLDEST_READY_AGE_MS, None)}
   }
+  /// Messages waiting out a retry delay (a `Nack.delay_ms` or the queue's `retry_delays_ms`);
+  /// counted in `messages_delayed` too.
+  #[inline]
+  pub fn messages_retrying(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_RETRYING, Some(0)).unwrap()}
+  }
+  /// Time left before the queue expires if it stays unused, ms. Absent: no `expires_ms`, or in use.
+  #[inline]
+  pub fn expires_in_ms(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_EXPIRES_IN_MS, None)}
+  }
+  /// With `single_active_consumer`: the tag of the consumer receiving now. Absent: none.
+  #[inline]
+  pub fn active_consumer(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueInfo::VT_ACTIVE_CONSUMER, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for QueueInfo<'_> {
@@ -5761,6 +5963,9 @@ impl ::flatbuffers::Verifiable for QueueInfo<'_> {
      .visit_field::<u64>("bytes_ready", Self::VT_BYTES_READY, false)?
      .visit_field::<u32>("consumers", Self::VT_CONSUMERS, false)?
      .visit_field::<u64>("oldest_ready_age_ms", Self::VT_OLDEST_READY_AGE_MS, false)?
+     .visit_field::<u64>("messages_retrying", Self::VT_MESSAGES_RETRYING, false)?
+     .visit_field::<u64>("expires_in_ms", Self::VT_EXPIRES_IN_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("active_consumer", Self::VT_ACTIVE_CONSUMER, false)?
      .finish();
     Ok(())
   }
@@ -5778,6 +5983,9 @@ pub struct QueueInfoArgs<'a> {
     pub bytes_ready: u64,
     pub consumers: u32,
     pub oldest_ready_age_ms: Option<u64>,
+    pub messages_retrying: u64,
+    pub expires_in_ms: Option<u64>,
+    pub active_consumer: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for QueueInfoArgs<'a> {
   #[inline]
@@ -5795,6 +6003,9 @@ impl<'a> Default for QueueInfoArgs<'a> {
       bytes_ready: 0,
       consumers: 0,
       oldest_ready_age_ms: None,
+      messages_retrying: 0,
+      expires_in_ms: None,
+      active_consumer: None,
     }
   }
 }
@@ -5853,6 +6064,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueInfoBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<u64>(QueueInfo::VT_OLDEST_READY_AGE_MS, oldest_ready_age_ms);
   }
   #[inline]
+  pub fn add_messages_retrying(&mut self, messages_retrying: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_RETRYING, messages_retrying, 0);
+  }
+  #[inline]
+  pub fn add_expires_in_ms(&mut self, expires_in_ms: u64) {
+    self.fbb_.push_slot_always::<u64>(QueueInfo::VT_EXPIRES_IN_MS, expires_in_ms);
+  }
+  #[inline]
+  pub fn add_active_consumer(&mut self, active_consumer: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueInfo::VT_ACTIVE_CONSUMER, active_consumer);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     QueueInfoBuilder {
@@ -5882,6 +6105,9 @@ impl ::core::fmt::Debug for QueueInfo<'_> {
       ds.field("bytes_ready", &self.bytes_ready());
       ds.field("consumers", &self.consumers());
       ds.field("oldest_ready_age_ms", &self.oldest_ready_age_ms());
+      ds.field("messages_retrying", &self.messages_retrying());
+      ds.field("expires_in_ms", &self.expires_in_ms());
+      ds.field("active_consumer", &self.active_consumer());
       ds.finish()
   }
 }
@@ -5900,6 +6126,9 @@ pub struct QueueInfoT {
   pub bytes_ready: u64,
   pub consumers: u32,
   pub oldest_ready_age_ms: Option<u64>,
+  pub messages_retrying: u64,
+  pub expires_in_ms: Option<u64>,
+  pub active_consumer: Option<alloc::string::String>,
 }
 impl Default for QueueInfoT {
   fn default() -> Self {
@@ -5916,6 +6145,9 @@ impl Default for QueueInfoT {
       bytes_ready: 0,
       consumers: 0,
       oldest_ready_age_ms: None,
+      messages_retrying: 0,
+      expires_in_ms: None,
+      active_consumer: None,
     }
   }
 }
@@ -5940,6 +6172,11 @@ impl QueueInfoT {
     let bytes_ready = self.bytes_ready;
     let consumers = self.consumers;
     let oldest_ready_age_ms = self.oldest_ready_age_ms;
+    let messages_retrying = self.messages_retrying;
+    let expires_in_ms = self.expires_in_ms;
+    let active_consumer = self.active_consumer.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
     QueueInfo::create(_fbb, &QueueInfoArgs{
       name,
       durable,
@@ -5953,6 +6190,9 @@ impl QueueInfoT {
       bytes_ready,
       consumers,
       oldest_ready_age_ms,
+      messages_retrying,
+      expires_in_ms,
+      active_consumer,
     })
   }
 }
@@ -9095,6 +9335,7 @@ impl<'a> Consume<'a> {
   pub const VT_PREFETCH: ::flatbuffers::VOffsetT = 8;
   pub const VT_AUTO_ACK: ::flatbuffers::VOffsetT = 10;
   pub const VT_EXCLUSIVE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PRIORITY: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -9106,6 +9347,7 @@ impl<'a> Consume<'a> {
     args: &'args ConsumeArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Consume<'bldr>> {
     let mut builder = ConsumeBuilder::new(_fbb);
+    builder.add_priority(args.priority);
     builder.add_prefetch(args.prefetch);
     if let Some(x) = args.consumer_tag { builder.add_consumer_tag(x); }
     if let Some(x) = args.queue { builder.add_queue(x); }
@@ -9125,12 +9367,14 @@ impl<'a> Consume<'a> {
     let prefetch = self.prefetch();
     let auto_ack = self.auto_ack();
     let exclusive = self.exclusive();
+    let priority = self.priority();
     ConsumeT {
       queue,
       consumer_tag,
       prefetch,
       auto_ack,
       exclusive,
+      priority,
     }
   }
 
@@ -9173,6 +9417,15 @@ impl<'a> Consume<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Consume::VT_EXCLUSIVE, Some(false)).unwrap()}
   }
+  /// Consumer priority: while a higher-priority consumer has credit, lower ones get nothing;
+  /// equal priorities share round robin. Default 0; may be negative.
+  #[inline]
+  pub fn priority(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(Consume::VT_PRIORITY, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Consume<'_> {
@@ -9186,6 +9439,7 @@ impl ::flatbuffers::Verifiable for Consume<'_> {
      .visit_field::<u32>("prefetch", Self::VT_PREFETCH, false)?
      .visit_field::<bool>("auto_ack", Self::VT_AUTO_ACK, false)?
      .visit_field::<bool>("exclusive", Self::VT_EXCLUSIVE, false)?
+     .visit_field::<i32>("priority", Self::VT_PRIORITY, false)?
      .finish();
     Ok(())
   }
@@ -9196,6 +9450,7 @@ pub struct ConsumeArgs<'a> {
     pub prefetch: u32,
     pub auto_ack: bool,
     pub exclusive: bool,
+    pub priority: i32,
 }
 impl<'a> Default for ConsumeArgs<'a> {
   #[inline]
@@ -9206,6 +9461,7 @@ impl<'a> Default for ConsumeArgs<'a> {
       prefetch: 0,
       auto_ack: false,
       exclusive: false,
+      priority: 0,
     }
   }
 }
@@ -9236,6 +9492,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConsumeBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<bool>(Consume::VT_EXCLUSIVE, exclusive, false);
   }
   #[inline]
+  pub fn add_priority(&mut self, priority: i32) {
+    self.fbb_.push_slot::<i32>(Consume::VT_PRIORITY, priority, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConsumeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ConsumeBuilder {
@@ -9259,6 +9519,7 @@ impl ::core::fmt::Debug for Consume<'_> {
       ds.field("prefetch", &self.prefetch());
       ds.field("auto_ack", &self.auto_ack());
       ds.field("exclusive", &self.exclusive());
+      ds.field("priority", &self.priority());
       ds.finish()
   }
 }
@@ -9270,6 +9531,7 @@ pub struct ConsumeT {
   pub prefetch: u32,
   pub auto_ack: bool,
   pub exclusive: bool,
+  pub priority: i32,
 }
 impl Default for ConsumeT {
   fn default() -> Self {
@@ -9279,6 +9541,7 @@ impl Default for ConsumeT {
       prefetch: 0,
       auto_ack: false,
       exclusive: false,
+      priority: 0,
     }
   }
 }
@@ -9297,12 +9560,14 @@ impl ConsumeT {
     let prefetch = self.prefetch;
     let auto_ack = self.auto_ack;
     let exclusive = self.exclusive;
+    let priority = self.priority;
     Consume::create(_fbb, &ConsumeArgs{
       queue,
       consumer_tag,
       prefetch,
       auto_ack,
       exclusive,
+      priority,
     })
   }
 }
@@ -9951,6 +10216,7 @@ impl<'a> Delivery<'a> {
   pub const VT_EXCHANGE: ::flatbuffers::VOffsetT = 10;
   pub const VT_ROUTING_KEY: ::flatbuffers::VOffsetT = 12;
   pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DEATHS: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -9963,6 +10229,7 @@ impl<'a> Delivery<'a> {
   ) -> ::flatbuffers::WIPOffset<Delivery<'bldr>> {
     let mut builder = DeliveryBuilder::new(_fbb);
     builder.add_delivery_tag(args.delivery_tag);
+    if let Some(x) = args.deaths { builder.add_deaths(x); }
     if let Some(x) = args.message { builder.add_message(x); }
     if let Some(x) = args.routing_key { builder.add_routing_key(x); }
     if let Some(x) = args.exchange { builder.add_exchange(x); }
@@ -9985,6 +10252,9 @@ impl<'a> Delivery<'a> {
       let x = self.message();
       x.into_iter().collect()
     };
+    let deaths = self.deaths().map(|x| {
+      x.iter().map(|t| t.unpack()).collect()
+    });
     DeliveryT {
       delivery_tag,
       redelivered,
@@ -9992,6 +10262,7 @@ impl<'a> Delivery<'a> {
       exchange,
       routing_key,
       message,
+      deaths,
     }
   }
 
@@ -10050,6 +10321,15 @@ impl<'a> Delivery<'a> {
     // Which contains a valid flatbuffer in this slot
     unsafe { <::flatbuffers::ForwardsUOffset<Message<'a>>>::follow(data.bytes(), 0) }
   }
+  /// Dead-letter history, most recent first: one entry per (queue, reason) the message was
+  /// dead-lettered from, like RabbitMQ's `x-death`. Absent: never dead-lettered.
+  #[inline]
+  pub fn deaths(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Death<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Death>>>>(Delivery::VT_DEATHS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Delivery<'_> {
@@ -10064,6 +10344,7 @@ impl ::flatbuffers::Verifiable for Delivery<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("exchange", Self::VT_EXCHANGE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("routing_key", Self::VT_ROUTING_KEY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("message", Self::VT_MESSAGE, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Death>>>>("deaths", Self::VT_DEATHS, false)?
      .finish();
     Ok(())
   }
@@ -10075,6 +10356,7 @@ pub struct DeliveryArgs<'a> {
     pub exchange: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub routing_key: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub message: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub deaths: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Death<'a>>>>>,
 }
 impl<'a> Default for DeliveryArgs<'a> {
   #[inline]
@@ -10086,6 +10368,7 @@ impl<'a> Default for DeliveryArgs<'a> {
       exchange: None,
       routing_key: None,
       message: None, // required field
+      deaths: None,
     }
   }
 }
@@ -10120,6 +10403,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeliveryBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Delivery::VT_MESSAGE, message);
   }
   #[inline]
+  pub fn add_deaths(&mut self, deaths: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Death<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Delivery::VT_DEATHS, deaths);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeliveryBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     DeliveryBuilder {
@@ -10144,6 +10431,7 @@ impl ::core::fmt::Debug for Delivery<'_> {
       ds.field("exchange", &self.exchange());
       ds.field("routing_key", &self.routing_key());
       ds.field("message", &self.message());
+      ds.field("deaths", &self.deaths());
       ds.finish()
   }
 }
@@ -10156,6 +10444,7 @@ pub struct DeliveryT {
   pub exchange: Option<alloc::string::String>,
   pub routing_key: Option<alloc::string::String>,
   pub message: alloc::vec::Vec<u8>,
+  pub deaths: Option<alloc::vec::Vec<DeathT>>,
 }
 impl Default for DeliveryT {
   fn default() -> Self {
@@ -10166,6 +10455,7 @@ impl Default for DeliveryT {
       exchange: None,
       routing_key: None,
       message: Default::default(),
+      deaths: None,
     }
   }
 }
@@ -10187,6 +10477,9 @@ impl DeliveryT {
       let x = &self.message;
       _fbb.create_vector(x)
     });
+    let deaths = self.deaths.as_ref().map(|x|{
+      let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
+    });
     Delivery::create(_fbb, &DeliveryArgs{
       delivery_tag,
       redelivered,
@@ -10194,6 +10487,287 @@ impl DeliveryT {
       exchange,
       routing_key,
       message,
+      deaths,
+    })
+  }
+}
+pub enum DeathOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One line of a message's dead-letter history.
+pub struct Death<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Death<'a> {
+  type Inner = Death<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Death<'a> {
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 6;
+  pub const VT_COUNT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EXCHANGE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ROUTING_KEY: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FIRST_TIME_MS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LAST_TIME_MS: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Death { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeathArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Death<'bldr>> {
+    let mut builder = DeathBuilder::new(_fbb);
+    builder.add_last_time_ms(args.last_time_ms);
+    builder.add_first_time_ms(args.first_time_ms);
+    if let Some(x) = args.routing_key { builder.add_routing_key(x); }
+    if let Some(x) = args.exchange { builder.add_exchange(x); }
+    builder.add_count(args.count);
+    if let Some(x) = args.queue { builder.add_queue(x); }
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> DeathT {
+    let queue = self.queue().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let reason = self.reason();
+    let count = self.count();
+    let exchange = self.exchange().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let routing_key = self.routing_key().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let first_time_ms = self.first_time_ms();
+    let last_time_ms = self.last_time_ms();
+    DeathT {
+      queue,
+      reason,
+      count,
+      exchange,
+      routing_key,
+      first_time_ms,
+      last_time_ms,
+    }
+  }
+
+  /// The queue it was dead-lettered from.
+  #[inline]
+  pub fn queue(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Death::VT_QUEUE, None)}
+  }
+  #[inline]
+  pub fn reason(&self) -> DeathReason {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<DeathReason>(Death::VT_REASON, Some(DeathReason::Rejected)).unwrap()}
+  }
+  /// Times it was dead-lettered from this queue for this reason.
+  #[inline]
+  pub fn count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Death::VT_COUNT, Some(0)).unwrap()}
+  }
+  /// The exchange and routing key it had when it entered that queue.
+  #[inline]
+  pub fn exchange(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Death::VT_EXCHANGE, None)}
+  }
+  #[inline]
+  pub fn routing_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Death::VT_ROUTING_KEY, None)}
+  }
+  /// When it was first and last dead-lettered from this queue for this reason, ms since the epoch.
+  #[inline]
+  pub fn first_time_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(Death::VT_FIRST_TIME_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last_time_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(Death::VT_LAST_TIME_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Death<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<DeathReason>("reason", Self::VT_REASON, false)?
+     .visit_field::<u32>("count", Self::VT_COUNT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("exchange", Self::VT_EXCHANGE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("routing_key", Self::VT_ROUTING_KEY, false)?
+     .visit_field::<i64>("first_time_ms", Self::VT_FIRST_TIME_MS, false)?
+     .visit_field::<i64>("last_time_ms", Self::VT_LAST_TIME_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeathArgs<'a> {
+    pub queue: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub reason: DeathReason,
+    pub count: u32,
+    pub exchange: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub routing_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub first_time_ms: i64,
+    pub last_time_ms: i64,
+}
+impl<'a> Default for DeathArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeathArgs {
+      queue: None,
+      reason: DeathReason::Rejected,
+      count: 0,
+      exchange: None,
+      routing_key: None,
+      first_time_ms: 0,
+      last_time_ms: 0,
+    }
+  }
+}
+
+pub struct DeathBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeathBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_queue(&mut self, queue: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Death::VT_QUEUE, queue);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: DeathReason) {
+    self.fbb_.push_slot::<DeathReason>(Death::VT_REASON, reason, DeathReason::Rejected);
+  }
+  #[inline]
+  pub fn add_count(&mut self, count: u32) {
+    self.fbb_.push_slot::<u32>(Death::VT_COUNT, count, 0);
+  }
+  #[inline]
+  pub fn add_exchange(&mut self, exchange: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Death::VT_EXCHANGE, exchange);
+  }
+  #[inline]
+  pub fn add_routing_key(&mut self, routing_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Death::VT_ROUTING_KEY, routing_key);
+  }
+  #[inline]
+  pub fn add_first_time_ms(&mut self, first_time_ms: i64) {
+    self.fbb_.push_slot::<i64>(Death::VT_FIRST_TIME_MS, first_time_ms, 0);
+  }
+  #[inline]
+  pub fn add_last_time_ms(&mut self, last_time_ms: i64) {
+    self.fbb_.push_slot::<i64>(Death::VT_LAST_TIME_MS, last_time_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeathBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeathBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Death<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Death<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Death");
+      ds.field("queue", &self.queue());
+      ds.field("reason", &self.reason());
+      ds.field("count", &self.count());
+      ds.field("exchange", &self.exchange());
+      ds.field("routing_key", &self.routing_key());
+      ds.field("first_time_ms", &self.first_time_ms());
+      ds.field("last_time_ms", &self.last_time_ms());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeathT {
+  pub queue: Option<alloc::string::String>,
+  pub reason: DeathReason,
+  pub count: u32,
+  pub exchange: Option<alloc::string::String>,
+  pub routing_key: Option<alloc::string::String>,
+  pub first_time_ms: i64,
+  pub last_time_ms: i64,
+}
+impl Default for DeathT {
+  fn default() -> Self {
+    Self {
+      queue: None,
+      reason: DeathReason::Rejected,
+      count: 0,
+      exchange: None,
+      routing_key: None,
+      first_time_ms: 0,
+      last_time_ms: 0,
+    }
+  }
+}
+impl DeathT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<Death<'b>> {
+    let queue = self.queue.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let reason = self.reason;
+    let count = self.count;
+    let exchange = self.exchange.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let routing_key = self.routing_key.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let first_time_ms = self.first_time_ms;
+    let last_time_ms = self.last_time_ms;
+    Death::create(_fbb, &DeathArgs{
+      queue,
+      reason,
+      count,
+      exchange,
+      routing_key,
+      first_time_ms,
+      last_time_ms,
     })
   }
 }
@@ -10510,6 +11084,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Nack<'a> {
 impl<'a> Nack<'a> {
   pub const VT_RANGES: ::flatbuffers::VOffsetT = 4;
   pub const VT_REQUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DELAY_MS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -10521,6 +11096,7 @@ impl<'a> Nack<'a> {
     args: &'args NackArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Nack<'bldr>> {
     let mut builder = NackBuilder::new(_fbb);
+    if let Some(x) = args.delay_ms { builder.add_delay_ms(x); }
     if let Some(x) = args.ranges { builder.add_ranges(x); }
     builder.add_requeue(args.requeue);
     builder.finish()
@@ -10532,9 +11108,11 @@ impl<'a> Nack<'a> {
       x.iter().map(|t| t.unpack()).collect()
     };
     let requeue = self.requeue();
+    let delay_ms = self.delay_ms();
     NackT {
       ranges,
       requeue,
+      delay_ms,
     }
   }
 
@@ -10552,6 +11130,15 @@ impl<'a> Nack<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Nack::VT_REQUEUE, Some(true)).unwrap()}
   }
+  /// With `requeue`: deliver again no sooner than this many ms from now (a retry with backoff),
+  /// overriding the queue's `retry_delays_ms` for this attempt. Absent: the queue's policy.
+  #[inline]
+  pub fn delay_ms(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Nack::VT_DELAY_MS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Nack<'_> {
@@ -10562,6 +11149,7 @@ impl ::flatbuffers::Verifiable for Nack<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Range>>>("ranges", Self::VT_RANGES, true)?
      .visit_field::<bool>("requeue", Self::VT_REQUEUE, false)?
+     .visit_field::<u32>("delay_ms", Self::VT_DELAY_MS, false)?
      .finish();
     Ok(())
   }
@@ -10569,6 +11157,7 @@ impl ::flatbuffers::Verifiable for Nack<'_> {
 pub struct NackArgs<'a> {
     pub ranges: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Range>>>,
     pub requeue: bool,
+    pub delay_ms: Option<u32>,
 }
 impl<'a> Default for NackArgs<'a> {
   #[inline]
@@ -10576,6 +11165,7 @@ impl<'a> Default for NackArgs<'a> {
     NackArgs {
       ranges: None, // required field
       requeue: true,
+      delay_ms: None,
     }
   }
 }
@@ -10592,6 +11182,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NackBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_requeue(&mut self, requeue: bool) {
     self.fbb_.push_slot::<bool>(Nack::VT_REQUEUE, requeue, true);
+  }
+  #[inline]
+  pub fn add_delay_ms(&mut self, delay_ms: u32) {
+    self.fbb_.push_slot_always::<u32>(Nack::VT_DELAY_MS, delay_ms);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NackBuilder<'a, 'b, A> {
@@ -10614,6 +11208,7 @@ impl ::core::fmt::Debug for Nack<'_> {
     let mut ds = f.debug_struct("Nack");
       ds.field("ranges", &self.ranges());
       ds.field("requeue", &self.requeue());
+      ds.field("delay_ms", &self.delay_ms());
       ds.finish()
   }
 }
@@ -10622,12 +11217,14 @@ impl ::core::fmt::Debug for Nack<'_> {
 pub struct NackT {
   pub ranges: alloc::vec::Vec<RangeT>,
   pub requeue: bool,
+  pub delay_ms: Option<u32>,
 }
 impl Default for NackT {
   fn default() -> Self {
     Self {
       ranges: Default::default(),
       requeue: true,
+      delay_ms: None,
     }
   }
 }
@@ -10641,9 +11238,11 @@ impl NackT {
       let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack()).collect();_fbb.create_vector(&w)
     });
     let requeue = self.requeue;
+    let delay_ms = self.delay_ms;
     Nack::create(_fbb, &NackArgs{
       ranges,
       requeue,
+      delay_ms,
     })
   }
 }
@@ -10666,6 +11265,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Reject<'a> {
 impl<'a> Reject<'a> {
   pub const VT_DELIVERY_TAG: ::flatbuffers::VOffsetT = 4;
   pub const VT_REQUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DELAY_MS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -10678,6 +11278,7 @@ impl<'a> Reject<'a> {
   ) -> ::flatbuffers::WIPOffset<Reject<'bldr>> {
     let mut builder = RejectBuilder::new(_fbb);
     builder.add_delivery_tag(args.delivery_tag);
+    if let Some(x) = args.delay_ms { builder.add_delay_ms(x); }
     builder.add_requeue(args.requeue);
     builder.finish()
   }
@@ -10685,9 +11286,11 @@ impl<'a> Reject<'a> {
   pub fn unpack(&self) -> RejectT {
     let delivery_tag = self.delivery_tag();
     let requeue = self.requeue();
+    let delay_ms = self.delay_ms();
     RejectT {
       delivery_tag,
       requeue,
+      delay_ms,
     }
   }
 
@@ -10705,6 +11308,14 @@ impl<'a> Reject<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Reject::VT_REQUEUE, Some(true)).unwrap()}
   }
+  /// As `Nack.delay_ms`.
+  #[inline]
+  pub fn delay_ms(&self) -> Option<u32> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Reject::VT_DELAY_MS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Reject<'_> {
@@ -10715,6 +11326,7 @@ impl ::flatbuffers::Verifiable for Reject<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("delivery_tag", Self::VT_DELIVERY_TAG, false)?
      .visit_field::<bool>("requeue", Self::VT_REQUEUE, false)?
+     .visit_field::<u32>("delay_ms", Self::VT_DELAY_MS, false)?
      .finish();
     Ok(())
   }
@@ -10722,6 +11334,7 @@ impl ::flatbuffers::Verifiable for Reject<'_> {
 pub struct RejectArgs {
     pub delivery_tag: u64,
     pub requeue: bool,
+    pub delay_ms: Option<u32>,
 }
 impl<'a> Default for RejectArgs {
   #[inline]
@@ -10729,6 +11342,7 @@ impl<'a> Default for RejectArgs {
     RejectArgs {
       delivery_tag: 0,
       requeue: true,
+      delay_ms: None,
     }
   }
 }
@@ -10745,6 +11359,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RejectBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_requeue(&mut self, requeue: bool) {
     self.fbb_.push_slot::<bool>(Reject::VT_REQUEUE, requeue, true);
+  }
+  #[inline]
+  pub fn add_delay_ms(&mut self, delay_ms: u32) {
+    self.fbb_.push_slot_always::<u32>(Reject::VT_DELAY_MS, delay_ms);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RejectBuilder<'a, 'b, A> {
@@ -10766,6 +11384,7 @@ impl ::core::fmt::Debug for Reject<'_> {
     let mut ds = f.debug_struct("Reject");
       ds.field("delivery_tag", &self.delivery_tag());
       ds.field("requeue", &self.requeue());
+      ds.field("delay_ms", &self.delay_ms());
       ds.finish()
   }
 }
@@ -10774,12 +11393,14 @@ impl ::core::fmt::Debug for Reject<'_> {
 pub struct RejectT {
   pub delivery_tag: u64,
   pub requeue: bool,
+  pub delay_ms: Option<u32>,
 }
 impl Default for RejectT {
   fn default() -> Self {
     Self {
       delivery_tag: 0,
       requeue: true,
+      delay_ms: None,
     }
   }
 }
@@ -10790,9 +11411,11 @@ impl RejectT {
   ) -> ::flatbuffers::WIPOffset<Reject<'b>> {
     let delivery_tag = self.delivery_tag;
     let requeue = self.requeue;
+    let delay_ms = self.delay_ms;
     Reject::create(_fbb, &RejectArgs{
       delivery_tag,
       requeue,
+      delay_ms,
     })
   }
 }

@@ -44,6 +44,7 @@ fn reference_deliver(
                 exchange,
                 routing_key,
                 message,
+                deaths: None,
             },
         ));
     }
