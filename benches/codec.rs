@@ -45,6 +45,7 @@ fn deliveries(messages: &[Bytes]) -> impl Iterator<Item = DeliveryItem<'_>> {
         exchange: "",
         routing_key: ROUTING_KEY,
         message: m,
+        deaths: &[],
     })
 }
 

@@ -139,6 +139,7 @@ async fn journal_run(dir: &Path, record: usize, appenders: usize) -> Run {
                     }
                     let queue = [b'q', (a % 251) as u8];
                     let env = MessageEnvelope {
+                        deaths: &[],
                         exchange: b"",
                         routing_key: &queue,
                         targets: vec![Target {

@@ -272,6 +272,7 @@ impl JournalSink for Staging<'_> {
         msg: &Rc<Stored>,
     ) -> Result<Option<CommitId>, Refusal> {
         let envelope = MessageEnvelope {
+            deaths: &[],
             exchange: msg.exchange.as_bytes(),
             routing_key: msg.routing_key.as_bytes(),
             targets: targets

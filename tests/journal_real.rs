@@ -72,6 +72,7 @@ fn concurrent_appenders_share_group_commits_and_every_record_reads_back_and_reco
                     for k in 0..8u64 {
                         let seq = t * 8 + k;
                         let env = MessageEnvelope {
+                            deaths: &[],
                             exchange: b"",
                             routing_key: b"q",
                             targets: vec![Target {

@@ -281,6 +281,7 @@ fn compaction_moves_live_records_forward_and_reclaim_deletes_settled_segments() 
     let dir = FaultDir::new();
     let config = small_config();
     let envelope = |seq| MessageEnvelope {
+        deaths: &[],
         exchange: b"ex",
         routing_key: b"k",
         targets: vec![Target {

@@ -28,6 +28,7 @@ fn message(
     seq: u64,
 ) -> Result<weir::storage::Appended, StorageError> {
     let env = MessageEnvelope {
+        deaths: &[],
         exchange: b"",
         routing_key: b"q",
         targets: vec![Target {

@@ -171,6 +171,26 @@ impl Delivery {
         &self.raw.routing_key
     }
 
+    /// Its dead-letter history, most recent first, like RabbitMQ's `x-death`: one line per
+    /// queue and reason it was dead-lettered from, with a count. Empty for a message that was
+    /// never dead-lettered. The broker adds it beside the message; the message's own bytes are
+    /// untouched.
+    ///
+    /// ```no_run
+    /// # async fn f(c: weir_client::Client) -> Result<(), weir_client::ClientError> {
+    /// let mut dead = c.consume("orders.dead", Default::default()).await?;
+    /// while let Some(d) = dead.recv().await {
+    ///     if let Some(last) = d.deaths().first() {
+    ///         println!("{} from {} ({} times)", last.reason_name(), last.queue, last.count);
+    ///     }
+    ///     d.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn deaths(&self) -> &[Death] {
+        &self.raw.deaths
+    }
+
     /// Whether the broker settled it as it sent it (auto-ack consumer or `get`).
     pub fn is_auto_acked(&self) -> bool {
         self.auto_ack
@@ -552,5 +572,52 @@ impl std::fmt::Debug for Consumer {
             .field("shard", &self.shard)
             .field("auto_ack", &self.auto_ack)
             .finish()
+    }
+}
+
+/// One line of a delivery's dead-letter history (the wire's `Death`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Death {
+    /// The queue it was dead-lettered from.
+    pub queue: String,
+    /// Why (rejected, expired, ...).
+    pub reason: weir_protocol::wire::DeathReason,
+    /// Times it was dead-lettered from that queue for that reason.
+    pub count: u32,
+    /// The exchange it had been published to when it entered that queue.
+    pub exchange: String,
+    /// The routing key it had when it entered that queue.
+    pub routing_key: String,
+    /// When it was first dead-lettered from that queue for that reason, ms since the Unix epoch.
+    pub first_time_ms: i64,
+    /// When it was last dead-lettered from that queue for that reason, ms since the Unix epoch.
+    pub last_time_ms: i64,
+}
+
+impl Death {
+    pub(crate) fn from_wire(d: &weir_protocol::wire::Death<'_>) -> Death {
+        Death {
+            queue: d.queue().unwrap_or("").to_string(),
+            reason: d.reason(),
+            count: d.count(),
+            exchange: d.exchange().unwrap_or("").to_string(),
+            routing_key: d.routing_key().unwrap_or("").to_string(),
+            first_time_ms: d.first_time_ms(),
+            last_time_ms: d.last_time_ms(),
+        }
+    }
+
+    /// The reason as RabbitMQ's `x-death` names it: `rejected`, `expired`, `maxlen`,
+    /// `delivery_limit`, or weir's own `retries_exhausted`.
+    pub fn reason_name(&self) -> &'static str {
+        use weir_protocol::wire::DeathReason as R;
+        match self.reason {
+            R::Rejected => "rejected",
+            R::Expired => "expired",
+            R::MaxLength => "maxlen",
+            R::DeliveryLimit => "delivery_limit",
+            R::RetriesExhausted => "retries_exhausted",
+            _ => "unknown",
+        }
     }
 }

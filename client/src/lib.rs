@@ -133,7 +133,7 @@ pub use weir_protocol::wire::{Durability, ErrorCode};
 
 pub use client::{placement, BrokerStatus, Client, ClientOptions, PublishFuture, PublishOptions};
 pub use conn::{Confirmation, ServerInfo};
-pub use consumer::{ConsumeOptions, Consumer, Delivery, SettleFuture};
+pub use consumer::{ConsumeOptions, Consumer, Death, Delivery, SettleFuture};
 pub use error::{ClientError, CloseReason, ReturnedMessage};
 pub use exchange::{BindingInfo, ExchangeInfo, ExchangeKind, ExchangeOptions};
 pub use message::{Limits, Message};

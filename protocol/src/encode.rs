@@ -16,13 +16,18 @@
 //!   out front to back and written straight into `out` (`deliver.rs`), so a delivered message's
 //!   bytes are copied once, from the stored message into the outbox (see ARCHITECTURE.md, "the
 //!   delivery path: every copy and hop"). `deliver` gathers its items into a reused list first
-//!   (the layout needs their count); `deliver_prefix` writes from the caller's slice.
+//!   (the layout needs their count); `deliver_prefix` writes from the caller's slice. A frame
+//!   holding a delivery with a dead-letter history (`DeliveryItem::deaths`) is built with the
+//!   builder instead (`deliver_built`): such deliveries are the exception (a dead-letter queue's
+//!   consumers), and the history's nested tables would double the front-to-back writer's layout.
 
 use bytes::{Bytes, BytesMut};
 use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
 
-use crate::limits::{deliver_frame_bytes_max, delivery_bytes_max, WireLimits, FRAME_PREFIX_BYTES};
-use crate::wire::{self, Body, Durability, FrameT, Range};
+use crate::limits::{
+    deaths_bytes_max, deliver_frame_bytes_max, delivery_bytes_max, WireLimits, FRAME_PREFIX_BYTES,
+};
+use crate::wire::{self, Body, DeathReason, Durability, FrameT, Range};
 use crate::ProtocolError;
 
 mod deliver;
@@ -48,6 +53,20 @@ pub struct DeliveryItem<'a> {
     pub exchange: &'a str,
     pub routing_key: &'a str,
     pub message: &'a [u8],
+    /// Dead-letter history, most recent first; empty for a message never dead-lettered.
+    pub deaths: &'a [DeathItem<'a>],
+}
+
+/// One line of a delivery's dead-letter history (the wire's `Death`), borrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeathItem<'a> {
+    pub queue: &'a str,
+    pub reason: DeathReason,
+    pub count: u32,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub first_time_ms: i64,
+    pub last_time_ms: i64,
 }
 
 /// The properties of a message to build, borrowed. `Default` is a persistent message with no
@@ -195,7 +214,11 @@ impl Encoder {
                 .into_iter()
                 .take(self.limits.deliver_batch_max as usize + 1),
         );
-        let result = deliver::deliver(&self.limits, out, consumer_tag, &gathered);
+        let result = if gathered.iter().any(|i| !i.deaths.is_empty()) {
+            self.deliver_built(out, consumer_tag, &gathered)
+        } else {
+            deliver::deliver(&self.limits, out, consumer_tag, &gathered)
+        };
         self.delivery_items = relabel(gathered);
         result
     }
@@ -221,14 +244,91 @@ impl Encoder {
                 item.message.len(),
                 item.exchange.len(),
                 item.routing_key.len(),
-            );
+            ) + deaths_bytes_max(item.deaths);
             if count > 0 && bytes > budget {
                 break;
             }
             count += 1;
         }
-        deliver::deliver(&self.limits, out, consumer_tag, &items[..count])?;
+        let items = &items[..count];
+        if items.iter().any(|i| !i.deaths.is_empty()) {
+            self.deliver_built(out, consumer_tag, items)?;
+        } else {
+            deliver::deliver(&self.limits, out, consumer_tag, items)?;
+        }
         Ok(count)
+    }
+
+    /// `Deliver` through the builder, for a batch where some delivery carries a dead-letter
+    /// history: the same frame the front-to-back writer would make, plus the `deaths` vectors,
+    /// with the same refusals (checked before anything is appended to `out`).
+    fn deliver_built(
+        &mut self,
+        out: &mut BytesMut,
+        consumer_tag: &str,
+        items: &[DeliveryItem<'_>],
+    ) -> Result<usize, ProtocolError> {
+        if items.is_empty() {
+            return Err(ProtocolError::Invalid("deliver batch is empty".into()));
+        }
+        if items.len() > self.limits.deliver_batch_max as usize {
+            return Err(ProtocolError::BatchTooLarge {
+                what: "deliver",
+                count: items.len(),
+                max: self.limits.deliver_batch_max,
+            });
+        }
+        self.fbb.reset();
+        let mut deliveries: Vec<WIPOffset<wire::Delivery<'static>>> =
+            Vec::with_capacity(items.len());
+        let mut deaths: Vec<WIPOffset<wire::Death<'static>>> = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            self.check_message_size(index, item.message)?;
+            deaths.clear();
+            for d in item.deaths {
+                let queue = self.optional_string(d.queue);
+                let exchange = self.optional_string(d.exchange);
+                let routing_key = self.optional_string(d.routing_key);
+                deaths.push(wire::Death::create(
+                    &mut self.fbb,
+                    &wire::DeathArgs {
+                        queue,
+                        reason: d.reason,
+                        count: d.count,
+                        exchange,
+                        routing_key,
+                        first_time_ms: d.first_time_ms,
+                        last_time_ms: d.last_time_ms,
+                    },
+                ));
+            }
+            let deaths = (!deaths.is_empty()).then(|| self.fbb.create_vector(&deaths));
+            let message = Some(self.fbb.create_vector(item.message));
+            let exchange = self.optional_string(item.exchange);
+            let routing_key = self.optional_string(item.routing_key);
+            deliveries.push(wire::Delivery::create(
+                &mut self.fbb,
+                &wire::DeliveryArgs {
+                    delivery_tag: item.delivery_tag,
+                    redelivered: item.redelivered,
+                    delivery_count: item.delivery_count,
+                    exchange,
+                    routing_key,
+                    message,
+                    deaths,
+                },
+            ));
+        }
+        let deliveries = Some(self.fbb.create_vector(&deliveries));
+        let consumer_tag = self.optional_string(consumer_tag);
+        let body = wire::Deliver::create(
+            &mut self.fbb,
+            &wire::DeliverArgs {
+                consumer_tag,
+                deliveries,
+            },
+        );
+        self.finish(0, Body::Deliver, body.as_union_value(), out)
     }
 
     /// Appends a `Confirm` push.
@@ -276,11 +376,14 @@ impl Encoder {
     ) -> Result<usize, ProtocolError> {
         self.fbb.reset();
         let ranges = Some(self.fbb.create_vector(ranges));
-        let body = wire::Nack::create(&mut self.fbb, &wire::NackArgs {
+        let body = wire::Nack::create(
+            &mut self.fbb,
+            &wire::NackArgs {
                 ranges,
                 requeue,
                 delay_ms: None,
-            });
+            },
+        );
         self.finish(request_id, Body::Nack, body.as_union_value(), out)
     }
 

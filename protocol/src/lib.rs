@@ -35,7 +35,7 @@ mod generated {
 pub use generated::weir::wire;
 
 pub use decode::{message_unchecked, verify_message, FrameDecoder, InFrame};
-pub use encode::{DeliveryItem, Encoder, MessageProps, PublishItem};
+pub use encode::{DeathItem, DeliveryItem, Encoder, MessageProps, PublishItem};
 pub use error::ProtocolError;
 pub use limits::WireLimits;
 

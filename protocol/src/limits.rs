@@ -71,6 +71,28 @@ pub const fn delivery_bytes_max(
     DELIVERY_OVERHEAD_BYTES_MAX + message_len + exchange_len + routing_key_len
 }
 
+/// Most lines of dead-letter history a delivery carries (one per queue and reason it was
+/// dead-lettered from; the broker keeps the most recent). Bounded so that a delivery's history
+/// fits the frame's overhead headroom: 16 lines of three 255-byte names take under 13 KiB of
+/// `FRAME_OVERHEAD_BYTES_MAX`'s 64 KiB.
+pub const DEATHS_PER_DELIVERY_MAX: usize = 16;
+
+/// Bytes one line of dead-letter history takes beside its names: its table and vtable, the
+/// strings' lengths and terminators, its slot in the vector, padding.
+pub const DEATH_OVERHEAD_BYTES_MAX: usize = 96;
+
+/// Most bytes a delivery's dead-letter history takes in a `Deliver` frame.
+pub fn deaths_bytes_max(deaths: &[crate::encode::DeathItem<'_>]) -> usize {
+    if deaths.is_empty() {
+        return 0;
+    }
+    // The vector's length and its field slot.
+    16 + deaths
+        .iter()
+        .map(|d| DEATH_OVERHEAD_BYTES_MAX + d.queue.len() + d.exchange.len() + d.routing_key.len())
+        .sum::<usize>()
+}
+
 impl WireLimits {
     pub const DEFAULT: WireLimits = WireLimits {
         frame_size_max: 16 * 1024 * 1024,

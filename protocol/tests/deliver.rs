@@ -83,6 +83,7 @@ fn a_batch_several_frames_large_is_split_into_whole_frames_in_order() {
             exchange: &exchange,
             routing_key: &key,
             message: m,
+            deaths: &[],
         })
         .collect();
     let total: usize = messages.iter().map(Vec::len).sum();
@@ -115,6 +116,7 @@ fn small_deliveries_are_split_by_count() {
             exchange: "",
             routing_key: "q",
             message: &message,
+            deaths: &[],
         })
         .collect();
     let (lens, got) = deliver_all(SMALL, "c", &items);
@@ -134,6 +136,7 @@ fn a_maximal_message_leaves_alone_in_a_frame() {
         exchange: "x",
         routing_key: "k",
         message: &message,
+        deaths: &[],
     });
     let (lens, got) = deliver_all(SMALL, "c", &items);
     assert_eq!(lens.len(), 2);
@@ -157,6 +160,7 @@ fn deliver_bounds_cover_what_the_encoder_writes() {
                         exchange: &x,
                         routing_key: &k,
                         message: &message,
+                        deaths: &[],
                     });
                     let mut out = BytesMut::new();
                     let len = enc.deliver(&mut out, &tag, items).unwrap() - FRAME_PREFIX_BYTES;

@@ -204,6 +204,7 @@ fn hot_path_deliver_confirm_ack_and_nack_encoders_round_trip() {
             exchange: "x",
             routing_key: "k",
             message: &message,
+            deaths: &[],
         }),
     )
     .unwrap();

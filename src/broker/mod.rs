@@ -29,6 +29,7 @@ pub mod control;
 pub mod control_wait;
 pub mod cooling;
 pub mod dead_letter;
+pub mod deaths;
 pub mod durability;
 pub mod host;
 pub mod ops;

@@ -65,10 +65,17 @@ fn wire_delivery(
     d: &crate::broker::queue::QueueDelivery<MsgRef>,
 ) -> PushedDelivery {
     // A cold message's envelope and payload are both in its record: taken on read-back.
-    let (bytes, exchange, routing_key, cold) = match &d.msg {
+    let (bytes, exchange, routing_key, cold, deaths) = match &d.msg {
         MsgRef::Hot(s) => {
             let payload = s.payload();
-            (payload, s.exchange.clone(), s.routing_key.clone(), None)
+            let deaths = s.deaths.clone();
+            (
+                payload,
+                s.exchange.clone(),
+                s.routing_key.clone(),
+                None,
+                deaths,
+            )
         }
         MsgRef::Cold {
             position,
@@ -78,6 +85,7 @@ fn wire_delivery(
             String::new(),
             String::new(),
             Some((*position, *record_len)),
+            None,
         ),
     };
     PushedDelivery {
@@ -90,6 +98,7 @@ fn wire_delivery(
         routing_key,
         bytes,
         cold,
+        deaths,
         charge: 0,
     }
 }
@@ -465,15 +474,12 @@ pub fn publish(
         bytes,
         expiration_ms,
         deliver_at_ms,
+        deaths,
         ..
     } = item;
-    let stored = Rc::new(Stored::new(
-        bytes,
-        exchange,
-        routing_key,
-        journaled,
-        Some(host.cache()),
-    ));
+    let mut stored = Stored::new(bytes, exchange, routing_key, journaled, Some(host.cache()));
+    stored.deaths = deaths;
+    let stored = Rc::new(stored);
     let mut taken: Vec<(&str, Seq)> = Vec::with_capacity(1 + also.len());
     let mut refused = None;
     for q in std::iter::once(&queue).chain(&also) {
@@ -644,6 +650,7 @@ mod tests {
 
     fn item(sequence: u64, persistent: bool) -> PublishItem {
         PublishItem {
+            deaths: None,
             sequence,
             queue: "q".into(),
             also: Vec::new(),

@@ -40,6 +40,7 @@ pub fn complete_from_record(d: &mut PushedDelivery, position: Position, body: &[
     d.exchange = String::from_utf8_lossy(envelope.exchange).into_owned();
     d.routing_key = String::from_utf8_lossy(envelope.routing_key).into_owned();
     d.bytes = Bytes::copy_from_slice(message);
+    d.deaths = (!envelope.deaths.is_empty()).then(|| Bytes::copy_from_slice(envelope.deaths));
     d.cold = None;
 }
 
@@ -95,6 +96,7 @@ pub(crate) mod tests {
         msg: &[u8],
     ) -> Vec<u8> {
         let envelope = MessageEnvelope {
+            deaths: &[],
             exchange: exchange.as_bytes(),
             routing_key: key.as_bytes(),
             targets: targets
@@ -113,6 +115,7 @@ pub(crate) mod tests {
 
     fn cold(queue: &str, seq: u64) -> PushedDelivery {
         PushedDelivery {
+            deaths: None,
             queue: queue.into(),
             holder: 7,
             seq,

@@ -266,6 +266,7 @@ mod tests {
 
     fn message(queue: &str, seq: Seq, body: &[u8]) -> Vec<u8> {
         let env = MessageEnvelope {
+            deaths: &[],
             exchange: b"",
             routing_key: queue.as_bytes(),
             targets: vec![Target {

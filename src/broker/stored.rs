@@ -136,6 +136,8 @@ pub struct Stored {
     len: u32,
     pub exchange: String,
     pub routing_key: String,
+    /// Its dead-letter history (`broker::deaths`), if it is a dead letter.
+    pub deaths: Option<Bytes>,
     /// In the journal (a persistent message in a durable queue): its settlement is journaled too.
     pub journaled: bool,
     /// Where its journal record is, and the record's length, once appended.
@@ -163,6 +165,7 @@ impl Stored {
             len,
             exchange,
             routing_key,
+            deaths: None,
             journaled,
             position: Cell::new(None),
             cache: cache.cloned(),

@@ -50,6 +50,8 @@ pub struct PublishItem {
     pub expiration_ms: Option<u64>,
     /// A delayed message's delivery time, ms since the Unix epoch.
     pub deliver_at_ms: Option<u64>,
+    /// A dead letter's history (`broker::deaths`), journaled and delivered beside its bytes.
+    pub deaths: Option<Bytes>,
 }
 
 /// What became of one published message.
@@ -175,6 +177,9 @@ pub struct PushedDelivery {
     /// The message is only in the journal: (record position, record length). The owning shard
     /// reads it back, envelope and payload, before the delivery leaves it.
     pub cold: Option<(Position, u32)>,
+    /// Its dead-letter history (`broker::deaths`), if it was dead-lettered; a cold one's comes
+    /// with its record.
+    pub deaths: Option<Bytes>,
     /// What the owner charged the connection's outbox account for it (0 for a `Get`): the
     /// connection hands it back once the delivery is written (`Op::DeliveriesWritten`).
     pub charge: u32,

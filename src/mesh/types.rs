@@ -64,6 +64,10 @@ pub struct ShardStatus {
     pub dropped: u64,
     /// Messages handed to their queue's dead-letter exchange.
     pub dead_lettered: u64,
+    /// Dead letters dropped for going round a cycle nobody consumed in.
+    pub dead_letter_cycles: u64,
+    /// Dead-letter copies their queues refused: dropped.
+    pub dead_letter_refused: u64,
     /// Messages published on this shard that routed to no queue (not mandatory): dropped.
     pub unroutable: u64,
     /// The shard's routing copy: exchanges and bindings.

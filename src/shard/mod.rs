@@ -135,6 +135,8 @@ pub struct ShardState {
     control: Option<RefCell<ControlPlane>>,
     /// Routing changes sent to every shard, answered once all applied them.
     control_waits: RefCell<ControlWaits>,
+    /// Dead letters whose originals are settled once their copies are confirmed.
+    dead_letter_waits: RefCell<crate::broker::dead_letter::DeadLetterWaits>,
     /// Pushes waiting for the read-back task (their cold payloads), in order.
     read_backs: read_back::ReadBackFifo,
 }

@@ -20,17 +20,18 @@
 //! once, see `broker::dead_letter`); a push for a connection that closed while its payloads were
 //! read is dropped as any other (its deliveries were released by the close).
 
-use crate::broker::dead_letter::{self, DeadLetterPlan, LetterBody};
+use crate::broker::dead_letter::{self, DeadLetterPlan, LetterBody, Planned};
 use crate::broker::host::DeadLetter;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::broker::read_back;
-use crate::mesh::msg::{Op, Pushed, PushedDelivery};
+use crate::mesh::msg::{Op, PublishItem, Pushed, PushedDelivery, Reply};
 use crate::mesh::types::ConnRef;
 use crate::rt;
 use crate::rt::executor::{Doorbell, DoorbellWaiter};
+use crate::shard::now_ms;
 
 use super::ShardState;
 
@@ -112,16 +113,19 @@ impl ShardState {
     }
 
     /// Publishes dead-lettered messages to their queues' dead-letter exchanges, routed by this
-    /// shard's copy of the table, as this shard's own publishes (nobody waits for a confirm).
+    /// shard's copy of the table, as this shard's own publishes; their originals' settle
+    /// records wait for the copies' confirms (`dead_letter_answered`).
     pub(super) async fn dead_letter(&self, letters: Vec<DeadLetter>) {
         let mut plan = DeadLetterPlan::new(
             self.session.shard_count(),
             self.limits.broker.targets_per_message_max as usize,
             self.limits.wire,
+            now_ms(),
         );
+        let (mut sent, mut done) = (Vec::new(), Vec::new());
         for d in letters {
             let read = match dead_letter::body(&d) {
-                LetterBody::Hot(bytes, key) => Some((bytes, key)),
+                LetterBody::Hot(letter) => Some(letter),
                 LetterBody::Cold {
                     position,
                     record_len,
@@ -137,19 +141,74 @@ impl ShardState {
                     }
                 },
             };
-            self.host.borrow().release_dead_letter(&d);
-            let Some((bytes, original_key)) = read else {
+            let Some(letter) = read else {
+                // Its record cannot be read: settled as dropped would lose it for good; left
+                // unsettled in the journal, it comes back to its queue at the next start.
+                let mut d = d;
+                d.settle = None;
+                done.push(d);
                 continue;
             };
-            let outbound = plan.add(&d, bytes, original_key, &self.routing.table.borrow());
-            if !outbound {
-                self.routing
-                    .unroutable
-                    .set(self.routing.unroutable.get() + 1);
+            match plan.add(&d, letter, &self.routing.table.borrow()) {
+                Planned::Sent => sent.push(d),
+                Planned::Unroutable => {
+                    self.routing
+                        .unroutable
+                        .set(self.routing.unroutable.get() + 1);
+                    done.push(d);
+                }
+                Planned::Cycle => {
+                    self.host.borrow_mut().dead_letter_cycles += 1;
+                    done.push(d);
+                }
             }
         }
-        for (shard, items) in plan.into_publishes() {
-            self.request_of_own(shard, 0, Op::Publish(items));
+        let publishes: Vec<(u16, Vec<PublishItem>)> = plan.into_publishes().collect();
+        let id = if publishes.is_empty() {
+            done.append(&mut sent);
+            0
+        } else {
+            self.dead_letter_waits
+                .borrow_mut()
+                .open(publishes.len(), sent)
+        };
+        for (shard, items) in publishes {
+            self.request_of_own(shard, id, Op::Publish(items));
+        }
+        self.finish_dead_letters(done);
+    }
+
+    /// A shard answered the publish of dead-letter wait `id`: once every one has, the
+    /// originals are settled.
+    pub(super) fn dead_letter_answered(&self, id: u64, reply: Reply) {
+        let outcomes = match &reply {
+            Reply::Published(o) => Some(&o[..]),
+            _ => None,
+        };
+        let Some(done) = self.dead_letter_waits.borrow_mut().answered(id, outcomes) else {
+            return;
+        };
+        if done.refused > 0 {
+            tracing::warn!(
+                shard = self.id,
+                refused = done.refused,
+                "dead-lettering: copies refused by their queues (full, or the disk is); dropped"
+            );
+            self.host.borrow_mut().dead_letter_refused += done.refused;
+        }
+        self.finish_dead_letters(done.letters);
+    }
+
+    /// Settles the originals of dead letters done with; their settle records go with the next
+    /// commit, which an empty request of the shard's own starts.
+    fn finish_dead_letters(&self, letters: Vec<DeadLetter>) {
+        if letters.is_empty() {
+            return;
+        }
+        let journal = letters.iter().any(|d| d.settle.is_some());
+        self.host.borrow_mut().finish_dead_letters(letters);
+        if journal {
+            self.request_of_own(self.id, 0, Op::Settle(Vec::new()));
         }
     }
 

@@ -148,6 +148,7 @@ pub async fn run(setup: ShardSetup) {
         routing_bell,
         control,
         control_waits: RefCell::new(ControlWaits::default()),
+        dead_letter_waits: RefCell::new(Default::default()),
         read_backs,
     });
     let mut tasks = vec![

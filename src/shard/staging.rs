@@ -70,6 +70,7 @@ impl JournalSink for Staging<'_> {
                     queue_seq: *seq,
                 })
                 .collect(),
+            deaths: msg.deaths.as_deref().unwrap_or(&[]),
         };
         let payload = msg.payload();
         let appended = self

@@ -23,6 +23,7 @@ use std::rc::Rc;
 use bytes::BytesMut;
 
 use crate::broker::control::CONTROL_CONN;
+use crate::broker::dead_letter::DEAD_LETTER_WAIT;
 use crate::broker::durability;
 use crate::broker::ops;
 use crate::broker::read_back;
@@ -246,8 +247,10 @@ impl ShardState {
     pub(super) fn deliver(&self, msg: MeshMsg) {
         match msg {
             MeshMsg::Request { .. } => unreachable!("requests are executed by the worker"),
-            MeshMsg::Reply { to, id, .. } if to.conn == CONTROL_CONN => {
-                if id != 0 {
+            MeshMsg::Reply { to, id, reply } if to.conn == CONTROL_CONN => {
+                if id & DEAD_LETTER_WAIT != 0 {
+                    self.dead_letter_answered(id, reply);
+                } else if id != 0 {
                     self.control_applied(id);
                 }
             }

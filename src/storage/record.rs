@@ -215,7 +215,12 @@ pub struct Target<'a> {
 /// The routing envelope stored in front of a message's bytes.
 ///
 /// Body layout: `u8 exchange_len | exchange | u16 key_len | routing_key | u16 target_count |
-/// (u8 queue_len | queue | u64 queue_seq)* | message bytes`.
+/// (u8 queue_len | queue | u64 queue_seq)* | [annotations] | message bytes`.
+///
+/// Annotations are the broker's own notes beside the message (which stays the producer's exact
+/// bytes): present only when bit 15 of `target_count` is set (no record written before they
+/// existed has it: targets are far fewer than 32768), as `u32 len | (u8 tag | u32 len | bytes)*`.
+/// Tags: 1, the dead-letter history (`broker::deaths`). A reader skips tags it does not know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageEnvelope<'a> {
     /// Exchange the message was published to.
@@ -224,7 +229,15 @@ pub struct MessageEnvelope<'a> {
     pub routing_key: &'a [u8],
     /// The queues of this shard it was routed to.
     pub targets: Vec<Target<'a>>,
+    /// Its dead-letter history (`broker::deaths`'s encoding); empty if it was never
+    /// dead-lettered.
+    pub deaths: &'a [u8],
 }
+
+/// Bit of `target_count` that says annotations follow the targets.
+const ANNOTATED: u16 = 1 << 15;
+/// Annotation tag of the dead-letter history.
+const TAG_DEATHS: u8 = 1;
 
 /// Why a record body does not decode.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -250,8 +263,13 @@ impl<'a> MessageEnvelope<'a> {
             self.routing_key.len() <= u16::MAX as usize,
             "routing key too long"
         );
-        assert!(self.targets.len() <= u16::MAX as usize, "too many targets");
-        1 + self.exchange.len()
+        assert!(
+            (self.targets.len() as u64) < u64::from(ANNOTATED),
+            "too many targets"
+        );
+        self.annotations_len()
+            + 1
+            + self.exchange.len()
             + 2
             + self.routing_key.len()
             + 2
@@ -265,6 +283,15 @@ impl<'a> MessageEnvelope<'a> {
                 .sum::<usize>()
     }
 
+    /// Bytes of the annotations section (0 when there is nothing to note).
+    fn annotations_len(&self) -> usize {
+        if self.deaths.is_empty() {
+            0
+        } else {
+            4 + 1 + 4 + self.deaths.len()
+        }
+    }
+
     /// Writes the envelope into `out`, which is exactly `encoded_len()` long.
     pub fn encode(&self, out: &mut [u8]) {
         assert_eq!(out.len(), self.encoded_len());
@@ -273,11 +300,18 @@ impl<'a> MessageEnvelope<'a> {
         w.put(self.exchange);
         w.put(&(self.routing_key.len() as u16).to_le_bytes());
         w.put(self.routing_key);
-        w.put(&(self.targets.len() as u16).to_le_bytes());
+        let annotated = if self.deaths.is_empty() { 0 } else { ANNOTATED };
+        w.put(&(self.targets.len() as u16 | annotated).to_le_bytes());
         for t in &self.targets {
             w.put(&[t.queue.len() as u8]);
             w.put(t.queue);
             w.put(&t.queue_seq.to_le_bytes());
+        }
+        if annotated != 0 {
+            w.put(&((1 + 4 + self.deaths.len()) as u32).to_le_bytes());
+            w.put(&[TAG_DEATHS]);
+            w.put(&(self.deaths.len() as u32).to_le_bytes());
+            w.put(self.deaths);
         }
         assert_eq!(w.at, w.out.len());
     }
@@ -290,7 +324,8 @@ impl<'a> MessageEnvelope<'a> {
         let exchange = r.take(n).ok_or(e("exchange"))?;
         let n = r.u16().ok_or(e("routing key length"))? as usize;
         let routing_key = r.take(n).ok_or(e("routing key"))?;
-        let count = r.u16().ok_or(e("target count"))? as usize;
+        let count = r.u16().ok_or(e("target count"))?;
+        let (annotated, count) = (count & ANNOTATED != 0, (count & !ANNOTATED) as usize);
         let mut targets = Vec::with_capacity(count);
         for _ in 0..count {
             let n = r.u8().ok_or(e("queue length"))? as usize;
@@ -298,11 +333,27 @@ impl<'a> MessageEnvelope<'a> {
             let queue_seq = r.u64().ok_or(e("queue sequence"))?;
             targets.push(Target { queue, queue_seq });
         }
+        let mut deaths: &[u8] = &[];
+        if annotated {
+            let n = r.u32().ok_or(e("annotations length"))? as usize;
+            let mut a = Reader {
+                b: r.take(n).ok_or(e("annotations"))?,
+            };
+            while !a.b.is_empty() {
+                let tag = a.u8().ok_or(e("annotation tag"))?;
+                let n = a.u32().ok_or(e("annotation length"))? as usize;
+                let value = a.take(n).ok_or(e("annotation"))?;
+                if tag == TAG_DEATHS {
+                    deaths = value;
+                }
+            }
+        }
         Ok((
             MessageEnvelope {
                 exchange,
                 routing_key,
                 targets,
+                deaths,
             },
             r.b,
         ))
@@ -476,12 +527,27 @@ mod tests {
                     queue_seq: 1 << 40,
                 },
             ],
+            deaths: &[],
         };
         let mut body = vec![0u8; env.encoded_len() + 5];
         env.encode(&mut body[..env.encoded_len()]);
         body[env.encoded_len()..].copy_from_slice(b"bytes");
         let (e2, msg) = MessageEnvelope::decode(&body).expect("decodes");
-        assert_eq!((e2, msg), (env, &b"bytes"[..]));
+        assert_eq!((e2, msg), (env.clone(), &b"bytes"[..]));
+
+        // With annotations: they come back, the message bytes after them are untouched, and a
+        // plain envelope's bytes are what they were before annotations existed.
+        // target_count's high byte: after u8 + "orders" + u16 + "eu.new" and its low byte.
+        assert_eq!(body[16], 0, "a plain envelope has no annotated bit");
+        let annotated = MessageEnvelope {
+            deaths: b"history",
+            ..env.clone()
+        };
+        let mut body = vec![0u8; annotated.encoded_len() + 5];
+        annotated.encode(&mut body[..annotated.encoded_len()]);
+        body[annotated.encoded_len()..].copy_from_slice(b"bytes");
+        let (e3, msg) = MessageEnvelope::decode(&body).expect("decodes");
+        assert_eq!((e3, msg), (annotated, &b"bytes"[..]));
 
         let s = SettleRecord {
             queue: b"billing",

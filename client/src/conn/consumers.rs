@@ -21,6 +21,7 @@ use weir_protocol::InFrame;
 use super::driver::Driver;
 use super::requests::Pending;
 use super::{DeliveryTx, Reply, Settle};
+use crate::consumer::Death;
 use crate::error::ClientError;
 
 /// One delivery as read off the wire, before the consumer module makes it a `Delivery`.
@@ -32,6 +33,8 @@ pub(crate) struct RawDelivery {
     pub(crate) routing_key: String,
     /// The `Message` flatbuffer, a slice of the received frame (verified by the decoder).
     pub(crate) message: Bytes,
+    /// Dead-letter history, most recent first (empty, and not allocated, for most messages).
+    pub(crate) deaths: Vec<Death>,
 }
 
 impl RawDelivery {
@@ -44,6 +47,10 @@ impl RawDelivery {
             exchange: d.exchange().unwrap_or("").to_string(),
             routing_key: d.routing_key().unwrap_or("").to_string(),
             message,
+            deaths: d
+                .deaths()
+                .map(|ds| ds.iter().map(|x| Death::from_wire(&x)).collect())
+                .unwrap_or_default(),
         }
     }
 }

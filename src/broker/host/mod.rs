@@ -148,6 +148,10 @@ pub struct QueueHost {
     dead_letters: Vec<DeadLetter>,
     /// Messages dead-lettered so far.
     pub dead_lettered: u64,
+    /// Dead letters dropped because every queue they routed to closed a cycle.
+    pub dead_letter_cycles: u64,
+    /// Dead-letter copies their queues refused (full, or the disk is): dropped.
+    pub dead_letter_refused: u64,
     /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
     settles: Vec<(Rc<str>, Seq, SettleReason)>,
     /// Durable declarations and deletions, for the shard to journal.
@@ -193,6 +197,8 @@ impl QueueHost {
             removed: Vec::new(),
             dead_letters: Vec::new(),
             dead_lettered: 0,
+            dead_letter_cycles: 0,
+            dead_letter_refused: 0,
             settles: Vec::new(),
             catalog: Vec::new(),
             outboxes: consumers::Outboxes::default(),
@@ -609,6 +615,8 @@ impl QueueHost {
             queues: self.queues.len() as u64,
             dropped: self.dropped,
             dead_lettered: self.dead_lettered,
+            dead_letter_cycles: self.dead_letter_cycles,
+            dead_letter_refused: self.dead_letter_refused,
             unroutable: self.unroutable,
             cache_bytes: self.cache.bytes(),
             ..Default::default()

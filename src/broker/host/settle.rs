@@ -23,7 +23,7 @@
 
 use std::rc::Rc;
 
-use weir_protocol::wire::ErrorCode;
+use weir_protocol::wire::{DeathReason, ErrorCode};
 
 use super::QueueHost;
 use crate::broker::catalog::CatalogRecord;
@@ -56,13 +56,18 @@ pub enum SettlePlan {
 /// A message its queue dead-lettered (rejected without requeue, expired, pushed out by overflow,
 /// past `max_deliveries`): the shard publishes it to `exchange` with `routing_key` (the queue's
 /// `dead_letter_routing_key`, or `None` for the message's own key). A cold message's segment is
-/// still counted live: the shard reads the record back, then releases it (`release_dead_letter`).
+/// still counted live until the letter is done with (`finish_dead_letters`).
 #[derive(Debug)]
 pub struct DeadLetter {
     pub queue: Rc<str>,
     pub exchange: String,
     pub routing_key: Option<String>,
     pub msg: MsgRef,
+    /// Why, as its history will say.
+    pub why: DeathReason,
+    /// A journaled message's sequence number in `queue`: its settle record waits until its copy
+    /// is confirmed (at least once), then `finish_dead_letters` stages it.
+    pub settle: Option<Seq>,
 }
 
 /// What the host asks the shard to write to the journal.
@@ -126,7 +131,10 @@ impl QueueHost {
                     .to_string(),
             });
         };
-        Ok(if (!ack && requeue) || !msg.journaled() {
+        // A dead-lettered message's settle record waits for its copy's confirm instead (at least
+        // once: see `broker::dead_letter`), so it is settled now, in memory.
+        let dead_letter = !ack && q.queue.policy().dead_letter;
+        Ok(if (!ack && requeue) || !msg.journaled() || dead_letter {
             SettlePlan::Now
         } else {
             SettlePlan::Record(q.queue.settle_reason(ack))
@@ -301,7 +309,9 @@ impl QueueHost {
             Some((exchange, a.dead_letter_routing_key.clone()))
         });
         for s in settled {
-            if journal && s.msg.journaled() {
+            let journaled = journal && s.msg.journaled();
+            let dead_letter = target.is_some() && s.reason == SettleReason::DeadLettered;
+            if journaled && !dead_letter {
                 self.settles.push((queue.clone(), s.seq, s.reason));
             }
             match (&target, s.reason) {
@@ -313,8 +323,10 @@ impl QueueHost {
                         exchange: exchange.clone(),
                         routing_key: routing_key.clone(),
                         msg: s.msg,
+                        why: s.why,
+                        settle: journaled.then_some(s.seq),
                     });
-                    continue; // a cold one stays counted until it is read back
+                    continue; // it stays counted live until its letter is done with
                 }
                 _ => self.dropped += 1,
             }
@@ -329,10 +341,26 @@ impl QueueHost {
         std::mem::take(&mut self.dead_letters)
     }
 
-    /// A dead letter has been read and published: its record's segment may go.
-    pub fn release_dead_letter(&self, d: &DeadLetter) {
-        if let Some(segment) = d.msg.cold_segment() {
-            self.liveness.sub(segment);
+    /// Dead letters done with (their copies confirmed, dropped or refused): their originals'
+    /// settle records are staged, to be journaled with the next request, and their records'
+    /// segments may go. An original whose queue was deleted meanwhile (the same name may have
+    /// been declared again: `Rc::ptr_eq` tells the incarnations apart) needs no settle record:
+    /// the deletion is journaled.
+    pub fn finish_dead_letters(&mut self, letters: Vec<DeadLetter>) {
+        for d in letters {
+            if let Some(seq) = d.settle {
+                let alive = self
+                    .queues
+                    .get(&*d.queue)
+                    .is_some_and(|q| Rc::ptr_eq(&q.name, &d.queue));
+                if alive {
+                    self.settles
+                        .push((d.queue.clone(), seq, SettleReason::DeadLettered));
+                }
+            }
+            if let Some(segment) = d.msg.cold_segment() {
+                self.liveness.sub(segment);
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use bytes::Bytes;
+use weir_protocol::wire::DeathReason;
 
 const A: ConnRef = ConnRef { shard: 0, conn: 1 };
 const B: ConnRef = ConnRef { shard: 1, conn: 2 };
@@ -291,6 +292,53 @@ fn rejected_and_expired_messages_become_dead_letters_not_drops() {
         "plain's message expired, with no dead-letter exchange: dropped"
     );
     assert_eq!(h.dead_lettered, 2);
+}
+
+#[test]
+fn a_journaled_dead_letters_settle_record_waits_until_its_copy_is_done_with() {
+    let mut h = QueueHost::new(0);
+    let mut d = declare("src");
+    d.arguments.dead_letter_exchange = Some("dlx".into());
+    h.declare(A, d.clone(), 0).unwrap();
+    let seq = h.publish(A, "src", msg(b"r"), None, 0).unwrap();
+    let c = h.consume(A, "src", "t", 1, false, false).unwrap();
+    let mut out = Vec::new();
+    h.take_deliveries(0, 10, &mut out);
+    // A nack without requeue needs no record first: the settlement's record waits for the copy.
+    assert_eq!(
+        h.settle_plan(A, "src", c, seq, false, false).unwrap(),
+        SettlePlan::Now
+    );
+    h.settle(A, "src", c, seq, false, false).unwrap();
+    let _ = h.take_journal_work();
+    let dead = h.take_dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].settle, dead[0].why),
+        (Some(seq), DeathReason::Rejected)
+    );
+    assert!(
+        h.take_journal_work().settles.is_empty(),
+        "not settled in the journal before its copy is confirmed: a crash now keeps the original"
+    );
+    h.finish_dead_letters(dead);
+    assert_eq!(
+        h.take_journal_work().settles,
+        vec![(Rc::from("src"), seq, SettleReason::DeadLettered)]
+    );
+
+    // The queue deleted and declared again meanwhile: the old incarnation's settle record must
+    // not settle the new one's message of the same sequence number.
+    let seq = h.publish(A, "src", msg(b"s"), None, 0).unwrap();
+    let mut out = Vec::new();
+    h.take_deliveries(0, 10, &mut out);
+    h.settle(A, "src", c, seq, false, false).unwrap();
+    let dead = h.take_dead_letters();
+    h.delete(A, "src", false, false).unwrap();
+    h.declare(A, d, 0).unwrap();
+    let _ = h.take_journal_work();
+    h.finish_dead_letters(dead);
+    assert!(h.take_journal_work().settles.is_empty());
 }
 
 /// A message out of memory costs its queue entry and nothing else: no heap allocation (the

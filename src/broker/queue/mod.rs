@@ -35,6 +35,7 @@ use crate::broker::routing::hash::FastMap;
 use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
+use weir_protocol::wire::DeathReason;
 /// What the queue does when a publish would take it past a length limit (the wire's type).
 pub use weir_protocol::Overflow;
 
@@ -76,6 +77,8 @@ pub struct Settled<M> {
     pub msg: M,
     pub bytes: u32,
     pub reason: SettleReason,
+    /// Why it leaves, as its dead-letter history will say (meaningful for `DeadLettered`).
+    pub why: DeathReason,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -356,7 +359,7 @@ impl<M: Clone> Queue<M> {
                 .expect("due names a delayed message");
             if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
                 if self.policy.overflow == Overflow::RejectPublish {
-                    settled.push(self.dead_letter_or_drop(entry));
+                    settled.push(self.dead_letter_or_drop(entry, DeathReason::MaxLength));
                     continue;
                 }
                 self.make_room(entry.bytes, settled);
@@ -400,7 +403,7 @@ impl<M: Clone> Queue<M> {
         while !self.ready.is_empty() && !self.fits(self.ready.len() as u64, self.ready_bytes, bytes)
         {
             let head = self.pop_ready().expect("not empty");
-            settled.push(self.dead_letter_or_drop(head));
+            settled.push(self.dead_letter_or_drop(head, DeathReason::MaxLength));
         }
     }
 
@@ -408,7 +411,7 @@ impl<M: Clone> Queue<M> {
     /// cannot hold it: max_length 0, or one message over the bytes) it is settled at once.
     fn admit(&mut self, entry: Entry<M>, settled: &mut Vec<Settled<M>>) -> bool {
         if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
-            settled.push(self.dead_letter_or_drop(entry));
+            settled.push(self.dead_letter_or_drop(entry, DeathReason::MaxLength));
             return false;
         }
         self.ready_bytes += u64::from(entry.bytes);
@@ -628,7 +631,7 @@ impl<M: Clone> Queue<M> {
             auto_ack,
         };
         if auto_ack {
-            settled.push(self.leave(entry, SettleReason::Acked));
+            settled.push(self.leave(entry, SettleReason::Acked, DeathReason::Rejected));
         } else {
             let o = Outstanding {
                 entry,
@@ -643,7 +646,7 @@ impl<M: Clone> Queue<M> {
     /// Settles an outstanding delivery as acked.
     pub fn ack(&mut self, holder: HolderId, seq: Seq) -> Result<Settled<M>, QueueError> {
         let o = self.take_outstanding(holder, seq)?;
-        Ok(self.leave(o.entry, SettleReason::Acked))
+        Ok(self.leave(o.entry, SettleReason::Acked, DeathReason::Rejected))
     }
 
     /// A failed delivery: back to ready with `requeue` (unless past `max_deliveries`), otherwise
@@ -659,7 +662,7 @@ impl<M: Clone> Queue<M> {
         if requeue {
             self.requeue(o.entry, settled);
         } else {
-            settled.push(self.dead_letter_or_drop(o.entry));
+            settled.push(self.dead_letter_or_drop(o.entry, DeathReason::Rejected));
         }
         Ok(())
     }
@@ -682,12 +685,12 @@ impl<M: Clone> Queue<M> {
             };
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
             debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
-            settled.push(self.leave(e, SettleReason::Purged));
+            settled.push(self.leave(e, SettleReason::Purged, DeathReason::Rejected));
             n += 1;
         }
         while n < max {
             let Some(e) = self.pop_ready() else { break };
-            settled.push(self.leave(e, SettleReason::Purged));
+            settled.push(self.leave(e, SettleReason::Purged, DeathReason::Rejected));
             n += 1;
         }
         n
@@ -788,7 +791,7 @@ impl<M: Clone> Queue<M> {
             .max_deliveries
             .is_some_and(|max| entry.delivery_count >= max)
         {
-            settled.push(self.dead_letter_or_drop(entry));
+            settled.push(self.dead_letter_or_drop(entry, DeathReason::DeliveryLimit));
             return false;
         }
         let at = self.ready.partition_point(|e| e.seq < entry.seq);
@@ -815,27 +818,29 @@ impl<M: Clone> Queue<M> {
             } else {
                 SettleReason::Expired
             };
-            settled.push(self.leave(e, reason));
+            settled.push(self.leave(e, reason, DeathReason::Expired));
         }
     }
 
-    fn dead_letter_or_drop(&self, e: Entry<M>) -> Settled<M> {
+    fn dead_letter_or_drop(&self, e: Entry<M>, why: DeathReason) -> Settled<M> {
         let reason = if self.policy.dead_letter {
             SettleReason::DeadLettered
         } else {
             SettleReason::Dropped
         };
-        self.leave(e, reason)
+        self.leave(e, reason, why)
     }
 
     /// An entry leaves the queue for good: uncounted, and handed back as settled.
-    fn leave(&self, e: Entry<M>, reason: SettleReason) -> Settled<M> {
+    /// `why` says what a `DeadLettered` (or `Dropped`) settlement's history records.
+    fn leave(&self, e: Entry<M>, reason: SettleReason, why: DeathReason) -> Settled<M> {
         self.counted_out(1);
         Settled {
             seq: e.seq,
             msg: e.msg,
             bytes: e.bytes,
             reason,
+            why,
         }
     }
 
@@ -912,6 +917,7 @@ impl<M: Clone> Queue<M> {
             msg: t.entry.msg,
             bytes: t.entry.bytes,
             reason,
+            why: DeathReason::Rejected,
         }
     }
 

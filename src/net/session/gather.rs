@@ -163,6 +163,8 @@ impl Session {
                 ("consumers", s.consumers),
                 ("messages_dropped", s.dropped),
                 ("messages_dead_lettered", s.dead_lettered),
+                ("dead_letter.cycles", s.dead_letter_cycles),
+                ("dead_letter.refused", s.dead_letter_refused),
                 ("messages_unroutable", s.unroutable),
                 ("exchanges", s.exchanges),
                 ("bindings", s.bindings),

@@ -23,9 +23,10 @@ use std::collections::BTreeMap;
 
 use bytes::BytesMut;
 use weir_protocol::wire::{self, BodyT, ErrorCode};
-use weir_protocol::DeliveryItem;
+use weir_protocol::{DeathItem, DeliveryItem};
 
 use super::{Addressed, Flow, Pending, Session, State};
+use crate::broker::deaths;
 use crate::mesh::msg::{Op, Pushed, PushedDelivery, Reply, SettleItem};
 use crate::mesh::types::HolderId;
 use crate::net::command::Settle;
@@ -225,6 +226,22 @@ impl Session {
         t.exchange = Some(d.exchange).filter(|e| !e.is_empty());
         t.routing_key = Some(d.routing_key).filter(|k| !k.is_empty());
         t.message = d.bytes.to_vec();
+        t.deaths = d.deaths.as_deref().map(|h| {
+            deaths::for_delivery(h)
+                .iter()
+                .map(|x| {
+                    let mut t = wire::DeathT::default();
+                    t.queue = Some(x.queue.to_string());
+                    t.reason = x.reason;
+                    t.count = x.count;
+                    t.exchange = Some(x.exchange.to_string());
+                    t.routing_key = Some(x.routing_key.to_string());
+                    t.first_time_ms = x.first_time_ms;
+                    t.last_time_ms = x.last_time_ms;
+                    t
+                })
+                .collect()
+        });
         if !d.auto_ack {
             self.gets.held += 1;
             self.outstanding.insert(
@@ -280,16 +297,29 @@ impl Session {
                 // the client can settle only what it was shown.
                 let first_tag = self.next_delivery_tag;
                 self.next_delivery_tag += deliveries.len() as u64;
+                // Dead-letter histories, decoded only for a batch that has one.
+                let histories: Vec<Vec<DeathItem<'_>>> =
+                    if deliveries.iter().any(|d| d.deaths.is_some()) {
+                        deliveries
+                            .iter()
+                            .map(|d| d.deaths.as_deref().map(deaths::for_delivery))
+                            .map(Option::unwrap_or_default)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                 let items: Vec<DeliveryItem<'_>> = deliveries
                     .iter()
                     .zip(first_tag..)
-                    .map(|(d, tag)| DeliveryItem {
+                    .enumerate()
+                    .map(|(i, (d, tag))| DeliveryItem {
                         delivery_tag: tag,
                         redelivered: d.delivery_count > 1,
                         delivery_count: d.delivery_count,
                         exchange: &d.exchange,
                         routing_key: &d.routing_key,
                         message: &d.bytes,
+                        deaths: histories.get(i).map_or(&[], Vec::as_slice),
                     })
                     .collect();
                 let mut unsent: Vec<usize> = Vec::new();

@@ -82,6 +82,7 @@ impl Session {
                 continue;
             }
             let item = PublishItem {
+                deaths: None,
                 sequence: entry.sequence,
                 queue: key.to_string(),
                 also: Vec::new(),

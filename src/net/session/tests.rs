@@ -508,6 +508,7 @@ fn session_holding_tag_1() -> Session {
         &mut outbound,
     );
     let d = PushedDelivery {
+        deaths: None,
         queue: "q".into(),
         holder: 3,
         seq: 5,
@@ -793,6 +794,7 @@ fn a_push_several_frames_large_leaves_whole_in_frames_within_the_limit_and_in_or
         .iter()
         .enumerate()
         .map(|(i, m)| PushedDelivery {
+            deaths: None,
             queue: "q".into(),
             holder: 3,
             seq: 1000 + i as u64,
@@ -880,6 +882,7 @@ fn consuming() -> (Session, u16) {
 fn pushed(seqs: std::ops::Range<u64>, charge: u32) -> Pushed {
     let deliveries = seqs
         .map(|seq| PushedDelivery {
+            deaths: None,
             queue: "q".into(),
             holder: 3,
             seq,

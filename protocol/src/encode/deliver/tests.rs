@@ -278,6 +278,7 @@ fn items<'a>(specs: &'a [ItemSpec], messages: &'a [Bytes]) -> Vec<DeliveryItem<'
             exchange: &s.exchange,
             routing_key: &s.routing_key,
             message: &messages[s.message % messages.len()],
+            deaths: &[],
         })
         .collect()
 }
@@ -377,6 +378,7 @@ fn the_message_starts_8_aligned_for_every_name_and_tag_length() {
                     exchange: &x,
                     routing_key: &k,
                     message: &message,
+                    deaths: &[],
                 });
                 assert!(agree(limits, tag % 3, &"t".repeat(tag), &items));
             }
