@@ -726,6 +726,31 @@ fn queue_arguments_from_the_cli_dead_letter_expired_messages() {
         &["consume", "--queue", "parked", "--count", "2"],
     ));
     assert_eq!(got, "first\nsecond\n");
+    // With --json, a dead letter's line says where it died and why.
+    ok(weir_at(
+        Some(broker.listen),
+        &["publish", "--queue", "waiting"],
+        b"third\n",
+    ));
+    let line = json(weir(
+        &broker,
+        &["consume", "--queue", "parked", "--count", "1", "--json"],
+    ));
+    assert_eq!(line["body"], "third");
+    let deaths = line["deaths"].as_array().expect("a history");
+    assert_eq!(deaths.len(), 1, "{line}");
+    assert_eq!(
+        (
+            &deaths[0]["queue"],
+            &deaths[0]["reason"],
+            &deaths[0]["count"]
+        ),
+        (
+            &Value::from("waiting"),
+            &Value::from("expired"),
+            &Value::from(1)
+        )
+    );
     let bad = weir(
         &broker,
         &["queue", "declare", "x", "--dead-letter-routing-key", "k"],

@@ -23,12 +23,18 @@ pub struct QueueArguments {
     pub message_ttl_ms: Option<u32>,
     /// Exchange that receives messages dead-lettered from this queue (rejected without requeue,
     /// expired, dropped by overflow, or past `max_deliveries`); `""` is the default exchange
-    /// (the routing key names the queue). `None`: they are dropped. At most once.
+    /// (the routing key names the queue). `None`: they are dropped. At least once for
+    /// persistent messages of a durable queue: the original is settled only once its copy is
+    /// confirmed, so a crash may double a copy but never lose it. Each copy carries its
+    /// history (`Delivery::deaths`); one that would go round a cycle of queues without any
+    /// consumer rejecting it on the way is dropped (`dead_letter.cycles` in `weir status`).
     pub dead_letter_exchange: Option<String>,
     /// Routing key for dead-lettered messages. `None`: the message's original routing key.
     pub dead_letter_routing_key: Option<String>,
     /// Deliveries after which an unacknowledged message is dead-lettered instead of redelivered.
-    /// `None`: unlimited.
+    /// `None`: unlimited. It counts every delivery, the first included, so `Some(1)` means no
+    /// redelivery at all. RabbitMQ's `delivery-limit` N allows N redeliveries (N + 1
+    /// deliveries): its N is weir's N + 1.
     pub max_deliveries: Option<u32>,
     /// Pin the queue to a shard (today the broker accepts only the shard its name hashes to).
     pub shard: Option<u16>,

@@ -394,7 +394,9 @@ mod tests {
             result: Ok(()),
             returned: None,
         };
-        assert!(waits.answered(id, Some(std::slice::from_ref(&ok))).is_none());
+        assert!(waits
+            .answered(id, Some(std::slice::from_ref(&ok)))
+            .is_none());
         let refused = PublishOutcome {
             result: Err(crate::mesh::types::Refusal {
                 code: weir_protocol::wire::ErrorCode::QueueFull,

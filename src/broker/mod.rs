@@ -9,7 +9,9 @@
 //!   shard's read copy.
 //! - `host`: the queues one shard owns: declarations, consumers by connection, settle accounting.
 //! - `control_wait`: a client's routing change waiting for every shard's copy and its commit.
-//! - `dead_letter`: dead letters planned: which need a read-back, where each routes, which shards.
+//! - `dead_letter`: dead letters planned: which need a read-back, where each routes, which shards,
+//!   and which originals wait for their copies' confirms.
+//! - `deaths`: a message's dead-letter history (its encoding, one more death, cycles).
 //! - `durability`: which replies wait for their commit, what a failed commit makes of them.
 //! - `cooling`: which journaled messages leave memory once durable (the cache's rule).
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.

@@ -160,13 +160,32 @@ async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
 /// One delivery as printed: its body and a newline, or with `--json` one JSON object.
 fn line(d: &Delivery, json: bool) -> Vec<u8> {
     if json {
-        let value = json!({
+        let mut value = json!({
             "body": String::from_utf8_lossy(d.body()),
             "delivery_tag": d.delivery_tag(),
             "redelivered": d.redelivered(),
             "delivery_count": d.delivery_count(),
             "routing_key": d.routing_key(),
         });
+        // Only a dead letter has a history; other lines stay as they were.
+        if !d.deaths().is_empty() {
+            let deaths: Vec<_> = d
+                .deaths()
+                .iter()
+                .map(|x| {
+                    json!({
+                        "queue": x.queue,
+                        "reason": x.reason_name(),
+                        "count": x.count,
+                        "exchange": x.exchange,
+                        "routing_key": x.routing_key,
+                        "first_time_ms": x.first_time_ms,
+                        "last_time_ms": x.last_time_ms,
+                    })
+                })
+                .collect();
+            value["deaths"] = json!(deaths);
+        }
         format!("{value}\n").into_bytes()
     } else {
         let mut bytes = Vec::with_capacity(d.body().len() + 1);

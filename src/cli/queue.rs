@@ -101,7 +101,8 @@ pub struct QueueArgs {
     #[arg(long, value_name = "POLICY", default_value = "drop-head", value_parser = ["drop-head", "reject-publish"])]
     overflow: String,
     /// Deliveries after which an unacked message is dead-lettered (or dropped) instead of
-    /// redelivered.
+    /// redelivered. N counts every delivery, the first included: RabbitMQ's delivery-limit N
+    /// allows N redeliveries (N + 1 deliveries), so its N is weir's N + 1.
     #[arg(long, value_name = "N")]
     max_deliveries: Option<u32>,
     /// Exchange that receives the messages this queue gives up on (rejected without requeue,

@@ -16,8 +16,8 @@
 //! outbox; what else it holds (cancellations, timeouts) is one small push per consumer.
 //! What the record becomes (a delivery completed from its record, a dead letter's publish, a requeue) is decided by
 //! `broker::read_back` and `broker::dead_letter`. Faults handled: a read that fails is logged;
-//! its delivery's message is requeued (redelivered later), its dead letter is dropped (at most
-//! once, see `broker::dead_letter`); a push for a connection that closed while its payloads were
+//! its delivery's message is requeued (redelivered later), its dead letter is not sent and its
+//! original not settled in the journal (it comes back to its queue at the next start); a push for a connection that closed while its payloads were
 //! read is dropped as any other (its deliveries were released by the close).
 
 use crate::broker::dead_letter::{self, DeadLetterPlan, LetterBody, Planned};
