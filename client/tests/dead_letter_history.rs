@@ -209,3 +209,81 @@ async fn a_message_expired_while_cold_keeps_its_history() {
         within("ack", d.ack()).await.expect("ack");
     }
 }
+
+/// Takes every ready message of `queue` (auto-acked: one settle record per batch, not per
+/// message), returning their bodies.
+async fn drain(c: &Client, queue: &str) -> Vec<String> {
+    let info = within("info", c.queue_info(queue)).await.expect("info");
+    let options = ConsumeOptions {
+        auto_ack: true,
+        ..ConsumeOptions::default()
+    };
+    let mut consumer = within("consume", c.consume(queue, options))
+        .await
+        .expect("consume");
+    let mut got = Vec::new();
+    while (got.len() as u64) < info.messages_ready {
+        let d = within("delivery", consumer.recv())
+            .await
+            .expect("open")
+            .expect("delivery");
+        got.push(String::from_utf8_lossy(d.body()).into_owned());
+    }
+    got
+}
+
+#[tokio::test]
+async fn messages_rejected_into_a_dead_letter_queue_survive_sigkill_at_least_once() {
+    let broker = Broker::start("dlh-kill", &["--cpus", "0,1"]);
+    let c = broker.client().await;
+    let work = queue_on(0, SHARDS, "work");
+    let dlq = queue_on(1, SHARDS, "dlq");
+    within("declare", c.declare(&dlq, QueueOptions::default()))
+        .await
+        .expect("declare");
+    declare(&c, &work, &dlq, None).await;
+    let n = 2_000;
+    let bodies: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    for chunk in bodies.chunks(500) {
+        let messages = chunk.iter().map(|b| Message::new(b.clone()));
+        for f in within("publish", c.publish_batch(&work, messages))
+            .await
+            .expect("queued")
+        {
+            within("confirm", f).await.expect("confirmed");
+        }
+    }
+    // Reject every message, and kill the broker while the last of the copies and the
+    // originals' settlements are still on their way.
+    let mut consumer = within("consume", c.consume(&work, ConsumeOptions::default()))
+        .await
+        .expect("consume");
+    for i in 0..n {
+        let d = within("delivery", consumer.recv())
+            .await
+            .expect("open")
+            .expect("delivery");
+        if i + 1 == n {
+            within("reject", d.reject(false)).await.expect("reject");
+        } else {
+            drop(d.reject(false));
+        }
+    }
+    drop(consumer);
+    drop(c);
+    let broker = broker.restart();
+    let c = broker.client().await;
+    let mut seen = drain(&c, &work).await;
+    seen.extend(drain(&c, &dlq).await);
+    let before = seen.len();
+    let seen: std::collections::BTreeSet<String> = seen.into_iter().collect();
+    let lost: Vec<&String> = bodies.iter().filter(|b| !seen.contains(*b)).collect();
+    assert!(
+        lost.is_empty(),
+        "every message is in its queue or in the dead-letter queue; lost {}: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(seen.len(), n, "and nothing else");
+    assert!(before >= n, "at least once ({before} copies of {n})");
+}
