@@ -23,6 +23,8 @@ use crate::broker::routing::ExchangeKind;
 pub enum Command<'a> {
     Hello {
         protocol_version: u16,
+        client_name: &'a str,
+        client_version: &'a str,
     },
     Ping {
         payload: u64,
@@ -252,6 +254,8 @@ impl<'a> Command<'a> {
         } else if let Some(h) = f.body_as_hello() {
             Command::Hello {
                 protocol_version: h.protocol_version(),
+                client_name: h.client_name().unwrap_or(""),
+                client_version: h.client_version().unwrap_or(""),
             }
         } else if let Some(p) = f.body_as_ping() {
             Command::Ping {

@@ -2664,7 +2664,7 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u16>(Hello::VT_PROTOCOL_VERSION, Some(0)).unwrap()}
   }
-  /// Free-form name of the client program, shown in logs and `weir status`.
+  /// Free-form name of the client program, for the broker's log (one line per connection).
   #[inline]
   pub fn client_name(&self) -> Option<&'a str> {
     // Safety:
@@ -2672,7 +2672,7 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_CLIENT_NAME, None)}
   }
-  /// Version of the client library, for logs.
+  /// Version of the client library, for the broker's log.
   #[inline]
   pub fn client_version(&self) -> Option<&'a str> {
     // Safety:

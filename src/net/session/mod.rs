@@ -339,7 +339,19 @@ impl Session {
         match self.state {
             State::Closing => Flow::Close,
             State::AwaitingHello => match Command::parse(frame) {
-                Ok(Command::Hello { protocol_version }) => {
+                Ok(Command::Hello {
+                    protocol_version,
+                    client_name,
+                    client_version,
+                }) => {
+                    tracing::info!(
+                        shard = self.ctx.shard,
+                        connection = self.ctx.connection_id,
+                        client = client_name,
+                        client_version,
+                        protocol_version,
+                        "hello"
+                    );
                     if protocol_version != PROTOCOL_VERSION {
                         let msg = format!(
                             "this broker speaks weir protocol {PROTOCOL_VERSION}; the client asked for {protocol_version}"
