@@ -12,6 +12,7 @@
 //! - `dead_letter`: dead letters planned: which need a read-back, where each routes, which shards.
 //! - `durability`: which replies wait for their commit, what a failed commit makes of them.
 //! - `cooling`: which journaled messages leave memory once durable (the cache's rule).
+//! - `expiry`: queue expiry (`expires_ms`): when an unused queue goes, and its usage records.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `routing`: exchanges and bindings, and the queues a routing key reaches (direct, topic, fanout);
 //!   the control-plane writer's authoritative table and every shard's copy.
@@ -30,6 +31,7 @@ pub mod control_wait;
 pub mod cooling;
 pub mod dead_letter;
 pub mod durability;
+pub mod expiry;
 pub mod host;
 pub mod ops;
 pub mod orphan_bindings;

@@ -30,6 +30,7 @@ use std::rc::Rc;
 
 use weir_protocol::wire::ErrorCode;
 
+use super::expiry::Use;
 use super::{refuse, ConsumerInfo, Hosted, QueueHost, StoredDelivery};
 use crate::broker::queue::QueueDelivery;
 use crate::broker::routing::hash::FastMap;
@@ -125,6 +126,8 @@ impl Outboxes {
 const CONSUMER_BIT: u64 = 1 << 63;
 
 impl QueueHost {
+    /// As `consume_at`, at priority 0 and time 0 (state-machine tests).
+    #[cfg(test)]
     pub fn consume(
         &mut self,
         conn: ConnRef,
@@ -133,6 +136,23 @@ impl QueueHost {
         prefetch: u32,
         auto_ack: bool,
         exclusive: bool,
+    ) -> Result<HolderId, Refusal> {
+        self.consume_at(conn, queue, tag, prefetch, auto_ack, exclusive, 0, 0)
+    }
+
+    /// Attaches a consumer at consumer priority `priority` (higher first: `queue::consumers`);
+    /// a queue's first consumer makes it in use (`expires_ms`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn consume_at(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        tag: &str,
+        prefetch: u32,
+        auto_ack: bool,
+        exclusive: bool,
+        priority: i32,
+        now_ms: u64,
     ) -> Result<HolderId, Refusal> {
         let id = CONSUMER_BIT | self.next_consumer;
         let q = self.get_queue(conn, queue)?;
@@ -160,7 +180,7 @@ impl QueueHost {
             );
         }
         q.queue
-            .add_consumer(id, prefetch, auto_ack)
+            .add_consumer_with(id, prefetch, auto_ack, priority)
             .map_err(|e| Refusal {
                 code: ErrorCode::InvalidArgument,
                 message: e.to_string(),
@@ -176,6 +196,7 @@ impl QueueHost {
         q.had_consumer = true;
         let name = q.name.clone();
         self.next_consumer += 1;
+        self.used(&name, Use::Consumed, now_ms);
         self.dirty.insert(name);
         Ok(id)
     }
@@ -207,14 +228,26 @@ impl QueueHost {
         Ok(())
     }
 
-    /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
-    /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
-    /// losing its last consumer goes.
+    /// As `cancel_at`, at time 0 (state-machine tests).
+    #[cfg(test)]
     pub fn cancel(
         &mut self,
         conn: ConnRef,
         queue: &str,
         consumer: HolderId,
+    ) -> Result<(), Refusal> {
+        self.cancel_at(conn, queue, consumer, 0)
+    }
+
+    /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
+    /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
+    /// losing its last consumer goes; another is unused from `now_ms` (`expires_ms`).
+    pub fn cancel_at(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        consumer: HolderId,
+        now_ms: u64,
     ) -> Result<(), Refusal> {
         let q = self.get_queue(conn, queue)?;
         if q.consumers.remove(&consumer).is_none() {
@@ -229,6 +262,7 @@ impl QueueHost {
         if gone {
             self.remove(&name, "was auto-deleted");
         } else {
+            self.used(&name, Use::ConsumersLeft, now_ms);
             self.dirty.insert(name);
         }
         Ok(())
@@ -248,6 +282,7 @@ impl QueueHost {
         let ready = q.queue.stats().ready;
         let name = q.name.clone();
         self.note_settled(&name, settled);
+        self.used(&name, Use::Touched, now_ms);
         Ok((d, ready))
     }
 
@@ -359,6 +394,7 @@ impl QueueHost {
         }
         for (name, settled) in released {
             self.note_settled(&name, settled);
+            self.used(&name, Use::ConsumersLeft, now_ms);
         }
         for name in gone {
             self.remove(&name, "was auto-deleted");
@@ -370,7 +406,7 @@ impl QueueHost {
     /// those exclusive to it (they go whole): back to ready, to be redelivered. Returns the
     /// auto-delete queues it left without consumers; the caller removes them, after the
     /// settlements are noted here, since noting reads the queue's dead-letter exchange.
-    pub(super) fn release_connection(&mut self, conn: ConnRef) -> Vec<Rc<str>> {
+    pub(super) fn release_connection(&mut self, conn: ConnRef, now_ms: u64) -> Vec<Rc<str>> {
         let mut gone = Vec::new();
         let mut released = Vec::new();
         for (name, q) in self.queues.iter_mut() {
@@ -409,6 +445,7 @@ impl QueueHost {
         }
         for (name, settled) in released {
             self.note_settled(&name, settled);
+            self.used(&name, Use::ConsumersLeft, now_ms);
         }
         // What was on its way to it went with the connection.
         self.outboxes.by_conn.remove(&conn);

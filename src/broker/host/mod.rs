@@ -24,6 +24,7 @@
 //! its consumers, its outstanding deliveries (back to ready, redelivered), its exclusive queues.
 
 mod consumers;
+mod expiry;
 mod settle;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use std::rc::Rc;
 use weir_protocol::wire::{self, ErrorCode};
 
 use crate::broker::catalog::CatalogRecord;
+use crate::broker::expiry::QueueExpiry;
 use crate::broker::queue::{
     IndexCount, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled,
 };
@@ -75,6 +77,8 @@ struct Hosted {
     had_consumer: bool,
     /// Messages whose record's commit is not durable yet (fsync = always): not deliverable.
     held: BTreeSet<Seq>,
+    /// With `expires_ms`: when it expires if unused (`expiry`).
+    expiry: Option<QueueExpiry>,
 }
 
 impl Hosted {
@@ -96,6 +100,12 @@ impl Hosted {
             .queue
             .oldest_ready_ms()
             .map(|t| now_ms.saturating_sub(t));
+        i.expires_in_ms = self.expiry.as_ref().and_then(|e| e.expires_in(now_ms));
+        i.active_consumer = self
+            .queue
+            .active_consumer()
+            .and_then(|id| self.consumers.get(&id))
+            .map(|c| c.tag.to_string());
         i
     }
 
@@ -148,6 +158,10 @@ pub struct QueueHost {
     dead_letters: Vec<DeadLetter>,
     /// Messages dead-lettered so far.
     pub dead_lettered: u64,
+    /// Unused queues with `expires_ms`, by when they expire (`expiry`).
+    deadlines: BTreeSet<(u64, Rc<str>)>,
+    /// Usage records of queues with `expires_ms`, for the shard to journal (`take_usage`).
+    usage: Vec<CatalogRecord>,
     /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
     settles: Vec<(Rc<str>, Seq, SettleReason)>,
     /// Durable declarations and deletions, for the shard to journal.
@@ -200,6 +214,8 @@ impl QueueHost {
             limits: HostLimits::UNBOUNDED,
             unconfirmed: BTreeMap::new(),
             settling: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            usage: Vec::new(),
         }
     }
 
@@ -252,6 +268,7 @@ impl QueueHost {
                 next_seq: q.queue.next_seq(),
             });
         }
+        self.usage_restatement(&mut out);
         out
     }
 
@@ -332,6 +349,7 @@ impl QueueHost {
             retired: HashMap::new(),
             had_consumer: false,
             held: BTreeSet::new(),
+            expiry: None,
         };
         self.queues.insert(name, hosted);
     }
@@ -369,6 +387,11 @@ impl QueueHost {
                     format!("queue '{}' exists with other properties (durable, exclusive, auto-delete or arguments)", d.name),
                 );
             }
+            if !d.passive {
+                // A redeclare is a use of the queue (`expires_ms`), as in RabbitMQ.
+                self.used(&d.name, expiry::Use::Touched, now_ms);
+            }
+            let q = &self.queues[d.name.as_str()];
             return Ok(q.info(shard, now_ms));
         }
         if d.passive {
@@ -397,7 +420,11 @@ impl QueueHost {
                 "priority_max: priority queues are not served yet".into(),
             );
         }
+        if let Err(why) = crate::broker::expiry::check(a.expires_ms) {
+            return refuse(ErrorCode::InvalidArgument, why);
+        }
         let policy = policy_of(a);
+        let expiry = self.expiry_of(&d, now_ms);
         if d.durable && !d.exclusive {
             self.catalog.push(CatalogRecord::DeclareQueue(Declare {
                 passive: false,
@@ -416,7 +443,11 @@ impl QueueHost {
             retired: HashMap::new(),
             had_consumer: false,
             held: BTreeSet::new(),
+            expiry,
         };
+        if let Some(deadline) = q.expiry.as_ref().and_then(QueueExpiry::deadline) {
+            self.deadlines.insert((deadline, name.clone()));
+        }
         let info = q.info(shard, now_ms);
         self.queues.insert(name, q);
         Ok(info)
@@ -453,6 +484,7 @@ impl QueueHost {
         };
         self.removed.push(name.to_string());
         self.forget_pending(name);
+        self.forget_expiry(&q.name, q.expiry.as_ref());
         for segment in q.queue.messages().filter_map(MsgRef::cold_segment) {
             self.liveness.sub(segment);
         }
@@ -584,11 +616,18 @@ impl QueueHost {
         Ok(seq)
     }
 
-    /// A connection went away: its consumers and `Get`s release their deliveries (redelivered
-    /// later), its exclusive queues are deleted, auto-delete queues left without consumers go.
+    /// As `connection_closed_at`, at time 0 (state-machine tests not about expiry).
+    #[cfg(test)]
     pub fn connection_closed(&mut self, conn: ConnRef) {
+        self.connection_closed_at(conn, 0)
+    }
+
+    /// A connection went away at `now_ms`: its consumers and `Get`s release their deliveries
+    /// (redelivered later), its exclusive queues are deleted, auto-delete queues left without
+    /// consumers go, and queues left without consumers are unused from now (`expires_ms`).
+    pub fn connection_closed_at(&mut self, conn: ConnRef, now_ms: u64) {
         self.release_settling(conn);
-        let mut gone = self.release_connection(conn);
+        let mut gone = self.release_connection(conn, now_ms);
         gone.extend(
             self.queues
                 .values()
@@ -640,5 +679,6 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
         message_ttl_ms: a.message_ttl_ms.map(u64::from),
         max_deliveries: a.max_deliveries,
         dead_letter: a.dead_letter_exchange.is_some(),
+        single_active_consumer: a.single_active_consumer,
     }
 }
