@@ -115,9 +115,8 @@ impl QueueExpiry {
     /// Used at `now_ms` (a `Get`, a redeclare): while it has no consumers its timer starts
     /// again; the journal is told only when what it holds is behind `now_ms`.
     pub fn touched(&mut self, now_ms: u64) -> Record {
-        if self.unused_since.is_none() {
-            return None;
-        }
+        // In use (consumers attached): nothing to renew.
+        self.unused_since?;
         self.unused_since = Some(now_ms);
         match self.recorded {
             Some(Some(t)) if t >= now_ms => None,

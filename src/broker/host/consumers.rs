@@ -6,7 +6,10 @@
 //! retired, its deliveries ackable until its connection closes. Faults handled: a consumer tag
 //! already used on the connection, an exclusive consume on a queue with consumers, any consume
 //! on a queue with an exclusive consumer, a consumer not of this connection: refused, nothing
-//! changes.
+//! changes. Which consumer gets a message (consumer priority, single active consumer) is the
+//! queue's (`queue::consumers`); every change of a queue's consumers here is also a use of it
+//! for queue expiry (`expiry::Use`), so its first consumer stops its clock and its last one
+//! gone starts it.
 //!
 //! Two guards against a consumer that stops: the outbox account and the consumer timeout.
 //! - Every delivery dispatched to a connection is charged to that connection's account here

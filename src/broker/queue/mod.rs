@@ -16,6 +16,10 @@
 //! Waiting messages from the `set_hold` sequence number on are not handed out (nor expired) yet:
 //! their records are not durable.
 //!
+//! Which consumer is offered the next message is `consumers.rs`'s: the highest consumer
+//! priority with credit first, round robin among equals, only the active one under single
+//! active consumer; the property test checks those rules against its model too.
+//!
 //! Every entry the queue holds is counted in its `IndexCount` (shared by all the queues of a
 //! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
 //! shard's index is bounded by that count (`limits.queued_messages_max`), whatever the payloads.
