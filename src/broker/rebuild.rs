@@ -385,6 +385,58 @@ mod tests {
     }
 
     #[test]
+    fn queue_expiry_resumes_from_the_last_usage_record_and_a_redeclared_queue_starts_afresh() {
+        let expiring = |name: &str| {
+            let mut d = Declare {
+                name: name.into(),
+                durable: true,
+                ..Default::default()
+            };
+            d.arguments.expires_ms = Some(10_000);
+            CatalogRecord::DeclareQueue(d).encode()
+        };
+        let usage = |name: &str, unused_since_ms| {
+            CatalogRecord::QueueUsage {
+                name: name.into(),
+                unused_since_ms,
+            }
+            .encode()
+        };
+        let at = Position::new(0, 4096);
+        let mut r = Rebuild::new();
+        r.apply(at, RecordKind::Control, &expiring("idle"));
+        r.apply(at, RecordKind::Control, &usage("idle", Some(1_000)));
+        r.apply(at, RecordKind::Control, &usage("idle", Some(3_000)));
+        r.apply(at, RecordKind::Control, &expiring("busy"));
+        r.apply(at, RecordKind::Control, &usage("busy", Some(1_000)));
+        r.apply(at, RecordKind::Control, &usage("busy", None));
+        r.apply(at, RecordKind::Control, &expiring("again"));
+        r.apply(at, RecordKind::Control, &usage("again", Some(1_000)));
+        r.apply(
+            at,
+            RecordKind::Control,
+            &CatalogRecord::DeleteQueue("again".into()).encode(),
+        );
+        r.apply(at, RecordKind::Control, &expiring("again"));
+        let (mut host, _) = r.finish(0, Cache::new(u64::MAX), 5_000).unwrap();
+        let a = ConnRef { shard: 0, conn: 1 };
+        let left = |host: &mut QueueHost, q: &str| host.info(a, q, 5_000).unwrap().expires_in_ms;
+        assert_eq!(
+            left(&mut host, "idle"),
+            Some(8_000),
+            "the last record stands"
+        );
+        assert_eq!(left(&mut host, "busy"), Some(10_000), "in use at the crash");
+        assert_eq!(
+            left(&mut host, "again"),
+            Some(10_000),
+            "no record of the new one"
+        );
+        assert_eq!(host.expire_queues(12_999), 0);
+        assert_eq!(host.expire_queues(13_000), 1);
+    }
+
+    #[test]
     fn a_record_that_does_not_parse_refuses_the_rebuild() {
         let mut r = Rebuild::new();
         r.apply(Position::new(0, 4096), RecordKind::Control, &declare("q"));

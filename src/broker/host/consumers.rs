@@ -535,6 +535,63 @@ mod tests {
     }
 
     #[test]
+    fn single_active_consumer_names_the_active_one_and_fails_over_with_what_it_held() {
+        let mut h = QueueHost::new(0);
+        let mut d = Declare {
+            name: "q".into(),
+            ..Default::default()
+        };
+        d.arguments.single_active_consumer = true;
+        h.declare(A, d, 0).unwrap();
+        for _ in 0..4 {
+            let m = Stored::new(
+                Bytes::from_static(b"m"),
+                String::new(),
+                "q".into(),
+                false,
+                None,
+            );
+            h.publish(A, "q", Rc::new(m), None, 0).unwrap();
+        }
+        h.consume_at(A, "q", "first", 2, false, false, 0, 0)
+            .unwrap();
+        h.consume_at(B, "q", "second", 10, false, false, 0, 0)
+            .unwrap();
+        let out = owed(&mut h, 0);
+        assert_eq!(out.len(), 2, "the second has credit, yet gets nothing");
+        assert!(out.iter().all(|o| &*o.consumer_tag == "first"));
+        let active = h.info(A, "q", 0).unwrap().active_consumer;
+        assert_eq!(active.as_deref(), Some("first"));
+        h.connection_closed_at(A, 0);
+        let out = owed(&mut h, 0);
+        assert_eq!(
+            out.len(),
+            4,
+            "the second takes over with what the first held"
+        );
+        assert!(out.iter().all(|o| &*o.consumer_tag == "second"));
+        assert_eq!(
+            out.iter()
+                .filter(|o| o.delivery.delivery_count == 2)
+                .count(),
+            2
+        );
+        let active = h.info(B, "q", 0).unwrap().active_consumer;
+        assert_eq!(active.as_deref(), Some("second"));
+    }
+
+    #[test]
+    fn a_higher_priority_consumer_is_served_first_until_its_prefetch_is_full() {
+        let mut h = host_with(5, 10);
+        h.consume_at(A, "q", "low", 100, false, false, -1, 0)
+            .unwrap();
+        h.consume_at(B, "q", "high", 3, false, false, 7, 0).unwrap();
+        let out = owed(&mut h, 0);
+        let tags: Vec<&str> = out.iter().map(|o| &*o.consumer_tag).collect();
+        assert_eq!(tags, ["high", "high", "high", "low", "low"]);
+    }
+
+    #[test]
     fn a_consumer_past_its_timeout_is_cancelled_and_what_it_held_goes_to_another() {
         let mut h = host_with(3, 10);
         let stuck = h.consume(A, "q", "stuck", 10, false, false).unwrap();
