@@ -92,10 +92,16 @@ impl QueueHost {
         }
     }
 
-    /// A queue going: its deadline with it.
+    /// A queue going: its deadline with it, and its usage records not journaled yet (they
+    /// would follow its deletion in the log, and speak for a queue declared again later).
     pub(super) fn forget_expiry(&mut self, name: &Rc<str>, expiry: Option<&QueueExpiry>) {
         if let Some(d) = expiry.and_then(QueueExpiry::deadline) {
             self.deadlines.remove(&(d, name.clone()));
+        }
+        if expiry.is_some() {
+            self.usage.retain(
+                |r| !matches!(r, CatalogRecord::QueueUsage { name: n, .. } if **n == **name),
+            );
         }
     }
 
@@ -255,5 +261,20 @@ mod tests {
         };
         assert_eq!(restated, vec![want]);
         assert_eq!(h.expire_queues(51_000), 1);
+
+        // A queue that goes with its last consumer leaves no usage record behind its deletion.
+        let mut d = Declare {
+            name: "tmp".into(),
+            durable: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        d.arguments.expires_ms = Some(1_000);
+        h.declare(A, d, 60_000).unwrap();
+        h.consume_at(A, "tmp", "c", 10, false, false, 0, 60_000)
+            .unwrap();
+        h.connection_closed_at(A, 61_000);
+        assert!(h.take_usage().is_empty());
+        assert!(!exists(&mut h, "tmp"));
     }
 }
