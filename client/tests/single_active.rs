@@ -73,8 +73,8 @@ async fn single_active_consumer_fails_over_in_order_with_the_unacked_messages() 
     assert_eq!(info.active_consumer.as_deref(), Some("first"));
     assert_eq!((info.messages_ready, info.messages_unacked), (10, 10));
 
-    // Its connection dies: what it held goes back, and the second takes over with it.
-    drop(first);
+    // Its connection goes (the consumer not cancelled first): what it held goes back, and the
+    // second takes over with it, those first.
     a.close().await.unwrap();
     let got = take(&mut second, 10).await;
     let redelivered: Vec<&Delivery> = got.iter().filter(|d| d.redelivered()).collect();
@@ -104,4 +104,5 @@ async fn single_active_consumer_fails_over_in_order_with_the_unacked_messages() 
     );
     let info = admin.queue_info(&queue).await.unwrap();
     assert_eq!(info.active_consumer.as_deref(), Some("third"));
+    drop(first);
 }

@@ -10,9 +10,10 @@
 //! This file holds the queue map and what changes it: declarations, deletion, purge, info, list,
 //! publish, recovery. `consumers` serves consumers and `Get`s and releases what a closed
 //! connection held; `expiry` deletes queues unused for their `expires_ms` (a deadline set, and
-//! the usage records that carry the clock across restarts); `settle` keeps the books of what leaves a queue (journal settles, dead
-//! letters, drop counts, expiry, the liveness of journal segments as messages cool) and of what
-//! waits for a commit (held messages, acks taken out until their record is durable).
+//! the usage records that carry the clock across restarts); `settle` keeps the books of what
+//! leaves a queue (journal settles, dead letters, drop counts, expiry, the liveness of journal
+//! segments as messages cool) and of what waits for a commit (held messages, acks taken out
+//! until their record is durable).
 //!
 //! What grows with clients is bounded here (`HostLimits`): the queues of the shard
 //! (`queues_per_shard_max`, a declare past it refused) and the entries of every queue's index
