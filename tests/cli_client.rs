@@ -761,3 +761,60 @@ fn queue_arguments_from_the_cli_dead_letter_expired_messages() {
         "clap: the key needs the exchange"
     );
 }
+
+#[test]
+fn queue_expiry_single_active_consumer_and_consumer_priority_from_the_cli() {
+    let broker = Broker::start(&temp_dir("cli-expiry-sac"), &[]);
+    let declare = [
+        "queue",
+        "declare",
+        "ledger",
+        "--durable",
+        "--expires-ms",
+        "600000",
+        "--single-active-consumer",
+        "--json",
+    ];
+    let q = json(weir(&broker, &declare));
+    assert_eq!(q["expires_ms"], 600000, "{q}");
+    assert_eq!(q["single_active_consumer"], true, "{q}");
+    assert!(
+        q["expires_in_ms"].as_u64().is_some_and(|l| l <= 600000),
+        "{q}"
+    );
+    assert!(q["active_consumer"].is_null(), "{q}");
+    let text = ok(weir(&broker, &["queue", "info", "ledger"]));
+    assert!(
+        text.contains("expires in") && text.contains("unless used"),
+        "{text}"
+    );
+    assert!(
+        text.contains("single active") && text.contains("no consumer"),
+        "{text}"
+    );
+
+    let input = lines(3);
+    let out = weir_at(
+        Some(broker.listen),
+        &["publish", "--queue", "ledger"],
+        input.as_bytes(),
+    );
+    ok(out);
+    let consume = [
+        "consume",
+        "--queue",
+        "ledger",
+        "--count",
+        "3",
+        "--priority",
+        "-5",
+    ];
+    assert_eq!(ok(weir(&broker, &consume)), input);
+    let after = info(&broker, "ledger");
+    assert!(after["expires_in_ms"].is_number(), "unused again: {after}");
+
+    // The broker's lower bound, in clap's words before any request.
+    let out = weir(&broker, &["queue", "declare", "never", "--expires-ms", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--expires-ms"), "{}", stderr(&out));
+}

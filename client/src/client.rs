@@ -548,6 +548,7 @@ impl Client {
         c.prefetch = options.prefetch;
         c.auto_ack = options.auto_ack;
         c.exclusive = options.exclusive;
+        c.priority = options.priority;
         let (deliveries, stream) = mpsc::unbounded_channel();
         let (reply, rx) = oneshot::channel();
         conn.send(Command::Consume {

@@ -37,6 +37,25 @@ pub struct ConsumeOptions {
     /// The queue's only consumer; refused (`ResourceLocked`) if it has another, and while it
     /// runs every other consume of the queue is refused the same way.
     pub exclusive: bool,
+    /// Consumer priority (RabbitMQ's `x-priority`; default 0, may be negative): while a
+    /// consumer of higher priority has room in its prefetch window, lower ones get nothing;
+    /// equal priorities share round robin. With a single-active-consumer queue it picks which
+    /// consumer is active.
+    ///
+    /// ```no_run
+    /// use weir_client::{Client, ClientError, ConsumeOptions};
+    ///
+    /// # async fn example(client: Client) -> Result<(), ClientError> {
+    /// // A fast local worker takes what it can; the remote one gets only the overflow.
+    /// let fast = ConsumeOptions { prefetch: 50, priority: 10, ..ConsumeOptions::default() };
+    /// let local = client.consume("jobs", fast).await?;
+    /// let overflow = ConsumeOptions { prefetch: 50, priority: 0, ..ConsumeOptions::default() };
+    /// let remote = client.consume("jobs", overflow).await?;
+    /// # drop((local, remote));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub priority: i32,
 }
 
 /// One message handed to this client, by a consumer or by `get`.

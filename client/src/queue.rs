@@ -40,8 +40,44 @@ pub struct QueueArguments {
     pub shard: Option<u16>,
     /// Largest message priority the queue orders by; 0 makes it a plain FIFO.
     pub priority_max: u8,
-    /// Delete the queue after it has had no consumers and no requests for this long, ms.
+    /// Queue expiry (RabbitMQ's `x-expires`): the broker deletes the queue, with its messages,
+    /// once it has been unused this long, ms (at least 1). Unused: no consumers, no `get`, no
+    /// (non-passive) redeclare; publishing to it or reading its info is not a use. Durable queues
+    /// keep the clock across broker restarts: the time unused before a restart counts.
+    ///
+    /// ```no_run
+    /// use weir_client::{Client, ClientError, QueueArguments, QueueOptions};
+    ///
+    /// # async fn example(client: Client) -> Result<(), ClientError> {
+    /// // A per-session queue that cleans itself up ten minutes after its last consumer left.
+    /// let arguments = QueueArguments { expires_ms: Some(600_000), ..QueueArguments::default() };
+    /// client.declare("session-42", QueueOptions { arguments, ..QueueOptions::default() }).await?;
+    /// let info = client.queue_info("session-42").await?;
+    /// println!("expires in {:?} ms unless used", info.expires_in_ms);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub expires_ms: Option<u32>,
+    /// Single active consumer (RabbitMQ's `x-single-active-consumer`): only one consumer
+    /// receives at a time: the highest [`ConsumeOptions::priority`](crate::ConsumeOptions),
+    /// the earliest attached among equals. The others get nothing, whatever their prefetch,
+    /// until it is cancelled or its connection closes (what it held unacked then goes back to
+    /// the queue, for the next); then the next in that order takes over.
+    ///
+    /// ```no_run
+    /// use weir_client::{Client, ClientError, ConsumeOptions, QueueArguments, QueueOptions};
+    ///
+    /// # async fn example(client: Client) -> Result<(), ClientError> {
+    /// // Ordered processing with a hot standby: every worker consumes, one works at a time.
+    /// let arguments = QueueArguments { single_active_consumer: true, ..QueueArguments::default() };
+    /// client.declare("ledger", QueueOptions { arguments, ..QueueOptions::default() }).await?;
+    /// let worker = client.consume("ledger", ConsumeOptions::default()).await?;
+    /// let info = client.queue_info("ledger").await?;
+    /// assert_eq!(info.active_consumer.as_deref(), Some(worker.tag()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub single_active_consumer: bool,
 }
 
 impl QueueArguments {
@@ -57,6 +93,7 @@ impl QueueArguments {
         a.shard = self.shard;
         a.priority_max = self.priority_max;
         a.expires_ms = self.expires_ms;
+        a.single_active_consumer = self.single_active_consumer;
         a
     }
 
@@ -72,6 +109,7 @@ impl QueueArguments {
             shard: a.shard,
             priority_max: a.priority_max,
             expires_ms: a.expires_ms,
+            single_active_consumer: a.single_active_consumer,
         }
     }
 }
@@ -148,6 +186,11 @@ pub struct QueueInfo {
     pub consumers: u32,
     /// Age of the oldest ready message; `None` when none is ready.
     pub oldest_ready_age_ms: Option<u64>,
+    /// With [`QueueArguments::expires_ms`]: time left before the broker deletes the queue if it
+    /// stays unused, ms. `None`: no `expires_ms`, or in use (it has consumers).
+    pub expires_in_ms: Option<u64>,
+    /// With [`QueueArguments::single_active_consumer`]: the tag of the consumer receiving now.
+    pub active_consumer: Option<String>,
 }
 
 impl QueueInfo {
@@ -169,6 +212,8 @@ impl QueueInfo {
             bytes_ready: i.bytes_ready,
             consumers: i.consumers,
             oldest_ready_age_ms: i.oldest_ready_age_ms,
+            expires_in_ms: i.expires_in_ms,
+            active_consumer: i.active_consumer.clone(),
         }
     }
 }

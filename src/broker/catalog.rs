@@ -25,6 +25,9 @@ const TAG_DECLARE_EXCHANGE: u8 = 4;
 const TAG_DELETE_EXCHANGE: u8 = 5;
 const TAG_BIND: u8 = 6;
 const TAG_UNBIND: u8 = 7;
+const TAG_QUEUE_USAGE: u8 = 8;
+/// `QueueUsage`'s "in use" on disk.
+const IN_USE: u64 = u64::MAX;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum CatalogRecord {
@@ -43,6 +46,13 @@ pub enum CatalogRecord {
     /// A durable binding: a durable exchange to a durable queue.
     Bind(Binding),
     Unbind(Binding),
+    /// A queue with `expires_ms`: in use (`None`: it has consumers), or unused since no
+    /// earlier than this wall-clock time, ms (`broker::expiry`). The last one in the log stands.
+    /// Body: u64 LE (`u64::MAX`: in use), then the name.
+    QueueUsage {
+        name: String,
+        unused_since_ms: Option<u64>,
+    },
 }
 
 impl CatalogRecord {
@@ -51,6 +61,17 @@ impl CatalogRecord {
             let mut out = Vec::with_capacity(9 + name.len());
             out.push(TAG_QUEUE_SEQ);
             out.extend_from_slice(&next_seq.to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            return out;
+        }
+        if let CatalogRecord::QueueUsage {
+            name,
+            unused_since_ms,
+        } = self
+        {
+            let mut out = Vec::with_capacity(9 + name.len());
+            out.push(TAG_QUEUE_USAGE);
+            out.extend_from_slice(&unused_since_ms.unwrap_or(IN_USE).to_le_bytes());
             out.extend_from_slice(name.as_bytes());
             return out;
         }
@@ -96,7 +117,9 @@ impl CatalogRecord {
                 t.binding_key = Some(b.key.clone());
                 (TAG_UNBIND, BodyT::Unbind(Box::new(t)))
             }
-            CatalogRecord::QueueSeq { .. } => unreachable!("encoded above"),
+            CatalogRecord::QueueSeq { .. } | CatalogRecord::QueueUsage { .. } => {
+                unreachable!("encoded above")
+            }
         };
         let mut fbb = flatbuffers::FlatBufferBuilder::new();
         let root = weir_protocol::frame(0, body).pack(&mut fbb);
@@ -117,6 +140,17 @@ impl CatalogRecord {
             return Ok(CatalogRecord::QueueSeq {
                 name,
                 next_seq: u64::from_le_bytes(*seq),
+            });
+        }
+        if tag == TAG_QUEUE_USAGE {
+            let (since, name) = rest
+                .split_first_chunk::<8>()
+                .ok_or("queue usage record too short")?;
+            let name = String::from_utf8(name.to_vec()).map_err(|_| "queue name is not UTF-8")?;
+            let since = u64::from_le_bytes(*since);
+            return Ok(CatalogRecord::QueueUsage {
+                name,
+                unused_since_ms: (since != IN_USE).then_some(since),
             });
         }
         let opts = flatbuffers::VerifierOptions {
@@ -206,6 +240,14 @@ mod tests {
             CatalogRecord::DeleteExchange("logs".into()),
             CatalogRecord::Bind(binding.clone()),
             CatalogRecord::Unbind(binding),
+            CatalogRecord::QueueUsage {
+                name: "orders".into(),
+                unused_since_ms: Some(1_700_000_000_000),
+            },
+            CatalogRecord::QueueUsage {
+                name: "orders".into(),
+                unused_since_ms: None,
+            },
         ] {
             let bytes = r.encode();
             assert_eq!(CatalogRecord::decode(&bytes).unwrap(), r);

@@ -14,6 +14,7 @@
 //! - `deaths`: a message's dead-letter history (its encoding, one more death, cycles).
 //! - `durability`: which replies wait for their commit, what a failed commit makes of them.
 //! - `cooling`: which journaled messages leave memory once durable (the cache's rule).
+//! - `expiry`: queue expiry (`expires_ms`): when an unused queue goes, and its usage records.
 //! - `ops`: the commands a connection's shard sends a queue's owning shard, and their execution.
 //! - `routing`: exchanges and bindings, and the queues a routing key reaches (direct, topic, fanout);
 //!   the control-plane writer's authoritative table and every shard's copy.
@@ -33,6 +34,7 @@ pub mod cooling;
 pub mod dead_letter;
 pub mod deaths;
 pub mod durability;
+pub mod expiry;
 pub mod host;
 pub mod ops;
 pub mod orphan_bindings;

@@ -319,10 +319,15 @@ pub fn execute(
             prefetch,
             auto_ack,
             exclusive,
+            priority,
         } => host
-            .consume(from, &queue, &tag, prefetch, auto_ack, exclusive)
+            .consume_at(
+                from, &queue, &tag, prefetch, auto_ack, exclusive, priority, now_ms,
+            )
             .map(Reply::Consumed),
-        Op::Cancel { queue, holder } => host.cancel(from, &queue, holder).map(|()| Reply::Done),
+        Op::Cancel { queue, holder } => host
+            .cancel_at(from, &queue, holder, now_ms)
+            .map(|()| Reply::Done),
         Op::SetPrefetch {
             queue,
             holder,
@@ -338,12 +343,13 @@ pub fn execute(
             })
         }
         Op::ConnectionClosed => {
-            host.connection_closed(from);
+            host.connection_closed_at(from, now_ms);
             Ok(Reply::Done)
         }
         Op::Status => Ok(Reply::ShardStatus(Box::new(host.status()))),
         Op::Expire => {
             host.expire(now_ms);
+            host.expire_queues(now_ms);
             Ok(Reply::Done)
         }
         Op::DeliveriesWritten { bytes } => {
@@ -563,6 +569,22 @@ pub fn collect_pushes(
     // Auto-acked and expired messages were settled while dispatching.
     if let Err(r) = journal(host, sink) {
         tracing::error!("journal: {}", r.message);
+    }
+    journal_usage(host, sink);
+}
+
+/// Journals the usage records of queues with `expires_ms` (`broker::expiry`): after the
+/// request's own records, so no reply waits for them; one the journal refuses is logged (after
+/// a crash that queue's timer resumes from its previous record).
+fn journal_usage(host: &mut QueueHost, sink: &mut dyn JournalSink) {
+    for record in host.take_usage() {
+        if let Err(r) = sink.catalog(&record) {
+            tracing::warn!(
+                ?record,
+                "queue usage not journaled (after a restart its expiry counts from an older record): {}",
+                r.message
+            );
+        }
     }
 }
 

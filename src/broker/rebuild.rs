@@ -14,6 +14,8 @@
 //! | settle (q, ranges)         | those seqs of q are gone                                        |
 //! | end of log, q undeclared   | q and its messages are dropped (it was deleted before a reclaim)|
 //! | catalog: queue seq (q, n)  | q's next sequence number is at least n (re-stated at reclaim)   |
+//! | catalog: queue usage (q, u)| q's expiry resumes from u (in use, or unused since T): the last |
+//! |                            | one stands; none: counted from the recovery (`broker::expiry`) |
 //! | any record, any q          | q's next sequence number moves past every seq it names          |
 //! | a body that does not parse | the shard refuses to start, naming the record                   |
 //! | catalog: exchange, binding | applied to the control plane's table (shard 0 only writes them);|
@@ -45,6 +47,8 @@ struct RebuiltQueue {
     /// counted until the queue is restored.
     messages: BTreeMap<Seq, (Position, u32, u32, Option<u64>)>,
     next_seq: Seq,
+    /// The last usage record (`expires_ms`): `Some(None)` in use, `Some(Some(t))` unused since t.
+    usage: Option<Option<u64>>,
 }
 
 impl RebuiltQueue {
@@ -53,6 +57,7 @@ impl RebuiltQueue {
             declare: None,
             messages: BTreeMap::new(),
             next_seq: 0,
+            usage: None,
         }
     }
 }
@@ -110,6 +115,16 @@ impl Rebuild {
                         .entry(name)
                         .or_insert_with(RebuiltQueue::undeclared);
                     q.next_seq = q.next_seq.max(next_seq);
+                }
+                CatalogRecord::QueueUsage {
+                    name,
+                    unused_since_ms,
+                } => {
+                    let q = self
+                        .queues
+                        .entry(name)
+                        .or_insert_with(RebuiltQueue::undeclared);
+                    q.usage = Some(unused_since_ms);
                 }
                 // Refusals are the "no longer applies" row of the table: skipped.
                 CatalogRecord::DeclareExchange(e) => {
@@ -200,6 +215,7 @@ impl Rebuild {
         // reclaimed segment with everything before it) are dropped here.
         for (_, q) in self.queues {
             let Some(declare) = q.declare else { continue };
+            let (name, usage) = (declare.name.clone(), q.usage);
             summary.queues += 1;
             summary.messages += q.messages.len() as u64;
             let messages =
@@ -217,6 +233,7 @@ impl Rebuild {
                         )
                     });
             host.restore_queue(declare, q.next_seq, messages, now_ms);
+            host.restore_expiry(&name, usage, now_ms);
         }
         // The restored queues' declarations are already in the journal.
         host.take_journal_work();
@@ -366,6 +383,58 @@ mod tests {
         let (mut host, summary) = r.finish(0, Cache::new(u64::MAX), 0).unwrap();
         assert_eq!(summary.queues, 0);
         assert!(host.info(ConnRef { shard: 0, conn: 1 }, "gone", 0).is_err());
+    }
+
+    #[test]
+    fn queue_expiry_resumes_from_the_last_usage_record_and_a_redeclared_queue_starts_afresh() {
+        let expiring = |name: &str| {
+            let mut d = Declare {
+                name: name.into(),
+                durable: true,
+                ..Default::default()
+            };
+            d.arguments.expires_ms = Some(10_000);
+            CatalogRecord::DeclareQueue(d).encode()
+        };
+        let usage = |name: &str, unused_since_ms| {
+            CatalogRecord::QueueUsage {
+                name: name.into(),
+                unused_since_ms,
+            }
+            .encode()
+        };
+        let at = Position::new(0, 4096);
+        let mut r = Rebuild::new();
+        r.apply(at, RecordKind::Control, &expiring("idle"));
+        r.apply(at, RecordKind::Control, &usage("idle", Some(1_000)));
+        r.apply(at, RecordKind::Control, &usage("idle", Some(3_000)));
+        r.apply(at, RecordKind::Control, &expiring("busy"));
+        r.apply(at, RecordKind::Control, &usage("busy", Some(1_000)));
+        r.apply(at, RecordKind::Control, &usage("busy", None));
+        r.apply(at, RecordKind::Control, &expiring("again"));
+        r.apply(at, RecordKind::Control, &usage("again", Some(1_000)));
+        r.apply(
+            at,
+            RecordKind::Control,
+            &CatalogRecord::DeleteQueue("again".into()).encode(),
+        );
+        r.apply(at, RecordKind::Control, &expiring("again"));
+        let (mut host, _) = r.finish(0, Cache::new(u64::MAX), 5_000).unwrap();
+        let a = ConnRef { shard: 0, conn: 1 };
+        let left = |host: &mut QueueHost, q: &str| host.info(a, q, 5_000).unwrap().expires_in_ms;
+        assert_eq!(
+            left(&mut host, "idle"),
+            Some(8_000),
+            "the last record stands"
+        );
+        assert_eq!(left(&mut host, "busy"), Some(10_000), "in use at the crash");
+        assert_eq!(
+            left(&mut host, "again"),
+            Some(10_000),
+            "no record of the new one"
+        );
+        assert_eq!(host.expire_queues(12_999), 0);
+        assert_eq!(host.expire_queues(13_000), 1);
     }
 
     #[test]

@@ -45,6 +45,15 @@ pub struct ConsumeArgs {
     #[arg(long, value_name = "P", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub prefetch: u32,
+    /// Consumer priority: while a higher-priority consumer has room in its prefetch, lower ones
+    /// get nothing (default 0; may be negative).
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub priority: i32,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -71,6 +80,7 @@ async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
     };
     let options = ConsumeOptions {
         prefetch,
+        priority: args.priority,
         ..ConsumeOptions::default()
     };
     let mut consumer = tokio::select! {

@@ -157,6 +157,24 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
                 format!("exchange '{x}', {key}")
             }),
         ),
+        (
+            "expires",
+            a.expires_ms.map(|v| format!("after {v}ms unused")),
+        ),
+        (
+            "expires in",
+            q.expires_in_ms.map(|v| format!("{v}ms unless used")),
+        ),
+        (
+            "single active",
+            a.single_active_consumer.then(|| {
+                q.active_consumer
+                    .as_ref()
+                    .map_or("no consumer".to_string(), |t| {
+                        format!("active consumer '{t}'")
+                    })
+            }),
+        ),
     ];
     for (k, v) in optional {
         if let Some(v) = v {
@@ -196,6 +214,10 @@ pub(crate) fn queue_json(q: &QueueInfo) -> Value {
         "max_deliveries": q.arguments.max_deliveries,
         "dead_letter_exchange": q.arguments.dead_letter_exchange,
         "dead_letter_routing_key": q.arguments.dead_letter_routing_key,
+        "expires_ms": q.arguments.expires_ms,
+        "single_active_consumer": q.arguments.single_active_consumer,
+        "expires_in_ms": q.expires_in_ms,
+        "active_consumer": q.active_consumer,
     })
 }
 

@@ -65,7 +65,8 @@ pub enum QueueCommand {
     /// Describe one queue: shard, depths, consumers, age of the oldest ready message.
     ///
     /// --json: one object {"name","shard","durable","exclusive","auto_delete","messages_ready",
-    /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms"}.
+    /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms",
+    /// ..., "expires_in_ms","active_consumer"} (null when absent).
     Info {
         /// The queue's name.
         name: String,
@@ -112,6 +113,14 @@ pub struct QueueArgs {
     /// Routing key for dead-lettered messages (default: their own).
     #[arg(long, value_name = "KEY", requires = "dead_letter_exchange")]
     dead_letter_routing_key: Option<String>,
+    /// Delete the queue, with its messages, once it has been unused this long, ms (no
+    /// consumers, no get, no redeclare; publishing is not a use). Kept across restarts.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..))]
+    expires_ms: Option<u32>,
+    /// Only one consumer receives at a time (the highest --priority, the earliest among
+    /// equals); the next takes over when it goes.
+    #[arg(long)]
+    single_active_consumer: bool,
 }
 
 impl QueueArgs {
@@ -128,6 +137,8 @@ impl QueueArgs {
             max_deliveries: self.max_deliveries,
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_routing_key: self.dead_letter_routing_key.clone(),
+            expires_ms: self.expires_ms,
+            single_active_consumer: self.single_active_consumer,
             ..QueueArguments::default()
         }
     }

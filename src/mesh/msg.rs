@@ -124,6 +124,8 @@ pub enum Op {
         prefetch: u32,
         auto_ack: bool,
         exclusive: bool,
+        /// Consumer priority: higher first while it has credit.
+        priority: i32,
     },
     Cancel {
         queue: String,

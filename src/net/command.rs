@@ -113,6 +113,8 @@ pub struct Consume<'a> {
     pub prefetch: u32,
     pub auto_ack: bool,
     pub exclusive: bool,
+    /// Consumer priority (`x-priority`): higher first while it has credit.
+    pub priority: i32,
 }
 
 /// A binding as a client names it (`Bind`, `Unbind`).
@@ -297,6 +299,7 @@ impl<'a> Command<'a> {
                 prefetch: c.prefetch(),
                 auto_ack: c.auto_ack(),
                 exclusive: c.exclusive(),
+                priority: c.priority(),
             })
         } else if let Some(c) = f.body_as_cancel() {
             Command::Cancel {

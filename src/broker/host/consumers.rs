@@ -6,7 +6,10 @@
 //! retired, its deliveries ackable until its connection closes. Faults handled: a consumer tag
 //! already used on the connection, an exclusive consume on a queue with consumers, any consume
 //! on a queue with an exclusive consumer, a consumer not of this connection: refused, nothing
-//! changes.
+//! changes. Which consumer gets a message (consumer priority, single active consumer) is the
+//! queue's (`queue::consumers`); every change of a queue's consumers here is also a use of it
+//! for queue expiry (`expiry::Use`), so its first consumer stops its clock and its last one
+//! gone starts it.
 //!
 //! Two guards against a consumer that stops: the outbox account and the consumer timeout.
 //! - Every delivery dispatched to a connection is charged to that connection's account here
@@ -30,6 +33,7 @@ use std::rc::Rc;
 
 use weir_protocol::wire::ErrorCode;
 
+use super::expiry::Use;
 use super::{refuse, ConsumerInfo, Hosted, QueueHost, StoredDelivery};
 use crate::broker::queue::QueueDelivery;
 use crate::broker::routing::hash::FastMap;
@@ -125,6 +129,8 @@ impl Outboxes {
 const CONSUMER_BIT: u64 = 1 << 63;
 
 impl QueueHost {
+    /// As `consume_at`, at priority 0 and time 0 (state-machine tests).
+    #[cfg(test)]
     pub fn consume(
         &mut self,
         conn: ConnRef,
@@ -133,6 +139,23 @@ impl QueueHost {
         prefetch: u32,
         auto_ack: bool,
         exclusive: bool,
+    ) -> Result<HolderId, Refusal> {
+        self.consume_at(conn, queue, tag, prefetch, auto_ack, exclusive, 0, 0)
+    }
+
+    /// Attaches a consumer at consumer priority `priority` (higher first: `queue::consumers`);
+    /// a queue's first consumer makes it in use (`expires_ms`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn consume_at(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        tag: &str,
+        prefetch: u32,
+        auto_ack: bool,
+        exclusive: bool,
+        priority: i32,
+        now_ms: u64,
     ) -> Result<HolderId, Refusal> {
         let id = CONSUMER_BIT | self.next_consumer;
         let q = self.get_queue(conn, queue)?;
@@ -160,7 +183,7 @@ impl QueueHost {
             );
         }
         q.queue
-            .add_consumer(id, prefetch, auto_ack)
+            .add_consumer_with(id, prefetch, auto_ack, priority)
             .map_err(|e| Refusal {
                 code: ErrorCode::InvalidArgument,
                 message: e.to_string(),
@@ -176,6 +199,7 @@ impl QueueHost {
         q.had_consumer = true;
         let name = q.name.clone();
         self.next_consumer += 1;
+        self.used(&name, Use::Consumed, now_ms);
         self.dirty.insert(name);
         Ok(id)
     }
@@ -207,14 +231,26 @@ impl QueueHost {
         Ok(())
     }
 
-    /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
-    /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
-    /// losing its last consumer goes.
+    /// As `cancel_at`, at time 0 (state-machine tests).
+    #[cfg(test)]
     pub fn cancel(
         &mut self,
         conn: ConnRef,
         queue: &str,
         consumer: HolderId,
+    ) -> Result<(), Refusal> {
+        self.cancel_at(conn, queue, consumer, 0)
+    }
+
+    /// Cancels a consumer: nothing more is dispatched to it, and what it holds stays outstanding,
+    /// ackable by its connection until that connection closes (as in AMQP). An auto-delete queue
+    /// losing its last consumer goes; another is unused from `now_ms` (`expires_ms`).
+    pub fn cancel_at(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        consumer: HolderId,
+        now_ms: u64,
     ) -> Result<(), Refusal> {
         let q = self.get_queue(conn, queue)?;
         if q.consumers.remove(&consumer).is_none() {
@@ -229,6 +265,7 @@ impl QueueHost {
         if gone {
             self.remove(&name, "was auto-deleted");
         } else {
+            self.used(&name, Use::ConsumersLeft, now_ms);
             self.dirty.insert(name);
         }
         Ok(())
@@ -248,6 +285,7 @@ impl QueueHost {
         let ready = q.queue.stats().ready;
         let name = q.name.clone();
         self.note_settled(&name, settled);
+        self.used(&name, Use::Touched, now_ms);
         Ok((d, ready))
     }
 
@@ -359,6 +397,7 @@ impl QueueHost {
         }
         for (name, settled) in released {
             self.note_settled(&name, settled);
+            self.used(&name, Use::ConsumersLeft, now_ms);
         }
         for name in gone {
             self.remove(&name, "was auto-deleted");
@@ -370,7 +409,7 @@ impl QueueHost {
     /// those exclusive to it (they go whole): back to ready, to be redelivered. Returns the
     /// auto-delete queues it left without consumers; the caller removes them, after the
     /// settlements are noted here, since noting reads the queue's dead-letter exchange.
-    pub(super) fn release_connection(&mut self, conn: ConnRef) -> Vec<Rc<str>> {
+    pub(super) fn release_connection(&mut self, conn: ConnRef, now_ms: u64) -> Vec<Rc<str>> {
         let mut gone = Vec::new();
         let mut released = Vec::new();
         for (name, q) in self.queues.iter_mut() {
@@ -409,6 +448,7 @@ impl QueueHost {
         }
         for (name, settled) in released {
             self.note_settled(&name, settled);
+            self.used(&name, Use::ConsumersLeft, now_ms);
         }
         // What was on its way to it went with the connection.
         self.outboxes.by_conn.remove(&conn);
@@ -492,6 +532,63 @@ mod tests {
         // A closed connection's account goes with it; a late hand-back changes nothing.
         h.connection_closed(A);
         h.outbox_written(A, u64::from(one));
+    }
+
+    #[test]
+    fn single_active_consumer_names_the_active_one_and_fails_over_with_what_it_held() {
+        let mut h = QueueHost::new(0);
+        let mut d = Declare {
+            name: "q".into(),
+            ..Default::default()
+        };
+        d.arguments.single_active_consumer = true;
+        h.declare(A, d, 0).unwrap();
+        for _ in 0..4 {
+            let m = Stored::new(
+                Bytes::from_static(b"m"),
+                String::new(),
+                "q".into(),
+                false,
+                None,
+            );
+            h.publish(A, "q", Rc::new(m), None, 0).unwrap();
+        }
+        h.consume_at(A, "q", "first", 2, false, false, 0, 0)
+            .unwrap();
+        h.consume_at(B, "q", "second", 10, false, false, 0, 0)
+            .unwrap();
+        let out = owed(&mut h, 0);
+        assert_eq!(out.len(), 2, "the second has credit, yet gets nothing");
+        assert!(out.iter().all(|o| &*o.consumer_tag == "first"));
+        let active = h.info(A, "q", 0).unwrap().active_consumer;
+        assert_eq!(active.as_deref(), Some("first"));
+        h.connection_closed_at(A, 0);
+        let out = owed(&mut h, 0);
+        assert_eq!(
+            out.len(),
+            4,
+            "the second takes over with what the first held"
+        );
+        assert!(out.iter().all(|o| &*o.consumer_tag == "second"));
+        assert_eq!(
+            out.iter()
+                .filter(|o| o.delivery.delivery_count == 2)
+                .count(),
+            2
+        );
+        let active = h.info(B, "q", 0).unwrap().active_consumer;
+        assert_eq!(active.as_deref(), Some("second"));
+    }
+
+    #[test]
+    fn a_higher_priority_consumer_is_served_first_until_its_prefetch_is_full() {
+        let mut h = host_with(5, 10);
+        h.consume_at(A, "q", "low", 100, false, false, -1, 0)
+            .unwrap();
+        h.consume_at(B, "q", "high", 3, false, false, 7, 0).unwrap();
+        let out = owed(&mut h, 0);
+        let tags: Vec<&str> = out.iter().map(|o| &*o.consumer_tag).collect();
+        assert_eq!(tags, ["high", "high", "high", "low", "low"]);
     }
 
     #[test]

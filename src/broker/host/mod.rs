@@ -9,9 +9,11 @@
 //!
 //! This file holds the queue map and what changes it: declarations, deletion, purge, info, list,
 //! publish, recovery. `consumers` serves consumers and `Get`s and releases what a closed
-//! connection held; `settle` keeps the books of what leaves a queue (journal settles, dead
-//! letters, drop counts, expiry, the liveness of journal segments as messages cool) and of what
-//! waits for a commit (held messages, acks taken out until their record is durable).
+//! connection held; `expiry` deletes queues unused for their `expires_ms` (a deadline set, and
+//! the usage records that carry the clock across restarts); `settle` keeps the books of what
+//! leaves a queue (journal settles, dead letters, drop counts, expiry, the liveness of journal
+//! segments as messages cool) and of what waits for a commit (held messages, acks taken out
+//! until their record is durable).
 //!
 //! What grows with clients is bounded here (`HostLimits`): the queues of the shard
 //! (`queues_per_shard_max`, a declare past it refused) and the entries of every queue's index
@@ -24,6 +26,7 @@
 //! its consumers, its outstanding deliveries (back to ready, redelivered), its exclusive queues.
 
 mod consumers;
+mod expiry;
 mod settle;
 #[cfg(test)]
 mod tests;
@@ -34,6 +37,7 @@ use std::rc::Rc;
 use weir_protocol::wire::{self, ErrorCode};
 
 use crate::broker::catalog::CatalogRecord;
+use crate::broker::expiry::QueueExpiry;
 use crate::broker::queue::{
     IndexCount, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled,
 };
@@ -75,6 +79,8 @@ struct Hosted {
     had_consumer: bool,
     /// Messages whose record's commit is not durable yet (fsync = always): not deliverable.
     held: BTreeSet<Seq>,
+    /// With `expires_ms`: when it expires if unused (`expiry`).
+    expiry: Option<QueueExpiry>,
 }
 
 impl Hosted {
@@ -96,6 +102,12 @@ impl Hosted {
             .queue
             .oldest_ready_ms()
             .map(|t| now_ms.saturating_sub(t));
+        i.expires_in_ms = self.expiry.as_ref().and_then(|e| e.expires_in(now_ms));
+        i.active_consumer = self
+            .queue
+            .active_consumer()
+            .and_then(|id| self.consumers.get(&id))
+            .map(|c| c.tag.to_string());
         i
     }
 
@@ -152,6 +164,10 @@ pub struct QueueHost {
     pub dead_letter_cycles: u64,
     /// Dead-letter copies their queues refused (full, or the disk is): dropped.
     pub dead_letter_refused: u64,
+    /// Unused queues with `expires_ms`, by when they expire (`expiry`).
+    deadlines: BTreeSet<(u64, Rc<str>)>,
+    /// Usage records of queues with `expires_ms`, for the shard to journal (`take_usage`).
+    usage: Vec<CatalogRecord>,
     /// Settlements of journaled messages, for the shard to journal (`take_journal_work`).
     settles: Vec<(Rc<str>, Seq, SettleReason)>,
     /// Durable declarations and deletions, for the shard to journal.
@@ -206,6 +222,8 @@ impl QueueHost {
             limits: HostLimits::UNBOUNDED,
             unconfirmed: BTreeMap::new(),
             settling: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            usage: Vec::new(),
         }
     }
 
@@ -258,6 +276,7 @@ impl QueueHost {
                 next_seq: q.queue.next_seq(),
             });
         }
+        self.usage_restatement(&mut out);
         out
     }
 
@@ -338,6 +357,7 @@ impl QueueHost {
             retired: HashMap::new(),
             had_consumer: false,
             held: BTreeSet::new(),
+            expiry: None,
         };
         self.queues.insert(name, hosted);
     }
@@ -375,6 +395,11 @@ impl QueueHost {
                     format!("queue '{}' exists with other properties (durable, exclusive, auto-delete or arguments)", d.name),
                 );
             }
+            if !d.passive {
+                // A redeclare is a use of the queue (`expires_ms`), as in RabbitMQ.
+                self.used(&d.name, expiry::Use::Touched, now_ms);
+            }
+            let q = &self.queues[d.name.as_str()];
             return Ok(q.info(shard, now_ms));
         }
         if d.passive {
@@ -403,7 +428,11 @@ impl QueueHost {
                 "priority_max: priority queues are not served yet".into(),
             );
         }
+        if let Err(why) = crate::broker::expiry::check(a.expires_ms) {
+            return refuse(ErrorCode::InvalidArgument, why);
+        }
         let policy = policy_of(a);
+        let expiry = self.expiry_of(&d, now_ms);
         if d.durable && !d.exclusive {
             self.catalog.push(CatalogRecord::DeclareQueue(Declare {
                 passive: false,
@@ -422,7 +451,11 @@ impl QueueHost {
             retired: HashMap::new(),
             had_consumer: false,
             held: BTreeSet::new(),
+            expiry,
         };
+        if let Some(deadline) = q.expiry.as_ref().and_then(QueueExpiry::deadline) {
+            self.deadlines.insert((deadline, name.clone()));
+        }
         let info = q.info(shard, now_ms);
         self.queues.insert(name, q);
         Ok(info)
@@ -459,6 +492,7 @@ impl QueueHost {
         };
         self.removed.push(name.to_string());
         self.forget_pending(name);
+        self.forget_expiry(&q.name, q.expiry.as_ref());
         for segment in q.queue.messages().filter_map(MsgRef::cold_segment) {
             self.liveness.sub(segment);
         }
@@ -590,11 +624,18 @@ impl QueueHost {
         Ok(seq)
     }
 
-    /// A connection went away: its consumers and `Get`s release their deliveries (redelivered
-    /// later), its exclusive queues are deleted, auto-delete queues left without consumers go.
+    /// As `connection_closed_at`, at time 0 (state-machine tests not about expiry).
+    #[cfg(test)]
     pub fn connection_closed(&mut self, conn: ConnRef) {
+        self.connection_closed_at(conn, 0)
+    }
+
+    /// A connection went away at `now_ms`: its consumers and `Get`s release their deliveries
+    /// (redelivered later), its exclusive queues are deleted, auto-delete queues left without
+    /// consumers go, and queues left without consumers are unused from now (`expires_ms`).
+    pub fn connection_closed_at(&mut self, conn: ConnRef, now_ms: u64) {
         self.release_settling(conn);
-        let mut gone = self.release_connection(conn);
+        let mut gone = self.release_connection(conn, now_ms);
         gone.extend(
             self.queues
                 .values()
@@ -648,5 +689,6 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
         message_ttl_ms: a.message_ttl_ms.map(u64::from),
         max_deliveries: a.max_deliveries,
         dead_letter: a.dead_letter_exchange.is_some(),
+        single_active_consumer: a.single_active_consumer,
     }
 }

@@ -16,6 +16,10 @@
 //! Waiting messages from the `set_hold` sequence number on are not handed out (nor expired) yet:
 //! their records are not durable.
 //!
+//! Which consumer is offered the next message is `consumers.rs`'s: the highest consumer
+//! priority with credit first, round robin among equals, only the active one under single
+//! active consumer; the property test checks those rules against its model too.
+//!
 //! Every entry the queue holds is counted in its `IndexCount` (shared by all the queues of a
 //! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
 //! shard's index is bounded by that count (`limits.queued_messages_max`), whatever the payloads.
@@ -36,6 +40,9 @@ use crate::mesh::types::{HolderId, Seq};
 use crate::storage::SettleReason;
 
 use weir_protocol::wire::DeathReason;
+mod consumers;
+use consumers::{Consumer, Consumers};
+
 /// What the queue does when a publish would take it past a length limit (the wire's type).
 pub use weir_protocol::Overflow;
 
@@ -55,6 +62,8 @@ pub struct QueuePolicy {
     pub max_deliveries: Option<u32>,
     /// Whether the queue has a dead-letter exchange: decides `DeadLettered` versus `Dropped`.
     pub dead_letter: bool,
+    /// Only one consumer is offered messages at a time (`consumers.rs`).
+    pub single_active_consumer: bool,
 }
 
 /// A message handed to a consumer (or a `Get`).
@@ -115,14 +124,6 @@ struct Outstanding<M> {
     delivered_ms: u64,
 }
 
-#[derive(Clone, Debug)]
-struct Consumer {
-    id: HolderId,
-    prefetch: u32,
-    in_flight: u32,
-    auto_ack: bool,
-}
-
 /// Bytes of one queue entry holding an `M`: the per-message cost of a ready message's index.
 pub fn entry_size<M>() -> usize {
     std::mem::size_of::<Entry<M>>()
@@ -157,9 +158,8 @@ pub struct Queue<M> {
     delayed: BTreeMap<Seq, Entry<M>>,
     due: BTreeSet<(u64, Seq)>,
     outstanding: FastMap<Seq, Outstanding<M>>,
-    consumers: Vec<Consumer>,
-    /// Index into `consumers` of the next consumer to offer a message to (round robin).
-    cursor: usize,
+    /// Who is offered the next message: priorities, round robin, single active.
+    consumers: Consumers,
     next_seq: Seq,
     index: IndexCount,
     /// Waiting messages from this sequence number on are not deliverable yet: their records'
@@ -201,6 +201,7 @@ impl<M: Clone> Queue<M> {
 
     /// As `new`, its entries counted in `index` (shared with the shard's other queues).
     pub fn counted(policy: QueuePolicy, next_seq: Seq, index: IndexCount) -> Queue<M> {
+        let consumers = Consumers::new(policy.single_active_consumer);
         Queue {
             index,
             policy,
@@ -209,8 +210,7 @@ impl<M: Clone> Queue<M> {
             delayed: BTreeMap::new(),
             due: BTreeSet::new(),
             outstanding: FastMap::default(),
-            consumers: Vec::new(),
-            cursor: 0,
+            consumers,
             next_seq,
             hold: None,
         }
@@ -477,17 +477,29 @@ impl<M: Clone> Queue<M> {
         prefetch: u32,
         auto_ack: bool,
     ) -> Result<(), QueueError> {
+        self.add_consumer_with(id, prefetch, auto_ack, 0)
+    }
+
+    /// As `add_consumer`, at consumer priority `priority` (higher first; see `consumers.rs`).
+    pub fn add_consumer_with(
+        &mut self,
+        id: HolderId,
+        prefetch: u32,
+        auto_ack: bool,
+        priority: i32,
+    ) -> Result<(), QueueError> {
         if prefetch == 0 {
             return Err(QueueError::ZeroPrefetch);
         }
-        if self.consumers.iter().any(|c| c.id == id) {
+        if self.consumers.contains(id) {
             return Err(QueueError::DuplicateConsumer(id));
         }
-        self.consumers.push(Consumer {
+        self.consumers.add(Consumer {
             id,
             prefetch,
             in_flight: 0,
             auto_ack,
+            priority,
         });
         Ok(())
     }
@@ -495,17 +507,12 @@ impl<M: Clone> Queue<M> {
     /// Stops dispatching to consumer `id`; what it holds stays outstanding (still ackable)
     /// until `release`. Returns whether it was a consumer.
     pub fn remove_consumer(&mut self, id: HolderId) -> bool {
-        let Some(i) = self.consumers.iter().position(|c| c.id == id) else {
-            return false;
-        };
-        self.consumers.remove(i);
-        if self.cursor > i {
-            self.cursor -= 1;
-        }
-        if self.cursor >= self.consumers.len() {
-            self.cursor = 0;
-        }
-        true
+        self.consumers.remove(id)
+    }
+
+    /// With `single_active_consumer`: the consumer offered messages now.
+    pub fn active_consumer(&self) -> Option<HolderId> {
+        self.consumers.active()
     }
 
     pub fn set_prefetch(&mut self, id: HolderId, prefetch: u32) -> Result<(), QueueError> {
@@ -514,8 +521,7 @@ impl<M: Clone> Queue<M> {
         }
         let c = self
             .consumers
-            .iter_mut()
-            .find(|c| c.id == id)
+            .get_mut(id)
             .ok_or(QueueError::UnknownConsumer(id))?;
         c.prefetch = prefetch;
         Ok(())
@@ -543,7 +549,9 @@ impl<M: Clone> Queue<M> {
         requeued
     }
 
-    /// Hands ready messages to consumers with credit, round robin, at most `max` of them.
+    /// Hands ready messages to consumers with credit, at most `max` of them: the highest
+    /// consumer priority first, round robin among equals, only the active one under
+    /// `single_active_consumer` (`consumers.rs`).
     /// Expired messages met at the head are settled as `Expired` on the way.
     pub fn dispatch(
         &mut self,
@@ -576,21 +584,15 @@ impl<M: Clone> Queue<M> {
             let Some(head) = self.ready.front() else {
                 return;
             };
-            let n = self.consumers.len();
-            let Some(offset) = (0..n).find(|k| {
-                let c = &self.consumers[(self.cursor + k) % n];
-                c.in_flight < c.prefetch && take(c.id, &head.msg)
-            }) else {
+            let Some(c) = self.consumers.pick(|c| take(c.id, &head.msg)) else {
                 return;
             };
-            let i = (self.cursor + offset) % n;
-            self.cursor = (i + 1) % n;
-            let (id, auto_ack) = (self.consumers[i].id, self.consumers[i].auto_ack);
+            let (id, auto_ack) = (c.id, c.auto_ack);
             let delivery = self
                 .hand_out(id, auto_ack, now_ms, settled)
                 .expect("not empty");
             if !auto_ack {
-                self.consumers[i].in_flight += 1;
+                self.consumers.charge(id);
             }
             out.push(delivery);
             sent += 1;
@@ -773,13 +775,7 @@ impl<M: Clone> Queue<M> {
             _ => return Err(QueueError::NotOutstanding { holder, seq }),
         }
         let o = self.outstanding.remove(&seq).expect("checked above");
-        if let Some(c) = self.consumers.iter_mut().find(|c| c.id == holder) {
-            assert!(
-                c.in_flight > 0,
-                "consumer {holder} had no delivery in flight"
-            );
-            c.in_flight -= 1;
-        }
+        self.consumers.credit_back(holder);
         Ok(o)
     }
 
@@ -930,9 +926,7 @@ impl<M: Clone> Queue<M> {
             self.requeue(t.entry, settled);
             return;
         }
-        if let Some(c) = self.consumers.iter_mut().find(|c| c.id == t.holder) {
-            c.in_flight += 1;
-        }
+        self.consumers.charge(t.holder);
         let seq = t.entry.seq;
         let o = Outstanding {
             entry: t.entry,

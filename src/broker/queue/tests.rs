@@ -232,7 +232,8 @@ enum Op {
     PublishDelayed(u8),
     /// The clock moves on by this many ms, and the expiry tick runs.
     Tick(u8),
-    AddConsumer(u8, u8),
+    /// Consumer id, prefetch, consumer priority.
+    AddConsumer(u8, u8, u8),
     Release(u8),
     Dispatch(u8),
     Ack(u8),
@@ -246,7 +247,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::Publish),
         1 => (1u8..50).prop_map(Op::PublishDelayed),
         1 => any::<u8>().prop_map(Op::Tick),
-        1 => (0u8..4, 1u8..4).prop_map(|(c, p)| Op::AddConsumer(c, p)),
+        1 => (0u8..4, 1u8..4, 0u8..3).prop_map(|(c, p, r)| Op::AddConsumer(c, p, r)),
         1 => (0u8..5).prop_map(Op::Release),
         3 => (1u8..8).prop_map(Op::Dispatch),
         3 => any::<u8>().prop_map(Op::Ack),
@@ -262,10 +263,16 @@ proptest! {
     /// Against a model: each accepted message is in exactly one of ready, delayed,
     /// outstanding and settled; nothing is settled twice; consumers never exceed their
     /// prefetch; first deliveries come in publish order (while nothing was delayed: a
-    /// delayed message is first delivered after later ones, by design).
+    /// delayed message is first delivered after later ones, by design). Consumer selection:
+    /// a delivery never goes to a consumer while one of higher priority has credit; under
+    /// single active consumer every delivery goes to the active one, at most one consumer
+    /// holds deliveries at a time, and an active one holding nothing is the first in line.
     #[test]
-    fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12) {
-        let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), ..Default::default() };
+    fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12, single_active in any::<bool>()) {
+        let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), single_active_consumer: single_active, ..Default::default() };
+        // Each consumer's (priority, attach order).
+        let mut rank: BTreeMap<HolderId, (i32, usize)> = BTreeMap::new();
+        let mut attached = 0usize;
         let index = IndexCount::default();
         let mut q: Queue<u64> = Queue::counted(policy, 0, index.clone());
         let mut published = BTreeSet::new();
@@ -296,14 +303,17 @@ proptest! {
                     now += u64::from(d);
                     q.expire(now, &mut settled);
                 }
-                Op::AddConsumer(c, p) => {
-                    let r = q.add_consumer(u64::from(c), u32::from(p), false);
-                    prop_assert_eq!(r.is_ok(), !prefetch.contains_key(&u64::from(c)));
+                Op::AddConsumer(c, p, r) => {
+                    let added = q.add_consumer_with(u64::from(c), u32::from(p), false, i32::from(r));
+                    prop_assert_eq!(added.is_ok(), !prefetch.contains_key(&u64::from(c)));
                     prefetch.entry(u64::from(c)).or_insert(u32::from(p));
+                    attached += 1;
+                    rank.entry(u64::from(c)).or_insert((i32::from(r), attached));
                 }
                 Op::Release(c) => {
                     q.release(u64::from(c), &mut settled);
                     prefetch.remove(&u64::from(c));
+                    rank.remove(&u64::from(c));
                     outstanding.retain(|_, o| *o != u64::from(c));
                 }
                 Op::Dispatch(n) => q.dispatch(now, usize::from(n), &mut out, &mut settled),
@@ -329,6 +339,23 @@ proptest! {
                 // In steps, as the host purges a deep queue.
                 Op::Purge => while q.purge_some(3, &mut settled) == 3 {},
             }
+            if matches!(op, Op::Dispatch(_)) {
+                let mut held: BTreeMap<HolderId, u32> = BTreeMap::new();
+                for o in outstanding.values() {
+                    *held.entry(*o).or_default() += 1;
+                }
+                for d in &out {
+                    let (p, _) = rank[&d.holder];
+                    if single_active {
+                        prop_assert_eq!(Some(d.holder), q.active_consumer());
+                    }
+                    for (other, (r, _)) in &rank {
+                        let credit = held.get(other).copied().unwrap_or(0) < prefetch[other];
+                        prop_assert!(single_active || *r <= p || !credit, "consumer {} (priority {}) served while {} (priority {}) had credit", d.holder, p, other, r);
+                    }
+                    *held.entry(d.holder).or_default() += 1;
+                }
+            }
             for d in &out {
                 if !d.auto_ack {
                     prop_assert!(outstanding.insert(d.seq, d.holder).is_none(), "delivered twice at once");
@@ -346,6 +373,16 @@ proptest! {
             for (holder, limit) in &prefetch {
                 let held = outstanding.values().filter(|o| *o == holder).count() as u32;
                 prop_assert!(held <= *limit, "consumer {} holds {} over prefetch {}", holder, held, limit);
+            }
+            if single_active {
+                let holding: BTreeSet<HolderId> = outstanding.values().copied().filter(|h| rank.contains_key(h)).collect();
+                prop_assert!(holding.len() <= 1, "several consumers hold deliveries at once: {:?}", holding);
+                let first_in_line = rank.iter().max_by_key(|(_, (r, order))| (*r, std::cmp::Reverse(*order))).map(|(id, _)| *id);
+                let active = q.active_consumer();
+                prop_assert_eq!(active.is_some(), !rank.is_empty());
+                if active.is_some_and(|a| !holding.contains(&a)) {
+                    prop_assert_eq!(active, first_in_line, "an idle active consumer is the first in line");
+                }
             }
             let stats = q.stats();
             prop_assert_eq!(stats.outstanding, outstanding.len() as u64);

@@ -377,6 +377,7 @@ impl Session {
             prefetch,
             auto_ack: c.auto_ack,
             exclusive: c.exclusive,
+            priority: c.priority,
         };
         self.address(outbound, shard, op, Pending::Consume { request_id, tag });
         Flow::Continue
