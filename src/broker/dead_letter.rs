@@ -105,6 +105,8 @@ impl DeadLetterPlan {
             bytes,
             expiration_ms: None,
             deliver_at_ms: None,
+            // A dead letter is the broker's own publish, not the producer's re-send.
+            producer_id: None,
         };
         for (shard, part) in ops::address(item, &mut queues, self.shards, self.targets_max) {
             self.by_shard.entry(shard).or_default().push(part);

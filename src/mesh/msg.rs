@@ -50,6 +50,9 @@ pub struct PublishItem {
     pub expiration_ms: Option<u64>,
     /// A delayed message's delivery time, ms since the Unix epoch.
     pub deliver_at_ms: Option<u64>,
+    /// An idempotent producer's publish: (`producer_id`, `sequence`) names the message, and the
+    /// owning shard stores it at most once (`broker::producers`).
+    pub producer_id: Option<u64>,
 }
 
 /// What became of one published message.
@@ -62,6 +65,9 @@ pub struct PublishOutcome {
     pub result: Result<(), Refusal>,
     /// A mandatory message whose queue does not exist comes back whole, for a `Return`.
     pub returned: Option<PublishItem>,
+    /// An idempotent producer's re-send of a message this shard had stored: confirmed again,
+    /// not stored twice.
+    pub duplicate: bool,
 }
 
 /// One settlement of an outstanding delivery.

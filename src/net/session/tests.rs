@@ -191,12 +191,15 @@ fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
         }
         assert_eq!(r.len(), 1, "{kind:?} got {} replies", r.len());
         if kind == Body::Publish {
-            // Publishes are answered by sequence, not request id: the sample asks for an
-            // idempotent producer, not served yet, so both its entries are refused in one error.
+            // Publishes are answered by sequence, not request id: the sample is an idempotent
+            // producer's (served, so not what is refused) with delivery times past this
+            // session's delay_ms_max, so both its entries are refused in one error for that.
             let BodyT::Error(e) = &r[0].body else {
                 panic!("{:?}", r[0])
             };
             assert_eq!((r[0].request_id, e.code), (0, ErrorCode::InvalidArgument));
+            let message = e.message.as_deref().unwrap_or_default();
+            assert!(message.starts_with("deliver_at_ms"), "{message}");
             assert_eq!(
                 e.sequences.as_deref(),
                 Some(&[wire::RangeT { first: 1, last: 2 }][..])
@@ -294,6 +297,7 @@ fn taken(p: &PublishItem, journaled: bool) -> Reply {
         journaled,
         result: Ok(()),
         returned: None,
+        duplicate: false,
     }])
 }
 
@@ -600,6 +604,7 @@ fn all_taken(op: &Op) -> Reply {
                 journaled: true,
                 result: Ok(()),
                 returned: None,
+                duplicate: false,
             })
             .collect(),
     )
