@@ -628,4 +628,24 @@ mod tests {
         let err = load_file("[limits]\nreserve_bytes = 4096\n").unwrap_err();
         assert!(err.to_string().contains("reserve_bytes"), "{err}");
     }
+
+    #[test]
+    fn producer_limits_are_read_from_the_limits_table() {
+        let c = load_file(
+            "[limits]\nproducer_window_max = 128\nproducers_per_shard_max = 5\n\
+             producer_idle_expiry_ms = 1000\n",
+        )
+        .unwrap();
+        let b = c.limits.broker;
+        assert_eq!(
+            (
+                b.producer_window_max,
+                b.producers_per_shard_max,
+                b.producer_idle_expiry_ms
+            ),
+            (128, 5, 1000)
+        );
+        let err = load_file("[limits]\nproducer_window_max = 100\n").unwrap_err();
+        assert_eq!(err.key, "limits.producer_window_max", "{err}");
+    }
 }

@@ -561,4 +561,28 @@ mod tests {
         limits.broker.prefetch_default = limits.broker.prefetch_max + 1;
         assert_eq!(limits.check().unwrap_err().key, "limits.prefetch_default");
     }
+
+    #[test]
+    fn producer_limits_are_checked_by_key() {
+        for (window, ok) in [
+            (4096, true),
+            (64, true),
+            (0, false),
+            (100, false),
+            (1 << 21, false),
+        ] {
+            let mut l = Limits::DEFAULT;
+            l.broker.producer_window_max = window;
+            match l.check() {
+                Ok(()) => assert!(ok, "window {window} taken"),
+                Err(e) => {
+                    assert!(!ok, "window {window} refused: {e}");
+                    assert_eq!(e.key, "limits.producer_window_max");
+                }
+            }
+        }
+        let mut l = Limits::DEFAULT;
+        l.broker.producers_per_shard_max = 0;
+        assert_eq!(l.check().unwrap_err().key, "limits.producers_per_shard_max");
+    }
 }

@@ -142,10 +142,26 @@ impl Producer {
         }
     }
 
-    /// The stored sequences of the window, ascending.
-    fn sequences(&self) -> impl Iterator<Item = u64> + '_ {
-        let low = self.high.saturating_sub(self.window() - 1);
-        (low..=self.high).filter(|&s| self.has(s))
+    /// The stored sequences of the window, ascending: by set bit, not by sequence, so a sparse
+    /// window costs its words, not its width.
+    fn sequences(&self) -> Vec<u64> {
+        let window = self.window();
+        let top = self.high % window;
+        let mut out = Vec::new();
+        for (w, &word) in self.bits.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let i = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                // The sequence of the window that bit `i` stands for.
+                let back = (top + window - i) % window;
+                if back <= self.high {
+                    out.push(self.high - back);
+                }
+            }
+        }
+        out.sort_unstable();
+        out
     }
 }
 
@@ -352,18 +368,19 @@ impl ProducerTable {
         let mut out: Vec<ProducerState> = Vec::with_capacity(self.producers.len());
         let mut ids: Vec<&u64> = self.producers.keys().collect();
         ids.sort_unstable();
+        let in_flight: std::collections::HashSet<(u64, u64)> =
+            self.in_flight.iter().map(|&(_, p, s)| (p, s)).collect();
         for id in ids {
             let p = &self.producers[id];
             if !p.journaled {
                 continue;
             }
-            let in_flight = |s: u64| {
-                self.in_flight
-                    .iter()
-                    .any(|&(_, pr, seq)| pr == *id && seq == s)
-            };
             let mut ranges: Vec<(u64, u64)> = Vec::new();
-            for s in p.sequences().filter(|&s| !in_flight(s)) {
+            for s in p
+                .sequences()
+                .into_iter()
+                .filter(|&s| !in_flight.contains(&(*id, s)))
+            {
                 match ranges.last_mut() {
                     Some(last) if last.1 + 1 == s => last.1 = s,
                     _ => ranges.push((s, s)),
@@ -577,6 +594,19 @@ mod tests {
         assert_eq!(r.len(), 2, "recovery keeps producers past producers_max");
         assert_eq!(r.expire(1049), 0);
         assert_eq!(r.expire(1050), 2);
+    }
+
+    #[test]
+    fn the_restated_sequences_are_those_stored_in_the_window_wrapped_or_not() {
+        let mut t = table(64, 10);
+        let stored = [3u64, 40, 63, 64, 65, 100, 101, 126];
+        for s in stored {
+            take(&mut t, 1, s);
+        }
+        // The window is (62, 126]: 3 and 40 are out of it.
+        let ranges = &t.restatement()[0].ranges;
+        let got: Vec<u64> = ranges.iter().flat_map(|&(a, b)| a..=b).collect();
+        assert_eq!(got, vec![63, 64, 65, 100, 101, 126]);
     }
 
     #[test]
