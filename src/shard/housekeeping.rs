@@ -4,7 +4,8 @@
 //!
 //! Contract: two tasks on the shard's thread, off the data path. Expiry and consumer timeouts
 //! do not touch the queues themselves: they ask the worker, in the worker's order, and the host
-//! decides with the worker's `now_ms`. Reclaim follows the rule of
+//! decides with the worker's `now_ms` (the expiry tick also forgets idle idempotent producers).
+//! Reclaim follows the rule of
 //! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
 //! restatement that fails (a record refused, say for a full disk, or its commit failed) is logged
 //! and told to the round, which then deletes nothing; a segment deletion that fails is logged and

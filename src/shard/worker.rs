@@ -16,6 +16,12 @@
 //! Under fsync = always a journaled message is not deliverable, nor an ack applied, before the
 //! commit carrying its record is durable: the commit's waiter resolves it in the host
 //! (`resolve_commits`) and asks the worker to dispatch what that made owed.
+//!
+//! An idempotent producer's message is judged by the shard's producer table before it is stored
+//! (`broker::producers`): a duplicate is answered without storing anything, its reply waiting for
+//! the commit that carries the original (fsync = always); a stored one's record carries its
+//! (producer, sequence) stamp, and a commit that fails takes it out of the window again. The
+//! expiry tick forgets producers idle past `producer_idle_expiry_ms`.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
