@@ -164,6 +164,9 @@ struct FileLimits {
     message_copy_bytes_max: Option<u32>,
     reserve_bytes: Option<u64>,
     read_ahead_bytes_max: Option<u64>,
+    producer_window_max: Option<u64>,
+    producers_per_shard_max: Option<u32>,
+    producer_idle_expiry_ms: Option<u64>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -320,6 +323,11 @@ impl Config {
                 .unwrap_or(b.mesh_outgoing_bytes_max);
             set(&mut b.message_copy_bytes_max, l.message_copy_bytes_max);
             b.read_ahead_bytes_max = l.read_ahead_bytes_max.unwrap_or(b.read_ahead_bytes_max);
+            b.producer_window_max = l.producer_window_max.unwrap_or(b.producer_window_max);
+            set(&mut b.producers_per_shard_max, l.producers_per_shard_max);
+            b.producer_idle_expiry_ms = l
+                .producer_idle_expiry_ms
+                .unwrap_or(b.producer_idle_expiry_ms);
             // Two segments unless set: the reserve is counted in segments, whatever their size.
             s.reserve_bytes = l.reserve_bytes.unwrap_or(2 * s.segment_size_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.
@@ -619,5 +627,25 @@ mod tests {
         assert_eq!(c.limits.storage.reserve_bytes, 0);
         let err = load_file("[limits]\nreserve_bytes = 4096\n").unwrap_err();
         assert!(err.to_string().contains("reserve_bytes"), "{err}");
+    }
+
+    #[test]
+    fn producer_limits_are_read_from_the_limits_table() {
+        let c = load_file(
+            "[limits]\nproducer_window_max = 128\nproducers_per_shard_max = 5\n\
+             producer_idle_expiry_ms = 1000\n",
+        )
+        .unwrap();
+        let b = c.limits.broker;
+        assert_eq!(
+            (
+                b.producer_window_max,
+                b.producers_per_shard_max,
+                b.producer_idle_expiry_ms
+            ),
+            (128, 5, 1000)
+        );
+        let err = load_file("[limits]\nproducer_window_max = 100\n").unwrap_err();
+        assert_eq!(err.key, "limits.producer_window_max", "{err}");
     }
 }

@@ -136,6 +136,25 @@ pub struct BrokerLimits {
     /// (`Limits::read_ahead_bytes`), and its payloads the rest, so `cache_bytes_max` still bounds
     /// both. 0 turns read-ahead off (one read per cold message).
     pub read_ahead_bytes_max: u64,
+    /// Sequences below an idempotent producer's highest that a shard remembers, one bit each
+    /// (a multiple of 64): a re-send within them is told from a new message exactly, an older
+    /// one is refused (`SequenceOutOfWindow`) because it cannot be. It must exceed what a
+    /// producer has unconfirmed at once (weir-client's producer keeps at most 1024 by default),
+    /// or a re-send after a reconnect could fall out of it. Each producer costs this over 8
+    /// bytes of memory per shard, and as much in each re-statement before a reclaim.
+    pub producer_window_max: u64,
+    /// Idempotent producers a shard remembers. Each holds its window (`producer_window_max / 8`
+    /// bytes and about 100 more), so this bounds the table's memory (default: 16 Ki producers
+    /// of 512 B windows, 10 MiB) and what each re-statement before a reclaim writes. A new
+    /// producer past it is refused (`LimitExceeded`) unless the least recently used one has been
+    /// idle for `producer_idle_expiry_ms`, which is then forgotten to make room: an active
+    /// producer's promise is never dropped to make room for another.
+    pub producers_per_shard_max: u32,
+    /// A producer unused this long (no publish reached the shard) is forgotten, ms: after that a
+    /// re-send of its old messages is stored again. Kafka forgets idle producers after a day
+    /// too (`producer.id.expiration.ms`); a producer retrying longer than this has given up.
+    /// Recovery counts as a use: every recovered producer starts a fresh idle period.
+    pub producer_idle_expiry_ms: u64,
 }
 
 impl BrokerLimits {
@@ -164,6 +183,9 @@ impl BrokerLimits {
         mesh_outgoing_bytes_max: 16 << 20,
         message_copy_bytes_max: 16 * 1024,
         read_ahead_bytes_max: 4 << 20,
+        producer_window_max: 4096,
+        producers_per_shard_max: 16_384,
+        producer_idle_expiry_ms: 24 * 3_600_000,
     };
 }
 
@@ -178,6 +200,10 @@ pub struct Limits {
 /// Longest name on the wire and in records (queue, exchange, routing key).
 const NAME_BYTES_MAX: usize = 255;
 
+/// Largest `producer_window_max`: 128 KiB of window per producer, so one producer's re-statement
+/// stays a small record.
+const PRODUCER_WINDOW_MAX: u64 = 1 << 20;
+
 impl Limits {
     /// The defaults. The wire's message limit is lowered from the codec's 16 MiB to what one
     /// journal record holds with its routing envelope: a message is stored whole in one record.
@@ -191,13 +217,18 @@ impl Limits {
     };
 
     /// Bytes of the largest routing envelope: exchange and key (a length and up to
-    /// `NAME_BYTES_MAX` each), a target count, and per target a queue name and a sequence number.
+    /// `NAME_BYTES_MAX` each), a target count, per target a queue name and a sequence number, an
+    /// idempotent producer's stamp and a dead letter's history.
     pub fn envelope_bytes_max(&self) -> u64 {
         let per_target = 1 + NAME_BYTES_MAX as u64 + 8;
         (1 + NAME_BYTES_MAX as u64)
             + (2 + NAME_BYTES_MAX as u64)
             + 2
             + u64::from(self.broker.targets_per_message_max) * per_target
+            // An idempotent producer's stamp, and a dead letter's history as an annotation.
+            + 16
+            + (4 + 1 + 4)
+            + crate::broker::deaths::HISTORY_BYTES_MAX as u64
     }
 
     /// The bytes of read-ahead windows a shard keeps: `read_ahead_bytes_max`, at most a quarter
@@ -256,11 +287,29 @@ impl Limits {
                 u64::from(b.queues_per_shard_max),
             ),
             ("limits.gets_unacked_max", u64::from(b.gets_unacked_max)),
+            (
+                "limits.producers_per_shard_max",
+                u64::from(b.producers_per_shard_max),
+            ),
+            ("limits.producer_idle_expiry_ms", b.producer_idle_expiry_ms),
         ];
         for (key, value) in positive {
             if value == 0 {
                 return Err(LimitError::new(key, "must be at least 1".into()));
             }
+        }
+        if b.producer_window_max < 64
+            || !b.producer_window_max.is_multiple_of(64)
+            || b.producer_window_max > PRODUCER_WINDOW_MAX
+        {
+            return Err(LimitError::new(
+                "limits.producer_window_max",
+                format!(
+                    "{} is not a multiple of 64 from 64 to {PRODUCER_WINDOW_MAX} (one bit per \
+                     sequence, in 64-bit words)",
+                    b.producer_window_max
+                ),
+            ));
         }
         if b.prefetch_default > b.prefetch_max {
             return Err(LimitError::new(
@@ -516,5 +565,29 @@ mod tests {
         let mut limits = Limits::DEFAULT;
         limits.broker.prefetch_default = limits.broker.prefetch_max + 1;
         assert_eq!(limits.check().unwrap_err().key, "limits.prefetch_default");
+    }
+
+    #[test]
+    fn producer_limits_are_checked_by_key() {
+        for (window, ok) in [
+            (4096, true),
+            (64, true),
+            (0, false),
+            (100, false),
+            (1 << 21, false),
+        ] {
+            let mut l = Limits::DEFAULT;
+            l.broker.producer_window_max = window;
+            match l.check() {
+                Ok(()) => assert!(ok, "window {window} taken"),
+                Err(e) => {
+                    assert!(!ok, "window {window} refused: {e}");
+                    assert_eq!(e.key, "limits.producer_window_max");
+                }
+            }
+        }
+        let mut l = Limits::DEFAULT;
+        l.broker.producers_per_shard_max = 0;
+        assert_eq!(l.check().unwrap_err().key, "limits.producers_per_shard_max");
     }
 }

@@ -358,7 +358,7 @@ fn an_auto_delete_queue_goes_when_its_last_consumer_is_cancelled_not_before() {
 }
 
 #[test]
-fn delayed_messages_and_idempotent_producers_are_refused_until_they_are_honoured() {
+fn delayed_messages_past_the_limit_are_refused_and_idempotent_producers_are_honoured() {
     let broker = Broker::start(&temp_dir("q-unserved"), &[]);
     let mut c = broker.connect();
     c.handshake();
@@ -401,20 +401,31 @@ fn delayed_messages_and_idempotent_producers_are_refused_until_they_are_honoured
     assert!(e.message.unwrap().contains("deliver_at_ms"));
     c.await_confirms(2, 2);
 
+    // An idempotent producer's publish is honoured now (tests/exactly_once.rs has the rest):
+    // taken once, and its re-send on another connection confirmed as a duplicate.
     let mut out = bytes::BytesMut::new();
     enc.publish(&mut out, 0, Some(7), true, [item(3, &now)])
         .unwrap();
     c.send_raw(&out);
-    let f = c.recv().unwrap();
-    let BodyT::Error(e) = f.body else {
+    c.await_confirms(3, 3);
+    let mut again = broker.connect();
+    again.handshake();
+    again.send_raw(&out);
+    let f = again.recv().unwrap();
+    let BodyT::Confirm(confirm) = f.body else {
         panic!("{f:?}")
     };
-    assert_eq!(e.code, ErrorCode::InvalidArgument);
-    assert!(e.message.unwrap().contains("producer_id"));
+    assert_eq!(
+        confirm.duplicates,
+        Some(vec![wire::RangeT { first: 3, last: 3 }])
+    );
     let BodyT::QueueInfo(i) = c.info("q") else {
         panic!()
     };
-    assert_eq!(i.messages_ready, 1, "only the message for now was taken");
+    assert_eq!(
+        i.messages_ready, 2,
+        "the message for now and the idempotent one, once"
+    );
 }
 
 #[test]

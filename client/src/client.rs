@@ -104,6 +104,15 @@ impl Future for PublishFuture {
     }
 }
 
+impl PublishFuture {
+    pub(crate) fn new(
+        rx: oneshot::Receiver<Result<Confirmation, ClientError>>,
+        conn: ConnHandle,
+    ) -> PublishFuture {
+        PublishFuture { rx, conn }
+    }
+}
+
 impl std::fmt::Debug for PublishFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PublishFuture")

@@ -107,12 +107,16 @@
 //! what [`Confirmation::durability`] says: under the broker's default `fsync = always`, the
 //! message is in the journal and synced, and survives a crash. Consuming is at-least-once:
 //! deliveries not acked when a connection dies go back to their queue, marked
-//! [`Delivery::redelivered`]. The client does not reconnect by itself.
+//! [`Delivery::redelivered`]. The client does not reconnect by itself; an
+//! [`IdempotentProducer`] does: it re-sends unconfirmed messages under their sequences after a
+//! reconnect, and the broker stores each at most once per queue (exactly-once publishing, with
+//! re-sends confirmed as [`Confirmation::duplicate`]).
 //!
 //! Module map: `client` (routing, the public API), `conn` (one connection's driver task: the
 //! only owner of its socket and pending tables; it hands raw deliveries up), `consumer` (the delivery stream and
 //! settlements), `message` (building messages, limits), `queue` (queue values), `exchange`
-//! (exchanges and bindings), `rpc` (request-reply), `error`.
+//! (exchanges and bindings), `rpc` (request-reply), `error`, `producer` (the idempotent
+//! producer: its own numbering, unconfirmed messages kept, reconnect and re-send).
 
 #![warn(missing_docs)]
 
@@ -122,6 +126,7 @@ mod consumer;
 mod error;
 mod exchange;
 mod message;
+mod producer;
 mod queue;
 mod rpc;
 
@@ -137,5 +142,6 @@ pub use consumer::{ConsumeOptions, Consumer, Death, Delivery, SettleFuture};
 pub use error::{ClientError, CloseReason, ReturnedMessage};
 pub use exchange::{BindingInfo, ExchangeInfo, ExchangeKind, ExchangeOptions};
 pub use message::{Limits, Message};
+pub use producer::{IdempotentProducer, ProducerFuture, ProducerOptions};
 pub use queue::{Overflow, QueueArguments, QueueInfo, QueueOptions};
 pub use rpc::{Requester, REQUEST_TIMEOUT_DEFAULT};

@@ -16,6 +16,7 @@
 
 mod broker;
 mod chaos;
+mod exactly_once;
 mod plot;
 mod report;
 mod restart;
@@ -206,6 +207,16 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
             )));
         }
         return restart_run(args, &config, &machine, &mut pin_notes, abort);
+    }
+
+    if sc.kind == scenario::Kind::ExactlyOnce {
+        if args.chaos || args.compare.is_some() || !args.spawn_broker {
+            return Err(Failure::Usage(format!(
+                "scenario {name}: kind = \"exactly-once\" kills and restarts the broker \
+                 itself: run it with --spawn-broker alone (not --chaos, not --compare)"
+            )));
+        }
+        return exactly_once_run(args, &config, abort);
     }
 
     if args.chaos {
@@ -412,6 +423,59 @@ fn spawned_setup(
             format!("; flags {}", extra.join(" "))
         },
         b.data_dir().map_or("?".into(), |d| d.display().to_string())
+    )
+}
+
+/// `kind = "exactly-once"`: idempotent producers against the spawned broker, SIGKILLed and
+/// restarted while they publish (`exactly_once`); exit 3 if a message was lost or duplicated.
+fn exactly_once_run(
+    args: &Args,
+    config: &RunConfig,
+    abort: Arc<AtomicBool>,
+) -> Result<u8, Failure> {
+    let extra: Vec<String> = args
+        .fsync
+        .iter()
+        .flat_map(|f| ["--fsync".to_string(), f.clone()])
+        .collect();
+    let profile = args.profile.as_deref();
+    let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
+    let mut broker = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
+    println!("broker ready: {}", broker.ready_line);
+    let kills = config.scenario.kills();
+    let outcome = exactly_once::run(config, &mut broker, kills, abort);
+    let (status, stderr) = broker.stop();
+    if outcome.is_err() {
+        println!("broker {status}");
+        if !stderr.trim().is_empty() {
+            println!("broker stderr (tail):\n{}", stderr.trim_end());
+        }
+    }
+    let report = outcome.map_err(Failure::Error)?;
+    let text = report.summary();
+    print!("{text}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
+        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
+        }
+        println!("wrote results.json, summary.txt to {}", dir.display());
+    }
+    Ok(
+        if report.lost > 0 || report.duplicated > 0 || report.failed > 0 {
+            println!(
+                "!!! exactly-once broken: lost {}, duplicates {}, failed {} !!!",
+                report.lost, report.duplicated, report.failed
+            );
+            3
+        } else {
+            0
+        },
     )
 }
 

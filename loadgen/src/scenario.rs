@@ -36,6 +36,11 @@ pub enum Kind {
     /// journal's segment files read raw with O_DIRECT for comparison (`crate::restart`).
     #[serde(rename = "drain-after-restart")]
     DrainAfterRestart,
+    /// Idempotent producers publish a backlog while the spawned broker is SIGKILLed and
+    /// restarted `kills` times; then every queue is drained and each message counted: lost and
+    /// duplicated must be 0 (`crate::exactly_once`).
+    #[serde(rename = "exactly-once")]
+    ExactlyOnce,
 }
 
 impl Kind {
@@ -47,6 +52,7 @@ impl Kind {
             Kind::Rpc => "rpc",
             Kind::Max => "max",
             Kind::DrainAfterRestart => "drain-after-restart",
+            Kind::ExactlyOnce => "exactly-once",
         }
     }
 }
@@ -291,6 +297,8 @@ pub struct Scenario {
     /// The phases, in order (none for `drain-after-restart`: its steps are fixed).
     #[serde(default)]
     pub phases: Vec<Phase>,
+    /// `exactly-once`: SIGKILLs of the broker while publishing (default 3).
+    pub kills: Option<u32>,
 }
 
 /// A refused scenario: the file, the key and the reason.
@@ -333,6 +341,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../scenarios/drain-after-restart.toml"),
     ),
     ("topic", include_str!("../scenarios/topic.toml")),
+    (
+        "exactly-once",
+        include_str!("../scenarios/exactly-once.toml"),
+    ),
 ];
 
 /// A scenario's text and what to call it.
@@ -559,11 +571,23 @@ impl Scenario {
         if self.kind == Kind::DrainAfterRestart {
             return self.check_drain_after_restart();
         }
+        if self.kind == Kind::ExactlyOnce {
+            return self.check_exactly_once();
+        }
+        if let Some(k) = self.kills {
+            return refuse(
+                "kills",
+                format!(
+                    "not used by kind = \"{}\" (only by \"exactly-once\"; got {k})",
+                    self.kind.name()
+                ),
+            );
+        }
         if let Some(b) = self.backlog {
             return refuse(
                 "backlog",
                 format!(
-                    "not used by kind = \"{}\" (only by \"drain-after-restart\"; got {b})",
+                    "not used by kind = \"{}\" (only by \"drain-after-restart\" and \"exactly-once\"; got {b})",
                     self.kind.name()
                 ),
             );
@@ -643,6 +667,53 @@ impl Scenario {
             );
         }
         Ok(())
+    }
+
+    /// `exactly-once`'s own rules: durable, persistent, a backlog, no phases.
+    fn check_exactly_once(&self) -> Result<(), Refusal> {
+        let why = "not used by kind = \"exactly-once\" (its steps are fixed: publish through \
+                   kills, then drain and count)";
+        if !self.phases.is_empty() {
+            return refuse("phases", why);
+        }
+        for (key, set) in [
+            ("exchange", self.exchange.is_some()),
+            ("consumers_start", self.consumers_start.is_some()),
+            ("consumer_rate", self.consumer_rate.is_some()),
+            ("process_ms", self.process_ms.is_some()),
+        ] {
+            if set {
+                return refuse(key, why);
+            }
+        }
+        for (key, on) in [("durable", self.durable), ("persistent", self.persistent)] {
+            if !on {
+                return refuse(
+                    key,
+                    "must be true: the messages have to outlive each SIGKILL",
+                );
+            }
+        }
+        if self.idiom != Idiom::PerMessage || self.batch != 1 {
+            return refuse(
+                "idiom",
+                "must be \"per-message\" with batch = 1: an idempotent producer publishes one \
+                 message per call",
+            );
+        }
+        positive("drain_timeout_s", self.drain_timeout_s)?;
+        if self.backlog() < u64::from(self.producers) {
+            return refuse(
+                "backlog",
+                format!("must be >= producers ({})", self.producers),
+            );
+        }
+        Ok(())
+    }
+
+    /// `exactly-once`: SIGKILLs while publishing.
+    pub fn kills(&self) -> u32 {
+        self.kills.unwrap_or(3)
     }
 
     /// `drain-after-restart`: messages in the backlog, all producers together.

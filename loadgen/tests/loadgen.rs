@@ -572,3 +572,28 @@ duration_s = 1
         show(&out)
     );
 }
+
+#[test]
+fn exactly_once_idempotent_producers_through_sigkills_lose_and_duplicate_nothing() {
+    let dir = temp_dir("lg-exactly-once");
+    let scenario = write_scenario(
+        dir.path(),
+        "eo.toml",
+        "description = \"exactly-once, small\"\nkind = \"exactly-once\"\nidiom = \"per-message\"\n\
+         producers = 2\nconsumers = 2\nqueues = 2\nsize = 64\nbatch = 1\nin_flight = 256\nbacklog = 3000\n\
+         kills = 2\n",
+    );
+    let out_dir = dir.path().join("out");
+    let out = run_spawned(&scenario, &out_dir);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let r = results(&out_dir);
+    assert_eq!(r["kills"], 2, "{r}");
+    assert_eq!(r["confirmed"], 3000, "{r}");
+    assert_eq!(
+        (r["lost"].as_u64(), r["duplicated"].as_u64()),
+        (Some(0), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["delivered_unique"], 3000, "{r}");
+    assert!(r["reconnects"].as_u64() >= Some(2), "{r}");
+}

@@ -4,7 +4,8 @@
 //! Contract: pure encoding and decoding, no I/O. A catalog record is the body of a journal
 //! `Control` record: one tag byte, then a flatbuffer of the wire schema's own table for the
 //! change (`DeclareQueue` with every property resolved, `DeleteQueue`, `DeclareExchange`,
-//! `DeleteExchange`, `Bind`, `Unbind`), so the journal speaks
+//! `DeleteExchange`, `Bind`, `Unbind`; an idempotent producer's window is plain bytes), so the
+//! journal speaks
 //! the same vocabulary as the protocol and needs no second format. Bytes read back from the
 //! journal passed its CRC and were written by `encode`, but they are still verified here:
 //! catalog records are few and small, and a broker that misreads its catalog loses queues.
@@ -14,6 +15,7 @@ use weir_protocol::WireLimits;
 
 use crate::mesh::types::{Binding, ExchangeDecl};
 
+use crate::broker::producers::ProducerState;
 use crate::broker::routing::ExchangeKind;
 use crate::mesh::types::Declare;
 
@@ -28,6 +30,8 @@ const TAG_UNBIND: u8 = 7;
 const TAG_QUEUE_USAGE: u8 = 8;
 /// `QueueUsage`'s "in use" on disk.
 const IN_USE: u64 = u64::MAX;
+/// An idempotent producer's window, re-stated before reclaim (`broker::producers`).
+const TAG_PRODUCER: u8 = 9;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum CatalogRecord {
@@ -53,10 +57,27 @@ pub enum CatalogRecord {
         name: String,
         unused_since_ms: Option<u64>,
     },
+    /// An idempotent producer's window on this shard, re-stated before the segments holding the
+    /// stamped messages that built it are reclaimed. Body: u64 LE producer id, u64 LE last use
+    /// (ms), u32 LE range count, then (u64 LE first, u64 LE last) inclusive ranges of the
+    /// sequences stored.
+    Producer(ProducerState),
 }
 
 impl CatalogRecord {
     pub fn encode(&self) -> Vec<u8> {
+        if let CatalogRecord::Producer(p) = self {
+            let mut out = Vec::with_capacity(21 + 16 * p.ranges.len());
+            out.push(TAG_PRODUCER);
+            out.extend_from_slice(&p.producer_id.to_le_bytes());
+            out.extend_from_slice(&p.last_used_ms.to_le_bytes());
+            out.extend_from_slice(&(p.ranges.len() as u32).to_le_bytes());
+            for (first, last) in &p.ranges {
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&last.to_le_bytes());
+            }
+            return out;
+        }
         if let CatalogRecord::QueueSeq { name, next_seq } = self {
             let mut out = Vec::with_capacity(9 + name.len());
             out.push(TAG_QUEUE_SEQ);
@@ -117,7 +138,9 @@ impl CatalogRecord {
                 t.binding_key = Some(b.key.clone());
                 (TAG_UNBIND, BodyT::Unbind(Box::new(t)))
             }
-            CatalogRecord::QueueSeq { .. } | CatalogRecord::QueueUsage { .. } => {
+            CatalogRecord::QueueSeq { .. }
+            | CatalogRecord::QueueUsage { .. }
+            | CatalogRecord::Producer(_) => {
                 unreachable!("encoded above")
             }
         };
@@ -132,6 +155,9 @@ impl CatalogRecord {
 
     pub fn decode(body: &[u8]) -> Result<CatalogRecord, String> {
         let (&tag, rest) = body.split_first().ok_or("empty catalog record")?;
+        if tag == TAG_PRODUCER {
+            return decode_producer(rest).map(CatalogRecord::Producer);
+        }
         if tag == TAG_QUEUE_SEQ {
             let (seq, name) = rest
                 .split_first_chunk::<8>()
@@ -206,6 +232,35 @@ impl CatalogRecord {
     }
 }
 
+fn decode_producer(b: &[u8]) -> Result<ProducerState, String> {
+    let short = || "producer record too short".to_string();
+    let u64_at = |at: usize| -> Result<u64, String> {
+        let bytes = b.get(at..at + 8).ok_or_else(short)?;
+        Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| short())?))
+    };
+    let count = b.get(16..20).ok_or_else(short)?;
+    let count = u32::from_le_bytes(count.try_into().map_err(|_| short())?) as usize;
+    if b.len() != 20 + 16 * count {
+        return Err(format!(
+            "producer record of {} bytes does not hold {count} ranges",
+            b.len()
+        ));
+    }
+    let mut ranges = Vec::with_capacity(count);
+    for i in 0..count {
+        let (first, last) = (u64_at(20 + 16 * i)?, u64_at(28 + 16 * i)?);
+        if first > last {
+            return Err(format!("producer range {first}..={last} is reversed"));
+        }
+        ranges.push((first, last));
+    }
+    Ok(ProducerState {
+        producer_id: u64_at(0)?,
+        last_used_ms: u64_at(8)?,
+        ranges,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,11 +303,16 @@ mod tests {
                 name: "orders".into(),
                 unused_since_ms: None,
             },
+            CatalogRecord::Producer(ProducerState {
+                producer_id: 42,
+                last_used_ms: 1_700_000_000_000,
+                ranges: vec![(1, 5), (9, 9)],
+            }),
         ] {
             let bytes = r.encode();
             assert_eq!(CatalogRecord::decode(&bytes).unwrap(), r);
             let mut wrong_tag = bytes.clone();
-            wrong_tag[0] = 9;
+            wrong_tag[0] = 10;
             assert!(CatalogRecord::decode(&wrong_tag).is_err());
             assert!(CatalogRecord::decode(&bytes[..bytes.len() / 2]).is_err());
         }

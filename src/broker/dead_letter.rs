@@ -161,6 +161,8 @@ impl DeadLetterPlan {
             expiration_ms: None,
             deliver_at_ms: None,
             deaths: Some(history.clone()),
+            // A dead letter is the broker's own publish, not the producer's re-send.
+            producer_id: None,
         };
         for (shard, part) in ops::address(item, &mut queues, self.shards, self.targets_max) {
             self.by_shard.entry(shard).or_default().push(part);
@@ -393,6 +395,7 @@ mod tests {
             journaled: true,
             result: Ok(()),
             returned: None,
+            duplicate: false,
         };
         assert!(waits
             .answered(id, Some(std::slice::from_ref(&ok)))

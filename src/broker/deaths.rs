@@ -21,6 +21,11 @@ use weir_protocol::limits::DEATHS_PER_DELIVERY_MAX;
 use weir_protocol::wire::DeathReason;
 use weir_protocol::DeathItem;
 
+/// Most bytes an encoded history takes: `DEATHS_PER_DELIVERY_MAX` lines of names at the wire's
+/// `name_length_max` (255). Journal records leave room for it (`Limits::envelope_bytes_max`).
+pub const HISTORY_BYTES_MAX: usize =
+    1 + DEATHS_PER_DELIVERY_MAX * ((1 + 255) + 1 + 4 + (1 + 255) + (2 + 255) + 8 + 8);
+
 /// Decodes a history; empty bytes are an empty history. `None` if the bytes are malformed.
 pub fn decode(blob: &[u8]) -> Option<Vec<DeathItem<'_>>> {
     if blob.is_empty() {

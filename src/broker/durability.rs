@@ -138,6 +138,7 @@ mod tests {
             journaled,
             result: Ok(()),
             returned: None,
+            duplicate: false,
         };
         let reply = Reply::Published(vec![outcome(1, true), outcome(2, false)]);
         let Reply::Published(out) = not_durable(reply, refusal()) else {
@@ -189,6 +190,7 @@ mod tests {
             journaled,
             result: Ok(()),
             returned: None,
+            duplicate: false,
         };
         let full = Refusal {
             code: ErrorCode::DiskFull,

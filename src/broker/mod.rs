@@ -20,6 +20,7 @@
 //!   the control-plane writer's authoritative table and every shard's copy.
 //! - `orphan_bindings`: bindings whose queue is gone, for the writer to remove.
 //! - `read_back`: a payload read back from the journal: a delivery completed from its record, or a requeue.
+//! - `producers`: idempotent producers' windows: a re-sent publish confirmed as a duplicate, not stored twice.
 //! - `reclaim`: which journal segment goes next, and the catalog restated before the first.
 //! - `rebuild`: a shard's queues rebuilt from its journal's replay (a decision table).
 //! - `stored`: a message as a queue holds it (payload in memory or only in the journal) and
@@ -38,6 +39,7 @@ pub mod expiry;
 pub mod host;
 pub mod ops;
 pub mod orphan_bindings;
+pub mod producers;
 pub mod queue;
 pub mod read_back;
 pub mod rebuild;

@@ -442,6 +442,7 @@ pub fn publish(
         journaled,
         result,
         returned,
+        duplicate: false,
     };
     let targets = std::iter::once(&item.queue).chain(&item.also);
     let durable_target = targets.clone().any(|q| host.is_durable(q) == Some(true));
@@ -684,6 +685,7 @@ mod tests {
             bytes: Bytes::from(format!("m{sequence}")),
             expiration_ms: None,
             deliver_at_ms: None,
+            producer_id: None,
         }
     }
 

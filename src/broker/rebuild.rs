@@ -18,6 +18,9 @@
 //! |                            | one stands; none: counted from the recovery (`broker::expiry`) |
 //! | any record, any q          | q's next sequence number moves past every seq it names          |
 //! | a body that does not parse | the shard refuses to start, naming the record                   |
+//! | message with a producer    | the producer's window (`broker::producers`) holds its sequence  |
+//! | stamp (p, s)               | (kept even if its queues are gone: a re-send is still a dup)    |
+//! | catalog: producer window   | merged into the producer's window (re-stated before reclaim)    |
 //! | catalog: exchange, binding | applied to the control plane's table (shard 0 only writes them);|
 //! |                            | one that no longer applies (a bind to an exchange whose        |
 //! |                            | declaration was reclaimed) is skipped: the re-statement written |
@@ -31,6 +34,7 @@ use std::rc::Rc;
 
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::host::QueueHost;
+use crate::broker::producers::{ProducerLimits, ProducerTable};
 use crate::broker::routing::RoutingTable;
 use crate::broker::stored::{Cache, MsgRef};
 use crate::mesh::types::Declare;
@@ -68,6 +72,8 @@ pub struct Rebuild {
 
     /// The control plane's durable exchanges and bindings (shard 0's journal only).
     routing: RoutingTable,
+    /// Idempotent producers' windows, from message stamps and re-statements.
+    producers: ProducerTable,
     /// The first record that could not be understood.
     first_error: Option<String>,
     records: u64,
@@ -76,6 +82,25 @@ pub struct Rebuild {
 impl Rebuild {
     pub fn new() -> Rebuild {
         Rebuild::default()
+    }
+
+    /// A rebuild whose producer windows have `window` sequences (`producer_window_max`).
+    pub fn with_producer_window(window: u64) -> Rebuild {
+        Rebuild {
+            producers: ProducerTable::new(ProducerLimits {
+                window,
+                producers_max: usize::MAX,
+                idle_expiry_ms: u64::MAX,
+            }),
+            ..Rebuild::default()
+        }
+    }
+
+    /// The producers the log holds, each used `now_ms` (a restart counts as a use).
+    pub fn take_producers(&mut self, now_ms: u64) -> ProducerTable {
+        let mut producers = std::mem::take(&mut self.producers);
+        producers.recovered(now_ms);
+        producers
     }
 
     /// Applies one replayed record. The first record that cannot be understood is kept and
@@ -139,10 +164,15 @@ impl Rebuild {
                 CatalogRecord::Unbind(b) => {
                     let _ = self.routing.unbind(&b);
                 }
+                CatalogRecord::Producer(p) => self.producers.restore_state(&p),
             },
             RecordKind::Message => {
-                let (envelope, message) =
-                    MessageEnvelope::decode(body).map_err(|e| e.to_string())?;
+                let (envelope, stamp, message) =
+                    MessageEnvelope::decode_stamped(body).map_err(|e| e.to_string())?;
+                if let Some(stamp) = stamp {
+                    self.producers
+                        .restore_stamp(stamp.producer_id, stamp.sequence);
+                }
                 // The payload stays in the journal: recovery costs memory per message, not per
                 // byte of backlog; deliveries read payloads back.
                 let record_len = (RECORD_HEADER_BYTES + body.len()) as u32;

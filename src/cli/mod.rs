@@ -64,7 +64,12 @@ pub enum Command {
     /// confirmed and dropped (counted in `weir status`).
     ///
     /// --json: the summary as one JSON object on one line:
-    /// {"queue" or "exchange" and "routing_key","published","confirmed","refused","unconfirmed","durability","refusals":[{"reason","count"}]}.
+    /// {"queue" or "exchange" and "routing_key","published","confirmed","refused","unconfirmed","durability","refusals":[{"reason","count"}]}
+    /// (with --producer-id also "producer_id","sequence_start","duplicates").
+    ///
+    /// With --producer-id N the messages are an idempotent producer's, numbered from
+    /// --sequence-start: the broker stores each (N, sequence) at most once per queue, so the
+    /// same command run twice stores its lines once (the second run's confirms are duplicates).
     Publish(publish::PublishArgs),
     /// Print the messages of a queue, one body per line, acking each after it is written.
     ///

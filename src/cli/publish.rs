@@ -1,6 +1,7 @@
 //! `weir publish (--queue NAME | --exchange NAME [--routing-key KEY] [--mandatory])
-//! [--message TEXT]`: stdin lines (or one message) as persistent messages, pipelined, every
-//! confirm awaited.
+//! [--message TEXT] [--producer-id N [--sequence-start SEQ]]`: stdin lines (or one message) as
+//! persistent messages, pipelined, every confirm awaited; with `--producer-id`, as an idempotent
+//! producer (exactly once: re-sent after a lost connection, re-runs confirmed as duplicates).
 //!
 //! Contract: tokio current-thread runtime; a shard-aware client, so the messages go straight to
 //! the queue's shard. A thread reads stdin (blocking reads must not stall the connection's
@@ -20,8 +21,8 @@ use std::process::ExitCode;
 use serde_json::json;
 use tokio::sync::mpsc;
 use weir_client::{
-    Client, ClientError, Durability, ExchangeKind, ExchangeOptions, Message, PublishFuture,
-    PublishOptions,
+    Client, ClientError, Durability, ExchangeKind, ExchangeOptions, IdempotentProducer, Message,
+    ProducerFuture, ProducerOptions, PublishFuture, PublishOptions,
 };
 
 use super::output::print;
@@ -58,6 +59,21 @@ pub struct PublishArgs {
     pub message: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Publish as idempotent producer N (exactly once): the messages are numbered from
+    /// --sequence-start, a lost connection is re-made and what was unconfirmed re-sent, and the
+    /// broker stores each (N, sequence) at most once per queue. Running the same command again
+    /// stores nothing twice: its messages are confirmed as duplicates.
+    #[arg(long, value_name = "N")]
+    pub producer_id: Option<u64>,
+    /// With --producer-id: the first message's sequence (the next run of the same producer
+    /// goes on above the last one it used, or its messages count as duplicates).
+    #[arg(
+        long,
+        value_name = "SEQ",
+        default_value_t = 1,
+        requires = "producer_id"
+    )]
+    pub sequence_start: u64,
 }
 
 pub fn run(args: PublishArgs) -> ExitCode {
@@ -80,6 +96,8 @@ struct Tally {
     unconfirmed: u64,
     lost: Option<String>,
     durability: BTreeMap<String, u64>,
+    /// Confirmed as an idempotent producer's duplicates (stored before, not again).
+    duplicates: u64,
 }
 
 impl Tally {
@@ -90,6 +108,8 @@ impl Tally {
 
 enum Outcome {
     Pending(PublishFuture),
+    /// An idempotent producer's publish (`--producer-id`).
+    Idempotent(ProducerFuture),
     /// Refused by the client before sending (a line over the broker's message size limit).
     Refused(String),
 }
@@ -147,6 +167,24 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
 
     let (outcomes, rx) = mpsc::unbounded_channel();
     let confirms = tokio::spawn(await_confirms(rx));
+    let producer = match args.producer_id {
+        None => None,
+        Some(id) => {
+            let mut options = ProducerOptions::new(id);
+            options.first_sequence = args.sequence_start;
+            options.client.name = format!("weir-cli/{}", std::process::id());
+            let connecting = IdempotentProducer::connect(args.client.server.as_str(), options);
+            Some(
+                connecting
+                    .await
+                    .map_err(|e| Failure::client(&format!("connecting producer {id}"), &e))?,
+            )
+        }
+    };
+    let sender = Sender {
+        client: &client,
+        producer: producer.as_ref(),
+    };
 
     let limits = client.server().limits;
     let batch_max = BATCH_MAX
@@ -161,7 +199,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
     match &args.message {
         Some(text) => {
             published = 1;
-            if let Err(e) = send(&client, &target, vec![text.as_bytes().to_vec()], &outcomes).await
+            if let Err(e) = send(&sender, &target, vec![text.as_bytes().to_vec()], &outcomes).await
             {
                 fatal = Some(e);
             }
@@ -193,7 +231,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
                 }
                 published += batch.len() as u64;
                 if !batch.is_empty() {
-                    if let Err(e) = send(&client, &target, batch, &outcomes).await {
+                    if let Err(e) = send(&sender, &target, batch, &outcomes).await {
                         fatal = Some(e);
                         break 'input;
                     }
@@ -213,15 +251,37 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
     report(&args, published, &tally, fatal, input_error)
 }
 
+/// What publishes: the client, or an idempotent producer (`--producer-id`).
+struct Sender<'a> {
+    client: &'a Client,
+    producer: Option<&'a IdempotentProducer>,
+}
+
 /// Sends one batch; the outcome of each message goes to the confirm task. `Err` is a failure
 /// that ends publishing (the connection is gone).
 async fn send(
-    client: &Client,
+    sender: &Sender<'_>,
     target: &Target,
     batch: Vec<Vec<u8>>,
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<(), String> {
+    let client = sender.client;
     let messages: Vec<Message> = batch.into_iter().map(Message::new).collect();
+    if let Some(producer) = sender.producer {
+        // One sequence each, in order; the producer keeps them until confirmed.
+        for m in messages {
+            match producer.publish(&target.options, &target.key, m).await {
+                Ok(f) => {
+                    let _ = outcomes.send(Outcome::Idempotent(f));
+                }
+                Err(e @ ClientError::LimitExceeded { .. }) => {
+                    let _ = outcomes.send(Outcome::Refused(describe(&e)));
+                }
+                Err(e) => return Err(describe(&e)),
+            }
+        }
+        return Ok(());
+    }
     let (options, key) = (&target.options, target.key.as_str());
     match client
         .publish_batch_with(options, key, messages.clone())
@@ -264,6 +324,7 @@ async fn await_confirms(mut rx: mpsc::UnboundedReceiver<Outcome>) -> Tally {
     while let Some(outcome) = rx.recv().await {
         let result = match outcome {
             Outcome::Pending(f) => f.await,
+            Outcome::Idempotent(f) => f.await,
             Outcome::Refused(reason) => {
                 *tally.refused.entry(reason).or_default() += 1;
                 continue;
@@ -272,6 +333,7 @@ async fn await_confirms(mut rx: mpsc::UnboundedReceiver<Outcome>) -> Tally {
         match result {
             Ok(c) => {
                 tally.confirmed += 1;
+                tally.duplicates += u64::from(c.duplicate);
                 *tally
                     .durability
                     .entry(durability(c.durability))
@@ -344,6 +406,14 @@ fn report(
     if unconfirmed > 0 {
         human.push_str(&format!(", unconfirmed {unconfirmed}"));
     }
+    if let Some(id) = args.producer_id {
+        human.push_str(&format!(
+            ", duplicates {} (producer {id}, sequences {}..{})",
+            tally.duplicates,
+            args.sequence_start,
+            args.sequence_start + published
+        ));
+    }
     match (&args.queue, &args.exchange) {
         (Some(queue), _) => human.push_str(&format!(" (queue '{queue}'")),
         (None, exchange) => human.push_str(&format!(
@@ -372,6 +442,11 @@ fn report(
         "durability": durability,
         "refusals": refusals,
     });
+    if let Some(id) = args.producer_id {
+        value["producer_id"] = json!(id);
+        value["sequence_start"] = json!(args.sequence_start);
+        value["duplicates"] = json!(tally.duplicates);
+    }
     match (&args.queue, &args.exchange) {
         (Some(queue), _) => value["queue"] = json!(queue),
         (None, exchange) => {

@@ -52,6 +52,9 @@ pub struct PublishItem {
     pub deliver_at_ms: Option<u64>,
     /// A dead letter's history (`broker::deaths`), journaled and delivered beside its bytes.
     pub deaths: Option<Bytes>,
+    /// An idempotent producer's publish: (`producer_id`, `sequence`) names the message, and the
+    /// owning shard stores it at most once (`broker::producers`).
+    pub producer_id: Option<u64>,
 }
 
 /// What became of one published message.
@@ -64,6 +67,9 @@ pub struct PublishOutcome {
     pub result: Result<(), Refusal>,
     /// A mandatory message whose queue does not exist comes back whole, for a `Return`.
     pub returned: Option<PublishItem>,
+    /// An idempotent producer's re-send of a message this shard had stored: confirmed again,
+    /// not stored twice.
+    pub duplicate: bool,
 }
 
 /// One settlement of an outstanding delivery.

@@ -58,6 +58,11 @@ impl ShardState {
         self.confirm_bell.ring();
     }
 
+    /// The commit of the newest request waiting: a later one may not wait for an older commit.
+    pub(super) fn newest_awaited(&self) -> Option<CommitId> {
+        self.awaiting.borrow().queue.back().map(|a| a.commit)
+    }
+
     /// The requests at the front whose commits have finished, once the oldest one's has.
     async fn next_finished(&self) -> Option<Vec<AwaitingCommit>> {
         let oldest = self.awaiting.borrow().queue.front().map(|a| a.commit)?;

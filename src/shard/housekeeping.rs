@@ -4,7 +4,8 @@
 //!
 //! Contract: two tasks on the shard's thread, off the data path. Expiry and consumer timeouts
 //! do not touch the queues themselves: they ask the worker, in the worker's order, and the host
-//! decides with the worker's `now_ms`. Reclaim follows the rule of
+//! decides with the worker's `now_ms` (the expiry tick also forgets idle idempotent producers).
+//! Reclaim follows the rule of
 //! `broker::reclaim` and carries out its steps against the journal. Faults handled: a catalog
 //! restatement that fails (a record refused, say for a full disk, or its commit failed) is logged
 //! and told to the round, which then deletes nothing; a segment deletion that fails is logged and
@@ -16,6 +17,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::broker::catalog::CatalogRecord;
 use crate::broker::reclaim::{ReclaimRound, ReclaimStep, Restatement};
 use crate::mesh::msg::Op;
 use crate::rt;
@@ -103,7 +105,8 @@ pub(super) async fn reclaim_forever(state: Rc<ShardState>) {
 }
 
 /// Writes every durable queue's declaration and next sequence number (and, on the writer, the
-/// durable exchanges and bindings) again, and commits them. Durable only if every record was
+/// durable exchanges and bindings; and every idempotent producer's window) again, and commits
+/// them. Durable only if every record was
 /// appended and the commit carrying the last one succeeded (commits complete in order, so that
 /// one covers the rest); nothing to restate is trivially durable. A record the journal refuses
 /// ends the restatement as incomplete: what was appended before it is staged and goes with a
@@ -113,6 +116,16 @@ async fn restate(state: &ShardState) -> Restatement {
     if let Some(writer) = &state.control {
         records.extend(writer.borrow().restatement());
     }
+    // Idempotent producers' windows: the stamped message records that built them may be in
+    // the segments about to go.
+    records.extend(
+        state
+            .producers
+            .borrow()
+            .restatement()
+            .into_iter()
+            .map(CatalogRecord::Producer),
+    );
     let mut last = None;
     for record in &records {
         match state.journal.append_control(&record.encode()) {

@@ -56,6 +56,7 @@ use crate::broker::control_wait::ControlWaits;
 use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
 use crate::broker::host::QueueHost;
+use crate::broker::producers::ProducerTable;
 use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::Liveness;
 use crate::limits::Limits;
@@ -100,6 +101,8 @@ pub struct ShardState {
     /// Rung when a connection closes during shutdown.
     drained: Doorbell,
     host: RefCell<QueueHost>,
+    /// Idempotent producers' windows for the messages this shard stores.
+    producers: RefCell<ProducerTable>,
     journal: Journal<DmaDir>,
     /// The newest record appended while executing the current request.
     appended: Cell<Option<Appended>>,

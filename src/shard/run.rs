@@ -18,6 +18,7 @@ use crate::broker::control_wait::ControlWaits;
 use crate::broker::cooling::Written;
 use crate::broker::durability::HeldReplies;
 use crate::broker::host::HostLimits;
+use crate::broker::producers::ProducerLimits;
 use crate::broker::rebuild::Rebuild;
 use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::Cache;
@@ -49,7 +50,7 @@ pub async fn run(setup: ShardSetup) {
     let (confirm_bell, confirm_waiter) = doorbell();
 
     // Recover before serving: the journal's replay rebuilds the queues this shard owns.
-    let mut rebuild = Rebuild::new();
+    let mut rebuild = Rebuild::with_producer_window(setup.limits.broker.producer_window_max);
     let config = JournalConfig {
         shard_id: u32::from(setup.id),
         limits: setup.limits.storage,
@@ -61,6 +62,12 @@ pub async fn run(setup: ShardSetup) {
     )
     .await;
     let routing_table = rebuild.take_routing();
+    let mut producers = rebuild.take_producers(now_ms());
+    producers.set_limits(ProducerLimits {
+        window: setup.limits.broker.producer_window_max,
+        producers_max: setup.limits.broker.producers_per_shard_max as usize,
+        idle_expiry_ms: setup.limits.broker.producer_idle_expiry_ms,
+    });
     let (journal, mut host, line) = match opened {
         Ok((journal, report)) => match rebuild.finish(
             setup.id,
@@ -130,6 +137,7 @@ pub async fn run(setup: ShardSetup) {
         connections: RefCell::new(FastMap::default()),
         drained,
         host: RefCell::new(host),
+        producers: RefCell::new(producers),
         journal,
         appended: Cell::new(None),
         written: RefCell::new(Written::default()),

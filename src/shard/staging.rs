@@ -22,7 +22,8 @@ use crate::rt::fs::DmaDir;
 use weir_protocol::wire::Durability;
 
 use crate::storage::{
-    Appended, CommitId, Journal, MessageEnvelope, SettleReason, SettleRecord, StorageError, Target,
+    Appended, CommitId, Journal, MessageEnvelope, ProducerStamp, SettleReason, SettleRecord,
+    StorageError, Target,
 };
 
 use super::ShardState;
@@ -38,6 +39,9 @@ pub(super) struct Staging<'a> {
     liveness: &'a Rc<Liveness>,
     /// fsync = always: what is journaled waits for its commit before it is seen.
     hold: bool,
+    /// The idempotent producer's stamp for the message being published, if it is one's: its
+    /// record carries it, so replay rebuilds the producer windows.
+    pub(super) stamp: Option<ProducerStamp>,
 }
 
 impl Staging<'_> {
@@ -75,7 +79,7 @@ impl JournalSink for Staging<'_> {
         let payload = msg.payload();
         let appended = self
             .journal
-            .append_message(&envelope, &payload)
+            .append_message_stamped(&envelope, self.stamp, &payload)
             .map_err(storage_refusal)?;
         msg.set_position(appended.position, appended.len, Some(self.liveness));
         self.written.borrow_mut().note(targets);
@@ -111,6 +115,7 @@ impl ShardState {
             written: &self.written,
             liveness: &self.liveness,
             hold: self.session.durability == Durability::Always,
+            stamp: None,
         }
     }
 }
@@ -124,5 +129,7 @@ pub(super) fn record_room(item: &PublishItem) -> usize {
         + item.routing_key.len()
         + item.queue.len()
         + targets
+        + item.deaths.as_ref().map_or(0, |h| 9 + h.len())
+        + 16
         + 64
 }

@@ -16,6 +16,12 @@
 //! Under fsync = always a journaled message is not deliverable, nor an ack applied, before the
 //! commit carrying its record is durable: the commit's waiter resolves it in the host
 //! (`resolve_commits`) and asks the worker to dispatch what that made owed.
+//!
+//! An idempotent producer's message is judged by the shard's producer table before it is stored
+//! (`broker::producers`): a duplicate is answered without storing anything, its reply waiting for
+//! the commit that carries the original (fsync = always); a stored one's record carries its
+//! (producer, sequence) stamp, and a commit that fails takes it out of the window again. The
+//! expiry tick forgets producers idle past `producer_idle_expiry_ms`.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -26,13 +32,15 @@ use crate::broker::control::CONTROL_CONN;
 use crate::broker::dead_letter::DEAD_LETTER_WAIT;
 use crate::broker::durability;
 use crate::broker::ops;
+use crate::broker::producers;
 use crate::broker::read_back;
 use crate::mesh::msg::{Op, Pushed, Reply};
 use crate::mesh::types::{ConnRef, Refusal};
 use crate::mesh::MeshMsg;
 use crate::net::session::{Addressed, Session};
 use crate::rt::executor::DoorbellWaiter;
-use crate::storage::CommitId;
+use crate::storage::{CommitId, ProducerStamp};
+use weir_protocol::wire::Durability;
 
 use super::confirmer::AwaitingCommit;
 use super::staging::record_room;
@@ -77,17 +85,47 @@ impl ShardState {
         // The commit round of each journaled message of a publish: a request whose messages
         // span several commits gets each message's own commit's outcome.
         let mut rounds: Vec<Option<CommitId>> = Vec::new();
+        // The newest commit an idempotent producer's duplicate in this request waits for: the
+        // one carrying the original, or a later one (fsync = always).
+        let mut duplicate_round: Option<CommitId> = None;
+        let always = self.session.durability == Durability::Always;
         let reply = match op {
             Op::Publish(items) => {
                 let mut outcomes = Vec::with_capacity(items.len());
                 for item in items {
                     self.journal.wait_for_room(record_room(&item)).await;
+                    let (sequence, producer) = (item.sequence, item.producer_id);
+                    if let Some(p) = producer {
+                        let verdict = self.producers.borrow_mut().check(p, sequence, now);
+                        if let Some(o) = producers::answered(&item, verdict) {
+                            let round = always.then_some(o.1).flatten();
+                            duplicate_round = duplicate_round.max(round);
+                            rounds.push(round);
+                            outcomes.push(o.0);
+                            continue;
+                        }
+                    }
                     let mut host = self.host.borrow_mut();
                     let mut sink = self.staging();
+                    sink.stamp = producer.map(|producer_id| ProducerStamp {
+                        producer_id,
+                        sequence,
+                    });
                     let outcome = ops::publish(&mut host, &mut sink, from, item, now);
                     // Its record is the newest the request appended.
                     let round = self.appended.get().map(|a| a.commit);
-                    rounds.push(round.filter(|_| outcome.journaled));
+                    let round = round.filter(|_| outcome.journaled);
+                    rounds.push(round);
+                    if let (Some(p), true) = (producer, producers::stored(&outcome)) {
+                        let round = round.filter(|_| always);
+                        self.producers.borrow_mut().taken(
+                            p,
+                            sequence,
+                            outcome.journaled,
+                            round,
+                            now,
+                        );
+                    }
                     outcomes.push(outcome);
                 }
                 Reply::Published(outcomes)
@@ -110,6 +148,9 @@ impl ShardState {
                 }
             }
             op => {
+                if matches!(op, Op::Expire) {
+                    self.producers.borrow_mut().expire(now);
+                }
                 let mut host = self.host.borrow_mut();
                 let mut sink = self.staging();
                 let mut reply = ops::execute(&mut host, &mut sink, from, op, now, &mut pushes);
@@ -148,6 +189,13 @@ impl ShardState {
         // Only the request's own records hold its reply back; what dispatching settles below
         // (auto-acks, expiries) is committed with the next group commit without anyone waiting.
         let own = self.appended.take();
+        // A request of duplicates only appended nothing, yet its confirms wait for the commit
+        // carrying the originals; after the requests already waiting, in commit order.
+        let own_commit = own.map(|a| a.commit).max(
+            duplicate_round
+                .max(self.newest_awaited())
+                .filter(|_| duplicate_round.is_some()),
+        );
         let written = std::mem::take(&mut *self.written.borrow_mut());
         {
             let mut host = self.host.borrow_mut();
@@ -175,7 +223,7 @@ impl ShardState {
         // (Under interval and never the records are staged; the committer makes them durable
         // with the next group commit, and the confirm says which policy it was given under.)
         let mut held_reply = None;
-        if durability::holds_for_commit(self.session.durability, own.is_some()) {
+        if durability::holds_for_commit(self.session.durability, own_commit.is_some()) {
             held_reply = reply.take();
         }
         if let Some(reply) = reply.take() {
@@ -192,13 +240,13 @@ impl ShardState {
         }
         // Once the records are durable: cool their payloads if over budget, and send the reply
         // if it waited. Later requests go on meanwhile and join the next commit.
-        let Some(appended) = own else { return };
+        let Some(commit) = own_commit else { return };
         let reply = held_reply.take();
         if reply.is_some() {
             self.held.borrow_mut().hold();
         }
         self.await_commit(AwaitingCommit {
-            commit: appended.commit,
+            commit,
             from,
             id,
             reply,
@@ -229,6 +277,7 @@ impl ShardState {
                 .host
                 .borrow_mut()
                 .commit_resolved(round, result.is_ok());
+            self.producers.borrow_mut().resolved(round, result.is_ok());
             outcomes.insert(round, result.map_err(durability::storage_refusal));
         }
         if changed {

@@ -16,6 +16,11 @@
 //! - `Settle`: ranges of one queue's sequence numbers that were acked, dead-lettered, expired,
 //!   dropped or purged.
 //! - `Control`: an opaque body for the broker's own bookkeeping (declarations, dedup windows).
+//!
+//! A `Message` record of an idempotent producer's publish carries its stamp, (producer id,
+//! sequence), after the targets: bit 14 of the target count (`STAMPED`) says so. Records written
+//! before stamps existed never have that bit (a count is at most `targets_per_message_max`), so
+//! they read as before; `decode` skips the stamp, `decode_stamped` returns it.
 
 use crate::storage::format::{COMMIT_BODY_BYTES, COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES};
 use std::fmt;
@@ -234,7 +239,7 @@ pub struct MessageEnvelope<'a> {
     pub deaths: &'a [u8],
 }
 
-/// Bit of `target_count` that says annotations follow the targets.
+/// Bit of `target_count` that says annotations follow the targets (and the stamp, if any).
 const ANNOTATED: u16 = 1 << 15;
 /// Annotation tag of the dead-letter history.
 const TAG_DEATHS: u8 = 1;
@@ -263,10 +268,7 @@ impl<'a> MessageEnvelope<'a> {
             self.routing_key.len() <= u16::MAX as usize,
             "routing key too long"
         );
-        assert!(
-            (self.targets.len() as u64) < u64::from(ANNOTATED),
-            "too many targets"
-        );
+        assert!(self.targets.len() < STAMPED as usize, "too many targets");
         self.annotations_len()
             + 1
             + self.exchange.len()
@@ -294,18 +296,35 @@ impl<'a> MessageEnvelope<'a> {
 
     /// Writes the envelope into `out`, which is exactly `encoded_len()` long.
     pub fn encode(&self, out: &mut [u8]) {
-        assert_eq!(out.len(), self.encoded_len());
+        self.encode_stamped(out, None)
+    }
+
+    /// Bytes of the envelope with a producer stamp, or without one.
+    pub fn encoded_len_stamped(&self, stamp: Option<ProducerStamp>) -> usize {
+        self.encoded_len() + if stamp.is_some() { 16 } else { 0 }
+    }
+
+    /// Writes the envelope and, if given, the producer stamp after the targets, into `out`,
+    /// exactly `encoded_len_stamped(stamp)` long.
+    pub fn encode_stamped(&self, out: &mut [u8], stamp: Option<ProducerStamp>) {
+        assert_eq!(out.len(), self.encoded_len_stamped(stamp));
+        assert!(self.targets.len() < STAMPED as usize, "too many targets");
         let mut w = Writer { out, at: 0 };
         w.put(&[self.exchange.len() as u8]);
         w.put(self.exchange);
         w.put(&(self.routing_key.len() as u16).to_le_bytes());
         w.put(self.routing_key);
         let annotated = if self.deaths.is_empty() { 0 } else { ANNOTATED };
-        w.put(&(self.targets.len() as u16 | annotated).to_le_bytes());
+        let flag = if stamp.is_some() { STAMPED } else { 0 };
+        w.put(&(self.targets.len() as u16 | flag | annotated).to_le_bytes());
         for t in &self.targets {
             w.put(&[t.queue.len() as u8]);
             w.put(t.queue);
             w.put(&t.queue_seq.to_le_bytes());
+        }
+        if let Some(s) = stamp {
+            w.put(&s.producer_id.to_le_bytes());
+            w.put(&s.sequence.to_le_bytes());
         }
         if annotated != 0 {
             w.put(&((1 + 4 + self.deaths.len()) as u32).to_le_bytes());
@@ -318,6 +337,15 @@ impl<'a> MessageEnvelope<'a> {
 
     /// Splits a message record body into its envelope and the message bytes.
     pub fn decode(body: &'a [u8]) -> Result<(MessageEnvelope<'a>, &'a [u8]), BodyError> {
+        Self::decode_stamped(body).map(|(env, _, message)| (env, message))
+    }
+
+    /// Splits a message record body into its envelope, its producer stamp (if it has one) and
+    /// the message bytes.
+    #[allow(clippy::type_complexity)]
+    pub fn decode_stamped(
+        body: &'a [u8],
+    ) -> Result<(MessageEnvelope<'a>, Option<ProducerStamp>, &'a [u8]), BodyError> {
         let e = |why| body_err("message", why);
         let mut r = Reader { b: body };
         let n = r.u8().ok_or(e("exchange length"))? as usize;
@@ -325,7 +353,9 @@ impl<'a> MessageEnvelope<'a> {
         let n = r.u16().ok_or(e("routing key length"))? as usize;
         let routing_key = r.take(n).ok_or(e("routing key"))?;
         let count = r.u16().ok_or(e("target count"))?;
-        let (annotated, count) = (count & ANNOTATED != 0, (count & !ANNOTATED) as usize);
+        let stamped = count & STAMPED != 0;
+        let annotated = count & ANNOTATED != 0;
+        let count = (count & !(STAMPED | ANNOTATED)) as usize;
         let mut targets = Vec::with_capacity(count);
         for _ in 0..count {
             let n = r.u8().ok_or(e("queue length"))? as usize;
@@ -333,6 +363,14 @@ impl<'a> MessageEnvelope<'a> {
             let queue_seq = r.u64().ok_or(e("queue sequence"))?;
             targets.push(Target { queue, queue_seq });
         }
+        let stamp = if stamped {
+            Some(ProducerStamp {
+                producer_id: r.u64().ok_or(e("producer id"))?,
+                sequence: r.u64().ok_or(e("producer sequence"))?,
+            })
+        } else {
+            None
+        };
         let mut deaths: &[u8] = &[];
         if annotated {
             let n = r.u32().ok_or(e("annotations length"))? as usize;
@@ -355,9 +393,22 @@ impl<'a> MessageEnvelope<'a> {
                 targets,
                 deaths,
             },
+            stamp,
             r.b,
         ))
     }
+}
+
+/// The target count's top bit: a producer stamp follows the targets.
+const STAMPED: u16 = 1 << 14;
+
+/// An idempotent producer's publish, as its message record remembers it: replay rebuilds the
+/// producer windows from these (`broker::producers`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducerStamp {
+    pub producer_id: u64,
+    /// The producer's publish sequence.
+    pub sequence: u64,
 }
 
 /// How messages were settled.
@@ -548,6 +599,29 @@ mod tests {
         body[annotated.encoded_len()..].copy_from_slice(b"bytes");
         let (e3, msg) = MessageEnvelope::decode(&body).expect("decodes");
         assert_eq!((e3, msg), (annotated, &b"bytes"[..]));
+
+        // With a stamp: the plain decoder skips it, the stamped one returns it.
+        let stamp = ProducerStamp {
+            producer_id: 7,
+            sequence: u64::MAX,
+        };
+        let len = env.encoded_len_stamped(Some(stamp));
+        let mut stamped = vec![0u8; len + 5];
+        env.encode_stamped(&mut stamped[..len], Some(stamp));
+        stamped[len..].copy_from_slice(b"bytes");
+        assert_eq!(
+            MessageEnvelope::decode_stamped(&stamped).expect("decodes"),
+            (env.clone(), Some(stamp), &b"bytes"[..])
+        );
+        assert_eq!(
+            MessageEnvelope::decode(&stamped).expect("decodes"),
+            (env.clone(), &b"bytes"[..])
+        );
+        assert_eq!(
+            MessageEnvelope::decode_stamped(&body).expect("decodes").1,
+            None
+        );
+        assert!(MessageEnvelope::decode_stamped(&stamped[..len - 1]).is_err());
 
         let s = SettleRecord {
             queue: b"billing",

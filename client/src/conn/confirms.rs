@@ -69,6 +69,48 @@ impl Driver {
         Ok(first)
     }
 
+    /// One idempotent producer's message under the producer's own `sequence`: the connection's
+    /// numbering moves past it, so sequences still increase in wire order (a connection carries
+    /// one producer's messages in the producer's order).
+    pub(super) fn publish_as(
+        &mut self,
+        producer_id: u64,
+        sequence: u64,
+        (exchange, routing_key, mandatory): (&str, &str, bool),
+        message: &Bytes,
+        confirm: ConfirmTx,
+    ) {
+        if sequence < self.next_sequence {
+            self.handle.shared.permits.add_permits(1);
+            let _ = confirm.send(Err(ClientError::InvalidArgument(format!(
+                "producer sequence {sequence} is not above this connection's last one, {}",
+                self.next_sequence.saturating_sub(1)
+            ))));
+            return;
+        }
+        let item = PublishItem {
+            sequence,
+            exchange,
+            routing_key,
+            mandatory,
+            message,
+        };
+        let encoded = self
+            .encoder
+            .publish(&mut self.out, 0, Some(producer_id), true, [item]);
+        match encoded {
+            Ok(_) => {
+                self.count_frame(0);
+                self.next_sequence = sequence + 1;
+                self.await_confirms(sequence, vec![confirm]);
+            }
+            Err(e) => {
+                self.handle.shared.permits.add_permits(1);
+                let _ = confirm.send(Err(ClientError::Protocol(e)));
+            }
+        }
+    }
+
     /// Keeps one pending publish per confirm, from sequence `first` on.
     pub(super) fn await_confirms(&mut self, first: u64, confirms: Vec<ConfirmTx>) {
         for (i, confirm) in confirms.into_iter().enumerate() {

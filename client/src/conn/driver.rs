@@ -205,6 +205,21 @@ impl Driver {
                 }
             }
             Command::Shutdown => self.shutdown = true,
+            Command::PublishAs {
+                producer_id,
+                sequence,
+                exchange,
+                routing_key,
+                mandatory,
+                message,
+                confirm,
+            } => self.publish_as(
+                producer_id,
+                sequence,
+                (&exchange, &routing_key, mandatory),
+                &message,
+                confirm,
+            ),
         }
     }
 
@@ -314,6 +329,9 @@ impl Driver {
                     for c in confirms {
                         let _ = c.send(Err(err()));
                     }
+                }
+                Command::PublishAs { confirm, .. } => {
+                    let _ = confirm.send(Err(err()));
                 }
                 _ => {}
             }

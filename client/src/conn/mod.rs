@@ -152,6 +152,18 @@ pub(crate) enum Command {
     Close { reply: Reply },
     /// Drop the connection now (the `Client` was dropped).
     Shutdown,
+    /// One idempotent producer's message under its own sequence (`Publish.producer_id`): the
+    /// producer numbers it, so a re-send after a reconnect carries the same number. Never merged
+    /// with other publishes. The publisher already holds a permit.
+    PublishAs {
+        producer_id: u64,
+        sequence: u64,
+        exchange: String,
+        routing_key: String,
+        mandatory: bool,
+        message: Bytes,
+        confirm: ConfirmTx,
+    },
 }
 
 struct Shared {

@@ -9,7 +9,14 @@
 //! counts against `publishes_in_flight_max`, and its bytes (once per shard it goes to) against
 //! `publish_bytes_in_flight_max`, until its outcome comes back.
 //!
-//! Faults handled: idempotent publishing asked for (refused, not served yet), a sequence number
+//! Idempotent producers (`Publish.producer_id`): each item carries the producer id, and each
+//! owning shard judges its part (`broker::producers`): a re-send it had stored comes back as a
+//! duplicate, confirmed again and listed in `Confirm.duplicates`. A split publish is a duplicate
+//! only if every part was one.
+//!
+//! Faults handled: an idempotent publish that a shard would have to store in several parts
+//! (more than `targets_per_message_max` of its queues: refused, since the parts could not be
+//! told apart on a re-send), a sequence number
 //! not above the connection's last one (refused: confirms are keyed by it), delivery times past
 //! `delay_ms_max`, unknown exchanges (each an `Error` naming the refused sequence ranges),
 //! unroutable messages (returned if mandatory, else counted; confirmed either way), a part of a
@@ -33,6 +40,8 @@ pub(super) struct Split {
     taken: bool,
     refusal: Option<Refusal>,
     returned: Option<PublishItem>,
+    /// Every part so far was an idempotent producer's duplicate.
+    duplicate: bool,
 }
 
 impl Session {
@@ -44,17 +53,8 @@ impl Session {
         outbound: &mut Vec<Addressed>,
     ) -> Flow {
         let confirm = p.confirm;
-        if p.producer_id.is_some() {
-            // Refused rather than ignored: a producer that asks for de-duplication must not be
-            // told yes by a broker that would store its re-sends twice.
-            let seqs = p.entries(0).map(|e| e.sequence).collect();
-            let msg =
-                "producer_id: idempotent publishing is not served by this broker version yet; \
-                       publish without it (at least once)"
-                    .to_string();
-            self.fail_sequences(out, ErrorCode::InvalidArgument, msg, seqs);
-            return Flow::Continue;
-        }
+        let producer_id = p.producer_id;
+        let mut in_parts: Vec<u64> = Vec::new();
         // The sequences refused for their order, and the last one taken when the first was.
         let mut out_of_order: Vec<u64> = Vec::new();
         let mut first_out_of_order: Option<(u64, u64)> = None;
@@ -94,6 +94,7 @@ impl Session {
                 bytes: entry.bytes,
                 expiration_ms: entry.expiration_ms,
                 deliver_at_ms,
+                producer_id,
             };
             if exchange.is_empty() {
                 // The default exchange: the key names the queue.
@@ -126,8 +127,8 @@ impl Session {
                 if confirm {
                     unroutable.push(entry.sequence);
                 }
-            } else {
-                self.split_by_owner(item, &mut queues, &mut by_shard);
+            } else if !self.split_by_owner(item, &mut queues, &mut by_shard) {
+                in_parts.push(entry.sequence);
             }
             self.route_buf = queues;
         }
@@ -152,6 +153,15 @@ impl Session {
             );
             self.fail_sequences(out, ErrorCode::InvalidArgument, msg, delayed);
         }
+        if !in_parts.is_empty() {
+            let msg = format!(
+                "producer_id: an idempotent publish routes to more than targets_per_message_max \
+                 = {} queues of one shard, which would store it in parts that a re-send could \
+                 not tell apart",
+                self.ctx.targets_per_message_max
+            );
+            self.fail_sequences(out, ErrorCode::LimitExceeded, msg, in_parts);
+        }
         for (exchange, seqs) in no_exchange {
             let msg = format!("exchange '{exchange}' not found");
             self.fail_sequences(out, ErrorCode::NotFound, msg, seqs);
@@ -172,15 +182,20 @@ impl Session {
 
     /// Addresses a routed message to the shards owning its queues: one item per shard, naming
     /// all that shard's queues (stored there once), or one per `targets_per_message_max` of
-    /// them. The same `Bytes` go to every shard: a reference count each, no copy.
+    /// them. The same `Bytes` go to every shard: a reference count each, no copy. False (and
+    /// nothing addressed) for an idempotent producer's message a shard would take in parts.
     fn split_by_owner(
         &mut self,
         item: PublishItem,
         queues: &mut Vec<String>,
         by_shard: &mut BTreeMap<u16, Vec<PublishItem>>,
-    ) {
+    ) -> bool {
         let max = self.ctx.targets_per_message_max as usize;
+        let idempotent = item.producer_id.is_some();
         let parts = crate::broker::ops::address(item, queues, self.ctx.shard_count(), max);
+        if idempotent && parts.windows(2).any(|w| w[0].0 == w[1].0) {
+            return false;
+        }
         if parts.len() > 1 {
             self.splits.insert(
                 parts[0].1.sequence,
@@ -190,12 +205,14 @@ impl Session {
                     taken: false,
                     refusal: None,
                     returned: None,
+                    duplicate: true,
                 },
             );
         }
         for (shard, part) in parts {
             by_shard.entry(shard).or_default().push(part);
         }
+        true
     }
 
     /// An owner's outcomes for its part of publishes: confirms, returns and refusals, by range.
@@ -204,12 +221,17 @@ impl Session {
         // Journaled ones were confirmed after their group commit; the others live in memory only.
         let mut confirmed: Vec<u64> = Vec::new();
         let mut confirmed_transient: Vec<u64> = Vec::new();
+        // Idempotent producers' re-sends confirmed without being stored again.
+        let mut duplicates: Vec<u64> = Vec::new();
         let mut refused: BTreeMap<(u16, String), Vec<u64>> = BTreeMap::new();
         let mut returned = Vec::new();
         for o in outcomes {
             let Some(o) = self.merge_split(o) else {
                 continue;
             };
+            if o.duplicate && o.confirm && o.result.is_ok() {
+                duplicates.push(o.sequence);
+            }
             match o.result {
                 Ok(()) if o.confirm && o.journaled => confirmed.push(o.sequence),
                 Ok(()) if o.confirm => confirmed_transient.push(o.sequence),
@@ -226,13 +248,22 @@ impl Session {
         if !returned.is_empty() {
             self.send_returned(out, returned);
         }
+        duplicates.sort_unstable();
         let durability = self.ctx.durability;
         for (seqs, durability) in [
             (confirmed, durability),
             (confirmed_transient, wire::Durability::Transient),
         ] {
             if !seqs.is_empty() {
-                self.confirm(out, seqs, durability);
+                let dups: Vec<u64> = if duplicates.is_empty() {
+                    Vec::new()
+                } else {
+                    seqs.iter()
+                        .copied()
+                        .filter(|s| duplicates.binary_search(s).is_ok())
+                        .collect()
+                };
+                self.confirm_with(out, seqs, durability, dups);
             }
         }
         for ((code, message), seqs) in refused {
@@ -248,8 +279,20 @@ impl Session {
     }
 
     fn confirm(&mut self, out: &mut BytesMut, seqs: Vec<u64>, durability: wire::Durability) {
+        self.confirm_with(out, seqs, durability, Vec::new());
+    }
+
+    /// A confirm of `seqs`, listing the subset `duplicates` (re-sends not stored again).
+    fn confirm_with(
+        &mut self,
+        out: &mut BytesMut,
+        seqs: Vec<u64>,
+        durability: wire::Durability,
+        duplicates: Vec<u64>,
+    ) {
         let ranges = weir_protocol::ranges_of(seqs);
-        if let Err(e) = self.encoder.confirm(out, &ranges, durability, &[]) {
+        let duplicates = weir_protocol::ranges_of(duplicates);
+        if let Err(e) = self.encoder.confirm(out, &ranges, durability, &duplicates) {
             tracing::error!("cannot encode a confirm: {e}");
         }
     }
@@ -263,6 +306,7 @@ impl Session {
         };
         split.parts_left -= 1;
         split.journaled |= o.journaled;
+        split.duplicate &= o.duplicate;
         match o.result {
             Ok(()) if o.returned.is_some() => split.returned = o.returned,
             Ok(()) => split.taken = true,
@@ -282,6 +326,7 @@ impl Session {
             journaled: split.journaled,
             result: split.refusal.map_or(Ok(()), Err),
             returned: if split.taken { None } else { split.returned },
+            duplicate: split.duplicate,
         })
     }
 }

@@ -191,12 +191,15 @@ fn every_frame_is_routed_or_answered_and_broker_only_frames_close() {
         }
         assert_eq!(r.len(), 1, "{kind:?} got {} replies", r.len());
         if kind == Body::Publish {
-            // Publishes are answered by sequence, not request id: the sample asks for an
-            // idempotent producer, not served yet, so both its entries are refused in one error.
+            // Publishes are answered by sequence, not request id: the sample is an idempotent
+            // producer's (served, so not what is refused) with delivery times past this
+            // session's delay_ms_max, so both its entries are refused in one error for that.
             let BodyT::Error(e) = &r[0].body else {
                 panic!("{:?}", r[0])
             };
             assert_eq!((r[0].request_id, e.code), (0, ErrorCode::InvalidArgument));
+            let message = e.message.as_deref().unwrap_or_default();
+            assert!(message.starts_with("deliver_at_ms"), "{message}");
             assert_eq!(
                 e.sequences.as_deref(),
                 Some(&[wire::RangeT { first: 1, last: 2 }][..])
@@ -294,6 +297,7 @@ fn taken(p: &PublishItem, journaled: bool) -> Reply {
         journaled,
         result: Ok(()),
         returned: None,
+        duplicate: false,
     }])
 }
 
@@ -601,6 +605,7 @@ fn all_taken(op: &Op) -> Reply {
                 journaled: true,
                 result: Ok(()),
                 returned: None,
+                duplicate: false,
             })
             .collect(),
     )
@@ -1273,4 +1278,118 @@ fn tags_an_owner_refused_for_a_storage_reason_can_be_settled_again() {
     let mut outbound = Vec::new();
     s.on_frame_at(NOW_MS, &ack(&[(1, 3)]), &mut out, &mut outbound);
     assert!(outbound.is_empty(), "{outbound:?}");
+}
+
+/// An idempotent producer's publish to exchange `x`.
+fn publish_as_to_x(producer: u64, sequence: u64) -> InFrame {
+    let mut enc = Encoder::new(WireLimits::DEFAULT);
+    let message = enc
+        .message(&weir_protocol::MessageProps::default(), b"body")
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let item = weir_protocol::PublishItem {
+        sequence,
+        exchange: "x",
+        routing_key: "a.b",
+        mandatory: false,
+        message: &message,
+    };
+    enc.publish(&mut buf, 0, Some(producer), true, [item])
+        .unwrap();
+    FrameDecoder::new(WireLimits::DEFAULT)
+        .decode(&mut buf)
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn an_idempotent_split_publish_is_a_duplicate_only_if_every_part_was() {
+    let on = |shard| {
+        (0..)
+            .map(|i| format!("q{i}"))
+            .find(|q| placement(q, 2) == shard)
+            .unwrap()
+    };
+    let (q0, q1) = (on(0), on(1));
+    let mut s = routed_session(&[&q0, &q1]);
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    // Each part names its producer, for its owner to judge.
+    let mut both = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_as_to_x(5, 7), &mut out, &mut both);
+    let mut one = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_as_to_x(5, 8), &mut out, &mut one);
+    assert_eq!((both.len(), one.len()), (2, 2), "split across both shards");
+    for a in both.iter().chain(&one) {
+        let Op::Publish(items) = &a.op else {
+            panic!("{:?}", a.op)
+        };
+        assert!(items.iter().all(|i| i.producer_id == Some(5)), "{items:?}");
+    }
+    let answer = |op: &Op, duplicate: bool| {
+        let Reply::Published(mut o) = all_taken(op) else {
+            unreachable!()
+        };
+        o.iter_mut().for_each(|o| o.duplicate = duplicate);
+        Reply::Published(o)
+    };
+    // 7: a duplicate on both shards; 8: on one only (the other stored it: not a duplicate).
+    for (a, dup) in [
+        (&both[0], true),
+        (&both[1], true),
+        (&one[0], true),
+        (&one[1], false),
+    ] {
+        s.on_reply_at(NOW_MS, a.id, answer(&a.op, dup), &mut out, &mut Vec::new());
+    }
+    let r = replies(&mut out);
+    type Ranges = Vec<(u64, u64)>;
+    let confirms: Vec<(Ranges, Ranges)> = r
+        .iter()
+        .map(|f| {
+            let BodyT::Confirm(c) = &f.body else {
+                panic!("{f:?}")
+            };
+            let dups = c.duplicates.iter().flatten().map(|r| (r.first, r.last));
+            (sequences_of(f), dups.collect())
+        })
+        .collect();
+    assert_eq!(
+        confirms,
+        vec![(vec![(7, 7)], vec![(7, 7)]), (vec![(8, 8)], vec![])],
+        "{r:?}"
+    );
+}
+
+#[test]
+fn an_idempotent_publish_one_shard_would_store_in_parts_is_refused_by_name() {
+    // More than targets_per_message_max (128) queues on one shard: stored in parts, which a
+    // re-send could not tell apart.
+    let queues: Vec<String> = (0..)
+        .map(|i| format!("q{i}"))
+        .filter(|q| placement(q, 2) == 0)
+        .take(130)
+        .collect();
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    let mut s = routed_session(&names);
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &publish_as_to_x(5, 1), &mut out, &mut outbound);
+    assert!(outbound.is_empty(), "sent in parts: {outbound:?}");
+    let r = replies(&mut out);
+    assert_eq!(error_of(&r[0]), (ErrorCode::LimitExceeded, false));
+    assert_eq!(sequences_of(&r[0]), vec![(1, 1)]);
+    // Without a producer it is stored in parts, as before.
+    s.on_frame_at(
+        NOW_MS,
+        &publish_to_x(2, "a.b", false),
+        &mut out,
+        &mut outbound,
+    );
+    assert_eq!(outbound.len(), 1, "one op for shard 0 holding both parts");
+    let Op::Publish(items) = &outbound[0].op else {
+        panic!()
+    };
+    assert_eq!(items.len(), 2);
 }

@@ -51,7 +51,9 @@ use crate::storage::format::{
 };
 use crate::storage::io::{IoBuf, SegmentDir, SegmentFile};
 use crate::storage::limits::JournalConfig;
-use crate::storage::record::{seal_record, MessageEnvelope, RecordKind, SettleRecord};
+use crate::storage::record::{
+    seal_record, MessageEnvelope, ProducerStamp, RecordKind, SettleRecord,
+};
 use crate::storage::recovery::{recover, RecoveryReport};
 use crate::storage::segment::SegmentHeader;
 
@@ -269,9 +271,21 @@ impl<D: SegmentDir + 'static> Journal<D> {
         envelope: &MessageEnvelope<'_>,
         message: &[u8],
     ) -> Result<Appended, StorageError> {
-        let env_len = envelope.encoded_len();
+        self.append_message_stamped(envelope, None, message)
+    }
+
+    /// Appends a message record with an idempotent producer's stamp after its envelope (or
+    /// none): the record itself remembers (producer, sequence), so replay rebuilds the producer
+    /// windows with no record of their own.
+    pub fn append_message_stamped(
+        &self,
+        envelope: &MessageEnvelope<'_>,
+        stamp: Option<ProducerStamp>,
+        message: &[u8],
+    ) -> Result<Appended, StorageError> {
+        let env_len = envelope.encoded_len_stamped(stamp);
         self.append_with(RecordKind::Message, env_len + message.len(), |out| {
-            envelope.encode(&mut out[..env_len]);
+            envelope.encode_stamped(&mut out[..env_len], stamp);
             out[env_len..].copy_from_slice(message);
         })
     }
