@@ -164,6 +164,7 @@ struct FileLimits {
     message_copy_bytes_max: Option<u32>,
     reserve_bytes: Option<u64>,
     read_ahead_bytes_max: Option<u64>,
+    retry_delays_count_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -320,6 +321,7 @@ impl Config {
                 .unwrap_or(b.mesh_outgoing_bytes_max);
             set(&mut b.message_copy_bytes_max, l.message_copy_bytes_max);
             b.read_ahead_bytes_max = l.read_ahead_bytes_max.unwrap_or(b.read_ahead_bytes_max);
+            set(&mut b.retry_delays_count_max, l.retry_delays_count_max);
             // Two segments unless set: the reserve is counted in segments, whatever their size.
             s.reserve_bytes = l.reserve_bytes.unwrap_or(2 * s.segment_size_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.

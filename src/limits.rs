@@ -136,6 +136,12 @@ pub struct BrokerLimits {
     /// (`Limits::read_ahead_bytes`), and its payloads the rest, so `cache_bytes_max` still bounds
     /// both. 0 turns read-ahead off (one read per cold message).
     pub read_ahead_bytes_max: u64,
+    /// Delays in one queue's retry policy (`QueueArguments.retry_delays_ms`); a longer policy is
+    /// refused (`InvalidArgument`). The policy is part of the queue's declaration, so it is in
+    /// every `QueueInfo` and listing page, in the queue's catalog record and in the re-statement
+    /// written before every reclaim round: a bound keeps those small. Each delay is at most
+    /// `delay_ms_max`, as a `Nack.delay_ms` is.
+    pub retry_delays_count_max: u32,
 }
 
 impl BrokerLimits {
@@ -164,6 +170,7 @@ impl BrokerLimits {
         mesh_outgoing_bytes_max: 16 << 20,
         message_copy_bytes_max: 16 * 1024,
         read_ahead_bytes_max: 4 << 20,
+        retry_delays_count_max: 64,
     };
 }
 
@@ -256,6 +263,10 @@ impl Limits {
                 u64::from(b.queues_per_shard_max),
             ),
             ("limits.gets_unacked_max", u64::from(b.gets_unacked_max)),
+            (
+                "limits.retry_delays_count_max",
+                u64::from(b.retry_delays_count_max),
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

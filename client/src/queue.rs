@@ -36,6 +36,31 @@ pub struct QueueArguments {
     pub priority_max: u8,
     /// Delete the queue after it has had no consumers and no requests for this long, ms.
     pub expires_ms: Option<u32>,
+    /// Retry policy, ms: a delivery nacked or rejected with requeue comes back after
+    /// `retry_delays_ms[n - 1]` on its n-th failure (counted per message, across broker
+    /// restarts), and after the last delay its next failure dead-letters it (or drops it without
+    /// a `dead_letter_exchange`). A consumer that goes away is not a failure: what it held comes
+    /// back at once. `Delivery::nack_with_delay` overrides the delay of one attempt. Empty: a
+    /// requeued delivery is ready again at once. At most the broker's `retry_delays_count_max`
+    /// delays (64 by default), each at most its `delay_ms_max` (a week).
+    ///
+    /// ```no_run
+    /// # async fn run(client: weir_client::Client) -> Result<(), weir_client::ClientError> {
+    /// use weir_client::{QueueArguments, QueueOptions};
+    /// let options = QueueOptions {
+    ///     arguments: QueueArguments {
+    ///         // 1 s, 5 s, 30 s, then to the dead-letter exchange.
+    ///         retry_delays_ms: vec![1000, 5000, 30_000],
+    ///         dead_letter_exchange: Some("".into()),
+    ///         dead_letter_routing_key: Some("jobs.failed".into()),
+    ///         ..QueueArguments::default()
+    ///     },
+    ///     ..QueueOptions::default()
+    /// };
+    /// client.declare("jobs", options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub retry_delays_ms: Vec<u32>,
 }
 
 impl QueueArguments {
@@ -51,6 +76,8 @@ impl QueueArguments {
         a.shard = self.shard;
         a.priority_max = self.priority_max;
         a.expires_ms = self.expires_ms;
+        a.retry_delays_ms =
+            (!self.retry_delays_ms.is_empty()).then(|| self.retry_delays_ms.clone());
         a
     }
 
@@ -66,6 +93,7 @@ impl QueueArguments {
             shard: a.shard,
             priority_max: a.priority_max,
             expires_ms: a.expires_ms,
+            retry_delays_ms: a.retry_delays_ms.clone().unwrap_or_default(),
         }
     }
 }
@@ -142,6 +170,8 @@ pub struct QueueInfo {
     pub consumers: u32,
     /// Age of the oldest ready message; `None` when none is ready.
     pub oldest_ready_age_ms: Option<u64>,
+    /// Messages waiting out a retry delay (counted in `messages_delayed` too).
+    pub messages_retrying: u64,
 }
 
 impl QueueInfo {
@@ -163,6 +193,7 @@ impl QueueInfo {
             bytes_ready: i.bytes_ready,
             consumers: i.consumers,
             oldest_ready_age_ms: i.oldest_ready_age_ms,
+            messages_retrying: i.messages_retrying,
         }
     }
 }

@@ -131,6 +131,7 @@ mod tests {
             exchange: exchange.into(),
             routing_key: key.map(str::to_string),
             msg,
+            retries_exhausted: false,
         }
     }
 

@@ -135,6 +135,9 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
     if q.messages_delayed > 0 {
         lines.push(("delayed", q.messages_delayed.to_string()));
     }
+    if q.messages_retrying > 0 || !q.arguments.retry_delays_ms.is_empty() {
+        lines.push(("retrying", q.messages_retrying.to_string()));
+    }
     lines.push(("ready bytes", q.bytes_ready.to_string()));
     lines.push(("consumers", q.consumers.to_string()));
     lines.push(("oldest ready", age(q.oldest_ready_age_ms)));
@@ -155,6 +158,13 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
                     .as_deref()
                     .map_or("their own key".to_string(), |k| format!("key '{k}'"));
                 format!("exchange '{x}', {key}")
+            }),
+        ),
+        (
+            "retry delays",
+            (!a.retry_delays_ms.is_empty()).then(|| {
+                let ms: Vec<String> = a.retry_delays_ms.iter().map(|d| format!("{d}ms")).collect();
+                ms.join(", ")
             }),
         ),
     ];
@@ -196,6 +206,8 @@ pub(crate) fn queue_json(q: &QueueInfo) -> Value {
         "max_deliveries": q.arguments.max_deliveries,
         "dead_letter_exchange": q.arguments.dead_letter_exchange,
         "dead_letter_routing_key": q.arguments.dead_letter_routing_key,
+        "messages_retrying": q.messages_retrying,
+        "retry_delays_ms": q.arguments.retry_delays_ms,
     })
 }
 

@@ -65,7 +65,8 @@ pub enum QueueCommand {
     /// Describe one queue: shard, depths, consumers, age of the oldest ready message.
     ///
     /// --json: one object {"name","shard","durable","exclusive","auto_delete","messages_ready",
-    /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms"}.
+    /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms",
+    /// ..., "messages_retrying","retry_delays_ms"}.
     Info {
         /// The queue's name.
         name: String,
@@ -111,6 +112,11 @@ pub struct QueueArgs {
     /// Routing key for dead-lettered messages (default: their own).
     #[arg(long, value_name = "KEY", requires = "dead_letter_exchange")]
     dead_letter_routing_key: Option<String>,
+    /// Retry policy: a delivery nacked or rejected with requeue comes back after the n-th of
+    /// these delays (ms) on its n-th failure; after the last one its next failure dead-letters
+    /// it (or drops it without --dead-letter-exchange). E.g. 1000,5000,30000.
+    #[arg(long, value_name = "MS,MS,..", value_delimiter = ',')]
+    retry_delays_ms: Vec<u32>,
 }
 
 impl QueueArgs {
@@ -127,6 +133,7 @@ impl QueueArgs {
             max_deliveries: self.max_deliveries,
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_routing_key: self.dead_letter_routing_key.clone(),
+            retry_delays_ms: self.retry_delays_ms.clone(),
             ..QueueArguments::default()
         }
     }

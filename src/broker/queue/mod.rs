@@ -54,6 +54,9 @@ pub struct QueuePolicy {
     pub max_deliveries: Option<u32>,
     /// Whether the queue has a dead-letter exchange: decides `DeadLettered` versus `Dropped`.
     pub dead_letter: bool,
+    /// Retry policy: the delay after each failure in turn, ms; then the message is given up
+    /// (`retry.rs`). Empty: a failed delivery is ready again at once.
+    pub retry_delays_ms: Vec<u32>,
 }
 
 /// A message handed to a consumer (or a `Get`).
@@ -76,6 +79,9 @@ pub struct Settled<M> {
     pub msg: M,
     pub bytes: u32,
     pub reason: SettleReason,
+    /// Given up because it failed after the last of the queue's retry delays
+    /// (`RetryDecision::Exhausted`): the dead-letter path's `RetriesExhausted`.
+    pub retries_exhausted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -141,6 +147,8 @@ pub struct QueueStats {
     pub consumers: u32,
     /// Messages whose delivery time has not come yet.
     pub delayed: u64,
+    /// Of those, messages waiting out a retry delay.
+    pub retrying: u64,
 }
 
 #[derive(Debug)]
@@ -162,6 +170,8 @@ pub struct Queue<M> {
     /// Waiting messages from this sequence number on are not deliverable yet: their records'
     /// commit is not durable (`hold_from`). Nothing older is ever behind it, see `set_hold`.
     hold: Option<Seq>,
+    /// Failures counted and retries waiting (`retry.rs`).
+    retry: retry::Retries,
 }
 
 /// An outstanding delivery taken out of its queue for a settlement whose record is not durable
@@ -210,6 +220,7 @@ impl<M: Clone> Queue<M> {
             cursor: 0,
             next_seq,
             hold: None,
+            retry: retry::Retries::default(),
         }
     }
 
@@ -230,6 +241,7 @@ impl<M: Clone> Queue<M> {
             outstanding: self.outstanding.len() as u64,
             consumers: self.consumers.len() as u32,
             delayed: self.delayed.len() as u64,
+            retrying: self.retry.waiting(),
         }
     }
 
@@ -354,6 +366,13 @@ impl<M: Clone> Queue<M> {
                 .delayed
                 .remove(&seq)
                 .expect("due names a delayed message");
+            if self.retry.leave_delayed(seq) {
+                // A retry was accepted already: back as a requeue, past the length limits.
+                if self.requeue(entry, settled) {
+                    promoted += 1;
+                }
+                continue;
+            }
             if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
                 if self.policy.overflow == Overflow::RejectPublish {
                     settled.push(self.dead_letter_or_drop(entry));
@@ -682,6 +701,7 @@ impl<M: Clone> Queue<M> {
             };
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
             debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
+            self.retry.leave_delayed(seq);
             settled.push(self.leave(e, SettleReason::Purged));
             n += 1;
         }
@@ -819,7 +839,7 @@ impl<M: Clone> Queue<M> {
         }
     }
 
-    fn dead_letter_or_drop(&self, e: Entry<M>) -> Settled<M> {
+    fn dead_letter_or_drop(&mut self, e: Entry<M>) -> Settled<M> {
         let reason = if self.policy.dead_letter {
             SettleReason::DeadLettered
         } else {
@@ -829,13 +849,15 @@ impl<M: Clone> Queue<M> {
     }
 
     /// An entry leaves the queue for good: uncounted, and handed back as settled.
-    fn leave(&self, e: Entry<M>, reason: SettleReason) -> Settled<M> {
+    fn leave(&mut self, e: Entry<M>, reason: SettleReason) -> Settled<M> {
         self.counted_out(1);
+        self.retry.forget(e.seq);
         Settled {
             seq: e.seq,
             msg: e.msg,
             bytes: e.bytes,
             reason,
+            retries_exhausted: false,
         }
     }
 
@@ -905,13 +927,15 @@ impl<M: Clone> Queue<M> {
     }
 
     /// Settles a taken delivery: acked, or (a nack without requeue) dead-lettered or dropped.
-    pub fn finish(&self, t: Taken<M>, ack: bool) -> Settled<M> {
+    pub fn finish(&mut self, t: Taken<M>, ack: bool) -> Settled<M> {
         let reason = self.settle_reason(ack);
+        self.retry.forget(t.entry.seq);
         Settled {
             seq: t.entry.seq,
             msg: t.entry.msg,
             bytes: t.entry.bytes,
             reason,
+            retries_exhausted: false,
         }
     }
 
@@ -966,6 +990,9 @@ impl<M> Drop for Queue<M> {
         self.counted_out(held as u64);
     }
 }
+
+mod retry;
+pub use retry::{decide, RetryDecision};
 
 #[cfg(test)]
 mod tests;

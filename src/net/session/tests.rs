@@ -32,6 +32,7 @@ fn ctx() -> SessionCtx {
         publish_bytes_in_flight_max: 1 << 20,
         message_copy_bytes_max: 1024,
         outbox_bytes_max: 1 << 20,
+        retry_delays_count_max: 3,
     }
 }
 
