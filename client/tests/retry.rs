@@ -45,7 +45,12 @@ async fn next(consumer: &mut Consumer) -> Delivery {
 }
 
 /// Polls the queue's info until `done` holds for it (bounded by the harness timeout).
-async fn until(c: &Client, queue: &str, what: &str, done: impl Fn(&weir_client::QueueInfo) -> bool) {
+async fn until(
+    c: &Client,
+    queue: &str,
+    what: &str,
+    done: impl Fn(&weir_client::QueueInfo) -> bool,
+) {
     within(what, async {
         loop {
             let info = c.queue_info(queue).await.expect("info");

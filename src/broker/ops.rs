@@ -936,11 +936,11 @@ mod tests {
         assert_eq!(sink.retries, 1);
         let info = h.info(A, "q", 1_000).unwrap();
         assert_eq!((info.messages_delayed, info.messages_retrying), (2, 2));
-        assert_eq!(h.take_due_hint(), Some(1_500));
+        assert_eq!(h.take_due_hint(), Some(1_501));
         let mut pushes = Vec::new();
-        collect_pushes(&mut h, &mut NoJournal, 1_499, 100, &mut pushes);
+        collect_pushes(&mut h, &mut NoJournal, 1_500, 100, &mut pushes);
         assert!(pushes.is_empty(), "redelivered before its retry was due");
-        h.expire(1_500);
+        h.expire(1_501);
         assert_eq!(dispatch(&mut h).len(), 2);
     }
 

@@ -470,9 +470,11 @@ mod tests {
         assert_eq!(seqs(&mut host, 9_000), vec![0]);
         host.fail(a, "q", holder, 0, None, 9_000).unwrap();
         host.expire(9_100);
-        assert_eq!(seqs(&mut host, 9_100), vec![0]);
+        assert_eq!(seqs(&mut host, 9_100), Vec::<u64>::new());
+        host.expire(9_101);
+        assert_eq!(seqs(&mut host, 9_101), vec![0]);
         assert_eq!(
-            host.fail(a, "q", holder, 0, None, 9_100).unwrap(),
+            host.fail(a, "q", holder, 0, None, 9_101).unwrap(),
             crate::broker::queue::RetryDecision::Exhausted
         );
     }

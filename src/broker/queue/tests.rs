@@ -357,14 +357,15 @@ proptest! {
                         RetryDecision::Requeue
                     } else if delays.is_empty() {
                         match delay {
-                            Some(d) if d > 0 => RetryDecision::Delay { due_ms: now + u64::from(d), failures: 0 },
+                            Some(d) if d > 0 => RetryDecision::Delay { due_ms: now + u64::from(d) + 1, failures: 0 },
                             _ => RetryDecision::Requeue,
                         }
                     } else if before as usize >= delays.len() {
                         RetryDecision::Exhausted
                     } else {
-                        let d = delay.unwrap_or(delays[before as usize]);
-                        RetryDecision::Delay { due_ms: now + u64::from(d), failures: before + 1 }
+                        let d = u64::from(delay.unwrap_or(delays[before as usize]));
+                        let due_ms = if d == 0 { now } else { now + d + 1 };
+                        RetryDecision::Delay { due_ms, failures: before + 1 }
                     };
                     prop_assert_eq!(decision, want);
                     match decision {
