@@ -19,7 +19,9 @@
 //! refused publish is never delivered. Settlements made while dispatching (auto-acks, expiry,
 //! overflow, a requeue past `max_deliveries`) stay at least once: applied at once, their records
 //! journaled with the next commit, a record that cannot be is logged (redelivered after a
-//! restart).
+//! restart). A client's nack or reject with requeue is a failure (`fail_plan`, `fail`): the
+//! queue's retry policy requeues it, delays it (a delayed retry of a journaled message is a
+//! `Retry` record the caller journals first) or gives it up, journaled as dispatching settles.
 
 use std::rc::Rc;
 

@@ -7,7 +7,8 @@
 //! journal position, or an in-memory buffer for transient messages), copied around as-is.
 //!
 //! Every message the queue accepted is, at every moment, in exactly one of four places: ready
-//! (waiting, in sequence order), delayed (its delivery time still to come), outstanding
+//! (waiting, in sequence order), delayed (its delivery time still to come: a delayed publish,
+//! or a failed delivery waiting out its retry delay, `retry.rs`), outstanding
 //! (delivered to one owner, not yet settled), or settled (handed back to the caller in a
 //! `Settled`, after which the queue forgets it). The property test
 //! in `tests.rs` checks that against a model after every event. One more place, outside the
@@ -25,7 +26,9 @@
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
 //! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages
 //! go back to ready, to be redelivered with their delivery count), poison messages (past
-//! `max_deliveries` they are dead-lettered or dropped instead of requeued).
+//! `max_deliveries` they are dead-lettered or dropped instead of requeued), failed deliveries
+//! (a client's nack or reject with requeue: retried after a delay, or given up past the queue's
+//! retry policy, `retry.rs`).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
