@@ -234,8 +234,9 @@ impl Delivery {
     /// sooner than `delay` from now (a retry with backoff, NATS' "NAK with delay"), overriding
     /// the queue's `retry_delays` for this attempt; it still counts as one of its failures. The
     /// delay is kept across broker restarts. Whole milliseconds, at most the broker's
-    /// `delay_ms_max` (a week by default; more is refused with `InvalidArgument`). Sent at once;
-    /// await the future for the broker's answer (after the retry is journaled).
+    /// `delay_ms_max` (a week by default; more is refused with `InvalidArgument`). A zero delay
+    /// is a plain requeue that is not counted as a failure. Sent at once; await the future for
+    /// the broker's answer (after the retry is journaled).
     ///
     /// ```no_run
     /// # async fn run(client: weir_client::Client) -> Result<(), weir_client::ClientError> {

@@ -134,10 +134,12 @@ impl Driver {
             self.held.remove(t);
         }
         let ranges = weir_protocol::ranges_of(tags.to_vec());
-        // Fire-and-forget: a failure could only be a tag the broker already forgot.
+        // Fire-and-forget: a failure could only be a tag the broker already forgot. A zero
+        // delay: back at once, and not counted as a failure by the queue's retry policy (the
+        // application never saw them).
         if self
             .encoder
-            .nack(&mut self.out, 0, &ranges, true, None)
+            .nack(&mut self.out, 0, &ranges, true, Some(0))
             .is_ok()
         {
             self.count_frame(0);

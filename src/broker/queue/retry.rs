@@ -9,11 +9,16 @@
 //! | queue's `retry_delays_ms` | `Nack.delay_ms` | failures so far (n, this one included) | then |
 //! |---|---|---|---|
 //! | any                       | any             | delivery count at `max_deliveries`  | given up as a requeue past it is (`requeue`) |
-//! | empty                     | absent or 0     | not counted                         | ready again at once (`Requeue`)               |
+//! | any                       | 0               | not counted                         | ready again at once (`Requeue`)               |
+//! | empty                     | absent          | not counted                         | ready again at once (`Requeue`)               |
 //! | empty                     | d > 0           | not counted                         | delayed until now + d                         |
 //! | k delays                  | absent          | n <= k                              | delayed until now + delays[n - 1]             |
 //! | k delays                  | d               | n <= k                              | delayed until now + d                         |
 //! | k delays                  | any             | n > k                               | RETRIES EXHAUSTED: dead-lettered, or dropped without a dead-letter exchange |
+//!
+//! A zero `delay_ms` asks for the message back at once without counting a failure: what the
+//! client sends for deliveries it never showed the application (they arrived for a consumer
+//! being cancelled), which are no more a failure than a consumer that goes away.
 //!
 //! A retry is the same message entering the delayed set again (`Queue::delayed`, `due`), under
 //! its own sequence number and with its bytes where they are (hot or cold): no copy. Due times
@@ -68,7 +73,7 @@ pub fn decide(
     delay_ms: Option<u32>,
     now_ms: u64,
 ) -> RetryDecision {
-    if max_deliveries.is_some_and(|max| delivery_count >= max) {
+    if max_deliveries.is_some_and(|max| delivery_count >= max) || delay_ms == Some(0) {
         return RetryDecision::Requeue;
     }
     if delays_ms.is_empty() {
@@ -320,6 +325,18 @@ mod tests {
                 due_ms: 1001,
                 failures: 1
             }
+        );
+    }
+
+    #[test]
+    fn a_nack_delay_of_zero_is_a_requeue_at_once_not_a_failure() {
+        assert_eq!(
+            decide(&[1000], None, 0, 1, Some(0), 5),
+            RetryDecision::Requeue
+        );
+        assert_eq!(
+            decide(&[1000], None, 1, 2, Some(0), 5),
+            RetryDecision::Requeue
         );
     }
 

@@ -353,7 +353,7 @@ proptest! {
                     outstanding.remove(&seq);
                     let count = delivery_counts[&seq];
                     let before = failures.get(&seq).copied().unwrap_or(0);
-                    let want = if max_deliveries.is_some_and(|m| count >= m) {
+                    let want = if max_deliveries.is_some_and(|m| count >= m) || delay == Some(0) {
                         RetryDecision::Requeue
                     } else if delays.is_empty() {
                         match delay {
