@@ -84,8 +84,8 @@ use weir::mesh::MeshMsg;
 use weir::net::session::{Addressed, Flow, Session, SessionCtx};
 use weir::storage::io::{IoBuf, SegmentDir, SegmentFile};
 use weir::storage::{
-    Appended, CommitId, Journal, JournalConfig, MessageEnvelope, SettleReason, SettleRecord,
-    StorageError, Target,
+    Appended, CommitId, Journal, JournalConfig, MessageEnvelope, RetryEntry, RetryRecord,
+    SettleReason, SettleRecord, StorageError, Target,
 };
 use weir_protocol::wire::{self, BodyT, Durability, Range};
 use weir_protocol::{Encoder, FrameDecoder, InFrame, MessageProps, PublishItem as WireItem};
@@ -311,6 +311,14 @@ impl JournalSink for Staging<'_> {
         self.note(self.journal.append_control(&record.encode()))
             .map(|_| ())
     }
+
+    fn retry(&mut self, queue: &str, entries: &[RetryEntry]) -> Result<Option<CommitId>, Refusal> {
+        let record = RetryRecord {
+            queue: queue.as_bytes(),
+            entries: entries.to_vec(),
+        };
+        self.note(self.journal.append_retry(&record))
+    }
 }
 
 /// `shard::staging::record_room`.
@@ -432,6 +440,7 @@ impl Shard {
             publish_bytes_in_flight_max: b.publish_bytes_in_flight_max,
             message_copy_bytes_max: b.message_copy_bytes_max,
             outbox_bytes_max: b.outbox_bytes_max,
+            retry_delays_count_max: b.retry_delays_count_max,
         };
         let entry = Conn {
             session: RefCell::new(Session::new(ctx, self.routing.clone())),

@@ -167,6 +167,7 @@ struct FileLimits {
     producer_window_max: Option<u64>,
     producers_per_shard_max: Option<u32>,
     producer_idle_expiry_ms: Option<u64>,
+    retry_delays_count_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -328,6 +329,7 @@ impl Config {
             b.producer_idle_expiry_ms = l
                 .producer_idle_expiry_ms
                 .unwrap_or(b.producer_idle_expiry_ms);
+            set(&mut b.retry_delays_count_max, l.retry_delays_count_max);
             // Two segments unless set: the reserve is counted in segments, whatever their size.
             s.reserve_bytes = l.reserve_bytes.unwrap_or(2 * s.segment_size_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.

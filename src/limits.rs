@@ -155,6 +155,12 @@ pub struct BrokerLimits {
     /// too (`producer.id.expiration.ms`); a producer retrying longer than this has given up.
     /// Recovery counts as a use: every recovered producer starts a fresh idle period.
     pub producer_idle_expiry_ms: u64,
+    /// Delays in one queue's retry policy (`QueueArguments.retry_delays_ms`); a longer policy is
+    /// refused (`InvalidArgument`). The policy is part of the queue's declaration, so it is in
+    /// every `QueueInfo` and listing page, in the queue's catalog record and in the re-statement
+    /// written before every reclaim round: a bound keeps those small. Each delay is at most
+    /// `delay_ms_max`, as a `Nack.delay_ms` is.
+    pub retry_delays_count_max: u32,
 }
 
 impl BrokerLimits {
@@ -186,6 +192,7 @@ impl BrokerLimits {
         producer_window_max: 4096,
         producers_per_shard_max: 16_384,
         producer_idle_expiry_ms: 24 * 3_600_000,
+        retry_delays_count_max: 64,
     };
 }
 
@@ -292,6 +299,10 @@ impl Limits {
                 u64::from(b.producers_per_shard_max),
             ),
             ("limits.producer_idle_expiry_ms", b.producer_idle_expiry_ms),
+            (
+                "limits.retry_delays_count_max",
+                u64::from(b.retry_delays_count_max),
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

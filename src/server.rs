@@ -181,6 +181,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
                 publish_bytes_in_flight_max: config.limits.broker.publish_bytes_in_flight_max,
                 message_copy_bytes_max: config.limits.broker.message_copy_bytes_max,
                 outbox_bytes_max: config.limits.broker.outbox_bytes_max,
+                retry_delays_count_max: config.limits.broker.retry_delays_count_max,
             },
             limits: config.limits,
             mesh,

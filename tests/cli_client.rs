@@ -818,3 +818,38 @@ fn queue_expiry_single_active_consumer_and_consumer_priority_from_the_cli() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--expires-ms"), "{}", stderr(&out));
 }
+
+#[test]
+fn retry_delays_from_the_cli_are_declared_shown_and_refused_past_the_limit() {
+    let broker = Broker::start(&temp_dir("cli-retry"), &[]);
+    let out = ok(weir(
+        &broker,
+        &[
+            "queue",
+            "declare",
+            "jobs",
+            "--durable",
+            "--retry-delays-ms",
+            "1000,5000,30000",
+        ],
+    ));
+    assert!(out.contains("1000ms, 5000ms, 30000ms"), "{out}");
+    assert!(out.contains("retrying"), "{out}");
+    let info = info(&broker, "jobs");
+    assert_eq!(
+        info["retry_delays_ms"],
+        serde_json::json!([1000, 5000, 30000])
+    );
+    assert_eq!(info["messages_retrying"], 0);
+    // Past delay_ms_max (a week): refused by the broker, naming the field.
+    let bad = weir(
+        &broker,
+        &["queue", "declare", "late", "--retry-delays-ms", "604800001"],
+    );
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(
+        stderr(&bad).contains("retry_delays_ms[0]"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -17,6 +17,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -260,7 +261,49 @@ impl Delivery {
     /// dead-lettered or dropped. Sent at once, like `ack`.
     pub fn nack(&self, requeue: bool) -> SettleFuture {
         match self.refuse_auto_acked("nack") {
-            Ok(()) => self.settle(Settle::Nack { requeue }),
+            Ok(()) => self.settle(Settle::Nack {
+                requeue,
+                delay_ms: None,
+            }),
+            Err(e) => SettleFuture::ready(Err(e)),
+        }
+    }
+
+    /// Failed, try again later: the message goes back to its queue and is delivered again no
+    /// sooner than `delay` from now (a retry with backoff, NATS' "NAK with delay"), overriding
+    /// the queue's `retry_delays` for this attempt; it still counts as one of its failures. The
+    /// delay is kept across broker restarts. Whole milliseconds, at most the broker's
+    /// `delay_ms_max` (a week by default; more is refused with `InvalidArgument`). A zero delay
+    /// is a plain requeue that is not counted as a failure. Sent at once; await the future for
+    /// the broker's answer (after the retry is journaled).
+    ///
+    /// ```no_run
+    /// # async fn run(client: weir_client::Client) -> Result<(), weir_client::ClientError> {
+    /// use std::time::Duration;
+    /// let mut consumer = client.consume("jobs", weir_client::ConsumeOptions::default()).await?;
+    /// while let Some(delivery) = consumer.recv().await {
+    ///     let delivery = delivery?;
+    ///     if delivery.body() == b"not yet" {
+    ///         // Redelivered in 30 s or later, with its delivery count one higher.
+    ///         delivery.nack_with_delay(Duration::from_secs(30)).await?;
+    ///     } else {
+    ///         delivery.ack().await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn nack_with_delay(&self, delay: Duration) -> SettleFuture {
+        let Ok(delay_ms) = u32::try_from(delay.as_millis()) else {
+            return SettleFuture::ready(Err(ClientError::InvalidArgument(format!(
+                "nack_with_delay: {delay:?} is more than the wire's {} ms",
+                u32::MAX
+            ))));
+        };
+        match self.refuse_auto_acked("nack") {
+            Ok(()) => self.settle(Settle::Nack {
+                requeue: true,
+                delay_ms: Some(delay_ms),
+            }),
             Err(e) => SettleFuture::ready(Err(e)),
         }
     }

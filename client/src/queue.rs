@@ -78,6 +78,31 @@ pub struct QueueArguments {
     /// # }
     /// ```
     pub single_active_consumer: bool,
+    /// Retry policy, ms: a delivery nacked or rejected with requeue comes back after
+    /// `retry_delays_ms[n - 1]` on its n-th failure (counted per message, across broker
+    /// restarts), and after the last delay its next failure dead-letters it (or drops it without
+    /// a `dead_letter_exchange`). A consumer that goes away is not a failure: what it held comes
+    /// back at once. `Delivery::nack_with_delay` overrides the delay of one attempt. Empty: a
+    /// requeued delivery is ready again at once. At most the broker's `retry_delays_count_max`
+    /// delays (64 by default), each at most its `delay_ms_max` (a week).
+    ///
+    /// ```no_run
+    /// # async fn run(client: weir_client::Client) -> Result<(), weir_client::ClientError> {
+    /// use weir_client::{QueueArguments, QueueOptions};
+    /// let options = QueueOptions {
+    ///     arguments: QueueArguments {
+    ///         // 1 s, 5 s, 30 s, then to the dead-letter exchange.
+    ///         retry_delays_ms: vec![1000, 5000, 30_000],
+    ///         dead_letter_exchange: Some("".into()),
+    ///         dead_letter_routing_key: Some("jobs.failed".into()),
+    ///         ..QueueArguments::default()
+    ///     },
+    ///     ..QueueOptions::default()
+    /// };
+    /// client.declare("jobs", options).await?;
+    /// # Ok(()) }
+    /// ```
+    pub retry_delays_ms: Vec<u32>,
 }
 
 impl QueueArguments {
@@ -94,6 +119,8 @@ impl QueueArguments {
         a.priority_max = self.priority_max;
         a.expires_ms = self.expires_ms;
         a.single_active_consumer = self.single_active_consumer;
+        a.retry_delays_ms =
+            (!self.retry_delays_ms.is_empty()).then(|| self.retry_delays_ms.clone());
         a
     }
 
@@ -110,6 +137,7 @@ impl QueueArguments {
             priority_max: a.priority_max,
             expires_ms: a.expires_ms,
             single_active_consumer: a.single_active_consumer,
+            retry_delays_ms: a.retry_delays_ms.clone().unwrap_or_default(),
         }
     }
 }
@@ -191,6 +219,8 @@ pub struct QueueInfo {
     pub expires_in_ms: Option<u64>,
     /// With [`QueueArguments::single_active_consumer`]: the tag of the consumer receiving now.
     pub active_consumer: Option<String>,
+    /// Messages waiting out a retry delay (counted in `messages_delayed` too).
+    pub messages_retrying: u64,
 }
 
 impl QueueInfo {
@@ -214,6 +244,7 @@ impl QueueInfo {
             oldest_ready_age_ms: i.oldest_ready_age_ms,
             expires_in_ms: i.expires_in_ms,
             active_consumer: i.active_consumer.clone(),
+            messages_retrying: i.messages_retrying,
         }
     }
 }

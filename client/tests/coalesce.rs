@@ -338,3 +338,45 @@ async fn a_stale_ack_nobody_awaits_does_not_keep_the_good_ones_queued_with_it_fr
     drop(d[4].ack());
     within("every good ack settled", until_settled(&client, "stale")).await;
 }
+
+#[tokio::test]
+async fn retry_nacks_merge_only_with_nacks_of_the_same_delay() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64
+    };
+    let broker = Broker::start("coalesce-retry", &[]);
+    let client = broker.client().await;
+    let (mut consumer, deliveries) = held(&client, "retries", 4, 10).await;
+    let frames = client.frames_sent();
+    let before = now_ms();
+    let (short, long) = (Duration::from_millis(300), Duration::from_millis(600));
+    for (d, delay) in deliveries.iter().zip([short, short, long, long]) {
+        drop(d.nack_with_delay(delay));
+    }
+    let info = within("queue info", client.queue_info("retries"))
+        .await
+        .expect("queue info");
+    assert_eq!(
+        client.frames_sent() - frames,
+        3,
+        "two nack frames, one per delay, and the queue info"
+    );
+    if now_ms() < before + 300 {
+        assert_eq!(info.messages_retrying, 4);
+    }
+    let (again, _) = take(&mut consumer, 4).await;
+    for d in &again {
+        let i: usize = body_str(d)["retries ".len()..].parse().expect("a number");
+        let delay = if i < 2 { 300 } else { 600 };
+        // Taken in one call when the last came, so the bound holds for each.
+        assert!(
+            now_ms() >= before + delay,
+            "message {i} back before {delay} ms"
+        );
+        assert_eq!(d.delivery_count(), 2);
+    }
+}

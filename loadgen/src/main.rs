@@ -20,6 +20,7 @@ mod exactly_once;
 mod plot;
 mod report;
 mod restart;
+mod retry;
 mod run;
 mod scenario;
 mod stats;
@@ -46,7 +47,7 @@ const EXIT_INCOMPLETE: u8 = 4;
 #[command(name = "weir-loadgen", version, about, long_about = None)]
 struct Args {
     /// A shipped scenario's name (steady, spike, sawtooth, diurnal, drain, fanout, topic, rpc,
-    /// max, max-per-message, max-batch, steady-5k, steady-20k, drain-after-restart) or a path
+    /// max, max-per-message, max-batch, steady-5k, steady-20k, drain-after-restart, retry) or a path
     /// to a scenario file.
     #[arg(long, default_value = "spike")]
     scenario: String,
@@ -217,6 +218,15 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
             )));
         }
         return exactly_once_run(args, &config, abort);
+    }
+
+    if sc.kind == scenario::Kind::Retry {
+        if args.chaos || args.compare.is_some() {
+            return Err(Failure::Usage(format!(
+                "scenario {name}: kind = \"retry\" runs alone (not --chaos, not --compare)"
+            )));
+        }
+        return retry_run(args, &config);
     }
 
     if args.chaos {
@@ -473,6 +483,73 @@ fn exactly_once_run(
                 report.lost, report.duplicated, report.failed
             );
             3
+        } else {
+            0
+        },
+    )
+}
+
+/// `kind = "retry"`: against the spawned broker or `--addr`; the report and `results.json` say
+/// how late the retries came against their schedule and how many ended dead-lettered.
+fn retry_run(args: &Args, config: &RunConfig) -> Result<u8, Failure> {
+    let mut config = config.clone();
+    let mut spawned = None;
+    let setup = if args.spawn_broker {
+        let extra: Vec<String> = args
+            .fsync
+            .iter()
+            .flat_map(|f| ["--fsync".to_string(), f.clone()])
+            .collect();
+        let profile = args.profile.as_deref();
+        let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
+        let b = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
+        config.addr = b.listen.clone();
+        let setup = spawned_setup(&bin, &b, profile, &extra);
+        println!("broker ready: {}", b.ready_line);
+        spawned = Some(b);
+        setup
+    } else {
+        "not started by weir-loadgen (its own configuration)".to_string()
+    };
+    println!(
+        "running {} ({}) against {}",
+        config.name, config.scenario.description, config.addr
+    );
+    let abort = Arc::new(AtomicBool::new(false));
+    let outcome = retry::run(&config, &setup, abort);
+    if let Some(b) = spawned.take() {
+        let (status, stderr) = b.stop();
+        if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
+            println!("broker {status}");
+            if !stderr.trim().is_empty() {
+                println!("broker stderr (tail):\n{}", stderr.trim_end());
+            }
+        }
+    }
+    let report = outcome.map_err(Failure::Error)?;
+    let text = report.summary();
+    print!("{text}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
+        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
+        }
+        println!("wrote results.json, summary.txt to {}", dir.display());
+    }
+    Ok(
+        if report.early > 0 || report.dead_lettered != report.dead_letters_expected {
+            println!(
+                "!!! retry faults: {} early redeliveries, {} dead-lettered of {} expected !!!",
+                report.early, report.dead_lettered, report.dead_letters_expected
+            );
+            EXIT_LOSS
+        } else if !report.complete {
+            EXIT_INCOMPLETE
         } else {
             0
         },

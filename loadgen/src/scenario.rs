@@ -41,6 +41,10 @@ pub enum Kind {
     /// duplicated must be 0 (`crate::exactly_once`).
     #[serde(rename = "exactly-once")]
     ExactlyOnce,
+    /// Retries with backoff: a share of the messages (`fail_share`) fails and is nacked, each
+    /// retried after the queue's `retry_delays_ms`; some fail after the last delay and are
+    /// dead-lettered. Reports each retry's lateness against its schedule (`crate::retry`).
+    Retry,
 }
 
 impl Kind {
@@ -53,6 +57,7 @@ impl Kind {
             Kind::Max => "max",
             Kind::DrainAfterRestart => "drain-after-restart",
             Kind::ExactlyOnce => "exactly-once",
+            Kind::Retry => "retry",
         }
     }
 }
@@ -299,6 +304,10 @@ pub struct Scenario {
     pub phases: Vec<Phase>,
     /// `exactly-once`: SIGKILLs of the broker while publishing (default 3).
     pub kills: Option<u32>,
+    /// `retry`: the share of messages that fail (0 to 1).
+    pub fail_share: Option<f64>,
+    /// `retry`: the queue's retry policy, ms per failure in turn.
+    pub retry_delays_ms: Option<Vec<u32>>,
 }
 
 /// A refused scenario: the file, the key and the reason.
@@ -345,6 +354,7 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "exactly-once",
         include_str!("../scenarios/exactly-once.toml"),
     ),
+    ("retry", include_str!("../scenarios/retry.toml")),
 ];
 
 /// A scenario's text and what to call it.
@@ -583,6 +593,23 @@ impl Scenario {
                 ),
             );
         }
+        if self.kind == Kind::Retry {
+            return self.check_retry();
+        }
+        for (key, set) in [
+            ("fail_share", self.fail_share.is_some()),
+            ("retry_delays_ms", self.retry_delays_ms.is_some()),
+        ] {
+            if set {
+                return refuse(
+                    key,
+                    format!(
+                        "not used by kind = \"{}\" (only by \"retry\")",
+                        self.kind.name()
+                    ),
+                );
+            }
+        }
         if let Some(b) = self.backlog {
             return refuse(
                 "backlog",
@@ -625,6 +652,41 @@ impl Scenario {
 
     /// `drain-after-restart`'s own rules: a backlog that survives a restart, and nothing that
     /// its fixed steps (fill, drain, fill, restart, drain) would ignore.
+    fn check_retry(&self) -> Result<(), Refusal> {
+        let why = "not used by kind = \"retry\" (one producer, one consumer, one queue)";
+        for (key, set) in [
+            ("exchange", self.exchange.is_some()),
+            ("consumers_start", self.consumers_start.is_some()),
+            ("consumer_rate", self.consumer_rate.is_some()),
+            ("process_ms", self.process_ms.is_some()),
+            ("backlog", self.backlog.is_some()),
+            ("producers", self.producers != 1),
+            ("consumers", self.consumers != 1),
+            ("queues", self.queues != 1),
+        ] {
+            if set {
+                return refuse(key, why);
+            }
+        }
+        let share = self.fail_share.unwrap_or(0.1);
+        if !(share > 0.0 && share <= 1.0) {
+            return refuse("fail_share", format!("must be in (0, 1] (got {share})"));
+        }
+        if self.retry_delays_ms.as_ref().is_some_and(|d| d.is_empty()) {
+            return refuse("retry_delays_ms", "at least one delay is needed");
+        }
+        let [phase] = self.phases.as_slice() else {
+            return refuse("phases", "kind = \"retry\" runs exactly one [[phases]]");
+        };
+        positive("phases[0].duration_s", phase.duration_s)?;
+        positive("phases[0].rate", phase.rate.unwrap_or(0.0))?;
+        positive("drain_timeout_s", self.drain_timeout_s)?;
+        if (self.size.max() as usize) < HEADER_LEN {
+            return refuse("size", format!("at least {HEADER_LEN} bytes"));
+        }
+        Ok(())
+    }
+
     fn check_drain_after_restart(&self) -> Result<(), Refusal> {
         let why = "not used by kind = \"drain-after-restart\" (its steps are fixed: fill, drain, \
                    fill, restart, drain)";

@@ -366,13 +366,15 @@ impl Encoder {
         self.finish(request_id, Body::Ack, body.as_union_value(), out)
     }
 
-    /// Appends a `Nack`.
+    /// Appends a `Nack`; with `requeue` and `delay_ms`, a retry no sooner than that many ms
+    /// from now (absent: the queue's retry policy, or at once).
     pub fn nack(
         &mut self,
         out: &mut BytesMut,
         request_id: u64,
         ranges: &[Range],
         requeue: bool,
+        delay_ms: Option<u32>,
     ) -> Result<usize, ProtocolError> {
         self.fbb.reset();
         let ranges = Some(self.fbb.create_vector(ranges));
@@ -381,7 +383,7 @@ impl Encoder {
             &wire::NackArgs {
                 ranges,
                 requeue,
-                delay_ms: None,
+                delay_ms,
             },
         );
         self.finish(request_id, Body::Nack, body.as_union_value(), out)

@@ -212,7 +212,8 @@ fn hot_path_deliver_confirm_ack_and_nack_encoders_round_trip() {
     enc.confirm(&mut out, &ranges, Durability::Interval, &[Range::new(2, 3)])
         .unwrap();
     enc.ack(&mut out, 0, &ranges).unwrap();
-    enc.nack(&mut out, 9, &ranges, false).unwrap();
+    enc.nack(&mut out, 9, &ranges, false, None).unwrap();
+    enc.nack(&mut out, 0, &ranges, true, Some(1500)).unwrap();
 
     let decoder = FrameDecoder::new(WireLimits::DEFAULT);
     let deliver = decoder.decode(&mut out).unwrap().unwrap();
@@ -265,6 +266,14 @@ fn hot_path_deliver_confirm_ack_and_nack_encoders_round_trip() {
     expect(
         decoder.decode(&mut out).unwrap().unwrap(),
         weir_protocol::frame(9, BodyT::Nack(Box::new(nack))),
+    );
+    let mut retry = wire::NackT::default();
+    retry.ranges = rt(&ranges);
+    retry.requeue = true;
+    retry.delay_ms = Some(1500);
+    expect(
+        decoder.decode(&mut out).unwrap().unwrap(),
+        weir_protocol::frame(0, BodyT::Nack(Box::new(retry))),
     );
     assert!(out.is_empty());
 }

@@ -27,7 +27,7 @@ use crate::mesh::msg::{
 };
 use crate::mesh::types::{placement, ConnRef, Refusal};
 use crate::mesh::types::{HolderId, Seq};
-use crate::storage::{CommitId, SettleReason};
+use crate::storage::{CommitId, RetryEntry, SettleReason};
 
 /// Addresses a message routed to `queues` (drained) to the shards that own them: one item per
 /// shard naming all of that shard's queues (stored there once), or one per `targets_max` of
@@ -125,6 +125,8 @@ pub trait JournalSink {
     ) -> Result<Option<CommitId>, Refusal>;
     /// A durable declaration or deletion.
     fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal>;
+    /// Messages of a queue waiting out a retry delay (`Retry` record).
+    fn retry(&mut self, queue: &str, entries: &[RetryEntry]) -> Result<Option<CommitId>, Refusal>;
 }
 
 /// A sink that keeps nothing: for state-machine tests.
@@ -144,6 +146,9 @@ impl JournalSink for NoJournal {
     }
     fn catalog(&mut self, _: &CatalogRecord) -> Result<(), Refusal> {
         Ok(())
+    }
+    fn retry(&mut self, _: &str, _: &[RetryEntry]) -> Result<Option<CommitId>, Refusal> {
+        Ok(None)
     }
 }
 
@@ -225,15 +230,36 @@ fn settle_groups<'a, T>(
 /// durable (taken out of its queue meanwhile, its consumer's credit given back: `waiting` in the
 /// answer). A record the journal refuses refuses those settlements, which stay outstanding for the
 /// same holder (`kept` in the answer, so the connection keeps their tags for a retry).
+///
+/// A client's nack or reject with requeue is a failure, which the queue's retry policy decides
+/// (`broker::queue::retry`): a delayed retry of a journaled message is applied once the journal
+/// took its `Retry` record (refused with it otherwise, the delivery kept outstanding); its
+/// answer, if asked, follows that record's commit like any request's. Applying it before the
+/// commit is durable delivers nothing early (it waits until its due time either way); a crash
+/// before then brings the message back as its previous record left it.
 fn settle(
     host: &mut QueueHost,
     sink: &mut dyn JournalSink,
     from: ConnRef,
     items: Vec<SettleItem>,
+    now_ms: u64,
 ) -> Reply {
     let mut outcome = SettleOutcome::default();
     let mut recorded: Vec<(u32, SettleItem, SettleReason)> = Vec::new();
+    let mut retries: Vec<(u32, SettleItem, RetryEntry)> = Vec::new();
     for (index, s) in (0u32..).zip(items) {
+        if s.failed && s.requeue && !s.ack {
+            match host.fail_plan(from, &s.queue, s.holder, s.seq, s.delay_ms, now_ms) {
+                Err(r) => outcome.refusals.push(r),
+                Ok(Some(entry)) => retries.push((index, s, entry)),
+                Ok(None) => {
+                    if let Err(r) = host.fail(from, &s.queue, s.holder, s.seq, s.delay_ms, now_ms) {
+                        outcome.refusals.push(r);
+                    }
+                }
+            }
+            continue;
+        }
         match host.settle_plan(from, &s.queue, s.holder, s.seq, s.ack, s.requeue) {
             Err(r) => outcome.refusals.push(r),
             Ok(SettlePlan::Now) => {
@@ -265,6 +291,20 @@ fn settle(
                 None => host.settle_journaled(from, &s.queue, s.holder, s.seq, s.ack),
             };
             if let Err(r) = result {
+                outcome.refusals.push(r);
+            }
+        }
+    }
+    retries.sort_by(|a, b| (&a.1.queue, a.1.seq).cmp(&(&b.1.queue, b.1.seq)));
+    for group in retries.chunk_by(|a, b| a.1.queue == b.1.queue) {
+        let entries: Vec<RetryEntry> = group.iter().map(|(_, _, e)| *e).collect();
+        if let Err(r) = sink.retry(&group[0].1.queue, &entries) {
+            outcome.refusals.extend(group.iter().map(|_| r.clone()));
+            outcome.kept.extend(group.iter().map(|(index, ..)| *index));
+            continue;
+        }
+        for (_, s, _) in group {
+            if let Err(r) = host.fail(from, &s.queue, s.holder, s.seq, s.delay_ms, now_ms) {
                 outcome.refusals.push(r);
             }
         }
@@ -335,7 +375,7 @@ pub fn execute(
         } => host
             .set_prefetch(from, &queue, holder, prefetch)
             .map(|()| Reply::Done),
-        Op::Settle(items) => Ok(settle(host, sink, from, items)),
+        Op::Settle(items) => Ok(settle(host, sink, from, items, now_ms)),
         Op::Get { queue, auto_ack } => {
             host.get(from, &queue, auto_ack, now_ms).map(|(d, ready)| {
                 let d = d.map(|d| Box::new(wire_delivery(queue.clone(), from.conn, &d)));
@@ -608,6 +648,7 @@ mod tests {
         refuse: bool,
         round: Option<CommitId>,
         settles: usize,
+        retries: usize,
     }
 
     impl Sink {
@@ -616,6 +657,7 @@ mod tests {
                 refuse: true,
                 round: None,
                 settles: 0,
+                retries: 0,
             }
         }
 
@@ -624,6 +666,7 @@ mod tests {
                 refuse: false,
                 round: Some(ROUND),
                 settles: 0,
+                retries: 0,
             }
         }
 
@@ -657,6 +700,10 @@ mod tests {
         }
         fn catalog(&mut self, _: &CatalogRecord) -> Result<(), Refusal> {
             Ok(())
+        }
+        fn retry(&mut self, _: &str, _: &[RetryEntry]) -> Result<Option<CommitId>, Refusal> {
+            self.retries += 1;
+            self.result()
         }
     }
 
@@ -715,6 +762,8 @@ mod tests {
             seq,
             ack: true,
             requeue: false,
+            failed: false,
+            delay_ms: None,
         };
         execute(h, sink, A, Op::Settle(vec![item]), 0, &mut Vec::new())
     }
@@ -844,6 +893,8 @@ mod tests {
             seq: 1,
             ack: false,
             requeue: true,
+            failed: false,
+            delay_ms: None,
         };
         let reply = execute(
             &mut h,
@@ -856,6 +907,72 @@ mod tests {
         assert!(done(&reply), "{reply:?}");
         assert_eq!(sink.settles, 0);
         assert_eq!(counts(&mut h), (1, 0));
+    }
+
+    fn fail(holder: HolderId, seq: Seq, delay_ms: Option<u32>) -> Op {
+        Op::Settle(vec![SettleItem {
+            queue: "q".into(),
+            holder,
+            seq,
+            ack: false,
+            requeue: true,
+            failed: true,
+            delay_ms,
+        }])
+    }
+
+    #[test]
+    fn a_retry_of_a_journaled_message_is_journaled_first_or_refused_and_kept() {
+        let mut h = host();
+        publish(&mut h, &mut NoJournal, A, item(1, true), 0);
+        publish(&mut h, &mut NoJournal, A, item(2, false), 0);
+        let holder = h.consume(A, "q", "c", 10, false, false).unwrap();
+        assert_eq!(dispatch(&mut h).len(), 2);
+        // The journal refuses the record: the retry is refused and the delivery kept.
+        let mut full = Sink::full();
+        let reply = execute(
+            &mut h,
+            &mut full,
+            A,
+            fail(holder, 0, Some(500)),
+            1_000,
+            &mut Vec::new(),
+        );
+        assert!(
+            matches!(&reply, Reply::Settled(o) if o.kept == vec![0]),
+            "{reply:?}"
+        );
+        assert_eq!((full.retries, counts(&mut h)), (1, (0, 2)));
+        // Taken: delayed until its due time, the record written first. A transient message's
+        // retry needs none.
+        let mut sink = Sink::waiting();
+        let reply = execute(
+            &mut h,
+            &mut sink,
+            A,
+            fail(holder, 0, Some(500)),
+            1_000,
+            &mut Vec::new(),
+        );
+        assert!(done(&reply), "{reply:?}");
+        let reply = execute(
+            &mut h,
+            &mut sink,
+            A,
+            fail(holder, 1, Some(500)),
+            1_000,
+            &mut Vec::new(),
+        );
+        assert!(done(&reply), "{reply:?}");
+        assert_eq!(sink.retries, 1);
+        let info = h.info(A, "q", 1_000).unwrap();
+        assert_eq!((info.messages_delayed, info.messages_retrying), (2, 2));
+        assert_eq!(h.take_due_hint(), Some(1_501));
+        let mut pushes = Vec::new();
+        collect_pushes(&mut h, &mut NoJournal, 1_500, 100, &mut pushes);
+        assert!(pushes.is_empty(), "redelivered before its retry was due");
+        h.expire(1_501);
+        assert_eq!(dispatch(&mut h).len(), 2);
     }
 
     #[test]
@@ -895,6 +1012,8 @@ mod tests {
             seq: 0,
             ack: false,
             requeue: true,
+            failed: false,
+            delay_ms: None,
         };
         execute(
             &mut h,

@@ -12,6 +12,8 @@
 //! |                            | is not declared yet: after reclaim a queue's messages can come  |
 //! |                            | before its re-stated declaration                                |
 //! | settle (q, ranges)         | those seqs of q are gone                                        |
+//! | retry (q, seq, due, counts)| if seq of q is live: its newest retry state (waiting until due, |
+//! |                            | failures and deliveries so far); otherwise skipped (settled)    |
 //! | end of log, q undeclared   | q and its messages are dropped (it was deleted before a reclaim)|
 //! | catalog: queue seq (q, n)  | q's next sequence number is at least n (re-stated at reclaim)   |
 //! | catalog: queue usage (q, u)| q's expiry resumes from u (in use, or unused since T): the last |
@@ -40,7 +42,9 @@ use crate::broker::stored::{Cache, MsgRef};
 use crate::mesh::types::Declare;
 use crate::mesh::types::Seq;
 use crate::storage::format::RECORD_HEADER_BYTES;
-use crate::storage::{MessageEnvelope, Position, RecordKind, SettleRecord};
+use crate::storage::{
+    MessageEnvelope, Position, RecordKind, RetryEntry, RetryRecord, SettleRecord,
+};
 
 struct RebuiltQueue {
     /// `None` until the log declares it: a queue's messages can precede its (re-stated)
@@ -50,6 +54,9 @@ struct RebuiltQueue {
     /// its delivery time if it was published delayed. No allocation per message, and nothing
     /// counted until the queue is restored.
     messages: BTreeMap<Seq, (Position, u32, u32, Option<u64>)>,
+    /// The newest retry state of each live message that has one (`Retry` records): only for
+    /// messages that failed, so no cost for the rest of the backlog.
+    retries: BTreeMap<Seq, RetryEntry>,
     next_seq: Seq,
     /// The last usage record (`expires_ms`): `Some(None)` in use, `Some(Some(t))` unused since t.
     usage: Option<Option<u64>>,
@@ -60,6 +67,7 @@ impl RebuiltQueue {
         RebuiltQueue {
             declare: None,
             messages: BTreeMap::new(),
+            retries: BTreeMap::new(),
             next_seq: 0,
             usage: None,
         }
@@ -210,9 +218,27 @@ impl Rebuild {
                             q.messages.range(first..=last).map(|(s, _)| *s).collect();
                         for s in gone {
                             q.messages.remove(&s);
+                            q.retries.remove(&s);
                         }
                         q.next_seq = q.next_seq.max(last.saturating_add(1));
                     }
+                }
+            }
+            RecordKind::Retry => {
+                let retry = RetryRecord::decode(body).map_err(|e| e.to_string())?;
+                let queue =
+                    std::str::from_utf8(retry.queue).map_err(|_| "queue name is not UTF-8")?;
+                let q = self
+                    .queues
+                    .entry(queue.to_string())
+                    .or_insert_with(RebuiltQueue::undeclared);
+                for e in retry.entries {
+                    // A record is newer than its message's, so a message it names that is not
+                    // here was settled already: nothing to keep.
+                    if q.messages.contains_key(&e.seq) {
+                        q.retries.insert(e.seq, e);
+                    }
+                    q.next_seq = q.next_seq.max(e.seq.saturating_add(1));
                 }
             }
             RecordKind::Commit => {}
@@ -248,20 +274,21 @@ impl Rebuild {
             let (name, usage) = (declare.name.clone(), q.usage);
             summary.queues += 1;
             summary.messages += q.messages.len() as u64;
-            let messages =
-                q.messages
-                    .into_iter()
-                    .map(|(seq, (position, record_len, len, deliver_at))| {
-                        (
-                            seq,
-                            len,
-                            MsgRef::Cold {
-                                position,
-                                record_len,
-                            },
-                            deliver_at,
-                        )
-                    });
+            let mut retries = q.retries;
+            let messages = q.messages.into_iter().map(
+                move |(seq, (position, record_len, len, deliver_at))| {
+                    (
+                        seq,
+                        len,
+                        MsgRef::Cold {
+                            position,
+                            record_len,
+                        },
+                        deliver_at,
+                        retries.remove(&seq),
+                    )
+                },
+            );
             host.restore_queue(declare, q.next_seq, messages, now_ms);
             host.restore_expiry(&name, usage, now_ms);
         }
@@ -474,6 +501,82 @@ mod tests {
         r.apply(Position::new(0, 4096), RecordKind::Control, &[7, 1, 2]);
         let err = r.finish(0, Cache::new(u64::MAX), 0).err().unwrap();
         assert!(err.contains("record 2 (Control)"), "{err}");
+    }
+
+    fn retry(queue: &str, seq: Seq, due_ms: u64, failures: u32) -> Vec<u8> {
+        let r = RetryRecord {
+            queue: queue.as_bytes(),
+            entries: vec![RetryEntry {
+                seq,
+                due_ms,
+                failures,
+                delivery_count: failures,
+            }],
+        };
+        let mut out = vec![0; r.encoded_len()];
+        r.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_retry_record_keeps_its_message_waiting_until_due_with_its_failures() {
+        let mut declare_retrying = Declare {
+            name: "q".into(),
+            durable: true,
+            ..Default::default()
+        };
+        declare_retrying.arguments.retry_delays_ms = Some(vec![100, 100, 100]);
+        let mut r = Rebuild::new();
+        let at = Position::new(0, 4096);
+        r.apply(
+            at,
+            RecordKind::Control,
+            &CatalogRecord::DeclareQueue(declare_retrying).encode(),
+        );
+        for seq in 0..4 {
+            r.apply(at, RecordKind::Message, &message("q", seq, b"m"));
+        }
+        // 0: retried twice, the newest record due later; 1: its retry is past; 2: settled after
+        // its retry; 3: never failed.
+        r.apply(at, RecordKind::Retry, &retry("q", 0, 5_000, 1));
+        r.apply(at, RecordKind::Retry, &retry("q", 0, 9_000, 2));
+        r.apply(at, RecordKind::Retry, &retry("q", 1, 500, 1));
+        r.apply(at, RecordKind::Retry, &retry("q", 2, 9_000, 1));
+        r.apply(at, RecordKind::Settle, &settle("q", 2, 2));
+        r.apply(at, RecordKind::Retry, &retry("q", 7, 9_000, 1)); // settled long ago
+        let (mut host, summary) = r.finish(0, Cache::new(u64::MAX), 1_000).unwrap();
+        assert_eq!(summary.messages, 3);
+        let a = ConnRef { shard: 0, conn: 1 };
+        let info = host.info(a, "q", 1_000).unwrap();
+        assert_eq!(
+            (
+                info.messages_ready,
+                info.messages_delayed,
+                info.messages_retrying
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(host.next_due(), Some(9_000));
+        // Not before its due time; then back with its failures counted on: one more failure
+        // takes it to the last delay, the one after exhausts the policy.
+        let holder = host.consume(a, "q", "c", 10, false, false).unwrap();
+        let seqs = |h: &mut QueueHost, now| {
+            let mut out = Vec::new();
+            h.take_deliveries(now, 100, &mut out);
+            out.iter().map(|o| o.delivery.seq).collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&mut host, 8_999), vec![1, 3]);
+        host.expire(9_000);
+        assert_eq!(seqs(&mut host, 9_000), vec![0]);
+        host.fail(a, "q", holder, 0, None, 9_000).unwrap();
+        host.expire(9_100);
+        assert_eq!(seqs(&mut host, 9_100), Vec::<u64>::new());
+        host.expire(9_101);
+        assert_eq!(seqs(&mut host, 9_101), vec![0]);
+        assert_eq!(
+            host.fail(a, "q", holder, 0, None, 9_101).unwrap(),
+            crate::broker::queue::RetryDecision::Exhausted
+        );
     }
 
     #[test]

@@ -135,6 +135,9 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
     if q.messages_delayed > 0 {
         lines.push(("delayed", q.messages_delayed.to_string()));
     }
+    if q.messages_retrying > 0 || !q.arguments.retry_delays_ms.is_empty() {
+        lines.push(("retrying", q.messages_retrying.to_string()));
+    }
     lines.push(("ready bytes", q.bytes_ready.to_string()));
     lines.push(("consumers", q.consumers.to_string()));
     lines.push(("oldest ready", age(q.oldest_ready_age_ms)));
@@ -173,6 +176,13 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
                     .map_or("no consumer".to_string(), |t| {
                         format!("active consumer '{t}'")
                     })
+            }),
+        ),
+        (
+            "retry delays",
+            (!a.retry_delays_ms.is_empty()).then(|| {
+                let ms: Vec<String> = a.retry_delays_ms.iter().map(|d| format!("{d}ms")).collect();
+                ms.join(", ")
             }),
         ),
     ];
@@ -218,6 +228,8 @@ pub(crate) fn queue_json(q: &QueueInfo) -> Value {
         "single_active_consumer": q.arguments.single_active_consumer,
         "expires_in_ms": q.expires_in_ms,
         "active_consumer": q.active_consumer,
+        "messages_retrying": q.messages_retrying,
+        "retry_delays_ms": q.arguments.retry_delays_ms,
     })
 }
 

@@ -66,7 +66,8 @@ pub enum QueueCommand {
     ///
     /// --json: one object {"name","shard","durable","exclusive","auto_delete","messages_ready",
     /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms",
-    /// ..., "expires_in_ms","active_consumer"} (null when absent).
+    /// ..., "expires_in_ms","active_consumer","messages_retrying","retry_delays_ms"} (null when
+    /// absent).
     Info {
         /// The queue's name.
         name: String,
@@ -121,6 +122,11 @@ pub struct QueueArgs {
     /// equals); the next takes over when it goes.
     #[arg(long)]
     single_active_consumer: bool,
+    /// Retry policy: a delivery nacked or rejected with requeue comes back after the n-th of
+    /// these delays (ms) on its n-th failure; after the last one its next failure dead-letters
+    /// it (or drops it without --dead-letter-exchange). E.g. 1000,5000,30000.
+    #[arg(long, value_name = "MS,MS,..", value_delimiter = ',')]
+    retry_delays_ms: Vec<u32>,
 }
 
 impl QueueArgs {
@@ -139,6 +145,7 @@ impl QueueArgs {
             dead_letter_routing_key: self.dead_letter_routing_key.clone(),
             expires_ms: self.expires_ms,
             single_active_consumer: self.single_active_consumer,
+            retry_delays_ms: self.retry_delays_ms.clone(),
             ..QueueArguments::default()
         }
     }

@@ -80,6 +80,12 @@ pub struct SettleItem {
     pub seq: Seq,
     pub ack: bool,
     pub requeue: bool,
+    /// A client's nack or reject: a failure, which the queue's retry policy counts (a
+    /// delivery handed back unseen, by a cancelled consumer's connection, is not one).
+    pub failed: bool,
+    /// With `failed` and `requeue`: deliver again no sooner than this many ms from now
+    /// (`Nack.delay_ms`), instead of the queue's policy delay.
+    pub delay_ms: Option<u32>,
 }
 
 /// What became of an `Op::Settle`'s items, by their index in its list.

@@ -131,6 +131,8 @@ pub struct Settle<'a> {
     pub tags: Tags<'a>,
     pub ack: bool,
     pub requeue: bool,
+    /// `Nack.delay_ms` / `Reject.delay_ms`: a retry no sooner than this many ms from now.
+    pub delay_ms: Option<u32>,
 }
 
 /// The delivery tags of a settlement, read in place.
@@ -240,18 +242,21 @@ impl<'a> Command<'a> {
                 tags: Tags::Ranges(a.ranges()),
                 ack: true,
                 requeue: false,
+                delay_ms: None,
             })
         } else if let Some(n) = f.body_as_nack() {
             Command::Settle(Settle {
                 tags: Tags::Ranges(n.ranges()),
                 ack: false,
                 requeue: n.requeue(),
+                delay_ms: n.delay_ms(),
             })
         } else if let Some(r) = f.body_as_reject() {
             Command::Settle(Settle {
                 tags: Tags::One(r.delivery_tag()),
                 ack: false,
                 requeue: r.requeue(),
+                delay_ms: r.delay_ms(),
             })
         } else if let Some(h) = f.body_as_hello() {
             Command::Hello {

@@ -1,8 +1,9 @@
 //! The shard's housekeeping timers: expiry (every 100 ms), consumer timeouts (on the expiry
-//! timer, every quarter of `consumer_timeout_ms` but at most every second) and segment reclaim
-//! (every 500 ms).
+//! timer, every quarter of `consumer_timeout_ms` but at most every second), segment reclaim
+//! (every 500 ms), and the due timer: delayed messages (retries, delayed publishes) promoted
+//! when the earliest of them is due, not at the next expiry tick.
 //!
-//! Contract: two tasks on the shard's thread, off the data path. Expiry and consumer timeouts
+//! Contract: three tasks on the shard's thread, off the data path. Expiry and consumer timeouts
 //! do not touch the queues themselves: they ask the worker, in the worker's order, and the host
 //! decides with the worker's `now_ms` (the expiry tick also forgets idle idempotent producers).
 //! Reclaim follows the rule of
@@ -50,6 +51,59 @@ pub(super) async fn expire_forever(state: Rc<ShardState>) {
         tick += 1;
         if timeout_ms > 0 && tick.is_multiple_of(every) {
             state.request_of_own(state.id, 0, Op::ConsumerTimeouts { timeout_ms });
+        }
+    }
+}
+
+/// Wakes when the earliest delayed message of any queue here is due (to the timer's
+/// resolution) and asks the worker, in its order, to promote what is due (`Op::Expire`). It
+/// never scans the delayed messages: each queue keeps them ordered by due time, the host notes
+/// the earliest one a retry, a restore or an expiry round sees (`QueueHost::take_due_hint`),
+/// and the worker rings this timer's bell when that is earlier than what it sleeps for
+/// (`arm_due_timer`). Once it fired it sleeps until the worker's `Op::Expire` has noted the
+/// next due time. So a retry is late by the worker's queue and a timer tick (~100 µs), not by
+/// an expiry interval; and due times are absolute, so nothing drifts.
+pub(super) async fn promote_when_due(state: Rc<ShardState>, bell: rt::executor::DoorbellWaiter) {
+    let first = state.host.borrow().next_due().unwrap_or(u64::MAX);
+    state.due_next.set(state.due_next.get().min(first));
+    loop {
+        let at = state.due_next.get();
+        if at == u64::MAX {
+            if !bell.wait().await {
+                return;
+            }
+            continue;
+        }
+        let now = super::now_ms();
+        if at > now {
+            let sleep = async {
+                rt::executor::sleep(Duration::from_millis(at - now)).await;
+                true
+            };
+            let rung = async { !bell.wait().await };
+            if !futures_lite::future::or(sleep, rung).await {
+                continue; // an earlier due time, or a new look: sleep again for it
+            }
+            if state.due_next.get() < at {
+                continue;
+            }
+        }
+        // Fired: the worker's expiry round promotes what is due and notes the next due time.
+        state.due_next.set(u64::MAX);
+        state.request_of_own(state.id, 0, Op::Expire);
+    }
+}
+
+impl ShardState {
+    /// After a request: wakes the due timer if the host noted a due time earlier than the one it
+    /// sleeps for.
+    pub(super) fn arm_due_timer(&self) {
+        let Some(at) = self.host.borrow_mut().take_due_hint() else {
+            return;
+        };
+        if at < self.due_next.get() {
+            self.due_next.set(at);
+            self.due_bell.ring();
         }
     }
 }

@@ -142,6 +142,10 @@ pub struct ShardState {
     dead_letter_waits: RefCell<crate::broker::dead_letter::DeadLetterWaits>,
     /// Pushes waiting for the read-back task (their cold payloads), in order.
     read_backs: read_back::ReadBackFifo,
+    /// When the due timer wakes next, ms since the epoch (`u64::MAX`: nothing due), and its
+    /// bell, rung when an earlier due time is noted (`housekeeping::promote_when_due`).
+    due_next: Cell<u64>,
+    due_bell: Doorbell,
 }
 
 // The per-core boundary as a type fact: a `ShardState` never leaves its thread.

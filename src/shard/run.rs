@@ -48,6 +48,7 @@ pub async fn run(setup: ShardSetup) {
     let (work_bell, work_waiter) = doorbell();
     let (idle, idle_waiter) = doorbell();
     let (confirm_bell, confirm_waiter) = doorbell();
+    let (due_bell, due_waiter) = doorbell();
 
     // Recover before serving: the journal's replay rebuilds the queues this shard owns.
     let mut rebuild = Rebuild::with_producer_window(setup.limits.broker.producer_window_max);
@@ -158,12 +159,15 @@ pub async fn run(setup: ShardSetup) {
         control_waits: RefCell::new(ControlWaits::default()),
         dead_letter_waits: RefCell::new(Default::default()),
         read_backs,
+        due_next: Cell::new(u64::MAX),
+        due_bell,
     });
     let mut tasks = vec![
         rt::spawn(worker::work_forever(state.clone(), work_waiter)),
         rt::spawn(confirmer::confirm_forever(state.clone(), confirm_waiter)),
         rt::spawn(housekeeping::reclaim_forever(state.clone())),
         rt::spawn(housekeeping::expire_forever(state.clone())),
+        rt::spawn(housekeeping::promote_when_due(state.clone(), due_waiter)),
     ];
     let flusher = state.clone();
     tasks.push(rt::spawn(async move {

@@ -22,8 +22,8 @@ use crate::rt::fs::DmaDir;
 use weir_protocol::wire::Durability;
 
 use crate::storage::{
-    Appended, CommitId, Journal, MessageEnvelope, ProducerStamp, SettleReason, SettleRecord,
-    StorageError, Target,
+    Appended, CommitId, Journal, MessageEnvelope, ProducerStamp, RetryEntry, RetryRecord,
+    SettleReason, SettleRecord, StorageError, Target,
 };
 
 use super::ShardState;
@@ -103,6 +103,14 @@ impl JournalSink for Staging<'_> {
     fn catalog(&mut self, record: &CatalogRecord) -> Result<(), Refusal> {
         self.note(self.journal.append_control(&record.encode()))
             .map(|_| ())
+    }
+
+    fn retry(&mut self, queue: &str, entries: &[RetryEntry]) -> Result<Option<CommitId>, Refusal> {
+        let record = RetryRecord {
+            queue: queue.as_bytes(),
+            entries: entries.to_vec(),
+        };
+        self.note(self.journal.append_retry(&record))
     }
 }
 

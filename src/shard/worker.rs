@@ -211,6 +211,7 @@ impl ShardState {
             self.written.borrow_mut().clear();
         }
         self.forget_removed_queues();
+        self.arm_due_timer();
         let mut reply = Some(reply);
         if let Some(Reply::Got(Some(d), _)) = reply.as_mut() {
             if !self.read_back(from, std::slice::from_mut(&mut **d)).await {

@@ -40,5 +40,8 @@ pub use error::StorageError;
 pub use format::{Position, BLOCK_BYTES, SECTOR_BYTES};
 pub use journal::{Appended, CommitId, Journal, ReadAheadStats, ReadRecord, SegmentInfo};
 pub use limits::{JournalConfig, StorageLimits};
-pub use record::{MessageEnvelope, ProducerStamp, RecordKind, SettleReason, SettleRecord, Target};
+pub use record::{
+    MessageEnvelope, ProducerStamp, RecordKind, RetryEntry, RetryRecord, SettleReason,
+    SettleRecord, Target,
+};
 pub use recovery::{RecoveryReport, TailCut};

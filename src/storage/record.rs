@@ -16,11 +16,17 @@
 //! - `Settle`: ranges of one queue's sequence numbers that were acked, dead-lettered, expired,
 //!   dropped or purged.
 //! - `Control`: an opaque body for the broker's own bookkeeping (declarations, dedup windows).
+//! - `Retry` (appended in format 1; older journals simply have none): messages of one queue that
+//!   failed and wait out a retry delay, each named by its queue sequence number with its due time
+//!   (absolute, ms since the epoch), its failures so far and its deliveries so far. The message's
+//!   bytes stay in its `Message` record; the newest `Retry` record naming a live message is its
+//!   state after a restart.
 //!
 //! A `Message` record of an idempotent producer's publish carries its stamp, (producer id,
 //! sequence), after the targets: bit 14 of the target count (`STAMPED`) says so. Records written
 //! before stamps existed never have that bit (a count is at most `targets_per_message_max`), so
-//! they read as before; `decode` skips the stamp, `decode_stamped` returns it.
+//! they read as before; `decode` skips the stamp, `decode_stamped` returns it. A dead letter's
+//! history follows as an annotation, flagged by bit 15 (see `MessageEnvelope`).
 
 use crate::storage::format::{COMMIT_BODY_BYTES, COMMIT_RECORD_BYTES, RECORD_HEADER_BYTES};
 use std::fmt;
@@ -37,6 +43,8 @@ pub enum RecordKind {
     Settle = 3,
     /// Opaque broker bookkeeping.
     Control = 4,
+    /// Messages of a queue waiting out a retry delay.
+    Retry = 5,
 }
 
 impl RecordKind {
@@ -47,6 +55,7 @@ impl RecordKind {
             2 => Some(RecordKind::Message),
             3 => Some(RecordKind::Settle),
             4 => Some(RecordKind::Control),
+            5 => Some(RecordKind::Retry),
             _ => None,
         }
     }
@@ -500,6 +509,83 @@ impl<'a> SettleRecord<'a> {
     }
 }
 
+/// One message of a `RetryRecord`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryEntry {
+    /// The message's queue sequence number.
+    pub seq: u64,
+    /// When it is deliverable again, ms since the Unix epoch (absolute: a restart does not
+    /// move it).
+    pub due_ms: u64,
+    /// Times it failed (nacked or rejected with requeue) so far, this one included.
+    pub failures: u32,
+    /// Times it was delivered so far.
+    pub delivery_count: u32,
+}
+
+/// Messages of one queue that wait out a retry delay.
+///
+/// Body layout: `u8 queue_len | queue | u32 count | (u64 seq | u64 due_ms | u32 failures |
+/// u32 delivery_count)*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryRecord<'a> {
+    /// Queue name.
+    pub queue: &'a [u8],
+    pub entries: Vec<RetryEntry>,
+}
+
+/// Bytes of one `RetryEntry` in a record body.
+const RETRY_ENTRY_BYTES: usize = 24;
+
+impl<'a> RetryRecord<'a> {
+    /// Encoded body length.
+    pub fn encoded_len(&self) -> usize {
+        assert!(self.queue.len() <= u8::MAX as usize, "queue name too long");
+        1 + self.queue.len() + 4 + RETRY_ENTRY_BYTES * self.entries.len()
+    }
+
+    /// Writes the body into `out`, exactly `encoded_len()` long.
+    pub fn encode(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), self.encoded_len());
+        let mut w = Writer { out, at: 0 };
+        w.put(&[self.queue.len() as u8]);
+        w.put(self.queue);
+        w.put(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            w.put(&e.seq.to_le_bytes());
+            w.put(&e.due_ms.to_le_bytes());
+            w.put(&e.failures.to_le_bytes());
+            w.put(&e.delivery_count.to_le_bytes());
+        }
+    }
+
+    /// Decodes a retry body.
+    pub fn decode(body: &'a [u8]) -> Result<RetryRecord<'a>, BodyError> {
+        let e = |why| body_err("retry", why);
+        let mut r = Reader { b: body };
+        let n = r.u8().ok_or(e("queue length"))? as usize;
+        let queue = r.take(n).ok_or(e("queue"))?;
+        let count = r.u32().ok_or(e("entry count"))? as usize;
+        if r.b.len()
+            != count
+                .checked_mul(RETRY_ENTRY_BYTES)
+                .ok_or(e("entry count"))?
+        {
+            return Err(e("entry bytes"));
+        }
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            entries.push(RetryEntry {
+                seq: r.u64().ok_or(e("seq"))?,
+                due_ms: r.u64().ok_or(e("due time"))?,
+                failures: r.u32().ok_or(e("failures"))?,
+                delivery_count: r.u32().ok_or(e("delivery count"))?,
+            });
+        }
+        Ok(RetryRecord { queue, entries })
+    }
+}
+
 struct Writer<'o> {
     out: &'o mut [u8],
     at: usize,
@@ -632,5 +718,31 @@ mod tests {
         s.encode(&mut body);
         assert_eq!(SettleRecord::decode(&body), Ok(s));
         assert!(SettleRecord::decode(&body[..body.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn retry_bodies_round_trip_and_a_short_one_is_refused() {
+        let r = RetryRecord {
+            queue: b"work",
+            entries: vec![
+                RetryEntry {
+                    seq: 3,
+                    due_ms: 1_700_000_000_123,
+                    failures: 2,
+                    delivery_count: 5,
+                },
+                RetryEntry {
+                    seq: 1 << 40,
+                    due_ms: u64::MAX,
+                    failures: u32::MAX,
+                    delivery_count: 1,
+                },
+            ],
+        };
+        let mut body = vec![0u8; r.encoded_len()];
+        r.encode(&mut body);
+        assert_eq!(RetryRecord::decode(&body), Ok(r));
+        assert!(RetryRecord::decode(&body[..body.len() - 1]).is_err());
+        assert_eq!(RecordKind::from_u8(5), Some(RecordKind::Retry));
     }
 }

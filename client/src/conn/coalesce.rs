@@ -12,8 +12,9 @@
 //!   batch); one `PendingPublish` per message as before, sequences increasing in wire order. If
 //!   the merged frame fails to encode, each command is encoded on its own again, so exactly the
 //!   publishes that cannot be sent fail (and give their permits back).
-//! - Acks merge with acks, nacks with nacks of the same `requeue` (rejects never), into one
-//!   frame of tag ranges. The frame asks for the broker's answer only if some caller still waits
+//! - Acks merge with acks, nacks with nacks of the same `requeue` and the same retry delay
+//!   (`Delivery::nack_with_delay`; rejects never), into one frame of tag ranges (a refusal of
+//!   the delay, past the broker's `delay_ms_max`, would have refused each of them alone too). The frame asks for the broker's answer only if some caller still waits
 //!   for it (its `SettleFuture` is alive); it then gets one request id, and the answer is handed
 //!   to every waiter of the run.
 //!
@@ -70,7 +71,12 @@ pub(super) struct PublishRun {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SettleKind {
     Ack,
-    Nack { requeue: bool },
+    /// Nacks merge only with nacks of the same `requeue` and the same retry `delay_ms`: one
+    /// frame carries one of each.
+    Nack {
+        requeue: bool,
+        delay_ms: Option<u32>,
+    },
 }
 
 pub(super) struct SettleRun {
@@ -137,7 +143,9 @@ impl Driver {
             Command::Settle { kind, tags, reply } => {
                 let merging = match kind {
                     Settle::Ack => Some(SettleKind::Ack),
-                    Settle::Nack { requeue } => Some(SettleKind::Nack { requeue }),
+                    Settle::Nack { requeue, delay_ms } => {
+                        Some(SettleKind::Nack { requeue, delay_ms })
+                    }
                     Settle::Reject { .. } => None,
                 };
                 let held = self.release_held(&tags);
@@ -216,7 +224,10 @@ impl Driver {
         let ranges = ranges_of(r.tags);
         let encoded = match r.kind {
             SettleKind::Ack => self.encoder.ack(&mut self.out, id, &ranges),
-            SettleKind::Nack { requeue } => self.encoder.nack(&mut self.out, id, &ranges, requeue),
+            SettleKind::Nack { requeue, delay_ms } => {
+                self.encoder
+                    .nack(&mut self.out, id, &ranges, requeue, delay_ms)
+            }
         };
         match encoded {
             Ok(_) => {

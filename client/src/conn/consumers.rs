@@ -141,8 +141,14 @@ impl Driver {
             self.held.remove(t);
         }
         let ranges = weir_protocol::ranges_of(tags.to_vec());
-        // Fire-and-forget: a failure could only be a tag the broker already forgot.
-        if self.encoder.nack(&mut self.out, 0, &ranges, true).is_ok() {
+        // Fire-and-forget: a failure could only be a tag the broker already forgot. A zero
+        // delay: back at once, and not counted as a failure by the queue's retry policy (the
+        // application never saw them).
+        if self
+            .encoder
+            .nack(&mut self.out, 0, &ranges, true, Some(0))
+            .is_ok()
+        {
             self.count_frame(0);
         }
     }
@@ -157,9 +163,9 @@ impl Driver {
         let ranges = weir_protocol::ranges_of(tags);
         let result = match kind {
             Settle::Ack => self.encoder.ack(&mut self.out, id, &ranges).map(drop),
-            Settle::Nack { requeue } => self
+            Settle::Nack { requeue, delay_ms } => self
                 .encoder
-                .nack(&mut self.out, id, &ranges, requeue)
+                .nack(&mut self.out, id, &ranges, requeue, delay_ms)
                 .map(drop),
             Settle::Reject { requeue } => {
                 let mut r = wire::RejectT::default();

@@ -113,8 +113,14 @@ pub(crate) type DeliveryTx = mpsc::UnboundedSender<Result<RawDelivery, ClientErr
 
 pub(crate) enum Settle {
     Ack,
-    Nack { requeue: bool },
-    Reject { requeue: bool },
+    /// `delay_ms`: a retry no sooner than that (`Nack.delay_ms`).
+    Nack {
+        requeue: bool,
+        delay_ms: Option<u32>,
+    },
+    Reject {
+        requeue: bool,
+    },
 }
 
 pub(crate) enum Command {

@@ -324,3 +324,28 @@ fn drain_after_restart_refuses_what_its_steps_would_ignore() {
     let e = refused(&format!("{BASE}backlog = 500\n{phase}"));
     assert!(e.contains("backlog: not used by kind = \"queue\""), "{e}");
 }
+
+#[test]
+fn retry_keys_are_refused_where_unused_and_checked_where_used() {
+    let phase = "[[phases]]\nname = \"a\"\nduration_s = 1\nrate = 10\n";
+    let e = refused(&format!("{BASE}fail_share = 0.1\n{phase}"));
+    assert!(
+        e.contains("fail_share: not used by kind = \"queue\""),
+        "{e}"
+    );
+    let retry = "kind = \"retry\"\n";
+    ok(&format!("{retry}retry_delays_ms = [5, 10]\n{phase}"));
+    for (extra, want) in [
+        ("fail_share = 1.5\n", "fail_share: must be in (0, 1]"),
+        (
+            "retry_delays_ms = []\n",
+            "retry_delays_ms: at least one delay",
+        ),
+        ("producers = 2\n", "producers: not used by kind = \"retry\""),
+    ] {
+        let e = refused(&format!("{retry}{extra}{phase}"));
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let e = refused(&format!("{retry}{phase}{phase}"));
+    assert!(e.contains("exactly one [[phases]]"), "{e}");
+}

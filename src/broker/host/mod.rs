@@ -46,7 +46,7 @@ use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
 use crate::mesh::types::{Cancelled, ConnRef, Declare, Refusal};
 use crate::mesh::types::{HolderId, Seq};
 use crate::storage::CommitId;
-use crate::storage::SettleReason;
+use crate::storage::{RetryEntry, SettleReason};
 
 pub use consumers::{charge_of, Outgoing};
 pub use settle::{DeadLetter, JournalWork, SettlePlan};
@@ -98,6 +98,7 @@ impl Hosted {
         i.bytes_ready = s.ready_bytes;
         i.consumers = s.consumers;
         i.messages_delayed = s.delayed;
+        i.messages_retrying = s.retrying;
         i.oldest_ready_age_ms = self
             .queue
             .oldest_ready_ms()
@@ -185,6 +186,10 @@ pub struct QueueHost {
     unconfirmed: BTreeMap<CommitId, Vec<(Rc<str>, Seq)>>,
     /// Acks and nacks whose settle record's commit round is not durable yet.
     settling: BTreeMap<CommitId, Vec<settle::Pending>>,
+    /// The earliest due time of a delayed message noted since the last `take_due_hint` (a
+    /// retry, a restore, or an expiry round's look at every queue): the shard's due timer
+    /// wakes for it.
+    due_hint: Option<u64>,
 }
 
 impl QueueHost {
@@ -224,6 +229,7 @@ impl QueueHost {
             settling: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             usage: Vec::new(),
+            due_hint: None,
         }
     }
 
@@ -324,19 +330,29 @@ impl QueueHost {
         &mut self,
         d: Declare,
         next_seq: Seq,
-        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>)>,
+        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>, Option<RetryEntry>)>,
         now_ms: u64,
     ) {
         let policy = policy_of(&d.arguments);
         let ttl = policy.message_ttl_ms;
         let mut queue = Queue::counted(policy, next_seq, self.index.clone());
-        for (seq, bytes, msg, deliver_at) in messages {
+        for (seq, bytes, msg, deliver_at, retry) in messages {
             if let Some(segment) = msg.cold_segment() {
                 self.liveness.add(segment);
+            }
+            if let Some(retry) = retry {
+                // It failed and was retried: its retry's due time and counts stand.
+                let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
+                queue.restore_retry(seq, msg, bytes, retry, deadline, now_ms);
+                if retry.due_ms > now_ms {
+                    self.note_due(retry.due_ms);
+                }
+                continue;
             }
             if let Some(at) = deliver_at.filter(|at| *at > now_ms) {
                 // Still delayed: never delivered, so not marked redelivered.
                 queue.restore_delayed(seq, msg, bytes, at, 0);
+                self.note_due(at);
                 continue;
             }
             let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
@@ -690,5 +706,6 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
         max_deliveries: a.max_deliveries,
         dead_letter: a.dead_letter_exchange.is_some(),
         single_active_consumer: a.single_active_consumer,
+        retry_delays_ms: a.retry_delays_ms.clone().unwrap_or_default(),
     }
 }

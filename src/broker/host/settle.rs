@@ -19,7 +19,9 @@
 //! refused publish is never delivered. Settlements made while dispatching (auto-acks, expiry,
 //! overflow, a requeue past `max_deliveries`) stay at least once: applied at once, their records
 //! journaled with the next commit, a record that cannot be is logged (redelivered after a
-//! restart).
+//! restart). A client's nack or reject with requeue is a failure (`fail_plan`, `fail`): the
+//! queue's retry policy requeues it, delays it (a delayed retry of a journaled message is a
+//! `Retry` record the caller journals first) or gives it up, journaled as dispatching settles.
 
 use std::rc::Rc;
 
@@ -27,11 +29,11 @@ use weir_protocol::wire::{DeathReason, ErrorCode};
 
 use super::QueueHost;
 use crate::broker::catalog::CatalogRecord;
-use crate::broker::queue::{Settled, Taken};
+use crate::broker::queue::{QueueError, RetryDecision, Settled, Taken};
 use crate::broker::stored::{Liveness, MsgRef};
 use crate::mesh::types::{ConnRef, Refusal};
 use crate::mesh::types::{HolderId, Seq};
-use crate::storage::{CommitId, SettleReason};
+use crate::storage::{CommitId, RetryEntry, SettleReason};
 
 /// An ack or nack waiting for its settle record's commit.
 #[derive(Debug)]
@@ -368,6 +370,7 @@ impl QueueHost {
     /// a queue nobody consumes still lets its messages go when their time is up.
     pub fn expire(&mut self, now_ms: u64) {
         let mut expired = Vec::new();
+        let mut next_due: Option<u64> = None;
         for (name, q) in self.queues.iter_mut() {
             let mut settled = Vec::new();
             if q.queue.expire(now_ms, &mut settled) > 0 {
@@ -377,10 +380,91 @@ impl QueueHost {
             if !settled.is_empty() {
                 expired.push((name.clone(), settled));
             }
+            if let Some(at) = q.queue.next_due() {
+                next_due = Some(next_due.map_or(at, |n| n.min(at)));
+            }
+        }
+        // The look at every queue is also the due timer's: it wakes for the earliest left.
+        if let Some(at) = next_due {
+            self.note_due(at);
         }
         for (name, settled) in expired {
             self.note_settled(&name, settled);
         }
+    }
+
+    /// A client's nack or reject with requeue of an outstanding delivery, checked without
+    /// applying it: `Some` with what its `Retry` record must say when it is a delayed retry of a
+    /// journaled message (journaled before `fail` applies it), `None` when nothing needs
+    /// journaling first (a requeue at once, a transient message, or given up: a settlement made
+    /// at once and journaled with the next commit, as a requeue past `max_deliveries` is).
+    pub fn fail_plan(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        holder: HolderId,
+        seq: Seq,
+        delay_ms: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Option<RetryEntry>, Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let (decision, entry) = q
+            .queue
+            .failure_plan(holder, seq, delay_ms, now_ms)
+            .map_err(not_outstanding)?;
+        let journaled = q
+            .queue
+            .outstanding_for(holder, seq)
+            .is_some_and(|m| m.journaled());
+        Ok(match decision {
+            RetryDecision::Delay { .. } if journaled => Some(entry),
+            _ => None,
+        })
+    }
+
+    /// Applies a failure (see `fail_plan`): requeued, delayed until its retry is due, or given
+    /// up (dead-lettered or dropped, journaled with the next commit).
+    pub fn fail(
+        &mut self,
+        conn: ConnRef,
+        queue: &str,
+        holder: HolderId,
+        seq: Seq,
+        delay_ms: Option<u32>,
+        now_ms: u64,
+    ) -> Result<RetryDecision, Refusal> {
+        let q = self.get_queue(conn, queue)?;
+        let mut settled = Vec::new();
+        let decision = q
+            .queue
+            .fail(holder, seq, delay_ms, now_ms, &mut settled)
+            .map_err(not_outstanding)?;
+        let name = q.name.clone();
+        if let RetryDecision::Delay { due_ms, .. } = decision {
+            self.note_due(due_ms);
+        }
+        self.note_settled(&name, settled);
+        // Its credit came back (and a requeued message is ready): dispatch may be owed.
+        self.dirty.insert(name);
+        Ok(decision)
+    }
+
+    /// A delayed message is due at `at`: the due timer must wake by then.
+    pub(super) fn note_due(&mut self, at: u64) {
+        self.due_hint = Some(self.due_hint.map_or(at, |h| h.min(at)));
+    }
+
+    /// The earliest due time noted since the last call (see `QueueHost::due_hint`).
+    pub fn take_due_hint(&mut self) -> Option<u64> {
+        self.due_hint.take()
+    }
+
+    /// The earliest due time of a delayed message in any queue here: one look per queue.
+    pub fn next_due(&self) -> Option<u64> {
+        self.queues
+            .values()
+            .filter_map(|q| q.queue.next_due())
+            .min()
     }
 
     /// Live messages per journal segment.
@@ -412,5 +496,12 @@ impl QueueHost {
             record_len,
         };
         true
+    }
+}
+
+fn not_outstanding(e: QueueError) -> Refusal {
+    Refusal {
+        code: ErrorCode::UnknownDeliveryTag,
+        message: e.to_string(),
     }
 }

@@ -7,7 +7,8 @@
 //! journal position, or an in-memory buffer for transient messages), copied around as-is.
 //!
 //! Every message the queue accepted is, at every moment, in exactly one of four places: ready
-//! (waiting, in sequence order), delayed (its delivery time still to come), outstanding
+//! (waiting, in sequence order), delayed (its delivery time still to come: a delayed publish,
+//! or a failed delivery waiting out its retry delay, `retry.rs`), outstanding
 //! (delivered to one owner, not yet settled), or settled (handed back to the caller in a
 //! `Settled`, after which the queue forgets it). The property test
 //! in `tests.rs` checks that against a model after every event. One more place, outside the
@@ -29,7 +30,9 @@
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
 //! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages
 //! go back to ready, to be redelivered with their delivery count), poison messages (past
-//! `max_deliveries` they are dead-lettered or dropped instead of requeued).
+//! `max_deliveries` they are dead-lettered or dropped instead of requeued), failed deliveries
+//! (a client's nack or reject with requeue: retried after a delay, or given up past the queue's
+//! retry policy, `retry.rs`).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -64,6 +67,9 @@ pub struct QueuePolicy {
     pub dead_letter: bool,
     /// Only one consumer is offered messages at a time (`consumers.rs`).
     pub single_active_consumer: bool,
+    /// Retry policy: the delay after each failure in turn, ms; then the message is given up
+    /// (`retry.rs`). Empty: a failed delivery is ready again at once.
+    pub retry_delays_ms: Vec<u32>,
 }
 
 /// A message handed to a consumer (or a `Get`).
@@ -145,6 +151,8 @@ pub struct QueueStats {
     pub consumers: u32,
     /// Messages whose delivery time has not come yet.
     pub delayed: u64,
+    /// Of those, messages waiting out a retry delay.
+    pub retrying: u64,
 }
 
 #[derive(Debug)]
@@ -165,6 +173,8 @@ pub struct Queue<M> {
     /// Waiting messages from this sequence number on are not deliverable yet: their records'
     /// commit is not durable (`hold_from`). Nothing older is ever behind it, see `set_hold`.
     hold: Option<Seq>,
+    /// Failures counted and retries waiting (`retry.rs`).
+    retry: retry::Retries,
 }
 
 /// An outstanding delivery taken out of its queue for a settlement whose record is not durable
@@ -213,6 +223,7 @@ impl<M: Clone> Queue<M> {
             consumers,
             next_seq,
             hold: None,
+            retry: retry::Retries::default(),
         }
     }
 
@@ -233,6 +244,7 @@ impl<M: Clone> Queue<M> {
             outstanding: self.outstanding.len() as u64,
             consumers: self.consumers.len() as u32,
             delayed: self.delayed.len() as u64,
+            retrying: self.retry.waiting(),
         }
     }
 
@@ -357,6 +369,13 @@ impl<M: Clone> Queue<M> {
                 .delayed
                 .remove(&seq)
                 .expect("due names a delayed message");
+            if self.retry.leave_delayed(seq) {
+                // A retry was accepted already: back as a requeue, past the length limits.
+                if self.requeue(entry, settled) {
+                    promoted += 1;
+                }
+                continue;
+            }
             if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
                 if self.policy.overflow == Overflow::RejectPublish {
                     settled.push(self.dead_letter_or_drop(entry, DeathReason::MaxLength));
@@ -687,6 +706,7 @@ impl<M: Clone> Queue<M> {
             };
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
             debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
+            self.retry.leave_delayed(seq);
             settled.push(self.leave(e, SettleReason::Purged, DeathReason::Rejected));
             n += 1;
         }
@@ -818,7 +838,7 @@ impl<M: Clone> Queue<M> {
         }
     }
 
-    fn dead_letter_or_drop(&self, e: Entry<M>, why: DeathReason) -> Settled<M> {
+    fn dead_letter_or_drop(&mut self, e: Entry<M>, why: DeathReason) -> Settled<M> {
         let reason = if self.policy.dead_letter {
             SettleReason::DeadLettered
         } else {
@@ -829,8 +849,9 @@ impl<M: Clone> Queue<M> {
 
     /// An entry leaves the queue for good: uncounted, and handed back as settled.
     /// `why` says what a `DeadLettered` (or `Dropped`) settlement's history records.
-    fn leave(&self, e: Entry<M>, reason: SettleReason, why: DeathReason) -> Settled<M> {
+    fn leave(&mut self, e: Entry<M>, reason: SettleReason, why: DeathReason) -> Settled<M> {
         self.counted_out(1);
+        self.retry.forget(e.seq);
         Settled {
             seq: e.seq,
             msg: e.msg,
@@ -906,8 +927,9 @@ impl<M: Clone> Queue<M> {
     }
 
     /// Settles a taken delivery: acked, or (a nack without requeue) dead-lettered or dropped.
-    pub fn finish(&self, t: Taken<M>, ack: bool) -> Settled<M> {
+    pub fn finish(&mut self, t: Taken<M>, ack: bool) -> Settled<M> {
         let reason = self.settle_reason(ack);
+        self.retry.forget(t.entry.seq);
         Settled {
             seq: t.entry.seq,
             msg: t.entry.msg,
@@ -966,6 +988,9 @@ impl<M> Drop for Queue<M> {
         self.counted_out(held as u64);
     }
 }
+
+mod retry;
+pub use retry::{decide, RetryDecision};
 
 #[cfg(test)]
 mod tests;

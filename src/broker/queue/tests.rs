@@ -240,6 +240,8 @@ enum Op {
     Nack(u8, bool),
     Get(bool),
     Purge,
+    /// A client's nack with requeue (a failure), with a retry delay of its own or not.
+    Fail(u8, Option<u8>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -254,6 +256,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<u8>(), any::<bool>()).prop_map(|(i, r)| Op::Nack(i, r)),
         1 => any::<bool>().prop_map(Op::Get),
         1 => Just(Op::Purge),
+        2 => (any::<u8>(), proptest::option::of(0u8..60)).prop_map(|(i, d)| Op::Fail(i, d)),
     ]
 }
 
@@ -267,9 +270,20 @@ proptest! {
     /// a delivery never goes to a consumer while one of higher priority has credit; under
     /// single active consumer every delivery goes to the active one, at most one consumer
     /// holds deliveries at a time, and an active one holding nothing is the first in line.
+    /// Retries: a failed message is never delivered before its retry is due; `retrying`
+    /// counts exactly those waiting; the failure after the policy's last delay, and only that
+    /// one, gives it up as retries exhausted (unless `max_deliveries` gave it up first).
     #[test]
-    fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12, single_active in any::<bool>()) {
-        let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), single_active_consumer: single_active, ..Default::default() };
+    fn every_message_is_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12, single_active in any::<bool>(), limited in any::<bool>(), retry_delays_ms in proptest::collection::vec(0u32..40, 0..4), dead_letter in any::<bool>()) {
+        let policy = QueuePolicy {
+            max_length: Some(max_length),
+            max_deliveries: (limited || retry_delays_ms.is_empty()).then_some(max_deliveries),
+            retry_delays_ms: retry_delays_ms.clone(),
+            dead_letter,
+            single_active_consumer: single_active,
+            ..Default::default()
+        };
+        let (delays, max_deliveries) = (retry_delays_ms, policy.max_deliveries);
         // Each consumer's (priority, attach order).
         let mut rank: BTreeMap<HolderId, (i32, usize)> = BTreeMap::new();
         let mut attached = 0usize;
@@ -284,6 +298,11 @@ proptest! {
         let mut out = Vec::new();
         let mut now = 0u64;
         let mut any_delayed = false;
+        // The retry model: failures per message, and the retries waiting, with their due times.
+        let mut failures: BTreeMap<Seq, u32> = BTreeMap::new();
+        let mut not_before: BTreeMap<Seq, u64> = BTreeMap::new();
+        let mut delivery_counts: BTreeMap<Seq, u32> = BTreeMap::new();
+        let mut exhausted = None;
         for op in ops {
             let op_kind = op.clone();
             settled.clear();
@@ -317,7 +336,7 @@ proptest! {
                     outstanding.retain(|_, o| *o != u64::from(c));
                 }
                 Op::Dispatch(n) => q.dispatch(now, usize::from(n), &mut out, &mut settled),
-                Op::Ack(i) | Op::Nack(i, _) if outstanding.is_empty() => {
+                Op::Ack(i) | Op::Nack(i, _) | Op::Fail(i, _) if outstanding.is_empty() => {
                     prop_assert!(q.ack(0, u64::from(i) + 10_000).is_err());
                 }
                 Op::Ack(i) => {
@@ -338,6 +357,47 @@ proptest! {
                 }
                 // In steps, as the host purges a deep queue.
                 Op::Purge => while q.purge_some(3, &mut settled) == 3 {},
+                Op::Fail(i, delay) => {
+                    let (&seq, &holder) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    let delay = delay.map(u32::from);
+                    let decision = q.fail(holder, seq, delay, now, &mut settled).unwrap();
+                    outstanding.remove(&seq);
+                    let count = delivery_counts[&seq];
+                    let before = failures.get(&seq).copied().unwrap_or(0);
+                    let want = if max_deliveries.is_some_and(|m| count >= m) || delay == Some(0) {
+                        RetryDecision::Requeue
+                    } else if delays.is_empty() {
+                        match delay {
+                            Some(d) if d > 0 => RetryDecision::Delay { due_ms: now + u64::from(d) + 1, failures: 0 },
+                            _ => RetryDecision::Requeue,
+                        }
+                    } else if before as usize >= delays.len() {
+                        RetryDecision::Exhausted
+                    } else {
+                        let d = u64::from(delay.unwrap_or(delays[before as usize]));
+                        let due_ms = if d == 0 { now } else { now + d + 1 };
+                        RetryDecision::Delay { due_ms, failures: before + 1 }
+                    };
+                    prop_assert_eq!(decision, want);
+                    match decision {
+                        RetryDecision::Delay { due_ms, failures: n } => {
+                            if n > 0 {
+                                failures.insert(seq, n);
+                            }
+                            not_before.insert(seq, due_ms);
+                        }
+                        RetryDecision::Exhausted => {
+                            exhausted = Some(seq);
+                            failures.remove(&seq);
+                        }
+                        RetryDecision::Requeue => {
+                            if settled.iter().any(|s| s.seq == seq) {
+                                failures.remove(&seq); // past max_deliveries: given up
+                            }
+                        }
+                    }
+                    prop_assert_eq!(q.failures(seq), failures.get(&seq).copied().unwrap_or(0));
+                }
             }
             if matches!(op, Op::Dispatch(_)) {
                 let mut held: BTreeMap<HolderId, u32> = BTreeMap::new();
@@ -357,6 +417,10 @@ proptest! {
                 }
             }
             for d in &out {
+                if let Some(due) = not_before.get(&d.seq) {
+                    prop_assert!(now >= *due, "message {} delivered at {} before its retry at {}", d.seq, now, due);
+                }
+                delivery_counts.insert(d.seq, d.delivery_count);
                 if !d.auto_ack {
                     prop_assert!(outstanding.insert(d.seq, d.holder).is_none(), "delivered twice at once");
                 }
@@ -366,6 +430,13 @@ proptest! {
                 }
             }
             for s in &settled {
+                prop_assert_eq!(s.why == DeathReason::RetriesExhausted, exhausted == Some(s.seq), "retries exhausted is {}'s alone", s.seq);
+                if s.why == DeathReason::RetriesExhausted {
+                    let want = if dead_letter { SettleReason::DeadLettered } else { SettleReason::Dropped };
+                    prop_assert_eq!(s.reason, want);
+                }
+                failures.remove(&s.seq);
+                not_before.remove(&s.seq);
                 prop_assert!(published.contains(&s.seq));
                 prop_assert!(settled_seqs.insert(s.seq), "settled twice: {}", s.seq);
                 prop_assert!(!outstanding.contains_key(&s.seq));
@@ -384,7 +455,15 @@ proptest! {
                     prop_assert_eq!(active, first_in_line, "an idle active consumer is the first in line");
                 }
             }
+            exhausted = None;
             let stats = q.stats();
+            // Waiting retries: those not yet due (one due is promoted by the next tick, dispatch
+            // or get, so the count may lag the clock until then, never run ahead of it).
+            let waiting = not_before.iter().filter(|(s, due)| **due > now && !outstanding.contains_key(s)).count() as u64;
+            prop_assert!(stats.retrying >= waiting && stats.retrying <= stats.delayed, "retrying {} for {} waiting", stats.retrying, waiting);
+            if matches!(op, Op::Tick(_) | Op::Dispatch(_) | Op::Get(_)) {
+                prop_assert_eq!(stats.retrying, waiting, "retries due were promoted");
+            }
             prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
             prop_assert_eq!(stats.ready + stats.delayed + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
             prop_assert_eq!(index.get(), stats.ready + stats.delayed + stats.outstanding, "the shard's index count");

@@ -293,6 +293,9 @@ impl Session {
             );
             return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
         }
+        if let Some(msg) = self.retry_policy_refused(&arguments) {
+            return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
+        }
         let declare = Declare {
             name,
             passive: d.passive,
@@ -308,6 +311,27 @@ impl Session {
             Pending::Reply { request_id },
         );
         Flow::Continue
+    }
+
+    /// Why a queue's retry policy cannot be honoured, if it cannot: more delays than
+    /// `retry_delays_count_max`, or a delay past `delay_ms_max` (as a `Nack.delay_ms` would be).
+    fn retry_policy_refused(&self, a: &wire::QueueArgumentsT) -> Option<String> {
+        let delays = a.retry_delays_ms.as_deref().unwrap_or_default();
+        let count_max = self.ctx.retry_delays_count_max;
+        if delays.len() > count_max as usize {
+            return Some(format!(
+                "retry_delays_ms: {} delays, more than retry_delays_count_max = {count_max}",
+                delays.len()
+            ));
+        }
+        let delay_max = self.ctx.delay_ms_max;
+        let (i, d) = delays
+            .iter()
+            .enumerate()
+            .find(|(_, d)| u64::from(**d) > delay_max)?;
+        Some(format!(
+            "retry_delays_ms[{i}] = {d}: more than delay_ms_max = {delay_max} ms"
+        ))
     }
 
     /// A name for a queue the client left unnamed, placed on this connection's own shard (drawn

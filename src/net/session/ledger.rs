@@ -79,7 +79,27 @@ impl Session {
         out: &mut BytesMut,
         outbound: &mut Vec<Addressed>,
     ) -> Flow {
-        let (ack, requeue) = (s.ack, s.requeue);
+        let (ack, requeue, delay_ms) = (s.ack, s.requeue, s.delay_ms);
+        // A retry delay is honoured only as a requeue's, within the delayed-delivery bound, or
+        // refused whole: never a yes that is not kept.
+        if let Some(d) = delay_ms {
+            let why = if !requeue {
+                Some(
+                    "delay_ms: only with requeue (a message not requeued is not delivered again)"
+                        .to_string(),
+                )
+            } else if u64::from(d) > self.ctx.delay_ms_max {
+                Some(format!(
+                    "delay_ms {d}: more than delay_ms_max = {} ms; nothing in this frame was settled",
+                    self.ctx.delay_ms_max
+                ))
+            } else {
+                None
+            };
+            if let Some(msg) = why {
+                return self.fail(out, request_id, ErrorCode::InvalidArgument, msg, false);
+            }
+        }
         // The whole frame is judged before any of it is applied: a refused frame settles nothing,
         // so every delivery it named is still outstanding and can be settled again. Judged
         // against what was outstanding when the frame came, so a tag named twice in one frame
@@ -113,6 +133,8 @@ impl Session {
                     seq: o.seq,
                     ack,
                     requeue,
+                    failed: !ack,
+                    delay_ms,
                 });
                 tags.push((tag, o));
             }
@@ -285,6 +307,8 @@ impl Session {
                             seq: d.seq,
                             ack: false,
                             requeue: true,
+                            failed: false,
+                            delay_ms: None,
                         })
                         .collect();
                     if !items.is_empty() {

@@ -91,6 +91,8 @@ pub struct SessionCtx {
     /// Bytes of the connection's outbox not yet written past which it stops reading: answers
     /// made here at once (listings, pongs, refusals) are bounded by it like deliveries are.
     pub outbox_bytes_max: u64,
+    /// Delays one queue's retry policy may have (`QueueArguments.retry_delays_ms`).
+    pub retry_delays_count_max: u32,
 }
 
 impl SessionCtx {

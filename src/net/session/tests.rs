@@ -32,6 +32,7 @@ fn ctx() -> SessionCtx {
         publish_bytes_in_flight_max: 1 << 20,
         message_copy_bytes_max: 1024,
         outbox_bytes_max: 1 << 20,
+        retry_delays_count_max: 3,
     }
 }
 
@@ -1392,4 +1393,52 @@ fn an_idempotent_publish_one_shard_would_store_in_parts_is_refused_by_name() {
         panic!()
     };
     assert_eq!(items.len(), 2);
+}
+
+fn nack(tag: u64, requeue: bool, delay_ms: Option<u32>) -> InFrame {
+    let mut n = wire::NackT::default();
+    n.ranges = vec![wire::RangeT {
+        first: tag,
+        last: tag,
+    }];
+    n.requeue = requeue;
+    n.delay_ms = delay_ms;
+    frame(BodyT::Nack(Box::new(n)))
+}
+
+#[test]
+fn retry_a_nack_delay_is_refused_without_requeue_or_past_delay_ms_max_and_carried_within() {
+    let mut s = session_holding_tag_1();
+    let mut out = BytesMut::new();
+    // delay_ms_max is 1000 in these tests.
+    for (frame, field) in [
+        (nack(1, false, Some(10)), "only with requeue"),
+        (nack(1, true, Some(1001)), "delay_ms_max"),
+    ] {
+        let mut outbound = Vec::new();
+        s.on_frame_at(NOW_MS, &frame, &mut out, &mut outbound);
+        assert!(outbound.is_empty(), "nothing settled: {outbound:?}");
+        let r = replies(&mut out);
+        assert_eq!(error_of(&r[0]), (ErrorCode::InvalidArgument, false));
+        let BodyT::Error(e) = &r[0].body else {
+            unreachable!()
+        };
+        assert!(e.message.as_deref().unwrap_or("").contains(field), "{e:?}");
+    }
+    let mut outbound = Vec::new();
+    s.on_frame_at(NOW_MS, &nack(1, true, Some(1000)), &mut out, &mut outbound);
+    let [Addressed {
+        op: Op::Settle(items),
+        ..
+    }] = &outbound[..]
+    else {
+        panic!("{outbound:?}")
+    };
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (i.seq, i.requeue, i.failed, i.delay_ms))
+            .collect::<Vec<_>>(),
+        vec![(5, true, true, Some(1000))]
+    );
 }

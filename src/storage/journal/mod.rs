@@ -52,7 +52,7 @@ use crate::storage::format::{
 use crate::storage::io::{IoBuf, SegmentDir, SegmentFile};
 use crate::storage::limits::JournalConfig;
 use crate::storage::record::{
-    seal_record, MessageEnvelope, ProducerStamp, RecordKind, SettleRecord,
+    seal_record, MessageEnvelope, ProducerStamp, RecordKind, RetryRecord, SettleRecord,
 };
 use crate::storage::recovery::{recover, RecoveryReport};
 use crate::storage::segment::SegmentHeader;
@@ -294,6 +294,13 @@ impl<D: SegmentDir + 'static> Journal<D> {
     pub fn append_settle(&self, settle: &SettleRecord<'_>) -> Result<Appended, StorageError> {
         self.append_with(RecordKind::Settle, settle.encoded_len(), |out| {
             settle.encode(out)
+        })
+    }
+
+    /// Appends a retry record.
+    pub fn append_retry(&self, retry: &RetryRecord<'_>) -> Result<Appended, StorageError> {
+        self.append_with(RecordKind::Retry, retry.encoded_len(), |out| {
+            retry.encode(out)
         })
     }
 
