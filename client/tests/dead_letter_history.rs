@@ -287,3 +287,44 @@ async fn messages_rejected_into_a_dead_letter_queue_survive_sigkill_at_least_onc
     assert_eq!(seen.len(), n, "and nothing else");
     assert!(before >= n, "at least once ({before} copies of {n})");
 }
+
+#[tokio::test]
+async fn a_message_that_fails_past_its_retries_says_so_in_its_history() {
+    let broker = Broker::start("dlh-retries", &["--cpus", "0,1"]);
+    let c = broker.client().await;
+    let work = queue_on(0, SHARDS, "work");
+    let dlq = queue_on(1, SHARDS, "dlq");
+    within("declare", c.declare(&dlq, QueueOptions::default()))
+        .await
+        .expect("declare");
+    let options = QueueOptions {
+        arguments: QueueArguments {
+            dead_letter_exchange: Some(String::new()),
+            dead_letter_routing_key: Some(dlq.clone()),
+            retry_delays_ms: vec![1],
+            ..QueueArguments::default()
+        },
+        ..QueueOptions::default()
+    };
+    within("declare", c.declare(&work, options))
+        .await
+        .expect("declare");
+    publish(&c, &work, "flaky").await;
+    let mut consumer = within("consume", c.consume(&work, ConsumeOptions::default()))
+        .await
+        .expect("consume");
+    // The first failure is retried after 1 ms; the second is past the policy.
+    for _ in 0..2 {
+        let d = within("delivery", consumer.recv())
+            .await
+            .expect("open")
+            .expect("delivery");
+        within("nack", d.nack(true)).await.expect("nack");
+    }
+    let d = next(&c, &dlq).await;
+    assert_eq!(
+        lines(&d),
+        [(work.clone(), DeathReason::RetriesExhausted, 1, work.clone())]
+    );
+    assert_eq!(d.deaths()[0].reason_name(), "retries_exhausted");
+}
