@@ -102,6 +102,8 @@ impl DeadLetterPlan {
             // letters are few.
             persistent: weir_protocol::verify_message(&bytes, &self.wire)
                 .map_or(true, |m| m.persistent()),
+            // A priority dead-letter queue orders the copies by the producer's priority.
+            priority: weir_protocol::verify_message(&bytes, &self.wire).map_or(0, |m| m.priority()),
             bytes,
             expiration_ms: None,
             deliver_at_ms: None,

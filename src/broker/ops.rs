@@ -465,15 +465,13 @@ pub fn publish(
         bytes,
         expiration_ms,
         deliver_at_ms,
+        priority,
         ..
     } = item;
-    let stored = Rc::new(Stored::new(
-        bytes,
-        exchange,
-        routing_key,
-        journaled,
-        Some(host.cache()),
-    ));
+    let stored = Rc::new(
+        Stored::new(bytes, exchange, routing_key, journaled, Some(host.cache()))
+            .with_priority(priority),
+    );
     let mut taken: Vec<(&str, Seq)> = Vec::with_capacity(1 + also.len());
     let mut refused = None;
     for q in std::iter::once(&queue).chain(&also) {
@@ -655,6 +653,7 @@ mod tests {
             bytes: Bytes::from(format!("m{sequence}")),
             expiration_ms: None,
             deliver_at_ms: None,
+            priority: 0,
         }
     }
 

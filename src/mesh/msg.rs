@@ -50,6 +50,8 @@ pub struct PublishItem {
     pub expiration_ms: Option<u64>,
     /// A delayed message's delivery time, ms since the Unix epoch.
     pub deliver_at_ms: Option<u64>,
+    /// The message's `priority` property: a priority queue orders by it.
+    pub priority: u8,
 }
 
 /// What became of one published message.

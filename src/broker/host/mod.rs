@@ -299,25 +299,25 @@ impl QueueHost {
         &mut self,
         d: Declare,
         next_seq: Seq,
-        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>)>,
+        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>, u8)>,
         now_ms: u64,
     ) {
         let policy = policy_of(&d.arguments);
         let ttl = policy.message_ttl_ms;
         let mut queue = Queue::counted(policy, next_seq, self.index.clone());
-        for (seq, bytes, msg, deliver_at) in messages {
+        for (seq, bytes, msg, deliver_at, priority) in messages {
             if let Some(segment) = msg.cold_segment() {
                 self.liveness.add(segment);
             }
             if let Some(at) = deliver_at.filter(|at| *at > now_ms) {
                 // Still delayed: never delivered, so not marked redelivered.
-                queue.restore_delayed(seq, msg, bytes, at, 0);
+                queue.restore_delayed(seq, msg, bytes, at, 0, priority);
                 continue;
             }
             let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
             // It may have been delivered before the restart: count that delivery, so it is
             // marked redelivered (conservative, as AMQP brokers do after a crash).
-            queue.restore(seq, msg, bytes, now_ms, deadline, 1);
+            queue.restore(seq, msg, bytes, now_ms, deadline, 1, priority);
         }
         let name: Rc<str> = Rc::from(d.name.as_str());
         self.dirty.insert(name.clone());
@@ -389,12 +389,6 @@ impl QueueHost {
             return refuse(
                 ErrorCode::InvalidArgument,
                 "dead_letter_routing_key without dead_letter_exchange: name the exchange (\"\" is the default one)".into(),
-            );
-        }
-        if a.priority_max > 0 {
-            return refuse(
-                ErrorCode::InvalidArgument,
-                "priority_max: priority queues are not served yet".into(),
             );
         }
         let policy = policy_of(a);
@@ -559,11 +553,12 @@ impl QueueHost {
         let Some(q) = self.queues.get_mut(queue) else {
             return refuse(ErrorCode::NotFound, format!("queue '{queue}' not found"));
         };
-        let bytes = msg.len();
+        let (bytes, priority) = (msg.len(), msg.priority);
         let mut settled: Vec<Settled<MsgRef>> = Vec::new();
-        let seq = match q.queue.publish(
+        let seq = match q.queue.publish_prioritized(
             MsgRef::Hot(msg),
             bytes,
+            priority,
             now_ms,
             expiration_ms,
             deliver_at_ms,
@@ -640,5 +635,6 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
         message_ttl_ms: a.message_ttl_ms.map(u64::from),
         max_deliveries: a.max_deliveries,
         dead_letter: a.dead_letter_exchange.is_some(),
+        priority_max: a.priority_max,
     }
 }

@@ -93,6 +93,7 @@ impl Session {
                 bytes: entry.bytes,
                 expiration_ms: entry.expiration_ms,
                 deliver_at_ms,
+                priority: entry.priority,
             };
             if exchange.is_empty() {
                 // The default exchange: the key names the queue.
