@@ -157,6 +157,10 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
                 format!("exchange '{x}', {key}")
             }),
         ),
+        (
+            "priority max",
+            (a.priority_max > 0).then(|| a.priority_max.to_string()),
+        ),
     ];
     for (k, v) in optional {
         if let Some(v) = v {
@@ -196,6 +200,7 @@ pub(crate) fn queue_json(q: &QueueInfo) -> Value {
         "max_deliveries": q.arguments.max_deliveries,
         "dead_letter_exchange": q.arguments.dead_letter_exchange,
         "dead_letter_routing_key": q.arguments.dead_letter_routing_key,
+        "priority_max": q.arguments.priority_max,
     })
 }
 

@@ -58,6 +58,10 @@ pub struct PublishArgs {
     pub message: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Every message's priority, 0 (the default, lowest) to 255: a priority queue (declared
+    /// with --priority-max) delivers higher ones first, capping this at its maximum.
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    pub priority: u8,
 }
 
 pub fn run(args: PublishArgs) -> ExitCode {
@@ -68,6 +72,7 @@ pub fn run(args: PublishArgs) -> ExitCode {
 struct Target {
     options: PublishOptions,
     key: String,
+    priority: u8,
 }
 
 /// What became of the messages, as the confirm task saw them.
@@ -108,6 +113,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
             Target {
                 options: PublishOptions::default(),
                 key: queue.clone(),
+                priority: args.priority,
             }
         }
         (None, Some(exchange)) => {
@@ -140,6 +146,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
                     mandatory: args.mandatory,
                 },
                 key: args.routing_key.clone(),
+                priority: args.priority,
             }
         }
         (None, None) => return Err(Failure::usage("give --queue or --exchange")),
@@ -221,7 +228,10 @@ async fn send(
     batch: Vec<Vec<u8>>,
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<(), String> {
-    let messages: Vec<Message> = batch.into_iter().map(Message::new).collect();
+    let messages: Vec<Message> = batch
+        .into_iter()
+        .map(|b| Message::new(b).priority(target.priority))
+        .collect();
     let (options, key) = (&target.options, target.key.as_str());
     match client
         .publish_batch_with(options, key, messages.clone())

@@ -65,7 +65,8 @@ pub enum QueueCommand {
     /// Describe one queue: shard, depths, consumers, age of the oldest ready message.
     ///
     /// --json: one object {"name","shard","durable","exclusive","auto_delete","messages_ready",
-    /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms"}.
+    /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms",
+    /// the queue's arguments ..., "priority_max"}.
     Info {
         /// The queue's name.
         name: String,
@@ -111,6 +112,11 @@ pub struct QueueArgs {
     /// Routing key for dead-lettered messages (default: their own).
     #[arg(long, value_name = "KEY", requires = "dead_letter_exchange")]
     dead_letter_routing_key: Option<String>,
+    /// Make it a priority queue: messages of higher priority (weir publish --priority) are
+    /// delivered first, FIFO within one; a message's priority is capped at N (1 to 255; a few
+    /// levels, as RabbitMQ recommends, are as cheap as many).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    priority_max: u8,
 }
 
 impl QueueArgs {
@@ -127,6 +133,7 @@ impl QueueArgs {
             max_deliveries: self.max_deliveries,
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_routing_key: self.dead_letter_routing_key.clone(),
+            priority_max: self.priority_max,
             ..QueueArguments::default()
         }
     }
