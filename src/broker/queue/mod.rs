@@ -946,6 +946,7 @@ impl<M: Clone> Queue<M> {
     /// any it ever let go, so a requeued message is never behind the hold.
     pub fn set_hold(&mut self, from: Option<Seq>) {
         self.hold = from;
+        self.ready.set_hold(from);
     }
 
     fn head_held(&self) -> bool {

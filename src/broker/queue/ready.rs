@@ -56,6 +56,10 @@ pub struct Levels<E> {
     fifos: Vec<VecDeque<E>>,
     /// Entries in all levels together: `len` is O(1).
     len: usize,
+    /// Entries from this sequence number on are not handed out yet (their commit is not
+    /// durable): a level whose front is held is passed over for the next one down, since its
+    /// messages have not arrived yet, while the arrived ones keep their order.
+    hold: Option<Seq>,
 }
 
 impl<E: Sequenced> Ready<E> {
@@ -69,6 +73,7 @@ impl<E: Sequenced> Ready<E> {
             slot: [0; 256],
             fifos: vec![VecDeque::new()],
             len: 0,
+            hold: None,
         }))
     }
 
@@ -79,11 +84,12 @@ impl<E: Sequenced> Ready<E> {
         }
     }
 
-    /// The entry handed out next: the oldest of the highest non-empty level.
+    /// The entry handed out next: the oldest of the highest non-empty level (whose front is not
+    /// held, in a priority queue: a plain queue's caller stops at a held head itself).
     pub fn front(&self) -> Option<&E> {
         match self {
             Ready::Plain(q) => q.front(),
-            Ready::Levels(l) => l.fifo(l.highest()?)?.front(),
+            Ready::Levels(l) => l.fifo(l.next_level()?)?.front(),
         }
     }
 
@@ -96,9 +102,17 @@ impl<E: Sequenced> Ready<E> {
                 Some((e, 0))
             }
             Ready::Levels(l) => {
-                let p = l.highest()?;
+                let p = l.next_level()?;
                 Some((l.pop_front_at(p).expect("a non-empty level"), p))
             }
+        }
+    }
+
+    /// Holds back the entries from `from` on (see `Levels::hold`); a plain list leaves that to
+    /// its queue.
+    pub fn set_hold(&mut self, from: Option<Seq>) {
+        if let Ready::Levels(l) = self {
+            l.hold = from;
         }
     }
 
@@ -230,6 +244,21 @@ impl<E: Sequenced> Ready<E> {
             Ready::Plain(q) => q,
             Ready::Levels(l) => l.fifo_mut(priority),
         }
+    }
+}
+
+impl<E: Sequenced> Levels<E> {
+    /// The level handed out from next: the highest non-empty one whose front is not held. With
+    /// no hold (or an unheld top level, the common case) that is the highest set bit.
+    fn next_level(&self) -> Option<u8> {
+        let Some(h) = self.hold else {
+            return self.highest();
+        };
+        Bits(self.nonempty).find(|p| {
+            self.fifo(*p)
+                .and_then(VecDeque::front)
+                .is_some_and(|e| e.seq() < h)
+        })
     }
 }
 

@@ -595,18 +595,21 @@ fn expiry_sweeps_every_level_and_holds_stop_a_priority_queue_at_its_head() {
     );
     assert_eq!(q.stats().ready, 1);
 
-    // Held from seq 2 on (not durable yet): a held high-priority head stops the queue, so an
-    // older low-priority message does not overtake it.
+    // Held from seq 3 on (not durable yet): a held high-priority message has not arrived, so
+    // the older low-priority one goes meanwhile; a newer one behind the hold waits too.
     q.publish_prioritized(2, 1, 0, 1_120, None, None, &mut settled)
         .unwrap();
     q.publish_prioritized(3, 1, 2, 1_120, None, None, &mut settled)
         .unwrap();
+    q.publish_prioritized(4, 1, 0, 1_120, None, None, &mut settled)
+        .unwrap();
     q.get(9, true, 1_120, &mut settled).unwrap(); // seq 1, before the hold
     q.set_hold(Some(3));
-    assert!(q.get(9, true, 1_120, &mut settled).is_none());
+    assert_eq!(q.get(9, true, 1_120, &mut settled).map(|d| d.seq), Some(2));
+    assert!(q.get(9, true, 1_120, &mut settled).is_none(), "3 and 4 held");
     q.set_hold(None);
     let order: Vec<_> = std::iter::from_fn(|| q.get(9, true, 1_120, &mut settled))
         .map(|d| d.seq)
         .collect();
-    assert_eq!(order, [3, 2]);
+    assert_eq!(order, [3, 4]);
 }
