@@ -606,7 +606,10 @@ fn expiry_sweeps_every_level_and_holds_stop_a_priority_queue_at_its_head() {
     q.get(9, true, 1_120, &mut settled).unwrap(); // seq 1, before the hold
     q.set_hold(Some(3));
     assert_eq!(q.get(9, true, 1_120, &mut settled).map(|d| d.seq), Some(2));
-    assert!(q.get(9, true, 1_120, &mut settled).is_none(), "3 and 4 held");
+    assert!(
+        q.get(9, true, 1_120, &mut settled).is_none(),
+        "3 and 4 held"
+    );
     q.set_hold(None);
     let order: Vec<_> = std::iter::from_fn(|| q.get(9, true, 1_120, &mut settled))
         .map(|d| d.seq)
