@@ -756,7 +756,7 @@ impl<M: Clone> Queue<M> {
             n += 1;
         }
         while n < max {
-            let Some((e, _)) = self.pop_ready() else {
+            let Some(e) = self.pop_held_or_not() else {
                 break;
             };
             settled.push(self.leave(e, SettleReason::Purged));
@@ -1038,6 +1038,14 @@ impl<M: Clone> Queue<M> {
     fn push_ready(&mut self, entry: Entry<M>, priority: u8) {
         self.ready_bytes += u64::from(entry.bytes);
         self.ready.push_back(entry, priority);
+    }
+
+    /// The front of the highest level, held or not (a purge takes held messages too).
+    fn pop_held_or_not(&mut self) -> Option<Entry<M>> {
+        let p = self.ready.levels().next()?;
+        let e = self.ready.pop_front_at(p).expect("a non-empty level");
+        self.ready_bytes -= u64::from(e.bytes);
+        Some(e)
     }
 
     /// The next message to hand out, with its level (a drained list gives its memory back).
