@@ -276,14 +276,11 @@ impl Encoder {
     ) -> Result<usize, ProtocolError> {
         self.fbb.reset();
         let ranges = Some(self.fbb.create_vector(ranges));
-        let body = wire::Nack::create(
-            &mut self.fbb,
-            &wire::NackArgs {
+        let body = wire::Nack::create(&mut self.fbb, &wire::NackArgs {
                 ranges,
                 requeue,
                 delay_ms: None,
-            },
-        );
+            });
         self.finish(request_id, Body::Nack, body.as_union_value(), out)
     }
 
