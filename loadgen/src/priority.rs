@@ -112,7 +112,7 @@ impl PriorityReport {
             });
         let _ = writeln!(
             t,
-            "backlog {} x {} B of priority 0 filled in {:.2} s, drained in {:.2} s by one consumer \
+            "backlog {} x {} of priority 0 filled in {:.2} s, drained in {:.2} s by one consumer \
              (prefetch {}, {pace}); {} msgs/s of priority {HIGH} meanwhile",
             self.backlog, self.size, self.fill_s, self.drain_s, self.prefetch, self.high_rate
         );
