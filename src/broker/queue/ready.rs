@@ -2,7 +2,8 @@
 //!
 //! Contract: plain data, owned by its queue (one shard's thread). A plain queue (`priority_max`
 //! 0) keeps one `VecDeque` in sequence order, exactly as before priorities existed: no level
-//! lookup, no bitmap, the same per-message cost. A priority queue keeps one FIFO per priority
+//! lookup, no bitmap (one more branch per step: `benches/README.md` measured +0.7 % of a
+//! message's instructions for everything priorities added to a plain queue). A priority queue keeps one FIFO per priority
 //! level it has actually met (a level's buffer is allocated on its first message), each in
 //! sequence order, and a 256-bit bitmap of the levels that hold something, so the next message
 //! (the front of the highest non-empty level) is found with at most four word tests whatever the
