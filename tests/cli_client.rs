@@ -853,3 +853,38 @@ fn retry_delays_from_the_cli_are_declared_shown_and_refused_past_the_limit() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn priority_queues_from_the_cli_deliver_higher_priorities_first() {
+    let broker = Broker::start(&temp_dir("cli-priority"), &[]);
+    let out = ok(weir(
+        &broker,
+        &[
+            "queue",
+            "declare",
+            "jobs",
+            "--durable",
+            "--priority-max",
+            "9",
+        ],
+    ));
+    assert!(out.contains("priority max") && out.contains('9'), "{out}");
+    assert_eq!(info(&broker, "jobs")["priority_max"], 9);
+    ok(weir_at(
+        Some(broker.listen),
+        &["publish", "--queue", "jobs"],
+        b"low 1\nlow 2\n",
+    ));
+    ok(weir_at(
+        Some(broker.listen),
+        &["publish", "--queue", "jobs", "--priority", "5"],
+        b"high 1\nhigh 2\n",
+    ));
+    let got = ok(weir(
+        &broker,
+        &["consume", "--queue", "jobs", "--count", "4"],
+    ));
+    assert_eq!(got, "high 1\nhigh 2\nlow 1\nlow 2\n");
+    let help = ok(weir_at(None, &["publish", "--help"], b""));
+    assert!(help.contains("--priority"), "{help}");
+}

@@ -165,7 +165,20 @@ impl Message {
         self
     }
 
-    /// 0 (lowest, the default) to 255; only priority queues order by it.
+    /// 0 (lowest, the default) to 255; only priority queues order by it (see
+    /// [`QueueArguments::priority_max`](crate::QueueArguments::priority_max)): higher first, in
+    /// publish order within one priority, a priority above the queue's maximum counting as the
+    /// maximum. Plain queues ignore it.
+    ///
+    /// ```no_run
+    /// # async fn example(client: weir_client::Client) -> Result<(), weir_client::ClientError> {
+    /// use weir_client::Message;
+    /// client.publish("jobs", Message::new("resize avatar")).await?.await?; // priority 0
+    /// client.publish("jobs", Message::new("reset password").priority(9)).await?.await?;
+    /// // A consumer of a priority queue `jobs` now gets "reset password" first.
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn priority(mut self, priority: u8) -> Self {
         self.priority = priority;
         self

@@ -38,7 +38,27 @@ pub struct QueueArguments {
     pub max_deliveries: Option<u32>,
     /// Pin the queue to a shard (today the broker accepts only the shard its name hashes to).
     pub shard: Option<u16>,
-    /// Largest message priority the queue orders by; 0 makes it a plain FIFO.
+    /// Largest message priority the queue orders by; 0 makes it a plain FIFO. A priority queue
+    /// delivers the ready message of the highest priority first ([`Message::priority`], capped at
+    /// this), FIFO within one priority; a redelivered message goes back to the front of its own
+    /// priority. Every level up to 255 is served; a handful (RabbitMQ recommends at most 10)
+    /// covers most needs, and unused levels cost nothing. Under `max_length` with
+    /// [`Overflow::DropHead`], the oldest message of the lowest priority is dropped (RabbitMQ
+    /// drops the head, the next to be delivered).
+    ///
+    /// [`Message::priority`]: crate::Message::priority
+    ///
+    /// ```no_run
+    /// # async fn example(client: weir_client::Client) -> Result<(), weir_client::ClientError> {
+    /// use weir_client::{QueueArguments, QueueOptions};
+    /// let options = QueueOptions {
+    ///     arguments: QueueArguments { priority_max: 9, ..QueueArguments::default() },
+    ///     ..QueueOptions::default()
+    /// };
+    /// client.declare("jobs", options).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub priority_max: u8,
     /// Queue expiry (RabbitMQ's `x-expires`): the broker deletes the queue, with its messages,
     /// once it has been unused this long, ms (at least 1). Unused: no consumers, no `get`, no

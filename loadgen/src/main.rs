@@ -18,6 +18,7 @@ mod broker;
 mod chaos;
 mod exactly_once;
 mod plot;
+mod priority;
 mod report;
 mod restart;
 mod retry;
@@ -227,6 +228,15 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
             )));
         }
         return retry_run(args, &config);
+    }
+
+    if sc.kind == scenario::Kind::Priority {
+        if args.chaos || args.compare.is_some() {
+            return Err(Failure::Usage(format!(
+                "scenario {name}: kind = \"priority\" runs alone (not --chaos, not --compare)"
+            )));
+        }
+        return priority_run(args, &config, abort);
     }
 
     if args.chaos {
@@ -886,4 +896,61 @@ fn list_scenarios() {
             Err(e) => println!("{name:<10} (refused: {e})"),
         }
     }
+}
+
+/// `kind = "priority"`: against the broker given, or one spawned for the run.
+fn priority_run(args: &Args, config: &RunConfig, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
+    let mut config = config.clone();
+    let extra: Vec<String> = args
+        .fsync
+        .iter()
+        .flat_map(|f| ["--fsync".to_string(), f.clone()])
+        .collect();
+    let profile = args.profile.as_deref();
+    let mut spawned = None;
+    let setup = if args.spawn_broker {
+        let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
+        let b = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
+        config.addr = b.listen.clone();
+        let setup = spawned_setup(&bin, &b, profile, &extra);
+        println!("broker ready: {}", b.ready_line);
+        spawned = Some(b);
+        setup
+    } else {
+        "not started by weir-loadgen (its own configuration)".to_string()
+    };
+    println!(
+        "running {} ({}) against {}",
+        config.name, config.scenario.description, config.addr
+    );
+    let outcome = priority::run(&config, &setup, abort);
+    if let Some(b) = spawned.take() {
+        let (status, stderr) = b.stop();
+        if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
+            println!("broker {status}");
+            if !stderr.trim().is_empty() {
+                println!("broker stderr (tail):\n{}", stderr.trim_end());
+            }
+        }
+    }
+    let report = outcome.map_err(Failure::Error)?;
+    let text = report.summary();
+    print!("{text}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
+        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes)
+                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
+        }
+        println!("wrote results.json, summary.txt to {}", dir.display());
+    }
+    Ok(if report.drained && !report.aborted {
+        0
+    } else {
+        EXIT_INCOMPLETE
+    })
 }

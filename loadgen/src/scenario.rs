@@ -45,6 +45,10 @@ pub enum Kind {
     /// retried after the queue's `retry_delays_ms`; some fail after the last delay and are
     /// dead-lettered. Reports each retry's lateness against its schedule (`crate::retry`).
     Retry,
+    /// A backlog of priority 0 drained by one consumer while a trickle of high priority (the
+    /// first phase's rate) arrives, in one priority queue: each one's end-to-end latency
+    /// (`crate::priority`).
+    Priority,
 }
 
 impl Kind {
@@ -58,6 +62,7 @@ impl Kind {
             Kind::DrainAfterRestart => "drain-after-restart",
             Kind::ExactlyOnce => "exactly-once",
             Kind::Retry => "retry",
+            Kind::Priority => "priority",
         }
     }
 }
@@ -355,6 +360,7 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../scenarios/exactly-once.toml"),
     ),
     ("retry", include_str!("../scenarios/retry.toml")),
+    ("priority", include_str!("../scenarios/priority.toml")),
 ];
 
 /// A scenario's text and what to call it.
@@ -610,6 +616,9 @@ impl Scenario {
                 );
             }
         }
+        if self.kind == Kind::Priority {
+            return self.check_priority();
+        }
         if let Some(b) = self.backlog {
             return refuse(
                 "backlog",
@@ -648,6 +657,55 @@ impl Scenario {
             return refuse("phases", "no phase publishes anything (every rate is 0)");
         }
         Ok(())
+    }
+
+    /// `priority`'s own rules: one producer, consumer and queue, a backlog, and one phase (the
+    /// high-priority trickle) that publishes.
+    fn check_priority(&self) -> Result<(), Refusal> {
+        let why = "kind = \"priority\" runs one producer, one consumer and one queue";
+        for (key, n) in [
+            ("producers", self.producers),
+            ("consumers", self.consumers),
+            ("queues", self.queues),
+        ] {
+            if n != 1 {
+                return refuse(key, format!("{why} (got {n})"));
+            }
+        }
+        for (key, set) in [
+            ("exchange", self.exchange.is_some()),
+            ("consumers_start", self.consumers_start.is_some()),
+        ] {
+            if set {
+                return refuse(key, "not used by kind = \"priority\"");
+            }
+        }
+        if self.backlog() == 0 {
+            return refuse("backlog", "must be >= 1 (the low-priority backlog)");
+        }
+        if (self.size.max() as usize) < 9 {
+            return refuse(
+                "size",
+                "must be >= 9 (send time and priority are in the body)",
+            );
+        }
+        if let Some(r) = self.consumer_rate {
+            positive("consumer_rate", r)?;
+        }
+        if let Some(ms) = self.process_ms {
+            positive("process_ms", ms)?;
+        }
+        positive("drain_timeout_s", self.drain_timeout_s)?;
+        match self.phases.as_slice() {
+            [p] if p.shape == Shape::Constant && p.rate.is_some_and(|r| r > 0.0) => {
+                positive("phases[0].duration_s", p.duration_s)
+            }
+            _ => refuse(
+                "phases",
+                "kind = \"priority\" needs one constant phase with rate > 0 (the trickle of \
+                 high priority)",
+            ),
+        }
     }
 
     /// `drain-after-restart`'s own rules: a backlog that survives a restart, and nothing that
@@ -884,7 +942,7 @@ impl Scenario {
     /// Multiplies every phase's duration (and cycle period) by `f`; for `drain-after-restart`,
     /// its backlog (at least 1 message).
     pub fn scale_durations(&mut self, f: f64) {
-        if self.kind == Kind::DrainAfterRestart {
+        if matches!(self.kind, Kind::DrainAfterRestart | Kind::Priority) {
             self.backlog = Some(((self.backlog() as f64 * f).round() as u64).max(1));
         }
         for p in &mut self.phases {

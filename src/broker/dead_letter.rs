@@ -145,6 +145,10 @@ impl DeadLetterPlan {
         if queues.is_empty() {
             return Planned::Cycle;
         }
+        // Verified when it arrived; verified again here rather than read unchecked, as dead
+        // letters are few.
+        let (persistent, priority) = weir_protocol::verify_message(&letter.bytes, &self.wire)
+            .map_or((true, 0), |m| (m.persistent(), m.priority()));
         let item = PublishItem {
             sequence: 0,
             queue: String::new(),
@@ -153,10 +157,9 @@ impl DeadLetterPlan {
             routing_key: key,
             mandatory: false,
             confirm: true,
-            // Verified when it arrived; verified again here rather than read unchecked, as dead
-            // letters are few.
-            persistent: weir_protocol::verify_message(&letter.bytes, &self.wire)
-                .map_or(true, |m| m.persistent()),
+            persistent,
+            // A priority dead-letter queue orders the copies by the producer's priority.
+            priority,
             bytes: letter.bytes,
             expiration_ms: None,
             deliver_at_ms: None,

@@ -522,9 +522,11 @@ pub fn publish(
         expiration_ms,
         deliver_at_ms,
         deaths,
+        priority,
         ..
     } = item;
-    let mut stored = Stored::new(bytes, exchange, routing_key, journaled, Some(host.cache()));
+    let mut stored = Stored::new(bytes, exchange, routing_key, journaled, Some(host.cache()))
+        .with_priority(priority);
     stored.deaths = deaths;
     let stored = Rc::new(stored);
     let mut taken: Vec<(&str, Seq)> = Vec::with_capacity(1 + also.len());
@@ -733,6 +735,7 @@ mod tests {
             expiration_ms: None,
             deliver_at_ms: None,
             producer_id: None,
+            priority: 0,
         }
     }
 

@@ -50,10 +50,11 @@ struct RebuiltQueue {
     /// `None` until the log declares it: a queue's messages can precede its (re-stated)
     /// declaration once reclaim has removed the segment with the original one.
     declare: Option<Declare>,
-    /// Where each live message's record is: (position, record length, message length), and
-    /// its delivery time if it was published delayed. No allocation per message, and nothing
+    /// Where each live message's record is: (position, record length, message length), its
+    /// delivery time if it was published delayed, and its priority (so a priority queue orders
+    /// its cold backlog without reading it back). No allocation per message, and nothing
     /// counted until the queue is restored.
-    messages: BTreeMap<Seq, (Position, u32, u32, Option<u64>)>,
+    messages: BTreeMap<Seq, (Position, u32, u32, Option<u64>, u8)>,
     /// The newest retry state of each live message that has one (`Retry` records): only for
     /// messages that failed, so no cost for the rest of the backlog.
     retries: BTreeMap<Seq, RetryEntry>,
@@ -184,7 +185,7 @@ impl Rebuild {
                 // The payload stays in the journal: recovery costs memory per message, not per
                 // byte of backlog; deliveries read payloads back.
                 let record_len = (RECORD_HEADER_BYTES + body.len()) as u32;
-                let deliver_at = delivery_time(message);
+                let (deliver_at, priority) = message_fields(message);
                 for t in &envelope.targets {
                     let queue =
                         std::str::from_utf8(t.queue).map_err(|_| "queue name is not UTF-8")?;
@@ -195,7 +196,13 @@ impl Rebuild {
                     {
                         q.messages.insert(
                             t.queue_seq,
-                            (position, record_len, message.len() as u32, deliver_at),
+                            (
+                                position,
+                                record_len,
+                                message.len() as u32,
+                                deliver_at,
+                                priority,
+                            ),
                         );
                         q.next_seq = q.next_seq.max(t.queue_seq + 1);
                     }
@@ -276,7 +283,7 @@ impl Rebuild {
             summary.messages += q.messages.len() as u64;
             let mut retries = q.retries;
             let messages = q.messages.into_iter().map(
-                move |(seq, (position, record_len, len, deliver_at))| {
+                move |(seq, (position, record_len, len, deliver_at, priority))| {
                     (
                         seq,
                         len,
@@ -285,6 +292,7 @@ impl Rebuild {
                             record_len,
                         },
                         deliver_at,
+                        priority,
                         retries.remove(&seq),
                     )
                 },
@@ -298,22 +306,23 @@ impl Rebuild {
     }
 }
 
-/// A delayed message's delivery time, read from its bytes. They were verified at ingress with
-/// the broker's limits, which may be wider than the defaults: verified again here within the
-/// codec's own hard bounds, not read unchecked (a recovery pays well under a microsecond per
-/// message for it).
-fn delivery_time(message: &[u8]) -> Option<u64> {
+/// A message's delivery time (if it was published delayed) and priority, read from its bytes.
+/// They were verified at ingress with the broker's limits, which may be wider than the
+/// defaults: verified again here within the codec's own hard bounds, not read unchecked (a
+/// recovery pays well under a microsecond per message for it, once for both fields). Bytes that
+/// do not verify (never written by this broker) read as delivered now, priority 0.
+fn message_fields(message: &[u8]) -> (Option<u64>, u8) {
     let opts = flatbuffers::VerifierOptions {
         max_depth: 64,
         max_tables: 1 << 20,
         max_apparent_size: 1 << 31,
         ignore_missing_null_terminator: false,
     };
-    flatbuffers::root_with_opts::<weir_protocol::wire::Message>(&opts, message)
-        .ok()?
-        .deliver_at_ms()
-        .filter(|t| *t > 0)
-        .map(|t| t as u64)
+    let Ok(m) = flatbuffers::root_with_opts::<weir_protocol::wire::Message>(&opts, message) else {
+        return (None, 0);
+    };
+    let deliver_at = m.deliver_at_ms().filter(|t| *t > 0).map(|t| t as u64);
+    (deliver_at, m.priority())
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -607,5 +616,44 @@ mod tests {
         let (host, summary) = r.finish(0, Cache::new(u64::MAX), 0).unwrap();
         assert_eq!((summary.queues, summary.messages), (1, 2));
         assert_eq!(host.liveness().live_in(1), 2);
+    }
+
+    /// A `Message` flatbuffer of `priority`, as a producer sends it.
+    fn prioritized(priority: u8) -> Vec<u8> {
+        let mut m = weir_protocol::wire::MessageT::default();
+        (m.priority, m.persistent) = (priority, true);
+        let mut fbb = flatbuffers::FlatBufferBuilder::new();
+        let root = m.pack(&mut fbb);
+        fbb.finish(root, None);
+        fbb.finished_data().to_vec()
+    }
+
+    #[test]
+    fn a_priority_queue_orders_its_cold_backlog_by_the_priorities_its_records_hold() {
+        let mut d = Declare {
+            name: "p".into(),
+            durable: true,
+            ..Default::default()
+        };
+        d.arguments.priority_max = 4;
+        let mut r = Rebuild::new();
+        r.apply(
+            Position::new(0, 4096),
+            RecordKind::Control,
+            &CatalogRecord::DeclareQueue(d).encode(),
+        );
+        // 9 is capped at the queue's 4.
+        for (seq, priority) in [(0, 0), (1, 4), (2, 1), (3, 9), (4, 0), (5, 1)] {
+            r.apply(
+                Position::new(0, 4096 * (seq + 2)),
+                RecordKind::Message,
+                &message("p", seq, &prioritized(priority)),
+            );
+        }
+        let (mut host, _) = r.finish(0, Cache::new(u64::MAX), 0).unwrap();
+        let a = ConnRef { shard: 0, conn: 1 };
+        let order: Vec<Seq> =
+            std::iter::from_fn(|| host.get(a, "p", true, 0).unwrap().0.map(|d| d.seq)).collect();
+        assert_eq!(order, [1, 3, 2, 5, 0, 4]);
     }
 }

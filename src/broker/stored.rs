@@ -145,6 +145,8 @@ pub struct Stored {
     cache: Option<Rc<Cache>>,
     /// The account that counts this message in its record's segment, once it has a position.
     live: RefCell<Option<Rc<Liveness>>>,
+    /// The message's own `priority` (each priority queue caps it at its `priority_max`).
+    pub priority: u8,
 }
 
 impl Stored {
@@ -170,7 +172,14 @@ impl Stored {
             position: Cell::new(None),
             cache: cache.cloned(),
             live: RefCell::new(None),
+            priority: 0,
         }
+    }
+
+    /// The same message, of `priority` (read off the message where it was verified).
+    pub fn with_priority(mut self, priority: u8) -> Stored {
+        self.priority = priority;
+        self
     }
 
     /// Length of the message bytes.

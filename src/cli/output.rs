@@ -185,6 +185,10 @@ pub(crate) fn queue_block(q: &QueueInfo) -> String {
                 ms.join(", ")
             }),
         ),
+        (
+            "priority max",
+            (a.priority_max > 0).then(|| a.priority_max.to_string()),
+        ),
     ];
     for (k, v) in optional {
         if let Some(v) = v {
@@ -230,6 +234,7 @@ pub(crate) fn queue_json(q: &QueueInfo) -> Value {
         "active_consumer": q.active_consumer,
         "messages_retrying": q.messages_retrying,
         "retry_delays_ms": q.arguments.retry_delays_ms,
+        "priority_max": q.arguments.priority_max,
     })
 }
 

@@ -74,6 +74,10 @@ pub struct PublishArgs {
         requires = "producer_id"
     )]
     pub sequence_start: u64,
+    /// Every message's priority, 0 (the default, lowest) to 255: a priority queue (declared
+    /// with --priority-max) delivers higher ones first, capping this at its maximum.
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    pub priority: u8,
 }
 
 pub fn run(args: PublishArgs) -> ExitCode {
@@ -84,6 +88,7 @@ pub fn run(args: PublishArgs) -> ExitCode {
 struct Target {
     options: PublishOptions,
     key: String,
+    priority: u8,
 }
 
 /// What became of the messages, as the confirm task saw them.
@@ -128,6 +133,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
             Target {
                 options: PublishOptions::default(),
                 key: queue.clone(),
+                priority: args.priority,
             }
         }
         (None, Some(exchange)) => {
@@ -160,6 +166,7 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
                     mandatory: args.mandatory,
                 },
                 key: args.routing_key.clone(),
+                priority: args.priority,
             }
         }
         (None, None) => return Err(Failure::usage("give --queue or --exchange")),
@@ -266,7 +273,10 @@ async fn send(
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<(), String> {
     let client = sender.client;
-    let messages: Vec<Message> = batch.into_iter().map(Message::new).collect();
+    let messages: Vec<Message> = batch
+        .into_iter()
+        .map(|b| Message::new(b).priority(target.priority))
+        .collect();
     if let Some(producer) = sender.producer {
         // One sequence each, in order; the producer keeps them until confirmed.
         for m in messages {

@@ -66,8 +66,8 @@ pub enum QueueCommand {
     ///
     /// --json: one object {"name","shard","durable","exclusive","auto_delete","messages_ready",
     /// "messages_unacked","messages_delayed","bytes_ready","consumers","oldest_ready_age_ms",
-    /// ..., "expires_in_ms","active_consumer","messages_retrying","retry_delays_ms"} (null when
-    /// absent).
+    /// ..., "expires_in_ms","active_consumer","messages_retrying","retry_delays_ms"} and the
+    /// queue's arguments ..., "priority_max"} (null when absent).
     Info {
         /// The queue's name.
         name: String,
@@ -127,6 +127,11 @@ pub struct QueueArgs {
     /// it (or drops it without --dead-letter-exchange). E.g. 1000,5000,30000.
     #[arg(long, value_name = "MS,MS,..", value_delimiter = ',')]
     retry_delays_ms: Vec<u32>,
+    /// Make it a priority queue: messages of higher priority (weir publish --priority) are
+    /// delivered first, FIFO within one; a message's priority is capped at N (1 to 255; a few
+    /// levels, as RabbitMQ recommends, are as cheap as many).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    priority_max: u8,
 }
 
 impl QueueArgs {
@@ -146,6 +151,7 @@ impl QueueArgs {
             expires_ms: self.expires_ms,
             single_active_consumer: self.single_active_consumer,
             retry_delays_ms: self.retry_delays_ms.clone(),
+            priority_max: self.priority_max,
             ..QueueArguments::default()
         }
     }

@@ -55,6 +55,8 @@ pub struct PublishItem {
     /// An idempotent producer's publish: (`producer_id`, `sequence`) names the message, and the
     /// owning shard stores it at most once (`broker::producers`).
     pub producer_id: Option<u64>,
+    /// The message's `priority` property: a priority queue orders by it.
+    pub priority: u8,
 }
 
 /// What became of one published message.

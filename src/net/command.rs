@@ -179,6 +179,8 @@ pub struct PublishEntry<'a> {
     /// The message, a slice of the receive buffer or (if small) a copy: what is stored and
     /// delivered.
     pub bytes: Bytes,
+    /// The message's `priority` (0 unless set): a priority queue orders by it.
+    pub priority: u8,
 }
 
 impl<'a> Publish<'a> {
@@ -203,6 +205,7 @@ impl<'a> Publish<'a> {
                 deliver_at_ms: message.deliver_at_ms().filter(|t| *t > 0).map(|t| t as u64),
                 expiration_ms: message.expiration_ms().map(u64::from),
                 bytes,
+                priority: message.priority(),
             }
         })
     }

@@ -27,7 +27,12 @@ pub(crate) async fn declare(
     };
     let mut names = Vec::new();
     match s.kind {
-        Kind::Queue | Kind::Max | Kind::DrainAfterRestart | Kind::ExactlyOnce | Kind::Retry => {
+        Kind::Queue
+        | Kind::Max
+        | Kind::DrainAfterRestart
+        | Kind::ExactlyOnce
+        | Kind::Retry
+        | Kind::Priority => {
             for i in 0..s.queues {
                 let name = format!("{}-{i}", cfg.prefix);
                 let info = admin

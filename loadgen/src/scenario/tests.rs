@@ -349,3 +349,28 @@ fn retry_keys_are_refused_where_unused_and_checked_where_used() {
     let e = refused(&format!("{retry}{phase}{phase}"));
     assert!(e.contains("exactly one [[phases]]"), "{e}");
 }
+
+#[test]
+fn the_priority_scenario_is_one_backlog_and_one_trickle_and_others_are_refused() {
+    let text = SHIPPED
+        .iter()
+        .find(|(n, _)| *n == "priority")
+        .expect("shipped")
+        .1;
+    let mut s = ok(text);
+    assert_eq!(
+        (s.kind, s.backlog(), s.phases.len()),
+        (Kind::Priority, 20_000, 1)
+    );
+    assert_eq!(s.phases[0].mean_rate(), 50.0);
+    s.scale_durations(0.1);
+    assert_eq!(s.backlog(), 2_000, "--duration-scale scales the backlog");
+    let base = "kind = \"priority\"\nbacklog = 10\n";
+    let phase = "[[phases]]\nname = \"t\"\nduration_s = 1\nrate = 10\n";
+    assert!(
+        refused(&format!("{base}producers = 2\nconsumers = 2\n{phase}"))
+            .contains("producers: kind = \"priority\" runs one producer")
+    );
+    assert!(refused(base).contains("phases: kind = \"priority\" needs one constant phase"));
+    assert!(refused(&format!("kind = \"priority\"\nbacklog = 0\n{phase}")).contains("backlog"));
+}

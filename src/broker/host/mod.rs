@@ -330,20 +330,20 @@ impl QueueHost {
         &mut self,
         d: Declare,
         next_seq: Seq,
-        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>, Option<RetryEntry>)>,
+        messages: impl IntoIterator<Item = (Seq, u32, MsgRef, Option<u64>, u8, Option<RetryEntry>)>,
         now_ms: u64,
     ) {
         let policy = policy_of(&d.arguments);
         let ttl = policy.message_ttl_ms;
         let mut queue = Queue::counted(policy, next_seq, self.index.clone());
-        for (seq, bytes, msg, deliver_at, retry) in messages {
+        for (seq, bytes, msg, deliver_at, priority, retry) in messages {
             if let Some(segment) = msg.cold_segment() {
                 self.liveness.add(segment);
             }
             if let Some(retry) = retry {
                 // It failed and was retried: its retry's due time and counts stand.
                 let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
-                queue.restore_retry(seq, msg, bytes, retry, deadline, now_ms);
+                queue.restore_retry(seq, msg, bytes, retry, deadline, now_ms, priority);
                 if retry.due_ms > now_ms {
                     self.note_due(retry.due_ms);
                 }
@@ -351,14 +351,14 @@ impl QueueHost {
             }
             if let Some(at) = deliver_at.filter(|at| *at > now_ms) {
                 // Still delayed: never delivered, so not marked redelivered.
-                queue.restore_delayed(seq, msg, bytes, at, 0);
+                queue.restore_delayed(seq, msg, bytes, at, 0, priority);
                 self.note_due(at);
                 continue;
             }
             let deadline = ttl.map_or(u64::MAX, |t| now_ms.saturating_add(t));
             // It may have been delivered before the restart: count that delivery, so it is
             // marked redelivered (conservative, as AMQP brokers do after a crash).
-            queue.restore(seq, msg, bytes, now_ms, deadline, 1);
+            queue.restore(seq, msg, bytes, now_ms, deadline, 1, priority);
         }
         let name: Rc<str> = Rc::from(d.name.as_str());
         self.dirty.insert(name.clone());
@@ -436,12 +436,6 @@ impl QueueHost {
             return refuse(
                 ErrorCode::InvalidArgument,
                 "dead_letter_routing_key without dead_letter_exchange: name the exchange (\"\" is the default one)".into(),
-            );
-        }
-        if a.priority_max > 0 {
-            return refuse(
-                ErrorCode::InvalidArgument,
-                "priority_max: priority queues are not served yet".into(),
             );
         }
         if let Err(why) = crate::broker::expiry::check(a.expires_ms) {
@@ -615,11 +609,12 @@ impl QueueHost {
         let Some(q) = self.queues.get_mut(queue) else {
             return refuse(ErrorCode::NotFound, format!("queue '{queue}' not found"));
         };
-        let bytes = msg.len();
+        let (bytes, priority) = (msg.len(), msg.priority);
         let mut settled: Vec<Settled<MsgRef>> = Vec::new();
-        let seq = match q.queue.publish(
+        let seq = match q.queue.publish_prioritized(
             MsgRef::Hot(msg),
             bytes,
+            priority,
             now_ms,
             expiration_ms,
             deliver_at_ms,
@@ -707,5 +702,6 @@ fn policy_of(a: &wire::QueueArgumentsT) -> QueuePolicy {
         dead_letter: a.dead_letter_exchange.is_some(),
         single_active_consumer: a.single_active_consumer,
         retry_delays_ms: a.retry_delays_ms.clone().unwrap_or_default(),
+        priority_max: a.priority_max,
     }
 }

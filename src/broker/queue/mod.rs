@@ -7,8 +7,9 @@
 //! journal position, or an in-memory buffer for transient messages), copied around as-is.
 //!
 //! Every message the queue accepted is, at every moment, in exactly one of four places: ready
-//! (waiting, in sequence order), delayed (its delivery time still to come: a delayed publish,
-//! or a failed delivery waiting out its retry delay, `retry.rs`), outstanding
+//! (waiting, in sequence order; in a priority queue, in sequence order within its priority,
+//! higher priorities handed out first: `ready.rs`), delayed (its delivery time still to come: a
+//! delayed publish, or a failed delivery waiting out its retry delay, `retry.rs`), outstanding
 //! (delivered to one owner, not yet settled), or settled (handed back to the caller in a
 //! `Settled`, after which the queue forgets it). The property test
 //! in `tests.rs` checks that against a model after every event. One more place, outside the
@@ -35,7 +36,7 @@
 //! retry policy, `retry.rs`).
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use crate::broker::routing::hash::FastMap;
@@ -48,6 +49,9 @@ use consumers::{Consumer, Consumers};
 
 /// What the queue does when a publish would take it past a length limit (the wire's type).
 pub use weir_protocol::Overflow;
+
+mod ready;
+use ready::{Ready, Sequenced};
 
 /// The queue's declared behaviour.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub struct QueuePolicy {
     /// Retry policy: the delay after each failure in turn, ms; then the message is given up
     /// (`retry.rs`). Empty: a failed delivery is ready again at once.
     pub retry_delays_ms: Vec<u32>,
+    /// Largest priority the queue orders by (a message's own is capped at it); 0: a plain FIFO.
+    pub priority_max: u8,
 }
 
 /// A message handed to a consumer (or a `Get`).
@@ -122,12 +128,28 @@ struct Entry<M> {
     deadline_ms: u64,
 }
 
+impl<M> Sequenced for Entry<M> {
+    fn seq(&self) -> Seq {
+        self.seq
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Outstanding<M> {
     entry: Entry<M>,
     holder: HolderId,
     /// When it was handed out: `overdue` measures `consumer_timeout_ms` from here.
     delivered_ms: u64,
+    /// Its level in the ready list, where a requeue puts it back (a ready entry's level is
+    /// where it is, so only entries out of the ready list carry it).
+    priority: u8,
+}
+
+/// A message whose delivery time has not come yet, with the level it joins ready at.
+#[derive(Clone, Debug)]
+struct Delayed<M> {
+    entry: Entry<M>,
+    priority: u8,
 }
 
 /// Bytes of one queue entry holding an `M`: the per-message cost of a ready message's index.
@@ -137,10 +159,6 @@ pub fn entry_size<M>() -> usize {
 
 /// Entries held by the queues sharing it (one shard's): ready, delayed and outstanding.
 pub type IndexCount = Rc<Cell<u64>>;
-
-/// A ready list at least this long keeps its allocation; a longer one gives back half of it
-/// when it falls under a quarter full (each element moved at most once per halving).
-const READY_KEPT_CAPACITY: usize = 4096;
 
 /// Counters a `QueueInfo` reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -158,12 +176,12 @@ pub struct QueueStats {
 #[derive(Debug)]
 pub struct Queue<M> {
     policy: QueuePolicy,
-    ready: VecDeque<Entry<M>>,
+    ready: Ready<Entry<M>>,
     ready_bytes: u64,
     /// Delayed messages (published with a delivery time still to come), by sequence number;
     /// `due` orders them by that time. They join `ready`, in sequence order, when it comes
     /// (`promote`): at the next dispatch, `Get` or expiry tick.
-    delayed: BTreeMap<Seq, Entry<M>>,
+    delayed: BTreeMap<Seq, Delayed<M>>,
     due: BTreeSet<(u64, Seq)>,
     outstanding: FastMap<Seq, Outstanding<M>>,
     /// Who is offered the next message: priorities, round robin, single active.
@@ -186,6 +204,7 @@ pub struct Taken<M> {
     entry: Entry<M>,
     /// When it was handed out: a put-back delivery keeps its age for `consumer_timeout_ms`.
     delivered_ms: u64,
+    priority: u8,
 }
 
 impl<M> Taken<M> {
@@ -214,8 +233,8 @@ impl<M: Clone> Queue<M> {
         let consumers = Consumers::new(policy.single_active_consumer);
         Queue {
             index,
+            ready: Ready::new(policy.priority_max),
             policy,
-            ready: VecDeque::new(),
             ready_bytes: 0,
             delayed: BTreeMap::new(),
             due: BTreeSet::new(),
@@ -271,10 +290,28 @@ impl<M: Clone> Queue<M> {
         deliver_at_ms: Option<u64>,
         settled: &mut Vec<Settled<M>>,
     ) -> Result<Seq, QueueError> {
+        self.publish_prioritized(msg, bytes, 0, now_ms, expiration_ms, deliver_at_ms, settled)
+    }
+
+    /// As `publish`, for a message of `priority` (capped at the queue's `priority_max`). Under
+    /// `DropHead` a priority queue drops from the head of its lowest non-empty level: the
+    /// oldest of what matters least (the new message itself if it is lower than all of them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish_prioritized(
+        &mut self,
+        msg: M,
+        bytes: u32,
+        priority: u8,
+        now_ms: u64,
+        expiration_ms: Option<u64>,
+        deliver_at_ms: Option<u64>,
+        settled: &mut Vec<Settled<M>>,
+    ) -> Result<Seq, QueueError> {
+        let priority = priority.min(self.policy.priority_max);
         if let Some(at) = deliver_at_ms.filter(|at| *at > now_ms) {
             let entry = self.new_entry(msg, bytes, at, expiration_ms);
             let seq = entry.seq;
-            self.delay(at, entry);
+            self.delay(at, entry, priority);
             return Ok(seq);
         }
         if !self.fits(self.ready.len() as u64, self.ready_bytes, bytes) {
@@ -290,16 +327,17 @@ impl<M: Clone> Queue<M> {
                 };
                 return Err(QueueError::Full(which));
             }
-            self.make_room(bytes, settled);
+            self.make_room(bytes, priority, settled);
         }
         let entry = self.new_entry(msg, bytes, now_ms, expiration_ms);
         let seq = entry.seq;
-        self.admit(entry, settled);
+        self.admit(entry, priority, settled);
         Ok(seq)
     }
 
-    /// Puts back a message recovered from the journal. Messages must come in ascending sequence
-    /// order; `next_seq` moves past them.
+    /// Puts back a message of `priority` (capped at `priority_max`) recovered from the journal.
+    /// Messages must come in ascending sequence order; `next_seq` moves past them.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &mut self,
         seq: Seq,
@@ -308,20 +346,27 @@ impl<M: Clone> Queue<M> {
         enqueued_ms: u64,
         deadline_ms: u64,
         delivery_count: u32,
+        priority: u8,
     ) {
+        let priority = priority.min(self.policy.priority_max);
         assert!(
-            self.ready.back().is_none_or(|last| last.seq < seq),
+            self.ready
+                .back_at(priority)
+                .is_none_or(|last| last.seq < seq),
             "restore out of order at seq {seq}"
         );
         self.counted_in();
-        self.push_ready(Entry {
-            seq,
-            msg,
-            bytes,
-            delivery_count,
-            enqueued_ms,
-            deadline_ms,
-        });
+        self.push_ready(
+            Entry {
+                seq,
+                msg,
+                bytes,
+                delivery_count,
+                enqueued_ms,
+                deadline_ms,
+            },
+            priority,
+        );
         self.next_seq = self.next_seq.max(seq + 1);
     }
 
@@ -333,7 +378,9 @@ impl<M: Clone> Queue<M> {
         bytes: u32,
         deliver_at_ms: u64,
         delivery_count: u32,
+        priority: u8,
     ) {
+        let priority = priority.min(self.policy.priority_max);
         let deadline_ms = self
             .policy
             .message_ttl_ms
@@ -347,13 +394,13 @@ impl<M: Clone> Queue<M> {
             deadline_ms,
         };
         self.counted_in();
-        self.delay(deliver_at_ms, entry);
+        self.delay(deliver_at_ms, entry, priority);
         self.next_seq = self.next_seq.max(seq + 1);
     }
 
-    fn delay(&mut self, at: u64, entry: Entry<M>) {
+    fn delay(&mut self, at: u64, entry: Entry<M>, priority: u8) {
         self.due.insert((at, entry.seq));
-        self.delayed.insert(entry.seq, entry);
+        self.delayed.insert(entry.seq, Delayed { entry, priority });
     }
 
     /// Moves the delayed messages whose time has come to ready, in sequence order (under the
@@ -365,13 +412,13 @@ impl<M: Clone> Queue<M> {
                 break;
             }
             self.due.pop_first();
-            let entry = self
+            let Delayed { entry, priority } = self
                 .delayed
                 .remove(&seq)
                 .expect("due names a delayed message");
             if self.retry.leave_delayed(seq) {
                 // A retry was accepted already: back as a requeue, past the length limits.
-                if self.requeue(entry, settled) {
+                if self.requeue(entry, priority, settled) {
                     promoted += 1;
                 }
                 continue;
@@ -381,9 +428,9 @@ impl<M: Clone> Queue<M> {
                     settled.push(self.dead_letter_or_drop(entry, DeathReason::MaxLength));
                     continue;
                 }
-                self.make_room(entry.bytes, settled);
+                self.make_room(entry.bytes, priority, settled);
             }
-            if self.admit(entry, settled) {
+            if self.admit(entry, priority, settled) {
                 promoted += 1;
             }
         }
@@ -417,29 +464,53 @@ impl<M: Clone> Queue<M> {
     }
 
     /// `DropHead`: the oldest ready messages go (dead-lettered or dropped) until one of `bytes`
-    /// fits, or none is left.
-    fn make_room(&mut self, bytes: u32, settled: &mut Vec<Settled<M>>) {
-        while !self.ready.is_empty() && !self.fits(self.ready.len() as u64, self.ready_bytes, bytes)
-        {
-            let head = self.pop_ready().expect("not empty");
-            settled.push(self.dead_letter_or_drop(head, DeathReason::MaxLength));
+    /// fits, or none is left. In a priority queue they go from the lowest level at or below
+    /// `priority` (the one coming in); if every ready message is of a higher priority, the new
+    /// message is the one that goes (`admit` drops it), and the queue is trimmed from its lowest
+    /// level back to its limits (a requeue may have taken it past them), as a plain queue is.
+    fn make_room(&mut self, bytes: u32, priority: u8, settled: &mut Vec<Settled<M>>) {
+        while !self.fits(self.ready.len() as u64, self.ready_bytes, bytes) {
+            let Some(lowest) = self.ready.lowest() else {
+                return;
+            };
+            if lowest > priority {
+                while self.over_limits() {
+                    self.drop_lowest(settled);
+                }
+                return;
+            }
+            self.drop_lowest(settled);
         }
     }
 
-    /// Puts `entry` into ready in sequence order if it fits; otherwise (even an empty queue
-    /// cannot hold it: max_length 0, or one message over the bytes) it is settled at once.
-    fn admit(&mut self, entry: Entry<M>, settled: &mut Vec<Settled<M>>) -> bool {
+    fn over_limits(&self) -> bool {
+        self.policy
+            .max_length
+            .is_some_and(|max| self.ready.len() as u64 > max)
+            || self
+                .policy
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes > max)
+    }
+
+    /// The oldest message of the lowest level goes (all of ready, in a plain queue).
+    fn drop_lowest(&mut self, settled: &mut Vec<Settled<M>>) {
+        let lowest = self.ready.lowest().expect("not empty");
+        let head = self.ready.pop_front_at(lowest).expect("not empty");
+        self.ready_bytes -= u64::from(head.bytes);
+        settled.push(self.dead_letter_or_drop(head, DeathReason::MaxLength));
+    }
+
+    /// Puts `entry` into ready in sequence order (within its level) if it fits; otherwise (even
+    /// an empty queue cannot hold it: max_length 0, or one message over the bytes; or every
+    /// ready message outranks it) it is settled at once.
+    fn admit(&mut self, entry: Entry<M>, priority: u8, settled: &mut Vec<Settled<M>>) -> bool {
         if !self.fits(self.ready.len() as u64, self.ready_bytes, entry.bytes) {
             settled.push(self.dead_letter_or_drop(entry, DeathReason::MaxLength));
             return false;
         }
         self.ready_bytes += u64::from(entry.bytes);
-        if self.ready.back().is_none_or(|last| last.seq < entry.seq) {
-            self.ready.push_back(entry);
-        } else {
-            let at = self.ready.partition_point(|e| e.seq < entry.seq);
-            self.ready.insert(at, entry);
-        }
+        self.ready.insert(entry, priority);
         true
     }
 
@@ -456,31 +527,29 @@ impl<M: Clone> Queue<M> {
         self.ready
             .iter()
             .map(|e| &e.msg)
-            .chain(self.delayed.values().map(|e| &e.msg))
+            .chain(self.delayed.values().map(|d| &d.entry.msg))
             .chain(self.outstanding.values().map(|o| &o.entry.msg))
     }
 
     /// The waiting (ready or delayed) message `seq`, to change how it is held (see
     /// `QueueHost::cool`).
     pub fn ready_mut(&mut self, seq: Seq) -> Option<&mut M> {
-        let at = self.ready.partition_point(|e| e.seq < seq);
-        if self.ready.get(at).is_some_and(|e| e.seq == seq) {
-            return self.ready.get_mut(at).map(|e| &mut e.msg);
+        if let Some(e) = self.ready.get_mut(seq) {
+            return Some(&mut e.msg);
         }
-        self.delayed.get_mut(&seq).map(|e| &mut e.msg)
+        self.delayed.get_mut(&seq).map(|d| &mut d.entry.msg)
     }
 
     /// Takes back the newest message if it is `seq` and still waiting (its publish could not be
     /// made durable). Returns whether it did.
     pub fn retract_newest(&mut self, seq: Seq) -> bool {
-        if self.ready.back().is_some_and(|e| e.seq == seq) {
-            let e = self.ready.pop_back().expect("checked");
+        if let Some(e) = self.ready.pop_back_if(seq) {
             self.ready_bytes -= u64::from(e.bytes);
             self.counted_out(1);
             return true;
         }
         if seq + 1 == self.next_seq {
-            if let Some(e) = self.delayed.remove(&seq) {
+            if let Some(Delayed { entry: e, .. }) = self.delayed.remove(&seq) {
                 let was_due = self.due.remove(&(e.enqueued_ms, seq));
                 debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
                 self.counted_out(1);
@@ -561,7 +630,7 @@ impl<M: Clone> Queue<M> {
         let mut requeued = 0;
         for seq in seqs {
             let o = self.outstanding.remove(&seq).expect("listed above");
-            if self.requeue(o.entry, settled) {
+            if self.requeue(o.entry, o.priority, settled) {
                 requeued += 1;
             }
         }
@@ -642,7 +711,7 @@ impl<M: Clone> Queue<M> {
         now_ms: u64,
         settled: &mut Vec<Settled<M>>,
     ) -> Option<QueueDelivery<M>> {
-        let mut entry = self.pop_ready()?;
+        let (mut entry, priority) = self.pop_ready()?;
         entry.delivery_count += 1;
         let delivery = QueueDelivery {
             holder,
@@ -658,6 +727,7 @@ impl<M: Clone> Queue<M> {
                 entry,
                 holder,
                 delivered_ms: now_ms,
+                priority,
             };
             self.outstanding.insert(o.entry.seq, o);
         }
@@ -681,7 +751,7 @@ impl<M: Clone> Queue<M> {
     ) -> Result<(), QueueError> {
         let o = self.take_outstanding(holder, seq)?;
         if requeue {
-            self.requeue(o.entry, settled);
+            self.requeue(o.entry, o.priority, settled);
         } else {
             settled.push(self.dead_letter_or_drop(o.entry, DeathReason::Rejected));
         }
@@ -701,7 +771,7 @@ impl<M: Clone> Queue<M> {
     pub fn purge_some(&mut self, max: usize, settled: &mut Vec<Settled<M>>) -> usize {
         let mut n = 0;
         while n < max {
-            let Some((seq, e)) = self.delayed.pop_first() else {
+            let Some((seq, Delayed { entry: e, .. })) = self.delayed.pop_first() else {
                 break;
             };
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
@@ -711,7 +781,9 @@ impl<M: Clone> Queue<M> {
             n += 1;
         }
         while n < max {
-            let Some(e) = self.pop_ready() else { break };
+            let Some(e) = self.pop_held_or_not() else {
+                break;
+            };
             settled.push(self.leave(e, SettleReason::Purged, DeathReason::Rejected));
             n += 1;
         }
@@ -768,7 +840,7 @@ impl<M: Clone> Queue<M> {
         let mut requeued = 0;
         for seq in seqs {
             let o = self.outstanding.remove(&seq).expect("listed above");
-            if self.requeue(o.entry, settled) {
+            if self.requeue(o.entry, o.priority, settled) {
                 requeued += 1;
             }
         }
@@ -799,9 +871,10 @@ impl<M: Clone> Queue<M> {
         Ok(o)
     }
 
-    /// Back to ready in sequence order, so redeliveries keep publish order among themselves;
-    /// past `max_deliveries` it is dead-lettered or dropped instead. True if it went to ready.
-    fn requeue(&mut self, entry: Entry<M>, settled: &mut Vec<Settled<M>>) -> bool {
+    /// Back to ready in sequence order (within its level), so redeliveries keep publish order
+    /// among themselves; past `max_deliveries` it is dead-lettered or dropped instead. True if it
+    /// went to ready.
+    fn requeue(&mut self, entry: Entry<M>, priority: u8, settled: &mut Vec<Settled<M>>) -> bool {
         if self
             .policy
             .max_deliveries
@@ -810,25 +883,28 @@ impl<M: Clone> Queue<M> {
             settled.push(self.dead_letter_or_drop(entry, DeathReason::DeliveryLimit));
             return false;
         }
-        let at = self.ready.partition_point(|e| e.seq < entry.seq);
         self.ready_bytes += u64::from(entry.bytes);
-        self.ready.insert(at, entry);
+        self.ready.insert(entry, priority);
         true
     }
 
     /// Moves delayed messages whose time has come to ready, then settles the messages at the
     /// head whose time is up (expired, or dead-lettered if the queue has a dead-letter
-    /// exchange); ones behind a live head wait until they reach it. Returns how many became
-    /// ready.
+    /// exchange); ones behind a live head wait until they reach it. In a priority queue every
+    /// level's head is a head: each level is swept (the tick's work, not dispatch's). Returns
+    /// how many became ready.
     pub fn expire(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) -> usize {
         let promoted = self.promote(now_ms, settled);
-        self.expire_head(now_ms, settled);
+        for p in self.ready.levels() {
+            self.expire_level(p, now_ms, settled);
+        }
         promoted
     }
 
+    /// Expires what it meets at the head: the front of the level handed out next.
     fn expire_head(&mut self, now_ms: u64, settled: &mut Vec<Settled<M>>) {
         while self.ready.front().is_some_and(|e| e.deadline_ms <= now_ms) && !self.head_held() {
-            let e = self.pop_ready().expect("not empty");
+            let (e, _) = self.pop_ready().expect("not empty");
             let reason = if self.policy.dead_letter {
                 SettleReason::DeadLettered
             } else {
@@ -836,6 +912,28 @@ impl<M: Clone> Queue<M> {
             };
             settled.push(self.leave(e, reason, DeathReason::Expired));
         }
+    }
+
+    /// Settles the expired messages at the front of level `p`, up to the first live or held
+    /// one. Returns how many.
+    fn expire_level(&mut self, p: u8, now_ms: u64, settled: &mut Vec<Settled<M>>) -> usize {
+        let mut n = 0;
+        while self
+            .ready
+            .front_at(p)
+            .is_some_and(|e| e.deadline_ms <= now_ms && self.hold.is_none_or(|h| e.seq < h))
+        {
+            let e = self.ready.pop_front_at(p).expect("not empty");
+            self.ready_bytes -= u64::from(e.bytes);
+            let reason = if self.policy.dead_letter {
+                SettleReason::DeadLettered
+            } else {
+                SettleReason::Expired
+            };
+            settled.push(self.leave(e, reason, DeathReason::Expired));
+            n += 1;
+        }
+        n
     }
 
     fn dead_letter_or_drop(&mut self, e: Entry<M>, why: DeathReason) -> Settled<M> {
@@ -870,6 +968,7 @@ impl<M: Clone> Queue<M> {
     /// any it ever let go, so a requeued message is never behind the hold.
     pub fn set_hold(&mut self, from: Option<Seq>) {
         self.hold = from;
+        self.ready.set_hold(from);
     }
 
     fn head_held(&self) -> bool {
@@ -880,14 +979,12 @@ impl<M: Clone> Queue<M> {
     /// Takes back the waiting (ready or delayed) message `seq`, wherever it is: its record's
     /// commit failed, so it was never accepted. Returns whether it was there.
     pub fn remove_waiting(&mut self, seq: Seq) -> bool {
-        let at = self.ready.partition_point(|e| e.seq < seq);
-        if self.ready.get(at).is_some_and(|e| e.seq == seq) {
-            let e = self.ready.remove(at).expect("checked");
+        if let Some(e) = self.ready.remove(seq) {
             self.ready_bytes -= u64::from(e.bytes);
             self.counted_out(1);
             return true;
         }
-        if let Some(e) = self.delayed.remove(&seq) {
+        if let Some(Delayed { entry: e, .. }) = self.delayed.remove(&seq) {
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
             debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
             self.counted_out(1);
@@ -923,6 +1020,7 @@ impl<M: Clone> Queue<M> {
             holder,
             entry: o.entry,
             delivered_ms: o.delivered_ms,
+            priority: o.priority,
         })
     }
 
@@ -945,7 +1043,7 @@ impl<M: Clone> Queue<M> {
     pub fn put_back(&mut self, t: Taken<M>, released: bool, settled: &mut Vec<Settled<M>>) {
         self.counted_in();
         if released {
-            self.requeue(t.entry, settled);
+            self.requeue(t.entry, t.priority, settled);
             return;
         }
         self.consumers.charge(t.holder);
@@ -954,24 +1052,29 @@ impl<M: Clone> Queue<M> {
             entry: t.entry,
             holder: t.holder,
             delivered_ms: t.delivered_ms,
+            priority: t.priority,
         };
         self.outstanding.insert(seq, o);
     }
 
-    fn push_ready(&mut self, entry: Entry<M>) {
+    fn push_ready(&mut self, entry: Entry<M>, priority: u8) {
         self.ready_bytes += u64::from(entry.bytes);
-        self.ready.push_back(entry);
+        self.ready.push_back(entry, priority);
     }
 
-    fn pop_ready(&mut self) -> Option<Entry<M>> {
-        let e = self.ready.pop_front()?;
+    /// The front of the highest level, held or not (a purge takes held messages too).
+    fn pop_held_or_not(&mut self) -> Option<Entry<M>> {
+        let p = self.ready.levels().next()?;
+        let e = self.ready.pop_front_at(p).expect("a non-empty level");
         self.ready_bytes -= u64::from(e.bytes);
-        let capacity = self.ready.capacity();
-        if capacity > READY_KEPT_CAPACITY && self.ready.len() < capacity / 4 {
-            // A drained backlog gives its index memory back instead of keeping its peak.
-            self.ready.shrink_to(capacity / 2);
-        }
         Some(e)
+    }
+
+    /// The next message to hand out, with its level (a drained list gives its memory back).
+    fn pop_ready(&mut self) -> Option<(Entry<M>, u8)> {
+        let (e, p) = self.ready.pop_front()?;
+        self.ready_bytes -= u64::from(e.bytes);
+        Some((e, p))
     }
 }
 

@@ -182,13 +182,13 @@ impl<M: Clone> Queue<M> {
         let o = self.take_outstanding(holder, seq)?;
         match decision {
             RetryDecision::Requeue => {
-                self.requeue(o.entry, settled);
+                self.requeue(o.entry, o.priority, settled);
             }
             RetryDecision::Delay { due_ms, failures } => {
                 if failures > 0 {
                     self.retry.failures.insert(seq, failures);
                 }
-                self.delay_retry(due_ms, o.entry);
+                self.delay_retry(due_ms, o.entry, o.priority);
             }
             RetryDecision::Exhausted => {
                 // Through the dead-letter path, its history saying why.
@@ -199,18 +199,19 @@ impl<M: Clone> Queue<M> {
     }
 
     /// Puts a message into the delayed set as a retry due at `due_ms`.
-    fn delay_retry(&mut self, due_ms: u64, mut entry: super::Entry<M>) {
+    fn delay_retry(&mut self, due_ms: u64, mut entry: super::Entry<M>, priority: u8) {
         // A delayed entry's `enqueued_ms` is its due time (`due` is keyed by it), as for a
         // delayed publish: once ready again it counts from then.
         entry.enqueued_ms = due_ms;
         self.retry.waiting.insert(entry.seq);
-        self.delay(due_ms, entry);
+        self.delay(due_ms, entry, priority);
     }
 
     /// Puts back a message recovered from the journal with its retry state: still waiting out
     /// its delay if `due_ms` is to come (deliveries as recorded), else ready with `deadline_ms`
     /// (one delivery more counted: it may have been delivered after its retry, before the
     /// restart). Its failures count on. In ascending sequence order with `restore`.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore_retry(
         &mut self,
         seq: Seq,
@@ -219,12 +220,20 @@ impl<M: Clone> Queue<M> {
         retry: RetryEntry,
         deadline_ms: u64,
         now_ms: u64,
+        priority: u8,
     ) {
         if retry.failures > 0 && !self.policy.retry_delays_ms.is_empty() {
             self.retry.failures.insert(seq, retry.failures);
         }
         if retry.due_ms > now_ms {
-            self.restore_delayed(seq, msg, bytes, retry.due_ms, retry.delivery_count);
+            self.restore_delayed(
+                seq,
+                msg,
+                bytes,
+                retry.due_ms,
+                retry.delivery_count,
+                priority,
+            );
             self.retry.waiting.insert(seq);
             return;
         }
@@ -235,6 +244,7 @@ impl<M: Clone> Queue<M> {
             now_ms,
             deadline_ms,
             retry.delivery_count.saturating_add(1),
+            priority,
         );
     }
 

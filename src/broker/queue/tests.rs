@@ -514,3 +514,371 @@ fn a_holder_is_overdue_once_a_delivery_is_older_than_the_timeout() {
     assert_eq!(q.release(1, &mut settled), 1);
     assert_eq!(q.overdue(2_000, 500), vec![(2, 2)]);
 }
+
+// Priority queues: the ready list against a model of its order (its own ops: priorities and
+// holds, no retries or consumer priorities, whose own test is the one above).
+
+#[derive(Debug, Clone)]
+enum PrioOp {
+    /// Published with this priority.
+    Publish(u8),
+    /// Published to be delivered this many ms from now, with this priority.
+    PublishDelayed(u8, u8),
+    /// The clock moves on by this many ms, and the expiry tick runs.
+    Tick(u8),
+    AddConsumer(u8, u8),
+    Release(u8),
+    Dispatch(u8),
+    Ack(u8),
+    Nack(u8, bool),
+    Get(bool),
+    Purge,
+    /// Every message published from now on is held (its commit not durable yet), or (false)
+    /// the hold is lifted.
+    Hold(bool),
+}
+
+fn prio_op() -> impl Strategy<Value = PrioOp> {
+    prop_oneof![
+        4 => (0u8..6).prop_map(PrioOp::Publish),
+        1 => (1u8..50, 0u8..6).prop_map(|(d, p)| PrioOp::PublishDelayed(d, p)),
+        1 => any::<u8>().prop_map(PrioOp::Tick),
+        1 => (0u8..4, 1u8..4).prop_map(|(c, p)| PrioOp::AddConsumer(c, p)),
+        1 => (0u8..5).prop_map(PrioOp::Release),
+        3 => (1u8..8).prop_map(PrioOp::Dispatch),
+        3 => any::<u8>().prop_map(PrioOp::Ack),
+        2 => (any::<u8>(), any::<bool>()).prop_map(|(i, r)| PrioOp::Nack(i, r)),
+        1 => any::<bool>().prop_map(PrioOp::Get),
+        1 => Just(PrioOp::Purge),
+        1 => any::<bool>().prop_map(PrioOp::Hold),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Against a model: each accepted message is in exactly one of ready, delayed,
+    /// outstanding and settled; nothing is settled twice; consumers never exceed their
+    /// prefetch; first deliveries come in publish order (while nothing was delayed: a
+    /// delayed message is first delivered after later ones, by design; and in a plain
+    /// queue). And the ready list is, after every event, the model's: by level (the
+    /// message's priority capped at `priority_max`, highest first), then sequence number;
+    /// `DropHead` takes the oldest of the lowest level at or below the newcomer's.
+    #[test]
+    fn a_priority_queue_hands_out_what_its_model_does(ops in proptest::collection::vec(prio_op(), 1..200), max_deliveries in 1u32..4, max_length in 2u64..12, priority_max in prop_oneof![Just(0u8), 1u8..4]) {
+        let policy = QueuePolicy { max_length: Some(max_length), max_deliveries: Some(max_deliveries), priority_max, ..Default::default() };
+        let index = IndexCount::default();
+        let mut q: Queue<u64> = Queue::counted(policy, 0, index.clone());
+        let mut published = BTreeSet::new();
+        let mut settled_seqs = BTreeSet::new();
+        let mut outstanding: BTreeMap<Seq, HolderId> = BTreeMap::new();
+        let mut prefetch: BTreeMap<HolderId, u32> = BTreeMap::new();
+        let mut last_first_delivery = None;
+        let mut settled = Vec::new();
+        let mut out = Vec::new();
+        let mut now = 0u64;
+        let mut any_delayed = false;
+        let mut model = ReadyModel { max_length, ..ReadyModel::default() };
+        let mut expected: BTreeSet<Seq> = BTreeSet::new();
+        let mut deliveries: BTreeMap<Seq, u32> = BTreeMap::new();
+        let mut hold: Option<Seq> = None;
+        for op in ops {
+            let op_kind = op.clone();
+            settled.clear();
+            out.clear();
+            expected.clear();
+            match op_kind {
+                PrioOp::Publish(p) => {
+                    let seq = q.publish_prioritized(q.next_seq(), 1, p, now, None, None, &mut settled).unwrap();
+                    prop_assert!(published.insert(seq));
+                    model.level.insert(seq, p.min(priority_max));
+                    model.admit(seq, &mut expected);
+                }
+                PrioOp::PublishDelayed(d, p) => {
+                    any_delayed = true;
+                    let at = now + u64::from(d);
+                    let seq = q.publish_prioritized(q.next_seq(), 1, p, now, None, Some(at), &mut settled).unwrap();
+                    prop_assert!(published.insert(seq));
+                    model.level.insert(seq, p.min(priority_max));
+                    model.due.insert((at, seq));
+                }
+                PrioOp::Tick(d) => {
+                    now += u64::from(d);
+                    model.promote(now, &mut expected);
+                    q.expire(now, &mut settled);
+                }
+                PrioOp::AddConsumer(c, p) => {
+                    let r = q.add_consumer(u64::from(c), u32::from(p), false);
+                    prop_assert_eq!(r.is_ok(), !prefetch.contains_key(&u64::from(c)));
+                    prefetch.entry(u64::from(c)).or_insert(u32::from(p));
+                }
+                PrioOp::Release(c) => {
+                    q.release(u64::from(c), &mut settled);
+                    prefetch.remove(&u64::from(c));
+                    for (seq, _) in outstanding.iter().filter(|(_, o)| **o == u64::from(c)) {
+                        model.requeue(*seq, deliveries[seq] < max_deliveries, &mut expected);
+                    }
+                    outstanding.retain(|_, o| *o != u64::from(c));
+                }
+                PrioOp::Dispatch(n) => {
+                    model.promote(now, &mut expected);
+                    q.dispatch(now, usize::from(n), &mut out, &mut settled);
+                }
+                PrioOp::Ack(i) | PrioOp::Nack(i, _) if outstanding.is_empty() => {
+                    prop_assert!(q.ack(0, u64::from(i) + 10_000).is_err());
+                }
+                PrioOp::Ack(i) => {
+                    let (&seq, &holder) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    let s = q.ack(holder, seq).unwrap();
+                    settled.push(s);
+                    expected.insert(seq);
+                    outstanding.remove(&seq);
+                }
+                PrioOp::Nack(i, requeue) => {
+                    let (&seq, &holder) = outstanding.iter().nth(usize::from(i) % outstanding.len()).unwrap();
+                    q.nack(holder, seq, requeue, &mut settled).unwrap();
+                    model.requeue(seq, requeue && deliveries[&seq] < max_deliveries, &mut expected);
+                    outstanding.remove(&seq);
+                }
+                PrioOp::Get(auto_ack) => {
+                    model.promote(now, &mut expected);
+                    if let Some(d) = q.get(1_000, auto_ack, now, &mut settled) {
+                        out.push(d);
+                    }
+                }
+                // In steps, as the host purges a deep queue.
+                PrioOp::Purge => {
+                    expected.extend(model.due.iter().map(|(_, s)| *s));
+                    expected.extend(model.ready.iter().map(|(_, s)| *s));
+                    model.due.clear();
+                    model.ready.clear();
+                    while q.purge_some(3, &mut settled) == 3 {}
+                }
+                PrioOp::Hold(on) => {
+                    hold = on.then(|| hold.unwrap_or(q.next_seq()));
+                    q.set_hold(hold);
+                }
+            }
+            for d in &out {
+                // The first in order that is not held: a held level is passed over (in a plain
+                // queue nothing behind a held head is older, so that is "stop at the head").
+                let head = model.ready.iter().find(|(_, s)| hold.is_none_or(|h| *s < h)).copied();
+                prop_assert_eq!(head.map(|(_, s)| s), Some(d.seq), "handed out out of the model's order");
+                model.ready.remove(&head.unwrap());
+                deliveries.insert(d.seq, d.delivery_count);
+                if d.auto_ack {
+                    expected.insert(d.seq);
+                }
+                if !d.auto_ack {
+                    prop_assert!(outstanding.insert(d.seq, d.holder).is_none(), "delivered twice at once");
+                }
+                if d.delivery_count == 1 && !any_delayed && priority_max == 0 {
+                    prop_assert!(last_first_delivery < Some(d.seq), "first deliveries out of order");
+                    last_first_delivery = Some(d.seq);
+                }
+            }
+            prop_assert_eq!(&settled.iter().map(|s| s.seq).collect::<BTreeSet<_>>(), &expected, "settled, against the model");
+            prop_assert_eq!(q.ready.in_order(), model.ready.iter().map(|(l, s)| (l.0, *s)).collect::<Vec<_>>(), "the ready list, against the model");
+            for s in &settled {
+                prop_assert!(published.contains(&s.seq));
+                prop_assert!(settled_seqs.insert(s.seq), "settled twice: {}", s.seq);
+                prop_assert!(!outstanding.contains_key(&s.seq));
+            }
+            for (holder, limit) in &prefetch {
+                let held = outstanding.values().filter(|o| *o == holder).count() as u32;
+                prop_assert!(held <= *limit, "consumer {} holds {} over prefetch {}", holder, held, limit);
+            }
+            let stats = q.stats();
+            prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
+            prop_assert_eq!(stats.ready + stats.delayed + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
+            prop_assert_eq!(index.get(), stats.ready + stats.delayed + stats.outstanding, "the shard's index count");
+            if matches!(op, PrioOp::Publish(_)) {
+                prop_assert!(stats.ready <= max_length, "a publish left {} ready over max_length {}", stats.ready, max_length);
+            }
+        }
+        drop(q);
+        prop_assert_eq!(index.get(), 0, "a dropped queue leaves the index count");
+    }
+}
+
+/// The ready list as the property test expects it: (level, seq) in hand-out order, highest level
+/// first (`Reverse`), then sequence number.
+#[derive(Default)]
+struct ReadyModel {
+    ready: BTreeSet<(std::cmp::Reverse<u8>, Seq)>,
+    /// Delayed messages, by (delivery time, seq): the order `promote` takes them in.
+    due: BTreeSet<(u64, Seq)>,
+    level: BTreeMap<Seq, u8>,
+    max_length: u64,
+}
+
+impl ReadyModel {
+    /// A message joins ready under `DropHead`: while the queue is full, the oldest message of
+    /// the lowest level goes if that level is not above the newcomer's; otherwise the newcomer
+    /// goes, and the queue is trimmed from its lowest level back to `max_length`. What goes is
+    /// added to `settled`.
+    fn admit(&mut self, seq: Seq, settled: &mut BTreeSet<Seq>) {
+        let level = self.level[&seq];
+        while self.ready.len() as u64 >= self.max_length {
+            let lowest = self.ready.last().expect("full").0 .0;
+            if lowest > level {
+                settled.insert(seq);
+                while self.ready.len() as u64 > self.max_length {
+                    let lowest = self.ready.last().expect("over").0 .0;
+                    let oldest = *self
+                        .ready
+                        .range((std::cmp::Reverse(lowest), 0)..)
+                        .next()
+                        .expect("not empty");
+                    self.ready.remove(&oldest);
+                    settled.insert(oldest.1);
+                }
+                return;
+            }
+            let oldest = *self
+                .ready
+                .range((std::cmp::Reverse(lowest), 0)..)
+                .next()
+                .expect("the level is not empty");
+            self.ready.remove(&oldest);
+            settled.insert(oldest.1);
+        }
+        self.ready.insert((std::cmp::Reverse(level), seq));
+    }
+
+    fn promote(&mut self, now: u64, settled: &mut BTreeSet<Seq>) {
+        while let Some(&(at, seq)) = self.due.first() {
+            if at > now {
+                return;
+            }
+            self.due.pop_first();
+            self.admit(seq, settled);
+        }
+    }
+
+    /// An outstanding message comes back (past `max_length` too), or is settled.
+    fn requeue(&mut self, seq: Seq, back: bool, settled: &mut BTreeSet<Seq>) {
+        if back {
+            self.ready
+                .insert((std::cmp::Reverse(self.level[&seq]), seq));
+        } else {
+            settled.insert(seq);
+        }
+    }
+}
+
+fn prioritized(priority_max: u8) -> Queue<u64> {
+    Queue::new(
+        QueuePolicy {
+            priority_max,
+            ..Default::default()
+        },
+        0,
+    )
+}
+
+#[test]
+fn a_priority_queue_hands_out_higher_priorities_first_and_fifo_within_one() {
+    let mut q = prioritized(5);
+    let mut settled = Vec::new();
+    // (message, priority): 9 is capped at 5, so it ranks with the 5s, after them.
+    for (m, p) in [(0, 0), (1, 5), (2, 1), (3, 9), (4, 1), (5, 0)] {
+        q.publish_prioritized(m, 1, p, 0, None, None, &mut settled)
+            .unwrap();
+    }
+    q.add_consumer(1, 100, false).unwrap();
+    let mut out = Vec::new();
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    assert_eq!(
+        out.iter().map(|d| d.msg).collect::<Vec<_>>(),
+        [1, 3, 2, 4, 0, 5]
+    );
+    // Nacked with requeue, 4 and 2 go back to the front of their level, in sequence order,
+    // ahead of a newer message of the same priority and behind a higher one.
+    q.nack(1, 4, true, &mut settled).unwrap();
+    q.nack(1, 2, true, &mut settled).unwrap();
+    q.publish_prioritized(6, 1, 1, 0, None, None, &mut settled)
+        .unwrap();
+    q.publish_prioritized(7, 1, 2, 0, None, None, &mut settled)
+        .unwrap();
+    let got: Vec<_> = std::iter::from_fn(|| q.get(2, true, 0, &mut settled))
+        .map(|d| (d.msg, d.delivery_count))
+        .collect();
+    assert_eq!(got, [(7, 1), (2, 2), (4, 2), (6, 1)]);
+    assert!(settled.iter().all(|s| s.reason == SettleReason::Acked));
+}
+
+#[test]
+fn drop_head_in_a_priority_queue_drops_the_oldest_of_the_lowest_priority() {
+    let mut q = Queue::new(
+        QueuePolicy {
+            priority_max: 3,
+            max_length: Some(3),
+            ..Default::default()
+        },
+        0,
+    );
+    let mut settled = Vec::new();
+    for (m, p) in [(0, 2), (1, 1), (2, 1)] {
+        q.publish_prioritized(m, 1, p, 0, None, None, &mut settled)
+            .unwrap();
+    }
+    // Full: a 3 pushes out the oldest 1; a 0, lower than everything held, is itself dropped.
+    q.publish_prioritized(3, 1, 3, 0, None, None, &mut settled)
+        .unwrap();
+    q.publish_prioritized(4, 1, 0, 0, None, None, &mut settled)
+        .unwrap();
+    let dropped: Vec<_> = settled.iter().map(|s| (s.seq, s.reason)).collect();
+    assert_eq!(
+        dropped,
+        [(1, SettleReason::Dropped), (4, SettleReason::Dropped)]
+    );
+    assert_eq!(q.ready.in_order(), [(3, 3), (2, 0), (1, 2)]);
+}
+
+#[test]
+fn expiry_sweeps_every_level_and_holds_stop_a_priority_queue_at_its_head() {
+    let mut q = Queue::new(
+        QueuePolicy {
+            priority_max: 2,
+            message_ttl_ms: Some(100),
+            ..Default::default()
+        },
+        0,
+    );
+    let mut settled = Vec::new();
+    q.publish_prioritized(0, 1, 0, 1_000, None, None, &mut settled)
+        .unwrap(); // expires at 1_100
+    q.publish_prioritized(1, 1, 2, 1_050, None, None, &mut settled)
+        .unwrap(); // 1_150: a live head of a higher level does not shield level 0
+    q.expire(1_120, &mut settled);
+    assert_eq!(
+        settled
+            .iter()
+            .map(|s| (s.seq, s.reason))
+            .collect::<Vec<_>>(),
+        [(0, SettleReason::Expired)]
+    );
+    assert_eq!(q.stats().ready, 1);
+
+    // Held from seq 3 on (not durable yet): a held high-priority message has not arrived, so
+    // the older low-priority one goes meanwhile; a newer one behind the hold waits too.
+    q.publish_prioritized(2, 1, 0, 1_120, None, None, &mut settled)
+        .unwrap();
+    q.publish_prioritized(3, 1, 2, 1_120, None, None, &mut settled)
+        .unwrap();
+    q.publish_prioritized(4, 1, 0, 1_120, None, None, &mut settled)
+        .unwrap();
+    q.get(9, true, 1_120, &mut settled).unwrap(); // seq 1, before the hold
+    q.set_hold(Some(3));
+    assert_eq!(q.get(9, true, 1_120, &mut settled).map(|d| d.seq), Some(2));
+    assert!(
+        q.get(9, true, 1_120, &mut settled).is_none(),
+        "3 and 4 held"
+    );
+    q.set_hold(None);
+    let order: Vec<_> = std::iter::from_fn(|| q.get(9, true, 1_120, &mut settled))
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(order, [3, 4]);
+}

@@ -95,6 +95,7 @@ impl Session {
                 expiration_ms: entry.expiration_ms,
                 deliver_at_ms,
                 producer_id,
+                priority: entry.priority,
             };
             if exchange.is_empty() {
                 // The default exchange: the key names the queue.
