@@ -200,6 +200,7 @@ impl Delivery {
     /// # async fn f(c: weir_client::Client) -> Result<(), weir_client::ClientError> {
     /// let mut dead = c.consume("orders.dead", Default::default()).await?;
     /// while let Some(d) = dead.recv().await {
+    ///     let d = d?;
     ///     if let Some(last) = d.deaths().first() {
     ///         println!("{} from {} ({} times)", last.reason_name(), last.queue, last.count);
     ///     }
