@@ -5,32 +5,8 @@
 
 mod common;
 
-use common::{queue_on, within, Broker};
-use weir_client::{Client, ConsumeOptions, Consumer, Delivery, Message, QueueOptions};
-
-async fn take(consumer: &mut Consumer, n: usize) -> Vec<Delivery> {
-    let mut got = Vec::new();
-    within("deliveries", async {
-        while got.len() < n {
-            got.push(consumer.recv().await.expect("open").expect("a delivery"));
-        }
-    })
-    .await;
-    got
-}
-
-fn bodies(ds: &[Delivery]) -> Vec<String> {
-    ds.iter()
-        .map(|d| String::from_utf8_lossy(d.body()).into_owned())
-        .collect()
-}
-
-async fn publish(client: &Client, queue: &str, range: std::ops::Range<usize>) {
-    for i in range {
-        let m = Message::new(format!("m{i}"));
-        client.publish(queue, m).await.unwrap().await.unwrap();
-    }
-}
+use common::{bodies_of, publish_numbered, queue_on, take, Broker};
+use weir_client::{ConsumeOptions, QueueOptions};
 
 #[tokio::test]
 async fn consumer_priority_serves_the_low_one_only_once_the_high_one_is_full() {
@@ -58,15 +34,15 @@ async fn consumer_priority_serves_the_low_one_only_once_the_high_one_is_full() {
     let mut high = hi.consume(&queue, high).await.unwrap();
 
     // One at a time: each is dispatched on its own, so round robin would alternate.
-    publish(&admin, &queue, 0..5).await;
+    publish_numbered(&admin, &queue, 0..5).await;
     let held = take(&mut high, 3).await;
-    assert_eq!(bodies(&held), ["m0", "m1", "m2"]);
-    assert_eq!(bodies(&take(&mut low, 2).await), ["m3", "m4"]);
+    assert_eq!(bodies_of(&held), ["m0", "m1", "m2"]);
+    assert_eq!(bodies_of(&take(&mut low, 2).await), ["m3", "m4"]);
 
     // Room again in the high one's window: it is served first, though the low one has room.
     held[0].ack().await.unwrap();
-    publish(&admin, &queue, 5..6).await;
-    assert_eq!(bodies(&take(&mut high, 1).await), ["m5"]);
+    publish_numbered(&admin, &queue, 5..6).await;
+    assert_eq!(bodies_of(&take(&mut high, 1).await), ["m5"]);
     let info = admin.queue_info(&queue).await.unwrap();
     assert_eq!((info.messages_ready, info.messages_unacked), (0, 5));
 }

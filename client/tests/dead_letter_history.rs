@@ -22,20 +22,53 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Declares durable `name` dead-lettering through the default exchange to `to`.
-async fn declare(c: &Client, name: &str, to: &str, ttl_ms: Option<u32>) {
+/// Declares durable `name` dead-lettering through the default exchange to `to`, with `more`.
+async fn declare(c: &Client, name: &str, to: &str, more: QueueArguments) {
     let options = QueueOptions {
         arguments: QueueArguments {
             dead_letter_exchange: Some(String::new()),
             dead_letter_routing_key: Some(to.to_string()),
-            message_ttl_ms: ttl_ms,
-            ..QueueArguments::default()
+            ..more
         },
         ..QueueOptions::default()
     };
     within("declare", c.declare(name, options))
         .await
         .expect("declare");
+}
+
+fn ttl(ms: u32) -> QueueArguments {
+    QueueArguments {
+        message_ttl_ms: Some(ms),
+        ..QueueArguments::default()
+    }
+}
+
+/// A broker on two shards; "work" on shard 0 dead-letters (with `more` arguments) into "dlq" on
+/// shard 1. Returns the broker, a client, and the two queues' names.
+async fn work_into_dlq(name: &str, more: QueueArguments) -> (Broker, Client, String, String) {
+    let broker = Broker::start(name, &["--cpus", "0,1"]);
+    let c = broker.client().await;
+    let work = queue_on(0, SHARDS, "work");
+    let dlq = queue_on(1, SHARDS, "dlq");
+    within("declare", c.declare(&dlq, QueueOptions::default()))
+        .await
+        .expect("declare");
+    declare(&c, &work, &dlq, more).await;
+    (broker, c, work, dlq)
+}
+
+/// Publishes `bodies` to `queue` in batches, each confirmed.
+async fn publish_all(c: &Client, queue: &str, bodies: &[String]) {
+    for chunk in bodies.chunks(100) {
+        let messages = chunk.iter().map(|b| Message::new(b.clone()));
+        for f in within("publish", c.publish_batch(queue, messages))
+            .await
+            .expect("queued")
+        {
+            within("confirm", f).await.expect("confirmed");
+        }
+    }
 }
 
 async fn publish(c: &Client, queue: &str, body: &str) {
@@ -81,8 +114,8 @@ async fn a_rejected_message_carries_its_history_across_shards_and_a_restart() {
     // work (shard 0) rejects into retry (shard 1), whose consumer rejects back into work.
     let work = queue_on(0, SHARDS, "work");
     let retry = queue_on(1, SHARDS, "retry");
-    declare(&c, &work, &retry, None).await;
-    declare(&c, &retry, &work, None).await;
+    declare(&c, &work, &retry, QueueArguments::default()).await;
+    declare(&c, &retry, &work, QueueArguments::default()).await;
     let before = now_ms();
     publish(&c, &work, "job").await;
 
@@ -141,8 +174,8 @@ async fn a_cycle_of_expiries_is_dropped_and_counted_once_round() {
     // message would go round for ever.
     let a = queue_on(0, SHARDS, "a");
     let b = queue_on(1, SHARDS, "b");
-    declare(&c, &a, &b, Some(20)).await;
-    declare(&c, &b, &a, Some(20)).await;
+    declare(&c, &a, &b, ttl(20)).await;
+    declare(&c, &b, &a, ttl(20)).await;
     publish(&c, &a, "round").await;
     within("the copy dropped at the cycle", async {
         loop {
@@ -177,17 +210,9 @@ async fn a_message_expired_while_cold_keeps_its_history() {
     within("declare", c.declare("parked", QueueOptions::default()))
         .await
         .expect("declare");
-    declare(&c, "waiting", "parked", Some(100)).await;
+    declare(&c, "waiting", "parked", ttl(100)).await;
     let bodies: Vec<String> = (0..600).map(|i| format!("{i:04}").repeat(256)).collect();
-    for chunk in bodies.chunks(100) {
-        let messages = chunk.iter().map(|b| Message::new(b.clone()));
-        for f in within("publish", c.publish_batch("waiting", messages))
-            .await
-            .expect("queued")
-        {
-            within("confirm", f).await.expect("confirmed");
-        }
-    }
+    publish_all(&c, "waiting", &bodies).await;
     let mut consumer = within("consume", c.consume("parked", ConsumeOptions::default()))
         .await
         .expect("consume");
@@ -234,25 +259,10 @@ async fn drain(c: &Client, queue: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn messages_rejected_into_a_dead_letter_queue_survive_sigkill_at_least_once() {
-    let broker = Broker::start("dlh-kill", &["--cpus", "0,1"]);
-    let c = broker.client().await;
-    let work = queue_on(0, SHARDS, "work");
-    let dlq = queue_on(1, SHARDS, "dlq");
-    within("declare", c.declare(&dlq, QueueOptions::default()))
-        .await
-        .expect("declare");
-    declare(&c, &work, &dlq, None).await;
+    let (broker, c, work, dlq) = work_into_dlq("dlh-kill", QueueArguments::default()).await;
     let n = 2_000;
     let bodies: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
-    for chunk in bodies.chunks(500) {
-        let messages = chunk.iter().map(|b| Message::new(b.clone()));
-        for f in within("publish", c.publish_batch(&work, messages))
-            .await
-            .expect("queued")
-        {
-            within("confirm", f).await.expect("confirmed");
-        }
-    }
+    publish_all(&c, &work, &bodies).await;
     // Reject every message, and kill the broker while the last of the copies and the
     // originals' settlements are still on their way.
     let mut consumer = within("consume", c.consume(&work, ConsumeOptions::default()))
@@ -290,25 +300,11 @@ async fn messages_rejected_into_a_dead_letter_queue_survive_sigkill_at_least_onc
 
 #[tokio::test]
 async fn a_message_that_fails_past_its_retries_says_so_in_its_history() {
-    let broker = Broker::start("dlh-retries", &["--cpus", "0,1"]);
-    let c = broker.client().await;
-    let work = queue_on(0, SHARDS, "work");
-    let dlq = queue_on(1, SHARDS, "dlq");
-    within("declare", c.declare(&dlq, QueueOptions::default()))
-        .await
-        .expect("declare");
-    let options = QueueOptions {
-        arguments: QueueArguments {
-            dead_letter_exchange: Some(String::new()),
-            dead_letter_routing_key: Some(dlq.clone()),
-            retry_delays_ms: vec![1],
-            ..QueueArguments::default()
-        },
-        ..QueueOptions::default()
+    let retries = QueueArguments {
+        retry_delays_ms: vec![1],
+        ..QueueArguments::default()
     };
-    within("declare", c.declare(&work, options))
-        .await
-        .expect("declare");
+    let (_broker, c, work, dlq) = work_into_dlq("dlh-retries", retries).await;
     publish(&c, &work, "flaky").await;
     let mut consumer = within("consume", c.consume(&work, ConsumeOptions::default()))
         .await

@@ -5,34 +5,8 @@
 
 mod common;
 
-use common::{queue_on, within, Broker};
-use weir_client::{
-    Client, ConsumeOptions, Consumer, Delivery, Message, QueueArguments, QueueOptions,
-};
-
-async fn take(consumer: &mut Consumer, n: usize) -> Vec<Delivery> {
-    let mut got = Vec::new();
-    within("deliveries", async {
-        while got.len() < n {
-            got.push(consumer.recv().await.expect("open").expect("a delivery"));
-        }
-    })
-    .await;
-    got
-}
-
-fn bodies(ds: &[Delivery]) -> Vec<String> {
-    ds.iter()
-        .map(|d| String::from_utf8_lossy(d.body()).into_owned())
-        .collect()
-}
-
-async fn publish(client: &Client, queue: &str, range: std::ops::Range<usize>) {
-    for i in range {
-        let m = Message::new(format!("m{i}")).persistent(true);
-        client.publish(queue, m).await.unwrap().await.unwrap();
-    }
-}
+use common::{bodies_of, publish_numbered, queue_on, take, Broker};
+use weir_client::{Client, ConsumeOptions, Consumer, Delivery, QueueArguments, QueueOptions};
 
 async fn consumer(client: &Client, queue: &str, tag: &str) -> Consumer {
     let options = ConsumeOptions {
@@ -66,7 +40,7 @@ async fn single_active_consumer_fails_over_in_order_with_the_unacked_messages() 
     let mut second = consumer(&b, &queue, "second").await;
     let mut third = consumer(&c, &queue, "third").await;
 
-    publish(&admin, &queue, 0..20).await;
+    publish_numbered(&admin, &queue, 0..20).await;
     let held = take(&mut first, 10).await;
     // The others have credit, yet the first one's full window leaves the rest ready.
     let info = admin.queue_info(&queue).await.unwrap();
@@ -79,15 +53,15 @@ async fn single_active_consumer_fails_over_in_order_with_the_unacked_messages() 
     let got = take(&mut second, 10).await;
     let redelivered: Vec<&Delivery> = got.iter().filter(|d| d.redelivered()).collect();
     assert_eq!(
-        bodies(&got),
-        bodies(&held),
+        bodies_of(&got),
+        bodies_of(&held),
         "the first one's unacked messages come first, in order"
     );
     assert_eq!(redelivered.len(), 10);
     Delivery::ack_all(&got).await.unwrap();
     let rest = take(&mut second, 10).await;
     assert_eq!(
-        bodies(&rest),
+        bodies_of(&rest),
         (10..20).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
     Delivery::ack_all(&rest).await.unwrap();
@@ -96,10 +70,10 @@ async fn single_active_consumer_fails_over_in_order_with_the_unacked_messages() 
 
     // Cancelled: the next in order, the third, receives from then on.
     second.cancel().await.unwrap();
-    publish(&admin, &queue, 20..23).await;
+    publish_numbered(&admin, &queue, 20..23).await;
     let got = take(&mut third, 3).await;
     assert_eq!(
-        bodies(&got),
+        bodies_of(&got),
         (20..23).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
     let info = admin.queue_info(&queue).await.unwrap();

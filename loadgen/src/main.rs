@@ -246,11 +246,7 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
             ));
         }
         chaos::check(&sc).map_err(Failure::Usage)?;
-        let extra: Vec<String> = args
-            .fsync
-            .iter()
-            .flat_map(|f| ["--fsync".to_string(), f.clone()])
-            .collect();
+        let extra = fsync_args(args);
         return chaos_run(args, &config, args.profile.as_deref(), &extra, abort);
     }
 
@@ -299,11 +295,7 @@ fn main_inner(args: &Args, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
         return Ok(worst);
     }
 
-    let extra: Vec<String> = args
-        .fsync
-        .iter()
-        .flat_map(|f| ["--fsync".to_string(), f.clone()])
-        .collect();
+    let extra = fsync_args(args);
     let (_, code) = one_run(
         args,
         &config,
@@ -355,13 +347,7 @@ fn one_run(
     let outcome = run::run(&config, abort);
     // Stop the broker before anything else can fail: its data must go whatever happens next.
     if let Some(b) = spawned.take() {
-        let (status, stderr) = b.stop();
-        if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
-            println!("broker {status}");
-            if !stderr.trim().is_empty() {
-                println!("broker stderr (tail):\n{}", stderr.trim_end());
-            }
-        }
+        stop_broker(b, outcome.is_err());
     }
     let outcome = outcome.map_err(Failure::Error)?;
     let mut res = report::results(
@@ -453,11 +439,7 @@ fn exactly_once_run(
     config: &RunConfig,
     abort: Arc<AtomicBool>,
 ) -> Result<u8, Failure> {
-    let extra: Vec<String> = args
-        .fsync
-        .iter()
-        .flat_map(|f| ["--fsync".to_string(), f.clone()])
-        .collect();
+    let extra = fsync_args(args);
     let profile = args.profile.as_deref();
     let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
     let mut broker = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
@@ -474,18 +456,7 @@ fn exactly_once_run(
     let report = outcome.map_err(Failure::Error)?;
     let text = report.summary();
     print!("{text}");
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
-        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes)
-                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
-        }
-        println!("wrote results.json, summary.txt to {}", dir.display());
-    }
+    write_results(args.out.as_deref(), &report, text)?;
     Ok(
         if report.lost > 0 || report.duplicated > 0 || report.failed > 0 {
             println!(
@@ -502,55 +473,13 @@ fn exactly_once_run(
 /// `kind = "retry"`: against the spawned broker or `--addr`; the report and `results.json` say
 /// how late the retries came against their schedule and how many ended dead-lettered.
 fn retry_run(args: &Args, config: &RunConfig) -> Result<u8, Failure> {
-    let mut config = config.clone();
-    let mut spawned = None;
-    let setup = if args.spawn_broker {
-        let extra: Vec<String> = args
-            .fsync
-            .iter()
-            .flat_map(|f| ["--fsync".to_string(), f.clone()])
-            .collect();
-        let profile = args.profile.as_deref();
-        let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
-        let b = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
-        config.addr = b.listen.clone();
-        let setup = spawned_setup(&bin, &b, profile, &extra);
-        println!("broker ready: {}", b.ready_line);
-        spawned = Some(b);
-        setup
-    } else {
-        "not started by weir-loadgen (its own configuration)".to_string()
-    };
-    println!(
-        "running {} ({}) against {}",
-        config.name, config.scenario.description, config.addr
-    );
     let abort = Arc::new(AtomicBool::new(false));
-    let outcome = retry::run(&config, &setup, abort);
-    if let Some(b) = spawned.take() {
-        let (status, stderr) = b.stop();
-        if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
-            println!("broker {status}");
-            if !stderr.trim().is_empty() {
-                println!("broker stderr (tail):\n{}", stderr.trim_end());
-            }
-        }
-    }
-    let report = outcome.map_err(Failure::Error)?;
+    let report = alone(args, config, |config, setup| {
+        retry::run(config, setup, abort)
+    })?;
     let text = report.summary();
     print!("{text}");
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
-        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes)
-                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
-        }
-        println!("wrote results.json, summary.txt to {}", dir.display());
-    }
+    write_results(args.out.as_deref(), &report, text)?;
     Ok(
         if report.early > 0 || report.dead_lettered != report.dead_letters_expected {
             println!(
@@ -576,11 +505,7 @@ fn restart_run(
     pin_notes: &mut Vec<String>,
     abort: Arc<AtomicBool>,
 ) -> Result<u8, Failure> {
-    let extra: Vec<String> = args
-        .fsync
-        .iter()
-        .flat_map(|f| ["--fsync".to_string(), f.clone()])
-        .collect();
+    let extra = fsync_args(args);
     let profile = args.profile.as_deref();
     let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
     let mut broker = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
@@ -602,18 +527,7 @@ fn restart_run(
     report.loadgen_pinning.append(pin_notes);
     let text = report.summary();
     print!("{text}");
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
-        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes)
-                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
-        }
-        println!("wrote results.json, summary.txt to {}", dir.display());
-    }
+    write_results(args.out.as_deref(), &report, text)?;
     let c = &report.check;
     Ok(if c.lost > 0 {
         let line = format!(
@@ -900,15 +814,74 @@ fn list_scenarios() {
 
 /// `kind = "priority"`: against the broker given, or one spawned for the run.
 fn priority_run(args: &Args, config: &RunConfig, abort: Arc<AtomicBool>) -> Result<u8, Failure> {
-    let mut config = config.clone();
-    let extra: Vec<String> = args
-        .fsync
+    let report = alone(args, config, |config, setup| {
+        priority::run(config, setup, abort)
+    })?;
+    let text = report.summary();
+    print!("{text}");
+    write_results(args.out.as_deref(), &report, text)?;
+    Ok(if report.drained && !report.aborted {
+        0
+    } else {
+        EXIT_INCOMPLETE
+    })
+}
+
+/// `--fsync` as arguments for a spawned broker.
+fn fsync_args(args: &Args) -> Vec<String> {
+    args.fsync
         .iter()
         .flat_map(|f| ["--fsync".to_string(), f.clone()])
-        .collect();
-    let profile = args.profile.as_deref();
+        .collect()
+}
+
+/// Stops a spawned broker (its data goes with it), telling its exit and the tail of its stderr
+/// when the run `failed` or it did not stop cleanly.
+fn stop_broker(b: SpawnedBroker, failed: bool) {
+    let (status, stderr) = b.stop();
+    if failed || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
+        println!("broker {status}");
+        if !stderr.trim().is_empty() {
+            println!("broker stderr (tail):\n{}", stderr.trim_end());
+        }
+    }
+}
+
+/// Writes a run's `results.json` (`report`) and `summary.txt` (`text`) into `out`, if given.
+fn write_results<R: serde::Serialize>(
+    out: Option<&Path>,
+    report: &R,
+    text: String,
+) -> Result<(), Failure> {
+    let Some(dir) = out else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(report)
+        .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
+    for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
+    }
+    println!("wrote results.json, summary.txt to {}", dir.display());
+    Ok(())
+}
+
+/// A scenario kind that runs alone (`retry`, `priority`): against the broker it spawns (stopped
+/// once `run` returns, whatever it returned) or `--addr`; `run` gets the configuration with the
+/// broker's address and a line saying how the broker was set up.
+fn alone<R>(
+    args: &Args,
+    config: &RunConfig,
+    run: impl FnOnce(&RunConfig, &str) -> Result<R, String>,
+) -> Result<R, Failure> {
+    let mut config = config.clone();
     let mut spawned = None;
     let setup = if args.spawn_broker {
+        let extra = fsync_args(args);
+        let profile = args.profile.as_deref();
         let bin = find_weir(args.weir_bin.as_deref()).map_err(Failure::Error)?;
         let b = SpawnedBroker::start(&bin, profile, &extra).map_err(Failure::Error)?;
         config.addr = b.listen.clone();
@@ -923,34 +896,9 @@ fn priority_run(args: &Args, config: &RunConfig, abort: Arc<AtomicBool>) -> Resu
         "running {} ({}) against {}",
         config.name, config.scenario.description, config.addr
     );
-    let outcome = priority::run(&config, &setup, abort);
+    let outcome = run(&config, &setup);
     if let Some(b) = spawned.take() {
-        let (status, stderr) = b.stop();
-        if outcome.is_err() || !status.starts_with("stopped by SIGTERM (exit status: 0)") {
-            println!("broker {status}");
-            if !stderr.trim().is_empty() {
-                println!("broker stderr (tail):\n{}", stderr.trim_end());
-            }
-        }
+        stop_broker(b, outcome.is_err());
     }
-    let report = outcome.map_err(Failure::Error)?;
-    let text = report.summary();
-    print!("{text}");
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::Error(format!("creating {}: {e}", dir.display())))?;
-        let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Failure::Error(format!("encoding results.json: {e}")))?;
-        for (name, bytes) in [("results.json", json + "\n"), ("summary.txt", text)] {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes)
-                .map_err(|e| Failure::Error(format!("writing {}: {e}", path.display())))?;
-        }
-        println!("wrote results.json, summary.txt to {}", dir.display());
-    }
-    Ok(if report.drained && !report.aborted {
-        0
-    } else {
-        EXIT_INCOMPLETE
-    })
+    outcome.map_err(Failure::Error)
 }

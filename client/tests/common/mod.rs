@@ -13,7 +13,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use weir_client::{Client, ClientOptions, Message};
+use weir_client::{Client, ClientOptions, Consumer, Delivery, Message};
 
 /// Longest any single wait may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -106,4 +106,31 @@ pub fn queue_on(shard: u16, shards: u16, prefix: &str) -> String {
         .map(|i| format!("{prefix}-{i}"))
         .find(|n| weir_client::placement(n, shards) == shard)
         .expect("some name hashes to every shard")
+}
+
+/// The next `n` deliveries of `consumer` (bounded by `TIMEOUT`).
+pub async fn take(consumer: &mut Consumer, n: usize) -> Vec<Delivery> {
+    let mut got = Vec::new();
+    within("deliveries", async {
+        while got.len() < n {
+            got.push(consumer.recv().await.expect("open").expect("a delivery"));
+        }
+    })
+    .await;
+    got
+}
+
+/// The deliveries' bodies, as text.
+pub fn bodies_of(ds: &[Delivery]) -> Vec<String> {
+    ds.iter()
+        .map(|d| String::from_utf8_lossy(d.body()).into_owned())
+        .collect()
+}
+
+/// Publishes "m{i}" for each `i` of `range` to `queue`, one at a time, each confirmed.
+pub async fn publish_numbered(client: &Client, queue: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        let m = Message::new(format!("m{i}"));
+        client.publish(queue, m).await.unwrap().await.unwrap();
+    }
 }
