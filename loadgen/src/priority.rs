@@ -30,11 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use weir_client::{
-    Client, ClientOptions, ConsumeOptions, Message, QueueArguments, QueueOptions, SettleFuture,
-};
+use weir_client::{ConsumeOptions, Message, QueueArguments, QueueOptions, SettleFuture};
 
-use crate::run::{BrokerFacts, RunConfig};
+use crate::run::{connect, BrokerFacts, RunConfig};
 
 /// The priority of the trickle (and the queue's `priority_max`); the backlog is priority 0.
 pub const HIGH: u8 = 9;
@@ -139,18 +137,6 @@ fn body(start: Instant, priority: u8, len: usize) -> Bytes {
     b[..8].copy_from_slice(&us.to_le_bytes());
     b[8] = priority;
     Bytes::from(b)
-}
-
-async fn connect(addr: &str, name: &str) -> Result<Client, String> {
-    Client::connect(
-        addr,
-        ClientOptions {
-            name: name.to_string(),
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("{name}: connecting to {addr}: {e}"))
 }
 
 /// Runs the scenario against `cfg.addr` (see the module header).

@@ -49,10 +49,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
-use weir_client::{Client, ClientOptions, ConsumeOptions, Delivery, Message, PublishFuture};
+use weir_client::{Client, ConsumeOptions, Delivery, Message, PublishFuture};
 
 use crate::broker::SpawnedBroker;
-use crate::run::{cleanup, declare, BrokerFacts, RunConfig};
+use crate::run::{cleanup, connect, declare, BrokerFacts, RunConfig};
 use crate::scenario::{Idiom, Scenario, Size, HEADER_LEN};
 use crate::stats::{check, Check, Header, Recorder};
 
@@ -394,18 +394,6 @@ struct Before {
     hot_drain: Step,
     cold_fill: Step,
     drained: bool,
-}
-
-async fn connect(addr: &str, name: &str) -> Result<Client, String> {
-    Client::connect(
-        addr,
-        ClientOptions {
-            name: name.to_string(),
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .map_err(|e| format!("{name}: connecting to {addr}: {e}"))
 }
 
 /// Steps 1-3: declare, fill, drain, fill; every connection closed at the end.

@@ -151,3 +151,17 @@ pub fn run(cfg: &RunConfig, abort: Arc<AtomicBool>) -> Result<Outcome, String> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, coordinator::coordinate(cfg, abort))
 }
+
+/// A named client connection to `addr` (the name shows in the broker's log); the error names
+/// the connection and the address.
+pub(crate) async fn connect(addr: &str, name: &str) -> Result<weir_client::Client, String> {
+    weir_client::Client::connect(
+        addr,
+        weir_client::ClientOptions {
+            name: name.to_string(),
+            ..weir_client::ClientOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("{name}: connecting to {addr}: {e}"))
+}
