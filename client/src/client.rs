@@ -392,6 +392,20 @@ impl Client {
                         .collect()
                 })
                 .unwrap_or_default(),
+            gauges: s
+                .counters()
+                .map(|v| {
+                    v.iter()
+                        .filter(|c| c.gauge())
+                        .map(|c| c.name().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            histograms: s
+                .histograms()
+                .map(|v| v.iter().map(|h| crate::Histogram::from_wire(&h)).collect())
+                .unwrap_or_default(),
+            shards_ready: s.shards_ready(),
         })
     }
 
@@ -648,6 +662,13 @@ pub struct BrokerStatus {
     pub queues: u32,
     /// Named counters, e.g. ("shard.0.messages_ready", 12), in shard order.
     pub counters: Vec<(String, u64)>,
+    /// The names in `counters` that are gauges (levels that go up and down, such as
+    /// "shard.0.connections"); the others count events since the broker started.
+    pub gauges: std::collections::BTreeSet<String>,
+    /// Every shard's latency distributions (journal commit and fdatasync), in shard order.
+    pub histograms: Vec<crate::Histogram>,
+    /// Shards that have recovered their journals and serve.
+    pub shards_ready: u16,
 }
 
 /// Entries per page of a listing: small enough that a page of `QueueInfo` (two tables per

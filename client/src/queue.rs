@@ -241,6 +241,25 @@ pub struct QueueInfo {
     pub active_consumer: Option<String>,
     /// Messages waiting out a retry delay (counted in `messages_delayed` too).
     pub messages_retrying: u64,
+    /// Messages the queue accepted since it was declared or the broker last started (the
+    /// counts below start again from 0 at a restart).
+    pub messages_published: u64,
+    /// Deliveries to consumers and `Get`s, redeliveries included.
+    pub messages_delivered: u64,
+    /// Of those, redeliveries.
+    pub messages_redelivered: u64,
+    /// Messages settled by an ack.
+    pub messages_acked: u64,
+    /// Nacks and rejects, with or without requeue.
+    pub messages_nacked: u64,
+    /// Messages handed to the queue's dead-letter exchange.
+    pub messages_dead_lettered: u64,
+    /// Messages whose TTL ran out.
+    pub messages_expired: u64,
+    /// Messages dropped by the overflow policy or a purge.
+    pub messages_dropped: u64,
+    /// Bytes of the messages delivered and not yet settled.
+    pub bytes_unacked: u64,
 }
 
 impl QueueInfo {
@@ -265,6 +284,15 @@ impl QueueInfo {
             expires_in_ms: i.expires_in_ms,
             active_consumer: i.active_consumer.clone(),
             messages_retrying: i.messages_retrying,
+            messages_published: i.messages_published,
+            messages_delivered: i.messages_delivered,
+            messages_redelivered: i.messages_redelivered,
+            messages_acked: i.messages_acked,
+            messages_nacked: i.messages_nacked,
+            messages_dead_lettered: i.messages_dead_lettered,
+            messages_expired: i.messages_expired,
+            messages_dropped: i.messages_dropped,
+            bytes_unacked: i.bytes_unacked,
         }
     }
 }

@@ -592,10 +592,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for DeathReason {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 42;
+pub const ENUM_MAX_BODY: u8 = 46;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 43] = [
+pub const ENUM_VALUES_BODY: [Body; 47] = [
   Body::NONE,
   Body::Hello,
   Body::Welcome,
@@ -639,6 +639,10 @@ pub const ENUM_VALUES_BODY: [Body; 43] = [
   Body::GetOk,
   Body::GetStatus,
   Body::Status,
+  Body::ListConnections,
+  Body::ConnectionList,
+  Body::ListConsumers,
+  Body::ConsumerList,
 ];
 
 /// Every body a frame can carry. Append only: the position of each member is its wire tag.
@@ -690,9 +694,13 @@ impl Body {
   pub const GetOk: Self = Self(40);
   pub const GetStatus: Self = Self(41);
   pub const Status: Self = Self(42);
+  pub const ListConnections: Self = Self(43);
+  pub const ConnectionList: Self = Self(44);
+  pub const ListConsumers: Self = Self(45);
+  pub const ConsumerList: Self = Self(46);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 42;
+  pub const ENUM_MAX: u8 = 46;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -737,6 +745,10 @@ impl Body {
     Self::GetOk,
     Self::GetStatus,
     Self::Status,
+    Self::ListConnections,
+    Self::ConnectionList,
+    Self::ListConsumers,
+    Self::ConsumerList,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -784,6 +796,10 @@ impl Body {
       Self::GetOk => Some("GetOk"),
       Self::GetStatus => Some("GetStatus"),
       Self::Status => Some("Status"),
+      Self::ListConnections => Some("ListConnections"),
+      Self::ConnectionList => Some("ConnectionList"),
+      Self::ListConsumers => Some("ListConsumers"),
+      Self::ConsumerList => Some("ConsumerList"),
       _ => None,
     }
   }
@@ -887,6 +903,10 @@ pub enum BodyT {
   GetOk(alloc::boxed::Box<GetOkT>),
   GetStatus(alloc::boxed::Box<GetStatusT>),
   Status(alloc::boxed::Box<StatusT>),
+  ListConnections(alloc::boxed::Box<ListConnectionsT>),
+  ConnectionList(alloc::boxed::Box<ConnectionListT>),
+  ListConsumers(alloc::boxed::Box<ListConsumersT>),
+  ConsumerList(alloc::boxed::Box<ConsumerListT>),
 }
 impl Default for BodyT {
   fn default() -> Self {
@@ -939,6 +959,10 @@ impl BodyT {
       Self::GetOk(_) => Body::GetOk,
       Self::GetStatus(_) => Body::GetStatus,
       Self::Status(_) => Body::Status,
+      Self::ListConnections(_) => Body::ListConnections,
+      Self::ConnectionList(_) => Body::ConnectionList,
+      Self::ListConsumers(_) => Body::ListConsumers,
+      Self::ConsumerList(_) => Body::ConsumerList,
     }
   }
   pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(&self, fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>) -> Option<::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>> {
@@ -986,6 +1010,10 @@ impl BodyT {
       Self::GetOk(v) => Some(v.pack(fbb).as_union_value()),
       Self::GetStatus(v) => Some(v.pack(fbb).as_union_value()),
       Self::Status(v) => Some(v.pack(fbb).as_union_value()),
+      Self::ListConnections(v) => Some(v.pack(fbb).as_union_value()),
+      Self::ConnectionList(v) => Some(v.pack(fbb).as_union_value()),
+      Self::ListConsumers(v) => Some(v.pack(fbb).as_union_value()),
+      Self::ConsumerList(v) => Some(v.pack(fbb).as_union_value()),
     }
   }
   /// If the union variant matches, return the owned HelloT, setting the union to NONE.
@@ -1869,6 +1897,90 @@ impl BodyT {
   /// If the union variant matches, return a mutable reference to the StatusT.
   pub fn as_status_mut(&mut self) -> Option<&mut StatusT> {
     if let Self::Status(v) = self { Some(v.as_mut()) } else { None }
+  }
+  /// If the union variant matches, return the owned ListConnectionsT, setting the union to NONE.
+  pub fn take_list_connections(&mut self) -> Option<alloc::boxed::Box<ListConnectionsT>> {
+    if let Self::ListConnections(_) = self {
+      let v = ::core::mem::replace(self, Self::NONE);
+      if let Self::ListConnections(w) = v {
+        Some(w)
+      } else {
+        unreachable!()
+      }
+    } else {
+      None
+    }
+  }
+  /// If the union variant matches, return a reference to the ListConnectionsT.
+  pub fn as_list_connections(&self) -> Option<&ListConnectionsT> {
+    if let Self::ListConnections(v) = self { Some(v.as_ref()) } else { None }
+  }
+  /// If the union variant matches, return a mutable reference to the ListConnectionsT.
+  pub fn as_list_connections_mut(&mut self) -> Option<&mut ListConnectionsT> {
+    if let Self::ListConnections(v) = self { Some(v.as_mut()) } else { None }
+  }
+  /// If the union variant matches, return the owned ConnectionListT, setting the union to NONE.
+  pub fn take_connection_list(&mut self) -> Option<alloc::boxed::Box<ConnectionListT>> {
+    if let Self::ConnectionList(_) = self {
+      let v = ::core::mem::replace(self, Self::NONE);
+      if let Self::ConnectionList(w) = v {
+        Some(w)
+      } else {
+        unreachable!()
+      }
+    } else {
+      None
+    }
+  }
+  /// If the union variant matches, return a reference to the ConnectionListT.
+  pub fn as_connection_list(&self) -> Option<&ConnectionListT> {
+    if let Self::ConnectionList(v) = self { Some(v.as_ref()) } else { None }
+  }
+  /// If the union variant matches, return a mutable reference to the ConnectionListT.
+  pub fn as_connection_list_mut(&mut self) -> Option<&mut ConnectionListT> {
+    if let Self::ConnectionList(v) = self { Some(v.as_mut()) } else { None }
+  }
+  /// If the union variant matches, return the owned ListConsumersT, setting the union to NONE.
+  pub fn take_list_consumers(&mut self) -> Option<alloc::boxed::Box<ListConsumersT>> {
+    if let Self::ListConsumers(_) = self {
+      let v = ::core::mem::replace(self, Self::NONE);
+      if let Self::ListConsumers(w) = v {
+        Some(w)
+      } else {
+        unreachable!()
+      }
+    } else {
+      None
+    }
+  }
+  /// If the union variant matches, return a reference to the ListConsumersT.
+  pub fn as_list_consumers(&self) -> Option<&ListConsumersT> {
+    if let Self::ListConsumers(v) = self { Some(v.as_ref()) } else { None }
+  }
+  /// If the union variant matches, return a mutable reference to the ListConsumersT.
+  pub fn as_list_consumers_mut(&mut self) -> Option<&mut ListConsumersT> {
+    if let Self::ListConsumers(v) = self { Some(v.as_mut()) } else { None }
+  }
+  /// If the union variant matches, return the owned ConsumerListT, setting the union to NONE.
+  pub fn take_consumer_list(&mut self) -> Option<alloc::boxed::Box<ConsumerListT>> {
+    if let Self::ConsumerList(_) = self {
+      let v = ::core::mem::replace(self, Self::NONE);
+      if let Self::ConsumerList(w) = v {
+        Some(w)
+      } else {
+        unreachable!()
+      }
+    } else {
+      None
+    }
+  }
+  /// If the union variant matches, return a reference to the ConsumerListT.
+  pub fn as_consumer_list(&self) -> Option<&ConsumerListT> {
+    if let Self::ConsumerList(v) = self { Some(v.as_ref()) } else { None }
+  }
+  /// If the union variant matches, return a mutable reference to the ConsumerListT.
+  pub fn as_consumer_list_mut(&mut self) -> Option<&mut ConsumerListT> {
+    if let Self::ConsumerList(v) = self { Some(v.as_mut()) } else { None }
   }
 }
 /// An inclusive range of publish sequence numbers or delivery tags: `first <= last`.
@@ -5757,6 +5869,15 @@ impl<'a> QueueInfo<'a> {
   pub const VT_MESSAGES_RETRYING: ::flatbuffers::VOffsetT = 28;
   pub const VT_EXPIRES_IN_MS: ::flatbuffers::VOffsetT = 30;
   pub const VT_ACTIVE_CONSUMER: ::flatbuffers::VOffsetT = 32;
+  pub const VT_MESSAGES_PUBLISHED: ::flatbuffers::VOffsetT = 34;
+  pub const VT_MESSAGES_DELIVERED: ::flatbuffers::VOffsetT = 36;
+  pub const VT_MESSAGES_REDELIVERED: ::flatbuffers::VOffsetT = 38;
+  pub const VT_MESSAGES_ACKED: ::flatbuffers::VOffsetT = 40;
+  pub const VT_MESSAGES_NACKED: ::flatbuffers::VOffsetT = 42;
+  pub const VT_MESSAGES_DEAD_LETTERED: ::flatbuffers::VOffsetT = 44;
+  pub const VT_MESSAGES_EXPIRED: ::flatbuffers::VOffsetT = 46;
+  pub const VT_MESSAGES_DROPPED: ::flatbuffers::VOffsetT = 48;
+  pub const VT_BYTES_UNACKED: ::flatbuffers::VOffsetT = 50;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5768,6 +5889,15 @@ impl<'a> QueueInfo<'a> {
     args: &'args QueueInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<QueueInfo<'bldr>> {
     let mut builder = QueueInfoBuilder::new(_fbb);
+    builder.add_bytes_unacked(args.bytes_unacked);
+    builder.add_messages_dropped(args.messages_dropped);
+    builder.add_messages_expired(args.messages_expired);
+    builder.add_messages_dead_lettered(args.messages_dead_lettered);
+    builder.add_messages_nacked(args.messages_nacked);
+    builder.add_messages_acked(args.messages_acked);
+    builder.add_messages_redelivered(args.messages_redelivered);
+    builder.add_messages_delivered(args.messages_delivered);
+    builder.add_messages_published(args.messages_published);
     if let Some(x) = args.expires_in_ms { builder.add_expires_in_ms(x); }
     builder.add_messages_retrying(args.messages_retrying);
     if let Some(x) = args.oldest_ready_age_ms { builder.add_oldest_ready_age_ms(x); }
@@ -5808,6 +5938,15 @@ impl<'a> QueueInfo<'a> {
     let active_consumer = self.active_consumer().map(|x| {
       alloc::string::ToString::to_string(x)
     });
+    let messages_published = self.messages_published();
+    let messages_delivered = self.messages_delivered();
+    let messages_redelivered = self.messages_redelivered();
+    let messages_acked = self.messages_acked();
+    let messages_nacked = self.messages_nacked();
+    let messages_dead_lettered = self.messages_dead_lettered();
+    let messages_expired = self.messages_expired();
+    let messages_dropped = self.messages_dropped();
+    let bytes_unacked = self.bytes_unacked();
     QueueInfoT {
       name,
       durable,
@@ -5824,6 +5963,15 @@ impl<'a> QueueInfo<'a> {
       messages_retrying,
       expires_in_ms,
       active_consumer,
+      messages_published,
+      messages_delivered,
+      messages_redelivered,
+      messages_acked,
+      messages_nacked,
+      messages_dead_lettered,
+      messages_expired,
+      messages_dropped,
+      bytes_unacked,
     }
   }
 
@@ -5943,6 +6091,78 @@ impl<'a> QueueInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueInfo::VT_ACTIVE_CONSUMER, None)}
   }
+  /// Messages the queue accepted (a message routed to it and stored, dead letters included).
+  #[inline]
+  pub fn messages_published(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_PUBLISHED, Some(0)).unwrap()}
+  }
+  /// Deliveries to consumers and `Get`s, redeliveries included.
+  #[inline]
+  pub fn messages_delivered(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_DELIVERED, Some(0)).unwrap()}
+  }
+  /// Of those, redeliveries (`redelivered` set: after a requeue, a nack or a holder's end).
+  #[inline]
+  pub fn messages_redelivered(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_REDELIVERED, Some(0)).unwrap()}
+  }
+  /// Messages settled by an ack.
+  #[inline]
+  pub fn messages_acked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_ACKED, Some(0)).unwrap()}
+  }
+  /// Nacks and rejects, with or without requeue.
+  #[inline]
+  pub fn messages_nacked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_NACKED, Some(0)).unwrap()}
+  }
+  /// Messages handed to the queue's dead-letter exchange.
+  #[inline]
+  pub fn messages_dead_lettered(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_DEAD_LETTERED, Some(0)).unwrap()}
+  }
+  /// Messages whose TTL ran out (dead-lettered or dropped).
+  #[inline]
+  pub fn messages_expired(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_EXPIRED, Some(0)).unwrap()}
+  }
+  /// Messages dropped by the overflow policy (`DropHead`, `max_length`) or a purge.
+  #[inline]
+  pub fn messages_dropped(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_MESSAGES_DROPPED, Some(0)).unwrap()}
+  }
+  /// Bytes of the messages delivered and not yet settled.
+  #[inline]
+  pub fn bytes_unacked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueInfo::VT_BYTES_UNACKED, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for QueueInfo<'_> {
@@ -5966,6 +6186,15 @@ impl ::flatbuffers::Verifiable for QueueInfo<'_> {
      .visit_field::<u64>("messages_retrying", Self::VT_MESSAGES_RETRYING, false)?
      .visit_field::<u64>("expires_in_ms", Self::VT_EXPIRES_IN_MS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("active_consumer", Self::VT_ACTIVE_CONSUMER, false)?
+     .visit_field::<u64>("messages_published", Self::VT_MESSAGES_PUBLISHED, false)?
+     .visit_field::<u64>("messages_delivered", Self::VT_MESSAGES_DELIVERED, false)?
+     .visit_field::<u64>("messages_redelivered", Self::VT_MESSAGES_REDELIVERED, false)?
+     .visit_field::<u64>("messages_acked", Self::VT_MESSAGES_ACKED, false)?
+     .visit_field::<u64>("messages_nacked", Self::VT_MESSAGES_NACKED, false)?
+     .visit_field::<u64>("messages_dead_lettered", Self::VT_MESSAGES_DEAD_LETTERED, false)?
+     .visit_field::<u64>("messages_expired", Self::VT_MESSAGES_EXPIRED, false)?
+     .visit_field::<u64>("messages_dropped", Self::VT_MESSAGES_DROPPED, false)?
+     .visit_field::<u64>("bytes_unacked", Self::VT_BYTES_UNACKED, false)?
      .finish();
     Ok(())
   }
@@ -5986,6 +6215,15 @@ pub struct QueueInfoArgs<'a> {
     pub messages_retrying: u64,
     pub expires_in_ms: Option<u64>,
     pub active_consumer: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub messages_published: u64,
+    pub messages_delivered: u64,
+    pub messages_redelivered: u64,
+    pub messages_acked: u64,
+    pub messages_nacked: u64,
+    pub messages_dead_lettered: u64,
+    pub messages_expired: u64,
+    pub messages_dropped: u64,
+    pub bytes_unacked: u64,
 }
 impl<'a> Default for QueueInfoArgs<'a> {
   #[inline]
@@ -6006,6 +6244,15 @@ impl<'a> Default for QueueInfoArgs<'a> {
       messages_retrying: 0,
       expires_in_ms: None,
       active_consumer: None,
+      messages_published: 0,
+      messages_delivered: 0,
+      messages_redelivered: 0,
+      messages_acked: 0,
+      messages_nacked: 0,
+      messages_dead_lettered: 0,
+      messages_expired: 0,
+      messages_dropped: 0,
+      bytes_unacked: 0,
     }
   }
 }
@@ -6076,6 +6323,42 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueInfoBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueInfo::VT_ACTIVE_CONSUMER, active_consumer);
   }
   #[inline]
+  pub fn add_messages_published(&mut self, messages_published: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_PUBLISHED, messages_published, 0);
+  }
+  #[inline]
+  pub fn add_messages_delivered(&mut self, messages_delivered: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_DELIVERED, messages_delivered, 0);
+  }
+  #[inline]
+  pub fn add_messages_redelivered(&mut self, messages_redelivered: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_REDELIVERED, messages_redelivered, 0);
+  }
+  #[inline]
+  pub fn add_messages_acked(&mut self, messages_acked: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_ACKED, messages_acked, 0);
+  }
+  #[inline]
+  pub fn add_messages_nacked(&mut self, messages_nacked: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_NACKED, messages_nacked, 0);
+  }
+  #[inline]
+  pub fn add_messages_dead_lettered(&mut self, messages_dead_lettered: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_DEAD_LETTERED, messages_dead_lettered, 0);
+  }
+  #[inline]
+  pub fn add_messages_expired(&mut self, messages_expired: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_EXPIRED, messages_expired, 0);
+  }
+  #[inline]
+  pub fn add_messages_dropped(&mut self, messages_dropped: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_MESSAGES_DROPPED, messages_dropped, 0);
+  }
+  #[inline]
+  pub fn add_bytes_unacked(&mut self, bytes_unacked: u64) {
+    self.fbb_.push_slot::<u64>(QueueInfo::VT_BYTES_UNACKED, bytes_unacked, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     QueueInfoBuilder {
@@ -6108,6 +6391,15 @@ impl ::core::fmt::Debug for QueueInfo<'_> {
       ds.field("messages_retrying", &self.messages_retrying());
       ds.field("expires_in_ms", &self.expires_in_ms());
       ds.field("active_consumer", &self.active_consumer());
+      ds.field("messages_published", &self.messages_published());
+      ds.field("messages_delivered", &self.messages_delivered());
+      ds.field("messages_redelivered", &self.messages_redelivered());
+      ds.field("messages_acked", &self.messages_acked());
+      ds.field("messages_nacked", &self.messages_nacked());
+      ds.field("messages_dead_lettered", &self.messages_dead_lettered());
+      ds.field("messages_expired", &self.messages_expired());
+      ds.field("messages_dropped", &self.messages_dropped());
+      ds.field("bytes_unacked", &self.bytes_unacked());
       ds.finish()
   }
 }
@@ -6129,6 +6421,15 @@ pub struct QueueInfoT {
   pub messages_retrying: u64,
   pub expires_in_ms: Option<u64>,
   pub active_consumer: Option<alloc::string::String>,
+  pub messages_published: u64,
+  pub messages_delivered: u64,
+  pub messages_redelivered: u64,
+  pub messages_acked: u64,
+  pub messages_nacked: u64,
+  pub messages_dead_lettered: u64,
+  pub messages_expired: u64,
+  pub messages_dropped: u64,
+  pub bytes_unacked: u64,
 }
 impl Default for QueueInfoT {
   fn default() -> Self {
@@ -6148,6 +6449,15 @@ impl Default for QueueInfoT {
       messages_retrying: 0,
       expires_in_ms: None,
       active_consumer: None,
+      messages_published: 0,
+      messages_delivered: 0,
+      messages_redelivered: 0,
+      messages_acked: 0,
+      messages_nacked: 0,
+      messages_dead_lettered: 0,
+      messages_expired: 0,
+      messages_dropped: 0,
+      bytes_unacked: 0,
     }
   }
 }
@@ -6177,6 +6487,15 @@ impl QueueInfoT {
     let active_consumer = self.active_consumer.as_ref().map(|x|{
       _fbb.create_string(x)
     });
+    let messages_published = self.messages_published;
+    let messages_delivered = self.messages_delivered;
+    let messages_redelivered = self.messages_redelivered;
+    let messages_acked = self.messages_acked;
+    let messages_nacked = self.messages_nacked;
+    let messages_dead_lettered = self.messages_dead_lettered;
+    let messages_expired = self.messages_expired;
+    let messages_dropped = self.messages_dropped;
+    let bytes_unacked = self.bytes_unacked;
     QueueInfo::create(_fbb, &QueueInfoArgs{
       name,
       durable,
@@ -6193,6 +6512,15 @@ impl QueueInfoT {
       messages_retrying,
       expires_in_ms,
       active_consumer,
+      messages_published,
+      messages_delivered,
+      messages_redelivered,
+      messages_acked,
+      messages_nacked,
+      messages_dead_lettered,
+      messages_expired,
+      messages_dropped,
+      bytes_unacked,
     })
   }
 }
@@ -11851,6 +12179,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Counter<'a> {
 impl<'a> Counter<'a> {
   pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
   pub const VT_VALUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GAUGE: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -11864,6 +12193,7 @@ impl<'a> Counter<'a> {
     let mut builder = CounterBuilder::new(_fbb);
     builder.add_value(args.value);
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_gauge(args.gauge);
     builder.finish()
   }
 
@@ -11873,9 +12203,11 @@ impl<'a> Counter<'a> {
       alloc::string::ToString::to_string(x)
     };
     let value = self.value();
+    let gauge = self.gauge();
     CounterT {
       name,
       value,
+      gauge,
     }
   }
 
@@ -11893,6 +12225,15 @@ impl<'a> Counter<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Counter::VT_VALUE, Some(0)).unwrap()}
   }
+  /// True for a level that goes up and down (connections, bytes held); false for a count of
+  /// events since the broker started.
+  #[inline]
+  pub fn gauge(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Counter::VT_GAUGE, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Counter<'_> {
@@ -11903,6 +12244,7 @@ impl ::flatbuffers::Verifiable for Counter<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
      .visit_field::<u64>("value", Self::VT_VALUE, false)?
+     .visit_field::<bool>("gauge", Self::VT_GAUGE, false)?
      .finish();
     Ok(())
   }
@@ -11910,6 +12252,7 @@ impl ::flatbuffers::Verifiable for Counter<'_> {
 pub struct CounterArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub value: u64,
+    pub gauge: bool,
 }
 impl<'a> Default for CounterArgs<'a> {
   #[inline]
@@ -11917,6 +12260,7 @@ impl<'a> Default for CounterArgs<'a> {
     CounterArgs {
       name: None, // required field
       value: 0,
+      gauge: false,
     }
   }
 }
@@ -11933,6 +12277,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CounterBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_value(&mut self, value: u64) {
     self.fbb_.push_slot::<u64>(Counter::VT_VALUE, value, 0);
+  }
+  #[inline]
+  pub fn add_gauge(&mut self, gauge: bool) {
+    self.fbb_.push_slot::<bool>(Counter::VT_GAUGE, gauge, false);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CounterBuilder<'a, 'b, A> {
@@ -11955,6 +12303,7 @@ impl ::core::fmt::Debug for Counter<'_> {
     let mut ds = f.debug_struct("Counter");
       ds.field("name", &self.name());
       ds.field("value", &self.value());
+      ds.field("gauge", &self.gauge());
       ds.finish()
   }
 }
@@ -11963,12 +12312,14 @@ impl ::core::fmt::Debug for Counter<'_> {
 pub struct CounterT {
   pub name: alloc::string::String,
   pub value: u64,
+  pub gauge: bool,
 }
 impl Default for CounterT {
   fn default() -> Self {
     Self {
       name: alloc::string::ToString::to_string(""),
       value: 0,
+      gauge: false,
     }
   }
 }
@@ -11982,9 +12333,364 @@ impl CounterT {
       _fbb.create_string(x)
     });
     let value = self.value;
+    let gauge = self.gauge;
     Counter::create(_fbb, &CounterArgs{
       name,
       value,
+      gauge,
+    })
+  }
+}
+pub enum HistogramOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A distribution a shard records (an HDR histogram), everything since the broker started.
+pub struct Histogram<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Histogram<'a> {
+  type Inner = Histogram<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Histogram<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
+  pub const VT_COUNT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SUM: ::flatbuffers::VOffsetT = 10;
+  pub const VT_BUCKET_LE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_BUCKET_COUNT: ::flatbuffers::VOffsetT = 14;
+  pub const VT_P50: ::flatbuffers::VOffsetT = 16;
+  pub const VT_P99: ::flatbuffers::VOffsetT = 18;
+  pub const VT_P999: ::flatbuffers::VOffsetT = 20;
+  pub const VT_MAX: ::flatbuffers::VOffsetT = 22;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Histogram { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HistogramArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Histogram<'bldr>> {
+    let mut builder = HistogramBuilder::new(_fbb);
+    builder.add_max(args.max);
+    builder.add_p999(args.p999);
+    builder.add_p99(args.p99);
+    builder.add_p50(args.p50);
+    builder.add_sum(args.sum);
+    builder.add_count(args.count);
+    if let Some(x) = args.bucket_count { builder.add_bucket_count(x); }
+    if let Some(x) = args.bucket_le { builder.add_bucket_le(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_shard(args.shard);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> HistogramT {
+    let name = {
+      let x = self.name();
+      alloc::string::ToString::to_string(x)
+    };
+    let shard = self.shard();
+    let count = self.count();
+    let sum = self.sum();
+    let bucket_le = self.bucket_le().map(|x| {
+      x.into_iter().collect()
+    });
+    let bucket_count = self.bucket_count().map(|x| {
+      x.into_iter().collect()
+    });
+    let p50 = self.p50();
+    let p99 = self.p99();
+    let p999 = self.p999();
+    let max = self.max();
+    HistogramT {
+      name,
+      shard,
+      count,
+      sum,
+      bucket_le,
+      bucket_count,
+      p50,
+      p99,
+      p999,
+      max,
+    }
+  }
+
+  /// What it measures, its unit last: e.g. "journal.commit_latency_us".
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Histogram::VT_NAME, None).unwrap()}
+  }
+  #[inline]
+  pub fn shard(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(Histogram::VT_SHARD, Some(0)).unwrap()}
+  }
+  /// Values recorded, and their sum.
+  #[inline]
+  pub fn count(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Histogram::VT_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn sum(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Histogram::VT_SUM, Some(0)).unwrap()}
+  }
+  /// Bucket upper bounds, ascending, in the histogram's unit, and for each how many values were
+  /// at most that bound (cumulative, as Prometheus histograms count); the same length.
+  #[inline]
+  pub fn bucket_le(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Histogram::VT_BUCKET_LE, None)}
+  }
+  #[inline]
+  pub fn bucket_count(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Histogram::VT_BUCKET_COUNT, None)}
+  }
+  /// Quantiles of every value recorded, and the largest.
+  #[inline]
+  pub fn p50(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Histogram::VT_P50, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn p99(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Histogram::VT_P99, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn p999(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Histogram::VT_P999, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn max(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Histogram::VT_MAX, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Histogram<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<u16>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u64>("count", Self::VT_COUNT, false)?
+     .visit_field::<u64>("sum", Self::VT_SUM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("bucket_le", Self::VT_BUCKET_LE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("bucket_count", Self::VT_BUCKET_COUNT, false)?
+     .visit_field::<u64>("p50", Self::VT_P50, false)?
+     .visit_field::<u64>("p99", Self::VT_P99, false)?
+     .visit_field::<u64>("p999", Self::VT_P999, false)?
+     .visit_field::<u64>("max", Self::VT_MAX, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HistogramArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub shard: u16,
+    pub count: u64,
+    pub sum: u64,
+    pub bucket_le: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub bucket_count: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+impl<'a> Default for HistogramArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    HistogramArgs {
+      name: None, // required field
+      shard: 0,
+      count: 0,
+      sum: 0,
+      bucket_le: None,
+      bucket_count: None,
+      p50: 0,
+      p99: 0,
+      p999: 0,
+      max: 0,
+    }
+  }
+}
+
+pub struct HistogramBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HistogramBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Histogram::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_shard(&mut self, shard: u16) {
+    self.fbb_.push_slot::<u16>(Histogram::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_count(&mut self, count: u64) {
+    self.fbb_.push_slot::<u64>(Histogram::VT_COUNT, count, 0);
+  }
+  #[inline]
+  pub fn add_sum(&mut self, sum: u64) {
+    self.fbb_.push_slot::<u64>(Histogram::VT_SUM, sum, 0);
+  }
+  #[inline]
+  pub fn add_bucket_le(&mut self, bucket_le: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Histogram::VT_BUCKET_LE, bucket_le);
+  }
+  #[inline]
+  pub fn add_bucket_count(&mut self, bucket_count: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Histogram::VT_BUCKET_COUNT, bucket_count);
+  }
+  #[inline]
+  pub fn add_p50(&mut self, p50: u64) {
+    self.fbb_.push_slot::<u64>(Histogram::VT_P50, p50, 0);
+  }
+  #[inline]
+  pub fn add_p99(&mut self, p99: u64) {
+    self.fbb_.push_slot::<u64>(Histogram::VT_P99, p99, 0);
+  }
+  #[inline]
+  pub fn add_p999(&mut self, p999: u64) {
+    self.fbb_.push_slot::<u64>(Histogram::VT_P999, p999, 0);
+  }
+  #[inline]
+  pub fn add_max(&mut self, max: u64) {
+    self.fbb_.push_slot::<u64>(Histogram::VT_MAX, max, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HistogramBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HistogramBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Histogram<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Histogram::VT_NAME,"name");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Histogram<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Histogram");
+      ds.field("name", &self.name());
+      ds.field("shard", &self.shard());
+      ds.field("count", &self.count());
+      ds.field("sum", &self.sum());
+      ds.field("bucket_le", &self.bucket_le());
+      ds.field("bucket_count", &self.bucket_count());
+      ds.field("p50", &self.p50());
+      ds.field("p99", &self.p99());
+      ds.field("p999", &self.p999());
+      ds.field("max", &self.max());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramT {
+  pub name: alloc::string::String,
+  pub shard: u16,
+  pub count: u64,
+  pub sum: u64,
+  pub bucket_le: Option<alloc::vec::Vec<u64>>,
+  pub bucket_count: Option<alloc::vec::Vec<u64>>,
+  pub p50: u64,
+  pub p99: u64,
+  pub p999: u64,
+  pub max: u64,
+}
+impl Default for HistogramT {
+  fn default() -> Self {
+    Self {
+      name: alloc::string::ToString::to_string(""),
+      shard: 0,
+      count: 0,
+      sum: 0,
+      bucket_le: None,
+      bucket_count: None,
+      p50: 0,
+      p99: 0,
+      p999: 0,
+      max: 0,
+    }
+  }
+}
+impl HistogramT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<Histogram<'b>> {
+    let name = Some({
+      let x = &self.name;
+      _fbb.create_string(x)
+    });
+    let shard = self.shard;
+    let count = self.count;
+    let sum = self.sum;
+    let bucket_le = self.bucket_le.as_ref().map(|x|{
+      _fbb.create_vector(x)
+    });
+    let bucket_count = self.bucket_count.as_ref().map(|x|{
+      _fbb.create_vector(x)
+    });
+    let p50 = self.p50;
+    let p99 = self.p99;
+    let p999 = self.p999;
+    let max = self.max;
+    Histogram::create(_fbb, &HistogramArgs{
+      name,
+      shard,
+      count,
+      sum,
+      bucket_le,
+      bucket_count,
+      p50,
+      p99,
+      p999,
+      max,
     })
   }
 }
@@ -12010,6 +12716,8 @@ impl<'a> Status<'a> {
   pub const VT_CONNECTIONS: ::flatbuffers::VOffsetT = 10;
   pub const VT_QUEUES: ::flatbuffers::VOffsetT = 12;
   pub const VT_COUNTERS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_HISTOGRAMS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_SHARDS_READY: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -12022,10 +12730,12 @@ impl<'a> Status<'a> {
   ) -> ::flatbuffers::WIPOffset<Status<'bldr>> {
     let mut builder = StatusBuilder::new(_fbb);
     builder.add_uptime_ms(args.uptime_ms);
+    if let Some(x) = args.histograms { builder.add_histograms(x); }
     if let Some(x) = args.counters { builder.add_counters(x); }
     builder.add_queues(args.queues);
     builder.add_connections(args.connections);
     if let Some(x) = args.broker_version { builder.add_broker_version(x); }
+    builder.add_shards_ready(args.shards_ready);
     builder.add_shard_count(args.shard_count);
     builder.finish()
   }
@@ -12041,6 +12751,10 @@ impl<'a> Status<'a> {
     let counters = self.counters().map(|x| {
       x.iter().map(|t| t.unpack()).collect()
     });
+    let histograms = self.histograms().map(|x| {
+      x.iter().map(|t| t.unpack()).collect()
+    });
+    let shards_ready = self.shards_ready();
     StatusT {
       broker_version,
       shard_count,
@@ -12048,6 +12762,8 @@ impl<'a> Status<'a> {
       connections,
       queues,
       counters,
+      histograms,
+      shards_ready,
     }
   }
 
@@ -12094,6 +12810,23 @@ impl<'a> Status<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Counter>>>>(Status::VT_COUNTERS, None)}
   }
+  /// Every shard's latency distributions (commit, fdatasync), in shard order.
+  #[inline]
+  pub fn histograms(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Histogram<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Histogram>>>>(Status::VT_HISTOGRAMS, None)}
+  }
+  /// Shards that have recovered their journals and serve; equal to `shard_count` once the
+  /// broker is ready.
+  #[inline]
+  pub fn shards_ready(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(Status::VT_SHARDS_READY, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Status<'_> {
@@ -12108,6 +12841,8 @@ impl ::flatbuffers::Verifiable for Status<'_> {
      .visit_field::<u32>("connections", Self::VT_CONNECTIONS, false)?
      .visit_field::<u32>("queues", Self::VT_QUEUES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Counter>>>>("counters", Self::VT_COUNTERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Histogram>>>>("histograms", Self::VT_HISTOGRAMS, false)?
+     .visit_field::<u16>("shards_ready", Self::VT_SHARDS_READY, false)?
      .finish();
     Ok(())
   }
@@ -12119,6 +12854,8 @@ pub struct StatusArgs<'a> {
     pub connections: u32,
     pub queues: u32,
     pub counters: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Counter<'a>>>>>,
+    pub histograms: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Histogram<'a>>>>>,
+    pub shards_ready: u16,
 }
 impl<'a> Default for StatusArgs<'a> {
   #[inline]
@@ -12130,6 +12867,8 @@ impl<'a> Default for StatusArgs<'a> {
       connections: 0,
       queues: 0,
       counters: None,
+      histograms: None,
+      shards_ready: 0,
     }
   }
 }
@@ -12164,6 +12903,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatusBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Status::VT_COUNTERS, counters);
   }
   #[inline]
+  pub fn add_histograms(&mut self, histograms: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Histogram<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Status::VT_HISTOGRAMS, histograms);
+  }
+  #[inline]
+  pub fn add_shards_ready(&mut self, shards_ready: u16) {
+    self.fbb_.push_slot::<u16>(Status::VT_SHARDS_READY, shards_ready, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatusBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     StatusBuilder {
@@ -12187,6 +12934,8 @@ impl ::core::fmt::Debug for Status<'_> {
       ds.field("connections", &self.connections());
       ds.field("queues", &self.queues());
       ds.field("counters", &self.counters());
+      ds.field("histograms", &self.histograms());
+      ds.field("shards_ready", &self.shards_ready());
       ds.finish()
   }
 }
@@ -12199,6 +12948,8 @@ pub struct StatusT {
   pub connections: u32,
   pub queues: u32,
   pub counters: Option<alloc::vec::Vec<CounterT>>,
+  pub histograms: Option<alloc::vec::Vec<HistogramT>>,
+  pub shards_ready: u16,
 }
 impl Default for StatusT {
   fn default() -> Self {
@@ -12209,6 +12960,8 @@ impl Default for StatusT {
       connections: 0,
       queues: 0,
       counters: None,
+      histograms: None,
+      shards_ready: 0,
     }
   }
 }
@@ -12227,6 +12980,10 @@ impl StatusT {
     let counters = self.counters.as_ref().map(|x|{
       let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
     });
+    let histograms = self.histograms.as_ref().map(|x|{
+      let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
+    });
+    let shards_ready = self.shards_ready;
     Status::create(_fbb, &StatusArgs{
       broker_version,
       shard_count,
@@ -12234,6 +12991,1372 @@ impl StatusT {
       connections,
       queues,
       counters,
+      histograms,
+      shards_ready,
+    })
+  }
+}
+pub enum ListConnectionsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: the open connections, in id order, a page at a time. Reply: `ConnectionList`.
+pub struct ListConnections<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListConnections<'a> {
+  type Inner = ListConnections<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListConnections<'a> {
+  pub const VT_AFTER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LIMIT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListConnections { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListConnectionsArgs
+  ) -> ::flatbuffers::WIPOffset<ListConnections<'bldr>> {
+    let mut builder = ListConnectionsBuilder::new(_fbb);
+    if let Some(x) = args.after { builder.add_after(x); }
+    builder.add_limit(args.limit);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ListConnectionsT {
+    let after = self.after();
+    let limit = self.limit();
+    ListConnectionsT {
+      after,
+      limit,
+    }
+  }
+
+  /// Only connections with a greater id (the last id of the previous page). Absent: from the
+  /// first.
+  #[inline]
+  pub fn after(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ListConnections::VT_AFTER, None)}
+  }
+  /// Most connections in the reply; 0 means the broker's page size.
+  #[inline]
+  pub fn limit(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListConnections::VT_LIMIT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListConnections<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("after", Self::VT_AFTER, false)?
+     .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListConnectionsArgs {
+    pub after: Option<u64>,
+    pub limit: u32,
+}
+impl<'a> Default for ListConnectionsArgs {
+  #[inline]
+  fn default() -> Self {
+    ListConnectionsArgs {
+      after: None,
+      limit: 0,
+    }
+  }
+}
+
+pub struct ListConnectionsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListConnectionsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_after(&mut self, after: u64) {
+    self.fbb_.push_slot_always::<u64>(ListConnections::VT_AFTER, after);
+  }
+  #[inline]
+  pub fn add_limit(&mut self, limit: u32) {
+    self.fbb_.push_slot::<u32>(ListConnections::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListConnectionsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListConnectionsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListConnections<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListConnections<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListConnections");
+      ds.field("after", &self.after());
+      ds.field("limit", &self.limit());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListConnectionsT {
+  pub after: Option<u64>,
+  pub limit: u32,
+}
+impl Default for ListConnectionsT {
+  fn default() -> Self {
+    Self {
+      after: None,
+      limit: 0,
+    }
+  }
+}
+impl ListConnectionsT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ListConnections<'b>> {
+    let after = self.after;
+    let limit = self.limit;
+    ListConnections::create(_fbb, &ListConnectionsArgs{
+      after,
+      limit,
+    })
+  }
+}
+pub enum ConnectionInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One open connection.
+pub struct ConnectionInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConnectionInfo<'a> {
+  type Inner = ConnectionInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConnectionInfo<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PEER: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CLIENT_NAME: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CONNECTED_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_CONSUMERS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DELIVERIES_UNACKED: ::flatbuffers::VOffsetT = 16;
+  pub const VT_PUBLISHES_UNCONFIRMED: ::flatbuffers::VOffsetT = 18;
+  pub const VT_OUTBOX_BYTES: ::flatbuffers::VOffsetT = 20;
+  pub const VT_BYTES_RECEIVED: ::flatbuffers::VOffsetT = 22;
+  pub const VT_BYTES_SENT: ::flatbuffers::VOffsetT = 24;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConnectionInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConnectionInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConnectionInfo<'bldr>> {
+    let mut builder = ConnectionInfoBuilder::new(_fbb);
+    builder.add_bytes_sent(args.bytes_sent);
+    builder.add_bytes_received(args.bytes_received);
+    builder.add_outbox_bytes(args.outbox_bytes);
+    builder.add_publishes_unconfirmed(args.publishes_unconfirmed);
+    builder.add_deliveries_unacked(args.deliveries_unacked);
+    builder.add_connected_ms(args.connected_ms);
+    builder.add_id(args.id);
+    builder.add_consumers(args.consumers);
+    if let Some(x) = args.client_name { builder.add_client_name(x); }
+    if let Some(x) = args.peer { builder.add_peer(x); }
+    builder.add_shard(args.shard);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ConnectionInfoT {
+    let id = self.id();
+    let shard = self.shard();
+    let peer = self.peer().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let client_name = self.client_name().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let connected_ms = self.connected_ms();
+    let consumers = self.consumers();
+    let deliveries_unacked = self.deliveries_unacked();
+    let publishes_unconfirmed = self.publishes_unconfirmed();
+    let outbox_bytes = self.outbox_bytes();
+    let bytes_received = self.bytes_received();
+    let bytes_sent = self.bytes_sent();
+    ConnectionInfoT {
+      id,
+      shard,
+      peer,
+      client_name,
+      connected_ms,
+      consumers,
+      deliveries_unacked,
+      publishes_unconfirmed,
+      outbox_bytes,
+      bytes_received,
+      bytes_sent,
+    }
+  }
+
+  /// Unique among the broker's connections while it runs (never reused before a restart).
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_ID, Some(0)).unwrap()}
+  }
+  /// The shard serving it.
+  #[inline]
+  pub fn shard(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(ConnectionInfo::VT_SHARD, Some(0)).unwrap()}
+  }
+  /// The client's address, "ip:port".
+  #[inline]
+  pub fn peer(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ConnectionInfo::VT_PEER, None)}
+  }
+  /// `Hello.client_name`, if it gave one.
+  #[inline]
+  pub fn client_name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ConnectionInfo::VT_CLIENT_NAME, None)}
+  }
+  /// ms since it connected.
+  #[inline]
+  pub fn connected_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_CONNECTED_MS, Some(0)).unwrap()}
+  }
+  /// Consumers it has open, and deliveries it holds unsettled (consumers' and `Get`s').
+  #[inline]
+  pub fn consumers(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConnectionInfo::VT_CONSUMERS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn deliveries_unacked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_DELIVERIES_UNACKED, Some(0)).unwrap()}
+  }
+  /// Publishes it sent that are not confirmed yet.
+  #[inline]
+  pub fn publishes_unconfirmed(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_PUBLISHES_UNCONFIRMED, Some(0)).unwrap()}
+  }
+  /// Bytes of deliveries and replies waiting to be written to it (its outbox).
+  #[inline]
+  pub fn outbox_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_OUTBOX_BYTES, Some(0)).unwrap()}
+  }
+  /// Bytes it sent and was sent, frames included.
+  #[inline]
+  pub fn bytes_received(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_BYTES_RECEIVED, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn bytes_sent(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConnectionInfo::VT_BYTES_SENT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConnectionInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<u16>("shard", Self::VT_SHARD, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("peer", Self::VT_PEER, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_name", Self::VT_CLIENT_NAME, false)?
+     .visit_field::<u64>("connected_ms", Self::VT_CONNECTED_MS, false)?
+     .visit_field::<u32>("consumers", Self::VT_CONSUMERS, false)?
+     .visit_field::<u64>("deliveries_unacked", Self::VT_DELIVERIES_UNACKED, false)?
+     .visit_field::<u64>("publishes_unconfirmed", Self::VT_PUBLISHES_UNCONFIRMED, false)?
+     .visit_field::<u64>("outbox_bytes", Self::VT_OUTBOX_BYTES, false)?
+     .visit_field::<u64>("bytes_received", Self::VT_BYTES_RECEIVED, false)?
+     .visit_field::<u64>("bytes_sent", Self::VT_BYTES_SENT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConnectionInfoArgs<'a> {
+    pub id: u64,
+    pub shard: u16,
+    pub peer: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub client_name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub connected_ms: u64,
+    pub consumers: u32,
+    pub deliveries_unacked: u64,
+    pub publishes_unconfirmed: u64,
+    pub outbox_bytes: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+impl<'a> Default for ConnectionInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConnectionInfoArgs {
+      id: 0,
+      shard: 0,
+      peer: None,
+      client_name: None,
+      connected_ms: 0,
+      consumers: 0,
+      deliveries_unacked: 0,
+      publishes_unconfirmed: 0,
+      outbox_bytes: 0,
+      bytes_received: 0,
+      bytes_sent: 0,
+    }
+  }
+}
+
+pub struct ConnectionInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConnectionInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_shard(&mut self, shard: u16) {
+    self.fbb_.push_slot::<u16>(ConnectionInfo::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_peer(&mut self, peer: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConnectionInfo::VT_PEER, peer);
+  }
+  #[inline]
+  pub fn add_client_name(&mut self, client_name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConnectionInfo::VT_CLIENT_NAME, client_name);
+  }
+  #[inline]
+  pub fn add_connected_ms(&mut self, connected_ms: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_CONNECTED_MS, connected_ms, 0);
+  }
+  #[inline]
+  pub fn add_consumers(&mut self, consumers: u32) {
+    self.fbb_.push_slot::<u32>(ConnectionInfo::VT_CONSUMERS, consumers, 0);
+  }
+  #[inline]
+  pub fn add_deliveries_unacked(&mut self, deliveries_unacked: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_DELIVERIES_UNACKED, deliveries_unacked, 0);
+  }
+  #[inline]
+  pub fn add_publishes_unconfirmed(&mut self, publishes_unconfirmed: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_PUBLISHES_UNCONFIRMED, publishes_unconfirmed, 0);
+  }
+  #[inline]
+  pub fn add_outbox_bytes(&mut self, outbox_bytes: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_OUTBOX_BYTES, outbox_bytes, 0);
+  }
+  #[inline]
+  pub fn add_bytes_received(&mut self, bytes_received: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_BYTES_RECEIVED, bytes_received, 0);
+  }
+  #[inline]
+  pub fn add_bytes_sent(&mut self, bytes_sent: u64) {
+    self.fbb_.push_slot::<u64>(ConnectionInfo::VT_BYTES_SENT, bytes_sent, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConnectionInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConnectionInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConnectionInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConnectionInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConnectionInfo");
+      ds.field("id", &self.id());
+      ds.field("shard", &self.shard());
+      ds.field("peer", &self.peer());
+      ds.field("client_name", &self.client_name());
+      ds.field("connected_ms", &self.connected_ms());
+      ds.field("consumers", &self.consumers());
+      ds.field("deliveries_unacked", &self.deliveries_unacked());
+      ds.field("publishes_unconfirmed", &self.publishes_unconfirmed());
+      ds.field("outbox_bytes", &self.outbox_bytes());
+      ds.field("bytes_received", &self.bytes_received());
+      ds.field("bytes_sent", &self.bytes_sent());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionInfoT {
+  pub id: u64,
+  pub shard: u16,
+  pub peer: Option<alloc::string::String>,
+  pub client_name: Option<alloc::string::String>,
+  pub connected_ms: u64,
+  pub consumers: u32,
+  pub deliveries_unacked: u64,
+  pub publishes_unconfirmed: u64,
+  pub outbox_bytes: u64,
+  pub bytes_received: u64,
+  pub bytes_sent: u64,
+}
+impl Default for ConnectionInfoT {
+  fn default() -> Self {
+    Self {
+      id: 0,
+      shard: 0,
+      peer: None,
+      client_name: None,
+      connected_ms: 0,
+      consumers: 0,
+      deliveries_unacked: 0,
+      publishes_unconfirmed: 0,
+      outbox_bytes: 0,
+      bytes_received: 0,
+      bytes_sent: 0,
+    }
+  }
+}
+impl ConnectionInfoT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ConnectionInfo<'b>> {
+    let id = self.id;
+    let shard = self.shard;
+    let peer = self.peer.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let client_name = self.client_name.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let connected_ms = self.connected_ms;
+    let consumers = self.consumers;
+    let deliveries_unacked = self.deliveries_unacked;
+    let publishes_unconfirmed = self.publishes_unconfirmed;
+    let outbox_bytes = self.outbox_bytes;
+    let bytes_received = self.bytes_received;
+    let bytes_sent = self.bytes_sent;
+    ConnectionInfo::create(_fbb, &ConnectionInfoArgs{
+      id,
+      shard,
+      peer,
+      client_name,
+      connected_ms,
+      consumers,
+      deliveries_unacked,
+      publishes_unconfirmed,
+      outbox_bytes,
+      bytes_received,
+      bytes_sent,
+    })
+  }
+}
+pub enum ConnectionListOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ConnectionList<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConnectionList<'a> {
+  type Inner = ConnectionList<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConnectionList<'a> {
+  pub const VT_CONNECTIONS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MORE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConnectionList { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConnectionListArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConnectionList<'bldr>> {
+    let mut builder = ConnectionListBuilder::new(_fbb);
+    if let Some(x) = args.connections { builder.add_connections(x); }
+    builder.add_more(args.more);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ConnectionListT {
+    let connections = self.connections().map(|x| {
+      x.iter().map(|t| t.unpack()).collect()
+    });
+    let more = self.more();
+    ConnectionListT {
+      connections,
+      more,
+    }
+  }
+
+  #[inline]
+  pub fn connections(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConnectionInfo<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConnectionInfo>>>>(ConnectionList::VT_CONNECTIONS, None)}
+  }
+  /// True when more connections follow `connections`' last id.
+  #[inline]
+  pub fn more(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConnectionList::VT_MORE, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConnectionList<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ConnectionInfo>>>>("connections", Self::VT_CONNECTIONS, false)?
+     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConnectionListArgs<'a> {
+    pub connections: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConnectionInfo<'a>>>>>,
+    pub more: bool,
+}
+impl<'a> Default for ConnectionListArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConnectionListArgs {
+      connections: None,
+      more: false,
+    }
+  }
+}
+
+pub struct ConnectionListBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConnectionListBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_connections(&mut self, connections: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ConnectionInfo<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConnectionList::VT_CONNECTIONS, connections);
+  }
+  #[inline]
+  pub fn add_more(&mut self, more: bool) {
+    self.fbb_.push_slot::<bool>(ConnectionList::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConnectionListBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConnectionListBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConnectionList<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConnectionList<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConnectionList");
+      ds.field("connections", &self.connections());
+      ds.field("more", &self.more());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionListT {
+  pub connections: Option<alloc::vec::Vec<ConnectionInfoT>>,
+  pub more: bool,
+}
+impl Default for ConnectionListT {
+  fn default() -> Self {
+    Self {
+      connections: None,
+      more: false,
+    }
+  }
+}
+impl ConnectionListT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ConnectionList<'b>> {
+    let connections = self.connections.as_ref().map(|x|{
+      let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
+    });
+    let more = self.more;
+    ConnectionList::create(_fbb, &ConnectionListArgs{
+      connections,
+      more,
+    })
+  }
+}
+pub enum ListConsumersOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Request: the consumers of queues by name, in (queue, tag) order, a page at a time. Reply:
+/// `ConsumerList`.
+pub struct ListConsumers<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListConsumers<'a> {
+  type Inner = ListConsumers<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListConsumers<'a> {
+  pub const VT_PREFIX: ::flatbuffers::VOffsetT = 4;
+  pub const VT_AFTER_QUEUE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_AFTER_TAG: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LIMIT: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListConsumers { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListConsumersArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListConsumers<'bldr>> {
+    let mut builder = ListConsumersBuilder::new(_fbb);
+    builder.add_limit(args.limit);
+    if let Some(x) = args.after_tag { builder.add_after_tag(x); }
+    if let Some(x) = args.after_queue { builder.add_after_queue(x); }
+    if let Some(x) = args.prefix { builder.add_prefix(x); }
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ListConsumersT {
+    let prefix = self.prefix().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let after_queue = self.after_queue().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let after_tag = self.after_tag().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let limit = self.limit();
+    ListConsumersT {
+      prefix,
+      after_queue,
+      after_tag,
+      limit,
+    }
+  }
+
+  /// Only queues whose names start with this.
+  #[inline]
+  pub fn prefix(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ListConsumers::VT_PREFIX, None)}
+  }
+  /// Only consumers after (after_queue, after_tag): the last of the previous page.
+  #[inline]
+  pub fn after_queue(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ListConsumers::VT_AFTER_QUEUE, None)}
+  }
+  #[inline]
+  pub fn after_tag(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ListConsumers::VT_AFTER_TAG, None)}
+  }
+  /// Most consumers in the reply; 0 means the broker's page size.
+  #[inline]
+  pub fn limit(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListConsumers::VT_LIMIT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListConsumers<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("prefix", Self::VT_PREFIX, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("after_queue", Self::VT_AFTER_QUEUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("after_tag", Self::VT_AFTER_TAG, false)?
+     .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListConsumersArgs<'a> {
+    pub prefix: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub after_queue: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub after_tag: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub limit: u32,
+}
+impl<'a> Default for ListConsumersArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListConsumersArgs {
+      prefix: None,
+      after_queue: None,
+      after_tag: None,
+      limit: 0,
+    }
+  }
+}
+
+pub struct ListConsumersBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListConsumersBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_prefix(&mut self, prefix: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListConsumers::VT_PREFIX, prefix);
+  }
+  #[inline]
+  pub fn add_after_queue(&mut self, after_queue: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListConsumers::VT_AFTER_QUEUE, after_queue);
+  }
+  #[inline]
+  pub fn add_after_tag(&mut self, after_tag: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListConsumers::VT_AFTER_TAG, after_tag);
+  }
+  #[inline]
+  pub fn add_limit(&mut self, limit: u32) {
+    self.fbb_.push_slot::<u32>(ListConsumers::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListConsumersBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListConsumersBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListConsumers<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListConsumers<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListConsumers");
+      ds.field("prefix", &self.prefix());
+      ds.field("after_queue", &self.after_queue());
+      ds.field("after_tag", &self.after_tag());
+      ds.field("limit", &self.limit());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListConsumersT {
+  pub prefix: Option<alloc::string::String>,
+  pub after_queue: Option<alloc::string::String>,
+  pub after_tag: Option<alloc::string::String>,
+  pub limit: u32,
+}
+impl Default for ListConsumersT {
+  fn default() -> Self {
+    Self {
+      prefix: None,
+      after_queue: None,
+      after_tag: None,
+      limit: 0,
+    }
+  }
+}
+impl ListConsumersT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ListConsumers<'b>> {
+    let prefix = self.prefix.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let after_queue = self.after_queue.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let after_tag = self.after_tag.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let limit = self.limit;
+    ListConsumers::create(_fbb, &ListConsumersArgs{
+      prefix,
+      after_queue,
+      after_tag,
+      limit,
+    })
+  }
+}
+pub enum ConsumerInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One consumer.
+pub struct ConsumerInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConsumerInfo<'a> {
+  type Inner = ConsumerInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConsumerInfo<'a> {
+  pub const VT_QUEUE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TAG: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CONNECTION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_PREFETCH: ::flatbuffers::VOffsetT = 12;
+  pub const VT_UNACKED: ::flatbuffers::VOffsetT = 14;
+  pub const VT_AUTO_ACK: ::flatbuffers::VOffsetT = 16;
+  pub const VT_PRIORITY: ::flatbuffers::VOffsetT = 18;
+  pub const VT_ACTIVE: ::flatbuffers::VOffsetT = 20;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConsumerInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConsumerInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConsumerInfo<'bldr>> {
+    let mut builder = ConsumerInfoBuilder::new(_fbb);
+    builder.add_connection(args.connection);
+    builder.add_priority(args.priority);
+    builder.add_unacked(args.unacked);
+    builder.add_prefetch(args.prefetch);
+    if let Some(x) = args.tag { builder.add_tag(x); }
+    if let Some(x) = args.queue { builder.add_queue(x); }
+    builder.add_shard(args.shard);
+    builder.add_active(args.active);
+    builder.add_auto_ack(args.auto_ack);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ConsumerInfoT {
+    let queue = self.queue().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let tag = self.tag().map(|x| {
+      alloc::string::ToString::to_string(x)
+    });
+    let shard = self.shard();
+    let connection = self.connection();
+    let prefetch = self.prefetch();
+    let unacked = self.unacked();
+    let auto_ack = self.auto_ack();
+    let priority = self.priority();
+    let active = self.active();
+    ConsumerInfoT {
+      queue,
+      tag,
+      shard,
+      connection,
+      prefetch,
+      unacked,
+      auto_ack,
+      priority,
+      active,
+    }
+  }
+
+  #[inline]
+  pub fn queue(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ConsumerInfo::VT_QUEUE, None)}
+  }
+  #[inline]
+  pub fn tag(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ConsumerInfo::VT_TAG, None)}
+  }
+  /// The queue's owner.
+  #[inline]
+  pub fn shard(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(ConsumerInfo::VT_SHARD, Some(0)).unwrap()}
+  }
+  /// The connection it delivers to (`ConnectionInfo.id`).
+  #[inline]
+  pub fn connection(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ConsumerInfo::VT_CONNECTION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn prefetch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConsumerInfo::VT_PREFETCH, Some(0)).unwrap()}
+  }
+  /// Deliveries it holds unsettled.
+  #[inline]
+  pub fn unacked(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ConsumerInfo::VT_UNACKED, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn auto_ack(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConsumerInfo::VT_AUTO_ACK, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn priority(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(ConsumerInfo::VT_PRIORITY, Some(0)).unwrap()}
+  }
+  /// False only for a waiting consumer of a `single_active_consumer` queue.
+  #[inline]
+  pub fn active(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConsumerInfo::VT_ACTIVE, Some(true)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConsumerInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("queue", Self::VT_QUEUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("tag", Self::VT_TAG, false)?
+     .visit_field::<u16>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u64>("connection", Self::VT_CONNECTION, false)?
+     .visit_field::<u32>("prefetch", Self::VT_PREFETCH, false)?
+     .visit_field::<u32>("unacked", Self::VT_UNACKED, false)?
+     .visit_field::<bool>("auto_ack", Self::VT_AUTO_ACK, false)?
+     .visit_field::<i32>("priority", Self::VT_PRIORITY, false)?
+     .visit_field::<bool>("active", Self::VT_ACTIVE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConsumerInfoArgs<'a> {
+    pub queue: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub tag: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub shard: u16,
+    pub connection: u64,
+    pub prefetch: u32,
+    pub unacked: u32,
+    pub auto_ack: bool,
+    pub priority: i32,
+    pub active: bool,
+}
+impl<'a> Default for ConsumerInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConsumerInfoArgs {
+      queue: None,
+      tag: None,
+      shard: 0,
+      connection: 0,
+      prefetch: 0,
+      unacked: 0,
+      auto_ack: false,
+      priority: 0,
+      active: true,
+    }
+  }
+}
+
+pub struct ConsumerInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConsumerInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_queue(&mut self, queue: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConsumerInfo::VT_QUEUE, queue);
+  }
+  #[inline]
+  pub fn add_tag(&mut self, tag: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConsumerInfo::VT_TAG, tag);
+  }
+  #[inline]
+  pub fn add_shard(&mut self, shard: u16) {
+    self.fbb_.push_slot::<u16>(ConsumerInfo::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_connection(&mut self, connection: u64) {
+    self.fbb_.push_slot::<u64>(ConsumerInfo::VT_CONNECTION, connection, 0);
+  }
+  #[inline]
+  pub fn add_prefetch(&mut self, prefetch: u32) {
+    self.fbb_.push_slot::<u32>(ConsumerInfo::VT_PREFETCH, prefetch, 0);
+  }
+  #[inline]
+  pub fn add_unacked(&mut self, unacked: u32) {
+    self.fbb_.push_slot::<u32>(ConsumerInfo::VT_UNACKED, unacked, 0);
+  }
+  #[inline]
+  pub fn add_auto_ack(&mut self, auto_ack: bool) {
+    self.fbb_.push_slot::<bool>(ConsumerInfo::VT_AUTO_ACK, auto_ack, false);
+  }
+  #[inline]
+  pub fn add_priority(&mut self, priority: i32) {
+    self.fbb_.push_slot::<i32>(ConsumerInfo::VT_PRIORITY, priority, 0);
+  }
+  #[inline]
+  pub fn add_active(&mut self, active: bool) {
+    self.fbb_.push_slot::<bool>(ConsumerInfo::VT_ACTIVE, active, true);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConsumerInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConsumerInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConsumerInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConsumerInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConsumerInfo");
+      ds.field("queue", &self.queue());
+      ds.field("tag", &self.tag());
+      ds.field("shard", &self.shard());
+      ds.field("connection", &self.connection());
+      ds.field("prefetch", &self.prefetch());
+      ds.field("unacked", &self.unacked());
+      ds.field("auto_ack", &self.auto_ack());
+      ds.field("priority", &self.priority());
+      ds.field("active", &self.active());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerInfoT {
+  pub queue: Option<alloc::string::String>,
+  pub tag: Option<alloc::string::String>,
+  pub shard: u16,
+  pub connection: u64,
+  pub prefetch: u32,
+  pub unacked: u32,
+  pub auto_ack: bool,
+  pub priority: i32,
+  pub active: bool,
+}
+impl Default for ConsumerInfoT {
+  fn default() -> Self {
+    Self {
+      queue: None,
+      tag: None,
+      shard: 0,
+      connection: 0,
+      prefetch: 0,
+      unacked: 0,
+      auto_ack: false,
+      priority: 0,
+      active: true,
+    }
+  }
+}
+impl ConsumerInfoT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ConsumerInfo<'b>> {
+    let queue = self.queue.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let tag = self.tag.as_ref().map(|x|{
+      _fbb.create_string(x)
+    });
+    let shard = self.shard;
+    let connection = self.connection;
+    let prefetch = self.prefetch;
+    let unacked = self.unacked;
+    let auto_ack = self.auto_ack;
+    let priority = self.priority;
+    let active = self.active;
+    ConsumerInfo::create(_fbb, &ConsumerInfoArgs{
+      queue,
+      tag,
+      shard,
+      connection,
+      prefetch,
+      unacked,
+      auto_ack,
+      priority,
+      active,
+    })
+  }
+}
+pub enum ConsumerListOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ConsumerList<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ConsumerList<'a> {
+  type Inner = ConsumerList<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ConsumerList<'a> {
+  pub const VT_CONSUMERS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MORE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ConsumerList { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ConsumerListArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ConsumerList<'bldr>> {
+    let mut builder = ConsumerListBuilder::new(_fbb);
+    if let Some(x) = args.consumers { builder.add_consumers(x); }
+    builder.add_more(args.more);
+    builder.finish()
+  }
+
+  pub fn unpack(&self) -> ConsumerListT {
+    let consumers = self.consumers().map(|x| {
+      x.iter().map(|t| t.unpack()).collect()
+    });
+    let more = self.more();
+    ConsumerListT {
+      consumers,
+      more,
+    }
+  }
+
+  #[inline]
+  pub fn consumers(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConsumerInfo<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConsumerInfo>>>>(ConsumerList::VT_CONSUMERS, None)}
+  }
+  /// True when more consumers follow the last one of `consumers`.
+  #[inline]
+  pub fn more(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ConsumerList::VT_MORE, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ConsumerList<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ConsumerInfo>>>>("consumers", Self::VT_CONSUMERS, false)?
+     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ConsumerListArgs<'a> {
+    pub consumers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConsumerInfo<'a>>>>>,
+    pub more: bool,
+}
+impl<'a> Default for ConsumerListArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ConsumerListArgs {
+      consumers: None,
+      more: false,
+    }
+  }
+}
+
+pub struct ConsumerListBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ConsumerListBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_consumers(&mut self, consumers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ConsumerInfo<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ConsumerList::VT_CONSUMERS, consumers);
+  }
+  #[inline]
+  pub fn add_more(&mut self, more: bool) {
+    self.fbb_.push_slot::<bool>(ConsumerList::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ConsumerListBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ConsumerListBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ConsumerList<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ConsumerList<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ConsumerList");
+      ds.field("consumers", &self.consumers());
+      ds.field("more", &self.more());
+      ds.finish()
+  }
+}
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerListT {
+  pub consumers: Option<alloc::vec::Vec<ConsumerInfoT>>,
+  pub more: bool,
+}
+impl Default for ConsumerListT {
+  fn default() -> Self {
+    Self {
+      consumers: None,
+      more: false,
+    }
+  }
+}
+impl ConsumerListT {
+  pub fn pack<'b, A: ::flatbuffers::Allocator + 'b>(
+    &self,
+    _fbb: &mut ::flatbuffers::FlatBufferBuilder<'b, A>
+  ) -> ::flatbuffers::WIPOffset<ConsumerList<'b>> {
+    let consumers = self.consumers.as_ref().map(|x|{
+      let w: alloc::vec::Vec<_> = x.iter().map(|t| t.pack(_fbb)).collect();_fbb.create_vector(&w)
+    });
+    let more = self.more;
+    ConsumerList::create(_fbb, &ConsumerListArgs{
+      consumers,
+      more,
     })
   }
 }
@@ -12485,6 +14608,26 @@ impl<'a> Frame<'a> {
       Body::Status => BodyT::Status(alloc::boxed::Box::new(
         self.body_as_status()
             .expect("Invalid union table, expected `Body::Status`.")
+            .unpack()
+      )),
+      Body::ListConnections => BodyT::ListConnections(alloc::boxed::Box::new(
+        self.body_as_list_connections()
+            .expect("Invalid union table, expected `Body::ListConnections`.")
+            .unpack()
+      )),
+      Body::ConnectionList => BodyT::ConnectionList(alloc::boxed::Box::new(
+        self.body_as_connection_list()
+            .expect("Invalid union table, expected `Body::ConnectionList`.")
+            .unpack()
+      )),
+      Body::ListConsumers => BodyT::ListConsumers(alloc::boxed::Box::new(
+        self.body_as_list_consumers()
+            .expect("Invalid union table, expected `Body::ListConsumers`.")
+            .unpack()
+      )),
+      Body::ConsumerList => BodyT::ConsumerList(alloc::boxed::Box::new(
+        self.body_as_consumer_list()
+            .expect("Invalid union table, expected `Body::ConsumerList`.")
             .unpack()
       )),
       _ => BodyT::NONE,
@@ -13105,6 +15248,62 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_connections(&self) -> Option<ListConnections<'a>> {
+    if self.body_type() == Body::ListConnections {
+      let u = self.body();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ListConnections::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_connection_list(&self) -> Option<ConnectionList<'a>> {
+    if self.body_type() == Body::ConnectionList {
+      let u = self.body();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ConnectionList::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_consumers(&self) -> Option<ListConsumers<'a>> {
+    if self.body_type() == Body::ListConsumers {
+      let u = self.body();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ListConsumers::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_consumer_list(&self) -> Option<ConsumerList<'a>> {
+    if self.body_type() == Body::ConsumerList {
+      let u = self.body();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ConsumerList::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -13158,6 +15357,10 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::GetOk => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetOk>>("Body::GetOk", pos),
           Body::GetStatus => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetStatus>>("Body::GetStatus", pos),
           Body::Status => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Status>>("Body::Status", pos),
+          Body::ListConnections => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListConnections>>("Body::ListConnections", pos),
+          Body::ConnectionList => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ConnectionList>>("Body::ConnectionList", pos),
+          Body::ListConsumers => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListConsumers>>("Body::ListConsumers", pos),
+          Body::ConsumerList => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ConsumerList>>("Body::ConsumerList", pos),
           _ => Ok(()),
         }
      })?
@@ -13509,6 +15712,34 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::Status => {
           if let Some(x) = self.body_as_status() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ListConnections => {
+          if let Some(x) = self.body_as_list_connections() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ConnectionList => {
+          if let Some(x) = self.body_as_connection_list() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ListConsumers => {
+          if let Some(x) = self.body_as_list_consumers() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ConsumerList => {
+          if let Some(x) = self.body_as_consumer_list() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
