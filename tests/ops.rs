@@ -203,7 +203,7 @@ fn the_ready_line_names_the_absolute_data_directory_new_or_recovered_and_the_fsy
     let broker = Broker::start(&dir, &["--cpus", "0,1"]);
     let line = broker.ready_line.clone();
     assert!(
-        line.ends_with("(recovered: 0 durable queues, 0 messages)"),
+        line.contains("(recovered: 0 durable queues, 0 messages)"),
         "not new the second time: {line}"
     );
     queue_with(&broker, "kept", 3);
@@ -213,7 +213,7 @@ fn the_ready_line_names_the_absolute_data_directory_new_or_recovered_and_the_fsy
     let line = broker.ready_line.clone();
     assert!(line.contains("fsync always"), "{line}");
     assert!(
-        line.ends_with(&format!(
+        line.contains(&format!(
             "data_dir {} (recovered: 2 durable queues, 4 messages)",
             absolute.display()
         )),
