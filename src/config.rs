@@ -43,6 +43,15 @@ impl FsyncPolicy {
     }
 }
 
+/// How `weir serve` writes its log lines (to stderr).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event, its spans (`shard{shard=0}:connection{connection=..}`) first.
+    Text,
+    /// One JSON object per line, with its spans and their fields, for journald or a collector.
+    Json,
+}
+
 /// Which CPUs run shards.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cpus {
@@ -69,6 +78,8 @@ pub struct Config {
     /// glommio's pool of DMA buffers per shard, bytes.
     pub io_memory_bytes: usize,
     pub limits: Limits,
+    /// How log lines are written: text (default) or JSON.
+    pub log_format: LogFormat,
 }
 
 impl Default for Config {
@@ -83,25 +94,80 @@ impl Default for Config {
             spin_before_park_us: 0,
             io_memory_bytes: 8 << 20,
             limits: Limits::DEFAULT,
+            log_format: LogFormat::Text,
         }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {reason}")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
     /// The key as the user wrote it: `limits.prefetch_max`, `WEIR_FSYNC`, `--cpus`, ...
     pub key: String,
     pub reason: String,
+    /// The configuration file the bad value came from; `None` for flags, variables and keys
+    /// that no file set.
+    pub file: Option<PathBuf>,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}: {}: {}", file.display(), self.key, self.reason),
+            None => write!(f, "{}: {}", self.key, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     fn new(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError {
             key: key.into(),
             reason: reason.into(),
+            file: None,
         }
     }
+
+    fn in_file(mut self, path: &Path) -> ConfigError {
+        self.file = Some(path.to_path_buf());
+        self
+    }
+}
+
+/// A TOML error as one line naming the key the user wrote (`limits.prefetch_max`, found from
+/// the error's position: the key on its line, under the table header above it) and the line;
+/// toml's own message carries serde's words, with the internal type names replaced.
+fn toml_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map_or(0, |s| s.start).min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let lines: Vec<&str> = text.lines().collect();
+    let line = lines.get(line_no - 1).copied().unwrap_or("").trim();
+    let header = |l: &str| {
+        let l = l.trim();
+        (l.starts_with('[') && l.ends_with(']'))
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    };
+    let key = match header(line) {
+        Some(table) => Some(table),
+        None => line.split_once('=').map(|(k, _)| {
+            let k = k.trim().trim_matches('"').to_string();
+            let table = lines[..(line_no - 1).min(lines.len())]
+                .iter()
+                .rev()
+                .find_map(|l| header(l));
+            match table {
+                Some(t) => format!("{t}.{k}"),
+                None => k,
+            }
+        }),
+    };
+    let message = e.message().trim_end().replace('\n', "; ");
+    ConfigError::new(
+        key.unwrap_or_else(|| format!("line {line_no}")),
+        format!("{message} (line {line_no})"),
+    )
+    .in_file(path)
 }
 
 /// The file format: every key optional, unknown keys refused.
@@ -121,17 +187,25 @@ struct FileConfig {
     /// weir-loadgen's part of a tuning profile; not the broker's business.
     #[allow(dead_code)]
     loadgen: Option<toml::Table>,
+    /// "text" or "json".
+    log_format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected \"all\" or a list of CPU numbers like [0, 1]"
+)]
 enum CpusValue {
     Word(String),
     List(Vec<usize>),
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table of limits: [limits] with keys like prefetch_max = 1000"
+)]
 struct FileLimits {
     frame_size_max: Option<u32>,
     message_size_max: Option<u32>,
@@ -179,6 +253,7 @@ pub struct Flags {
     pub data_dir: Option<PathBuf>,
     pub cpus: Option<String>,
     pub fsync: Option<String>,
+    pub log_format: Option<String>,
 }
 
 impl Config {
@@ -189,15 +264,20 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut config = Config::default();
+        // Keys a variable or flag set after the file: a later error about them is not the file's.
+        // (key, the variable or flag that set it), the last one the one in force.
+        let mut overridden: Vec<(&str, &str)> = Vec::new();
         let path = flags
             .config
             .clone()
             .or_else(|| env("WEIR_CONFIG").map(PathBuf::from));
-        if let Some(path) = path {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
+        if let Some(path) = &path {
+            let text = std::fs::read_to_string(path).map_err(|e| {
                 ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
             })?;
-            config.apply_file(&text, &path)?;
+            config
+                .apply_file(&text, path)
+                .map_err(|e| e.in_file(path))?;
         }
         let vars = [
             ("WEIR_LISTEN", "listen"),
@@ -205,12 +285,14 @@ impl Config {
             ("WEIR_DATA_DIR", "data_dir"),
             ("WEIR_CPUS", "cpus"),
             ("WEIR_FSYNC", "fsync"),
+            ("WEIR_LOG_FORMAT", "log_format"),
         ];
         for (var, key) in vars {
             if let Some(value) = env(var) {
                 config
                     .set(key, &value)
                     .map_err(|reason| ConfigError::new(var, reason))?;
+                overridden.push((key, var));
             }
         }
         let given = [
@@ -227,26 +309,37 @@ impl Config {
             ),
             ("--cpus", "cpus", flags.cpus.clone()),
             ("--fsync", "fsync", flags.fsync.clone()),
+            ("--log-format", "log_format", flags.log_format.clone()),
         ];
         for (flag, key, value) in given {
             if let Some(value) = value {
                 config
                     .set(key, &value)
                     .map_err(|reason| ConfigError::new(flag, reason))?;
+                overridden.push((key, flag));
             }
         }
-        config.check()?;
+        if let Some(&(_, source)) = overridden.iter().rev().find(|(k, _)| *k == "fsync") {
+            overridden.push(("fsync_interval_ms", source));
+        }
+        config.check().map_err(|mut e| {
+            match overridden.iter().rev().find(|(k, _)| *k == e.key) {
+                // Named as the user set it: `WEIR_CPUS`, `--fsync`.
+                Some(&(_, source)) => {
+                    e.key = source.to_string();
+                    e
+                }
+                None => match &path {
+                    Some(path) => e.in_file(path),
+                    None => e,
+                },
+            }
+        })?;
         Ok(config)
     }
 
     fn apply_file(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| {
-            // toml's message names the key or the line; keep it whole, prefixed by the file.
-            ConfigError::new(
-                path.display().to_string(),
-                e.to_string().trim_end().to_string(),
-            )
-        })?;
+        let file: FileConfig = toml::from_str(text).map_err(|e| toml_error(text, path, &e))?;
         if let Some(v) = file.listen {
             self.set("listen", &v)
                 .map_err(|r| ConfigError::new("listen", r))?;
@@ -276,6 +369,10 @@ impl Config {
         }
         if let Some(v) = file.io_memory_bytes {
             self.io_memory_bytes = v;
+        }
+        if let Some(v) = file.log_format {
+            self.set("log_format", &v)
+                .map_err(|r| ConfigError::new("log_format", r))?;
         }
         if let Some(l) = file.limits {
             let (w, s, b) = (
@@ -381,6 +478,13 @@ impl Config {
                             "'{value}' is not one of always, interval:MS, never"
                         ))
                     }
+                }
+            }
+            "log_format" => {
+                self.log_format = match value {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => return Err(format!("'{value}' is not one of text, json")),
                 }
             }
             _ => unreachable!("no such key {key}"),
@@ -649,5 +753,45 @@ mod tests {
         );
         let err = load_file("[limits]\nproducer_window_max = 100\n").unwrap_err();
         assert_eq!(err.key, "limits.producer_window_max", "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key_users_write() {
+        let err = load_file("[limits]\nprefetch_max = \"x\"\n").unwrap_err();
+        assert_eq!(err.key, "limits.prefetch_max", "{err}");
+        assert!(err.file.is_some(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains(".toml: limits.prefetch_max: invalid type"),
+            "{text}"
+        );
+        assert!(text.contains("(line 2)"), "{text}");
+        // No internal names: not the untagged enum's, not the struct's, not a layer's.
+        let err = load_file("cpus = 3\n").unwrap_err().to_string();
+        assert!(err.contains("cpus: expected \"all\" or a list"), "{err}");
+        assert!(!err.contains("CpusValue"), "{err}");
+        let err = load_file("limits = 3\n").unwrap_err().to_string();
+        assert!(!err.contains("FileLimits"), "{err}");
+        let err = load_file("[limits]\ncommit_bytes_max = 1000\n").unwrap_err();
+        assert_eq!(err.key, "limits.commit_bytes_max", "{err}");
+        let err = load_file("[limits]\nframe_size_max = 100\n").unwrap_err();
+        assert_eq!(err.key, "limits.frame_size_max", "{err}");
+        assert!(
+            err.to_string()
+                .contains(".toml: limits.frame_size_max: 100"),
+            "{err}"
+        );
+        // A value a variable set is named by the variable, not the file under it.
+        let err = Config::load(&Flags::default(), |k| {
+            (k == "WEIR_CPUS").then(|| "0,0".to_string())
+        })
+        .unwrap_err();
+        assert_eq!((err.key.as_str(), err.file.as_ref()), ("WEIR_CPUS", None));
+        let err = load_file("log_format = \"xml\"\n").unwrap_err();
+        assert_eq!(err.key, "log_format", "{err}");
+        assert_eq!(
+            load_file("log_format = \"json\"\n").unwrap().log_format,
+            LogFormat::Json
+        );
     }
 }

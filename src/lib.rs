@@ -4,9 +4,11 @@
 //! - `broker`: the state machines (queue, queue host, routing table, the control plane, journal
 //!   records of the catalog, and every decision the shard shell drives), free of I/O: plain
 //!   structs that take events and return what to do.
-//! - `cli`: the client commands of the `weir` binary (`queue`, `publish`, `consume`, `status`).
+//! - `cli`: the client commands of the `weir` binary (`queue`, `publish`, `consume`, `status`,
+//!   `top`).
 //! - `config`: `weir serve`'s configuration: defaults, TOML file, `WEIR_*` variables, flags.
 //! - `inspect`: offline decoding of frame streams, for debugging captures (`weir inspect`).
+//! - `logs`: `weir serve`'s log subscriber: text or JSON lines, spans naming shard and connection.
 //! - `limits`: every limit of every layer in one registry, with the relations between layers
 //!   asserted.
 //! - `mesh`: what crosses between shards, the bottom of the broker's layers: the plain values
@@ -44,6 +46,7 @@ pub mod cli;
 pub mod config;
 pub mod inspect;
 pub mod limits;
+pub mod logs;
 pub mod mesh;
 pub mod net;
 pub mod rt;

@@ -253,12 +253,19 @@ impl Limits {
 
     /// Checks every layer and the relations between them; the error names the key and the reason.
     pub fn check(&self) -> Result<(), LimitError> {
-        self.wire
-            .check()
-            .map_err(|e| LimitError::new("limits.wire", e.to_string()))?;
-        self.storage
-            .check()
-            .map_err(|e| LimitError::new("limits.storage", e.to_string()))?;
+        // Each layer names its own field; the configuration file calls it `limits.<field>`.
+        self.wire.check().map_err(|e| match e {
+            weir_protocol::ProtocolError::Limits { limit, reason } => {
+                LimitError::new(format!("limits.{limit}"), reason)
+            }
+            other => LimitError::new("limits", other.to_string()),
+        })?;
+        self.storage.check().map_err(|e| match e {
+            crate::storage::StorageError::Limit { key, reason } => {
+                LimitError::new(format!("limits.{key}"), reason)
+            }
+            other => LimitError::new("limits", other.to_string()),
+        })?;
         let b = &self.broker;
         let positive = [
             (
@@ -487,13 +494,17 @@ impl Default for Limits {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {reason}")]
 pub struct LimitError {
-    pub key: &'static str,
+    /// As the configuration file writes it: `limits.prefetch_max`.
+    pub key: String,
     pub reason: String,
 }
 
 impl LimitError {
-    fn new(key: &'static str, reason: String) -> LimitError {
-        LimitError { key, reason }
+    fn new(key: impl Into<String>, reason: String) -> LimitError {
+        LimitError {
+            key: key.into(),
+            reason,
+        }
     }
 }
 

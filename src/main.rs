@@ -1,5 +1,7 @@
 //! The `weir` command: the broker (`serve`), its client commands (`queue`, `publish`,
-//! `consume`, `status`, in `weir::cli`), and offline tools (`inspect`).
+//! `consume`, `status`, `top`, in `weir::cli`), and offline tools (`inspect`). `serve` loads
+//! the configuration first, then installs the log (`weir::logs`, whose format it names); a bad
+//! configuration or `RUST_LOG` exits 2 before anything starts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +19,10 @@ struct Cli {
 enum Command {
     /// Run the broker. With no options: 127.0.0.1:5680, ./weir-data, one shard per allowed CPU,
     /// fsync = always. Options override `--config`/`WEIR_CONFIG`, which override the defaults;
-    /// WEIR_LISTEN, WEIR_SHARD_PORT_BASE, WEIR_DATA_DIR, WEIR_CPUS and WEIR_FSYNC sit in between.
+    /// WEIR_LISTEN, WEIR_SHARD_PORT_BASE, WEIR_DATA_DIR, WEIR_CPUS, WEIR_FSYNC and
+    /// WEIR_LOG_FORMAT sit in between. ./weir-data is relative to the working directory: a
+    /// service should give an absolute --data-dir (the ready line prints the absolute path and
+    /// whether the directory was new or recovered).
     Serve(ServeArgs),
     /// Decode a file of length-prefixed weir frames (`-` for stdin) and print each frame.
     Inspect {
@@ -51,16 +56,24 @@ struct ServeArgs {
     /// Shard i also listens on this + i, for shard-aware clients (0: any free ports).
     #[arg(long, value_name = "PORT")]
     shard_port_base: Option<u16>,
-    /// The data directory (journals, layout).
+    /// The data directory (journals, layout); default ./weir-data, relative to the working
+    /// directory.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// CPUs to run shards on: "all", or a list like 0,1.
     #[arg(long, value_name = "LIST")]
     cpus: Option<String>,
-    /// What a confirm means: always (fdatasync done), interval:MS (fdatasync within MS ms),
-    /// never (the OS decides when).
+    /// What a confirm of a persistent message means. always (the default): its record is on
+    /// disk, the fdatasync of its group commit returned. interval:MS and never: it is staged
+    /// for the next group commit, not yet written, so a crash can lose confirmed messages. The
+    /// journal still writes and fdatasyncs every group commit at once (about a millisecond),
+    /// so today MS is checked and reported but changes nothing, and never promises no bound.
     #[arg(long, value_name = "always|interval:MS|never")]
     fsync: Option<String>,
+    /// Log lines on stderr as text (default) or JSON objects, one per line, each with its
+    /// shard and connection; RUST_LOG filters them (default info; a bad directive is refused).
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -73,14 +86,6 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let flags = weir::config::Flags {
         config: args.config,
         listen: args.listen,
@@ -88,6 +93,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         cpus: args.cpus,
         fsync: args.fsync,
+        log_format: args.log_format,
     };
     let config = match weir::config::Config::load(&flags, |k| std::env::var(k).ok()) {
         Ok(c) => c,
@@ -96,6 +102,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // After the configuration, which names the log format; its errors go to stderr as they are.
+    let rust_log = std::env::var("RUST_LOG").ok();
+    if let Err(e) = weir::logs::init(config.log_format, rust_log.as_deref()) {
+        eprintln!("weir serve: {e}");
+        return ExitCode::from(2);
+    }
     match weir::server::serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(weir::server::ServeError::Config(e)) => {

@@ -3,13 +3,16 @@
 //! Contract: runs on the main thread. It checks the CPUs against the process's affinity, locks
 //! the data directory for the process's life (one broker per directory), checks (or records) its
 //! shard layout, binds every listener (so a port in use, by another broker too, is one clear
-//! error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
-//! executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
-//! Nothing here is on the data path.
+//! error, and port 0 resolves once for all shards), prints one ready line (the data directory's
+//! absolute path, new or recovered with how many queues and messages, the fsync policy with its
+//! interval), starts one pinned executor per shard, each in its `shard` tracing span, and joins
+//! them. SIGTERM and SIGINT set the stop flag the shards watch. Nothing here is on the data path.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
-//! exits non-zero with it before serving anything. A panic on any thread, a shard's above all,
-//! aborts the process (fail-stop, `fail_stop_on_panic`).
+//! exits non-zero with it before serving anything; an executor that could not start (a
+//! locked-memory limit too low for glommio) is named with the limit and how to raise it. A
+//! panic on any thread, a shard's above all, aborts the process (fail-stop,
+//! `fail_stop_on_panic`).
 
 use std::fs;
 use std::io::Write;
@@ -101,6 +104,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let shard_count = cpus.len();
     // Held until the shards have stopped: the kernel drops it when the process ends, however.
     let _lock = lock_data_dir(&config.data_dir)?;
+    // Before the layout is recorded: no layout means no broker ever served this directory.
+    let fresh = !config.data_dir.join(LAYOUT_FILE).exists();
     check_layout(&config.data_dir, shard_count)?;
 
     // Bind everything before starting anything.
@@ -193,38 +198,62 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             io_memory_bytes: config.io_memory_bytes,
             spin_before_park: Duration::from_micros(config.spin_before_park_us),
         };
-        let handle =
-            spawn_pinned(&options, move || shard::run(setup)).map_err(|e| ServeError::Shard {
-                shard: i as u16,
-                reason: format!("cannot start on CPU {cpu}: {e}"),
-            })?;
+        // Every log line of the shard's thread, its connections' included, names the shard.
+        let span = tracing::info_span!("shard", shard = i);
+        let run = move || tracing::Instrument::instrument(shard::run(setup), span);
+        let handle = spawn_pinned(&options, run).map_err(|e| ServeError::Shard {
+            shard: i as u16,
+            reason: format!("cannot start on CPU {cpu}: {e}"),
+        })?;
         handles.push(handle);
     }
 
     // Ready means recovered: every shard has replayed its journal before anyone is told to come.
     drop(recovered_tx);
     let mut failure = None;
+    let mut found = Found {
+        fresh,
+        queues: 0,
+        messages: 0,
+    };
     for _ in 0..shard_count {
         match recovered_rx.recv() {
-            Ok(Ok(summary)) => tracing::info!("{summary}"),
+            Ok(Ok(recovered)) => {
+                tracing::info!("{}", recovered.summary);
+                found.queues += recovered.queues;
+                found.messages += recovered.messages;
+            }
             Ok(Err(reason)) => {
                 // The others may be waiting for this one (the control plane's routing table
                 // comes from shard 0): stop them now rather than wait for their answers.
-                failure.get_or_insert(reason);
+                failure.get_or_insert(Some(reason));
                 break;
             }
             Err(_) => {
-                failure.get_or_insert("a shard stopped before recovering its journal".to_string());
+                failure.get_or_insert(None);
                 break;
             }
         }
     }
     if let Some(reason) = failure {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for handle in handles {
-            let _ = handle.join();
+        // A shard that stopped without a word failed to start its executor: its join says why.
+        let mut start_failure = None;
+        for (i, handle) in handles.into_iter().enumerate() {
+            if let Err(e) = handle.join() {
+                start_failure.get_or_insert(ServeError::Shard {
+                    shard: i as u16,
+                    reason: executor_failure(&e, config.io_memory_bytes),
+                });
+            }
         }
-        return Err(ServeError::Recovery(reason));
+        return Err(match (reason, start_failure) {
+            (None, Some(e)) => e,
+            (Some(reason), _) => ServeError::Recovery(reason),
+            (None, None) => {
+                ServeError::Recovery("a shard stopped before recovering its journal".to_string())
+            }
+        });
     }
     // The replay's scratch (every recovered message passed through a map) is freed by now, but
     // glibc keeps freed small chunks resident: about 80 bytes per recovered message, measured.
@@ -234,7 +263,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     unsafe {
         libc::malloc_trim(0);
     }
-    ready_line(&config, listen, &shard_ports, &cpus);
+    ready_line(&config, listen, &shard_ports, &cpus, &found);
 
     let mut first_error = None;
     for (i, handle) in handles.into_iter().enumerate() {
@@ -251,9 +280,57 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
 }
 
+/// Why a shard's executor did not start, in words a newcomer can act on. glommio locks memory
+/// for io_uring and its DMA buffer pool (`io_memory_bytes`) as the executor starts; a locked-memory
+/// limit (RLIMIT_MEMLOCK) too low for them fails there, with ENOMEM, before any journal is read.
+fn executor_failure(e: &std::io::Error, io_memory_bytes: usize) -> String {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one struct it is given.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0;
+    // glommio 0.9 refuses a soft limit under 512 KiB outright (`MemLockLimit(limit/minimum)`,
+    // as its io::Error says it); an io_uring that cannot lock its rings fails with ENOMEM.
+    let text = e.to_string();
+    let memlock = text.contains("MemLockLimit")
+        || e.raw_os_error() == Some(libc::ENOMEM)
+        || text.contains("Cannot allocate memory");
+    if memlock && known && limit.rlim_cur != libc::RLIM_INFINITY {
+        format!(
+            "cannot start its executor ({text}): the locked-memory limit (RLIMIT_MEMLOCK) is \
+             {} KiB, too low for io_uring (glommio needs at least 512 KiB) and the DMA buffer \
+             pool (io_memory_bytes = {io_memory_bytes} per shard). Raise it: \
+             LimitMEMLOCK=infinity in the systemd unit (ops/weir.service), `ulimit -l unlimited` \
+             in the shell that starts weir, or memlock in /etc/security/limits.conf; or lower \
+             io_memory_bytes",
+            limit.rlim_cur / 1024
+        )
+    } else {
+        format!("cannot start its executor: {e}")
+    }
+}
+
+/// What the data directory held when the broker started, for the ready line.
+struct Found {
+    /// No broker had served it before (no layout file): it starts empty.
+    fresh: bool,
+    /// Durable queues and their messages recovered, all shards.
+    queues: u64,
+    messages: u64,
+}
+
 /// One line on stdout once every listener is bound, for humans and for scripts and tests that
-/// started the broker on port 0.
-fn ready_line(config: &Config, listen: SocketAddr, shard_ports: &[u16], cpus: &[usize]) {
+/// started the broker on port 0. The data directory is named by its absolute path and said to
+/// be new or recovered (with what it held): the default `./weir-data` follows the working
+/// directory, and a broker started from another one must not look like one that lost its data.
+fn ready_line(
+    config: &Config,
+    listen: SocketAddr,
+    shard_ports: &[u16],
+    cpus: &[usize],
+    found: &Found,
+) {
     let ports: Vec<String> = shard_ports.iter().map(u16::to_string).collect();
     let cpus: Vec<String> = cpus.iter().map(usize::to_string).collect();
     let mut out = std::io::stdout().lock();
@@ -262,10 +339,38 @@ fn ready_line(config: &Config, listen: SocketAddr, shard_ports: &[u16], cpus: &[
         "weir ready: listen {listen} shard_ports {} cpus {} fsync {} data_dir {}",
         ports.join(","),
         cpus.join(","),
-        config.fsync.name(),
-        config.data_dir.display()
+        fsync_words(config),
+        data_dir_words(&config.data_dir, found)
     );
     let _ = out.flush();
+}
+
+/// The fsync policy as the ready line says it: `always`, `interval 5 ms`, `never`.
+fn fsync_words(config: &Config) -> String {
+    match config.fsync {
+        FsyncPolicy::Interval => format!("interval {} ms", config.fsync_interval_ms),
+        policy => policy.name().to_string(),
+    }
+}
+
+/// `/abs/path (new: ...)` or `/abs/path (recovered: N durable queues, M messages)`.
+fn data_dir_words(dir: &Path, found: &Found) -> String {
+    let absolute = fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf());
+    if found.fresh {
+        format!(
+            "{} (new: created empty, no earlier data here)",
+            absolute.display()
+        )
+    } else {
+        format!(
+            "{} (recovered: {} durable queues, {} messages)",
+            absolute.display(),
+            found.queues,
+            found.messages
+        )
+    }
 }
 
 /// Creates the data directory if missing and takes its lock, or refuses a directory another

@@ -1,4 +1,6 @@
-//! `weir consume --queue NAME [--count N] [--prefetch P]`: print each delivery, then ack it.
+//! `weir consume --queue NAME [--count N] [--prefetch P] [--nack | --reject [--requeue]]`:
+//! print each delivery, then ack it (or, to try failure paths from a shell, nack or reject it:
+//! dead-lettered or dropped, or with `--requeue` back to the queue).
 //!
 //! Contract: tokio current-thread runtime; a shard-aware client, so deliveries come from the
 //! queue's own shard. A delivery is acked only after its line has been written and flushed to
@@ -56,6 +58,47 @@ pub struct ConsumeArgs {
     pub priority: i32,
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Nack each message after printing it instead of acking: without --requeue it is
+    /// dead-lettered (to the queue's dead_letter_exchange) or dropped; with --requeue it goes
+    /// back to the queue (redelivered, its failures counted: max_deliveries, retry_delays).
+    #[arg(long, conflicts_with = "reject")]
+    pub nack: bool,
+    /// As --nack, by AMQP's name for one delivery (the broker treats it alike).
+    #[arg(long)]
+    pub reject: bool,
+    /// With --nack or --reject: the message goes back to the queue instead of being
+    /// dead-lettered or dropped.
+    #[arg(long)]
+    pub requeue: bool,
+}
+
+/// What becomes of a printed delivery.
+#[derive(Clone, Copy)]
+enum Settlement {
+    Ack,
+    Nack { requeue: bool },
+    Reject { requeue: bool },
+}
+
+impl Settlement {
+    fn of(args: &ConsumeArgs) -> Settlement {
+        let requeue = args.requeue;
+        if args.nack {
+            Settlement::Nack { requeue }
+        } else if args.reject {
+            Settlement::Reject { requeue }
+        } else {
+            Settlement::Ack
+        }
+    }
+
+    fn settle(self, d: &Delivery) -> SettleFuture {
+        match self {
+            Settlement::Ack => d.ack(),
+            Settlement::Nack { requeue } => d.nack(requeue),
+            Settlement::Reject { requeue } => d.reject(requeue),
+        }
+    }
 }
 
 pub fn run(args: ConsumeArgs) -> ExitCode {
@@ -63,6 +106,12 @@ pub fn run(args: ConsumeArgs) -> ExitCode {
 }
 
 async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
+    if args.requeue && !(args.nack || args.reject) {
+        return Err(Failure::usage(
+            "--requeue goes with --nack or --reject (an ack never requeues)",
+        ));
+    }
+    let settlement = Settlement::of(&args);
     // Installed before connecting: from here on a signal ends the command in order (exit 0).
     let mut interrupt = signal(SignalKind::interrupt())
         .map_err(|e| Failure::failed(format!("installing the Ctrl-C handler: {e}")))?;
@@ -133,7 +182,7 @@ async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
         if hold {
             held.push(delivery);
         } else {
-            acks.push(delivery.ack());
+            acks.push(settlement.settle(&delivery));
             acked += 1;
             if acks.len() >= ACKS_IN_FLIGHT {
                 if let Err(f) = settle(&mut acks, false).await {
@@ -148,7 +197,7 @@ async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
     // deliveries received but not printed go back to the queue with the cancel.
     let cancelled = tokio::time::timeout(FINISH_TIMEOUT, consumer.cancel()).await;
     let mut settled = settle(&mut acks, false).await;
-    let mut late: Vec<SettleFuture> = held.drain(..).map(|d| d.ack()).collect();
+    let mut late: Vec<SettleFuture> = held.drain(..).map(|d| settlement.settle(&d)).collect();
     // An auto-delete queue went with the cancel, and the held deliveries with it: a queue that
     // is gone cannot redeliver them, so their refused acks lose nothing.
     settled = settled.and(settle(&mut late, true).await);
@@ -177,6 +226,27 @@ fn line(d: &Delivery, json: bool) -> Vec<u8> {
             "delivery_count": d.delivery_count(),
             "routing_key": d.routing_key(),
         });
+        // Properties only where a publisher set them, so plain messages' lines stay as they were.
+        let headers = d.headers();
+        if !headers.is_empty() {
+            let list: Vec<_> = headers
+                .iter()
+                .map(|(k, v)| json!([k, String::from_utf8_lossy(v)]))
+                .collect();
+            value["headers"] = json!(list);
+        }
+        if d.priority() > 0 {
+            value["priority"] = json!(d.priority());
+        }
+        if let Some(ms) = d.expiration_ms() {
+            value["expiration_ms"] = json!(ms);
+        }
+        if let Some(ms) = d.deliver_at_ms() {
+            value["deliver_at_ms"] = json!(ms);
+        }
+        if !d.persistent() {
+            value["persistent"] = json!(false);
+        }
         // Only a dead letter has a history; other lines stay as they were.
         if !d.deaths().is_empty() {
             let deaths: Vec<_> = d

@@ -1,5 +1,5 @@
 //! The client commands of the `weir` binary: `queue`, `exchange`, `bind`, `unbind`,
-//! `publish`, `consume`, `status`.
+//! `publish`, `consume`, `status`, `top`.
 //!
 //! Contract: each command runs on a tokio current-thread runtime built for that one command
 //! (glommio is `weir serve`'s alone: a client command starts no shard) and talks to the broker
@@ -10,7 +10,7 @@
 //! (clap's own errors also exit 2, a malformed `--server`, an argument over a broker limit).
 //!
 //! Module map: `queue` (declare, delete, purge, info, list), `exchange` (declare, delete, list,
-//! bindings; bind, unbind), `publish`, `consume`, `status`;
+//! bindings; bind, unbind), `publish`, `consume`, `status`, `top` (the live view);
 //! `output` (tables, JSON values, stdout writes that report errors instead of panicking).
 
 pub mod consume;
@@ -19,6 +19,7 @@ mod output;
 pub mod publish;
 pub mod queue;
 pub mod status;
+pub mod top;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,7 +53,8 @@ pub enum Command {
     ///
     /// --json: {"exchange","queue","binding_key","bound":false}.
     Unbind(exchange::BindArgs),
-    /// Publish persistent messages to a queue, or to an exchange with a routing key: each line
+    /// Publish messages (persistent unless --non-persistent; with --priority, --header,
+    /// --expiration-ms, --delay-ms) to a queue, or to an exchange with a routing key: each line
     /// of standard input, or --message.
     ///
     /// Lines are published in order, pipelined in batches; the command waits for every confirm,
@@ -71,7 +73,9 @@ pub enum Command {
     /// --sequence-start: the broker stores each (N, sequence) at most once per queue, so the
     /// same command run twice stores its lines once (the second run's confirms are duplicates).
     Publish(publish::PublishArgs),
-    /// Print the messages of a queue, one body per line, acking each after it is written.
+    /// Print the messages of a queue, one body per line, acking each after it is written (or
+    /// with --nack / --reject, settling it so: dead-lettered or dropped, or with --requeue back
+    /// to the queue).
     ///
     /// Bodies are written as they are (bytes; a body containing "\n" spans lines). With --count
     /// N it stops after N messages; otherwise it runs until Ctrl-C or SIGTERM, then acks what
@@ -83,8 +87,10 @@ pub enum Command {
     /// consumer is cancelled, so the broker never sends more than N.
     ///
     /// --json: one JSON object per message, one per line (JSON Lines):
-    /// {"body","delivery_tag","redelivered","delivery_count","routing_key"}; the body is
-    /// decoded as UTF-8, invalid bytes replaced by U+FFFD.
+    /// {"body","delivery_tag","redelivered","delivery_count","routing_key"}, and where set
+    /// "headers" ([[key, value], ..]), "priority", "expiration_ms", "deliver_at_ms",
+    /// "persistent":false, "deaths"; the body (and each header value) is decoded as UTF-8,
+    /// invalid bytes replaced by U+FFFD.
     Consume(consume::ConsumeArgs),
     /// Show the broker: its version, shards and their ports, every queue with its depths and
     /// consumers, and totals.
@@ -93,6 +99,14 @@ pub enum Command {
     /// {"server","broker_version","protocol_version","durability","shard_count","shards":[..],
     /// "queues":[..],"totals":{..}}.
     Status(status::StatusArgs),
+    /// A live view in the terminal: per shard the journal's commit, record and byte rates, per
+    /// queue its depths, consumers, oldest-ready age and depth rates, deepest first; redrawn
+    /// every --interval seconds (rates are the difference from the previous sample).
+    ///
+    /// On a terminal it clears and redraws; into a pipe the frames follow one another. With
+    /// --iterations N it stops after N samples. --json: one JSON object per sample, one per
+    /// line: {"interval_s","uptime_ms","connections","shards":[..],"queues":[..]}.
+    Top(top::TopArgs),
 }
 
 /// Runs one client command; returns the process's exit code.
@@ -105,6 +119,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Publish(a) => publish::run(a),
         Command::Consume(a) => consume::run(a),
         Command::Status(a) => status::run(a),
+        Command::Top(a) => top::run(a),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `weir publish (--queue NAME | --exchange NAME [--routing-key KEY] [--mandatory])
-//! [--message TEXT] [--producer-id N [--sequence-start SEQ]]`: stdin lines (or one message) as
-//! persistent messages, pipelined, every confirm awaited; with `--producer-id`, as an idempotent
-//! producer (exactly once: re-sent after a lost connection, re-runs confirmed as duplicates).
+//! [--message TEXT] [--producer-id N [--sequence-start SEQ]] [--priority P] [--header K=V]...
+//! [--expiration-ms MS] [--delay-ms MS] [--non-persistent]`: stdin lines (or one message) as
+//! messages (persistent unless `--non-persistent`), pipelined, every confirm awaited; with
+//! `--producer-id`, as an idempotent producer (exactly once: re-sent after a lost connection,
+//! re-runs confirmed as duplicates).
 //!
 //! Contract: tokio current-thread runtime; a shard-aware client, so the messages go straight to
 //! the queue's shard. A thread reads stdin (blocking reads must not stall the connection's
@@ -78,17 +80,64 @@ pub struct PublishArgs {
     /// with --priority-max) delivers higher ones first, capping this at its maximum.
     #[arg(long, value_name = "P", default_value_t = 0)]
     pub priority: u8,
+    /// An application header on every message, KEY=VALUE; repeat for more (order kept).
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Every message's time to live, ms from when a queue accepts it (from its delivery time
+    /// with --delay-ms): unconsumed after that, it expires (dead-lettered or dropped).
+    #[arg(long, value_name = "MS")]
+    pub expiration_ms: Option<u32>,
+    /// Not delivered before this many ms from now (a delayed message; at most the broker's
+    /// delay_ms_max ahead).
+    #[arg(long, value_name = "MS")]
+    pub delay_ms: Option<u64>,
+    /// Kept in memory only, even on a durable queue: not journaled, gone after a restart.
+    #[arg(long)]
+    pub non_persistent: bool,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
 }
 
 pub fn run(args: PublishArgs) -> ExitCode {
     block_on("publish", publish(args))
 }
 
-/// Where the messages go: an exchange (empty: the default one) and the routing key.
+/// Where the messages go: an exchange (empty: the default one) and the routing key, and what
+/// every message carries.
 struct Target {
     options: PublishOptions,
     key: String,
     priority: u8,
+    headers: Vec<(String, String)>,
+    expiration_ms: Option<u32>,
+    delay_ms: Option<u64>,
+    persistent: bool,
+}
+
+impl Target {
+    fn message(&self, body: Vec<u8>) -> Message {
+        let mut m = Message::new(body)
+            .priority(self.priority)
+            .persistent(self.persistent);
+        for (k, v) in &self.headers {
+            m = m.header(k.clone(), v.clone().into_bytes());
+        }
+        if let Some(ms) = self.expiration_ms {
+            m = m.expiration_ms(ms);
+        }
+        if let Some(delay) = self.delay_ms {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            m = m.deliver_at_ms(now.saturating_add(delay.min(i64::MAX as u64) as i64));
+        }
+        m
+    }
 }
 
 /// What became of the messages, as the confirm task saw them.
@@ -134,6 +183,10 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
                 options: PublishOptions::default(),
                 key: queue.clone(),
                 priority: args.priority,
+                headers: args.headers.clone(),
+                expiration_ms: args.expiration_ms,
+                delay_ms: args.delay_ms,
+                persistent: !args.non_persistent,
             }
         }
         (None, Some(exchange)) => {
@@ -167,6 +220,10 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
                 },
                 key: args.routing_key.clone(),
                 priority: args.priority,
+                headers: args.headers.clone(),
+                expiration_ms: args.expiration_ms,
+                delay_ms: args.delay_ms,
+                persistent: !args.non_persistent,
             }
         }
         (None, None) => return Err(Failure::usage("give --queue or --exchange")),
@@ -273,10 +330,7 @@ async fn send(
     outcomes: &mpsc::UnboundedSender<Outcome>,
 ) -> Result<(), String> {
     let client = sender.client;
-    let messages: Vec<Message> = batch
-        .into_iter()
-        .map(|b| Message::new(b).priority(target.priority))
-        .collect();
+    let messages: Vec<Message> = batch.into_iter().map(|b| target.message(b)).collect();
     if let Some(producer) = sender.producer {
         // One sequence each, in order; the producer keeps them until confirmed.
         for m in messages {

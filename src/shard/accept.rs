@@ -92,13 +92,9 @@ pub(super) async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
             conn: id,
         };
         let wire = state.limits.wire;
-        rt::spawn_detached(connection::serve(
-            conn,
-            entry,
-            waiter,
-            state.clone(),
-            me,
-            wire,
-        ));
+        // Every log line of the connection's task names it (and, by the span's parent, its shard).
+        let span = tracing::info_span!("connection", connection = id);
+        let serve = connection::serve(conn, entry, waiter, state.clone(), me, wire);
+        rt::spawn_detached(tracing::Instrument::instrument(serve, span));
     }
 }

@@ -74,6 +74,17 @@ use crate::storage::{Appended, Journal};
 
 pub use run::run;
 
+/// What a shard found in its journal, for the log and the ready line.
+#[derive(Debug)]
+pub struct Recovered {
+    /// One line for the log: segments, records, queues, messages, a cut tail.
+    pub summary: String,
+    /// Durable queues recovered.
+    pub queues: u64,
+    /// Messages recovered in them.
+    pub messages: u64,
+}
+
 /// What a shard is started with (built on the main thread, moved to the shard's thread).
 pub struct ShardSetup {
     pub id: u16,
@@ -84,8 +95,8 @@ pub struct ShardSetup {
     pub mesh: MeshEnds<Batch>,
     /// This shard's journal directory (`<data_dir>/shard-<id>`), which must exist.
     pub journal_dir: PathBuf,
-    /// Told once the shard has recovered its journal (a one-line summary) or why it cannot.
-    pub recovered: std::sync::mpsc::Sender<Result<String, String>>,
+    /// Told once the shard has recovered its journal or why it cannot.
+    pub recovered: std::sync::mpsc::Sender<Result<Recovered, String>>,
     /// Set by SIGTERM/SIGINT.
     pub stop: Arc<AtomicBool>,
 }

@@ -69,7 +69,7 @@ pub async fn run(setup: ShardSetup) {
         producers_max: setup.limits.broker.producers_per_shard_max as usize,
         idle_expiry_ms: setup.limits.broker.producer_idle_expiry_ms,
     });
-    let (journal, mut host, line) = match opened {
+    let (journal, mut host, mut line) = match opened {
         Ok((journal, report)) => match rebuild.finish(
             setup.id,
             Cache::new(setup.limits.payload_cache_bytes()),
@@ -88,7 +88,12 @@ pub async fn run(setup: ShardSetup) {
                     "shard {}: journal {} segments, {} records; {} durable queues, {} messages{cut}",
                     setup.id, report.segments, summary.records, summary.queues, summary.messages
                 );
-                (journal, host, line)
+                let recovered = super::Recovered {
+                    summary: line,
+                    queues: summary.queues,
+                    messages: summary.messages,
+                };
+                (journal, host, recovered)
             }
             Err(e) => {
                 let _ = setup.recovered.send(Err(format!(
@@ -125,10 +130,10 @@ pub async fn run(setup: ShardSetup) {
         let writer = ControlPlane::new(routing_table, exchanges_max, bindings_max);
         (RefCell::new(writer), summary)
     });
-    let (control, line) = match control {
-        Some((writer, summary)) => (Some(writer), line + &summary),
-        None => (None, line),
-    };
+    let control = control.map(|(writer, summary)| {
+        line.summary.push_str(&summary);
+        writer
+    });
     let state = Rc::new(ShardState {
         id: setup.id,
         limits: setup.limits,

@@ -118,6 +118,88 @@ impl Hosted {
             && self.auto_delete == d.auto_delete
             && self.arguments == d.arguments
     }
+
+    /// Each property a redeclare asks differently, as `name: existing X, requested Y` with the
+    /// names a declaring client writes, so the refusal says what to change.
+    fn declaration_differences(&self, d: &Declare) -> Vec<String> {
+        fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+            v.as_ref()
+                .map_or_else(|| "none".to_string(), |v| format!("{v:?}"))
+        }
+        let mut out = Vec::new();
+        let mut differs = |name: &str, existing: String, requested: String| {
+            if existing != requested {
+                out.push(format!(
+                    "{name}: existing {existing}, requested {requested}"
+                ));
+            }
+        };
+        differs("durable", self.durable.to_string(), d.durable.to_string());
+        differs(
+            "exclusive",
+            self.exclusive.is_some().to_string(),
+            d.exclusive.to_string(),
+        );
+        differs(
+            "auto_delete",
+            self.auto_delete.to_string(),
+            d.auto_delete.to_string(),
+        );
+        let (a, b) = (&self.arguments, &d.arguments);
+        differs("max_length", show(&a.max_length), show(&b.max_length));
+        differs(
+            "max_length_bytes",
+            show(&a.max_length_bytes),
+            show(&b.max_length_bytes),
+        );
+        differs(
+            "overflow",
+            format!("{:?}", a.overflow),
+            format!("{:?}", b.overflow),
+        );
+        differs(
+            "message_ttl_ms",
+            show(&a.message_ttl_ms),
+            show(&b.message_ttl_ms),
+        );
+        differs(
+            "dead_letter_exchange",
+            show(&a.dead_letter_exchange),
+            show(&b.dead_letter_exchange),
+        );
+        differs(
+            "dead_letter_routing_key",
+            show(&a.dead_letter_routing_key),
+            show(&b.dead_letter_routing_key),
+        );
+        differs(
+            "max_deliveries",
+            show(&a.max_deliveries),
+            show(&b.max_deliveries),
+        );
+        differs("shard", show(&a.shard), show(&b.shard));
+        differs(
+            "priority_max",
+            a.priority_max.to_string(),
+            b.priority_max.to_string(),
+        );
+        differs("expires_ms", show(&a.expires_ms), show(&b.expires_ms));
+        differs(
+            "single_active_consumer",
+            a.single_active_consumer.to_string(),
+            b.single_active_consumer.to_string(),
+        );
+        differs(
+            "retry_delays_ms",
+            show(&a.retry_delays_ms),
+            show(&b.retry_delays_ms),
+        );
+        if out.is_empty() && a != b {
+            // A property added to the schema and not named above yet.
+            out.push("arguments".to_string());
+        }
+        out
+    }
 }
 
 /// Messages one purge step settles: its settlements (about 64 bytes each while they wait for
@@ -408,7 +490,11 @@ impl QueueHost {
             if !d.passive && !q.same_declaration(&d) {
                 return refuse(
                     ErrorCode::PreconditionFailed,
-                    format!("queue '{}' exists with other properties (durable, exclusive, auto-delete or arguments)", d.name),
+                    format!(
+                        "queue '{}' exists with other properties: {}",
+                        d.name,
+                        q.declaration_differences(&d).join("; ")
+                    ),
                 );
             }
             if !d.passive {

@@ -417,3 +417,21 @@ fn a_purge_in_steps_settles_each_step_and_says_when_it_is_done() {
     assert_eq!(h.take_journal_work().settles.len(), 3);
     assert_eq!(h.index_entries(), 0);
 }
+
+#[test]
+fn a_redeclare_with_other_properties_names_each_difference() {
+    let mut h = QueueHost::new(0);
+    h.declare(A, declare("q"), 0).unwrap();
+    let mut other = Declare {
+        auto_delete: true,
+        ..declare("q")
+    };
+    other.arguments.max_length = Some(10);
+    let e = h.declare(A, other, 0).unwrap_err();
+    assert_eq!(e.code, ErrorCode::PreconditionFailed);
+    assert_eq!(
+        e.message,
+        "queue 'q' exists with other properties: auto_delete: existing false, requested true; \
+         max_length: existing none, requested 10"
+    );
+}
