@@ -1,5 +1,5 @@
 //! The `weir` command: the broker (`serve`), its client commands (`queue`, `publish`,
-//! `consume`, `status`, in `weir::cli`), and offline tools (`inspect`).
+//! `consume`, `status`, in `weir::cli`), and offline tools (`inspect`, `data reshard`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,10 @@ enum Command {
     },
     #[command(flatten)]
     Client(weir::cli::Command),
+    /// Offline tools for a data directory no broker is serving (`reshard`: change its shard
+    /// count).
+    #[command(subcommand)]
+    Data(weir::cli::data::DataCommand),
 }
 
 static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Inspect { file } => inspect(&file),
         Command::Client(command) => weir::cli::run(command),
+        Command::Data(command) => weir::cli::data::run(command),
     }
 }
 
