@@ -299,6 +299,12 @@ async fn copy(
     let mut producers: Vec<ProducerState> = Vec::new();
     let mut routing = None;
     for (i, d) in old_dirs.iter().enumerate() {
+        if !d.exists() {
+            // `serve` records the layout before it creates the shards' directories: a crash
+            // in between leaves a shard that never held anything.
+            step("an old shard copied");
+            continue;
+        }
         let failed = |e: String| ReshardError::Journal(format!("shard {i}: {}: {e}", d.display()));
         let mut rebuild = Rebuild::with_producer_window(limits.broker.producer_window_max);
         let config = JournalConfig {
