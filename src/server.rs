@@ -2,9 +2,10 @@
 //!
 //! Contract: runs on the main thread. It checks the CPUs against the process's affinity, locks
 //! the data directory for the process's life (one broker per directory), checks (or records) its
-//! shard layout, binds every listener (so a port in use, by another broker too, is one clear
-//! error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
-//! executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
+//! shard layout (`datadir`: which generation's journals to open; other generations' leftovers of
+//! a `weir data reshard` removed), binds every listener (so a port in use, by another broker too,
+//! is one clear error, and port 0 resolves once for all shards), prints one ready line, starts
+//! one pinned executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
 //! Nothing here is on the data path.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
