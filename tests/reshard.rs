@@ -440,6 +440,14 @@ fn every_message_moves_once_in_order_from_2_to_3_to_1_shards_and_routing_and_seq
         .sum();
     let live: usize = model.values().map(Vec::len).sum::<usize>() + 3 + 1; // + delayed, retrying
     assert_eq!(moved as usize, live, "{text}");
+    // Each queue went to its owner under 3 shards.
+    for k in 0..3u16 {
+        let owned = model.keys().filter(|q| placement(q, 3) == k).count();
+        assert!(
+            text.contains(&format!("shard {k}: {owned} queues, ")),
+            "shard {k} should own {owned}: {text}"
+        );
+    }
     assert!(
         text.contains("1 durable exchanges, 3 durable bindings"),
         "{text}"
