@@ -39,7 +39,7 @@
 //! |------------------------------------------------------|--------------------------------------|
 //! | layout G, only gen G                                 | serve G / reshard G → G+1            |
 //! | layout G, gen G+1 partial or whole, maybe .tmp       | G+1 and .tmp removed, then as above  |
-//! | layout.toml.tmp of G+1 fsynced, not renamed          | as above: the old layout stands       |
+//! | layout.toml.tmp of G+1 fsynced, not renamed          | as above: the old layout stands      |
 //! | layout G+1 (renamed), gen G still there              | gen G removed, then serve G+1        |
 //! | layout G+1, gen G removed                            | serve G+1 / reshard G+1 → G+2        |
 //!

@@ -5,8 +5,8 @@
 //! shard layout (`datadir`: which generation's journals to open; other generations' leftovers of
 //! a `weir data reshard` removed), binds every listener (so a port in use, by another broker too,
 //! is one clear error, and port 0 resolves once for all shards), prints one ready line, starts
-//! one pinned executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
-//! Nothing here is on the data path.
+//! one pinned executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the
+//! shards watch. Nothing here is on the data path.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
 //! exits non-zero with it before serving anything. A panic on any thread, a shard's above all,
