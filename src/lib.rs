@@ -22,6 +22,10 @@
 //!   the worker, journal staging, read-back, timers, orderly shutdown.
 //! - `storage`: the journal: segments, records, group commit, recovery, reclaim.
 //!
+//! - `datadir`: the data directory's layout (`layout.toml`, shard count and generation) and
+//!   where each shard's journal lives.
+//! - `reshard`: `weir data reshard`, the offline move of every queue to a new shard count.
+//!
 //! Arriving with later work: `metrics`.
 
 /// Fails the build if `$t` is `Send`: the per-core boundary as a type fact. Were `$t` `Send`,
@@ -44,11 +48,13 @@ macro_rules! assert_not_send {
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod inspect;
 pub mod limits;
 pub mod logs;
 pub mod mesh;
 pub mod net;
+pub mod reshard;
 pub mod rt;
 pub mod server;
 pub mod shard;

@@ -1,7 +1,7 @@
 //! The `weir` command: the broker (`serve`), its client commands (`queue`, `publish`,
-//! `consume`, `status`, `top`, in `weir::cli`), and offline tools (`inspect`). `serve` loads
-//! the configuration first, then installs the log (`weir::logs`, whose format it names); a bad
-//! configuration or `RUST_LOG` exits 2 before anything starts.
+//! `consume`, `status`, `top`, in `weir::cli`), and offline tools (`inspect`, `data reshard`).
+//! `serve` loads the configuration first, then installs the log (`weir::logs`, whose format it
+//! names); a bad configuration or `RUST_LOG` exits 2 before anything starts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,10 @@ enum Command {
     },
     #[command(flatten)]
     Client(weir::cli::Command),
+    /// Offline tools for a data directory no broker is serving (`reshard`: change its shard
+    /// count).
+    #[command(subcommand)]
+    Data(weir::cli::data::DataCommand),
 }
 
 static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Inspect { file } => inspect(&file),
         Command::Client(command) => weir::cli::run(command),
+        Command::Data(command) => weir::cli::data::run(command),
     }
 }
 

@@ -2,11 +2,13 @@
 //!
 //! Contract: runs on the main thread. It checks the CPUs against the process's affinity, locks
 //! the data directory for the process's life (one broker per directory), checks (or records) its
-//! shard layout, binds every listener (so a port in use, by another broker too, is one clear
-//! error, and port 0 resolves once for all shards), prints one ready line (the data directory's
-//! absolute path, new or recovered with how many queues and messages, the fsync policy with its
-//! interval), starts one pinned executor per shard, each in its `shard` tracing span, and joins
-//! them. SIGTERM and SIGINT set the stop flag the shards watch. Nothing here is on the data path.
+//! shard layout (`datadir`: which generation's journals to open; other generations' leftovers of
+//! a `weir data reshard` removed), binds every listener (so a port in use, by another broker too,
+//! is one clear error, and port 0 resolves once for all shards), prints one ready line (the data
+//! directory's absolute path, new or recovered with how many queues and messages, the fsync
+//! policy with its interval), starts one pinned executor per shard, each in its `shard` tracing
+//! span, and joins them. SIGTERM and SIGINT set the stop flag the shards watch. Nothing here is
+//! on the data path.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
 //! exits non-zero with it before serving anything; an executor that could not start (a
@@ -25,6 +27,7 @@ use std::time::Duration;
 use weir_protocol::wire;
 
 use crate::config::{Config, ConfigError, FsyncPolicy};
+use crate::datadir::{self, LayoutError};
 use crate::net::session::SessionCtx;
 use crate::rt::executor::{spawn_pinned, ExecutorOptions};
 use crate::rt::net::{bind_reuseport, bind_reuseport_first};
@@ -33,10 +36,6 @@ use crate::shard::{self, ShardSetup};
 /// The broker's version, as `Welcome` and `weir --version` report it.
 pub const BROKER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The data directory's record of how it was laid out.
-const LAYOUT_FILE: &str = "layout.toml";
-/// Version of the data directory's layout; a broker refuses a directory of another version.
-const LAYOUT_FORMAT: u32 = 1;
 /// The data directory's lock: held (flock) by the broker serving it, and naming its pid.
 const LOCK_FILE: &str = "weir.lock";
 
@@ -105,8 +104,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     // Held until the shards have stopped: the kernel drops it when the process ends, however.
     let _lock = lock_data_dir(&config.data_dir)?;
     // Before the layout is recorded: no layout means no broker ever served this directory.
-    let fresh = !config.data_dir.join(LAYOUT_FILE).exists();
-    check_layout(&config.data_dir, shard_count)?;
+    let fresh = !config.data_dir.join(crate::datadir::LAYOUT_FILE).exists();
+    let generation = check_layout(&config.data_dir, shard_count)?;
 
     // Bind everything before starting anything.
     let first = bind_reuseport_first(config.listen)
@@ -157,7 +156,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     for (i, (((main, own), cpu), mesh)) in
         listeners.zip(cpus.iter().copied()).zip(meshes).enumerate()
     {
-        let journal_dir = config.data_dir.join(format!("shard-{i}"));
+        let journal_dir = datadir::shard_dir(&config.data_dir, generation, i);
         fs::create_dir_all(&journal_dir)
             .map_err(io(format!("creating {}", journal_dir.display())))?;
         let setup = ShardSetup {
@@ -378,7 +377,7 @@ fn data_dir_words(dir: &Path, found: &Found) -> String {
 /// The lock is an advisory `flock` on `LOCK_FILE`, held as long as the returned file is open;
 /// the kernel drops it when the process dies, so a crash (SIGKILL) leaves no stale lock. The
 /// holder's pid is written into the file for the refusal to name.
-fn lock_data_dir(dir: &Path) -> Result<fs::File, ServeError> {
+pub fn lock_data_dir(dir: &Path) -> Result<fs::File, ServeError> {
     use std::os::fd::AsRawFd;
 
     fs::create_dir_all(dir).map_err(io(format!("creating data directory {}", dir.display())))?;
@@ -419,55 +418,44 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File, ServeError> {
 }
 
 /// Creates the data directory on first start and records its shard count; later starts must
-/// match it, because each shard's journal holds the queues placed on it.
-fn check_layout(dir: &Path, shards: usize) -> Result<(), ServeError> {
+/// match it, because each shard's journal holds the queues placed on it. Returns the layout's
+/// generation (where the journals are, `datadir`), after removing other generations' leftovers
+/// (an unfinished or a finished `weir data reshard`'s).
+fn check_layout(dir: &Path, shards: usize) -> Result<u64, ServeError> {
     fs::create_dir_all(dir).map_err(io(format!("creating data directory {}", dir.display())))?;
-    let path = dir.join(LAYOUT_FILE);
-    let layout_err = |reason: String| ServeError::Layout {
-        dir: dir.to_path_buf(),
-        reason,
+    let layout_err = |e: LayoutError| match e {
+        LayoutError::Invalid(reason) => ServeError::Layout {
+            dir: dir.to_path_buf(),
+            reason,
+        },
+        LayoutError::Io { what, source } => ServeError::Io { what, source },
     };
-    match fs::read_to_string(&path) {
-        Ok(text) => {
-            let table: toml::Table = text
-                .parse()
-                .map_err(|e| layout_err(format!("{LAYOUT_FILE} is unreadable: {e}")))?;
-            let get = |key: &str| table.get(key).and_then(toml::Value::as_integer);
-            let (Some(format), Some(recorded)) = (get("format"), get("shards")) else {
-                return Err(layout_err(format!(
-                    "{LAYOUT_FILE} lacks `format` or `shards`"
-                )));
+    match datadir::read_layout(dir).map_err(layout_err)? {
+        Some(layout) => {
+            let recorded = layout.shards;
+            if recorded != shards {
+                return Err(ServeError::Layout {
+                    dir: dir.to_path_buf(),
+                    reason: format!(
+                        "it holds the queues of {recorded} shards, but this configuration runs \
+                         {shards} (set cpus to {recorded} CPUs, or move the queues to {shards} \
+                         shards with `weir data reshard --data-dir {} --shards {shards}` while no \
+                         broker runs)",
+                        dir.display()
+                    ),
+                });
+            }
+            datadir::remove_leftovers(dir, layout.generation).map_err(layout_err)?;
+            Ok(layout.generation)
+        }
+        None => {
+            let layout = datadir::Layout {
+                shards,
+                generation: 0,
             };
-            if format != i64::from(LAYOUT_FORMAT) {
-                return Err(layout_err(format!(
-                    "layout format {format}; this broker reads format {LAYOUT_FORMAT}"
-                )));
-            }
-            if recorded != shards as i64 {
-                return Err(layout_err(format!(
-                    "it holds the queues of {recorded} shards, but this configuration runs {shards} \
-                     (set cpus to {recorded} CPUs, or start with an empty data directory)"
-                )));
-            }
-            Ok(())
+            datadir::write_layout(dir, layout, BROKER_VERSION).map_err(layout_err)?;
+            Ok(0)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let text = format!("# written by weir {BROKER_VERSION}; do not edit\nformat = {LAYOUT_FORMAT}\nshards = {shards}\n");
-            let tmp = dir.join(format!("{LAYOUT_FILE}.tmp"));
-            fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
-            fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io(format!("syncing {}", tmp.display())))?;
-            fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(format!("syncing {}", dir.display())))?;
-            Ok(())
-        }
-        Err(e) => Err(ServeError::Io {
-            what: format!("reading {}", path.display()),
-            source: e,
-        }),
     }
 }
 
@@ -504,7 +492,7 @@ mod tests {
             err.contains("holds the queues of 2 shards, but this configuration runs 1"),
             "{err}"
         );
-        fs::write(dir.join(LAYOUT_FILE), "format = 9\nshards = 2\n").unwrap();
+        fs::write(dir.join(datadir::LAYOUT_FILE), "format = 9\nshards = 2\n").unwrap();
         let err = check_layout(&dir, 2).unwrap_err().to_string();
         assert!(err.contains("layout format 9"), "{err}");
         fs::remove_dir_all(&dir).unwrap();

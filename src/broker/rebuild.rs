@@ -306,6 +306,44 @@ impl Rebuild {
     }
 }
 
+/// A durable queue as replay left it, for a tool that rewrites the journal (`weir data
+/// reshard`): what `Rebuild::finish` would restore, without a host.
+pub struct LiveQueue {
+    pub declare: Declare,
+    pub next_seq: Seq,
+    /// The last usage record (`expires_ms`): `Some(None)` in use, `Some(Some(t))` unused since t.
+    pub usage: Option<Option<u64>>,
+    /// Every live message in queue order: (seq, its record's position, the record's length).
+    pub messages: Vec<(Seq, Position, u32)>,
+    /// The newest retry state of the live messages that have one.
+    pub retries: Vec<RetryEntry>,
+}
+
+impl Rebuild {
+    /// The durable queues the log holds, by the same rules `finish` restores them (a queue
+    /// never declared is dropped), in name order; or the first record that could not be
+    /// understood. Take the routing table and the producers first.
+    pub fn into_live(self) -> Result<impl Iterator<Item = LiveQueue>, String> {
+        if let Some(e) = self.first_error {
+            return Err(e);
+        }
+        Ok(self.queues.into_values().filter_map(|q| {
+            let declare = q.declare?;
+            Some(LiveQueue {
+                declare,
+                next_seq: q.next_seq,
+                usage: q.usage,
+                messages: q
+                    .messages
+                    .into_iter()
+                    .map(|(seq, (position, record_len, ..))| (seq, position, record_len))
+                    .collect(),
+                retries: q.retries.into_values().collect(),
+            })
+        }))
+    }
+}
+
 /// A message's delivery time (if it was published delayed) and priority, read from its bytes.
 /// They were verified at ingress with the broker's limits, which may be wider than the
 /// defaults: verified again here within the codec's own hard bounds, not read unchecked (a

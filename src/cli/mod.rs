@@ -11,9 +11,12 @@
 //!
 //! Module map: `queue` (declare, delete, purge, info, list), `exchange` (declare, delete, list,
 //! bindings; bind, unbind), `publish`, `consume`, `status`, `top` (the live view);
-//! `output` (tables, JSON values, stdout writes that report errors instead of panicking).
+//! `output` (tables, JSON values, stdout writes that report errors instead of panicking);
+//! `data` (`weir data reshard`: offline, on a data directory no broker holds; no tokio, no
+//! client; `main.rs` registers it beside `serve`).
 
 pub mod consume;
+pub mod data;
 pub mod exchange;
 mod output;
 pub mod publish;
