@@ -109,6 +109,16 @@ impl Hosted {
             .active_consumer()
             .and_then(|id| self.consumers.get(&id))
             .map(|c| c.tag.to_string());
+        let c = self.queue.counts();
+        i.messages_published = c.published;
+        i.messages_delivered = c.delivered;
+        i.messages_redelivered = c.redelivered;
+        i.messages_acked = c.acked;
+        i.messages_nacked = c.nacked;
+        i.messages_dead_lettered = c.dead_lettered;
+        i.messages_expired = c.expired;
+        i.messages_dropped = c.dropped;
+        i.bytes_unacked = c.bytes_unacked;
         i
     }
 
