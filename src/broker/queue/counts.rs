@@ -37,6 +37,20 @@ pub struct QueueCounts {
 }
 
 impl QueueCounts {
+    /// Adds `other`'s event counts to these (a shard's totals over its queues, and over those
+    /// it deleted); `bytes_unacked`, a level, is added too.
+    pub fn add(&mut self, other: &QueueCounts) {
+        self.published += other.published;
+        self.delivered += other.delivered;
+        self.redelivered += other.redelivered;
+        self.acked += other.acked;
+        self.nacked += other.nacked;
+        self.dead_lettered += other.dead_lettered;
+        self.expired += other.expired;
+        self.dropped += other.dropped;
+        self.bytes_unacked += other.bytes_unacked;
+    }
+
     /// A message leaves the queue for good, settled for `reason`; `why` is what its dead-letter
     /// history would say (an expiry shows there whichever way it left).
     pub(super) fn left(&mut self, reason: SettleReason, why: DeathReason) {
