@@ -27,6 +27,7 @@
 
 mod consumers;
 mod expiry;
+mod observe;
 mod settle;
 #[cfg(test)]
 mod tests;

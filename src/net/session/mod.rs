@@ -53,7 +53,7 @@ use crate::mesh::types::{placement, Refusal};
 use crate::net::command::Command;
 
 use ledger::Outstanding;
-pub use observe::Tally;
+pub use observe::{SessionFacts, Tally};
 use publish::Split;
 use replies::name;
 
@@ -134,6 +134,8 @@ enum Pending {
     },
     List(gather::ListGather),
     Status(gather::StatusGather),
+    Connections(observe::ConnectionsGather),
+    Consumers(observe::ConsumersGather),
     /// Message bytes the publish counts against `publish_bytes_in_flight_max` until answered.
     Publish {
         bytes: u64,
@@ -425,6 +427,10 @@ impl Session {
             (Pending::Status(gather), reply) => {
                 self.gathered_status(now_ms, id, gather, reply, out)
             }
+            (Pending::Connections(gather), reply) => {
+                self.gathered_connections(id, gather, reply, out)
+            }
+            (Pending::Consumers(gather), reply) => self.gathered_consumers(id, gather, reply, out),
             (Pending::Reply { request_id }, reply) => self.on_reply_to(request_id, reply, out),
             (
                 Pending::BindQueue {
