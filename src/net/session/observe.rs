@@ -269,7 +269,7 @@ mod tests {
         let t = Tally::default();
         t.refused(
             ErrorCode::LimitExceeded,
-            "this connection has consumers_per_connection_max = 2 consumers".into(),
+            "this connection has consumers_per_connection_max = 2 consumers",
         );
         t.refused(ErrorCode::LimitExceeded, "over publish_bytes_in_flight_max");
         t.refused(ErrorCode::LimitExceeded, "some bound");

@@ -1495,9 +1495,9 @@ fn status_marks_gauges_carries_histograms_and_counts_the_shards_that_answered() 
     assert_eq!(counters["shard.1.connections"], (2, true));
     assert_eq!(counters["shard.1.messages_published"], (100, false));
     assert_eq!(counters["shard.1.journal.disk_bytes"], (0, true));
-    assert_eq!(counters["shard.1.mesh_outgoing_bytes"].1, true);
-    assert_eq!(counters["shard.1.work_bytes"].1, true);
-    assert_eq!(counters["shard.1.journal.commits"].1, false);
+    assert!(counters["shard.1.mesh_outgoing_bytes"].1);
+    assert!(counters["shard.1.work_bytes"].1);
+    assert!(!counters["shard.1.journal.commits"].1);
     assert_eq!(
         counters["shard.1.limit_hit.consumers_per_connection_max"],
         (3, false)
