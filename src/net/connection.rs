@@ -20,6 +20,9 @@
 //! charges back to their owners (`outbox_bytes_max`), so a peer that never reads stops being sent
 //! more.
 //!
+//! It counts the bytes of each read and each write in its `ConnEntry` (for the connection
+//! listing): per read and per write, never per message.
+//!
 //! Faults handled: the peer closing or resetting (the task ends; every shard releases what the
 //! connection held), a malformed frame (an `Error` frame, then this connection closes; other
 //! connections never notice), a slow reader (writes wait; nothing more is read meanwhile).

@@ -26,7 +26,9 @@
 //! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
 //! shard's index is bounded by that count (`limits.queued_messages_max`), whatever the payloads.
 //! A purge goes in steps (`purge_some`), so a deep queue's purge never gathers every entry at
-//! once; the ready list gives back its memory as it shrinks.
+//! once; the ready list gives back its memory as it shrinks. What it did (published, delivered,
+//! acked, ...) and the bytes it has outstanding are counted as it does it (`counts.rs`: field
+//! increments, for its info).
 //!
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
 //! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages

@@ -19,6 +19,8 @@
 //! - `ledger`: delivery tags, outstanding deliveries, settlements, pushed deliveries.
 //! - `gather`: requests answered by every shard (queue listing, status).
 //! - `replies`: encoding answers and refusals.
+//! - `observe`: the shard's tally (confirms, refusals by limit), the connection and consumer
+//!   listings gathered from every shard, and what this session tells its shard's listing.
 //!
 //! Faults handled: frames before `Hello`, no `Hello` within `handshake_timeout_ms` (closed),
 //! a second `Hello`, a wrong protocol version, frames only

@@ -12,7 +12,8 @@
 //! wakes every `commit` waiter. Appends made while that commit is in flight are staged for the
 //! next one, so the window is exactly "while the disk is busy", bounded by `staged_bytes_max`;
 //! there is no timer. Commits complete in order and the durable watermark only grows, so the
-//! broker can release confirms in position order.
+//! broker can release confirms in position order. Each round's latency, and its fdatasync's, is
+//! recorded once per round (`latency`: the clock is read around the round, never per record).
 //!
 //! Tail block: every commit starts on a fresh 4 KiB block and its last block is zero-padded.
 //! A durable byte is never written again, so a torn write can only damage the commit that was in
