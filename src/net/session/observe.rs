@@ -57,9 +57,9 @@ impl Tally {
         self.confirms.set(self.confirms.get() + n as u64);
     }
 
-    /// An `Error` is sent: one over a limit is counted under the limit its message names (the
-    /// longest name it contains, so `publish_bytes_in_flight_max` is not taken for a shorter
-    /// one).
+    /// An `Error` is sent: one over a limit is counted under the limit its message names first
+    /// (a refusal names the limit it hit, then perhaps one that could have made room: "...
+    /// producers_per_shard_max ..., none idle for producer_idle_expiry_ms").
     pub(super) fn refused(&self, code: ErrorCode, message: &str) {
         let over_limit = code == ErrorCode::LimitExceeded;
         if !over_limit && code != ErrorCode::ConnectionLimit {
@@ -68,9 +68,9 @@ impl Tally {
         let named = LIMIT_NAMES
             .iter()
             .enumerate()
-            .filter(|(_, n)| message.contains(*n))
-            .max_by_key(|(_, n)| n.len())
-            .map(|(i, _)| i);
+            .filter_map(|(i, n)| Some((message.find(n)?, std::cmp::Reverse(n.len()), i)))
+            .min()
+            .map(|(_, _, i)| i);
         let index = match named {
             Some(i) => i,
             // A connection limit names its own reason (a handshake timeout says so in words).
@@ -272,6 +272,11 @@ mod tests {
             "this connection has consumers_per_connection_max = 2 consumers",
         );
         t.refused(ErrorCode::LimitExceeded, "over publish_bytes_in_flight_max");
+        t.refused(
+            ErrorCode::LimitExceeded,
+            "this shard holds producers_per_shard_max = 4 idempotent producers, none idle for \
+             producer_idle_expiry_ms = 9 ms",
+        );
         t.refused(ErrorCode::LimitExceeded, "some bound");
         t.refused(
             ErrorCode::NotFound,
@@ -283,6 +288,7 @@ mod tests {
             vec![
                 ("publish_bytes_in_flight_max", 1),
                 ("consumers_per_connection_max", 1),
+                ("producers_per_shard_max", 1),
                 ("other", 1)
             ]
         );
