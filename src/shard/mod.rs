@@ -28,6 +28,7 @@
 //!   so the worker never waits for a delivery's read) and dead letters.
 //! - `control`: the control-plane writer's side of a change, and this shard's routing copy.
 //! - `housekeeping`: the expiry and segment-reclaim timers.
+//! - `observe`: the shard's own part of `Status` and its page of the connection listing.
 //!
 //! Faults handled: accept errors (file descriptors exhausted, a reset before accept): logged,
 //! then a short back-off, never a crash; connections over `connections_per_shard_max`: told why,
@@ -38,6 +39,7 @@ mod accept;
 mod confirmer;
 mod control;
 mod housekeeping;
+mod observe;
 mod read_back;
 mod run;
 mod staging;
@@ -65,7 +67,7 @@ use crate::mesh::msg::{Op, Reply};
 use crate::mesh::types::ConnRef;
 use crate::mesh::{Batch, Mesh, MeshMsg};
 use crate::net::connection::{ConnEntry, ConnectionHost};
-use crate::net::session::{Addressed, SessionCtx};
+use crate::net::session::{Addressed, SessionCtx, Tally};
 use crate::rt::executor::Doorbell;
 use crate::rt::fs::DmaDir;
 use crate::rt::mesh::MeshEnds;
@@ -157,6 +159,8 @@ pub struct ShardState {
     /// bell, rung when an earlier due time is noted (`housekeeping::promote_when_due`).
     due_next: Cell<u64>,
     due_bell: Doorbell,
+    /// What this shard's sessions count (confirms, limits hit), for `Status`.
+    tally: Rc<Tally>,
 }
 
 // The per-core boundary as a type fact: a `ShardState` never leaves its thread.

@@ -26,7 +26,9 @@
 //! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
 //! shard's index is bounded by that count (`limits.queued_messages_max`), whatever the payloads.
 //! A purge goes in steps (`purge_some`), so a deep queue's purge never gathers every entry at
-//! once; the ready list gives back its memory as it shrinks.
+//! once; the ready list gives back its memory as it shrinks. What it did (published, delivered,
+//! acked, ...) and the bytes it has outstanding are counted as it does it (`counts.rs`: field
+//! increments, for its info).
 //!
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
 //! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages
@@ -52,6 +54,9 @@ pub use weir_protocol::Overflow;
 
 mod ready;
 use ready::{Ready, Sequenced};
+
+mod counts;
+pub use counts::QueueCounts;
 
 /// The queue's declared behaviour.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -160,6 +165,16 @@ pub fn entry_size<M>() -> usize {
 /// Entries held by the queues sharing it (one shard's): ready, delayed and outstanding.
 pub type IndexCount = Rc<Cell<u64>>;
 
+/// One consumer as a listing shows it (`Queue::consumer_facts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerFacts {
+    pub prefetch: u32,
+    pub unacked: u32,
+    pub auto_ack: bool,
+    pub priority: i32,
+    pub active: bool,
+}
+
 /// Counters a `QueueInfo` reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -193,6 +208,8 @@ pub struct Queue<M> {
     hold: Option<Seq>,
     /// Failures counted and retries waiting (`retry.rs`).
     retry: retry::Retries,
+    /// What it has done since it was made, for its info (`counts.rs`).
+    counts: QueueCounts,
 }
 
 /// An outstanding delivery taken out of its queue for a settlement whose record is not durable
@@ -243,6 +260,7 @@ impl<M: Clone> Queue<M> {
             next_seq,
             hold: None,
             retry: retry::Retries::default(),
+            counts: QueueCounts::default(),
         }
     }
 
@@ -265,6 +283,11 @@ impl<M: Clone> Queue<M> {
             delayed: self.delayed.len() as u64,
             retrying: self.retry.waiting(),
         }
+    }
+
+    /// Its event counts and unacked bytes, since it was made.
+    pub fn counts(&self) -> QueueCounts {
+        self.counts
     }
 
     /// When the oldest ready message was accepted, if there is one. A scan of the ready list (a
@@ -312,6 +335,7 @@ impl<M: Clone> Queue<M> {
             let entry = self.new_entry(msg, bytes, at, expiration_ms);
             let seq = entry.seq;
             self.delay(at, entry, priority);
+            self.counts.published += 1;
             return Ok(seq);
         }
         if !self.fits(self.ready.len() as u64, self.ready_bytes, bytes) {
@@ -331,6 +355,7 @@ impl<M: Clone> Queue<M> {
         }
         let entry = self.new_entry(msg, bytes, now_ms, expiration_ms);
         let seq = entry.seq;
+        self.counts.published += 1;
         self.admit(entry, priority, settled);
         Ok(seq)
     }
@@ -546,6 +571,7 @@ impl<M: Clone> Queue<M> {
         if let Some(e) = self.ready.pop_back_if(seq) {
             self.ready_bytes -= u64::from(e.bytes);
             self.counted_out(1);
+            self.counts.published = self.counts.published.saturating_sub(1);
             return true;
         }
         if seq + 1 == self.next_seq {
@@ -553,6 +579,7 @@ impl<M: Clone> Queue<M> {
                 let was_due = self.due.remove(&(e.enqueued_ms, seq));
                 debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
                 self.counted_out(1);
+                self.counts.published = self.counts.published.saturating_sub(1);
                 return true;
             }
         }
@@ -603,6 +630,20 @@ impl<M: Clone> Queue<M> {
         self.consumers.active()
     }
 
+    /// What consumer `id` is, for a listing: its prefetch, the deliveries it holds (counted
+    /// against prefetch), auto-ack, priority, and whether it is offered messages (false only
+    /// for a waiting consumer under single active consumer).
+    pub fn consumer_facts(&self, id: HolderId) -> Option<ConsumerFacts> {
+        let c = self.consumers.get(id)?;
+        Some(ConsumerFacts {
+            prefetch: c.prefetch,
+            unacked: c.in_flight,
+            auto_ack: c.auto_ack,
+            priority: c.priority,
+            active: !self.policy.single_active_consumer || self.consumers.active() == Some(id),
+        })
+    }
+
     pub fn set_prefetch(&mut self, id: HolderId, prefetch: u32) -> Result<(), QueueError> {
         if prefetch == 0 {
             return Err(QueueError::ZeroPrefetch);
@@ -630,6 +671,7 @@ impl<M: Clone> Queue<M> {
         let mut requeued = 0;
         for seq in seqs {
             let o = self.outstanding.remove(&seq).expect("listed above");
+            self.counts.bytes_unacked -= u64::from(o.entry.bytes);
             if self.requeue(o.entry, o.priority, settled) {
                 requeued += 1;
             }
@@ -713,6 +755,8 @@ impl<M: Clone> Queue<M> {
     ) -> Option<QueueDelivery<M>> {
         let (mut entry, priority) = self.pop_ready()?;
         entry.delivery_count += 1;
+        self.counts.delivered += 1;
+        self.counts.redelivered += u64::from(entry.delivery_count > 1);
         let delivery = QueueDelivery {
             holder,
             seq: entry.seq,
@@ -723,6 +767,7 @@ impl<M: Clone> Queue<M> {
         if auto_ack {
             settled.push(self.leave(entry, SettleReason::Acked, DeathReason::Rejected));
         } else {
+            self.counts.bytes_unacked += u64::from(entry.bytes);
             let o = Outstanding {
                 entry,
                 holder,
@@ -750,6 +795,7 @@ impl<M: Clone> Queue<M> {
         settled: &mut Vec<Settled<M>>,
     ) -> Result<(), QueueError> {
         let o = self.take_outstanding(holder, seq)?;
+        self.counts.nacked += 1;
         if requeue {
             self.requeue(o.entry, o.priority, settled);
         } else {
@@ -840,6 +886,7 @@ impl<M: Clone> Queue<M> {
         let mut requeued = 0;
         for seq in seqs {
             let o = self.outstanding.remove(&seq).expect("listed above");
+            self.counts.bytes_unacked -= u64::from(o.entry.bytes);
             if self.requeue(o.entry, o.priority, settled) {
                 requeued += 1;
             }
@@ -867,6 +914,7 @@ impl<M: Clone> Queue<M> {
             _ => return Err(QueueError::NotOutstanding { holder, seq }),
         }
         let o = self.outstanding.remove(&seq).expect("checked above");
+        self.counts.bytes_unacked -= u64::from(o.entry.bytes);
         self.consumers.credit_back(holder);
         Ok(o)
     }
@@ -950,6 +998,7 @@ impl<M: Clone> Queue<M> {
     fn leave(&mut self, e: Entry<M>, reason: SettleReason, why: DeathReason) -> Settled<M> {
         self.counted_out(1);
         self.retry.forget(e.seq);
+        self.counts.left(reason, why);
         Settled {
             seq: e.seq,
             msg: e.msg,
@@ -982,12 +1031,14 @@ impl<M: Clone> Queue<M> {
         if let Some(e) = self.ready.remove(seq) {
             self.ready_bytes -= u64::from(e.bytes);
             self.counted_out(1);
+            self.counts.published = self.counts.published.saturating_sub(1);
             return true;
         }
         if let Some(Delayed { entry: e, .. }) = self.delayed.remove(&seq) {
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
             debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
             self.counted_out(1);
+            self.counts.published = self.counts.published.saturating_sub(1);
             return true;
         }
         false
@@ -1028,6 +1079,8 @@ impl<M: Clone> Queue<M> {
     pub fn finish(&mut self, t: Taken<M>, ack: bool) -> Settled<M> {
         let reason = self.settle_reason(ack);
         self.retry.forget(t.entry.seq);
+        self.counts.nacked += u64::from(!ack);
+        self.counts.left(reason, DeathReason::Rejected);
         Settled {
             seq: t.entry.seq,
             msg: t.entry.msg,
@@ -1047,6 +1100,7 @@ impl<M: Clone> Queue<M> {
             return;
         }
         self.consumers.charge(t.holder);
+        self.counts.bytes_unacked += u64::from(t.entry.bytes);
         let seq = t.entry.seq;
         let o = Outstanding {
             entry: t.entry,

@@ -19,6 +19,8 @@
 //! - `ledger`: delivery tags, outstanding deliveries, settlements, pushed deliveries.
 //! - `gather`: requests answered by every shard (queue listing, status).
 //! - `replies`: encoding answers and refusals.
+//! - `observe`: the shard's tally (confirms, refusals by limit), the connection and consumer
+//!   listings gathered from every shard, and what this session tells its shard's listing.
 //!
 //! Faults handled: frames before `Hello`, no `Hello` within `handshake_timeout_ms` (closed),
 //! a second `Hello`, a wrong protocol version, frames only
@@ -30,6 +32,7 @@
 mod commands;
 mod gather;
 mod ledger;
+mod observe;
 mod publish;
 mod replies;
 #[cfg(test)]
@@ -52,6 +55,7 @@ use crate::mesh::types::{placement, Refusal};
 use crate::net::command::Command;
 
 use ledger::Outstanding;
+pub use observe::{SessionFacts, Tally};
 use publish::Split;
 use replies::name;
 
@@ -132,6 +136,8 @@ enum Pending {
     },
     List(gather::ListGather),
     Status(gather::StatusGather),
+    Connections(observe::ConnectionsGather),
+    Consumers(observe::ConsumersGather),
     /// Message bytes the publish counts against `publish_bytes_in_flight_max` until answered.
     Publish {
         bytes: u64,
@@ -221,6 +227,10 @@ pub struct Session {
     publish_ops: usize,
     /// The `Get`s this connection holds unacked or waits for, bounded by `gets_unacked_max`.
     gets: ledger::GetWindow,
+    /// The shard's counts this session adds to (`observe`).
+    tally: Rc<Tally>,
+    /// `Hello.client_name`, for the connection listing.
+    client_name: Option<String>,
 }
 
 // A session lives on its connection's shard and holds that shard's `Rc` routing copy: it must
@@ -251,7 +261,14 @@ impl Session {
             written: BTreeMap::new(),
             publish_ops: 0,
             gets: ledger::GetWindow::default(),
+            tally: Rc::default(),
+            client_name: None,
         }
+    }
+
+    /// Counts into the shard's `tally` (a session counts into its own until told).
+    pub fn count_into(&mut self, tally: Rc<Tally>) {
+        self.tally = tally;
     }
 
     pub fn is_open(&self) -> bool {
@@ -361,6 +378,7 @@ impl Session {
                         return self.fail(out, request_id, ErrorCode::ProtocolVersion, msg, true);
                     }
                     self.state = State::Open;
+                    self.client_name = Some(client_name.to_string()).filter(|n| !n.is_empty());
                     let welcome = self.welcome();
                     self.reply(out, request_id, welcome)
                 }
@@ -411,6 +429,10 @@ impl Session {
             (Pending::Status(gather), reply) => {
                 self.gathered_status(now_ms, id, gather, reply, out)
             }
+            (Pending::Connections(gather), reply) => {
+                self.gathered_connections(id, gather, reply, out)
+            }
+            (Pending::Consumers(gather), reply) => self.gathered_consumers(id, gather, reply, out),
             (Pending::Reply { request_id }, reply) => self.on_reply_to(request_id, reply, out),
             (
                 Pending::BindQueue {
