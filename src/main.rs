@@ -61,6 +61,13 @@ struct ServeArgs {
     /// never (the OS decides when).
     #[arg(long, value_name = "always|interval:MS|never")]
     fsync: Option<String>,
+    /// The admin HTTP listener: /metrics, /api/, /health, /ready and the dashboard at /
+    /// (default 127.0.0.1:15680; port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// No admin HTTP listener.
+    #[arg(long)]
+    no_admin: bool,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +95,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         data_dir: args.data_dir,
         cpus: args.cpus,
         fsync: args.fsync,
+        admin_listen: args.admin_listen,
+        no_admin: args.no_admin,
     };
     let config = match weir::config::Config::load(&flags, |k| std::env::var(k).ok()) {
         Ok(c) => c,

@@ -5,7 +5,9 @@
 //! shard layout, binds every listener (so a port in use, by another broker too, is one clear
 //! error, and port 0 resolves once for all shards), prints one ready line, starts one pinned
 //! executor per shard, and joins them. SIGTERM and SIGINT set the stop flag the shards watch.
-//! Nothing here is on the data path.
+//! Nothing here is on the data path. The admin listener (`admin_listen`) is bound with the
+//! others and its thread started before the shards, so `/health` and `/ready` answer during
+//! recovery; the count of recovered shards it reports is raised here, as each says so.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
 //! exits non-zero with it before serving anything. A panic on any thread, a shard's above all,
@@ -15,7 +17,7 @@ use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,12 +129,39 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .iter()
         .map(|l| l.local_addr().port())
         .collect();
+    let admin_listener = match config.admin_listen {
+        Some(addr) => {
+            Some(crate::admin::bind(addr).map_err(bind_err("admin_listen".to_string(), addr))?)
+        }
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(io("admin_listen"))?),
+        None => None,
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(io("installing signal handlers"))?;
     }
+    let shards_ready = Arc::new(AtomicU16::new(0));
+    if let Some(listener) = admin_listener {
+        let setup = crate::admin::AdminSetup {
+            listener,
+            broker: listen,
+            shard_count: shard_count as u16,
+            shards_ready: shards_ready.clone(),
+            stop: stop.clone(),
+            limits: config.limits,
+        };
+        crate::admin::start(setup).map_err(io("starting the admin thread"))?;
+        if let Some(addr) = admin_addr {
+            tracing::info!("admin listening on {addr}");
+        }
+    }
+    #[cfg(debug_assertions)]
+    hold_before_recovery(&stop);
 
     let durability = match config.fsync {
         FsyncPolicy::Always => wire::Durability::Always,
@@ -206,7 +235,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let mut failure = None;
     for _ in 0..shard_count {
         match recovered_rx.recv() {
-            Ok(Ok(summary)) => tracing::info!("{summary}"),
+            Ok(Ok(summary)) => {
+                shards_ready.fetch_add(1, Ordering::Release);
+                tracing::info!("{summary}");
+            }
             Ok(Err(reason)) => {
                 // The others may be waiting for this one (the control plane's routing table
                 // comes from shard 0): stop them now rather than wait for their answers.
@@ -220,7 +252,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     if let Some(reason) = failure {
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         for handle in handles {
             let _ = handle.join();
         }
@@ -234,7 +266,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     unsafe {
         libc::malloc_trim(0);
     }
-    ready_line(&config, listen, &shard_ports, &cpus);
+    ready_line(&config, listen, &shard_ports, &cpus, admin_addr);
 
     let mut first_error = None;
     for (i, handle) in handles.into_iter().enumerate() {
@@ -253,19 +285,39 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
 
 /// One line on stdout once every listener is bound, for humans and for scripts and tests that
 /// started the broker on port 0.
-fn ready_line(config: &Config, listen: SocketAddr, shard_ports: &[u16], cpus: &[usize]) {
+fn ready_line(
+    config: &Config,
+    listen: SocketAddr,
+    shard_ports: &[u16],
+    cpus: &[usize],
+    admin: Option<SocketAddr>,
+) {
     let ports: Vec<String> = shard_ports.iter().map(u16::to_string).collect();
     let cpus: Vec<String> = cpus.iter().map(usize::to_string).collect();
+    let admin = admin.map_or_else(|| "off".to_string(), |a| a.to_string());
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "weir ready: listen {listen} shard_ports {} cpus {} fsync {} data_dir {}",
+        "weir ready: listen {listen} shard_ports {} cpus {} fsync {} data_dir {} admin {admin}",
         ports.join(","),
         cpus.join(","),
         config.fsync.name(),
         config.data_dir.display()
     );
     let _ = out.flush();
+}
+
+/// Debug builds only: with `WEIR_TEST_HOLD_RECOVERY=FILE`, the shards start (and recover) only
+/// once FILE exists, so a black-box test can watch `/ready` say 503 while recovery has not
+/// finished, deterministically (`tests/admin.rs`). Release builds have no such door.
+#[cfg(debug_assertions)]
+fn hold_before_recovery(stop: &AtomicBool) {
+    let Some(file) = std::env::var_os("WEIR_TEST_HOLD_RECOVERY") else {
+        return;
+    };
+    while !Path::new(&file).exists() && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Creates the data directory if missing and takes its lock, or refuses a directory another
