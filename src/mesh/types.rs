@@ -86,6 +86,69 @@ pub struct ShardStatus {
     /// letters), and the records they served: with read-ahead, far fewer reads than records.
     pub read_back_reads: u64,
     pub read_back_records: u64,
+    /// Since the broker started, in this shard's queues (deleted ones' included): messages
+    /// accepted, deliveries, acks, nacks and rejects, expiries.
+    pub messages_published: u64,
+    pub messages_delivered: u64,
+    pub messages_acked: u64,
+    pub messages_nacked: u64,
+    pub messages_expired: u64,
+    /// Publishes this shard's connections were sent a positive confirm for.
+    pub confirms: u64,
+    /// Bytes the shard has queued for its peers, and its work queue's bytes (gauges).
+    pub mesh_outgoing_bytes: u64,
+    pub work_bytes: u64,
+    /// Refusals this shard's connections were sent, by the limit they named (`LIMIT_NAMES`);
+    /// only the limits hit at least once.
+    pub limit_hits: Vec<(&'static str, u64)>,
+    /// Bytes of disk the journal's segment files hold (not reclaimed), and segments reclaimed.
+    pub journal_disk_bytes: u64,
+    pub journal_segments_reclaimed: u64,
+    /// Latency distributions (journal commit, fdatasync), in µs.
+    pub histograms: Vec<HistogramSnapshot>,
+}
+
+/// Every limit a refusal can name, as configuration and refusals spell it: the bounded set a
+/// shard counts its connections' `LimitExceeded` refusals under (`shard.N.limit_hit.NAME`).
+/// `other` takes a refusal that names none of them.
+pub const LIMIT_NAMES: &[&str] = &[
+    "connections_per_shard_max",
+    "publishes_in_flight_max",
+    "publish_bytes_in_flight_max",
+    "requests_in_flight_max",
+    "prefetch_max",
+    "targets_per_message_max",
+    "cache_bytes_max",
+    "exchanges_max",
+    "bindings_max",
+    "delay_ms_max",
+    "outbox_bytes_max",
+    "consumer_timeout_ms",
+    "queued_messages_max",
+    "consumers_per_connection_max",
+    "queues_per_shard_max",
+    "gets_unacked_max",
+    "producer_window_max",
+    "producers_per_shard_max",
+    "producer_idle_expiry_ms",
+    "retry_delays_count_max",
+    "message_size_max",
+    "other",
+];
+
+/// One latency distribution as a shard reports it: fixed cumulative buckets and quantiles.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// What it measures, unit last: "journal.commit_latency_us".
+    pub name: &'static str,
+    pub count: u64,
+    pub sum: u64,
+    /// (upper bound, values at most it), ascending, cumulative.
+    pub buckets: Vec<(u64, u64)>,
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
 }
 
 /// A message's sequence number in its queue: assigned at publish, never reused (settle records in
@@ -128,6 +191,7 @@ mod tests {
         send::<Refusal>();
         send::<Declare>();
         send::<Cancelled>();
+        send::<ShardStatus>();
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub(super) async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
             ..state.session.clone()
         };
         let mut session = Session::new(ctx, state.routing.clone());
+        session.count_into(state.tally.clone());
         let max = state.limits.broker.connections_per_shard_max;
         if state.connections.borrow().len() >= max as usize {
             rt::spawn_detached(async move {

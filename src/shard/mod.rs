@@ -38,6 +38,7 @@ mod accept;
 mod confirmer;
 mod control;
 mod housekeeping;
+mod observe;
 mod read_back;
 mod run;
 mod staging;
@@ -65,7 +66,7 @@ use crate::mesh::msg::{Op, Reply};
 use crate::mesh::types::ConnRef;
 use crate::mesh::{Batch, Mesh, MeshMsg};
 use crate::net::connection::{ConnEntry, ConnectionHost};
-use crate::net::session::{Addressed, SessionCtx};
+use crate::net::session::{Addressed, SessionCtx, Tally};
 use crate::rt::executor::Doorbell;
 use crate::rt::fs::DmaDir;
 use crate::rt::mesh::MeshEnds;
@@ -146,6 +147,8 @@ pub struct ShardState {
     /// bell, rung when an earlier due time is noted (`housekeeping::promote_when_due`).
     due_next: Cell<u64>,
     due_bell: Doorbell,
+    /// What this shard's sessions count (confirms, limits hit), for `Status`.
+    tally: Rc<Tally>,
 }
 
 // The per-core boundary as a type fact: a `ShardState` never leaves its thread.

@@ -161,6 +161,7 @@ pub async fn run(setup: ShardSetup) {
         read_backs,
         due_next: Cell::new(u64::MAX),
         due_bell,
+        tally: Rc::default(),
     });
     let mut tasks = vec![
         rt::spawn(worker::work_forever(state.clone(), work_waiter)),

@@ -175,6 +175,7 @@ impl ShardState {
                     let r = self.journal.read_back_stats();
                     st.read_back_reads = r.reads;
                     st.read_back_records = r.records;
+                    self.observe(st);
                 }
                 reply
             }

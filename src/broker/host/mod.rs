@@ -39,7 +39,7 @@ use weir_protocol::wire::{self, ErrorCode};
 use crate::broker::catalog::CatalogRecord;
 use crate::broker::expiry::QueueExpiry;
 use crate::broker::queue::{
-    IndexCount, Overflow, Queue, QueueDelivery, QueueError, QueuePolicy, Settled,
+    IndexCount, Overflow, Queue, QueueCounts, QueueDelivery, QueueError, QueuePolicy, Settled,
 };
 use crate::broker::routing::hash::FastMap;
 use crate::broker::stored::{Cache, Liveness, MsgRef, Stored};
@@ -109,6 +109,16 @@ impl Hosted {
             .active_consumer()
             .and_then(|id| self.consumers.get(&id))
             .map(|c| c.tag.to_string());
+        let c = self.queue.counts();
+        i.messages_published = c.published;
+        i.messages_delivered = c.delivered;
+        i.messages_redelivered = c.redelivered;
+        i.messages_acked = c.acked;
+        i.messages_nacked = c.nacked;
+        i.messages_dead_lettered = c.dead_lettered;
+        i.messages_expired = c.expired;
+        i.messages_dropped = c.dropped;
+        i.bytes_unacked = c.bytes_unacked;
         i
     }
 
@@ -190,6 +200,9 @@ pub struct QueueHost {
     /// retry, a restore, or an expiry round's look at every queue): the shard's due timer
     /// wakes for it.
     due_hint: Option<u64>,
+    /// The counts of the queues deleted since the broker started: a shard's totals go on
+    /// counting what they did (`status`).
+    counts_of_deleted: QueueCounts,
 }
 
 impl QueueHost {
@@ -230,6 +243,7 @@ impl QueueHost {
             deadlines: BTreeSet::new(),
             usage: Vec::new(),
             due_hint: None,
+            counts_of_deleted: QueueCounts::default(),
         }
     }
 
@@ -512,6 +526,9 @@ impl QueueHost {
                 .push(CatalogRecord::DeleteQueue(name.to_string()));
         }
         let s = q.queue.stats();
+        let mut counts = q.queue.counts();
+        counts.bytes_unacked = 0;
+        self.counts_of_deleted.add(&counts);
         let cancelled = q
             .consumers
             .values()
@@ -673,12 +690,19 @@ impl QueueHost {
             cache_bytes: self.cache.bytes(),
             ..Default::default()
         };
+        let mut counts = self.counts_of_deleted;
         for q in self.queues.values() {
             let s = q.queue.stats();
             st.messages_ready += s.ready;
             st.messages_unacked += s.outstanding;
             st.consumers += u64::from(s.consumers);
+            counts.add(&q.queue.counts());
         }
+        st.messages_published = counts.published;
+        st.messages_delivered = counts.delivered;
+        st.messages_acked = counts.acked;
+        st.messages_nacked = counts.nacked;
+        st.messages_expired = counts.expired;
         st
     }
 

@@ -53,6 +53,9 @@ pub use weir_protocol::Overflow;
 mod ready;
 use ready::{Ready, Sequenced};
 
+mod counts;
+pub use counts::QueueCounts;
+
 /// The queue's declared behaviour.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueuePolicy {
@@ -193,6 +196,8 @@ pub struct Queue<M> {
     hold: Option<Seq>,
     /// Failures counted and retries waiting (`retry.rs`).
     retry: retry::Retries,
+    /// What it has done since it was made, for its info (`counts.rs`).
+    counts: QueueCounts,
 }
 
 /// An outstanding delivery taken out of its queue for a settlement whose record is not durable
@@ -243,6 +248,7 @@ impl<M: Clone> Queue<M> {
             next_seq,
             hold: None,
             retry: retry::Retries::default(),
+            counts: QueueCounts::default(),
         }
     }
 
@@ -265,6 +271,11 @@ impl<M: Clone> Queue<M> {
             delayed: self.delayed.len() as u64,
             retrying: self.retry.waiting(),
         }
+    }
+
+    /// Its event counts and unacked bytes, since it was made.
+    pub fn counts(&self) -> QueueCounts {
+        self.counts
     }
 
     /// When the oldest ready message was accepted, if there is one. A scan of the ready list (a
@@ -312,6 +323,7 @@ impl<M: Clone> Queue<M> {
             let entry = self.new_entry(msg, bytes, at, expiration_ms);
             let seq = entry.seq;
             self.delay(at, entry, priority);
+            self.counts.published += 1;
             return Ok(seq);
         }
         if !self.fits(self.ready.len() as u64, self.ready_bytes, bytes) {
@@ -331,6 +343,7 @@ impl<M: Clone> Queue<M> {
         }
         let entry = self.new_entry(msg, bytes, now_ms, expiration_ms);
         let seq = entry.seq;
+        self.counts.published += 1;
         self.admit(entry, priority, settled);
         Ok(seq)
     }
@@ -546,6 +559,7 @@ impl<M: Clone> Queue<M> {
         if let Some(e) = self.ready.pop_back_if(seq) {
             self.ready_bytes -= u64::from(e.bytes);
             self.counted_out(1);
+            self.counts.published = self.counts.published.saturating_sub(1);
             return true;
         }
         if seq + 1 == self.next_seq {
@@ -553,6 +567,7 @@ impl<M: Clone> Queue<M> {
                 let was_due = self.due.remove(&(e.enqueued_ms, seq));
                 debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
                 self.counted_out(1);
+                self.counts.published = self.counts.published.saturating_sub(1);
                 return true;
             }
         }
@@ -630,6 +645,7 @@ impl<M: Clone> Queue<M> {
         let mut requeued = 0;
         for seq in seqs {
             let o = self.outstanding.remove(&seq).expect("listed above");
+            self.counts.bytes_unacked -= u64::from(o.entry.bytes);
             if self.requeue(o.entry, o.priority, settled) {
                 requeued += 1;
             }
@@ -713,6 +729,8 @@ impl<M: Clone> Queue<M> {
     ) -> Option<QueueDelivery<M>> {
         let (mut entry, priority) = self.pop_ready()?;
         entry.delivery_count += 1;
+        self.counts.delivered += 1;
+        self.counts.redelivered += u64::from(entry.delivery_count > 1);
         let delivery = QueueDelivery {
             holder,
             seq: entry.seq,
@@ -723,6 +741,7 @@ impl<M: Clone> Queue<M> {
         if auto_ack {
             settled.push(self.leave(entry, SettleReason::Acked, DeathReason::Rejected));
         } else {
+            self.counts.bytes_unacked += u64::from(entry.bytes);
             let o = Outstanding {
                 entry,
                 holder,
@@ -750,6 +769,7 @@ impl<M: Clone> Queue<M> {
         settled: &mut Vec<Settled<M>>,
     ) -> Result<(), QueueError> {
         let o = self.take_outstanding(holder, seq)?;
+        self.counts.nacked += 1;
         if requeue {
             self.requeue(o.entry, o.priority, settled);
         } else {
@@ -840,6 +860,7 @@ impl<M: Clone> Queue<M> {
         let mut requeued = 0;
         for seq in seqs {
             let o = self.outstanding.remove(&seq).expect("listed above");
+            self.counts.bytes_unacked -= u64::from(o.entry.bytes);
             if self.requeue(o.entry, o.priority, settled) {
                 requeued += 1;
             }
@@ -867,6 +888,7 @@ impl<M: Clone> Queue<M> {
             _ => return Err(QueueError::NotOutstanding { holder, seq }),
         }
         let o = self.outstanding.remove(&seq).expect("checked above");
+        self.counts.bytes_unacked -= u64::from(o.entry.bytes);
         self.consumers.credit_back(holder);
         Ok(o)
     }
@@ -950,6 +972,7 @@ impl<M: Clone> Queue<M> {
     fn leave(&mut self, e: Entry<M>, reason: SettleReason, why: DeathReason) -> Settled<M> {
         self.counted_out(1);
         self.retry.forget(e.seq);
+        self.counts.left(reason, why);
         Settled {
             seq: e.seq,
             msg: e.msg,
@@ -982,12 +1005,14 @@ impl<M: Clone> Queue<M> {
         if let Some(e) = self.ready.remove(seq) {
             self.ready_bytes -= u64::from(e.bytes);
             self.counted_out(1);
+            self.counts.published = self.counts.published.saturating_sub(1);
             return true;
         }
         if let Some(Delayed { entry: e, .. }) = self.delayed.remove(&seq) {
             let was_due = self.due.remove(&(e.enqueued_ms, seq));
             debug_assert!(was_due, "delayed message {seq} is due at its enqueued_ms");
             self.counted_out(1);
+            self.counts.published = self.counts.published.saturating_sub(1);
             return true;
         }
         false
@@ -1028,6 +1053,8 @@ impl<M: Clone> Queue<M> {
     pub fn finish(&mut self, t: Taken<M>, ack: bool) -> Settled<M> {
         let reason = self.settle_reason(ack);
         self.retry.forget(t.entry.seq);
+        self.counts.nacked += u64::from(!ack);
+        self.counts.left(reason, DeathReason::Rejected);
         Settled {
             seq: t.entry.seq,
             msg: t.entry.msg,
@@ -1047,6 +1074,7 @@ impl<M: Clone> Queue<M> {
             return;
         }
         self.consumers.charge(t.holder);
+        self.counts.bytes_unacked += u64::from(t.entry.bytes);
         let seq = t.entry.seq;
         let o = Outstanding {
             entry: t.entry,

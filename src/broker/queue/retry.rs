@@ -180,6 +180,7 @@ impl<M: Clone> Queue<M> {
     ) -> Result<RetryDecision, QueueError> {
         let (decision, _) = self.failure_plan(holder, seq, delay_ms, now_ms)?;
         let o = self.take_outstanding(holder, seq)?;
+        self.counts.nacked += 1;
         match decision {
             RetryDecision::Requeue => {
                 self.requeue(o.entry, o.priority, settled);

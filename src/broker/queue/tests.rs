@@ -467,6 +467,10 @@ proptest! {
             prop_assert_eq!(stats.outstanding, outstanding.len() as u64);
             prop_assert_eq!(stats.ready + stats.delayed + stats.outstanding + settled_seqs.len() as u64, published.len() as u64);
             prop_assert_eq!(index.get(), stats.ready + stats.delayed + stats.outstanding, "the shard's index count");
+            let counts = q.counts();
+            prop_assert_eq!(counts.bytes_unacked, stats.outstanding, "unacked bytes (1 a message)");
+            prop_assert_eq!(counts.published, published.len() as u64);
+            prop_assert_eq!(counts.acked + counts.dead_lettered + counts.dropped + counts.expired, settled_seqs.len() as u64, "every settlement counted once: {:?}", counts);
             if matches!(op, Op::Publish) {
                 prop_assert!(stats.ready <= max_length, "a publish left {} ready over max_length {}", stats.ready, max_length);
             }
@@ -881,4 +885,56 @@ fn expiry_sweeps_every_level_and_holds_stop_a_priority_queue_at_its_head() {
         .map(|d| d.seq)
         .collect();
     assert_eq!(order, [3, 4]);
+}
+
+#[test]
+fn a_queue_counts_what_it_did_and_the_bytes_it_has_out() {
+    let policy = QueuePolicy {
+        max_length: Some(5),
+        overflow: Overflow::DropHead,
+        message_ttl_ms: Some(100),
+        ..Default::default()
+    };
+    let mut q = Queue::new(policy, 0);
+    let mut settled = publish_n(&mut q, 7, 0);
+    assert_eq!(settled.len(), 2, "two heads dropped over max_length");
+    q.add_consumer(1, 3, false).unwrap();
+    let mut out = Vec::new();
+    q.dispatch(0, usize::MAX, &mut out, &mut settled);
+    assert_eq!(q.counts().bytes_unacked, 30);
+    q.ack(1, out[0].seq).unwrap();
+    q.nack(1, out[1].seq, true, &mut settled).unwrap();
+    let taken = q.take(1, out[2].seq).unwrap();
+    assert_eq!(
+        q.counts().bytes_unacked,
+        0,
+        "a taken delivery is out of the queue"
+    );
+    q.put_back(taken, false, &mut settled);
+    assert_eq!(q.counts().bytes_unacked, 10, "put back: outstanding again");
+    let taken = q.take(1, out[2].seq).unwrap();
+    q.finish(taken, true);
+    q.remove_consumer(1);
+    let mut got = q.get(2, true, 0, &mut settled).unwrap();
+    assert_eq!(got.delivery_count, 2, "the nacked one, redelivered");
+    got = q.get(2, false, 0, &mut settled).unwrap();
+    q.release(2, &mut settled);
+    assert_eq!(q.counts().bytes_unacked, 0, "released");
+    let _ = got;
+    q.expire(1_000, &mut settled);
+    let c = q.counts();
+    assert_eq!(
+        (c.published, c.delivered, c.redelivered, c.acked, c.nacked),
+        (7, 5, 1, 3, 1),
+        "{c:?}"
+    );
+    assert_eq!((c.dropped, c.expired, c.dead_lettered), (2, 2, 0), "{c:?}");
+    let mut q: Queue<u64> = Queue::new(QueuePolicy::default(), 0);
+    let seq = q.publish(0, 10, 0, None, None, &mut Vec::new()).unwrap();
+    assert!(q.retract_newest(seq));
+    assert_eq!(
+        q.counts().published,
+        0,
+        "a retracted publish was never accepted"
+    );
 }

@@ -144,8 +144,11 @@ impl Session {
         self.reply(out, request_id, BodyT::Status(Box::new(status)));
     }
 
-    /// The `Status` reply: totals, and every shard's counters by name (`shard.N.what`), so that
-    /// counters can be added without changing the schema.
+    /// The `Status` reply: totals, every shard's counters by name (`shard.N.what`), so that
+    /// counters can be added without changing the schema, each marked a gauge (a level) or not
+    /// (a count since the broker started), and every shard's latency histograms.
+    /// `shards_ready` is how many shards answered: a shard serves requests only once it has
+    /// recovered, so each answer is a shard ready.
     fn status(&self, now_ms: u64, shards: Vec<ShardStatus>) -> wire::StatusT {
         let mut st = wire::StatusT::default();
         st.broker_version = Some(self.ctx.broker_version.to_string());
@@ -153,39 +156,78 @@ impl Session {
         st.uptime_ms = now_ms.saturating_sub(self.ctx.started_ms);
         st.connections = shards.iter().map(|s| s.connections).sum::<u64>() as u32;
         st.queues = shards.iter().map(|s| s.queues).sum::<u64>() as u32;
+        st.shards_ready = shards.len() as u16;
         let mut counters = Vec::new();
+        let mut histograms = Vec::new();
         for s in &shards {
+            const GAUGE: bool = true;
+            const COUNT: bool = false;
             let fields = [
-                ("connections", s.connections),
-                ("queues", s.queues),
-                ("messages_ready", s.messages_ready),
-                ("messages_unacked", s.messages_unacked),
-                ("consumers", s.consumers),
-                ("messages_dropped", s.dropped),
-                ("messages_dead_lettered", s.dead_lettered),
-                ("dead_letter.cycles", s.dead_letter_cycles),
-                ("dead_letter.refused", s.dead_letter_refused),
-                ("messages_unroutable", s.unroutable),
-                ("exchanges", s.exchanges),
-                ("bindings", s.bindings),
-                ("cache_bytes", s.cache_bytes),
-                ("cache_bytes_max", s.cache_bytes_max),
-                ("journal.commits", s.journal_commits),
-                ("journal.records", s.journal_records),
-                ("journal.bytes_written", s.journal_bytes_written),
-                ("journal.fdatasyncs", s.journal_fdatasyncs),
-                ("journal.segments", s.journal_segments),
-                ("read_back.reads", s.read_back_reads),
-                ("read_back.records", s.read_back_records),
+                ("connections", s.connections, GAUGE),
+                ("queues", s.queues, GAUGE),
+                ("messages_ready", s.messages_ready, GAUGE),
+                ("messages_unacked", s.messages_unacked, GAUGE),
+                ("consumers", s.consumers, GAUGE),
+                ("messages_dropped", s.dropped, COUNT),
+                ("messages_dead_lettered", s.dead_lettered, COUNT),
+                ("dead_letter.cycles", s.dead_letter_cycles, COUNT),
+                ("dead_letter.refused", s.dead_letter_refused, COUNT),
+                ("messages_unroutable", s.unroutable, COUNT),
+                ("exchanges", s.exchanges, GAUGE),
+                ("bindings", s.bindings, GAUGE),
+                ("cache_bytes", s.cache_bytes, GAUGE),
+                ("cache_bytes_max", s.cache_bytes_max, GAUGE),
+                ("journal.commits", s.journal_commits, COUNT),
+                ("journal.records", s.journal_records, COUNT),
+                ("journal.bytes_written", s.journal_bytes_written, COUNT),
+                ("journal.fdatasyncs", s.journal_fdatasyncs, COUNT),
+                ("journal.segments", s.journal_segments, GAUGE),
+                ("read_back.reads", s.read_back_reads, COUNT),
+                ("read_back.records", s.read_back_records, COUNT),
+                ("messages_published", s.messages_published, COUNT),
+                ("messages_confirmed", s.confirms, COUNT),
+                ("messages_delivered", s.messages_delivered, COUNT),
+                ("messages_acked", s.messages_acked, COUNT),
+                ("messages_nacked", s.messages_nacked, COUNT),
+                ("messages_expired", s.messages_expired, COUNT),
+                ("mesh_outgoing_bytes", s.mesh_outgoing_bytes, GAUGE),
+                ("work_bytes", s.work_bytes, GAUGE),
+                ("journal.disk_bytes", s.journal_disk_bytes, GAUGE),
+                (
+                    "journal.segments_reclaimed",
+                    s.journal_segments_reclaimed,
+                    COUNT,
+                ),
             ];
-            for (name, value) in fields {
+            let hits = s
+                .limit_hits
+                .iter()
+                .map(|(limit, n)| (format!("limit_hit.{limit}"), *n, COUNT));
+            let named = fields.iter().map(|(n, v, g)| (n.to_string(), *v, *g));
+            for (name, value, gauge) in named.chain(hits) {
                 let mut c = wire::CounterT::default();
                 c.name = format!("shard.{}.{name}", s.shard);
                 c.value = value;
+                c.gauge = gauge;
                 counters.push(c);
+            }
+            for h in &s.histograms {
+                let mut w = wire::HistogramT::default();
+                w.name = h.name.to_string();
+                w.shard = s.shard;
+                w.count = h.count;
+                w.sum = h.sum;
+                w.bucket_le = Some(h.buckets.iter().map(|b| b.0).collect());
+                w.bucket_count = Some(h.buckets.iter().map(|b| b.1).collect());
+                w.p50 = h.p50;
+                w.p99 = h.p99;
+                w.p999 = h.p999;
+                w.max = h.max;
+                histograms.push(w);
             }
         }
         st.counters = Some(counters);
+        st.histograms = Some(histograms);
         st
     }
 }

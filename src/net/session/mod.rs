@@ -30,6 +30,7 @@
 mod commands;
 mod gather;
 mod ledger;
+mod observe;
 mod publish;
 mod replies;
 #[cfg(test)]
@@ -52,6 +53,7 @@ use crate::mesh::types::{placement, Refusal};
 use crate::net::command::Command;
 
 use ledger::Outstanding;
+pub use observe::Tally;
 use publish::Split;
 use replies::name;
 
@@ -221,6 +223,10 @@ pub struct Session {
     publish_ops: usize,
     /// The `Get`s this connection holds unacked or waits for, bounded by `gets_unacked_max`.
     gets: ledger::GetWindow,
+    /// The shard's counts this session adds to (`observe`).
+    tally: Rc<Tally>,
+    /// `Hello.client_name`, for the connection listing.
+    client_name: Option<String>,
 }
 
 // A session lives on its connection's shard and holds that shard's `Rc` routing copy: it must
@@ -251,7 +257,14 @@ impl Session {
             written: BTreeMap::new(),
             publish_ops: 0,
             gets: ledger::GetWindow::default(),
+            tally: Rc::default(),
+            client_name: None,
         }
+    }
+
+    /// Counts into the shard's `tally` (a session counts into its own until told).
+    pub fn count_into(&mut self, tally: Rc<Tally>) {
+        self.tally = tally;
     }
 
     pub fn is_open(&self) -> bool {
@@ -361,6 +374,7 @@ impl Session {
                         return self.fail(out, request_id, ErrorCode::ProtocolVersion, msg, true);
                     }
                     self.state = State::Open;
+                    self.client_name = Some(client_name.to_string()).filter(|n| !n.is_empty());
                     let welcome = self.welcome();
                     self.reply(out, request_id, welcome)
                 }

@@ -284,13 +284,14 @@ impl Session {
     }
 
     /// A confirm of `seqs`, listing the subset `duplicates` (re-sends not stored again).
-    fn confirm_with(
+    pub(super) fn confirm_with(
         &mut self,
         out: &mut BytesMut,
         seqs: Vec<u64>,
         durability: wire::Durability,
         duplicates: Vec<u64>,
     ) {
+        self.tally.confirmed(seqs.len());
         let ranges = weir_protocol::ranges_of(seqs);
         let duplicates = weir_protocol::ranges_of(duplicates);
         if let Err(e) = self.encoder.confirm(out, &ranges, durability, &duplicates) {

@@ -117,6 +117,7 @@ impl Session {
         message: String,
         sequences: Vec<u64>,
     ) {
+        self.tally.refused(code, &message);
         let sequences = weir_protocol::ranges_of(sequences);
         let mut e = wire::ErrorT::default();
         e.code = code;
@@ -139,6 +140,7 @@ impl Session {
             close,
             "{message}"
         );
+        self.tally.refused(code, &message);
         let mut e = wire::ErrorT::default();
         e.code = code;
         e.message = Some(message);

@@ -1442,3 +1442,99 @@ fn retry_a_nack_delay_is_refused_without_requeue_or_past_delay_ms_max_and_carrie
         vec![(5, true, true, Some(1000))]
     );
 }
+
+#[test]
+fn status_marks_gauges_carries_histograms_and_counts_the_shards_that_answered() {
+    let mut s = open_session();
+    let mut out = BytesMut::new();
+    replies(&mut out);
+    let mut outbound = Vec::new();
+    s.on_frame_at(
+        NOW_MS,
+        &frame(BodyT::GetStatus(Box::default())),
+        &mut out,
+        &mut outbound,
+    );
+    let st = crate::mesh::types::ShardStatus {
+        shard: 1,
+        connections: 2,
+        messages_published: 100,
+        limit_hits: vec![("consumers_per_connection_max", 3)],
+        histograms: vec![crate::mesh::types::HistogramSnapshot {
+            name: "journal.commit_latency_us",
+            count: 4,
+            sum: 900,
+            buckets: vec![(100, 1), (1_000, 4), (u64::MAX, 4)],
+            p50: 200,
+            p99: 400,
+            p999: 400,
+            max: 400,
+        }],
+        ..Default::default()
+    };
+    s.on_reply_at(
+        0,
+        outbound[1].id,
+        Reply::ShardStatus(Box::new(st)),
+        &mut out,
+        &mut Vec::new(),
+    );
+    // Shard 0 answers with something else: its part is left out, and it is not counted ready.
+    s.on_reply_at(0, outbound[0].id, Reply::Done, &mut out, &mut Vec::new());
+    let r = replies(&mut out);
+    let BodyT::Status(st) = &r[0].body else {
+        panic!("{:?}", r[0])
+    };
+    assert_eq!(st.shards_ready, 1);
+    let counters: BTreeMap<&str, (u64, bool)> = st
+        .counters
+        .iter()
+        .flatten()
+        .map(|c| (c.name.as_str(), (c.value, c.gauge)))
+        .collect();
+    assert_eq!(counters["shard.1.connections"], (2, true));
+    assert_eq!(counters["shard.1.messages_published"], (100, false));
+    assert_eq!(counters["shard.1.journal.disk_bytes"], (0, true));
+    assert_eq!(counters["shard.1.mesh_outgoing_bytes"].1, true);
+    assert_eq!(counters["shard.1.work_bytes"].1, true);
+    assert_eq!(counters["shard.1.journal.commits"].1, false);
+    assert_eq!(
+        counters["shard.1.limit_hit.consumers_per_connection_max"],
+        (3, false)
+    );
+    assert!(
+        !counters
+            .keys()
+            .any(|k| k.contains("limit_hit.queues_per_shard_max")),
+        "only the limits hit"
+    );
+    let h = &st.histograms.as_ref().unwrap()[0];
+    assert_eq!(
+        (h.name.as_str(), h.shard, h.count),
+        ("journal.commit_latency_us", 1, 4)
+    );
+    assert_eq!(h.bucket_le.as_deref(), Some(&[100, 1_000, u64::MAX][..]));
+    assert_eq!(h.bucket_count.as_deref(), Some(&[1, 4, 4][..]));
+}
+
+#[test]
+fn confirms_and_refusals_over_a_limit_are_tallied_for_the_shard() {
+    let tally = Rc::new(Tally::default());
+    let mut s = open_session();
+    s.count_into(tally.clone());
+    let mut out = BytesMut::new();
+    s.fail_sequences(
+        &mut out,
+        ErrorCode::LimitExceeded,
+        "this shard's queues hold queued_messages_max = 4 messages".into(),
+        vec![1, 2],
+    );
+    s.confirm_with(
+        &mut out,
+        vec![3, 4, 5],
+        wire::Durability::Always,
+        Vec::new(),
+    );
+    assert_eq!(tally.limit_hits(), vec![("queued_messages_max", 1)]);
+    assert_eq!(tally.confirms(), 3);
+}

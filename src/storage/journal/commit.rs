@@ -106,7 +106,13 @@ impl<D: SegmentDir + 'static> Journal<D> {
             };
             let records: u64 = chunks.iter().map(|c| c.records).sum();
             let segment = chunks[0].segment;
+            // Per round, never per record: two clock reads for the histogram (`latency`).
+            let started = std::time::Instant::now();
             let result = self.write_commit(chunks).await;
+            self.inner
+                .latencies
+                .borrow_mut()
+                .record_commit(started.elapsed().as_micros() as u64);
             let mut st = self.inner.state.borrow_mut();
             match result {
                 Ok((end, bytes)) => {
@@ -257,13 +263,17 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 Err(e) => return Err(self.failure("writing", &name(), e)),
             }
         }
-        file.fdatasync()
-            .await
-            .map_err(|e| match self.failure("fdatasync of", &name(), e) {
-                // After a failed fdatasync nothing about the file can be trusted.
-                RoundFailure::NoSpace(m) => RoundFailure::Failed(m),
-                other => other,
-            })?;
+        let syncing = std::time::Instant::now();
+        let synced = file.fdatasync().await;
+        self.inner
+            .latencies
+            .borrow_mut()
+            .record_fdatasync(syncing.elapsed().as_micros() as u64);
+        synced.map_err(|e| match self.failure("fdatasync of", &name(), e) {
+            // After a failed fdatasync nothing about the file can be trusted.
+            RoundFailure::NoSpace(m) => RoundFailure::Failed(m),
+            other => other,
+        })?;
         Ok((end, bytes))
     }
 

@@ -33,6 +33,7 @@
 //! fdatasync the contents of the disk are unknown, and only recovery can tell what is there.
 
 mod commit;
+mod latency;
 mod read;
 mod read_ahead;
 mod reclaim;
@@ -57,6 +58,7 @@ use crate::storage::record::{
 use crate::storage::recovery::{recover, RecoveryReport};
 use crate::storage::segment::SegmentHeader;
 
+pub use latency::{latency_bytes, Latencies, LATENCY_US_MAX};
 pub use read::ReadRecord;
 pub use read_ahead::{ReadAheadStats, WINDOW_BYTES_MAX as READ_AHEAD_WINDOW_BYTES_MAX};
 pub use reclaim::SegmentInfo;
@@ -89,6 +91,8 @@ pub struct JournalStats {
     pub fdatasyncs: u64,
     /// Segments created.
     pub segments_created: u64,
+    /// Segments reclaimed (deleted, or made tombstones).
+    pub segments_reclaimed: u64,
 }
 
 struct Seg<F> {
@@ -178,6 +182,8 @@ struct Inner<D: SegmentDir> {
     /// Windows of durable log kept for reads by position (`read`), off until the owner sets a
     /// bound.
     read_ahead: RefCell<read_ahead::ReadAhead<<D::File as SegmentFile>::ReadBuf>>,
+    /// Commit and fdatasync latencies, one value each per round (`latency`).
+    latencies: RefCell<Latencies>,
 }
 
 /// A shard's journal. Cloning shares it.
@@ -254,6 +260,7 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 config,
                 state: RefCell::new(state),
                 read_ahead: RefCell::new(read_ahead::ReadAhead::new(0)),
+                latencies: RefCell::new(Latencies::default()),
             }),
         };
         journal.open_reserve().await;
@@ -474,6 +481,11 @@ impl<D: SegmentDir + 'static> Journal<D> {
     /// Counters.
     pub fn stats(&self) -> JournalStats {
         self.inner.state.borrow().stats
+    }
+
+    /// The commit and fdatasync latencies recorded so far (for `Status`).
+    pub fn latencies(&self) -> std::cell::Ref<'_, Latencies> {
+        self.inner.latencies.borrow()
     }
 
     /// Clears the out-of-space state after space was freed outside the journal, so that appends

@@ -53,6 +53,17 @@ impl<D: SegmentDir + 'static> Journal<D> {
             .collect()
     }
 
+    /// Bytes of disk the segment files hold: each one in use preallocated to its full size, a
+    /// tombstone one block (the reserve file is not counted).
+    pub fn disk_bytes(&self) -> u64 {
+        let st = self.inner.state.borrow();
+        let size = self.inner.config.limits.segment_size_bytes_max;
+        st.segments
+            .values()
+            .map(|s| if s.reclaimed { BLOCK } else { size })
+            .sum()
+    }
+
     fn active_segments(st: &State<D>) -> Vec<u32> {
         let mut v: Vec<u32> = st.staged.iter().map(|c| c.segment).collect();
         v.push(st.place_segment);
@@ -119,7 +130,9 @@ impl<D: SegmentDir + 'static> Journal<D> {
         }
         // Space came back: take appends again (message records once the reserve, if spent, is
         // made again: `restore_reserve`).
-        self.inner.state.borrow_mut().no_space = None;
+        let mut st = self.inner.state.borrow_mut();
+        st.no_space = None;
+        st.stats.segments_reclaimed += 1;
         Ok(())
     }
 
