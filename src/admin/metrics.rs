@@ -7,7 +7,7 @@
 //! `admin_metrics_queues_max` queues, the first by name (the rest counted in
 //! `weir_metrics_queues_omitted`). Per shard, every counter of `GetStatus` (`shard.N.what`)
 //! becomes `weir_shard_what{shard}`, a gauge or a counter as the broker marks it, and
-//! `shard.N.limit_hits.LIMIT` becomes `weir_limit_hits_total{limit, shard}`; every histogram
+//! `shard.N.limit_hit.LIMIT` becomes `weir_limit_hits_total{limit, shard}`; every histogram
 //! (`journal.commit_latency_us`) becomes `weir_journal_commit_latency_seconds{shard}`, its
 //! buckets converted to seconds. A part the broker refuses (an older broker) is left out, and
 //! `weir_up` says whether the broker answered at all.
@@ -255,7 +255,10 @@ fn shard_families(status: &BrokerStatus, out: &mut Vec<Family>) {
             status.gauges.contains(full)
         };
         let mut labels = Labels::default();
-        let name = if let Some(limit) = what.strip_prefix("limit_hits.") {
+        let name = if let Some(limit) = what
+            .strip_prefix("limit_hit.")
+            .or_else(|| what.strip_prefix("limit_hits."))
+        {
             labels.0.push(("limit", limit.to_string()));
             "weir_limit_hits".to_string()
         } else {
@@ -527,7 +530,7 @@ mod tests {
                 ("shard.0.connections".into(), 3),
                 ("shard.1.connections".into(), 4),
                 ("shard.0.journal.commits".into(), 7),
-                ("shard.1.limit_hits.outbox_bytes_max".into(), 2),
+                ("shard.1.limit_hit.outbox_bytes_max".into(), 2),
             ],
             gauges: ["shard.0.connections", "shard.1.connections"]
                 .map(String::from)
