@@ -318,6 +318,7 @@ fn metrics_after_publishing_100_say_100_ready_and_100_published() {
         Some(commits)
     );
     assert_eq!(types["weir_journal_fdatasync_latency_seconds"], "histogram");
+    grafana_uses_only_these_families(&types);
 
     // Acks move the counters: consume 40 and ack them.
     runtime().block_on(async {
@@ -346,6 +347,40 @@ fn metrics_after_publishing_100_say_100_ready_and_100_published() {
         value(&samples, "weir_queue_published_total", &queue),
         Some(100.0)
     );
+}
+
+/// Every metric the Grafana dashboard (`ops/grafana-dashboard.json`) queries is one `/metrics`
+/// serves (a family of `types`, or one only there once a limit is hit).
+fn grafana_uses_only_these_families(types: &BTreeMap<String, String>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("weir_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.push(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(names.len() > 20, "{names:?}");
+    for name in names {
+        let family = ["_total", "_bucket"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            types.contains_key(family) || family == "weir_limit_hits",
+            "the Grafana dashboard queries {name}, which /metrics does not serve"
+        );
+    }
 }
 
 #[test]
