@@ -62,8 +62,8 @@ struct ServeArgs {
     #[arg(long, value_name = "always|interval:MS|never")]
     fsync: Option<String>,
     /// The admin HTTP listener: /metrics, /api/, /health, /ready and the dashboard at /
-    /// (default 127.0.0.1:15680; port 0: any free port).
-    #[arg(long, value_name = "ADDR")]
+    /// (default 127.0.0.1:15680; port 0: any free port). Given twice, the last one counts.
+    #[arg(long, value_name = "ADDR", overrides_with = "admin_listen")]
     admin_listen: Option<String>,
     /// No admin HTTP listener.
     #[arg(long)]

@@ -571,6 +571,30 @@ fn the_admin_api_declares_purges_and_deletes_with_the_brokers_errors() {
     assert_eq!((status, &body["error"]), (404, &json!("NotFound")));
 }
 
+#[test]
+fn an_admin_port_in_use_is_refused_naming_admin_listen_and_no_admin_turns_it_off() {
+    let a = Broker::start(&temp_dir("admin-port-a"), &[]);
+    let taken = a.admin.unwrap();
+    let dir_b = temp_dir("admin-port-b");
+    let out = weir_testkit::Serve::new(env!("CARGO_BIN_EXE_weir"))
+        .data_dir(&dir_b)
+        .args(["--admin-listen", &taken.to_string()])
+        .command()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("admin_listen: address {taken} is in use")),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir_b);
+    let off = Broker::start(&temp_dir("admin-port-off"), &["--no-admin"]);
+    assert_eq!(off.admin, None);
+    assert!(off.ready_line.ends_with(" admin off"), "{}", off.ready_line);
+}
+
 /// A broker child this test spawned itself (not through the testkit's start, which waits for
 /// the ready line), killed when dropped.
 struct Spawned(Child);
