@@ -39,6 +39,14 @@ pub(super) async fn scrape(State(admin): State<Arc<Admin>>) -> Response {
     } else {
         None
     };
+    // A scrape of the snapshot the last one rendered gets the same text: a scrape storm costs
+    // one rendering per snapshot, and the rest is HTTP.
+    let mut rendered = admin.rendered.lock().await;
+    if let (Some(s), Some((of, text))) = (&snapshot, rendered.as_ref()) {
+        if Arc::ptr_eq(s, of) {
+            return ([(header::CONTENT_TYPE, OPENMETRICS)], text.clone()).into_response();
+        }
+    }
     let view = View {
         snapshot: snapshot.as_deref(),
         shard_count: admin.shard_count,
@@ -50,7 +58,13 @@ pub(super) async fn scrape(State(admin): State<Arc<Admin>>) -> Response {
     registry.register_collector(Box::new(Collected(render_all(&view))));
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response(),
+        Ok(()) => {
+            let text = axum::body::Bytes::from(text);
+            if let Some(s) = snapshot {
+                *rendered = Some((s, text.clone()));
+            }
+            ([(header::CONTENT_TYPE, OPENMETRICS)], text).into_response()
+        }
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "encoding the metrics failed",

@@ -51,6 +51,8 @@ pub(crate) struct Admin {
     pub limits: AdminLimits,
     pub started: Instant,
     pub link: link::Link,
+    /// `/metrics` as last rendered, and the snapshot it was rendered from.
+    pub rendered: tokio::sync::Mutex<Option<(Arc<link::Snapshot>, axum::body::Bytes)>>,
 }
 
 /// Binds the admin listener (blocking, before any shard starts).
@@ -76,6 +78,7 @@ pub fn start(setup: AdminSetup) -> std::io::Result<std::thread::JoinHandle<()>> 
                     limits: setup.limits.admin,
                     started: Instant::now(),
                     link: link::Link::new(setup.broker),
+                    rendered: tokio::sync::Mutex::new(None),
                 });
                 if let Err(e) = http::serve(setup.listener, admin).await {
                     tracing::error!("admin listener stopped: {e}");
