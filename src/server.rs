@@ -154,6 +154,11 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             shards_ready: shards_ready.clone(),
             stop: stop.clone(),
             limits: config.limits,
+            spare_cpus: allowed
+                .iter()
+                .copied()
+                .filter(|c| !cpus.contains(c))
+                .collect(),
         };
         crate::admin::start(setup).map_err(io("starting the admin thread"))?;
         if let Some(addr) = admin_addr {
