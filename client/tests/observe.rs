@@ -254,3 +254,78 @@ async fn a_refusal_over_a_limit_is_counted_under_that_limits_name() {
         "named, not other"
     );
 }
+
+#[tokio::test]
+async fn consumers_are_listed_with_their_credit_and_a_waiting_single_active_one_is_inactive() {
+    let broker = Broker::start("observe-consumers", &["--cpus", "0,1"]);
+    let named = |name: &str| ClientOptions {
+        name: name.into(),
+        ..ClientOptions::default()
+    };
+    let a = broker.client_with(named("consumer-a")).await;
+    let b = broker.client_with(named("consumer-b")).await;
+    let work = queue_on(0, 2, "obs-work");
+    a.declare(&work, QueueOptions::default()).await.unwrap();
+    let single = queue_on(1, 2, "obs-single");
+    let options = QueueOptions {
+        arguments: QueueArguments {
+            single_active_consumer: true,
+            ..QueueArguments::default()
+        },
+        ..QueueOptions::default()
+    };
+    a.declare(&single, options).await.unwrap();
+    publish_numbered(&a, &work, 0..10).await;
+    let options = ConsumeOptions {
+        tag: "holder".into(),
+        prefetch: 7,
+        priority: 3,
+        ..ConsumeOptions::default()
+    };
+    let mut holder = a.consume(&work, options).await.unwrap();
+    let _held = take(&mut holder, 7).await;
+    let sac = |tag: &str| ConsumeOptions {
+        tag: tag.into(),
+        ..ConsumeOptions::default()
+    };
+    let _first = a.consume(&single, sac("first")).await.unwrap();
+    let _second = b.consume(&single, sac("second")).await.unwrap();
+
+    let listed = b.list_consumers("obs-").await.unwrap();
+    let keys: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|c| (c.queue.as_str(), c.tag.as_str()))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "in (queue, tag) order");
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let find = |tag: &str| listed.iter().find(|c| c.tag == tag).unwrap();
+    let h = find("holder");
+    assert_eq!((h.queue.as_str(), h.shard), (work.as_str(), 0));
+    assert_eq!((h.prefetch, h.unacked, h.priority), (7, 7, 3), "{h:?}");
+    assert!(h.active && !h.auto_ack);
+    assert!(find("first").active, "the single active consumer");
+    assert!(!find("second").active, "waiting behind it");
+    assert_eq!(find("second").shard, 1);
+    // Each consumer names its connection, as the connection listing does.
+    let connections = b.list_connections().await.unwrap();
+    let of = |name: &str| {
+        connections
+            .iter()
+            .filter(|c| c.client_name.as_deref() == Some(name))
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    assert!(of("consumer-a").contains(&h.connection), "{connections:?}");
+    assert!(of("consumer-b").contains(&find("second").connection));
+    let holding = connections.iter().find(|c| c.id == h.connection).unwrap();
+    assert_eq!(holding.consumers, 1, "the holder's connection: {holding:?}");
+    assert_eq!(holding.deliveries_unacked, 7, "{holding:?}");
+    assert_eq!(
+        of("consumer-a").len(),
+        2,
+        "a shard-aware client: one per shard"
+    );
+    assert!(b.list_consumers("nothing-").await.unwrap().is_empty());
+}

@@ -387,6 +387,19 @@ pub fn execute(
             Ok(Reply::Done)
         }
         Op::Status => Ok(Reply::ShardStatus(Box::new(host.status()))),
+        // The host has no connections: the shard answers this one itself (`shard::observe`).
+        Op::ListConnections { .. } => Ok(Reply::Connections(Vec::new())),
+        Op::ListConsumers {
+            prefix,
+            after_queue,
+            after_tag,
+            limit,
+        } => Ok(Reply::Consumers(host.list_consumers(
+            &prefix,
+            &after_queue,
+            &after_tag,
+            limit,
+        ))),
         Op::Expire => {
             host.expire(now_ms);
             host.expire_queues(now_ms);

@@ -176,6 +176,20 @@ pub enum Op {
     ConsumerTimeouts {
         timeout_ms: u64,
     },
+    /// A page of the shard's connections with an id above `after` (answered by the shard
+    /// itself, from its connections), at most `limit`.
+    ListConnections {
+        after: Option<u64>,
+        limit: usize,
+    },
+    /// A page of the consumers of the shard's queues named `prefix`..., after
+    /// (`after_queue`, `after_tag`), at most `limit`.
+    ListConsumers {
+        prefix: String,
+        after_queue: String,
+        after_tag: String,
+        limit: usize,
+    },
 }
 
 /// A delivery as it crosses to the consumer's connection.
@@ -218,6 +232,8 @@ pub enum Reply {
     Settled(SettleOutcome),
     Refused(Refusal),
     ShardStatus(Box<ShardStatus>),
+    Connections(Vec<wire::ConnectionInfoT>),
+    Consumers(Vec<wire::ConsumerInfoT>),
 }
 
 /// Something the owning shard sends a connection unasked.

@@ -2,8 +2,9 @@
 //! messages: who asked (`ConnRef`), why it was refused (`Refusal`), what a queue declaration
 //! says (`Declare`), a consumer the host cancelled (`Cancelled`), a shard's counters
 //! (`ShardStatus`), a queue's sequence numbers (`Seq`) and who holds its deliveries
-//! (`HolderId`), an exchange declaration (`ExchangeDecl`) and a binding (`Binding`), and which
-//! shard owns a queue (`placement`).
+//! (`HolderId`), an exchange declaration (`ExchangeDecl`) and a binding (`Binding`), which
+//! shard owns a queue (`placement`), the limits a refusal can name (`LIMIT_NAMES`) and a latency
+//! histogram as a shard reports it (`HistogramSnapshot`).
 //!
 //! Contract: plain data, `Send`, depending on nothing else in the broker, so that the broker's
 //! state machines, the session and the shard name them without depending on one another: the

@@ -87,6 +87,17 @@ pub enum Command<'a> {
         exchange: Option<&'a str>,
         queue: Option<&'a str>,
     },
+    /// `limit` as the client sent it (0: the broker's page size).
+    ListConnections {
+        after: Option<u64>,
+        limit: u32,
+    },
+    ListConsumers {
+        prefix: &'a str,
+        after_queue: &'a str,
+        after_tag: &'a str,
+        limit: u32,
+    },
     /// A frame only the broker sends.
     BrokerOnly(Body),
     /// A frame this broker version does not serve yet.
@@ -361,6 +372,18 @@ impl<'a> Command<'a> {
                 exchange: l.exchange(),
                 queue: l.queue(),
             }
+        } else if let Some(l) = f.body_as_list_connections() {
+            Command::ListConnections {
+                after: l.after(),
+                limit: l.limit(),
+            }
+        } else if let Some(l) = f.body_as_list_consumers() {
+            Command::ListConsumers {
+                prefix: l.prefix().unwrap_or(""),
+                after_queue: l.after_queue().unwrap_or(""),
+                after_tag: l.after_tag().unwrap_or(""),
+                limit: l.limit(),
+            }
         } else if broker_only(body) {
             Command::BrokerOnly(body)
         } else {
@@ -393,5 +416,7 @@ pub fn broker_only(body: Body) -> bool {
             | Body::Deliver
             | Body::GetOk
             | Body::Status
+            | Body::ConnectionList
+            | Body::ConsumerList
     )
 }

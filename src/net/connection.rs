@@ -20,6 +20,9 @@
 //! charges back to their owners (`outbox_bytes_max`), so a peer that never reads stops being sent
 //! more.
 //!
+//! It counts the bytes of each read and each write in its `ConnEntry` (for the connection
+//! listing): per read and per write, never per message.
+//!
 //! Faults handled: the peer closing or resetting (the task ends; every shard releases what the
 //! connection held), a malformed frame (an `Error` frame, then this connection closes; other
 //! connections never notice), a slow reader (writes wait; nothing more is read meanwhile).
@@ -27,7 +30,7 @@
 //! The connection sees its shard only through `ConnectionHost`, so this layer does not depend on
 //! the shard that drives it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -44,6 +47,11 @@ pub struct ConnEntry {
     pub session: RefCell<Session>,
     pub outbox: RefCell<BytesMut>,
     pub bell: Doorbell,
+    /// The peer's address, "ip:port" (for the connection listing).
+    pub peer: String,
+    /// Bytes read from the peer and written to it, counted per read and per write.
+    pub bytes_received: Cell<u64>,
+    pub bytes_sent: Cell<u64>,
 }
 
 /// What a connection needs of the shard it lives on.
@@ -133,6 +141,9 @@ pub async fn serve<H: ConnectionHost>(
                 tracing::debug!(connection = id, "write failed: {e}");
                 break;
             }
+            entry
+                .bytes_sent
+                .set(entry.bytes_sent.get() + owed.len() as u64);
         }
         // Written: the deliveries' owners may send that much more (`outbox_bytes_max`).
         let mut outbound = Vec::new();
@@ -175,7 +186,12 @@ pub async fn serve<H: ConnectionHost>(
             Event::Read(Ok(0)) => break,
             // Fair service: a connection whose peer keeps its socket full would otherwise find
             // every read ready and never give the worker or other connections a turn.
-            Event::Read(Ok(_)) => futures_lite::future::yield_now().await,
+            Event::Read(Ok(n)) => {
+                entry
+                    .bytes_received
+                    .set(entry.bytes_received.get() + n as u64);
+                futures_lite::future::yield_now().await
+            }
             Event::Rung | Event::Deadline => {}
             Event::Read(Err(e)) => {
                 tracing::debug!(connection = id, "read failed: {e}");

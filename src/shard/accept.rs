@@ -6,7 +6,7 @@
 //! back-off, never a crash; connections over `connections_per_shard_max`: told why, then closed;
 //! connections arriving while the shard stops: closed unanswered.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -80,12 +80,18 @@ pub(super) async fn accept_loop(listener: Listener, state: Rc<ShardState>) {
             });
             continue;
         }
-        tracing::debug!(shard = state.id, connection = id, peer = ?conn.peer_addr().ok(), "accepted");
+        let peer = conn
+            .peer_addr()
+            .map_or_else(|_| String::new(), |a| a.to_string());
+        tracing::debug!(shard = state.id, connection = id, peer = %peer, "accepted");
         let (bell, waiter) = doorbell();
         let entry = Rc::new(ConnEntry {
             session: RefCell::new(session),
             outbox: RefCell::new(BytesMut::new()),
             bell,
+            peer,
+            bytes_received: Cell::new(0),
+            bytes_sent: Cell::new(0),
         });
         state.connections.borrow_mut().insert(id, entry.clone());
         let me = ConnRef {

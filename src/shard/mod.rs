@@ -28,6 +28,7 @@
 //!   so the worker never waits for a delivery's read) and dead letters.
 //! - `control`: the control-plane writer's side of a change, and this shard's routing copy.
 //! - `housekeeping`: the expiry and segment-reclaim timers.
+//! - `observe`: the shard's own part of `Status` and its page of the connection listing.
 //!
 //! Faults handled: accept errors (file descriptors exhausted, a reset before accept): logged,
 //! then a short back-off, never a crash; connections over `connections_per_shard_max`: told why,

@@ -1,15 +1,20 @@
 //! The shard's part of observation: its status beyond the queue host's (connections, the mesh,
-//! the journal's disk and latencies, its sessions' tally).
+//! the journal's disk and latencies, its sessions' tally), and its page of the connection
+//! listing.
 //!
-//! Contract: runs in the worker, on the shard's thread, when a `Status` op is executed; reads
-//! what the shard already keeps (no counting of its own). The latency histograms are reported
+//! Contract: runs in the worker, on the shard's thread, when a `Status` or `ListConnections` op
+//! is executed; reads what the shard already keeps (no counting of its own). A connection whose
+//! session is borrowed at that moment (never, as the worker runs between connection turns;
+//! `try_borrow` says so rather than assuming it) is listed with its session's facts empty. The latency histograms are reported
 //! with the fixed cumulative bucket bounds `LATENCY_BUCKETS_US` (Prometheus `le`), a last
 //! bucket `u64::MAX` (`+Inf`) holding every value. No faults: reading cannot fail.
 
 use hdrhistogram::Histogram;
+use weir_protocol::wire;
 
 use super::ShardState;
 use crate::mesh::types::{HistogramSnapshot, ShardStatus};
+use crate::net::session::SessionFacts;
 
 /// Upper bounds of the latency buckets, µs: 50 µs to 1 s, about three per decade.
 pub const LATENCY_BUCKETS_US: [u64; 13] = [
@@ -34,6 +39,46 @@ impl ShardState {
                 l.fdatasync_sum_us,
             ),
         ];
+    }
+
+    /// At most `limit` of this shard's connections with an id above `after`, in id order.
+    pub(super) fn list_connections(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Vec<wire::ConnectionInfoT> {
+        let connections = self.connections.borrow();
+        let mut ids: Vec<u64> = connections
+            .keys()
+            .copied()
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(limit);
+        ids.into_iter()
+            .filter_map(|id| {
+                let entry = connections.get(&id)?;
+                let facts = entry
+                    .session
+                    .try_borrow()
+                    .map(|s| s.facts())
+                    .unwrap_or_else(|_| SessionFacts::default());
+                let mut c = wire::ConnectionInfoT::default();
+                c.id = id;
+                c.shard = self.id;
+                c.peer = Some(entry.peer.clone());
+                c.client_name = facts.client_name;
+                c.connected_ms = now_ms.saturating_sub(facts.accepted_ms);
+                c.consumers = facts.consumers;
+                c.deliveries_unacked = facts.deliveries_unacked;
+                c.publishes_unconfirmed = facts.publishes_unconfirmed;
+                c.outbox_bytes = entry.outbox.try_borrow().map_or(0, |o| o.len() as u64);
+                c.bytes_received = entry.bytes_received.get();
+                c.bytes_sent = entry.bytes_sent.get();
+                Some(c)
+            })
+            .collect()
     }
 }
 

@@ -78,6 +78,11 @@ impl ShardState {
                 let reply = Reply::Done;
                 return self.reply_to(from, id, reply);
             }
+            // Answered from the shard's connections, which the queue host does not know.
+            Op::ListConnections { after, limit } => {
+                let reply = Reply::Connections(self.list_connections(after, limit, now_ms()));
+                return self.reply_to(from, id, reply);
+            }
             op => op,
         };
         let now = now_ms();

@@ -13,7 +13,7 @@
 //! the usage records that carry the clock across restarts); `settle` keeps the books of what
 //! leaves a queue (journal settles, dead letters, drop counts, expiry, the liveness of journal
 //! segments as messages cool) and of what waits for a commit (held messages, acks taken out
-//! until their record is durable).
+//! until their record is durable); `observe` lists the consumers of its queues.
 //!
 //! What grows with clients is bounded here (`HostLimits`): the queues of the shard
 //! (`queues_per_shard_max`, a declare past it refused) and the entries of every queue's index
@@ -27,6 +27,7 @@
 
 mod consumers;
 mod expiry;
+mod observe;
 mod settle;
 #[cfg(test)]
 mod tests;

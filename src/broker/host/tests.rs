@@ -417,3 +417,58 @@ fn a_purge_in_steps_settles_each_step_and_says_when_it_is_done() {
     assert_eq!(h.take_journal_work().settles.len(), 3);
     assert_eq!(h.index_entries(), 0);
 }
+
+#[test]
+fn consumers_are_listed_in_queue_and_tag_order_a_page_after_another() {
+    let mut h = QueueHost::new(3);
+    h.declare(A, declare("a"), 0).unwrap();
+    let mut arguments = wire::QueueArgumentsT::default();
+    arguments.single_active_consumer = true;
+    let sac = Declare {
+        arguments,
+        ..declare("b")
+    };
+    h.declare(A, sac, 0).unwrap();
+    h.declare(A, declare("other"), 0).unwrap();
+    h.consume_at(A, "a", "z", 5, false, false, 2, 0).unwrap();
+    h.consume(B, "a", "m", 1, true, false).unwrap();
+    h.consume(A, "b", "first", 1, false, false).unwrap();
+    h.consume(B, "b", "next", 1, false, false).unwrap();
+    h.consume(A, "other", "x", 1, false, false).unwrap();
+    let key = |v: &[wire::ConsumerInfoT]| {
+        v.iter()
+            .map(|c| (c.queue.clone().unwrap(), c.tag.clone().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let all = h.list_consumers("", "", "", 100);
+    assert_eq!(all.len(), 5);
+    let first = h.list_consumers("a", "", "", 2);
+    assert_eq!(
+        key(&first),
+        vec![("a".into(), "m".into()), ("a".into(), "z".into())]
+    );
+    let z = &first[1];
+    assert_eq!(
+        (z.shard, z.connection, z.prefetch, z.priority),
+        (3, 1, 5, 2)
+    );
+    assert!(!z.auto_ack && z.active);
+    assert!(first[0].auto_ack);
+    let rest = h.list_consumers("", "a", "z", 10);
+    assert_eq!(
+        key(&rest),
+        vec![
+            ("b".into(), "first".into()),
+            ("b".into(), "next".into()),
+            ("other".into(), "x".into())
+        ]
+    );
+    assert!(
+        rest[0].active && !rest[1].active,
+        "the waiting single active one"
+    );
+    assert_eq!(
+        key(&h.list_consumers("", "b", "first", 1)),
+        vec![("b".into(), "next".into())]
+    );
+}

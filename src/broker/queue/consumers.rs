@@ -70,6 +70,10 @@ impl Consumers {
         self.by_id.contains_key(&id)
     }
 
+    pub fn get(&self, id: HolderId) -> Option<&Consumer> {
+        self.by_id.get(&id)
+    }
+
     pub fn get_mut(&mut self, id: HolderId) -> Option<&mut Consumer> {
         self.by_id.get_mut(&id)
     }

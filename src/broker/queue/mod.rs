@@ -26,7 +26,9 @@
 //! shard), from its publish or restore until it is settled, retracted or its queue dropped: the
 //! shard's index is bounded by that count (`limits.queued_messages_max`), whatever the payloads.
 //! A purge goes in steps (`purge_some`), so a deep queue's purge never gathers every entry at
-//! once; the ready list gives back its memory as it shrinks.
+//! once; the ready list gives back its memory as it shrinks. What it did (published, delivered,
+//! acked, ...) and the bytes it has outstanding are counted as it does it (`counts.rs`: field
+//! increments, for its info).
 //!
 //! Faults handled: acks and nacks for sequence numbers that are not outstanding for that owner
 //! (an error, nothing changes), consumers vanishing with deliveries outstanding (their messages
@@ -162,6 +164,16 @@ pub fn entry_size<M>() -> usize {
 
 /// Entries held by the queues sharing it (one shard's): ready, delayed and outstanding.
 pub type IndexCount = Rc<Cell<u64>>;
+
+/// One consumer as a listing shows it (`Queue::consumer_facts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerFacts {
+    pub prefetch: u32,
+    pub unacked: u32,
+    pub auto_ack: bool,
+    pub priority: i32,
+    pub active: bool,
+}
 
 /// Counters a `QueueInfo` reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -616,6 +628,20 @@ impl<M: Clone> Queue<M> {
     /// With `single_active_consumer`: the consumer offered messages now.
     pub fn active_consumer(&self) -> Option<HolderId> {
         self.consumers.active()
+    }
+
+    /// What consumer `id` is, for a listing: its prefetch, the deliveries it holds (counted
+    /// against prefetch), auto-ack, priority, and whether it is offered messages (false only
+    /// for a waiting consumer under single active consumer).
+    pub fn consumer_facts(&self, id: HolderId) -> Option<ConsumerFacts> {
+        let c = self.consumers.get(id)?;
+        Some(ConsumerFacts {
+            prefetch: c.prefetch,
+            unacked: c.in_flight,
+            auto_ack: c.auto_ack,
+            priority: c.priority,
+            active: !self.policy.single_active_consumer || self.consumers.active() == Some(id),
+        })
     }
 
     pub fn set_prefetch(&mut self, id: HolderId, prefetch: u32) -> Result<(), QueueError> {

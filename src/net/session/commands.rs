@@ -88,6 +88,15 @@ impl Session {
                 limit,
             } => self.list_queues(request_id, prefix, after, limit, outbound),
             Command::GetStatus => self.get_status(request_id, outbound),
+            Command::ListConnections { after, limit } => {
+                self.list_connections(request_id, after, limit, outbound)
+            }
+            Command::ListConsumers {
+                prefix,
+                after_queue,
+                after_tag,
+                limit,
+            } => self.list_consumers(request_id, prefix, after_queue, after_tag, limit, outbound),
             Command::Consume(c) => self.consume(request_id, c, out, outbound),
             Command::Cancel { consumer_tag } => match self.consumers.get(consumer_tag).cloned() {
                 Some(ConsumerRef {

@@ -19,6 +19,8 @@
 //! - `ledger`: delivery tags, outstanding deliveries, settlements, pushed deliveries.
 //! - `gather`: requests answered by every shard (queue listing, status).
 //! - `replies`: encoding answers and refusals.
+//! - `observe`: the shard's tally (confirms, refusals by limit), the connection and consumer
+//!   listings gathered from every shard, and what this session tells its shard's listing.
 //!
 //! Faults handled: frames before `Hello`, no `Hello` within `handshake_timeout_ms` (closed),
 //! a second `Hello`, a wrong protocol version, frames only
@@ -53,7 +55,7 @@ use crate::mesh::types::{placement, Refusal};
 use crate::net::command::Command;
 
 use ledger::Outstanding;
-pub use observe::Tally;
+pub use observe::{SessionFacts, Tally};
 use publish::Split;
 use replies::name;
 
@@ -134,6 +136,8 @@ enum Pending {
     },
     List(gather::ListGather),
     Status(gather::StatusGather),
+    Connections(observe::ConnectionsGather),
+    Consumers(observe::ConsumersGather),
     /// Message bytes the publish counts against `publish_bytes_in_flight_max` until answered.
     Publish {
         bytes: u64,
@@ -425,6 +429,10 @@ impl Session {
             (Pending::Status(gather), reply) => {
                 self.gathered_status(now_ms, id, gather, reply, out)
             }
+            (Pending::Connections(gather), reply) => {
+                self.gathered_connections(id, gather, reply, out)
+            }
+            (Pending::Consumers(gather), reply) => self.gathered_consumers(id, gather, reply, out),
             (Pending::Reply { request_id }, reply) => self.on_reply_to(request_id, reply, out),
             (
                 Pending::BindQueue {

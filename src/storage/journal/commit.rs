@@ -12,7 +12,8 @@
 //! wakes every `commit` waiter. Appends made while that commit is in flight are staged for the
 //! next one, so the window is exactly "while the disk is busy", bounded by `staged_bytes_max`;
 //! there is no timer. Commits complete in order and the durable watermark only grows, so the
-//! broker can release confirms in position order.
+//! broker can release confirms in position order. Each round's latency, and its fdatasync's, is
+//! recorded once per round (`latency`: the clock is read around the round, never per record).
 //!
 //! Tail block: every commit starts on a fresh 4 KiB block and its last block is zero-padded.
 //! A durable byte is never written again, so a torn write can only damage the commit that was in
@@ -32,7 +33,7 @@ use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
-use super::{Journal, RoundFailure, Seg, StagedChunk, State};
+use super::{latency, Journal, RoundFailure, Seg, StagedChunk, State};
 use crate::storage::error::is_no_space;
 use crate::storage::format::{
     align_up_to_block, Position, BLOCK_BYTES, COMMIT_RECORD_BYTES, FIRST_COMMIT_OFFSET,
@@ -106,13 +107,11 @@ impl<D: SegmentDir + 'static> Journal<D> {
             };
             let records: u64 = chunks.iter().map(|c| c.records).sum();
             let segment = chunks[0].segment;
-            // Per round, never per record: two clock reads for the histogram (`latency`).
-            let started = std::time::Instant::now();
+            // Per round, never per record: the clock read at its start, its fdatasync's start
+            // and end (`latency`).
+            let started = latency::now_us();
             let result = self.write_commit(chunks).await;
-            self.inner
-                .latencies
-                .borrow_mut()
-                .record_commit(started.elapsed().as_micros() as u64);
+            self.inner.latencies.borrow_mut().record_commit(started);
             let mut st = self.inner.state.borrow_mut();
             match result {
                 Ok((end, bytes)) => {
@@ -263,12 +262,9 @@ impl<D: SegmentDir + 'static> Journal<D> {
                 Err(e) => return Err(self.failure("writing", &name(), e)),
             }
         }
-        let syncing = std::time::Instant::now();
+        let syncing = latency::now_us();
         let synced = file.fdatasync().await;
-        self.inner
-            .latencies
-            .borrow_mut()
-            .record_fdatasync(syncing.elapsed().as_micros() as u64);
+        self.inner.latencies.borrow_mut().record_fdatasync(syncing);
         synced.map_err(|e| match self.failure("fdatasync of", &name(), e) {
             // After a failed fdatasync nothing about the file can be trusted.
             RoundFailure::NoSpace(m) => RoundFailure::Failed(m),
