@@ -567,6 +567,18 @@ fn the_admin_api_declares_purges_and_deletes_with_the_brokers_errors() {
     assert_eq!(status, 200);
     assert_eq!(overview["shard_count"], 2);
     assert_eq!(overview["shards_ready"], 2);
+    let (status, conns) = json_of("GET", &format!("{admin}/api/connections"), None);
+    assert_eq!(status, 200, "{conns}");
+    assert!(
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["client_name"] == "weir-admin"),
+        "the admin's own connection is listed: {conns}"
+    );
+    let (status, consumers) = json_of("GET", &format!("{admin}/api/consumers"), None);
+    assert_eq!((status, consumers), (200, json!([])));
     let (status, body) = json_of("GET", &format!("{admin}/api/nothing-here"), None);
     assert_eq!((status, &body["error"]), (404, &json!("NotFound")));
 }
