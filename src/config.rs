@@ -80,6 +80,9 @@ pub struct Config {
     pub limits: Limits,
     /// How log lines are written: text (default) or JSON.
     pub log_format: LogFormat,
+    /// The admin HTTP listener (`/metrics`, `/api/`, `/health`, `/ready`, the dashboard); `None`:
+    /// off (`--no-admin`, or `admin_listen = "off"`).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -95,6 +98,7 @@ impl Default for Config {
             io_memory_bytes: 8 << 20,
             limits: Limits::DEFAULT,
             log_format: LogFormat::Text,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 15680))),
         }
     }
 }
@@ -189,6 +193,8 @@ struct FileConfig {
     loadgen: Option<toml::Table>,
     /// "text" or "json".
     log_format: Option<String>,
+    /// An address, or "off".
+    admin_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,6 +248,10 @@ struct FileLimits {
     producers_per_shard_max: Option<u32>,
     producer_idle_expiry_ms: Option<u64>,
     retry_delays_count_max: Option<u32>,
+    admin_connections_max: Option<u32>,
+    admin_body_bytes_max: Option<u64>,
+    admin_request_timeout_ms: Option<u64>,
+    admin_metrics_queues_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -254,6 +264,9 @@ pub struct Flags {
     pub cpus: Option<String>,
     pub fsync: Option<String>,
     pub log_format: Option<String>,
+    pub admin_listen: Option<String>,
+    /// `--no-admin`: no admin listener, whatever else says.
+    pub no_admin: bool,
 }
 
 impl Config {
@@ -286,6 +299,7 @@ impl Config {
             ("WEIR_CPUS", "cpus"),
             ("WEIR_FSYNC", "fsync"),
             ("WEIR_LOG_FORMAT", "log_format"),
+            ("WEIR_ADMIN_LISTEN", "admin_listen"),
         ];
         for (var, key) in vars {
             if let Some(value) = env(var) {
@@ -310,6 +324,7 @@ impl Config {
             ("--cpus", "cpus", flags.cpus.clone()),
             ("--fsync", "fsync", flags.fsync.clone()),
             ("--log-format", "log_format", flags.log_format.clone()),
+            ("--admin-listen", "admin_listen", flags.admin_listen.clone()),
         ];
         for (flag, key, value) in given {
             if let Some(value) = value {
@@ -321,6 +336,9 @@ impl Config {
         }
         if let Some(&(_, source)) = overridden.iter().rev().find(|(k, _)| *k == "fsync") {
             overridden.push(("fsync_interval_ms", source));
+        }
+        if flags.no_admin {
+            config.admin_listen = None;
         }
         config.check().map_err(|mut e| {
             match overridden.iter().rev().find(|(k, _)| *k == e.key) {
@@ -373,6 +391,10 @@ impl Config {
         if let Some(v) = file.log_format {
             self.set("log_format", &v)
                 .map_err(|r| ConfigError::new("log_format", r))?;
+        }
+        if let Some(v) = file.admin_listen {
+            self.set("admin_listen", &v)
+                .map_err(|r| ConfigError::new("admin_listen", r))?;
         }
         if let Some(l) = file.limits {
             let (w, s, b) = (
@@ -427,6 +449,13 @@ impl Config {
                 .producer_idle_expiry_ms
                 .unwrap_or(b.producer_idle_expiry_ms);
             set(&mut b.retry_delays_count_max, l.retry_delays_count_max);
+            let a = &mut self.limits.admin;
+            set(&mut a.admin_connections_max, l.admin_connections_max);
+            set(&mut a.admin_metrics_queues_max, l.admin_metrics_queues_max);
+            a.admin_body_bytes_max = l.admin_body_bytes_max.unwrap_or(a.admin_body_bytes_max);
+            a.admin_request_timeout_ms = l
+                .admin_request_timeout_ms
+                .unwrap_or(a.admin_request_timeout_ms);
             // Two segments unless set: the reserve is counted in segments, whatever their size.
             s.reserve_bytes = l.reserve_bytes.unwrap_or(2 * s.segment_size_bytes_max);
             // The verifier's table budget follows the batch sizes it must cover.
@@ -485,6 +514,14 @@ impl Config {
                     "text" => LogFormat::Text,
                     "json" => LogFormat::Json,
                     _ => return Err(format!("'{value}' is not one of text, json")),
+                }
+            }
+            "admin_listen" => {
+                self.admin_listen = match value {
+                    "off" => None,
+                    _ => Some(value.parse().map_err(|_| {
+                        format!("'{value}' is neither \"off\" nor an address like 127.0.0.1:15680")
+                    })?),
                 }
             }
             _ => unreachable!("no such key {key}"),
@@ -793,5 +830,44 @@ mod tests {
             load_file("log_format = \"json\"\n").unwrap().log_format,
             LogFormat::Json
         );
+    }
+
+    #[test]
+    fn the_admin_listener_is_configured_by_file_environment_and_flags() {
+        assert_eq!(
+            Config::default().admin_listen.map(|a| a.to_string()),
+            Some("127.0.0.1:15680".to_string())
+        );
+        let c =
+            load_file("admin_listen = \"0.0.0.0:9000\"\n[limits]\nadmin_metrics_queues_max = 7\n")
+                .unwrap();
+        assert_eq!(c.admin_listen.map(|a| a.port()), Some(9000));
+        assert_eq!(c.limits.admin.admin_metrics_queues_max, 7);
+        assert_eq!(
+            load_file("admin_listen = \"off\"\n").unwrap().admin_listen,
+            None
+        );
+        let err = load_file("admin_listen = \"nowhere\"\n").unwrap_err();
+        assert_eq!(err.key, "admin_listen", "{err}");
+        assert!(err.reason.contains("'nowhere'"), "{err}");
+        let err = load_file("[limits]\nadmin_connections_max = 0\n").unwrap_err();
+        assert_eq!(err.key, "limits.admin_connections_max", "{err}");
+        let flags = Flags {
+            admin_listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let c = Config::load(&flags, no_env).unwrap();
+        assert_eq!(c.admin_listen.map(|a| a.port()), Some(0));
+        let flags = Flags {
+            admin_listen: Some("127.0.0.1:0".into()),
+            no_admin: true,
+            ..Default::default()
+        };
+        assert_eq!(Config::load(&flags, no_env).unwrap().admin_listen, None);
+        let err = Config::load(&Flags::default(), |k| {
+            (k == "WEIR_ADMIN_LISTEN").then(|| "x".to_string())
+        })
+        .unwrap_err();
+        assert_eq!(err.key, "WEIR_ADMIN_LISTEN");
     }
 }

@@ -1,6 +1,8 @@
 //! weir: the broker's internals, as a library so that tests and benchmarks reach them.
 //!
 //! The module tree reads as the architecture (DESIGN.md §3, ARCHITECTURE.md):
+//! - `admin`: the admin HTTP listener on its own thread (`/metrics`, the JSON API, `/health`,
+//!   `/ready`, the dashboard), a client of the broker's own main listener.
 //! - `broker`: the state machines (queue, queue host, routing table, the control plane, journal
 //!   records of the catalog, and every decision the shard shell drives), free of I/O: plain
 //!   structs that take events and return what to do.
@@ -45,6 +47,7 @@ macro_rules! assert_not_send {
     };
 }
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;

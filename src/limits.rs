@@ -202,6 +202,38 @@ pub struct Limits {
     pub wire: WireLimits,
     pub storage: StorageLimits,
     pub broker: BrokerLimits,
+    pub admin: AdminLimits,
+}
+
+/// The admin listener's bounds (`admin_listen`, `src/admin`): it serves operators and their
+/// scrapers, off the shards, and none of what it holds may grow with how many ask or how slowly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Admin HTTP connections served at once; further ones wait in the listen backlog until one
+    /// closes. Each holds a task and its buffers on the admin thread: a scrape storm or a pile of
+    /// idle browsers cannot grow that thread's memory past this many.
+    pub admin_connections_max: u32,
+    /// Bytes of one admin request's body (a declare's JSON); a larger one is refused (413)
+    /// before it is read whole, so a client cannot make the admin thread buffer without bound.
+    pub admin_body_bytes_max: u64,
+    /// Longest one admin request may take, ms: reading its headers, and from them to the whole
+    /// answer (a 504 after). A client that sends half a request, or a broker that does not
+    /// answer, frees its connection's slot of `admin_connections_max` after this.
+    pub admin_request_timeout_ms: u64,
+    /// Queues that get series of their own in `/metrics`, the first this many by name; the
+    /// rest are counted in `weir_metrics_queues_omitted`. Each queue adds about 15 series, so
+    /// this bounds the scrape's size and what Prometheus stores (label cardinality); name order
+    /// keeps the same queues in from one scrape to the next. The JSON API lists every queue.
+    pub admin_metrics_queues_max: u32,
+}
+
+impl AdminLimits {
+    pub const DEFAULT: AdminLimits = AdminLimits {
+        admin_connections_max: 64,
+        admin_body_bytes_max: 64 * 1024,
+        admin_request_timeout_ms: 10_000,
+        admin_metrics_queues_max: 1000,
+    };
 }
 
 /// Longest name on the wire and in records (queue, exchange, routing key).
@@ -221,6 +253,7 @@ impl Limits {
         },
         storage: StorageLimits::DEFAULT,
         broker: BrokerLimits::DEFAULT,
+        admin: AdminLimits::DEFAULT,
     };
 
     /// Bytes of the largest routing envelope: exchange and key (a length and up to
@@ -438,6 +471,38 @@ impl Limits {
                 ),
             ));
         }
+        self.check_admin()
+    }
+
+    fn check_admin(&self) -> Result<(), LimitError> {
+        let a = &self.admin;
+        for (key, value) in [
+            (
+                "limits.admin_connections_max",
+                u64::from(a.admin_connections_max),
+            ),
+            (
+                "limits.admin_request_timeout_ms",
+                a.admin_request_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(LimitError::new(key, "must be at least 1".to_string()));
+            }
+        }
+        // A declare with the longest names and a full retry policy must fit.
+        let declare_bytes =
+            4 * NAME_BYTES_MAX as u64 + 16 * u64::from(self.broker.retry_delays_count_max) + 1024;
+        if a.admin_body_bytes_max < declare_bytes {
+            return Err(LimitError::new(
+                "limits.admin_body_bytes_max",
+                format!(
+                    "{} cannot hold one queue declaration with the longest names and \
+                     retry_delays_count_max {} delays ({declare_bytes} bytes)",
+                    a.admin_body_bytes_max, self.broker.retry_delays_count_max
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -611,5 +676,19 @@ mod tests {
         let mut l = Limits::DEFAULT;
         l.broker.producers_per_shard_max = 0;
         assert_eq!(l.check().unwrap_err().key, "limits.producers_per_shard_max");
+    }
+
+    #[test]
+    fn admin_limits_are_checked() {
+        let mut l = Limits::DEFAULT;
+        l.admin.admin_connections_max = 0;
+        assert_eq!(l.check().unwrap_err().key, "limits.admin_connections_max");
+        let mut l = Limits::DEFAULT;
+        l.admin.admin_body_bytes_max = 100;
+        let err = l.check().unwrap_err();
+        assert_eq!(err.key, "limits.admin_body_bytes_max", "{err}");
+        let mut l = Limits::DEFAULT;
+        l.admin.admin_metrics_queues_max = 0;
+        l.check().unwrap();
     }
 }

@@ -78,6 +78,13 @@ struct ServeArgs {
     /// shard and connection; RUST_LOG filters them (default info; a bad directive is refused).
     #[arg(long, value_name = "text|json")]
     log_format: Option<String>,
+    /// The admin HTTP listener: /metrics, /api/, /health, /ready and the dashboard at /
+    /// (default 127.0.0.1:15680; port 0: any free port). Given twice, the last one counts.
+    #[arg(long, value_name = "ADDR", overrides_with = "admin_listen")]
+    admin_listen: Option<String>,
+    /// No admin HTTP listener.
+    #[arg(long)]
+    no_admin: bool,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +106,8 @@ fn serve(args: ServeArgs) -> ExitCode {
         cpus: args.cpus,
         fsync: args.fsync,
         log_format: args.log_format,
+        admin_listen: args.admin_listen,
+        no_admin: args.no_admin,
     };
     let config = match weir::config::Config::load(&flags, |k| std::env::var(k).ok()) {
         Ok(c) => c,

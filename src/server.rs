@@ -6,9 +6,11 @@
 //! a `weir data reshard` removed), binds every listener (so a port in use, by another broker too,
 //! is one clear error, and port 0 resolves once for all shards), prints one ready line (the data
 //! directory's absolute path, new or recovered with how many queues and messages, the fsync
-//! policy with its interval), starts one pinned executor per shard, each in its `shard` tracing
-//! span, and joins them. SIGTERM and SIGINT set the stop flag the shards watch. Nothing here is
-//! on the data path.
+//! policy with its interval, the admin address), starts one pinned executor per shard, each in
+//! its `shard` tracing span, and joins them. SIGTERM and SIGINT set the stop flag the shards
+//! watch. Nothing here is on the data path. The admin listener (`admin_listen`) is bound with the
+//! others and its thread started before the shards, so `/health` and `/ready` answer during
+//! recovery; the count of recovered shards it reports is raised here, as each says so.
 //!
 //! Faults handled: every start-up failure is a `ServeError` that names what and why; the process
 //! exits non-zero with it before serving anything; an executor that could not start (a
@@ -20,7 +22,7 @@ use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,12 +133,44 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .iter()
         .map(|l| l.local_addr().port())
         .collect();
+    let admin_listener = match config.admin_listen {
+        Some(addr) => {
+            Some(crate::admin::bind(addr).map_err(bind_err("admin_listen".to_string(), addr))?)
+        }
+        None => None,
+    };
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(io("admin_listen"))?),
+        None => None,
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())
             .map_err(io("installing signal handlers"))?;
     }
+    let shards_ready = Arc::new(AtomicU16::new(0));
+    if let Some(listener) = admin_listener {
+        let setup = crate::admin::AdminSetup {
+            listener,
+            broker: listen,
+            shard_count: shard_count as u16,
+            shards_ready: shards_ready.clone(),
+            stop: stop.clone(),
+            limits: config.limits,
+            spare_cpus: allowed
+                .iter()
+                .copied()
+                .filter(|c| !cpus.contains(c))
+                .collect(),
+        };
+        crate::admin::start(setup).map_err(io("starting the admin thread"))?;
+        if let Some(addr) = admin_addr {
+            tracing::info!("admin listening on {addr}");
+        }
+    }
+    #[cfg(debug_assertions)]
+    hold_before_recovery(&stop);
 
     let durability = match config.fsync {
         FsyncPolicy::Always => wire::Durability::Always,
@@ -218,6 +252,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     for _ in 0..shard_count {
         match recovered_rx.recv() {
             Ok(Ok(recovered)) => {
+                shards_ready.fetch_add(1, Ordering::Release);
                 tracing::info!("{}", recovered.summary);
                 found.queues += recovered.queues;
                 found.messages += recovered.messages;
@@ -235,7 +270,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
     }
     if let Some(reason) = failure {
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
         // A shard that stopped without a word failed to start its executor: its join says why.
         let mut start_failure = None;
         for (i, handle) in handles.into_iter().enumerate() {
@@ -262,7 +297,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     unsafe {
         libc::malloc_trim(0);
     }
-    ready_line(&config, listen, &shard_ports, &cpus, &found);
+    ready_line(&config, listen, &shard_ports, &cpus, &found, admin_addr);
 
     let mut first_error = None;
     for (i, handle) in handles.into_iter().enumerate() {
@@ -329,13 +364,15 @@ fn ready_line(
     shard_ports: &[u16],
     cpus: &[usize],
     found: &Found,
+    admin: Option<SocketAddr>,
 ) {
     let ports: Vec<String> = shard_ports.iter().map(u16::to_string).collect();
     let cpus: Vec<String> = cpus.iter().map(usize::to_string).collect();
+    let admin = admin.map_or_else(|| "off".to_string(), |a| a.to_string());
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "weir ready: listen {listen} shard_ports {} cpus {} fsync {} data_dir {}",
+        "weir ready: listen {listen} shard_ports {} cpus {} fsync {} data_dir {} admin {admin}",
         ports.join(","),
         cpus.join(","),
         fsync_words(config),
@@ -369,6 +406,19 @@ fn data_dir_words(dir: &Path, found: &Found) -> String {
             found.queues,
             found.messages
         )
+    }
+}
+
+/// Debug builds only: with `WEIR_TEST_HOLD_RECOVERY=FILE`, the shards start (and recover) only
+/// once FILE exists, so a black-box test can watch `/ready` say 503 while recovery has not
+/// finished, deterministically (`tests/admin.rs`). Release builds have no such door.
+#[cfg(debug_assertions)]
+fn hold_before_recovery(stop: &AtomicBool) {
+    let Some(file) = std::env::var_os("WEIR_TEST_HOLD_RECOVERY") else {
+        return;
+    };
+    while !Path::new(&file).exists() && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

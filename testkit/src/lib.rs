@@ -191,6 +191,8 @@ impl Serve {
             "127.0.0.1:0",
             "--shard-port-base",
             "0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data_dir)
@@ -240,6 +242,7 @@ impl Serve {
             shard_ports: Vec::new(),
             ready_line: String::new(),
             data_dir,
+            admin: None,
             child: Some(child),
             data: Some(data),
             keep: false,
@@ -273,6 +276,11 @@ impl Serve {
         broker.shard_ports = field("shard_ports")
             .and_then(|ports| ports.split(',').map(|p| p.parse().ok()).collect())
             .ok_or_else(|| bad("shard_ports"))?;
+        broker.admin = match field("admin") {
+            Some("off") => None,
+            Some(a) => Some(a.parse().map_err(|_| bad("admin address"))?),
+            None => return Err(bad("admin address")),
+        };
         broker.ready_line = line;
         Ok(broker)
     }
@@ -362,6 +370,8 @@ pub struct Broker {
     /// The whole ready line, trimmed.
     pub ready_line: String,
     pub data_dir: PathBuf,
+    /// The admin HTTP listener's address, from the ready line (`None`: `--no-admin`).
+    pub admin: Option<SocketAddr>,
     child: Option<Child>,
     /// `None` once removed or handed on to a restart.
     data: Option<Data>,
