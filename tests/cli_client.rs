@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
@@ -21,32 +21,7 @@ fn weir_at(server: Option<SocketAddr>, args: &[&str], stdin: &[u8]) -> Output {
     if let Some(s) = server {
         command.arg("--server").arg(s.to_string());
     }
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run weir");
-    let pid = child.id();
-    let mut input = child.stdin.take().unwrap();
-    let stdin = stdin.to_vec();
-    // A writer thread, so a command that does not read its input cannot block the test.
-    std::thread::spawn(move || {
-        let _ = input.write_all(&stdin);
-    });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(TIMEOUT) {
-        Ok(out) => out.expect("wait for weir"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("weir {args:?} did not finish within {TIMEOUT:?}");
-        }
-    }
+    common::run_bounded(command, stdin, &format!("{args:?}"))
 }
 
 fn weir(broker: &Broker, args: &[&str]) -> Output {

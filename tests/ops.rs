@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -30,32 +30,8 @@ fn weir_at(server: Option<SocketAddr>, args: &[&str], stdin: &[u8]) -> Output {
 }
 
 /// Runs `command` to its end, at most `TIMEOUT`.
-fn finish(mut command: Command, stdin: &[u8], what: &str) -> Output {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run weir");
-    let pid = child.id();
-    let mut input = child.stdin.take().unwrap();
-    let stdin = stdin.to_vec();
-    std::thread::spawn(move || {
-        let _ = input.write_all(&stdin);
-    });
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(TIMEOUT) {
-        Ok(out) => out.expect("wait for weir"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("weir {what} did not finish within {TIMEOUT:?}");
-        }
-    }
+fn finish(command: Command, stdin: &[u8], what: &str) -> Output {
+    common::run_bounded(command, stdin, what)
 }
 
 fn weir(broker: &Broker, args: &[&str]) -> Output {

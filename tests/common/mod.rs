@@ -392,3 +392,36 @@ pub fn start_on_data_dir(data: &std::path::Path, name: &str, limits: &str) -> we
         .start()
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Runs `command` to its end with `stdin` as its input, at most `TIMEOUT` (then it is killed and
+/// the test fails naming `what`). A writer thread feeds the input, so a command that does not
+/// read it cannot block the test.
+#[allow(dead_code)] // not every test binary runs commands
+pub fn run_bounded(mut command: Command, stdin: &[u8], what: &str) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run weir");
+    let pid = child.id();
+    let mut input = child.stdin.take().expect("stdin piped");
+    let stdin = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(out) => out.expect("wait for weir"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("weir {what} did not finish within {TIMEOUT:?}");
+        }
+    }
+}
