@@ -252,6 +252,7 @@ struct FileLimits {
     admin_body_bytes_max: Option<u64>,
     admin_request_timeout_ms: Option<u64>,
     admin_metrics_queues_max: Option<u32>,
+    admin_requests_per_second_max: Option<u32>,
 }
 
 /// Overrides from the command line (`None`: not given).
@@ -452,6 +453,10 @@ impl Config {
             let a = &mut self.limits.admin;
             set(&mut a.admin_connections_max, l.admin_connections_max);
             set(&mut a.admin_metrics_queues_max, l.admin_metrics_queues_max);
+            set(
+                &mut a.admin_requests_per_second_max,
+                l.admin_requests_per_second_max,
+            );
             a.admin_body_bytes_max = l.admin_body_bytes_max.unwrap_or(a.admin_body_bytes_max);
             a.admin_request_timeout_ms = l
                 .admin_request_timeout_ms

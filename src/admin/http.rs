@@ -4,7 +4,9 @@
 //! Contract: on the admin thread. At most `admin_connections_max` connections are served at once
 //! (the next accept waits for a slot: the rest wait in the kernel's backlog); a request's headers
 //! must arrive within `admin_request_timeout_ms` and its answer is cut off after as long (504);
-//! a body over `admin_body_bytes_max` is refused (413). HTTP/1.1 by hyper, routes by axum.
+//! a body over `admin_body_bytes_max` is refused (413); at most `admin_requests_per_second_max`
+//! requests are answered a second, all connections together (`Pace`: a request past the pace
+//! waits its turn, inside its timeout). HTTP/1.1 by hyper, routes by axum.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,6 +71,7 @@ pub(super) async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(
         admin.limits.admin_connections_max as usize,
     ));
+    let pace = Arc::new(Pace::new(admin.limits.admin_requests_per_second_max));
     let app = router(admin);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -84,11 +87,17 @@ pub(super) async fn serve(
             }
         };
         let app = app.clone();
+        let pace = pace.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let app = app.clone();
+                let pace = pace.clone();
                 async move {
-                    let answer = tokio::time::timeout(timeout, app.oneshot(request)).await;
+                    let answer = tokio::time::timeout(timeout, async {
+                        pace.turn().await;
+                        app.oneshot(request).await
+                    })
+                    .await;
                     Ok::<_, std::convert::Infallible>(match answer {
                         Ok(Ok(response)) => response,
                         Ok(Err(never)) => match never {},
@@ -112,6 +121,40 @@ pub(super) async fn serve(
             }
             drop(slot);
         });
+    }
+}
+
+/// The pace of answers: each request takes the next free turn, one every `1 / rate` seconds,
+/// and waits for it. Why: answering costs the admin thread a wake-up and a write and the client
+/// as much, on the CPUs the shards use, so an unpaced scraping loop takes CPU from the data path
+/// however cheap the answer itself is (the snapshot is shared). Turns are handed out in arrival
+/// order and none is saved up beyond now, so a burst after a quiet spell is paced too.
+struct Pace {
+    interval: Duration,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(per_second: u32) -> Pace {
+        Pace {
+            interval: Duration::from_secs(1) / per_second.max(1),
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for this request's turn. Only the admin thread takes the lock, never across an
+    /// await, so it is never contended.
+    async fn turn(&self) {
+        let now = tokio::time::Instant::now();
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(now);
+            *next = at + self.interval;
+            at
+        };
+        if at > now {
+            tokio::time::sleep_until(at).await;
+        }
     }
 }
 
@@ -171,4 +214,33 @@ async fn dashboard_js() -> Response {
 
 async fn dashboard_css() -> Response {
     asset("text/css; charset=utf-8", DASHBOARD_CSS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_past_the_pace_wait_their_turn() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let pace = Pace::new(50);
+            let start = tokio::time::Instant::now();
+            // The first turn is now; the 10 after it are 20 ms apart: not before 200 ms.
+            for _ in 0..11 {
+                pace.turn().await;
+            }
+            assert!(start.elapsed() >= Duration::from_millis(200));
+            // None saved up while idle: after a pause, a burst is paced again.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let burst = tokio::time::Instant::now();
+            for _ in 0..6 {
+                pace.turn().await;
+            }
+            assert!(burst.elapsed() >= Duration::from_millis(100));
+        });
+    }
 }
